@@ -1,0 +1,40 @@
+"""compresscnn: make pretrained CNNs smaller and faster by low-rank factorization.
+
+The public API is re-exported here lazily (importing ``compresscnn`` does not import torch
+models, tensorly or onnx until a name is used, and sets no global state).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "decompose": "compresscnn.decomposers",
+    "register_decomposer": "compresscnn.decomposers",
+    "get_decomposer": "compresscnn.decomposers",
+    "list_decomposers": "compresscnn.decomposers",
+    "Decomposer": "compresscnn.decomposers",
+    "load_model": "compresscnn.models",
+    "count": "compresscnn.counting",
+    "compress": "compresscnn.surgery",
+    "plan": "compresscnn.surgery",
+    "apply": "compresscnn.surgery",
+    "load_recipe": "compresscnn.recipe",
+    "run": "compresscnn.pipeline",
+    "load_compressed": "compresscnn.pipeline",
+    "evaluate": "compresscnn.evaluate",
+    "finetune": "compresscnn.finetune",
+    "export_onnx": "compresscnn.export",
+    "CompressError": "compresscnn.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'compresscnn' has no attribute {name!r}")
