@@ -25,6 +25,7 @@ limit when it is impossible.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -220,3 +221,135 @@ def decompose(layer: nn.Module, method: str, rank: Any = "full", **options: Any)
 
 def rank_as_list(rank: Sequence[int]) -> list[int]:
     return [int(r) for r in rank]
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by the implementations (added with the methods; nothing above changed).
+# A decomposer describes the convs it will build as ConvSpecs, so that ``cost`` and
+# ``decompose`` read the same description and can never disagree.
+# ---------------------------------------------------------------------------------------
+
+def check_options(dec: Decomposer, options: dict[str, Any]) -> None:
+    """Raise :class:`MethodError` for an option ``dec`` does not take or of the wrong type."""
+    for key, value in options.items():
+        if key not in dec.options:
+            known = ", ".join(sorted(dec.options)) or "none"
+            raise MethodError(f"{dec.name} has no option {key!r}; its options: {known}")
+        types = dec.options[key]
+        types = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, bool):
+            ok = bool in types                  # a bool is never an int here
+        elif isinstance(value, int) and float in types:
+            ok = True                           # an int is accepted where a float is
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = "/".join(t.__name__ for t in types)
+            raise MethodError(f"{dec.name} option {key}={value!r}: expected {names}")
+
+
+def padding_pairs(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Per axis ``(before, after)`` zero/replica padding the layer applies (resolves
+    ``'same'`` the way PyTorch does: the odd extra element goes after)."""
+    out = []
+    for ax in range(2):
+        if isinstance(layer.padding, str):
+            if layer.padding == "valid":
+                out.append((0, 0))
+            else:
+                total = layer.dilation[ax] * (layer.kernel_size[ax] - 1)
+                out.append((total // 2, total - total // 2))
+        else:
+            p = int(layer.padding[ax])
+            out.append((p, p))
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The geometry of one plain ``nn.Conv2d`` a decomposer will build."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    padding_mode: str = "zeros"
+
+    def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        out = []
+        for ax in range(2):
+            k, s, d = self.kernel_size[ax], self.stride[ax], self.dilation[ax]
+            if isinstance(self.padding, str):
+                if self.padding == "same":
+                    out.append(in_hw[ax])
+                    continue
+                p = 0
+            else:
+                p = self.padding[ax]
+            out.append((in_hw[ax] + 2 * p - d * (k - 1) - 1) // s + 1)
+        return out[0], out[1]
+
+    def params(self) -> int:
+        kh, kw = self.kernel_size
+        return (self.out_channels * (self.in_channels // self.groups) * kh * kw
+                + (self.out_channels if self.bias else 0))
+
+    def macs(self, in_hw: tuple[int, int]) -> int:
+        oh, ow = self.out_hw(in_hw)
+        kh, kw = self.kernel_size
+        return oh * ow * self.out_channels * (self.in_channels // self.groups) * kh * kw
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module
+              ) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this geometry on ``like``'s dtype/device, holding
+        ``weight`` (and ``bias``), copied without autograd history."""
+        ref = next(iter(like.parameters()))
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                         stride=self.stride, padding=self.padding, dilation=self.dilation,
+                         groups=self.groups, bias=self.bias, padding_mode=self.padding_mode,
+                         device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight.reshape(conv.weight.shape))
+            if self.bias:
+                assert bias is not None
+                conv.bias.copy_(bias)
+        return conv
+
+
+def chain_cost(specs: Sequence[ConvSpec], in_hw: tuple[int, int]) -> tuple[int, int]:
+    """(params, macs) of convs applied one after the other to an input of size ``in_hw``."""
+    params = macs = 0
+    hw = in_hw
+    for spec in specs:
+        params += spec.params()
+        macs += spec.macs(hw)
+        hw = spec.out_hw(hw)
+    return params, macs
+
+
+def fit_info(weight: torch.Tensor, approx: torch.Tensor, term_energy: float | None = None,
+             iters: int = 0) -> dict[str, Any]:
+    """``module.fit_info``: ``rel_error`` = ||W - W_hat||_F / ||W||_F of the dense kernel
+    the module computes; ``norm_ratio`` = sqrt(sum_r ||term_r||^2) / ||W||_F over the
+    rank-1 (or orthogonal) terms of the factorisation (= ||W_hat|| / ||W|| <= 1 for the
+    orthogonal methods; >> 1 flags a degenerate CP with cancelling terms); ``iters`` the
+    iterations of the iterative solver (0 for closed forms)."""
+    w = weight.double()
+    a = approx.double().reshape(w.shape)
+    wn = float(torch.linalg.vector_norm(w))
+    err = float(torch.linalg.vector_norm(w - a))
+    te = float(torch.linalg.vector_norm(a)) if term_energy is None else term_energy
+    if wn == 0.0:
+        return {"rel_error": 0.0 if err == 0.0 else math.inf, "norm_ratio": 0.0,
+                "iters": int(iters)}
+    return {"rel_error": err / wn, "norm_ratio": te / wn, "iters": int(iters)}
+
+
+def work_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as float64 (numerics run in double; results cast back)."""
+    w = layer.weight.detach()
+    return w.to(torch.float64) if w.device.type != "mps" else w.float()

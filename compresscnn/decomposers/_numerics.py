@@ -1,0 +1,229 @@
+"""Small numeric kernels behind the decomposers, in plain ``torch.linalg``.
+
+One small function per kernel, each with a pinned return contract (shapes and ordering are
+tested in ``tests/test_decomposers.py``), so that no decomposer depends on a third-party
+signature (tensorly changed ``partial_tucker``'s twice). Everything works in the dtype it is
+given; the decomposers pass float64.
+
+Notation: ``unfold(t, n)`` is the mode-``n`` unfolding ``T_(n)`` of shape
+``(I_n, prod_{m != n} I_m)`` (remaining modes in their original order, C-order), and
+``mode_dot(t, M, n)`` is the mode-``n`` product ``t x_n M`` (Kolda & Bader 2009, sec. 2.5).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def unfold(t: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding: ``(I_mode, prod of the other dims)``."""
+    return t.movedim(mode, 0).reshape(t.shape[mode], -1)
+
+
+def mode_dot(t: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
+    """``t x_mode m`` for ``m`` of shape ``(J, I_mode)``: replaces dim ``mode`` by ``J``."""
+    return torch.tensordot(m, t, dims=([1], [mode])).movedim(0, mode)
+
+
+def gram_eig(t: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular system of the mode-``mode`` unfolding via the eigen-decomposition of its
+    Gram matrix ``T_(n) T_(n)^T`` (``I_n x I_n``, cheap when ``I_n`` is small against the
+    other dims). Returns ``(sigma, U)``: ``sigma`` (``I_n``,) descending, >= 0, and ``U``
+    (``I_n x I_n``) orthonormal with columns in the same order."""
+    m = unfold(t, mode)
+    g = m @ m.mT
+    g = (g + g.mT) / 2
+    evals, evecs = torch.linalg.eigh(g)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    return evals.clamp_min(0).sqrt(), evecs
+
+
+def hosvd(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int]
+          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Truncated (partial) HOSVD (De Lathauwer et al. 2000) over ``modes``: factor ``U_n``
+    (``I_n x r_n``, orthonormal) = leading eigenvectors of the mode-n Gram matrix; core
+    ``G = t x_n U_n^T`` for each n in ``modes``. Returns ``(core, [U_n for n in modes])``."""
+    factors = [gram_eig(t, n)[1][:, :r] for n, r in zip(modes, ranks)]
+    core = t
+    for n, u in zip(modes, factors):
+        core = mode_dot(core, u.mT, n)
+    return core, factors
+
+
+def hooi(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int], iters: int,
+         tol: float = 1e-12) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Higher-order orthogonal iteration (De Lathauwer et al. 2000, alg. 4.2) from the HOSVD:
+    each sweep refits ``U_n`` as the leading eigenvectors of the Gram matrix of ``t``
+    projected on all other factors. Stops when the captured energy ``||G||^2`` improves by
+    less than ``tol`` (relative). Returns ``(core, factors, sweeps_done)``; the fit is never
+    worse than the HOSVD's."""
+    core, factors = hosvd(t, modes, ranks)
+    best = float(core.square().sum())
+    done = 0
+    for _ in range(iters):
+        new = list(factors)
+        for i, (n, r) in enumerate(zip(modes, ranks)):
+            y = t
+            for j, (m, u) in enumerate(zip(modes, new)):
+                if j != i:
+                    y = mode_dot(y, u.mT, m)
+            new[i] = gram_eig(y, n)[1][:, :r]
+        c = t
+        for n, u in zip(modes, new):
+            c = mode_dot(c, u.mT, n)
+        energy = float(c.square().sum())
+        done += 1
+        if energy <= best:
+            break
+        improved = (energy - best) / max(best, 1e-300)
+        core, factors, best = c, new, energy
+        if improved < tol:
+            break
+    return core, factors, done
+
+
+def truncated_svd(a: torch.Tensor, rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact thin SVD of ``a`` (``... x m x n``, batched allowed) truncated to ``rank``:
+    ``(U (.. m x r), S (.. r) descending, Vh (.. r x n))``."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def randomized_svd(a: torch.Tensor, rank: int, oversample: int | None = None,
+                   power_iters: int | None = None, seed: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized range finder + SVD (Halko, Martinsson & Tropp 2011, alg. 4.4 with QR
+    re-orthonormalisation between power iterations). Same contract as
+    :func:`truncated_svd`. Defaults: oversampling ``max(20, rank // 2)`` and 10 power
+    iterations, which keep the truncation error within 1e-3 (relative) of the exact
+    truncated SVD's even for a flat (Gaussian random matrix) spectrum, the worst case."""
+    m, n = a.shape
+    p = max(20, rank // 2) if oversample is None else oversample
+    q = 10 if power_iters is None else power_iters
+    k = min(rank + p, m, n)
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, device=a.device, dtype=a.dtype)
+    y, _ = torch.linalg.qr(a @ omega)
+    for _ in range(q):
+        z, _ = torch.linalg.qr(a.mT @ y)
+        y, _ = torch.linalg.qr(a @ z)
+    b = y.mT @ a
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return (y @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
+def cp_reconstruct(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Dense tensor ``sum_r a_0[:, r] o a_1[:, r] o ...`` from CP factors ``I_n x R``, as
+    ``A_0 @ KR(A_1, ...)^T`` (the Khatri-Rao matrix of the trailing modes only, never an
+    ``I_0 x I_1 x R`` intermediate)."""
+    letters = "bcdefgh"[: len(factors) - 1]
+    expr = ",".join(f"{c}r" for c in letters) + "->" + letters + "r"
+    rest = torch.einsum(expr, *factors[1:]) if len(factors) > 2 else factors[1]
+    shape = [f.shape[0] for f in factors]
+    return (factors[0] @ rest.reshape(-1, factors[0].shape[1]).mT).reshape(shape)
+
+
+def cp_term_norms(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Frobenius norm of each rank-1 term: ``prod_n ||a_n[:, r]||`` (shape ``R``)."""
+    out = torch.ones_like(factors[0][0])
+    for f in factors:
+        out = out * torch.linalg.vector_norm(f, dim=0)
+    return out
+
+
+def mttkrp(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:
+    """Matricised tensor times Khatri-Rao product ``T_(n) (KR of the other factors)``
+    (``I_n x R``), as one einsum: the Khatri-Rao matrix is never formed."""
+    letters = "abcdefgh"[: t.ndim]
+    ops = [f"{letters[m]}r" for m in range(t.ndim) if m != mode]
+    expr = letters + "," + ",".join(ops) + f"->{letters[mode]}r"
+    return torch.einsum(expr, t, *[f for m, f in enumerate(factors) if m != mode])
+
+
+def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
+           tol: float = 1e-7, ridge: float = 1e-6
+           ) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Regularised CP-ALS (Kolda & Bader 2009, fig. 3.3, with Tikhonov/ridge terms as in
+    Navasca, De Lathauwer & Kindermann 2008). Each mode update solves
+    ``A_n (V_n + lam I) = MTTKRP_n`` with ``V_n`` the Hadamard product of the other factors'
+    Gram matrices (Cholesky; no Khatri-Rao product is formed). The problem is solved on
+    ``t / ||t||`` so ``ridge`` is scale-free; after each sweep the columns are balanced
+    (equal norm across modes) so the ridge penalises term magnitude, which is what keeps
+    cancelling (degenerate) terms from diverging. Stops when the relative error changes by
+    less than ``tol``.
+
+    ``ridge`` is the absolute Tikhonov weight on the unit-norm problem: the objective is
+    ``||x - [[A]]||^2 + ridge * sum_n ||A_n||_F^2``.
+
+    Returns ``(factors, info)``: factors ``I_n x R`` of ``t`` itself (the scale ``||t||`` is
+    spread evenly over the modes) and ``info = {"iters", "rel_error", "norm_ratio",
+    "finite"}`` with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||``.
+    """
+    tn = float(torch.linalg.vector_norm(t))
+    n_modes = t.ndim
+    if tn == 0.0:
+        zs = [torch.zeros_like(f) for f in init]
+        return zs, {"iters": 0, "rel_error": 0.0, "norm_ratio": 0.0, "finite": True}
+    x = t / tn
+    a = [f.clone() for f in init]
+    rank = a[0].shape[1]
+    eye = torch.eye(rank, dtype=t.dtype, device=t.device)
+    grams = [f.mT @ f for f in a]
+    prev = math.inf
+    rel = math.inf
+    done = 0
+    finite = True
+    for it in range(iters):
+        for n in range(n_modes):
+            v = torch.ones_like(grams[0])
+            for m in range(n_modes):
+                if m != n:
+                    v = v * grams[m]
+            mk = mttkrp(x, a, n)
+            lam = ridge
+            chol, info = torch.linalg.cholesky_ex(v + lam * eye)
+            if int(info) != 0:
+                new = torch.linalg.lstsq(v + lam * eye, mk.mT).solution.mT
+            else:
+                new = torch.cholesky_solve(mk.mT, chol).mT
+            a[n] = new
+            grams[n] = new.mT @ new
+        # ||x - x_hat||^2 = 1 - 2 <x, x_hat> + ||x_hat||^2, from the last update's pieces
+        inner = float((mk * a[n_modes - 1]).sum())
+        hat2 = float((v * grams[n_modes - 1]).sum())
+        rel = math.sqrt(max(1.0 - 2.0 * inner + hat2, 0.0))
+        done = it + 1
+        if not all(bool(torch.isfinite(f).all()) for f in a) or not math.isfinite(rel):
+            finite = False
+            break
+        _balance(a)
+        grams = [f.mT @ f for f in a]
+        if math.isfinite(prev) and abs(prev - rel) < tol * max(prev, 1e-12):
+            break
+        prev = rel
+    scale = tn ** (1.0 / n_modes)
+    a = [f * scale for f in a]
+    if finite:
+        rel = float(torch.linalg.vector_norm(t - cp_reconstruct(a))) / tn
+        ratio = float(torch.linalg.vector_norm(cp_term_norms(a))) / tn
+        finite = math.isfinite(rel) and math.isfinite(ratio)
+    else:
+        rel, ratio = math.inf, math.inf
+    return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite}
+
+
+def _balance(factors: list[torch.Tensor]) -> None:
+    """Rescale columns in place so every factor's r-th column has norm
+    ``||term_r|| ** (1/N)`` (the product, i.e. the CP model, is unchanged)."""
+    norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
+    total = torch.ones_like(norms[0])
+    for nv in norms:
+        total = total * nv
+    target = total.clamp_min(0) ** (1.0 / len(factors))
+    for i, (f, nv) in enumerate(zip(factors, norms)):
+        safe = torch.where(nv > 0, nv, torch.ones_like(nv))
+        factors[i] = f * (target / safe)

@@ -1,0 +1,610 @@
+"""Decomposers: exactness at full rank, geometry, monotone error, analytic cost, ranks,
+registry, CP degeneracy control, ONNX parity and the numeric kernels' contracts.
+
+Everything runs in float64 on small layers (<= 8 channels) and odd inputs (<= 32x32) on one
+thread. Each method gets a seeded random sample of geometries from an explicit grid; a case
+either is refused by ``supports`` with a reason, or must pass every check below.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import compresscnn.decomposers as D
+from compresscnn.decomposers import _numerics as num
+from compresscnn.decomposers import base
+from compresscnn.decomposers.fire import FireModule
+from compresscnn.errors import MethodError, RankError
+
+T_GRID = (0.25, 0.5, 0.75, 1.0)
+#: ALS at different ranks are separate fits: the error is only monotone up to this
+#: tolerance (it is bounded by the monotone per-tap truncation error; see cp.py)
+CP_MONOTONE_TOL = 0.01
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------
+# the geometry grid
+# ---------------------------------------------------------------------------------------
+
+KERNELS = [(1, 1), (3, 3), (5, 5), (7, 7), (3, 1), (1, 5), (2, 2), (4, 3)]
+STRIDES = [(1, 1), (2, 1), (2, 2)]
+PADDINGS = [0, 1, (1, 2), "same", "valid"]
+DILATIONS = [1, 2, 3, (1, 2)]
+GROUPS = [1, 2, "dw"]
+MODES = ["zeros", "reflect", "circular"]
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, tuple) else (v, v)
+
+
+def _geometries(seed: int, n: int, kernels=KERNELS, group_choices=GROUPS) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        k = rng.choice(kernels)
+        pad = rng.choice(PADDINGS)
+        stride = (1, 1) if pad == "same" else rng.choice(STRIDES)
+        dil = rng.choice(DILATIONS)
+        groups = rng.choice(group_choices)
+        if groups == "dw":
+            cin = cout = groups = rng.choice([4, 6])
+        else:
+            cin = rng.choice([4, 6, 8])
+            cout = rng.choice([4, 6, 8])
+        eff = [_pair(dil)[a] * (k[a] - 1) + 1 for a in range(2)]
+        hw = tuple(max(base_hw, e + 4) | 1 for base_hw, e in zip((9, 11), eff))
+        out.append(dict(cin=cin, cout=cout, k=k, stride=stride, padding=pad, dilation=dil,
+                        groups=groups, bias=rng.random() < 0.5, mode=rng.choice(MODES),
+                        hw=hw))
+    return out
+
+
+def _make(g: dict, dtype=torch.float64, seed: int = 0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(g["cin"], g["cout"], g["k"], stride=g["stride"], padding=g["padding"],
+                     dilation=g["dilation"], groups=g["groups"], bias=g["bias"],
+                     padding_mode=g["mode"], dtype=dtype)
+    return conv
+
+
+def _id(g: dict) -> str:
+    return (f"c{g['cin']}-{g['cout']}_k{g['k'][0]}x{g['k'][1]}_s{g['stride'][0]}{g['stride'][1]}"
+            f"_p{g['padding']}_d{g['dilation']}_g{g['groups']}_{g['mode']}"
+            f"{'_b' if g['bias'] else ''}").replace(" ", "")
+
+
+# ---------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------
+
+def _macs(module: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as fc:
+        module(x)
+    return fc.get_total_flops() // 2
+
+
+def _probe_kernel(module: nn.Module, layer: nn.Conv2d) -> torch.Tensor:
+    """The dense kernel (C_out x C_in x kh x kw) of a linear module that acts like a conv
+    with ``layer``'s geometry: the gradient of one output position whose receptive field
+    lies inside the input (so padding plays no part) with respect to the input, read at the
+    kernel's taps."""
+    kh, kw = layer.kernel_size
+    (s0, s1), (d0, d1) = layer.stride, layer.dilation
+    (pt, pb), (pl, pr) = base.padding_pairs(layer)
+    y0, x0 = -(-pt // s0), -(-pl // s1)
+    r0, c0 = y0 * s0 - pt, x0 * s1 - pl
+    hp = r0 + d0 * (kh - 1) + 2 + max(pt, pb)
+    wp = c0 + d1 * (kw - 1) + 2 + max(pl, pr)
+    x = torch.zeros(1, layer.in_channels, hp, wp, dtype=layer.weight.dtype,
+                    requires_grad=True)
+    out = module(x)[0, :, y0, x0]
+    rows = torch.arange(kh) * d0 + r0
+    cols = torch.arange(kw) * d1 + c0
+    taps = []
+    for o in range(out.shape[0]):
+        (grad,) = torch.autograd.grad(out[o], x, retain_graph=True)
+        taps.append(grad[0][:, rows][:, :, cols])
+    return torch.stack(taps)
+
+
+def _grouped(dense: torch.Tensor, groups: int) -> tuple[torch.Tensor, float]:
+    """Grouped kernel from a dense one, and the largest entry outside the group blocks."""
+    co, ci = dense.shape[:2]
+    cog, cig = co // groups, ci // groups
+    blocks, off = [], 0.0
+    for g in range(groups):
+        blk = dense[g * cog:(g + 1) * cog]
+        blocks.append(blk[:, g * cig:(g + 1) * cig])
+        mask = torch.ones(ci, dtype=torch.bool)
+        mask[g * cig:(g + 1) * cig] = False
+        if mask.any():
+            off = max(off, float(blk[:, mask].abs().max()))
+    return torch.cat(blocks), off
+
+
+def _check_plain(module: nn.Module, layer: nn.Module) -> None:
+    allowed = (nn.Sequential, nn.Conv2d, nn.Linear, FireModule)
+    for m in module.modules():
+        assert isinstance(m, allowed), type(m)
+    for p in module.parameters():
+        assert p.dtype == layer.weight.dtype and p.device == layer.weight.device
+        assert torch.isfinite(p).all()
+    info = module.fit_info
+    assert set(info) >= {"rel_error", "norm_ratio", "iters"}
+    assert math.isfinite(info["rel_error"]) and math.isfinite(info["norm_ratio"])
+
+
+def _check_layer(method: str, g: dict, options: dict) -> None:
+    dec = D.get_decomposer(method)
+    layer = _make(g)
+    reason = dec.supports(layer)
+    if reason is not None:
+        assert isinstance(reason, str) and reason
+        with pytest.raises(MethodError):
+            D.decompose(layer, method, "full", **options)
+        return
+    torch.manual_seed(1)
+    x = torch.randn(2, g["cin"], *g["hw"], dtype=torch.float64)
+    with torch.no_grad():
+        ref = layer(x)
+    scale = max(1.0, float(ref.abs().max()))
+    linear = not options.get("relu", False)
+    exact = method != "fire" or (options.get("pct3x3", 0.5) == 1.0 and linear)
+
+    full = dec.max_rank(layer, **options)
+    assert D.resolve_rank(dec, layer, "full", **options) == full
+    errs = []
+    ranks = [dec.scale_rank(layer, t, **options) for t in T_GRID]
+    assert ranks[-1] == full
+    for a, b in zip(ranks, ranks[1:]):
+        assert all(p <= q for p, q in zip(a, b)), ranks
+    for rank in ranks:
+        mod = dec.decompose(layer, rank, **options)
+        _check_plain(mod, layer)
+        with torch.no_grad():
+            out = mod(x)
+        assert out.shape == ref.shape
+        # cost() is the built module's params and MACs, exactly
+        params, macs = dec.cost(layer, rank, g["hw"], **options)
+        assert params == sum(p.numel() for p in mod.parameters())
+        with torch.no_grad():
+            assert macs == _macs(mod, x[:1])
+        if rank == full and exact:
+            assert float((out - ref).abs().max()) < 1e-9 * scale
+        if not linear:
+            continue
+        # the module IS a conv with the layer's geometry and some kernel W_hat (checked on
+        # the whole input, padding included), and fit_info reports ||W - W_hat|| / ||W||
+        dense = _probe_kernel(mod, layer)
+        w_hat, off = _grouped(dense, layer.groups)
+        assert off < 1e-12
+        twin = _make(g)
+        with torch.no_grad():
+            twin.weight.copy_(w_hat)
+            assert float((mod(x) - twin(x)).abs().max()) < 1e-9 * scale
+        w = layer.weight.detach()
+        rel = float((w - w_hat).norm() / w.norm())
+        assert abs(rel - mod.fit_info["rel_error"]) < 1e-9
+        errs.append(rel)
+    if not linear:
+        return
+    tol = CP_MONOTONE_TOL if method == "cp" else 1e-9
+    for a, b in zip(errs, errs[1:]):
+        assert b <= a + tol, errs
+    if exact:
+        assert errs[-1] < 1e-9
+
+
+#: method -> (seed, kernels, groups): the grid is weighted towards what the method takes,
+#: keeping some refused combinations (each must come with a reason)
+_SPATIAL_K = [k for k in KERNELS if min(k) > 1] + [(3, 1), (1, 1)]
+CONV_METHODS = {
+    "tucker2": (101, KERNELS, GROUPS),
+    "spatial": (202, _SPATIAL_K, GROUPS),
+    "cp": (303, KERNELS[1:] + [(1, 1)], [1, 1, 1, 1, 2, "dw"]),
+    "fire": (404, KERNELS[1:] + [(1, 1)], [1, 1, 1, 1, 2, "dw"]),
+}
+N_PER_METHOD = 48
+CASES = [(m, g) for m, (seed, ks, gs) in CONV_METHODS.items()
+         for g in _geometries(seed, N_PER_METHOD, ks, gs)]
+
+
+@pytest.mark.parametrize("method,g", CASES, ids=[f"{m}-{_id(g)}" for m, g in CASES])
+def test_conv_geometry(method, g):
+    options = {}
+    if method == "fire":
+        rng = random.Random(_id(g))
+        options = {"pct3x3": rng.choice([1.0, 1.0, 0.5, 0.25, 0.0]), "relu": rng.random() < 0.15}
+    if method == "cp":
+        options = {"iters": 30}
+    _check_layer(method, g, options)
+
+
+SVD_CASES = _geometries(505, 24, kernels=[(1, 1)] * 5 + [(3, 3)], group_choices=[1, 1, 1, 1, 2])
+
+
+@pytest.mark.parametrize("g", SVD_CASES, ids=[_id(g) for g in SVD_CASES])
+def test_svd_conv1x1(g):
+    _check_layer("svd", g, {})
+
+
+@pytest.mark.parametrize("shape", [(7, 5, True), (5, 9, False), (12, 12, True), (1, 6, True)])
+def test_svd_linear(shape):
+    fin, fout, bias = shape
+    torch.manual_seed(0)
+    layer = nn.Linear(fin, fout, bias=bias, dtype=torch.float64)
+    dec = D.get_decomposer("svd")
+    assert dec.supports(layer) is None
+    x = torch.randn(3, fin, dtype=torch.float64)
+    errs = []
+    for t in T_GRID:
+        rank = dec.scale_rank(layer, t)
+        mod = dec.decompose(layer, rank)
+        _check_plain(mod, layer)
+        params, macs = dec.cost(layer, rank, None)
+        assert params == sum(p.numel() for p in mod.parameters())
+        assert macs == _macs(mod, x[:1])
+        w_hat = mod[1].weight @ mod[0].weight
+        w = layer.weight.detach()
+        errs.append(float((w - w_hat.detach()).norm() / w.norm()))
+        assert abs(errs[-1] - mod.fit_info["rel_error"]) < 1e-9
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:]))
+    with torch.no_grad():
+        assert float((mod(x) - layer(x)).abs().max()) < 1e-9
+
+
+def test_svd_randomized_close_to_exact():
+    """Above 1024 the randomized path is used and stays within 1e-3 of the exact error,
+    also for a slowly decaying spectrum."""
+    torch.manual_seed(0)
+    m, n, r = 1040, 1100, 40
+    u, _ = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, m, dtype=torch.float64))
+    s = 1.0 / torch.arange(1, m + 1, dtype=torch.float64).sqrt()
+    layer = nn.Linear(n, m, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_((u * s) @ v.mT)
+    mod = D.decompose(layer, "svd", r)
+    exact = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert abs(mod.fit_info["rel_error"] - exact) <= 1e-3 * exact
+    # flat spectrum (Gaussian matrix): the hard case for a randomized range finder
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(m, n, dtype=torch.float64))
+    mod = D.decompose(layer, "svd", r)
+    s = torch.linalg.svdvals(layer.weight.detach())
+    exact = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert abs(mod.fit_info["rel_error"] - exact) <= 1e-3 * exact
+
+
+# ---------------------------------------------------------------------------------------
+# targeted cases
+# ---------------------------------------------------------------------------------------
+
+def _conv(cin=8, cout=8, k=3, **kw) -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(cin, cout, k, dtype=torch.float64, **kw)
+
+
+@pytest.mark.parametrize("method,kwargs,fragment", [
+    ("tucker2", dict(cin=6, cout=6, groups=6), "depthwise"),
+    ("cp", dict(groups=2), "groups"),
+    ("cp", dict(k=1), "1x1"),
+    ("spatial", dict(k=(3, 1)), "nothing to separate"),
+    ("spatial", dict(k=1), "nothing to separate"),
+    ("fire", dict(k=1), "1x1"),
+    ("fire", dict(groups=2), "groups"),
+    ("svd", dict(k=3), "1x1"),
+])
+def test_refusals_have_reasons(method, kwargs, fragment):
+    layer = _conv(**kwargs)
+    reason = D.get_decomposer(method).supports(layer)
+    assert reason is not None and fragment in reason
+    with pytest.raises(MethodError, match=fragment):
+        D.decompose(layer, method)
+
+
+def test_layer_type_refused():
+    assert "Linear" in D.get_decomposer("tucker2").supports(nn.Linear(3, 4))
+
+
+def test_depthwise_spatial_is_per_channel():
+    layer = _conv(6, 6, 5, groups=6, padding=2)
+    dec = D.get_decomposer("spatial")
+    assert dec.max_rank(layer) == (5,)
+    mod = dec.decompose(layer, (2,))
+    assert mod[0].out_channels == 12 and mod[0].groups == 6 and mod[1].groups == 6
+    # each channel: the best rank-2 approximation of its 5x5 kernel (Eckart-Young)
+    w = layer.weight.detach()[:, 0]
+    s = torch.linalg.svdvals(w)
+    best = float(s[:, 2:].square().sum().sqrt() / w.norm())
+    assert abs(mod.fit_info["rel_error"] - best) < 1e-12
+
+
+def test_tucker2_hooi_never_worse():
+    layer = _conv(8, 8, 3)
+    dec = D.get_decomposer("tucker2")
+    plain = dec.decompose(layer, (3, 4)).fit_info["rel_error"]
+    refined = dec.decompose(layer, (3, 4), hooi=5).fit_info
+    assert refined["rel_error"] <= plain + 1e-12 and refined["iters"] >= 1
+
+
+def test_fire_channel_order_and_geometry():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 8, 3, padding=0, stride=2, dtype=torch.float64)
+    with torch.no_grad():   # make channels 1, 4 and 6 centre-only: they must go to 1x1
+        for o in (1, 4, 6):
+            keep = layer.weight[o, :, 1, 1].clone()
+            layer.weight[o] = 0
+            layer.weight[o, :, 1, 1] = keep
+    mod = D.decompose(layer, "fire", "full", pct3x3=5 / 8)
+    assert mod.expand1x1.out_channels == 3 and mod.perm is not None
+    assert "perm" in mod.state_dict()
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((mod(x) - layer(x)).abs().max()) < 1e-12   # exact: the 1x1 ones were
+    assert mod.fit_info["rel_error"] < 1e-12
+    # contiguous 1x1 block at the end: no permutation, the expand3x3 is concatenated first
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight))
+        keep = layer.weight[5:, :, 1, 1].clone()
+        layer.weight[5:] = 0
+        layer.weight[5:, :, 1, 1] = keep
+    mod = D.decompose(layer, "fire", "full", pct3x3=5 / 8)
+    assert mod.perm is None and mod.expand3x3_first
+    with torch.no_grad():
+        assert float((mod(x) - layer(x)).abs().max()) < 1e-12
+
+
+def test_fire_squeeze_ratio_caps_rank():
+    layer = _conv(8, 4, 3, padding=1)
+    dec = D.get_decomposer("fire")
+    assert dec.max_rank(layer, squeeze_ratio=0.5) == (2,)
+    assert dec.max_rank(layer) == (8,)
+    with pytest.raises(MethodError, match="pct3x3"):
+        dec.decompose(layer, (2,), pct3x3=1.5)
+
+
+# ---------------------------------------------------------------------------------------
+# CP: degeneracy control
+# ---------------------------------------------------------------------------------------
+
+def test_cp_hard_random_case_bounded():
+    layer = _conv(64, 64, 3, padding=1)
+    mod = D.decompose(layer, "cp", 16)
+    info = mod.fit_info
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
+    assert info["norm_ratio"] <= 2.0
+    spec = D.get_decomposer("cp").spectra(layer)[0]
+    tap_err = float(spec[16:].square().sum().sqrt() / layer.weight.detach().norm())
+    assert info["rel_error"] <= tap_err + 1e-12 and info["rel_error"] < 1.0
+
+
+def _border_rank_tensor() -> torch.Tensor:
+    """Rank 4, border rank 2 (sum of a o a o a o a with one factor replaced by b): the
+    best rank-2 approximation does not exist and plain ALS diverges (CP degeneracy)."""
+    torch.manual_seed(3)
+    a, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    t = torch.zeros(3, 3, 3, 3, dtype=torch.float64)
+    for p in range(4):
+        v = [a] * 4
+        v[p] = b
+        t += torch.einsum("a,b,c,d->abcd", *v)
+    return t
+
+
+def test_cp_degeneracy_detected_and_controlled():
+    t = _border_rank_tensor()
+    dec = D.get_decomposer("cp")
+    _, info = num.cp_als(t, dec._hosvd_init(t, 2, 0), iters=300, tol=0.0, ridge=0.0)
+    assert info["norm_ratio"] > 2.0               # plain ALS: cancelling terms
+    layer = nn.Conv2d(3, 3, 3, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(t)
+    mod = dec.decompose(layer, (2,), ridge=0.0)
+    assert mod.fit_info["norm_ratio"] <= 2.0
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
+
+
+def test_cp_never_nan_on_zero_and_huge_weights():
+    for fill in (0.0, 1e150):
+        layer = _conv(4, 4, 3)
+        with torch.no_grad():
+            layer.weight.fill_(fill)
+            layer.weight[0, 0, 0, 0] += 1.0
+        mod = D.decompose(layer, "cp", 3)
+        assert all(torch.isfinite(p).all() for p in mod.parameters())
+        assert math.isfinite(mod.fit_info["rel_error"])
+
+
+# ---------------------------------------------------------------------------------------
+# ranks, registry, options
+# ---------------------------------------------------------------------------------------
+
+def test_rank_parsing():
+    layer = _conv(8, 16, 3, padding=1)
+    dec = D.get_decomposer("tucker2")
+    assert D.resolve_rank(dec, layer, 3) == (3, 3)
+    assert D.resolve_rank(dec, layer, (2, 5)) == (2, 5)
+    assert D.resolve_rank(dec, layer, [2, 5]) == (2, 5)
+    assert D.resolve_rank(dec, layer, "full") == (8, 16)
+    for frac in (0.1, 0.3, 0.5, 1.0):
+        r = D.resolve_rank(dec, layer, frac, in_hw=(9, 9))
+        kept = dec.cost(layer, r, (9, 9))[0]
+        assert kept <= frac * D.layer_cost(layer, (9, 9))[0] or r == dec.scale_rank(layer, 1e-9)
+    for bad in (0, -1, 17, (1, 2, 3), (2,), True, float("nan"), 1.5, "half", 0.0, (2, 0),
+                (2.0, 3), None):
+        with pytest.raises(RankError, match=r"Conv2d\(8->16"):
+            D.resolve_rank(dec, layer, bad)
+    mod = D.decompose(layer, "tucker2", 0.5)
+    assert sum(p.numel() for p in mod.parameters()) <= 0.5 * D.layer_cost(layer, (9, 9))[0]
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(MethodError) as err:
+        D.get_decomposer("tuker2")
+    for name in ("cp", "fire", "spatial", "svd", "tucker2"):
+        assert name in str(err.value)
+    assert D.list_decomposers() == ["cp", "fire", "spatial", "svd", "tucker2"]
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        @D.register_decomposer("tucker2")
+        class Again(D.Decomposer):
+            pass
+    try:
+        @D.register_decomposer("_test_tmp")
+        class Tmp(D.Decomposer):
+            pass
+        with pytest.raises(ValueError):
+            D.register_decomposer("_test_tmp")(Tmp)
+    finally:
+        base._REGISTRY.pop("_test_tmp", None)
+
+
+def test_options_validated():
+    layer = _conv(4, 4, 3)
+    with pytest.raises(MethodError, match="hooi"):
+        D.decompose(layer, "tucker2", 2, hoi=2)
+    with pytest.raises(MethodError, match="expected"):
+        D.decompose(layer, "tucker2", 2, hooi="2")
+    for name in D.list_decomposers():
+        dec = D.get_decomposer(name)
+        assert isinstance(dec.options, dict) and len(dec.rank_names) >= 1
+
+
+def test_dtype_device_and_spectra():
+    layer = _conv(6, 8, 3, padding=1).float()
+    for name in ("tucker2", "cp", "spatial", "fire"):
+        dec = D.get_decomposer(name)
+        mod = dec.decompose(layer, dec.scale_rank(layer, 0.5))
+        assert all(p.dtype == torch.float32 for p in mod.parameters())
+        spec = dec.spectra(layer)
+        full = dec.max_rank(layer)
+        assert len(spec) == len(full)
+        for s, m in zip(spec, full):
+            assert s.ndim == 1 and len(s) == m and bool((s[:-1] >= s[1:] - 1e-6).all())
+
+
+# ---------------------------------------------------------------------------------------
+# ONNX export and onnxruntime parity
+# ---------------------------------------------------------------------------------------
+
+ONNX_CASES = [
+    ("tucker2", dict(cin=6, cout=8, k=3, padding=(1, 2), stride=(2, 1), groups=2), {}),
+    ("cp", dict(cin=4, cout=6, k=3, padding=1, padding_mode="reflect"), {}),
+    ("spatial", dict(cin=6, cout=6, k=5, padding=2, groups=6, dilation=(1, 2)), {}),
+    ("fire", dict(cin=6, cout=8, k=3, padding=0, stride=2), {"pct3x3": 0.5, "relu": True}),
+    ("svd", None, {}),
+]
+
+
+@pytest.mark.parametrize("method,kwargs,options", ONNX_CASES, ids=[c[0] for c in ONNX_CASES])
+def test_onnx_parity(method, kwargs, options, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    if kwargs is None:
+        layer = nn.Linear(12, 10)
+        x = torch.randn(2, 12)
+    else:
+        layer = nn.Conv2d(kwargs.pop("cin"), kwargs.pop("cout"), kwargs.pop("k"), **kwargs)
+        x = torch.randn(2, layer.in_channels, 11, 13)
+    dec = D.get_decomposer(method)
+    mod = dec.decompose(layer, dec.scale_rank(layer, 0.5, **options), **options).eval()
+    path = tmp_path / f"{method}.onnx"
+    try:
+        torch.onnx.export(mod, (x,), str(path), dynamo=True, external_data=False,
+                          opset_version=18)
+    except Exception:  # fall back to the TorchScript exporter
+        torch.onnx.export(mod, (x,), str(path), dynamo=False, opset_version=18)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = mod(x).numpy()
+    assert got.shape == want.shape
+    assert float(abs(got - want).max()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# numeric kernels: shape contracts and agreement with tensorly
+# ---------------------------------------------------------------------------------------
+
+def _rand(*shape, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def test_numerics_shapes():
+    t = _rand(6, 5, 3, 4)
+    assert num.unfold(t, 2).shape == (3, 6 * 5 * 4)
+    assert num.mode_dot(t, _rand(7, 5), 1).shape == (6, 7, 3, 4)
+    sig, u = num.gram_eig(t, 0)
+    assert sig.shape == (6,) and u.shape == (6, 6)
+    assert torch.allclose(sig, torch.linalg.svdvals(num.unfold(t, 0)), atol=1e-10)
+    assert torch.allclose(u.mT @ u, torch.eye(6, dtype=t.dtype), atol=1e-12)
+    core, (u0, u1) = num.hosvd(t, (0, 1), (3, 2))
+    assert core.shape == (3, 2, 3, 4) and u0.shape == (6, 3) and u1.shape == (5, 2)
+    core, fs, done = num.hooi(t, (0, 1), (3, 2), iters=4)
+    assert core.shape == (3, 2, 3, 4) and [f.shape for f in fs] == [(6, 3), (5, 2)]
+    assert 0 <= done <= 4
+    a = _rand(9, 7)
+    u, s, vh = num.truncated_svd(a, 3)
+    assert u.shape == (9, 3) and s.shape == (3,) and vh.shape == (3, 7)
+    u, s, vh = num.truncated_svd(_rand(4, 9, 7), 3)                 # batched
+    assert u.shape == (4, 9, 3) and s.shape == (4, 3) and vh.shape == (4, 3, 7)
+    u, s, vh = num.randomized_svd(a, 3)
+    assert u.shape == (9, 3) and s.shape == (3,) and vh.shape == (3, 7)
+    assert torch.allclose(s, torch.linalg.svdvals(a)[:3], atol=1e-8)
+    fs = [_rand(n, 4, seed=i) for i, n in enumerate(t.shape)]
+    assert num.cp_reconstruct(fs).shape == t.shape
+    assert num.cp_term_norms(fs).shape == (4,)
+    assert num.mttkrp(t, fs, 2).shape == (3, 4)
+    out, info = num.cp_als(t, fs, iters=5)
+    assert [f.shape for f in out] == [f.shape for f in fs]
+    assert set(info) == {"iters", "rel_error", "norm_ratio", "finite"}
+
+
+def test_numerics_agree_with_tensorly():
+    tl = pytest.importorskip("tensorly")
+    from tensorly.decomposition import parafac, partial_tucker
+    from tensorly.tenalg import khatri_rao
+    from tensorly.cp_tensor import cp_to_tensor
+
+    t = _rand(8, 6, 3, 3)
+    with tl.backend_context("pytorch"):
+        (core_tl, f_tl), _ = partial_tucker(t, rank=[4, 3], modes=[0, 1], n_iter_max=100,
+                                            tol=1e-12)
+        err_tl = float((t - num.mode_dot(num.mode_dot(core_tl, f_tl[0], 0), f_tl[1], 1)).norm())
+        core, fs, _ = num.hooi(t, (0, 1), (4, 3), iters=100)
+        err = float((t - num.mode_dot(num.mode_dot(core, fs[0], 0), fs[1], 1)).norm())
+        assert err <= err_tl * (1 + 1e-6)
+        # same subspaces (up to rotation): the projectors agree
+        for a, b in zip(fs, f_tl):
+            assert torch.allclose(a @ a.mT, b @ b.mT, atol=1e-5)
+
+        fs4 = [_rand(n, 3, seed=i) for i, n in enumerate(t.shape)]
+        assert torch.allclose(num.cp_reconstruct(fs4), cp_to_tensor((None, fs4)), atol=1e-12)
+        kr = khatri_rao([fs4[m] for m in (0, 1, 3)])
+        assert torch.allclose(num.mttkrp(t, fs4, 2), num.unfold(t, 2) @ kr, atol=1e-10)
+
+        low = num.cp_reconstruct(fs4) + 0.01 * _rand(*t.shape, seed=9)
+        cp_tl = parafac(low, 3, init="svd", n_iter_max=200, tol=1e-12)
+        err_tl = float((low - cp_to_tensor(cp_tl)).norm() / low.norm())
+    dec = D.get_decomposer("cp")
+    ours, info = num.cp_als(low, dec._hosvd_init(low, 3, 0), iters=200, tol=1e-12, ridge=0.0)
+    assert info["rel_error"] <= err_tl * 1.05 + 1e-6
