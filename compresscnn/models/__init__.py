@@ -1,0 +1,25 @@
+"""Model loading by spec (``torchvision:``, ``timm:``, ``cifar:``, ``fmnist:``) and own nets."""
+
+from __future__ import annotations
+
+from compresscnn.models.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Checkpoint,
+    load_model,
+    load_weights,
+    model_names,
+    parse_spec,
+    read_checkpoint,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Checkpoint",
+    "load_model",
+    "load_weights",
+    "model_names",
+    "parse_spec",
+    "read_checkpoint",
+]
