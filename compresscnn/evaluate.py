@@ -1,0 +1,407 @@
+"""Accuracy, agreement with the original model, and latency (PyTorch and onnxruntime).
+
+* :func:`evaluate` — top-k accuracy, mean cross-entropy, and *agreement*: the percentage of
+  samples on which the compressed model's argmax equals the original model's. Agreement needs
+  no labels and is the most sensitive single number for "did compression change the function"
+  (two models can both be 76 % accurate while disagreeing on 10 % of the images).
+* :func:`measure_latency` — median / p10 / p90 wall time of one forward pass, with an explicit
+  thread count (latency numbers without one are not comparable across machines).
+* :func:`layer_latency` — the same for chosen submodules, each fed the input it received in a
+  real forward pass of the whole model (recorded by forward hooks).
+
+Counts are accumulated on the model's device and read back once at the end, so evaluation on a
+GPU does not synchronise after every batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DataError
+from .utils import get_world_size, is_dist, is_main_process, resolve_device
+
+__all__ = ["evaluate", "evaluate_predictions", "measure_latency", "layer_latency", "num_threads"]
+
+
+# --------------------------------------------------------------------------- accuracy
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        for xk, yk in (("image", "label"), ("input", "target"), ("x", "y")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "expected batches of (inputs, labels) (or a dict with 'image'/'label'), got "
+        f"{type(batch).__name__}"
+    )
+
+
+def _counts(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk: Sequence[int],
+    reference_logits: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Per-batch sums (as tensors on the logits' device): correct@k, loss, agreement, n."""
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits of shape (N, classes), got {tuple(logits.shape)}")
+    n, num_classes = logits.shape
+    targets = targets.to(logits.device).long().view(-1)
+    if targets.numel() != n:
+        raise ValueError(f"{n} logits rows but {targets.numel()} labels")
+    out: dict[str, torch.Tensor] = {}
+    # Labels outside the model's classes are counted here and reported at the end (checking
+    # them now would synchronise the GPU every batch); the loss uses clamped labels meanwhile.
+    invalid = (targets < 0) | (targets >= num_classes)
+    out["invalid"] = invalid.sum()
+    targets = targets.clamp(0, num_classes - 1)
+    kmax = min(max(topk), num_classes) if topk else 1
+    pred = logits.topk(kmax, dim=1).indices  # (N, kmax), best first
+    hit = pred.eq(targets.unsqueeze(1))  # at most one True per row
+    for k in topk:
+        if k <= num_classes:
+            out[f"top{k}"] = hit[:, :k].any(dim=1).sum()
+    out["loss"] = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if reference_logits is not None:
+        if reference_logits.shape[0] != n:
+            raise ValueError("reference logits and logits differ in batch size")
+        out["agreement"] = logits.argmax(1).eq(reference_logits.to(logits.device).argmax(1)).sum()
+    out["n"] = torch.tensor(n, device=logits.device)
+    return out
+
+
+def _finish(sums: dict[str, torch.Tensor], topk: Sequence[int], num_classes: int | None) -> dict[str, Any]:
+    n = int(sums["n"]) if "n" in sums else 0
+    bad = int(sums["invalid"]) if "invalid" in sums else 0
+    if bad:
+        raise DataError(
+            f"{bad} of {n} labels are outside the model's {num_classes} classes [0, {num_classes})"
+        )
+    res: dict[str, Any] = {"n": n}
+    for k in topk:
+        key = f"top{k}"
+        res[key] = (100.0 * float(sums[key]) / n) if (key in sums and n) else None
+    for key in ("top1", "top5"):  # always present, None when not computable
+        res.setdefault(key, None)
+    res["loss"] = float(sums["loss"]) / n if n else None
+    if "agreement" in sums:
+        res["agreement"] = 100.0 * float(sums["agreement"]) / n if n else None
+    res["num_classes"] = num_classes
+    return res
+
+
+def evaluate_predictions(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    reference_logits: torch.Tensor | None = None,
+    topk: Sequence[int] = (1, 5),
+) -> dict[str, Any]:
+    """Metrics for one set of predictions, in the same format as :func:`evaluate`.
+
+    ``topk`` entries larger than the number of classes give ``None`` (e.g. top-5 of a 3-class
+    problem) rather than a meaningless 100 %.
+    """
+    sums = _counts(logits.detach(), targets, tuple(topk), reference_logits)
+    return _finish(sums, tuple(topk), int(logits.shape[1]))
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    modes = [(m, m.training) for m in models if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        yield
+    finally:
+        for m, was in modes:
+            m.train(was)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    reference: nn.Module | None = None,
+    topk: Sequence[int] = (1, 5),
+    max_batches: int | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``loader`` (batches of ``(images, labels)``).
+
+    Returns ``{"top1", "top5", ..., "n", "loss", "num_classes"}`` with accuracies in percent
+    (``None`` when k exceeds the number of classes) and ``loss`` the mean cross-entropy; with
+    ``reference`` also ``"agreement"``: the percentage of samples whose argmax equals the
+    reference model's. The model may have more classes than the labels use (an ImageNet head
+    on a 10-class subset); a label outside the model's classes is a :class:`DataError`.
+
+    ``model`` (and ``reference``) are moved to ``device`` and put in eval mode for the call
+    (the mode is restored afterwards). When a process group is
+    initialised the sums are all-reduced, so every rank returns the global result (use a
+    sampler that shards without padding for exact counts).
+    """
+    topk = tuple(int(k) for k in topk)
+    dev = resolve_device(device)
+    if _model_device(model) != dev:
+        model.to(dev)
+    if reference is not None and _model_device(reference) != dev:
+        reference.to(dev)
+    sums: dict[str, torch.Tensor] = {}
+    num_classes: int | None = None
+    total = None
+    with contextlib.suppress(TypeError):
+        total = len(loader)  # type: ignore[arg-type]
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    bar = _progress(total, progress, "eval")
+    with _eval_mode(model, reference), torch.inference_mode():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = _split_batch(batch)
+            x = x.to(dev, non_blocking=True)
+            logits = model(x)
+            ref = reference(x) if reference is not None else None
+            num_classes = int(logits.shape[1])
+            for key, v in _counts(logits, y, topk, ref).items():
+                sums[key] = sums[key] + v if key in sums else v.clone()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if is_dist() and get_world_size() > 1:
+        sums = _all_reduce_sums(sums, dev)
+    if not sums:
+        raise DataError("evaluation loader produced no batches")
+    return _finish(sums, topk, num_classes)
+
+
+def _all_reduce_sums(sums: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    vec = torch.stack([sums[k].double().to(dev) for k in keys])
+    dist.all_reduce(vec)
+    return {k: vec[i] for i, k in enumerate(keys)}
+
+
+def _progress(total: int | None, enabled: bool, desc: str):
+    if not enabled or not is_main_process():
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- latency
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the duration of the block, then the old value back."""
+    old = torch.get_num_threads()
+    if n is not None and n > 0:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _summary(times_s: list[float]) -> dict[str, float]:
+    ms = sorted(t * 1e3 for t in times_s)
+
+    def pct(p: float) -> float:  # linear interpolation, like numpy's default
+        if len(ms) == 1:
+            return ms[0]
+        pos = p / 100 * (len(ms) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ms) - 1)
+        return ms[lo] + (ms[hi] - ms[lo]) * (pos - lo)
+
+    return {
+        "median_ms": statistics.median(ms),
+        "p10_ms": pct(10),
+        "p90_ms": pct(90),
+        "mean_ms": statistics.fmean(ms),
+        "min_ms": ms[0],
+    }
+
+
+def _time_calls(fn, warmup: int, repeats: int, sync=None) -> list[float]:
+    for _ in range(max(warmup, 0)):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_latency(
+    model_or_onnx_path: nn.Module | str | os.PathLike,
+    input_shape: Sequence[int],
+    *,
+    runtime: str = "torch",
+    threads: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    batch: int | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Wall time of one forward pass on a random float32 input.
+
+    ``input_shape`` is the per-sample shape ``(C, H, W)`` and the input is
+    ``(batch or 1, C, H, W)``; a 4-D ``input_shape`` is taken as the full ``(N, C, H, W)``
+    (then ``batch``, if given, must equal ``N``).
+
+    ``runtime="torch"`` times an ``nn.Module`` under ``inference_mode`` with
+    ``torch.set_num_threads(threads)`` (restored afterwards) on ``device`` (default CPU: the
+    deployment target this toolkit measures; a model living elsewhere is timed as a CPU copy,
+    the caller's model is not moved; CUDA timings synchronise). ``runtime="onnxruntime"``
+    times an ``.onnx`` file (or a module, exported to a temporary file first) on the CPU
+    provider with ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, sequential
+    execution.
+
+    Returns ``{"median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "repeats", "warmup",
+    "threads", "runtime", "batch", "input_shape", "device"}``.
+    """
+    runtime = runtime.lower().replace("-", "").replace("_", "")
+    if runtime in ("ort", "onnx"):
+        runtime = "onnxruntime"
+    if runtime not in ("torch", "onnxruntime"):
+        raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) == 4:
+        if batch is not None and int(batch) != input_shape[0]:
+            raise ValueError(f"batch={batch} contradicts the full input shape {input_shape}")
+        batch, input_shape = input_shape[0], input_shape[1:]
+    batch = 1 if batch is None else int(batch)
+    shape = (batch, *input_shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    info: dict[str, Any] = {
+        "repeats": int(max(repeats, 1)),
+        "warmup": int(max(warmup, 0)),
+        "threads": int(threads),
+        "runtime": runtime,
+        "batch": int(batch),
+        "input_shape": list(input_shape),
+    }
+    if runtime == "torch":
+        if not isinstance(model_or_onnx_path, nn.Module):
+            raise TypeError("runtime='torch' needs an nn.Module, not a path")
+        model = model_or_onnx_path
+        dev = resolve_device(device)
+        if _model_device(model) not in (None, dev):
+            import copy
+
+            model = copy.deepcopy(model).to(dev)
+        x = x.to(dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else None
+        with num_threads(threads), _eval_mode(model), torch.inference_mode():
+            times = _time_calls(lambda: model(x), warmup, repeats, sync)
+        info["device"] = str(dev)
+        return {**_summary(times), **info}
+
+    import onnxruntime as ort
+
+    with contextlib.ExitStack() as stack:
+        if isinstance(model_or_onnx_path, nn.Module):
+            from .export import export_onnx
+
+            tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="compresscnn-lat-"))
+            path = Path(tmpdir) / "model.onnx"
+            export_onnx(model_or_onnx_path, path, input_shape, check_batch=(int(batch),))
+        else:
+            path = Path(model_or_onnx_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"ONNX file not found: {path}")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        times = _time_calls(lambda: sess.run(None, feed), warmup, repeats)
+    info["device"] = "cpu"
+    return {**_summary(times), **info}
+
+
+def layer_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    names: Sequence[str],
+    *,
+    threads: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+    batch: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Latency of the named submodules (dotted paths), each on the input it receives in a
+    forward pass of ``model`` on a random ``(batch, *input_shape)`` input.
+
+    Returns ``{name: {"median_ms", ..., "input_shape"}}``. Only the first positional tensor
+    input of each module is recorded (true for Conv/Linear/Sequential blocks).
+    """
+    mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise KeyError(f"no submodule(s) {missing} in {type(model).__name__}")
+    dev = _model_device(model) or torch.device("cpu")
+    recorded: dict[str, torch.Tensor] = {}
+    handles = []
+    for n in names:
+        def hook(mod, args, _n=n):
+            if _n not in recorded and args and isinstance(args[0], torch.Tensor):
+                recorded[_n] = args[0].detach().clone()
+        handles.append(mods[n].register_forward_pre_hook(hook))
+    x = torch.randn((int(batch), *input_shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    out: dict[str, dict[str, Any]] = {}
+    with num_threads(threads), _eval_mode(model), torch.inference_mode():
+        for n in names:
+            if n not in recorded:
+                raise RuntimeError(f"submodule {n!r} was not called in the forward pass")
+            inp = recorded[n]
+            times = _time_calls(lambda: mods[n](inp), warmup, repeats, sync)
+            out[n] = {
+                **_summary(times),
+                "repeats": int(max(repeats, 1)),
+                "threads": int(threads),
+                "input_shape": list(inp.shape),
+            }
+    return out

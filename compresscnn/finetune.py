@@ -1,0 +1,629 @@
+"""Fine-tune a compressed network, distilling from the original (Hinton et al., 2015).
+
+The loss is ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)`` with ``p = softmax(z / T)``
+for teacher logits ``t`` and student logits ``s``. ``KL(p_t || p_s)`` differs from Hinton's
+soft-target cross-entropy only by the teacher's entropy, a constant, so the gradients are the
+same; the KL form is 0 when the student matches the teacher, which makes the logged number
+readable. The ``T^2`` factor keeps the soft-target gradients on the same scale as the hard
+ones when ``T`` changes (Hinton et al., §2).
+
+Training state and exact resume
+-------------------------------
+``checkpoint_dir/last.pt`` holds model, optimizer, LR scheduler and grad-scaler state, the
+global step, the epoch and the position within it, and the RNG states (torch, CUDA, NumPy,
+Python). It contains only tensors and plain containers, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read).
+
+A resumed run ends with the same weights as an uninterrupted one, provided the loader yields
+the same batches in an epoch given the epoch number. This module makes that true for ordinary
+``DataLoader``s: at the start of every epoch it calls ``sampler.set_epoch(epoch)`` when the
+sampler has it (``DistributedSampler``), else gives a ``RandomSampler``-like sampler (one with a
+``generator`` attribute) a fresh ``torch.Generator`` seeded ``seed + epoch``, and gives the
+``DataLoader`` itself a generator derived from the same numbers (it seeds the workers). On
+resume, the batches already done in the interrupted epoch are drawn and discarded (data loading
+only, no compute), then the RNG states are restored, so random augmentations done in the main
+process (``num_workers=0``) or in (non-persistent) workers continue exactly. Loaders with
+``persistent_workers=True`` and random augmentation, or custom iterables with their own
+randomness, resume correctly but not bit-exactly. Under DDP, model and optimizer resume
+exactly, and every rank restores rank 0's RNG state.
+
+Distributed data parallel
+-------------------------
+The launcher (``torchrun``) initialises the process group; this function only detects it.
+The student is wrapped in ``DistributedDataParallel`` (BatchNorm converted to SyncBatchNorm
+when training on CUDA with NCCL, and converted back before returning), the teacher is not
+wrapped. Only rank 0 writes checkpoints and the CSV log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, CompressError, DataError
+from .utils import (
+    atomic_torch_save,
+    atomic_write_text,
+    get_world_size,
+    is_dist,
+    is_main_process,
+    resolve_device,
+    seed_everything,
+)
+
+__all__ = [
+    "finetune",
+    "distillation_loss",
+    "param_groups",
+    "build_optimizer",
+    "lr_factor",
+    "load_checkpoint",
+    "DEFAULT_DISTILL",
+    "CHECKPOINT_NAME",
+    "LOG_NAME",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISTILL: dict[str, Any] = {"enabled": True, "temperature": 4.0, "alpha": 0.9}
+CHECKPOINT_NAME = "last.pt"
+LOG_NAME = "finetune_log.csv"
+CHECKPOINT_FORMAT = "compresscnn.finetune/1"
+LOG_COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "lr", "images_per_s")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "linear", "step", "constant")
+
+
+# --------------------------------------------------------------------------- loss
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, kd, ce)``: ``loss = alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)``.
+
+    Computed in float32 whatever the autocast dtype of the logits (a softmax at T=4 in bf16
+    loses most of the soft targets' information). KL is averaged over the batch
+    (``reduction="batchmean"``, the mathematically correct mean of per-sample KL).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    s = student_logits.float()
+    t = teacher_logits.detach().float()
+    T = float(temperature)
+    kd = F.kl_div(
+        F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True
+    ) * (T * T)
+    ce = F.cross_entropy(s, targets)
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+
+def _distill_config(distill: Mapping[str, Any] | bool | None) -> dict[str, Any]:
+    if distill is None or distill is False:
+        return {**DEFAULT_DISTILL, "enabled": False}
+    if distill is True:
+        return dict(DEFAULT_DISTILL)
+    unknown = sorted(set(distill) - set(DEFAULT_DISTILL))
+    if unknown:
+        raise CompressError(
+            f"distill: unknown key {unknown[0]!r} (known: {', '.join(sorted(DEFAULT_DISTILL))})"
+        )
+    cfg = {**DEFAULT_DISTILL, **distill}
+    if not (0.0 <= float(cfg["alpha"]) <= 1.0):
+        raise CompressError(f"distill.alpha: must be in [0, 1], got {cfg['alpha']!r}")
+    if not float(cfg["temperature"]) > 0:
+        raise CompressError(f"distill.temperature: must be > 0, got {cfg['temperature']!r}")
+    cfg["alpha"], cfg["temperature"] = float(cfg["alpha"]), float(cfg["temperature"])
+    cfg["enabled"] = bool(cfg["enabled"])
+    return cfg
+
+
+# --------------------------------------------------------------------------- optimiser
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: weights that decay, and 1-D parameters (biases, BatchNorm/LayerNorm scales
+    and shifts) that do not — decaying a BN scale towards 0 only fights the normalisation
+    (the convention of timm's ``param_groups_weight_decay`` and of most ImageNet recipes)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": float(weight_decay)})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not groups:
+        raise CompressError("finetune: the model has no trainable parameters")
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module, name: str = "sgd", *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.Optimizer:
+    """SGD (momentum, ``nesterov=False``) or AdamW (``betas=(momentum, 0.999)`` when
+    ``momentum`` is given as 0.9, i.e. the usual defaults), over :func:`param_groups`."""
+    key = str(name).lower()
+    groups = param_groups(model, weight_decay)
+    if key == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+    if key == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    raise CompressError(f"optimizer: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+
+
+def lr_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "cosine") -> float:
+    """Multiplier of the base LR for 0-based ``step``: linear warmup from ``1/warmup`` to 1
+    over ``warmup_steps``, then cosine (to 0 at ``total_steps``), linear decay to 0, step
+    decay (×0.1 at 50 % and again at 75 % of the post-warmup steps, the classic ResNet
+    schedule), or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "step":
+        return 1.0 if progress < 0.5 else (0.1 if progress < 0.75 else 0.01)
+    raise CompressError(f"schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
+
+
+def _resolve_amp(amp: Any, dev: torch.device) -> torch.dtype | None:
+    key = str(amp).lower() if amp is not None else "off"
+    if key in ("off", "none", "no", "false", "fp32", "float32"):
+        return None
+    if key in ("auto", "true", "on"):
+        if dev.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if key in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if key in ("fp16", "float16", "half"):
+        if dev.type != "cuda":
+            raise CompressError(f"amp: fp16 needs a CUDA device (device is {dev}); use 'bf16' or 'off'")
+        return torch.float16
+    raise CompressError(f"amp: unknown value {amp!r} (use 'auto', 'bf16', 'fp16' or 'off')")
+
+
+# --------------------------------------------------------------------------- RNG state
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(py_version), "state": list(py_state), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --------------------------------------------------------------------------- loader
+def _seed_loader(loader: Any, seed: int, epoch: int) -> None:
+    """Make the loader's order (and worker seeds) a function of ``(seed, epoch)`` only."""
+    samplers = []
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        s = getattr(owner, "sampler", None)
+        if s is not None and all(s is not t for t in samplers):
+            samplers.append(s)
+    for s in samplers:
+        if hasattr(s, "set_epoch"):
+            s.set_epoch(epoch)
+        elif hasattr(s, "generator"):
+            s.generator = torch.Generator().manual_seed(seed + epoch)
+    if isinstance(loader, torch.utils.data.DataLoader):
+        # The DataLoader draws its workers' base seed from this generator (or from the global
+        # torch RNG when it is None) each time an iterator is created.
+        loader.generator = torch.Generator().manual_seed((seed + epoch) * 7919 + 104729)
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from .evaluate import _split_batch as split
+
+    return split(batch)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a fine-tuning checkpoint safely (``weights_only=True``) and check its format.
+
+    Raises :class:`CheckpointError` naming ``path`` when it is missing, unreadable, corrupt,
+    needs unsafe unpickling, or is not a compresscnn fine-tuning checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, unsafe pickle...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_one_line(exc)})") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(
+            f"{path}: not a compresscnn fine-tuning checkpoint (format {found!r}, "
+            f"expected {CHECKPOINT_FORMAT!r})"
+        )
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng") if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return ck
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class _SyncBNReverter:
+    """Convert BatchNorm to SyncBatchNorm in place, and back (sharing the parameters)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                    sync = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+                    setattr(parent, name, sync)
+                    self.swapped.append((parent, name, child))
+
+    def revert(self) -> None:
+        for parent, name, original in self.swapped:
+            sync = getattr(parent, name)
+            # parameters are shared objects; buffers may have been re-assigned
+            for bname, buf in sync.named_buffers(recurse=False):
+                if buf is not None:
+                    setattr(original, bname, buf)
+            original.train(sync.training)
+            setattr(parent, name, original)
+        self.swapped.clear()
+
+
+# --------------------------------------------------------------------------- CSV log
+class _CsvLog:
+    """Buffers per-step losses as device tensors; writes them every ``every`` steps so that
+    training on a GPU does not synchronise after each step."""
+
+    def __init__(self, path: Path | None, every: int, *, resume_step: int | None) -> None:
+        self.path = path
+        self.every = max(1, int(every))
+        self.rows: list[tuple[int, int, float, torch.Tensor, int]] = []
+        self.window_start = time.perf_counter()
+        self.last: dict[str, float | None] = {}
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.is_file():
+            # Drop rows logged after the checkpoint by the interrupted run: they are redone.
+            with path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+            lines = [",".join(LOG_COLUMNS)] + [",".join(r.get(c) or "" for c in LOG_COLUMNS) for r in kept]
+            atomic_write_text(path, "\n".join(lines) + "\n")
+        else:
+            atomic_write_text(path, ",".join(LOG_COLUMNS) + "\n")
+
+    def add(self, step: int, epoch: int, lr: float, losses: torch.Tensor, images: int) -> bool:
+        self.rows.append((step, epoch, lr, losses, images))
+        return len(self.rows) >= self.every
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        now = time.perf_counter()
+        values = torch.stack([r[3] for r in self.rows]).float().cpu().tolist()  # one sync
+        ips = sum(r[4] for r in self.rows) / max(now - self.window_start, 1e-9)
+        self.window_start = now
+        lines = []
+        for (step, epoch, lr, _, _), (loss, kd, ce) in zip(self.rows, values):
+            if not math.isfinite(loss):
+                self.rows.clear()
+                raise CompressError(
+                    f"finetune: loss became {loss} at step {step} (lr {lr:.3g}); lower the "
+                    "learning rate or use amp 'bf16'/'off'"
+                )
+            kd_s = "" if math.isnan(kd) else f"{kd:.6g}"
+            lines.append(f"{step},{epoch},{loss:.6g},{kd_s},{ce:.6g},{lr:.6g},{ips:.1f}")
+        self.last = {"loss": values[-1][0], "kd_loss": values[-1][1], "ce_loss": values[-1][2]}
+        self.rows.clear()
+        if self.path is not None:
+            with self.path.open("a", newline="") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- training
+def finetune(
+    student: nn.Module,
+    train_loader: Iterable,
+    *,
+    teacher: nn.Module | None = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    distill: Mapping[str, Any] | bool | None = DEFAULT_DISTILL,
+    device: str | torch.device = "auto",
+    amp: str | bool | None = "auto",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    log_every: int = 50,
+    log_path: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``student`` in place on ``train_loader`` (batches of ``(images, labels)``),
+    distilling from ``teacher`` when given and ``distill["enabled"]``.
+
+    The run lasts ``epochs * len(train_loader)`` steps, or exactly ``max_steps`` steps when
+    given (``max_steps`` overrides ``epochs``, as in HF Transformers; the last epoch may be
+    partial). The LR schedule spans those steps and is stepped per batch. ``student`` is left
+    on ``device`` in train mode; ``teacher`` is moved to ``device`` and kept in eval mode.
+
+    With ``checkpoint_dir``, ``last.pt`` is written atomically at the end of every epoch,
+    every ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it (a
+    missing, corrupt or mismatched checkpoint is a :class:`CheckpointError`). The per-step CSV
+    log (``step,epoch,loss,kd_loss,ce_loss,lr,images_per_s``; ``images_per_s`` is the
+    throughput over the ``log_every`` window the row belongs to) goes to ``log_path``, or
+    ``checkpoint_dir/finetune_log.csv``, or nowhere.
+
+    Returns ``{"steps", "epochs", "images", "seconds", "images_per_s", "final_loss",
+    "log_csv", "checkpoint", "resumed_from_step", "total_steps", "amp", "device",
+    "distill"}``; ``steps`` is the global step reached (including steps done before a resume),
+    ``images``/``seconds`` count this call only (all ranks), ``final_loss`` is the last
+    step's loss.
+    """
+    dev = resolve_device(device)
+    amp_dtype = _resolve_amp(amp, dev)
+    kd_cfg = _distill_config(distill)
+    use_kd = bool(kd_cfg["enabled"] and teacher is not None)
+    schedule = str(schedule).lower()
+    if schedule not in SCHEDULES:
+        raise CompressError(f"schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TypeError("finetune needs a loader with a length (e.g. a DataLoader)") from exc
+    if steps_per_epoch <= 0:
+        raise DataError("finetune: the training loader is empty")
+    total_steps = int(max_steps) if max_steps is not None else int(epochs) * steps_per_epoch
+    if total_steps <= 0:
+        raise CompressError(f"finetune: nothing to train (epochs={epochs}, max_steps={max_steps})")
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise CompressError(f"checkpoint_every: must be a positive number of steps, got {checkpoint_every}")
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    if resume and ckpt_path is None:
+        raise CheckpointError("finetune: resume=True needs a checkpoint_dir")
+    csv_path = Path(log_path) if log_path is not None else (ckpt_dir / LOG_NAME if ckpt_dir else None)
+    main = is_main_process()
+    world = get_world_size()
+    distributed = is_dist()
+
+    seed_everything(seed)
+    student.to(dev)
+    if use_kd:
+        assert teacher is not None
+        teacher.to(dev).eval()
+
+    ck = load_checkpoint(ckpt_path) if resume and ckpt_path is not None else None
+    config = {
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer": str(optimizer).lower(),
+        "world_size": world,
+    }
+    if ck is not None:
+        assert ckpt_path is not None
+        for key, value in config.items():
+            if ck.get("config", {}).get(key) != value:
+                raise CheckpointError(
+                    f"{ckpt_path}: checkpoint was written with {key}={ck.get('config', {}).get(key)!r}, "
+                    f"this run has {key}={value!r}"
+                )
+        try:
+            student.load_state_dict(ck["model"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt_path}: weights do not fit the model ({_one_line(exc)})") from exc
+
+    sync_bn = None
+    if distributed and dev.type == "cuda":
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            sync_bn = _SyncBNReverter(student)
+    model: nn.Module = student
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    opt = build_optimizer(student, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, warmup_steps=warmup_steps, schedule=schedule)
+    )
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+
+    step, epoch, pos = 0, 0, 0
+    rng_to_restore: Mapping[str, Any] | None = None
+    if ck is not None:
+        try:
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt_path}: optimizer state does not fit ({_one_line(exc)})") from exc
+        step, epoch, pos = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
+        rng_to_restore = ck["rng"]
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, pos)
+    resumed_from = step if ck is not None else None
+
+    logger = _CsvLog(csv_path if main else None, log_every, resume_step=resumed_from)
+    last_saved = step if ck is not None else -1
+
+    def save(next_epoch: int, next_pos: int) -> None:
+        nonlocal last_saved
+        logger.flush()
+        if ckpt_path is not None and main:
+            atomic_torch_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": student.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "epoch": next_epoch,
+                    "batch_in_epoch": next_pos,
+                    "config": config,
+                    "rng": _rng_state(),
+                },
+                ckpt_path,
+            )
+        if ckpt_path is not None and distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+        last_saved = step
+
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=None, dynamic_ncols=True)
+
+    student.train()
+    nan = torch.tensor(float("nan"), device=dev)
+    images = 0
+    t0 = time.perf_counter()
+    try:
+        while step < total_steps:
+            _seed_loader(train_loader, seed, epoch)
+            if rng_to_restore is not None and pos == 0:
+                _set_rng_state(rng_to_restore)
+                rng_to_restore = None
+            it = iter(train_loader)
+            skipped = sum(1 for _ in zip(range(pos), it))  # batches done before the interruption
+            if skipped < pos:
+                raise DataError(
+                    f"finetune: cannot resume at batch {pos} of epoch {epoch}: the loader now "
+                    f"yields only {skipped} batches"
+                )
+            if rng_to_restore is not None:
+                _set_rng_state(rng_to_restore)
+                rng_to_restore = None
+            fetched = False
+            for batch in it:
+                fetched = True
+                x, y = _split_batch(batch)
+                x = x.to(dev, non_blocking=True)
+                y = y.to(dev, non_blocking=True)
+                cur_lr = opt.param_groups[0]["lr"]
+                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    s_logits = model(x)
+                    if use_kd:
+                        with torch.no_grad():
+                            t_logits = teacher(x)  # type: ignore[misc]
+                if use_kd:
+                    loss, kd, ce = distillation_loss(
+                        s_logits, t_logits, y, temperature=kd_cfg["temperature"], alpha=kd_cfg["alpha"]
+                    )
+                else:
+                    ce = F.cross_entropy(s_logits.float(), y)
+                    loss, kd = ce, nan
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                step += 1
+                pos += 1
+                images += int(x.shape[0]) * world
+                if logger.add(step, epoch, cur_lr, torch.stack([loss.detach(), kd.detach(), ce.detach()]), int(x.shape[0]) * world):
+                    logger.flush()
+                    if bar is not None and logger.last:
+                        bar.set_postfix(loss=f"{logger.last['loss']:.4f}", lr=f"{cur_lr:.3g}")
+                if bar is not None:
+                    bar.update(1)
+                epoch_done = pos >= steps_per_epoch
+                if (checkpoint_every and step % checkpoint_every == 0) or epoch_done or step >= total_steps:
+                    save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else pos)
+                if step >= total_steps or epoch_done:
+                    break
+            if not fetched and step < total_steps:
+                raise DataError(f"finetune: the training loader produced no batches in epoch {epoch}")
+            if step < total_steps or pos >= steps_per_epoch:
+                if last_saved != step:  # loader shorter than its len(): still an epoch end
+                    save(epoch + 1, 0)
+                epoch, pos = epoch + 1, 0
+        logger.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        if sync_bn is not None:
+            sync_bn.revert()
+    seconds = time.perf_counter() - t0
+    final_loss = logger.last.get("loss") if logger.last else None
+    return {
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 and images else 0.0,
+        "final_loss": final_loss,
+        "log_csv": str(csv_path) if csv_path is not None else None,
+        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+        "resumed_from_step": resumed_from,
+        "total_steps": total_steps,
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else None,
+        "device": str(dev),
+        "distill": kd_cfg if use_kd else None,
+    }

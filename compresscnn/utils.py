@@ -1,0 +1,232 @@
+"""Small shared helpers: atomic writes, seeding, timing, devices, distributed rank.
+
+Nothing here touches global state at import time. Every writer goes through a temporary file
+in the *same directory* as the target followed by :func:`os.replace`, which is atomic on POSIX
+and Windows: a reader (or a crash) sees either the old file or the complete new one, never a
+half-written file (the "nothing half-written" rule of DESIGN.md §11).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import CompressError
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "atomic_path",
+    "seed_everything",
+    "Timer",
+    "resolve_device",
+    "is_dist",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "unwrap_model",
+]
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; on success move it onto ``path``.
+
+    The temporary name starts with ``.`` and contains ``.tmp`` so that a crashed writer leaves
+    an obviously stale file, never a plausible-looking result. On an exception the temporary
+    file is removed and the target is left untouched. ``suffix`` lets writers that care about
+    the extension (e.g. ONNX tools) see the right one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    # Flush file contents to disk before the rename so that a power loss cannot leave the new
+    # name pointing at an empty file (ext4 delayed allocation).
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir + ``os.replace``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically. Newlines are written as given (no translation)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- seeding
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device).
+
+    This does not switch on deterministic algorithms (that costs speed on GPU and is a
+    process-wide choice for the caller to make).
+    """
+    seed = int(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    torch.manual_seed(seed)  # also seeds every CUDA device (lazily)
+
+
+# --------------------------------------------------------------------------- timing
+class Timer:
+    """Context manager measuring wall-clock seconds.
+
+    ``with Timer("finetune", timings): ...`` adds the elapsed seconds to ``timings["finetune"]``
+    (accumulating, so a stage entered twice reports its total). ``Timer(timings, "finetune")``
+    is accepted too (the arguments are told apart by type). The elapsed time is also on
+    ``timer.seconds``. ``sync_cuda=True`` synchronises CUDA at both ends so that GPU work
+    launched inside the block is counted.
+    """
+
+    def __init__(
+        self,
+        name: str | dict[str, float] | None = None,
+        timings: dict[str, float] | str | None = None,
+        *,
+        sync_cuda: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if isinstance(name, dict) or isinstance(timings, str):
+            name, timings = timings, name  # Timer(timings, "stage")
+        self.name: str | None = name  # type: ignore[assignment]
+        self.timings: dict[str, float] | None = timings  # type: ignore[assignment]
+        self.sync_cuda = sync_cuda
+        self._clock = clock
+        self.seconds: float = 0.0
+        self._start: float | None = None
+
+    def _sync(self) -> None:
+        if self.sync_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> "Timer":
+        self._sync()
+        self._start = self._clock()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sync()
+        assert self._start is not None
+        self.seconds = self._clock() - self._start
+        if self.timings is not None and self.name is not None:
+            self.timings[self.name] = self.timings.get(self.name, 0.0) + self.seconds
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` → the launcher's ``LOCAL_RANK``
+    device under ``torchrun`` (else the current device); ``"cpu"``/``"cuda:1"`` as given.
+
+    Asking for CUDA on a machine without it is a user error (:class:`CompressError`).
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        if torch.cuda.is_available():
+            local = os.environ.get("LOCAL_RANK")
+            if local is not None and local.isdigit():
+                return torch.device("cuda", int(local) % max(torch.cuda.device_count(), 1))
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as exc:
+        raise CompressError(
+            f"device: unknown device {device!r} (use 'auto', 'cpu', 'cuda' or 'cuda:N')"
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CompressError(f"device: {device!r} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CompressError(
+                f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+        if dev.index is None:  # a concrete device, so that DDP's device_ids make sense
+            return resolve_device("auto")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise CompressError(f"device: unsupported device type {dev.type!r}")
+    return dev
+
+
+# --------------------------------------------------------------------------- distributed
+def is_dist() -> bool:
+    """True when ``torch.distributed`` is available *and* a process group is initialised."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's global rank; 0 when not distributed."""
+    if is_dist():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    return 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group; 1 when not distributed."""
+    if is_dist():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    return 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and always when not distributed): the process that writes files."""
+    return get_rank() == 0
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` / compiled wrapper."""
+    while True:
+        if isinstance(
+            model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,94 @@
+"""ONNX export: dynamic batch, parity, a single self-contained file, atomic writes."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from compresscnn.export import export_onnx, quantize_onnx_dynamic
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, (3, 1), stride=(2, 1), padding=(1, 0)),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    # non-trivial BN statistics so that eval mode matters
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    return net.train()  # export must switch to eval itself and restore the mode
+
+
+def test_export_dynamic_batch_parity_single_file(tmp_path):
+    net = _tiny_net()
+    out = tmp_path / "sub" / "model.onnx"
+    info = export_onnx(net, out, (3, 16, 16), check_batch=(1, 3), atol=1e-4)
+
+    assert net.training, "caller's train/eval mode must be restored"
+    assert out.is_file()
+    assert info["path"] == str(out)
+    assert info["bytes"] == out.stat().st_size > 0
+    assert info["max_abs_diff"] < 1e-4
+    assert set(info["diffs"]) == {"1", "3"}
+    assert info["opset"] == 18
+    assert info["exporter"] in ("dynamo", "torchscript")
+    # single self-contained file, no temp files left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+    m = onnx.load(str(out), load_external_data=False)
+    onnx.checker.check_model(m)
+    assert not any(init.external_data for init in m.graph.initializer)
+    dim0 = m.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value, "batch dimension must be symbolic"
+
+    # the file runs at a batch size never used during export or checking
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = net.eval()(x)
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_export_parity_failure_leaves_nothing(tmp_path, monkeypatch):
+    net = _tiny_net()
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"old")  # an existing file must survive a failed export untouched
+    import compresscnn.export as ex
+
+    monkeypatch.setattr(ex, "onnx_parity", lambda *a, **k: {1: 0.5, 3: 0.25})
+    with pytest.raises(RuntimeError, match=r"0\.5 > atol"):
+        export_onnx(net, out, (3, 8, 8))
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_export_falls_back_to_legacy_exporter(tmp_path, monkeypatch):
+    import compresscnn.export as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("cannot trace\nmore lines")
+
+    monkeypatch.setattr(ex, "_export_dynamo", boom)
+    info = export_onnx(_tiny_net(), tmp_path / "m.onnx", (3, 8, 8), atol=1e-4)
+    assert info["exporter"] == "torchscript"
+    assert info["fallback_reason"] == "RuntimeError: cannot trace"
+    assert info["max_abs_diff"] < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_quantize_dynamic(tmp_path):
+    src = tmp_path / "m.onnx"
+    export_onnx(_tiny_net(), src, (3, 8, 8))
+    nbytes = quantize_onnx_dynamic(src, tmp_path / "q.onnx")
+    assert nbytes == (tmp_path / "q.onnx").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx"]
