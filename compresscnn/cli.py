@@ -1,0 +1,142 @@
+"""``compresscnn run|inspect ...``: a thin shell over the Python API.
+
+Exit codes: 0 success; 2 a problem with the user's input (one line on stderr naming what and
+where); 1 an internal error (a one-line summary; the traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from .errors import CompressError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,
+        overwrite=args.overwrite, quiet=args.quiet, recipe_path=str(args.recipe))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_model
+
+    print(inspect_model(args.model, args.weights, args.input_size,
+                        energies=tuple(args.energy)))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareError, compare, parse_data_arg, run_compare_recipe, write_compare
+
+    def pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+        out = {}
+        for it in items or []:
+            k, eq, v = it.rpartition("=")
+            if not eq or not k or not v:
+                raise CompareError(f"{flag} {it!r}: expected SPEC=WEIGHTS")
+            out[k] = v
+        return out
+
+    data: dict = {}
+    for d in args.data or []:
+        data.update(parse_data_arg(d))
+    kw = dict(threads=args.threads, repeats=args.repeats, weights_for=pairs(args.weights_for, "--weights-for") or None,
+              default_weights=args.default_weights, onnx=False if args.no_onnx else None,
+              latency=False if args.no_latency else None, quantize=False if args.no_quantize else None,
+              input_size=args.input_size, latency_batches=args.latency_batches)
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.recipe is not None:
+        from .compare import load_compare_recipe
+        base = load_compare_recipe(args.recipe)["data"] or {}
+        rows = run_compare_recipe(args.recipe, out=args.out, extra_entries=args.models,
+                                  json_path=args.json, log=log, data={**base, **data} or None, **kw)
+        out = args.out or load_compare_recipe(args.recipe)["output"]
+    else:
+        if not args.models:
+            raise CompareError("compare: give MODEL ... (specs or run directories) or --recipe FILE")
+        out = args.out or Path("runs/compare")
+        kw = {k: v for k, v in kw.items() if v is not None}
+        rows = compare(args.models, data=data or None, workdir=Path(out) / "onnx", log=log, **kw)
+        write_compare(rows, out, title=args.title or "Model comparison", json_path=args.json)
+    print(f"wrote {Path(out) / 'compare.md'}, compare.json, compare.png ({len(rows)} models)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="compresscnn",
+                                 description="Low-rank compression of pretrained CNNs.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe: plan, apply, fine-tune, export, report")
+    r.add_argument("recipe", type=Path)
+    r.add_argument("--out", type=Path, help="run directory (default: the recipe's output)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set finetune.epochs=3 (repeatable)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    r.set_defaults(func=_cmd_run)
+
+    i = sub.add_parser("inspect", help="per-layer table to help write a recipe")
+    i.add_argument("model", help="model spec, e.g. torchvision:resnet18 or cifar:resnet20")
+    i.add_argument("--weights", default=None)
+    i.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    i.add_argument("--energy", type=float, nargs="+", default=[0.9, 0.95, 0.99],
+                   help="energy levels for the candidate-rank columns")
+    i.set_defaults(func=_cmd_inspect)
+
+    c = sub.add_parser("compare", help="one table + plot: size, MACs, ONNX/int8 size, latency, accuracy")
+    c.add_argument("models", nargs="*", metavar="MODEL", help="model specs or run directories")
+    c.add_argument("--recipe", type=Path, help="a compare recipe (recipes/squeezenet_vs_alexnet_*.yaml)")
+    c.add_argument("--out", type=Path, help="output folder (default runs/compare or the recipe's)")
+    c.add_argument("--json", type=Path, help="also write the JSON list of rows here")
+    c.add_argument("--title", default=None)
+    c.add_argument("--weights-for", action="append", metavar="SPEC=PATH", help="weights of one spec (repeatable)")
+    c.add_argument("--default-weights", default=None, help="weights of specs given none, e.g. DEFAULT")
+    c.add_argument("--data", action="append", metavar="DATASET=PATH", help="e.g. imagenet=PATH (measures accuracy)")
+    c.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    c.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default 2)")
+    c.add_argument("--repeats", type=int, default=None, help="timed runs per latency (default 20)")
+    c.add_argument("--latency-batches", type=int, nargs="+", default=None, help="default: 1 32")
+    c.add_argument("--no-onnx", action="store_true", help="skip ONNX export (sizes, onnxruntime)")
+    c.add_argument("--no-latency", action="store_true", help="skip latency measurements")
+    c.add_argument("--no-quantize", action="store_true", help="skip the int8 ONNX file")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_compare)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except CompressError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"compresscnn: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("compresscnn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # internal error
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"compresscnn: internal error: {type(e).__name__}: {e} "
+                  f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

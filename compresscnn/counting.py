@@ -1,0 +1,99 @@
+"""Counting parameters and multiply-accumulates (MACs).
+
+MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on one input
+sample: the counter sees every matmul and convolution the model really runs, so the
+number is the same whichever way a layer is written. This is the convention of
+torchvision's published ``_ops`` ("GFLOPS": it counts a multiply-add as one), which the
+tests check for resnet18 (1.814) and alexnet (0.714).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _example(model: nn.Module, input_size: Sequence[int], batch: int = 1) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else torch.device("cpu")
+    return torch.zeros((batch, *input_size), dtype=dtype, device=device)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
+    """``{"params", "macs"}`` of ``model`` for one input of shape ``input_size`` (C, H, W).
+
+    The model is run once in eval mode (its train/eval state is restored).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(_example(model, input_size))
+        flops = fc.get_total_flops()
+    finally:
+        model.train(was_training)
+    return {"params": count_params(model), "macs": int(flops // 2)}
+
+
+@dataclass
+class LayerInfo:
+    """What ``plan`` needs to know about one Conv2d/Linear of a model."""
+
+    name: str
+    module: nn.Module
+    in_shape: tuple[int, ...]   # one sample, without the batch dimension
+    out_shape: tuple[int, ...]
+
+    @property
+    def in_hw(self) -> tuple[int, int] | None:
+        if isinstance(self.module, nn.Conv2d):
+            return (int(self.in_shape[-2]), int(self.in_shape[-1]))
+        return None
+
+    @property
+    def type(self) -> str:
+        return type(self.module).__name__
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, input_size: Sequence[int],
+                 types: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> dict[str, LayerInfo]:
+    """Run one forward pass and record the input/output shape of every layer of ``types``.
+
+    A layer that is never called (dead code in the graph) is left out. A layer called more
+    than once keeps its first call's shapes.
+    """
+    infos: dict[str, LayerInfo] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(mod, inputs, output):
+            if name not in infos and inputs and isinstance(inputs[0], torch.Tensor):
+                infos[name] = LayerInfo(name, mod, tuple(inputs[0].shape[1:]),
+                                        tuple(output.shape[1:]))
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, types):
+            handles.append(mod.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(_example(model, input_size))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    # keep the model's module order, not the call order
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return dict(sorted(infos.items(), key=lambda kv: order[kv[0]]))

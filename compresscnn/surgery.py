@@ -1,0 +1,289 @@
+"""Plan, then apply: which layer, which method, which rank; then swap the modules.
+
+``plan(model, rules, input_size, target)`` is pure: it traces the model once to learn each
+layer's input size, matches rules (fnmatch globs over module names; the first rule that
+matches a layer wins), chooses ranks (``compresscnn.ranks``) and prices every replacement
+analytically. ``apply(model, plan)`` only swaps modules (dotted-path get/set, as timm's
+``set_layer``). ``compress`` does both on a deep copy and leaves the input model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .counting import LayerInfo, count, trace_layers
+from .decomposers import get_decomposer
+from .decomposers.base import layer_cost
+from .errors import RecipeError
+from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
+
+from .recipe import POLICY_KEYS as _RANK_KEYS  # noqa: E402
+
+
+@dataclass
+class Replacement:
+    """One row of a plan: a layer and what happens to it."""
+
+    name: str
+    type: str
+    shape: str
+    method: str
+    rank: list[int] | None
+    options: dict[str, Any]
+    policy: str
+    params_before: int
+    macs_before: int
+    params_after: int
+    macs_after: int
+    rel_error: float | None = None     # estimated from spectra in plan, measured by apply
+    skipped: str | None = None          # the reason a layer matched but is left dense
+    rule: int = 0
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def applied(self) -> bool:
+        return self.skipped is None and self.rank is not None
+
+
+@dataclass
+class Plan:
+    replacements: list[Replacement]
+    input_size: tuple[int, ...]
+    total_params: int
+    total_macs: int
+    target: dict[str, float] | None = None
+
+    @property
+    def params_after(self) -> int:
+        return self.total_params + sum(r.params_after - r.params_before
+                                       for r in self.replacements if r.applied)
+
+    @property
+    def macs_after(self) -> int:
+        return self.total_macs + sum(r.macs_after - r.macs_before
+                                     for r in self.replacements if r.applied)
+
+    def ranks(self) -> dict[str, list[int]]:
+        """The exact per-layer ranks (what the resolved recipe stores)."""
+        return {r.name: list(r.rank) for r in self.replacements if r.applied}
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.replacements]
+
+    def summary(self) -> str:
+        """A table a person reads (what ``--dry-run`` prints)."""
+        head = ["layer", "shape", "method", "rank", "policy", "params", "MACs", "est. err"]
+        rows = []
+        for r in self.replacements:
+            if r.applied:
+                rank = "x".join(str(x) for x in r.rank)
+                p = f"{r.params_before:,} -> {r.params_after:,}"
+                m = f"{r.macs_before:,} -> {r.macs_after:,}"
+                e = f"{r.rel_error:.3f}" if r.rel_error is not None else "-"
+                rows.append([r.name, r.shape, r.method, rank, r.policy, p, m, e])
+            else:
+                rows.append([r.name, r.shape, r.method, "-", f"skipped: {r.skipped}",
+                             f"{r.params_before:,}", f"{r.macs_before:,}", "-"])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        pa, ma = self.params_after, self.macs_after
+        out.append("")
+        out.append(f"model params {self.total_params:,} -> {pa:,} "
+                   f"({self.total_params / max(pa, 1):.2f}x fewer); "
+                   f"MACs {self.total_macs:,} -> {ma:,} ({self.total_macs / max(ma, 1):.2f}x fewer)")
+        if self.target:
+            (k, v), = self.target.items()
+            got = (pa / self.total_params) if k == "params" else (ma / self.total_macs)
+            out.append(f"target: keep {v:g} of {k}; planned {got:.3f}")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (works inside Sequential/ModuleList)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def _as_list(x: Any) -> list[str]:
+    if x is None:
+        return []
+    return [x] if isinstance(x, str) else list(x)
+
+
+def _shape(mod: nn.Module) -> str:
+    if isinstance(mod, nn.Conv2d):
+        kh, kw = mod.kernel_size
+        g = f"/g{mod.groups}" if mod.groups > 1 else ""
+        return f"{mod.in_channels}->{mod.out_channels} {kh}x{kw}{g} s{mod.stride[0]}"
+    if isinstance(mod, nn.Linear):
+        return f"{mod.in_features}->{mod.out_features}"
+    return type(mod).__name__
+
+
+def _validate_rules(rules: Sequence[dict[str, Any]], target: Any) -> list[dict[str, Any]]:
+    from .recipe import validate_rules
+
+    return validate_rules(list(rules), source="rules", target=target)
+
+
+def _method_options(rule: dict[str, Any]) -> dict[str, Any]:
+    from .recipe import rule_options
+
+    return dict(rule_options(rule))
+
+
+def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[str, int]:
+    """layer name -> index of the first rule that matches it and whose method takes its type
+    (so ``match: "*"`` with tucker2 claims the convolutions only). A rule matching nothing
+    is an error, and so is one whose method cannot take any of the layers it matches."""
+    owner: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        pats, excl = _as_list(rule["match"]), _as_list(rule.get("exclude"))
+        hits = [n for n in layers
+                if any(fnmatch.fnmatchcase(n, p) for p in pats)
+                and not any(fnmatch.fnmatchcase(n, p) for p in excl)]
+        if not hits:
+            some = ", ".join(list(layers)[:6])
+            raise RecipeError(f"rules[{i}].match: {pats!r} matches no Conv2d/Linear layer "
+                              f"of the model (layers are named like: {some}, ...)")
+        dec = get_decomposer(rule["method"])
+        typed = [n for n in hits if isinstance(layers[n].module, dec.layer_types)]
+        if not typed:
+            kinds = "/".join(t.__name__ for t in dec.layer_types)
+            got = sorted({layers[n].type for n in hits})
+            raise RecipeError(f"rules[{i}].method: {rule['method']} takes {kinds} layers, but "
+                              f"{pats!r} matches only {'/'.join(got)} layers")
+        for n in typed:  # a rule claims only the layer types its method takes
+            owner.setdefault(n, i)
+    return owner
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
+         target: dict[str, float] | None = None,
+         sensitivity: dict[str, float] | None = None) -> Plan:
+    """Decide, for every layer a rule matches, the method and the exact rank.
+
+    ``target`` ({"macs": f} or {"params": f}) is a whole-model budget: the layers of rules
+    without a rank policy share it (``compresscnn.ranks.allocate``). ``sensitivity`` (layer
+    name -> weight) scales each layer's error in that allocation.
+    """
+    rules = _validate_rules(rules, target)
+    input_size = tuple(int(x) for x in input_size)
+    layers = trace_layers(model, input_size)
+    totals = count(model, input_size)
+    owner = _match(rules, layers)
+
+    reps: list[Replacement] = []
+    budget_items: list[tuple[BudgetItem, Replacement]] = []
+    for name, info in layers.items():
+        if name not in owner:
+            continue
+        i = owner[name]
+        rule = rules[i]
+        dec = get_decomposer(rule["method"])
+        opts = _method_options(rule)
+        p0, m0 = layer_cost(info.module, info.in_hw)
+        rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
+                          p0, m0, p0, m0, rule=i)
+        reps.append(rep)
+        reason = dec.supports(info.module)
+        if reason is not None:
+            rep.skipped = reason
+            continue
+        has_policy = any(rule.get(k) is not None for k in _RANK_KEYS)
+        if not has_policy:
+            if not target:
+                raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
+                                  f"global target to choose ranks")
+            cands = candidates_for(dec, info.module, info.in_hw, opts,
+                                   round_to=int(rule.get("round_to") or 1))
+            w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
+            budget_items.append((BudgetItem(name, cands, weight=w), rep))
+            continue
+        r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
+        p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
+        rep.rank, rep.policy = list(r), how
+        rep.params_after, rep.macs_after = p1, m1
+        rep.rel_error = tail_error(dec.spectra(info.module, **opts), r)
+
+    if target:
+        (key, frac), = target.items()
+        if key not in ("macs", "params"):
+            raise RecipeError(f"target: {key!r} budgets are planned by "
+                              f"objective-aware planning, not here")
+        total = totals[key]
+        fixed = total
+        for rep in reps:
+            if rep.applied:
+                fixed += getattr(rep, f"{key}_after") - getattr(rep, f"{key}_before")
+        for item, rep in budget_items:
+            fixed -= getattr(rep, f"{key}_before")
+        budget = int(frac * total) - fixed
+        allocate([it for it, _ in budget_items], key, budget)
+        for item, rep in budget_items:
+            c = item.candidates[item.choice]
+            if c.rank is None:
+                rep.skipped = "kept dense by the budget"
+                rep.policy = f"budget {key} {frac:g}"
+                continue
+            rep.rank, rep.policy = list(c.rank), f"budget {key} {frac:g}"
+            rep.params_after, rep.macs_after, rep.rel_error = c.params, c.macs, c.error
+    return Plan(reps, input_size, totals["params"], totals["macs"], dict(target) if target else None)
+
+
+# ---------------------------------------------------------------------------- apply
+
+
+@torch.no_grad()
+def apply(model: nn.Module, plan_: Plan) -> nn.Module:
+    """Swap every planned layer of ``model`` (in place) for its decomposition; return it.
+
+    Records each decomposition's measured fit (``fit_info`` of the new module) in the plan.
+    """
+    for rep in plan_.replacements:
+        if not rep.applied:
+            continue
+        layer = get_module(model, rep.name)
+        dec = get_decomposer(rep.method)
+        new = dec.decompose(layer, tuple(rep.rank), **rep.options)
+        fit = dict(getattr(new, "fit_info", {}) or {})
+        if "rel_error" in fit:
+            rep.rel_error = float(fit["rel_error"])
+        rep.fit = fit
+        new.train(layer.training)
+        set_module(model, rep.name, new)
+    return model
+
+
+def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
+             target: dict[str, float] | None = None) -> tuple[nn.Module, Plan]:
+    """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
+
+    Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
+    ``rules:`` in a recipe (``match``, ``method``, ``rank`` / ``energy`` / ``macs`` /
+    ``params``, ``round_to``, method options).
+    """
+    p = plan(model, rules, input_size, target=target)
+    new = apply(copy.deepcopy(model), p)
+    return new, p

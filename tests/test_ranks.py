@@ -1,0 +1,70 @@
+"""Rank policies: energy, EVBMF, rounding, and the global-budget allocation."""
+
+import pytest
+import torch
+
+from compresscnn.errors import RankError
+from compresscnn.ranks import (BudgetItem, Candidate, allocate, energy_rank, evbmf_rank,
+                               round_rank, tail_error)
+
+
+def test_energy_rank():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
+    assert energy_rank(s, 0.5) == 1
+    assert energy_rank(s, 9 / 14) == 1
+    assert energy_rank(s, 0.9) == 2
+    assert energy_rank(s, 1.0) == 3
+
+
+@pytest.mark.parametrize("true_rank", [3, 8])
+def test_evbmf_recovers_the_rank_of_a_noisy_low_rank_matrix(true_rank):
+    g = torch.Generator().manual_seed(0)
+    L, M = 40, 120
+    U = torch.linalg.qr(torch.randn(L, true_rank, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(M, true_rank, generator=g, dtype=torch.float64))[0]
+    signal = U @ torch.diag(torch.linspace(60, 30, true_rank, dtype=torch.float64)) @ V.T
+    Y = signal + torch.randn(L, M, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(Y)
+    assert evbmf_rank(s, L, M) == true_rank
+
+
+def test_evbmf_pure_noise_returns_zero():
+    g = torch.Generator().manual_seed(1)
+    s = torch.linalg.svdvals(torch.randn(30, 90, generator=g, dtype=torch.float64))
+    assert evbmf_rank(s, 30, 90) == 0
+
+
+def test_round_rank_only_where_cheap():
+    assert round_rank((13, 5), (64, 16), 8) == (16, 5)
+    assert round_rank((3, 64), (64, 64), 8) == (8, 64)
+    assert round_rank((61,), (64,), 8) == (64,)
+    assert round_rank((13,), (64,), 1) == (13,)
+
+
+def test_tail_error_is_exact_for_svd():
+    s = torch.tensor([4.0, 2.0, 1.0])
+    assert tail_error([s], (1,)) == pytest.approx(((4 + 1) / 21) ** 0.5)
+    assert tail_error([s], (3,)) == 0.0
+
+
+def _item(name, dense, steps):
+    cands = [Candidate(None, dense, dense, 0.0)]
+    for i, (c, e) in enumerate(steps):
+        cands.append(Candidate((i + 1,), c, c, e))
+    return BudgetItem(name, cands)
+
+
+def test_allocate_meets_budget_and_prefers_cheap_error():
+    a = _item("a", 100, [(80, 0.01), (50, 0.02), (20, 0.5)])
+    b = _item("b", 100, [(80, 0.3), (50, 0.6), (20, 0.9)])
+    allocate([a, b], "macs", 130)
+    total = a.candidates[a.choice].macs + b.candidates[b.choice].macs
+    assert total <= 130
+    assert a.candidates[a.choice].macs == 50  # the cheap-error layer is cut first
+    assert b.candidates[b.choice].macs == 80
+
+
+def test_allocate_unreachable_budget():
+    a = _item("a", 100, [(50, 0.1)])
+    with pytest.raises(RankError, match="cannot be reached"):
+        allocate([a], "macs", 10)

@@ -1,0 +1,81 @@
+"""plan/apply/compress: matching, skipping, budgets, and that the input model is untouched."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from compresscnn import compress
+from compresscnn.counting import count
+from compresscnn.errors import CompressError
+from compresscnn.surgery import apply, plan, set_module
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),  # depthwise
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+def test_compress_leaves_input_untouched_and_costs_match_count():
+    m = small_net()
+    before = copy.deepcopy(m.state_dict())
+    rules = [{"match": "*", "method": "tucker2", "rank": 0.5},
+             {"match": "1*", "method": "svd", "rank": 8}]
+    new, p = compress(m, rules, (3, 16, 16))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    c = count(new, (3, 16, 16))
+    assert c == {"params": p.params_after, "macs": p.macs_after}
+    rows = {r.name: r for r in p.replacements}
+    assert rows["2"].skipped  # depthwise: tucker2 cannot take it, said in the plan
+    assert rows["10"].method == "svd" and rows["10"].rank == [8]
+    assert new(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert "skipped" in p.summary()
+
+
+def test_pattern_matching_nothing_is_an_error():
+    with pytest.raises(CompressError, match=r"rules\[0\]\.match: .*matches no"):
+        plan(small_net(), [{"match": "layer9.*", "method": "tucker2", "rank": 4}], (3, 16, 16))
+
+
+def test_method_on_wrong_layer_type_is_an_error():
+    with pytest.raises(CompressError, match=r"rules\[0\]\.method: tucker2 takes Conv2d"):
+        plan(small_net(), [{"match": "1*", "method": "tucker2", "rank": 4}], (3, 16, 16))
+
+
+def test_geometry_a_method_cannot_take_is_skipped_with_reason():
+    p = plan(small_net(), [{"match": "0", "method": "svd", "rank": 2}], (3, 16, 16))
+    assert "1x1" in p.replacements[0].skipped
+
+
+@pytest.mark.parametrize("key,frac", [("macs", 0.5), ("params", 0.3), ("macs", 0.7)])
+def test_global_budget_within_two_percent(key, frac):
+    m = torchvision.models.resnet18(num_classes=10)
+    rules = [{"match": "layer*.conv*", "method": "tucker2"}, {"match": "fc", "method": "svd"}]
+    new, p = compress(m, rules, (3, 64, 64), target={key: frac})
+    c = count(new, (3, 64, 64))
+    base = count(m, (3, 64, 64))
+    got = c[key] / base[key]
+    assert frac * 0.98 <= got <= frac + 1e-9, got
+
+
+def test_first_matching_rule_wins_and_set_module():
+    m = small_net()
+    p = plan(m, [{"match": "6", "method": "tucker2", "rank": [8, 8]},
+                 {"match": "*", "method": "tucker2", "rank": 0.9}], (3, 16, 16))
+    assert {r.name: r.rank for r in p.replacements}["6"] == [8, 8]
+    set_module(m, "6", nn.Identity())
+    assert isinstance(m[6], nn.Identity)
+
+
+def test_apply_records_measured_fit():
+    m = small_net()
+    p = plan(m, [{"match": "4", "method": "tucker2", "rank": [4, 4]}], (3, 16, 16))
+    apply(m, p)
+    assert p.replacements[0].rel_error is not None and 0 < p.replacements[0].rel_error < 1
