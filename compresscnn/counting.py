@@ -61,6 +61,16 @@ class LayerInfo:
         return None
 
     @property
+    def tokens(self) -> int:
+        """How many times per sample a Linear runs (1 on (N, C) input; H*W on (N, H, W, C))."""
+        if isinstance(self.module, nn.Linear):
+            n = 1
+            for d in self.in_shape[:-1]:
+                n *= int(d)
+            return n
+        return 1
+
+    @property
     def type(self) -> str:
         return type(self.module).__name__
 

@@ -140,7 +140,9 @@ def tail_error(spectra: Sequence[torch.Tensor], rank: Rank) -> float:
         tot = float(e.sum())
         if tot > 0:
             total += float(e[r:].sum()) / tot
-    return math.sqrt(min(total, 1.0))
+    # not clipped at 1: the bound can exceed 1 at tiny ranks, and a plateau there would hide
+    # from the budget that a slightly larger rank still helps
+    return math.sqrt(total)
 
 
 # ---------------------------------------------------------------------------- per-layer policy
@@ -216,13 +218,15 @@ class BudgetItem:
 
 
 def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | None,
-                   options: dict[str, Any], round_to: int = 1, steps: int = 48) -> list[Candidate]:
-    """Dense first, then decomposed candidates in decreasing cost (Pareto-filtered).
+                   options: dict[str, Any], round_to: int = 1, steps: int = 48,
+                   tokens: int = 1) -> list[Candidate]:
+    """Dense first, then decomposed candidates in decreasing rank.
 
-    A candidate costlier than the dense layer in the budgeted quantity is dropped: such a
-    "compression" would only add error.
+    ``tokens`` multiplies MACs: a Linear layer applied at every position of an (N, H, W, C)
+    tensor (ConvNeXt's MLPs) runs ``H * W`` times per sample.
     """
     dense_p, dense_m = layer_cost(layer, in_hw)
+    dense_m *= tokens
     full = dec.max_rank(layer, **options)
     spectra = dec.spectra(layer, **options)
     seen: set[Rank] = set()
@@ -233,7 +237,7 @@ def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | N
             continue
         seen.add(r)
         p, m = dec.cost(layer, r, in_hw, **options)
-        cands.append(Candidate(r, p, m, tail_error(spectra, r)))
+        cands.append(Candidate(r, p, m * tokens, tail_error(spectra, r)))
     return cands
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
 from .decomposers.base import layer_cost
-from .errors import RecipeError
+from .errors import RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
 
 from .recipe import POLICY_KEYS as _RANK_KEYS  # noqa: E402
@@ -151,10 +151,18 @@ def _method_options(rule: dict[str, Any]) -> dict[str, Any]:
 
 
 def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[str, int]:
-    """layer name -> index of the first rule that matches it and whose method takes its type
-    (so ``match: "*"`` with tucker2 claims the convolutions only). A rule matching nothing
-    is an error, and so is one whose method cannot take any of the layers it matches."""
+    """layer name -> index of the rule that decides it.
+
+    That is the first rule that matches the layer and whose method can take it, so
+    ``[{match: "*", method: tucker2}, {match: "*", method: spatial}]`` sends depthwise convs
+    (which Tucker-2 cannot take) to the second rule. A layer that every matching rule's
+    method refuses goes to the first matching rule, which records the refusal as the
+    reason it is skipped. A rule matching nothing is an error, and so is one whose method
+    takes none of the layer types it matches (``svd`` on a pattern of 3x3 convs only is a
+    skip with a reason; ``tucker2`` on Linear layers only is an error).
+    """
     owner: dict[str, int] = {}
+    fallback: dict[str, int] = {}
     for i, rule in enumerate(rules):
         pats, excl = _as_list(rule["match"]), _as_list(rule.get("exclude"))
         hits = [n for n in layers
@@ -171,8 +179,12 @@ def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[st
             got = sorted({layers[n].type for n in hits})
             raise RecipeError(f"rules[{i}].method: {rule['method']} takes {kinds} layers, but "
                               f"{pats!r} matches only {'/'.join(got)} layers")
-        for n in typed:  # a rule claims only the layer types its method takes
-            owner.setdefault(n, i)
+        for n in typed:
+            fallback.setdefault(n, i)
+            if n not in owner and dec.supports(layers[n].module) is None:
+                owner[n] = i
+    for n, i in fallback.items():
+        owner.setdefault(n, i)
     return owner
 
 
@@ -204,6 +216,7 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         dec = get_decomposer(rule["method"])
         opts = _method_options(rule)
         p0, m0 = layer_cost(info.module, info.in_hw)
+        m0 *= info.tokens
         rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
                           p0, m0, p0, m0, rule=i)
         reps.append(rep)
@@ -217,14 +230,14 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
                 raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
                                   f"global target to choose ranks")
             cands = candidates_for(dec, info.module, info.in_hw, opts,
-                                   round_to=int(rule.get("round_to") or 1))
+                                   round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
             w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
             budget_items.append((BudgetItem(name, cands, weight=w), rep))
             continue
         r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
         p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
         rep.rank, rep.policy = list(r), how
-        rep.params_after, rep.macs_after = p1, m1
+        rep.params_after, rep.macs_after = p1, m1 * info.tokens
         rep.rel_error = tail_error(dec.spectra(info.module, **opts), r)
 
     if target:
@@ -240,6 +253,10 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         for item, rep in budget_items:
             fixed -= getattr(rep, f"{key}_before")
         budget = int(frac * total) - fixed
+        if budget <= 0:
+            raise RankError(f"target {key} {frac:g} cannot be reached: the layers no rule "
+                            f"budgets already need {fixed:,} of the {int(frac * total):,} "
+                            f"{key} allowed; widen the rules' match")
         allocate([it for it, _ in budget_items], key, budget)
         for item, rep in budget_items:
             c = item.candidates[item.choice]

@@ -41,6 +41,19 @@ def gram_eig(t: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.clamp_min(0).sqrt(), evecs
 
 
+def gram_svals(t: torch.Tensor, mode: int) -> torch.Tensor:
+    """Singular values (descending) of the mode-``mode`` unfolding, from the eigenvalues of
+    its Gram matrix only (``eigvalsh``: several times faster than ``gram_eig`` when the
+    vectors are not needed, as in rank selection)."""
+    m = unfold(t, mode)
+    n, rest = m.shape[-2], m.shape[-1]
+    g = m @ m.mT if n <= rest else m.mT @ m    # the smaller Gram has the same nonzero part
+    s = torch.linalg.eigvalsh((g + g.mT) / 2).flip(-1).clamp_min(0).sqrt()
+    if n > rest:  # the other n - rest singular values are exactly zero
+        s = torch.cat([s, s.new_zeros(*s.shape[:-1], n - rest)], -1)
+    return s
+
+
 def hosvd(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int]
           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Truncated (partial) HOSVD (De Lathauwer et al. 2000) over ``modes``: factor ``U_n``

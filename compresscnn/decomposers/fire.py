@@ -190,7 +190,7 @@ class Fire(Decomposer):
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
         """Singular values of the mode-1 (input channel) unfolding, cut to ``max_rank``."""
         m = self.max_rank(layer, **options)[0]
-        return [num.gram_eig(work_weight(layer), 1)[0][:m].to(layer.weight.dtype)]
+        return [num.gram_svals(work_weight(layer), 1)[:m].to(layer.weight.dtype)]
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
         """Options: ``pct3x3`` (fraction of output channels in the k x k expand, default

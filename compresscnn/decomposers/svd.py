@@ -78,7 +78,16 @@ class SVD(Decomposer):
                 ConvSpec(r, layer.out_channels, bias=layer.bias is not None)]
 
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
-        return [torch.linalg.svdvals(self._matrix(layer)).to(layer.weight.dtype)]
+        """Singular values, from the eigenvalues of the smaller Gram matrix: for the large
+        fully connected layers of AlexNet/VGG (4096 x 25088) this is several times faster
+        than ``svdvals``; the Gram product runs in the weight's precision (float32 relative
+        error ~1e-7 of the largest s^2 is far below what energy and EVBMF ranks resolve)."""
+        a = self._matrix(layer).detach()
+        if min(a.shape) <= 512:
+            return [torch.linalg.svdvals(a.double()).to(layer.weight.dtype)]
+        g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+        ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
+        return [ev.sqrt().to(layer.weight.dtype)]
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
         """Options: ``randomized`` (bool; default: automatic), ``power_iters`` and

@@ -82,7 +82,7 @@ class Tucker2(Decomposer):
         full = self.max_rank(layer)
         out = []
         for mode, m in zip((1, 0), full):
-            sq = sum(num.gram_eig(w, mode)[0].square() for w in self._groups(layer))
+            sq = sum(num.gram_svals(w, mode).square() for w in self._groups(layer))
             out.append(sq.sqrt()[:m].to(layer.weight.dtype))
         return out
 
