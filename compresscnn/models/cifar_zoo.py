@@ -1,0 +1,90 @@
+"""The ``cifar:alexnet``, ``cifar:squeezenet1_0`` and ``cifar:squeezenet1_1`` specs.
+
+Hyperparameters go after a ``?`` as ``key=value`` pairs joined by ``&`` (for sweeps)::
+
+    cifar:squeezenet1_0?sr=0.25&pct3x3=0.75     (also base_e, incr_e, freq)
+    cifar:alexnet?hidden=1024
+
+These nets have no published CIFAR weights: ``weights`` is None (random init) or a local
+file. ``pretrained_cfg``: 3x32x32 input, the mean/std the ``cifar:resnet*`` specs use
+(ImageNet's, as akamaster's CIFAR ResNets), 10 classes, no resize/crop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from compresscnn.errors import ModelError
+
+__all__ = ["CIFAR_ZOO", "build_cifar_squeezenet", "build_cifar_alexnet", "build_cifar_zoo",
+           "parse_hparams"]
+
+
+def build_cifar_squeezenet(version: str = "1.0", *, num_classes: int = 10, **hparams: Any) -> nn.Module:
+    """SqueezeNet-CIFAR (see :mod:`compresscnn.models.squeezenet`); ``hparams``: ``sr``,
+    ``pct3x3``, ``base_e``, ``incr_e``, ``freq`` (defaults: the paper's)."""
+    from compresscnn.models.squeezenet import SqueezeNet
+
+    return SqueezeNet(version, num_classes, cifar=True, **hparams)
+
+
+def build_cifar_alexnet(*, num_classes: int = 10, hidden: int = 2048) -> nn.Module:
+    """AlexNet-CIFAR (see :mod:`compresscnn.models.alexnet_cifar`)."""
+    from compresscnn.models.alexnet_cifar import AlexNetCIFAR
+
+    return AlexNetCIFAR(num_classes, hidden=hidden)
+
+
+_SQ_KEYS = {"sr": float, "pct3x3": float, "base_e": int, "incr_e": int, "freq": int}
+#: name -> (builder, {hyperparameter: type})
+CIFAR_ZOO: dict[str, tuple[Callable[..., nn.Module], dict[str, type]]] = {
+    "alexnet": (build_cifar_alexnet, {"hidden": int}),
+    "squeezenet1_0": (lambda **kw: build_cifar_squeezenet("1.0", **kw), _SQ_KEYS),
+    "squeezenet1_1": (lambda **kw: build_cifar_squeezenet("1.1", **kw), _SQ_KEYS),
+}
+
+
+def parse_hparams(name: str) -> tuple[str, dict[str, Any]]:
+    """``"squeezenet1_0?sr=0.25&pct3x3=0.75"`` -> ``("squeezenet1_0", {"sr": 0.25, ...})``."""
+    base, _, query = name.partition("?")
+    base = base.strip()
+    if base not in CIFAR_ZOO:
+        raise ModelError(f"unknown cifar model {base!r}; known: {', '.join(CIFAR_ZOO)}")
+    types = CIFAR_ZOO[base][1]
+    out: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, val = part.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in types:
+            raise ModelError(f"cifar:{name}: bad hyperparameter {part!r}; use key=value with "
+                             f"key one of {', '.join(types)}")
+        try:
+            out[key] = types[key](val.strip())
+        except ValueError:
+            raise ModelError(f"cifar:{name}: {key} must be {types[key].__name__}, got "
+                             f"{val.strip()!r}") from None
+    return base, out
+
+
+def build_cifar_zoo(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Builder for ``loaders.load_model``: ``(model, pretrained_cfg)``."""
+    from compresscnn.models.loaders import _cfg, _published_from_file, load_weights
+
+    base, hp = parse_hparams(name)
+    spec = f"cifar:{name}"
+    try:
+        model = CIFAR_ZOO[base][0](**hp)
+    except ValueError as exc:
+        raise ModelError(f"{spec}: {exc}") from None
+    cfg = _cfg(input_size=(3, 32, 32), num_classes=10, resize=None, crop=None, spec=spec,
+               hparams=dict(getattr(model, "hparams", hp)))
+    if weights is not None:
+        if weights.lower() in ("default", "pretrained"):
+            raise ModelError(f"{spec} has no published weights; train it (tools/"
+                             "cifar_squeezenet_vs_alexnet.py) and pass the weights file")
+        ckpt = load_weights(model, weights, spec=spec)
+        cfg["weights"] = str(ckpt.path)
+        cfg["published"] = _published_from_file(ckpt)
+    return model, cfg

@@ -1,0 +1,153 @@
+"""`compresscnn compare` on tiny random models: fields, files, accuracy sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from compresscnn.cli import main as cli_main
+from compresscnn.compare import (CompareError, compare, load_compare_recipe, parse_data_arg,
+                                 write_compare)
+from compresscnn.errors import CompressError
+
+REQUIRED = ("model", "params", "macs", "onnx_bytes", "top1", "top1_source")
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    from compresscnn.data import CIFAR10_CLASSES
+
+    path = tmp_path_factory.mktemp("data") / "cifar.zip"
+    g = torch.Generator().manual_seed(0)
+    with zipfile.ZipFile(path, "w") as z:
+        for split in ("train", "test"):
+            for c in CIFAR10_CLASSES:
+                for i in range(2):
+                    arr = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
+                    b = io.BytesIO()
+                    Image.fromarray(arr.numpy()).save(b, "PNG")
+                    z.writestr(f"{split}/{c}/{i}.png", b.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A minimal run directory as `compresscnn run` writes it (recipe.yaml, weights, report)."""
+    from safetensors.torch import save_file
+
+    from compresscnn.models import load_model
+    from compresscnn.pipeline import exact_rules
+    from compresscnn.recipe import dump_resolved, validate
+    from compresscnn.surgery import compress
+
+    d = tmp_path_factory.mktemp("runs") / "tiny_alex"
+    d.mkdir()
+    spec = "cifar:alexnet?hidden=16"
+    model, p = compress(load_model(spec), [{"match": "classifier.*", "method": "svd", "rank": 4}],
+                        (3, 32, 32))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    dump_resolved(validate({"model": {"spec": spec}, "rules": exact_rules(p), "output": str(d),
+                            "finetune": {"enabled": False},
+                            "evaluate": {"baseline": False, "zero_shot": False}}),
+                  d / "recipe.yaml")
+    (d / "report.json").write_text(json.dumps(
+        {"compressed": {"top1": 30.0}, "finetuned": {"top1": 42.5, "top5": 90.0, "n": 100}}))
+    return d
+
+
+def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_dir: Path) -> None:
+    from safetensors.torch import save_file
+    from torchvision.models import get_model_weights
+
+    from compresscnn.models import load_model
+
+    w = tmp_path / "sq.safetensors"
+    save_file({k: v.contiguous() for k, v in load_model("cifar:squeezenet1_1").state_dict().items()},
+              str(w))
+    rows = compare(
+        ["torchvision:squeezenet1_1",
+         {"model": "cifar:squeezenet1_1", "weights": str(w), "label": "sq-cifar"},
+         str(run_dir)],
+        input_size=(3, 32, 32), data={"cifar10": {"root": str(fake_cifar)}},
+        latency_batches=(1, 2), threads=1, repeats=2, warmup=1, workdir=tmp_path / "onnx")
+    assert len(rows) == 3
+    for r in rows:
+        for k in REQUIRED:
+            assert k in r
+        assert r["onnx_bytes"] and r["onnx_bytes"] > 0
+        assert r["onnx_int8_bytes"] and r["onnx_int8_bytes"] < r["onnx_bytes"]
+        assert "QInt8" in r["int8_method"]
+        assert r["threads"] == 1
+        assert {"torch_b1", "ort_b1", "torch_b2", "ort_b2"} <= set(r["latency_ms"])
+    tv, measured, run = rows
+    # published accuracy comes from torchvision's metadata, never from a constant here
+    meta = get_model_weights("squeezenet1_1").DEFAULT.meta["_metrics"]["ImageNet-1K"]
+    assert tv["top1_source"] == "published" and tv["top1"] == pytest.approx(meta["acc@1"])
+    assert tv["params"] == 1_235_496
+    assert measured["top1_source"] == "measured" and measured["accuracy"]["n"] == 20
+    assert measured["model"] == "sq-cifar"
+    assert run["top1_source"] == "measured" and run["top1"] == 42.5 and run["kind"] == "run"
+    from compresscnn.models.alexnet_cifar import alexnet_cifar_param_count
+    assert run["params"] < alexnet_cifar_param_count(10, 16)
+
+    out = write_compare(rows, tmp_path / "out", title="tiny", json_path=tmp_path / "x.json")
+    png = out["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out["markdown"].read_text()
+    assert "published" in md and "measured" in md and "QInt8" in md and "thread" in md
+    data = json.loads((tmp_path / "x.json").read_text())
+    assert [d["model"] for d in data] == [r["model"] for r in rows]
+
+
+def test_untrained_has_no_accuracy_and_skips(tmp_path: Path) -> None:
+    rows = compare(["cifar:squeezenet1_0?sr=0.25"], onnx=False, latency=False,
+                   workdir=tmp_path)
+    r = rows[0]
+    assert r["top1"] is None and r["top1_source"] is None
+    assert r["onnx_bytes"] is None and r["latency_ms"] == {}
+    write_compare(rows, tmp_path / "o", title="t")
+    assert (tmp_path / "o" / "compare.png").is_file()
+
+
+def test_bad_entries_and_recipes(tmp_path: Path) -> None:
+    with pytest.raises(CompareError, match=r"compare\[0\]"):
+        compare(["alexnet"], workdir=tmp_path)
+    with pytest.raises(CompareError, match="unknown key"):
+        compare([{"model": "cifar:alexnet", "wieghts": "x"}], workdir=tmp_path)
+    with pytest.raises(CompareError, match="DATASET=PATH"):
+        parse_data_arg("imagenet")
+    rec = tmp_path / "r.yaml"
+    rec.write_text("compare: [cifar:alexnet]\nthreds: 2\n")
+    with pytest.raises(CompareError, match="threds.*did you mean 'threads'"):
+        load_compare_recipe(rec)
+    rec.write_text("compare: [cifar:alexnet]\nlatency_batches: [0]\n")
+    with pytest.raises(CompressError, match="latency_batches"):
+        load_compare_recipe(rec)
+    assert cli_main(["compare", "--recipe", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_shipped_recipes_validate() -> None:
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    cfg = load_compare_recipe(root / "squeezenet_vs_alexnet_imagenet.yaml")
+    assert cfg["latency_batches"] == [1, 32] and "imagenet" in cfg["data"]
+    assert len(cfg["compare"]) >= 10
+    from compresscnn.recipe import load_recipe
+
+    for f in sorted(root.glob("alexnet_imagenet_*.yaml")):
+        assert load_recipe(f)["model"]["spec"] == "torchvision:alexnet"
+
+
+def test_cli_compare(tmp_path: Path, capsys) -> None:
+    rc = cli_main(["compare", "cifar:squeezenet1_1", "--no-onnx", "--no-latency", "--quiet",
+                   "--out", str(tmp_path / "o"), "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "c.json").read_text())
+    assert rows[0]["params"] == 727_626 and rows[0]["onnx_bytes"] is None
+    assert (tmp_path / "o" / "compare.md").is_file() and (tmp_path / "o" / "compare.png").is_file()
