@@ -146,6 +146,15 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
 
     with Timer(timings, "apply"):
         compressed = apply(copy.deepcopy(model), p)
+    cal = recipe.get("calibration")
+    if cal and cal.get("bn_recalibrate"):
+        from .calibration import recalibrate_bn
+
+        with Timer(timings, "bn_recalibrate"):
+            batches = data_mod.calibration_batches(
+                {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
+                batch_size=cal["batch_size"])
+            report["bn_recalibrated_layers"] = recalibrate_bn(compressed, batches)
     comp_count = count(compressed, input_size)
     if comp_count["macs"] != p.macs_after or comp_count["params"] != p.params_after:
         raise RuntimeError(f"planned cost {p.params_after}/{p.macs_after} differs from the "

@@ -523,13 +523,11 @@ RULE_FIELDS: dict[str, Field] = {
     "round_to": Field(Int(1), 8,
                       "Round ranks to multiples of this where it costs little "
                       "(hardware-friendly channel counts); 1 turns rounding off."),
-    "objective": Field(Enum("macs", "latency"), "macs",
-                       "What a global `target` budget trades this rule's layers against."),
 }
 RULE_KEYS: tuple[str, ...] = tuple(RULE_FIELDS)
 #: at most one of these per rule (none only when a global ``target`` is set)
 POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
-TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
+TARGET_KEYS: tuple[str, ...] = ("macs", "params")
 
 SCHEMA = Section("The recipe.", {
     "name": Field(Nullable(_NAME), _COMPUTED,
@@ -584,18 +582,19 @@ SCHEMA = Section("The recipe.", {
                       "Center (eval) / random (train) crop size; `auto`: from the model's "
                       "input size; null: no crop."),
     }, presence="optional"),
-    "calibration": Section("Data-aware decomposition (activations from a few training "
-                           "batches). null or absent: off; `{}`: on with the defaults.", {
+    "calibration": Section("Calibration batches from the training split (no augmentation), "
+                           "used to re-estimate BatchNorm statistics after the layers are "
+                           "replaced. null or absent: off; `{}`: on with the defaults.", {
         "batches": Field(Int(1), 8, "Number of calibration batches."),
         "batch_size": Field(Int(1), 64, "Calibration batch size."),
-        "bn_recalibrate": Field(Bool(), False,
+        "bn_recalibrate": Field(Bool(), True,
                                 "Re-estimate BatchNorm running statistics after the layers "
                                 "are replaced."),
     }, presence="optional"),
     "rules": Field(Check(), _REQUIRED, "Which layers get which method and rank; see below."),
     "target": Field(Check(), None,
-                    "Global budget: null, or a mapping with exactly one of `macs`, `params`, "
-                    "`latency` set to the fraction (in (0, 1]) of the whole model's cost to "
+                    "Global budget: null, or a mapping with exactly one of `macs`, `params` "
+                    "set to the fraction (in (0, 1]) of the whole model's cost to "
                     "keep. Rules without a rank policy get their ranks from this budget.",
                     "null"),
     "finetune": Section("Fine-tuning of the compressed model, distilled from the original.", {
@@ -727,17 +726,17 @@ def _required(sec: Section) -> str:
 
 def validate_target(target: Any, source: str = "target", *, _ctx: _Ctx | None = None,
                     _path: KeyPath = ("target",)) -> dict | None:
-    """``None`` or ``{macs|params|latency: fraction}`` with exactly one key."""
+    """``None`` or ``{macs|params: fraction}`` with exactly one key."""
     ctx = _ctx or _Ctx(source)
     if target is None:
         return None
     if not isinstance(target, dict):
-        raise ctx.fail(_path, "expected null or a mapping with one of macs, params, latency "
+        raise ctx.fail(_path, "expected null or a mapping with one of macs, params "
                               f"(e.g. {{macs: 0.5}}), got {_show(target)}")
     _check_keys(target, TARGET_KEYS, _path, ctx)
     if len(target) != 1:
         got = " and ".join(target) if target else "none"
-        raise ctx.fail(_path, f"give exactly one of macs, params, latency (got {got})")
+        raise ctx.fail(_path, f"give exactly one of macs, params (got {got})")
     (key, v), = target.items()
     return {key: _check_field(Field(FRACTION, None, ""), v, _path + (key,), ctx)}
 
@@ -1310,7 +1309,6 @@ def reference_markdown() -> str:
         "|---|---|---|",
         "| `macs` | float in (0, 1] | multiply-accumulates of one forward pass |",
         "| `params` | float in (0, 1] | parameters |",
-        "| `latency` | float in (0, 1] | measured latency |",
         "",
         "## Cross-checks",
         "",

@@ -212,8 +212,8 @@ BAD = [
      "rules[0].macs", "expected a number in (0, 1], got 2"),
     ("round-to-zero", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, round_to: 0}\n",
      "rules[0].round_to", "expected an int > 0, got 0"),
-    ("objective", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, objective: speed}\n",
-     "rules[0].objective", "one of 'macs', 'latency'"),
+    ("objective", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, objective: latency}\n",
+     "rules[0].objective", "not an option of method svd"),
     ("two-policies", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, energy: 0.9}\n",
      "rules[0]", "give at most one of rank, energy, macs, params (got rank and energy)"),
     ("no-policy-no-target", RULE_HEAD + "  - {match: '*', method: svd}\n", "rules[0]",
@@ -244,7 +244,7 @@ BAD = [
     ("int-option-bool", RULE_HEAD + "  - {match: '*', method: cp, rank: 4, n_iter: yes}\n",
      "rules[0].n_iter", "expected an int, got true"),
     ("target-two-keys", GOOD + "target: {macs: 0.5, params: 0.5}\n", "target",
-     "give exactly one of macs, params, latency (got macs and params)"),
+     "give exactly one of macs, params (got macs and params)"),
     ("target-empty", GOOD + "target: {}\n", "target", "(got none)"),
     ("target-scalar", GOOD + "target: 0.5\n", "target", "expected null or a mapping"),
     ("target-unknown-key", GOOD + "target: {flops: 0.5}\n", "target.flops", "unknown key"),
@@ -359,7 +359,7 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert r["calibration"] is None and r["target"] is None
     assert r["rules"] == [{"match": ["layer*.*.conv2"], "exclude": [], "method": "tucker2",
                            "rank": 0.5, "energy": None, "macs": None, "params": None,
-                           "round_to": 8, "objective": "macs"}]
+                           "round_to": 8}]
     ft = r["finetune"]
     assert ft["lr"] == 0.01 and ft["weight_decay"] == 5e-4 and ft["amp"] == "auto"
     assert ft["distill"] == {"enabled": True, "temperature": 4.0, "alpha": 0.9}
@@ -391,7 +391,7 @@ def test_rules_forms_and_method_options(tmp_path):
       - {match: ["b.*", "c.*"], method: fire, params: 0.5, squeeze_ratio: 1e-1, pct3x3: 1,
          relu: false}
       - {match: "d", method: cp, rank: full, n_iter: 10, round_to: 1}
-      - {match: "e", method: svd, rank: evbmf, objective: latency}
+      - {match: "e", method: svd, rank: evbmf}
       - {match: "f", method: svd, energy: 0.95}
       - {match: "g", method: spatial, rank: 5e-1}
     """)
@@ -401,7 +401,7 @@ def test_rules_forms_and_method_options(tmp_path):
     assert rules[1]["match"] == ["b.*", "c.*"] and rules[1]["params"] == 0.5
     assert R.rule_options(rules[1]) == {"squeeze_ratio": 0.1, "pct3x3": 1.0, "relu": False}
     assert rules[2]["rank"] == "full" and rules[2]["n_iter"] == 10 and rules[2]["round_to"] == 1
-    assert rules[3]["rank"] == "evbmf" and rules[3]["objective"] == "latency"
+    assert rules[3]["rank"] == "evbmf"
     assert rules[4]["energy"] == 0.95 and rules[4]["rank"] is None
     assert rules[5]["rank"] == 0.5
     assert list(rules[0])[: len(R.RULE_KEYS)] == list(R.RULE_KEYS)
@@ -536,7 +536,7 @@ def test_overrides_apply(tmp_path, _cwd):
                           "finetune.distill.alpha=0.5", "output=elsewhere"])
     assert r["finetune"]["epochs"] == 3 and r["seed"] == 7
     assert r["rules"][0]["rank"] == [8, 16] and r["rules"][0]["hooi"] is True
-    assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": False}
+    assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": True}
     assert r["target"] == {"macs": 0.5} and r["finetune"]["distill"]["alpha"] == 0.5
     assert r["output"] == str(_cwd / "elsewhere")
 

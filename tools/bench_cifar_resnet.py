@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--test-subset", type=int, default=None)
-    ap.add_argument("--no-distill", action="store_true")
+    ap.add_argument("--no-distill", action="store_true", help="plain cross-entropy fine-tuning")
+    ap.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, required=True)
@@ -80,6 +81,7 @@ def main() -> None:
         t0 = time.time()
         row: dict = {"model": args.model, "config": cfg, "epochs": args.epochs,
                      "distill": not args.no_distill, "seed": args.seed,
+                     "alpha": None if args.no_distill else args.alpha,
                      "target_macs": args.macs, "uniform": args.uniform}
         if cfg == "dense":
             model = copy.deepcopy(original)
@@ -110,7 +112,7 @@ def main() -> None:
                              epochs=max(1, int(round(args.epochs))), max_steps=steps,
                              lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine",
                              distill={"enabled": not args.no_distill, "temperature": 4.0,
-                                      "alpha": 0.9},
+                                      "alpha": args.alpha},
                              device="cpu", seed=args.seed, progress=False)
             model.eval()
             ft = evaluate(model, test_loader, reference=original, progress=False)
@@ -123,7 +125,8 @@ def main() -> None:
         results = [r for r in results if not (r["config"] == cfg and r["model"] == args.model
                                                and r["target_macs"] == args.macs
                                                and r["uniform"] == args.uniform
-                                               and r["epochs"] == args.epochs)]
+                                               and r["epochs"] == args.epochs
+                                               and r.get("alpha") == row["alpha"])]
         results.append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

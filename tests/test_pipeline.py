@@ -1,0 +1,86 @@
+"""End to end on real data: cifar:resnet20 with the shared weights, a 1,000-image test
+subset and a few fine-tuning steps; plus the run directory's contract."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compresscnn.cli import main
+from compresscnn.pipeline import load_compressed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def resnet20_recipe(shared_data, tmp_path):
+    text = (REPO / "recipes" / "resnet20_tucker2_cifar10.yaml").read_text()
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.shared
+def test_run_resnet20_end_to_end(resnet20_recipe, shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
+    out = tmp_path / "run"
+    args = ["run", str(resnet20_recipe), "--out", str(out), "--quiet",
+            "--set", "data.test_subset=1000", "--set", "data.train_subset=1024",
+            "--set", "finetune.max_steps=4", "--set", "report.latency_batch=[1]",
+            "--set", "calibration={batches: 2, batch_size: 64}"]
+    assert main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("baseline", "compressed", "finetuned"):
+        assert set(rep[key]) >= {"top1", "top5", "params", "macs"}
+    assert rep["baseline"]["n"] == 1000
+    assert 70 < rep["baseline"]["top1"] < 95  # the JPEG copy scores ~81% on the full set
+    ratio = rep["compressed"]["macs"] / rep["baseline"]["macs"]
+    assert 0.49 <= ratio <= 0.5
+    assert rep["onnx"]["max_abs_diff"] < 1e-3 and rep["onnx"]["bytes"] > 0
+    assert {"path", "bytes", "max_abs_diff"} <= set(rep["onnx"])
+    assert any(r["method"] == "tucker2" and r["rank"] for r in rep["layers"])
+    assert rep["bn_recalibrated_layers"] == 19
+    for stage in ("load_model", "plan", "apply", "finetune", "export_onnx"):
+        assert stage in rep["timings"]
+    assert (out / "report.md").read_text().count("|") > 20
+    assert not (out.parent / "run.partial").exists()
+
+    # load_compressed rebuilds the architecture from recipe.yaml and loads the weights
+    model = load_compressed(out)
+    saved = load_file(str(out / "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k])
+    import onnxruntime as ort
+    x = torch.randn(3, 3, 32, 32)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    y_onnx = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        y = model(x)
+    assert abs(y.numpy() - y_onnx).max() < 1e-3
+
+    # an existing run directory is not overwritten without --overwrite
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]
+
+
+@pytest.mark.shared
+def test_dry_run_prints_plan_and_writes_nothing(resnet20_recipe, shared_data, tmp_path,
+                                                monkeypatch, capsys):
+    monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
+    out = tmp_path / "dry"
+    assert main(["run", str(resnet20_recipe), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "layer1.0.conv1" in text and "tucker2" in text and "MACs" in text
+    assert not out.exists() and not (tmp_path / "dry.partial").exists()
+
+
+def test_demo_recipe_dry_run(capsys):
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
+    assert main(["run", str(REPO / "recipes" / "demo.yaml"), "--dry-run"]) == 0
+    assert "fc1" in capsys.readouterr().out

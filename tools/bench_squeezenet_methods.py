@@ -1,0 +1,80 @@
+"""SqueezeNet 1.1 (ImageNet, shared weights): each method at a global MAC budget, zero-shot.
+
+Top-1 / top-5 on ../shared/data/imagenet-val500.zip (500 genuine validation images, fed
+as-is at 224x224) and agreement with the uncompressed model's top-1 predictions.
+
+    python tools/bench_squeezenet_methods.py --macs 0.667 --json results/squeezenet_methods.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from compresscnn.counting import count
+from compresscnn.data import make_loaders
+from compresscnn.errors import CompressError
+from compresscnn.evaluate import evaluate
+from compresscnn.models import load_model
+from compresscnn.surgery import apply, plan
+
+SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
+                             Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", nargs="+", default=["tucker2", "cp", "spatial", "fire", "svd"])
+    ap.add_argument("--macs", type=float, default=2 / 3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model("torchvision:squeezenet1_1",
+                       str(SHARED / "weights" / "imagenet-squeezenet1_1" / "squeezenet1_1.pth"))
+    size = tuple(model.pretrained_cfg["input_size"])
+    data = {"dataset": "imagenet", "root": str(SHARED / "imagenet-val500.zip"),
+            "test_split": "val", "resize": None, "crop": None, "eval_batch_size": 100}
+    _, test = make_loaders(data, model.pretrained_cfg, train=False)
+    base = count(model, size)
+    rows = []
+    r0 = evaluate(model, test, progress=False)
+    rows.append({"method": "dense", **base, "macs_ratio": 1.0, "top1": r0["top1"],
+                 "top5": r0["top5"], "agreement": 100.0})
+    print(f"dense: top1 {r0['top1']:.1f} top5 {r0['top5']:.1f}", flush=True)
+    for method in args.methods:
+        # the classifier (a 1x1 conv to 1000 classes) stays dense: it is 1/4 of the params
+        rules = [{"match": "features.*", "method": method}]
+        t0 = time.time()
+        try:
+            p = plan(model, rules, size, target={"macs": args.macs})
+        except CompressError as e:
+            rows.append({"method": method, "error": str(e)})
+            print(f"{method}: {e}", flush=True)
+            continue
+        m = apply(copy.deepcopy(model), p)
+        secs = time.time() - t0
+        c = count(m, size)
+        r = evaluate(m, test, reference=model, progress=False)
+        row = {"method": method, **c, "macs_ratio": base["macs"] / c["macs"],
+               "params_ratio": base["params"] / c["params"], "top1": r["top1"],
+               "top5": r["top5"], "agreement": r["agreement"],
+               "layers": len(p.ranks()), "decompose_s": round(secs, 1)}
+        rows.append(row)
+        print(f"{method}: MACs x{row['macs_ratio']:.2f} top1 {r['top1']:.1f} top5 {r['top5']:.1f} "
+              f"agreement {r['agreement']:.1f}", flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
+            f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
