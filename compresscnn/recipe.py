@@ -582,11 +582,19 @@ SCHEMA = Section("The recipe.", {
                       "Center (eval) / random (train) crop size; `auto`: from the model's "
                       "input size; null: no crop."),
     }, presence="optional"),
-    "calibration": Section("Calibration batches from the training split (no augmentation), "
-                           "used to re-estimate BatchNorm statistics after the layers are "
-                           "replaced. null or absent: off; `{}`: on with the defaults.", {
+    "calibration": Section("Data-aware decomposition: calibration batches from the training "
+                           "split (no augmentation) on which each replaced layer is fitted to "
+                           "the original layer's output, and BatchNorm statistics are "
+                           "re-estimated. null or absent: off (data-free); `{}`: on with the "
+                           "defaults.", {
         "batches": Field(Int(1), 8, "Number of calibration batches."),
         "batch_size": Field(Int(1), 64, "Calibration batch size."),
+        "reconstruct": Field(Bool(), True,
+                             "Fit each replacement to the original layer's output on the "
+                             "compressed model's own input (asymmetric response "
+                             "reconstruction, Zhang et al. 2015), layer by layer."),
+        "steps": Field(Int(1), 300, "Adam steps per layer for `reconstruct`."),
+        "lr": Field(Float(0.0, lo_open=True), 3e-3, "Adam learning rate for `reconstruct`."),
         "bn_recalibrate": Field(Bool(), True,
                                 "Re-estimate BatchNorm running statistics after the layers "
                                 "are replaced."),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -234,7 +234,10 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
             w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
             budget_items.append((BudgetItem(name, cands, weight=w), rep))
             continue
-        r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
+        try:
+            r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
+        except RankError as e:  # name the rule and the layer, not only the layer's shape
+            raise RankError(f"rules[{i}] ({name}): {e}") from None
         p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
         rep.rank, rep.policy = list(r), how
         rep.params_after, rep.macs_after = p1, m1 * info.tokens
@@ -294,13 +297,44 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
 
 
 def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
-             target: dict[str, float] | None = None) -> tuple[nn.Module, Plan]:
+             target: dict[str, float] | None = None,
+             calibration: Iterable[torch.Tensor] | None = None,
+             reconstruct_steps: int = 300, reconstruct_lr: float = 3e-3,
+             bn_recalibrate: bool = True) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
 
     Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
     ``rules:`` in a recipe (``match``, ``method``, ``rank`` / ``energy`` / ``macs`` /
-    ``params``, ``round_to``, method options).
+    ``params``, ``round_to``, method options). With ``calibration`` (an iterable of input
+    batches), each replaced layer is then fitted to the original layer's output
+    (``compresscnn.calibration.reconstruct_outputs``) and BatchNorm statistics are
+    re-estimated; the measured output errors go into each plan row's ``fit``.
     """
     p = plan(model, rules, input_size, target=target)
     new = apply(copy.deepcopy(model), p)
+    if calibration is not None:
+        refine(model, new, p, calibration, reconstruct=True, steps=reconstruct_steps,
+               lr=reconstruct_lr, bn_recalibrate=bn_recalibrate)
     return new, p
+
+
+def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
+           calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
+           lr: float = 3e-3, bn_recalibrate: bool = True) -> int:
+    """Data-aware step after ``apply``: fit each replaced layer to the original's output
+    and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
+    ``(input, label)`` pairs). Records the measured output errors in each plan row's
+    ``fit``; returns the number of BatchNorm layers re-estimated."""
+    from .calibration import recalibrate_bn, reconstruct_outputs
+
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+    if reconstruct:
+        fits = reconstruct_outputs(original, compressed, list(plan_.ranks()), batches,
+                                   steps=steps, lr=lr)
+        for rep in plan_.replacements:
+            if rep.name in fits:
+                rep.fit["output_error_data_free"] = fits[rep.name]["before"]
+                rep.fit["output_error"] = fits[rep.name]["after"]
+    n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
+    compressed.eval()
+    return n

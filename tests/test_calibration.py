@@ -19,3 +19,30 @@ def test_recalibrate_bn_matches_batch_statistics():
 
 def test_no_bn_is_a_no_op():
     assert recalibrate_bn(nn.Linear(2, 2), [torch.randn(1, 2)]) == 0
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def test_reconstruct_lowers_output_error_and_keeps_input_model():
+    from compresscnn import compress
+    from compresscnn.calibration import _capture
+
+    m = _net()
+    x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
+    rules = [{"match": "3", "method": "tucker2", "rank": [3, 3]},
+             {"match": "7", "method": "svd", "rank": 2}]
+    free, _ = compress(m, rules, (3, 12, 12))
+    aware, p = compress(m, rules, (3, 12, 12), calibration=x, reconstruct_steps=100)
+    for row in p.replacements:
+        assert row.fit["output_error"] <= row.fit["output_error_data_free"]
+    assert p.replacements[0].fit["output_error"] < 0.9 * p.replacements[0].fit[
+        "output_error_data_free"]
+    with torch.no_grad():
+        y, yf, ya = m(x[0]), free(x[0]), aware(x[0])
+    assert (ya - y).norm() < (yf - y).norm()
+    assert len(_capture(m, "3", x, "in")) == 3 and not aware.training

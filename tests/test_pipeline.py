@@ -30,7 +30,7 @@ def test_run_resnet20_end_to_end(resnet20_recipe, shared_data, tmp_path, monkeyp
     args = ["run", str(resnet20_recipe), "--out", str(out), "--quiet",
             "--set", "data.test_subset=1000", "--set", "data.train_subset=1024",
             "--set", "finetune.max_steps=4", "--set", "report.latency_batch=[1]",
-            "--set", "calibration={batches: 2, batch_size: 64}"]
+            "--set", "calibration={batches: 2, batch_size: 64, steps: 20}"]
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
     for key in ("baseline", "compressed", "finetuned"):
@@ -43,7 +43,7 @@ def test_run_resnet20_end_to_end(resnet20_recipe, shared_data, tmp_path, monkeyp
     assert {"path", "bytes", "max_abs_diff"} <= set(rep["onnx"])
     assert any(r["method"] == "tucker2" and r["rank"] for r in rep["layers"])
     assert rep["bn_recalibrated_layers"] == 19
-    for stage in ("load_model", "plan", "apply", "finetune", "export_onnx"):
+    for stage in ("load_model", "plan", "apply", "calibrate", "finetune", "export_onnx"):
         assert stage in rep["timings"]
     assert (out / "report.md").read_text().count("|") > 20
     assert not (out.parent / "run.partial").exists()

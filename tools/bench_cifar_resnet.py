@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from compresscnn.counting import count
-from compresscnn.data import make_loaders
+from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.evaluate import evaluate
 from compresscnn.finetune import finetune
 from compresscnn.models import load_model
-from compresscnn.surgery import apply, plan
+from compresscnn.surgery import apply, plan, refine
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--test-subset", type=int, default=None)
     ap.add_argument("--no-distill", action="store_true", help="plain cross-entropy fine-tuning")
     ap.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
+                    help="data-aware: fit each layer to the original's output on this many "
+                         "batches of 64 training images (0: data-free)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, required=True)
@@ -82,7 +85,8 @@ def main() -> None:
         row: dict = {"model": args.model, "config": cfg, "epochs": args.epochs,
                      "distill": not args.no_distill, "seed": args.seed,
                      "alpha": None if args.no_distill else args.alpha,
-                     "target_macs": args.macs, "uniform": args.uniform}
+                     "target_macs": args.macs, "uniform": args.uniform,
+                     "calibrate": args.calibrate}
         if cfg == "dense":
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
@@ -95,6 +99,10 @@ def main() -> None:
                 rules[0]["macs"] = args.macs
             p = plan(original, rules, input_size, target=target)
             model = apply(copy.deepcopy(original), p)
+            if args.calibrate:
+                cal = calibration_batches(data_cfg, original.pretrained_cfg, args.calibrate,
+                                          batch_size=64)
+                refine(original, model, p, cal)
             c = count(model, input_size)
             row.update(c)
             row["ranks"] = p.ranks()
@@ -126,7 +134,8 @@ def main() -> None:
                                                and r["target_macs"] == args.macs
                                                and r["uniform"] == args.uniform
                                                and r["epochs"] == args.epochs
-                                               and r.get("alpha") == row["alpha"])]
+                                               and r.get("alpha") == row["alpha"]
+                                               and r.get("calibrate", 0) == args.calibrate)]
         results.append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from compresscnn.counting import count
-from compresscnn.data import make_loaders
+from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.errors import CompressError
 from compresscnn.evaluate import evaluate
 from compresscnn.models import load_model
-from compresscnn.surgery import apply, plan
+from compresscnn.surgery import apply, plan, refine
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -33,6 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=["tucker2", "cp", "spatial", "fire", "svd"])
     ap.add_argument("--macs", type=float, default=2 / 3)
+    ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
+                    help="data-aware: fit each layer to the original's output on this many "
+                         "batches of 32 images of imagenet-train1000.zip (0: data-free)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -44,6 +47,11 @@ def main() -> None:
             "test_split": "val", "resize": None, "crop": None, "eval_batch_size": 100}
     _, test = make_loaders(data, model.pretrained_cfg, train=False)
     base = count(model, size)
+    cal = None
+    if args.calibrate:
+        cal_cfg = {"dataset": "imagenet", "root": str(SHARED / "imagenet-train1000.zip"),
+                   "train_split": "train", "resize": 256, "crop": 224, "seed": 0}
+        cal = calibration_batches(cal_cfg, model.pretrained_cfg, args.calibrate, batch_size=32)
     rows = []
     r0 = evaluate(model, test, progress=False)
     rows.append({"method": "dense", **base, "macs_ratio": 1.0, "top1": r0["top1"],
@@ -60,6 +68,8 @@ def main() -> None:
             print(f"{method}: {e}", flush=True)
             continue
         m = apply(copy.deepcopy(model), p)
+        if cal is not None:
+            refine(model, m, p, cal)
         secs = time.time() - t0
         c = count(m, size)
         r = evaluate(m, test, reference=model, progress=False)
@@ -71,7 +81,8 @@ def main() -> None:
         print(f"{method}: MACs x{row['macs_ratio']:.2f} top1 {r['top1']:.1f} top5 {r['top5']:.1f} "
               f"agreement {r['agreement']:.1f}", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
-            f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs}
+            f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs,
+            "calibrate_batches": args.calibrate}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
