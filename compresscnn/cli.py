@@ -2,11 +2,16 @@
 
 Exit codes: 0 success; 2 a problem with the user's input (one line on stderr naming what and
 where); 1 an internal error (a one-line summary; the traceback only with ``--debug``).
+
+``torchrun --nproc_per_node=N -m compresscnn run RECIPE`` fine-tunes with DDP: ``run`` sees
+the launcher's ``RANK``/``WORLD_SIZE`` and initialises the process group (NCCL when training
+on CUDA, with each process on the GPU ``LOCAL_RANK``; gloo on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -15,13 +20,40 @@ from typing import Sequence
 from .errors import CompressError
 
 
+def _init_distributed(device: str) -> bool:
+    """Initialise the default process group when launched by ``torchrun`` (``RANK`` and
+    ``WORLD_SIZE`` set); True when this call did it (the caller then destroys it)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    from .utils import resolve_device
+
+    if dist.is_initialized():
+        return False
+    if resolve_device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run
     from .recipe import load_recipe
+    from .utils import is_dist
 
     recipe = load_recipe(args.recipe, args.set or [])
+    owned = not args.dry_run and _init_distributed(recipe["finetune"]["device"])
     run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,
-        overwrite=args.overwrite, quiet=args.quiet, recipe_path=str(args.recipe))
+        overwrite=args.overwrite, quiet=args.quiet, recipe_path=str(args.recipe),
+        distributed=is_dist())
+    if owned:  # only after success: on a failure the other ranks may be inside a
+        import torch.distributed as dist  # collective, and torchrun ends them
+
+        dist.destroy_process_group()
     return 0
 
 

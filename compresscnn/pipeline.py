@@ -15,6 +15,12 @@ Run directory::
     model.safetensors                    the compressed weights (tensors only)
     model.onnx                           the ONNX export, checked in onnxruntime
     checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log
+    tb/                                  TensorBoard scalars (only with the ``tensorboard``
+                                         package and ``COMPRESSCNN_TENSORBOARD=1``)
+
+Under ``torchrun`` (``distributed=True``, the process group initialised by the caller) every
+rank loads the model, plans, evaluates (on its shard of the test set, all-reduced) and
+fine-tunes (DistributedSampler + DDP); only rank 0 creates and writes the run directory.
 """
 
 from __future__ import annotations
@@ -31,13 +37,26 @@ import torch
 from torch import nn
 
 from .counting import count
-from .errors import CompressError
-from .surgery import Plan, apply, plan
+from .errors import CompressError, MethodError, ModelError, RankError, RecipeError
+from .surgery import Plan, apply, plan, refine
 
 
 def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
+    if not quiet and _rank() == 0:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    from .utils import get_rank
+
+    return get_rank()
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def exact_rules(p: Plan) -> list[dict[str, Any]]:
@@ -60,30 +79,126 @@ def _input_size(recipe: dict[str, Any], model: nn.Module) -> tuple[int, ...]:
     return tuple(int(x) for x in size)
 
 
-def _stage_dirs(out: Path, resume: bool, overwrite: bool) -> Path:
-    """Check the output directory before anything runs; return the staging directory."""
+def _is_run_dir(path: Path) -> bool:
+    return (path / "report.json").is_file() or ((path / "recipe.yaml").is_file()
+                                                and (path / "model.safetensors").is_file())
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _stage_dirs(out: Path, resume: bool, overwrite: bool, weights: Any = None,
+                main: bool = True) -> Path:
+    """Check the output directory before anything runs; return the staging directory.
+
+    Every rank runs the checks; only ``main`` (rank 0) removes a stale staging directory.
+    """
     staging = out.with_name(out.name + ".partial")
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output {out}: exists and is not a directory")
     if out.exists() and not overwrite:
         raise CompressError(f"output {out}: already exists (use --overwrite to replace it, "
                             f"or --out for another directory)")
+    if out.exists() and not _is_run_dir(out) and any(out.iterdir()):
+        raise CompressError(f"output {out}: not a compresscnn run directory (no report.json); "
+                            f"refusing to replace it even with --overwrite")
+    if isinstance(weights, str) and Path(weights).expanduser().is_file():
+        w = Path(weights).expanduser()
+        for folder in (out, staging):
+            if _inside(w, folder):
+                raise CompressError(f"output {out}: would overwrite the input weights {w}; "
+                                    f"choose another --out")
     parent = out.parent if str(out.parent) else Path(".")
     probe = parent
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir():
+        raise CompressError(f"output {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise CompressError(f"output {out}: {probe} is not writable")
-    if staging.exists() and not resume:
-        shutil.rmtree(staging)
+    if main and staging.exists() and not staging.is_dir():  # rank 0 may be removing it
+        raise CompressError(f"output {out}: {staging} exists and is not a directory")
     if resume and not (staging / "checkpoints" / "last.pt").exists():
         raise CompressError(f"--resume: no checkpoint at {staging / 'checkpoints' / 'last.pt'}")
+    if staging.exists() and not resume and main:
+        shutil.rmtree(staging)
     return staging
+
+
+def _shard_eval_loader(loader: Any, max_batches: int | None) -> Any:
+    """Under DDP, each rank evaluates every ``world``-th image of the (first ``max_batches``
+    batches of the) test set, without padding, so the all-reduced counts are exact."""
+    from torch.utils.data import DataLoader
+
+    from .utils import get_rank, get_world_size
+
+    world, rank = get_world_size(), get_rank()
+    n = len(loader.dataset)
+    if max_batches is not None:
+        n = min(n, max_batches * int(loader.batch_size))
+    if n < world:  # too few images to shard: every rank sees all (counts scale by world)
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=list(range(rank, n, world)), num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+
+def _write_tensorboard(csv_path: Path, tb_dir: Path, quiet: bool) -> None:
+    """Copy the per-step CSV log into TensorBoard scalars when ``COMPRESSCNN_TENSORBOARD=1``
+    and the ``tensorboard`` package is installed; otherwise nothing."""
+    if os.environ.get("COMPRESSCNN_TENSORBOARD", "") not in ("1", "true", "yes") \
+            or not csv_path.is_file():
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        _log("[tensorboard] COMPRESSCNN_TENSORBOARD=1 but the tensorboard package is not "
+             "installed; skipped", quiet)
+        return
+    import csv
+
+    writer = SummaryWriter(log_dir=str(tb_dir))
+    try:
+        with csv_path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                for key in ("loss", "kd_loss", "ce_loss", "lr", "images_per_s"):
+                    if row.get(key):
+                        writer.add_scalar(f"finetune/{key}", float(row[key]), int(row["step"]))
+    finally:
+        writer.close()
 
 
 def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool = False,
         resume: bool = False, overwrite: bool = False, quiet: bool = False,
-        recipe_path: str | None = None) -> dict[str, Any]:
+        recipe_path: str | None = None, distributed: bool = False) -> dict[str, Any]:
     """Run a validated recipe (``compresscnn.recipe.load_recipe``). Returns the report dict
-    (or ``{"plan": plan}`` for a dry run, which writes nothing)."""
+    (or ``{"plan": plan}`` for a dry run, which writes nothing).
+
+    ``distributed``: the caller (``torchrun`` via the CLI) has initialised the process group;
+    every rank calls this and only rank 0 writes (see the module docstring).
+
+    A run that fails leaves nothing behind, except a ``<out>.partial`` that holds a
+    fine-tuning checkpoint (``--resume`` continues it)."""
+    staging = Path(out if out is not None else recipe["output"])
+    staging = staging.with_name(staging.name + ".partial")
+    try:
+        return _run(recipe, out=out, dry_run=dry_run, resume=resume, overwrite=overwrite,
+                    quiet=quiet, recipe_path=recipe_path, distributed=distributed)
+    except BaseException:
+        if _rank() == 0 and staging.is_dir() \
+                and not (staging / "checkpoints" / "last.pt").exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resume: bool,
+         overwrite: bool, quiet: bool, recipe_path: str | None,
+         distributed: bool) -> dict[str, Any]:
     from . import data as data_mod
     from .evaluate import evaluate, measure_latency
     from .export import export_onnx
@@ -91,37 +206,49 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
     from .models import load_model
     from .recipe import dump_resolved
     from .report import collect_versions, write_report
-    from .utils import Timer, seed_everything
+    from .utils import Timer, get_world_size, seed_everything
 
     timings: dict[str, float] = {}
+    where = f"{recipe_path}: " if recipe_path else ""
     seed_everything(int(recipe.get("seed", 0)))
     with Timer(timings, "load_model"):
-        model = load_model(recipe["model"]["spec"], recipe["model"].get("weights"))
+        try:
+            model = load_model(recipe["model"]["spec"], recipe["model"].get("weights"))
+        except ModelError as e:  # the spec or named weights (a file's errors name the file)
+            raise ModelError(f"{where}model: {e}") from None
         model.eval()
     input_size = _input_size(recipe, model)
     pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
 
     with Timer(timings, "plan"):
-        p = plan(model, recipe["rules"], input_size, target=recipe.get("target"))
+        try:
+            p = plan(model, recipe["rules"], input_size, target=recipe.get("target"))
+        except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
+            raise type(e)(f"{where}{e}") from None
     if dry_run:
-        print(p.summary())
+        if _rank() == 0:
+            print(p.summary())
         return {"plan": p}
     _log(p.summary(), quiet)
 
+    main = _rank() == 0
     out = Path(out if out is not None else recipe["output"])
-    staging = _stage_dirs(out, resume, overwrite)
+    staging = _stage_dirs(out, resume, overwrite, recipe["model"].get("weights"), main=main)
 
     ev, ft = recipe["evaluate"], recipe["finetune"]
     need_train = bool(ft["enabled"]) and (ft["epochs"] > 0 or ft.get("max_steps"))
     need_test = bool(ev["baseline"] or ev["zero_shot"] or need_train)
     train_loader = test_loader = None
     if recipe.get("data") and (need_train or need_test):
+        _log("[data] loading", quiet)
         with Timer(timings, "load_data"):
             train_loader, test_loader = data_mod.make_loaders(
                 {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg,
-                train=need_train, test=need_test)
+                train=need_train, test=need_test, distributed=distributed)
     progress = not quiet
     maxb = ev.get("max_batches")
+    if distributed and test_loader is not None:
+        test_loader, maxb = _shard_eval_loader(test_loader, maxb), None
     report: dict[str, Any] = {"name": recipe.get("name"), "recipe": recipe_path,
                               "model": recipe["model"]["spec"], "input_size": list(input_size),
                               "target": recipe.get("target"), "rules": recipe["rules"]}
@@ -147,14 +274,14 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
     with Timer(timings, "apply"):
         compressed = apply(copy.deepcopy(model), p)
     cal = recipe.get("calibration")
-    if cal and cal.get("bn_recalibrate"):
-        from .calibration import recalibrate_bn
-
-        with Timer(timings, "bn_recalibrate"):
-            batches = data_mod.calibration_batches(
-                {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
-                batch_size=cal["batch_size"])
-            report["bn_recalibrated_layers"] = recalibrate_bn(compressed, batches)
+    if cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")):
+        batches = data_mod.calibration_batches(
+            {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
+            batch_size=cal["batch_size"])
+        with Timer(timings, "calibrate"):
+            report["bn_recalibrated_layers"] = refine(
+                model, compressed, p, batches, reconstruct=cal["reconstruct"],
+                steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"])
     comp_count = count(compressed, input_size)
     if comp_count["macs"] != p.macs_after or comp_count["params"] != p.params_after:
         raise RuntimeError(f"planned cost {p.params_after}/{p.macs_after} differs from the "
@@ -164,9 +291,15 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
     else:
         report["compressed"] = {**comp_count, "top1": None, "top5": None}
 
-    staging.mkdir(parents=True, exist_ok=True)
+    if main:
+        staging.mkdir(parents=True, exist_ok=True)
+    _barrier(distributed)
     ft_stats = None
     if need_train and train_loader is not None:
+        _log(f"[finetune] {ft.get('max_steps') or ft['epochs']} "
+             f"{'steps' if ft.get('max_steps') else 'epochs'}"
+             + (f" on {get_world_size()} processes" if distributed else "")
+             + (" (resuming)" if resume else ""), quiet)
         with Timer(timings, "finetune"):
             ft_stats = finetune(
                 compressed, train_loader,
@@ -176,12 +309,28 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
                 schedule=ft["schedule"], warmup_steps=ft["warmup_steps"], distill=ft["distill"],
                 device=ft["device"], amp=ft["amp"], checkpoint_dir=staging / "checkpoints",
                 checkpoint_every=ft.get("checkpoint_every"), resume=resume,
-                log_every=ft["log_every"], seed=int(recipe.get("seed", 0)), progress=progress)
+                log_every=ft["log_every"], log_path=staging / "train_log.csv",
+                seed=int(recipe.get("seed", 0)), progress=progress)
+        ft_stats["world_size"] = get_world_size()
+        if distributed:  # DDP syncs gradients, not BatchNorm running stats: take rank 0's,
+            import torch.distributed as dist  # the ones it saves, so all ranks agree
+
+            for buf in compressed.buffers():
+                dist.broadcast(buf, 0)
+        _log(f"[finetune] {ft_stats['steps']} steps, final loss {ft_stats['final_loss']}, "
+             f"{ft_stats['images_per_s']:.1f} images/s", quiet)
         compressed = compressed.cpu().eval()
         stage("finetuned", compressed, comp_count, model)
     else:
         report["finetuned"] = None
+    if ft_stats:  # paths relative to the run directory (staging is renamed at the end)
+        ft_stats = {k: (os.path.relpath(v, staging) if isinstance(v, str)
+                        and v.startswith(str(staging)) else v) for k, v in ft_stats.items()}
     report["finetune"] = ft_stats
+    if not main:  # rank 0 writes the run; the others wait for it
+        _barrier(distributed)
+        return report
+    _write_tensorboard(staging / "train_log.csv", staging / "tb", quiet)
 
     # save weights and the exact recipe before exporting: they are what load_compressed needs
     from safetensors.torch import save_file
@@ -208,6 +357,7 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
         report["onnx"] = None
 
     if recipe["report"]["latency"]:
+        _log("[latency] timing the original and the compressed model", quiet)
         with Timer(timings, "latency"):
             lat = []
             thr = recipe["report"]["threads"]
@@ -229,6 +379,7 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
         shutil.rmtree(out)
     os.replace(staging, out)
     _log(f"wrote {out}", quiet)
+    _barrier(distributed)
     return report
 
 

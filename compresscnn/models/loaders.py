@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,12 +232,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 "torch.save's format with its end missing)"
             )
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": the error says it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             text = str(exc)
             if "unsupported operand" in text.lower() or "weights only load failed" not in text.lower():
                 raise CheckpointError(
-                    f"checkpoint {p} is corrupt (cannot unpickle: {_weights_only_detail(text)})"
+                    f"checkpoint {p} is corrupt or not a torch.save file (cannot unpickle with "
+                    f"weights_only=True: {_weights_only_detail(text)})"
                 ) from None
             glob = re.search(r"GLOBAL ([\w.]+)", text)
             what = f"it would call or build {glob.group(1)}" if glob else _weights_only_detail(text)
