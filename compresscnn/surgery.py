@@ -257,9 +257,10 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
             fixed -= getattr(rep, f"{key}_before")
         budget = int(frac * total) - fixed
         if budget <= 0:
-            raise RankError(f"target {key} {frac:g} cannot be reached: the layers no rule "
-                            f"budgets already need {fixed:,} of the {int(frac * total):,} "
-                            f"{key} allowed; widen the rules' match")
+            raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
+                            f"cannot touch (matched by no budgeted rule, or refused by its "
+                            f"method) already need {fixed:,} of the {int(frac * total):,} "
+                            f"{key} allowed")
         allocate([it for it, _ in budget_items], key, budget)
         for item, rep in budget_items:
             c = item.candidates[item.choice]
