@@ -353,3 +353,16 @@ def work_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as float64 (numerics run in double; results cast back)."""
     w = layer.weight.detach()
     return w.to(torch.float64) if w.device.type != "mps" else w.float()
+
+
+def split_axes(layer: nn.Conv2d) -> tuple[tuple[Any, Any, Any], tuple[Any, Any, Any]]:
+    """(stride, padding, dilation) of a k_h x 1 conv and of a 1 x k_w conv that together
+    carry ``layer``'s geometry (Jaderberg's scheme: the vertical conv takes the first
+    components, the horizontal one the second). String padding ('same'/'valid') applies
+    per axis as it is."""
+    (s0, s1), (d0, d1) = layer.stride, layer.dilation
+    if isinstance(layer.padding, str):
+        pv = ph = layer.padding
+    else:
+        pv, ph = (layer.padding[0], 0), (0, layer.padding[1])
+    return ((s0, 1), pv, (d0, 1)), ((1, s1), ph, (1, d1))

@@ -46,7 +46,7 @@ from torch import nn
 
 from . import _numerics as num
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options,
-                   register_decomposer, work_weight)
+                   register_decomposer, split_axes, work_weight)
 
 
 @register_decomposer("cp")
@@ -74,15 +74,11 @@ class CP(Decomposer):
 
     def _specs(self, layer: nn.Conv2d, r: int) -> list[ConvSpec]:
         kh, kw = layer.kernel_size
-        (s0, s1), (d0, d1) = layer.stride, layer.dilation
-        if isinstance(layer.padding, str):
-            pv = ph = layer.padding
-        else:
-            pv, ph = (layer.padding[0], 0), (0, layer.padding[1])
+        (sv, pv, dv), (sh, ph, dh) = split_axes(layer)
         mode = layer.padding_mode
         return [ConvSpec(layer.in_channels, r),
-                ConvSpec(r, r, (kh, 1), (s0, 1), pv, (d0, 1), r, padding_mode=mode),
-                ConvSpec(r, r, (1, kw), (1, s1), ph, (1, d1), r, padding_mode=mode),
+                ConvSpec(r, r, (kh, 1), sv, pv, dv, r, padding_mode=mode),
+                ConvSpec(r, r, (1, kw), sh, ph, dh, r, padding_mode=mode),
                 ConvSpec(r, layer.out_channels, bias=layer.bias is not None)]
 
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,

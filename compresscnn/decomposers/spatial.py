@@ -35,7 +35,7 @@ from torch import nn
 
 from . import _numerics as num
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options, fit_info,
-                   register_decomposer, work_weight)
+                   register_decomposer, split_axes, work_weight)
 
 
 @register_decomposer("spatial")
@@ -62,15 +62,11 @@ class Spatial(Decomposer):
     def _specs(self, layer: nn.Conv2d, r: int) -> list[ConvSpec]:
         g = layer.groups
         kh, kw = layer.kernel_size
-        (s0, s1), (d0, d1) = layer.stride, layer.dilation
-        if isinstance(layer.padding, str):
-            pv = ph = layer.padding
-        else:
-            pv, ph = (layer.padding[0], 0), (0, layer.padding[1])
+        (sv, pv, dv), (sh, ph, dh) = split_axes(layer)
         mode = layer.padding_mode
-        return [ConvSpec(layer.in_channels, g * r, (kh, 1), (s0, 1), pv, (d0, 1), g,
+        return [ConvSpec(layer.in_channels, g * r, (kh, 1), sv, pv, dv, g,
                          padding_mode=mode),
-                ConvSpec(g * r, layer.out_channels, (1, kw), (1, s1), ph, (1, d1), g,
+                ConvSpec(g * r, layer.out_channels, (1, kw), sh, ph, dh, g,
                          bias=layer.bias is not None, padding_mode=mode)]
 
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
