@@ -1,8 +1,9 @@
 """Time to decompose every convolution of VGG-16 and ResNet-50, per method.
 
 Random weights (time does not depend on the values much; CP-ALS iterations may), one
-thread, rank about C/4 (``scale_rank(0.25)``), with the relative reconstruction error of
-each layer averaged.
+thread, rank about C/4: Tucker-2 (C_in/4, C_out/4), every other method min(C_in, C_out)/4
+(CP's R, spatial's R, Fire's squeeze width), with the relative reconstruction error of each
+layer averaged.
 
     python tools/bench_decompose_time.py --json results/decompose_time.json
 """
@@ -21,6 +22,16 @@ import torchvision
 from torch import nn
 
 from compresscnn.decomposers import get_decomposer
+
+
+def quarter_rank(dec, m: nn.Conv2d, fraction: float) -> tuple[int, ...]:
+    """Rank ~ fraction * channels, clipped to the method's maximum."""
+    full = dec.max_rank(m)
+    if dec.name == "tucker2":
+        want = (m.in_channels // m.groups, m.out_channels // m.groups)
+    else:
+        want = (min(m.in_channels, m.out_channels),)
+    return tuple(max(1, min(f, int(w * fraction))) for w, f in zip(want, full))
 
 
 def main() -> None:
@@ -43,7 +54,7 @@ def main() -> None:
             errs = []
             t0 = time.perf_counter()
             for _, m in taken:
-                new = dec.decompose(m, dec.scale_rank(m, args.fraction))
+                new = dec.decompose(m, quarter_rank(dec, m, args.fraction))
                 errs.append(float(new.fit_info["rel_error"]))
             secs = time.perf_counter() - t0
             row = {"model": name, "method": method, "layers": len(taken),
