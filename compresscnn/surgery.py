@@ -22,8 +22,7 @@ from .decomposers import get_decomposer
 from .decomposers.base import layer_cost
 from .errors import RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
-
-from .recipe import POLICY_KEYS as _RANK_KEYS  # noqa: E402
+from .recipe import POLICY_KEYS as _RANK_KEYS
 
 
 @dataclass

@@ -91,12 +91,9 @@ def main() -> None:
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
         else:
+            # --uniform: the same MAC fraction for every layer instead of the global budget
             rules = rules_for(cfg, args.macs if args.uniform else None)
             target = None if args.uniform else {"macs": args.macs}
-            if args.uniform:
-                # a uniform per-layer fraction reaching the same whole-model fraction: the
-                # 3x3 convs carry all MACs but the stem's and the classifier's
-                rules[0]["macs"] = args.macs
             p = plan(original, rules, input_size, target=target)
             model = apply(copy.deepcopy(original), p)
             if args.calibrate:

@@ -39,12 +39,20 @@ def cifar(files: list[str]) -> None:
               f"| {_f(r.get('finetuned_agreement'))} | {r['date']} |")
 
 
-def squeeze(f: str) -> None:
+def _load(f: str) -> dict | None:
+    """A results file with its meta line printed, or None when it was not produced."""
     p = R / f
     if not p.exists():
-        return
+        return None
     d = json.loads(p.read_text())
     print(f"\n`{f}`: {d['meta']}\n")
+    return d
+
+
+def squeeze(f: str) -> None:
+    d = _load(f)
+    if d is None:
+        return
     print("| method | MACs fewer | params fewer | top-1 | top-5 | agreement |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in d["rows"]:
@@ -56,11 +64,9 @@ def squeeze(f: str) -> None:
 
 
 def decompose_time(f: str) -> None:
-    p = R / f
-    if not p.exists():
+    d = _load(f)
+    if d is None:
         return
-    d = json.loads(p.read_text())
-    print(f"\n`{f}`: {d['meta']}\n")
     print("| model | method | convs decomposed | seconds | mean rel. error |")
     print("|---|---|---:|---:|---:|")
     for r in d["rows"]:

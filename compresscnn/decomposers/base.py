@@ -219,10 +219,6 @@ def decompose(layer: nn.Module, method: str, rank: Any = "full", **options: Any)
     return dec.decompose(layer, r, **options)
 
 
-def rank_as_list(rank: Sequence[int]) -> list[int]:
-    return [int(r) for r in rank]
-
-
 # ---------------------------------------------------------------------------------------
 # Helpers shared by the implementations (added with the methods; nothing above changed).
 # A decomposer describes the convs it will build as ConvSpecs, so that ``cost`` and
