@@ -341,13 +341,10 @@ def measure_latency(
             path = Path(model_or_onnx_path)
             if not path.is_file():
                 raise FileNotFoundError(f"ONNX file not found: {path}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        from .latency import ort_session_options
+
+        sess = ort.InferenceSession(str(path), ort_session_options(threads),
+                                    providers=["CPUExecutionProvider"])
         feed = {sess.get_inputs()[0].name: x.numpy()}
         times = _time_calls(lambda: sess.run(None, feed), warmup, repeats)
     info["device"] = "cpu"
@@ -371,31 +368,16 @@ def layer_latency(
     Returns ``{name: {"median_ms", ..., "input_shape"}}``. Only the first positional tensor
     input of each module is recorded (true for Conv/Linear/Sequential blocks).
     """
+    from .latency import record_inputs
+
     mods = dict(model.named_modules())
-    missing = [n for n in names if n not in mods]
-    if missing:
-        raise KeyError(f"no submodule(s) {missing} in {type(model).__name__}")
     dev = _model_device(model) or torch.device("cpu")
-    recorded: dict[str, torch.Tensor] = {}
-    handles = []
-    for n in names:
-        def hook(mod, args, _n=n):
-            if _n not in recorded and args and isinstance(args[0], torch.Tensor):
-                recorded[_n] = args[0].detach().clone()
-        handles.append(mods[n].register_forward_pre_hook(hook))
     x = torch.randn((int(batch), *input_shape), generator=torch.Generator().manual_seed(seed)).to(dev)
-    try:
-        with _eval_mode(model), torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    recorded = record_inputs(model, names, x)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     out: dict[str, dict[str, Any]] = {}
     with num_threads(threads), _eval_mode(model), torch.inference_mode():
         for n in names:
-            if n not in recorded:
-                raise RuntimeError(f"submodule {n!r} was not called in the forward pass")
             inp = recorded[n]
             times = _time_calls(lambda: mods[n](inp), warmup, repeats, sync)
             out[n] = {

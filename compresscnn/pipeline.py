@@ -69,6 +69,12 @@ def exact_rules(p: Plan) -> list[dict[str, Any]]:
     return rules
 
 
+def _latency_planned(recipe: dict[str, Any]) -> bool:
+    target = recipe.get("target") or {}
+    return "latency" in target or any(r.get("objective") == "latency"
+                                      for r in recipe.get("rules") or [])
+
+
 def _input_size(recipe: dict[str, Any], model: nn.Module) -> tuple[int, ...]:
     size = recipe["model"].get("input_size")
     if size is None:
@@ -222,7 +228,14 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
 
     with Timer(timings, "plan"):
         try:
-            p = plan(model, recipe["rules"], input_size, target=recipe.get("target"))
+            if distributed and _latency_planned(recipe):
+                raise RecipeError("latency-aware planning (objective: latency / target: "
+                                  "latency) times layers on one process; under torchrun the "
+                                  "processes would measure different plans. Run it once "
+                                  "without torchrun, then fine-tune its run directory's "
+                                  "recipe.yaml (exact ranks) with torchrun")
+            p = plan(model, recipe["rules"], input_size, target=recipe.get("target"),
+                     latency=recipe.get("latency"))
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{where}{e}") from None
     if dry_run:
@@ -282,6 +295,16 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             report["bn_recalibrated_layers"] = refine(
                 model, compressed, p, batches, reconstruct=cal["reconstruct"],
                 steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"])
+    if p.latency_config is not None:
+        from .latency import ensure_not_slower
+
+        with Timer(timings, "latency_check"):
+            chk = ensure_not_slower(model, compressed, p, p.latency_config)
+        _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} ms, "
+             f"compressed {chk['compressed_ms']:.3g} ms"
+             + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
+             quiet)
+        report["latency_plan"] = p.latency
     comp_count = count(compressed, input_size)
     if comp_count["macs"] != p.macs_after or comp_count["params"] != p.params_after:
         raise RuntimeError(f"planned cost {p.params_after}/{p.macs_after} differs from the "

@@ -204,6 +204,7 @@ class Candidate:
     params: int
     macs: int
     error: float
+    latency: float | None = None   # measured ms (latency-aware planning only)
 
 
 @dataclass
@@ -266,9 +267,10 @@ def allocate(items: list[BudgetItem], key: str, budget: int) -> None:
     total = sum(cost(it, it.choice) for it in items)
     minimum = sum(min(cost(it, j) for j in range(len(it.candidates))) for it in items)
     if minimum > budget:
+        unit = (lambda v: f"{v:.3g} ms") if key == "latency" else (lambda v: f"{v:,} {key}")
         raise RankError(f"the {key} target cannot be reached by the rules' layers: their "
-                        f"cheapest ranks still need {minimum:,} {key} against a budget of "
-                        f"{budget:,}")
+                        f"cheapest ranks still need {unit(minimum)} against a budget of "
+                        f"{unit(budget)}")
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int) -> None:

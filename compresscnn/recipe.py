@@ -523,11 +523,16 @@ RULE_FIELDS: dict[str, Field] = {
     "round_to": Field(Int(1), 8,
                       "Round ranks to multiples of this where it costs little "
                       "(hardware-friendly channel counts); 1 turns rounding off."),
+    "objective": Field(Nullable(Enum("macs", "latency")), None,
+                       "`latency`: time this rule's layers and candidate ranks on the "
+                       "`latency` section's runtime and keep only decompositions measurably "
+                       "faster than the dense layer (a layer where none is stays dense); "
+                       "null/`macs`: plan on MAC counts. A `latency` target implies it."),
 }
 RULE_KEYS: tuple[str, ...] = tuple(RULE_FIELDS)
 #: at most one of these per rule (none only when a global ``target`` is set)
 POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
-TARGET_KEYS: tuple[str, ...] = ("macs", "params")
+TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
 
 SCHEMA = Section("The recipe.", {
     "name": Field(Nullable(_NAME), _COMPUTED,
@@ -601,10 +606,24 @@ SCHEMA = Section("The recipe.", {
     }, presence="optional"),
     "rules": Field(Check(), _REQUIRED, "Which layers get which method and rank; see below."),
     "target": Field(Check(), None,
-                    "Global budget: null, or a mapping with exactly one of `macs`, `params` "
-                    "set to the fraction (in (0, 1]) of the whole model's cost to "
-                    "keep. Rules without a rank policy get their ranks from this budget.",
+                    "Global budget: null, or a mapping with exactly one of `macs`, `params`, "
+                    "`latency` set to the fraction (in (0, 1]) of the whole model's cost to "
+                    "keep (`latency`: measured on the `latency` section's runtime). Rules "
+                    "without a rank policy get their ranks from this budget.",
                     "null"),
+    "latency": Section("How latency-aware planning (`objective: latency` rules, a `latency` "
+                       "target) times layers, and the runtime the result must not be slower "
+                       "on.", {
+        "runtime": Field(Enum("onnxruntime", "torch"), "onnxruntime",
+                         "Runtime to plan for: onnxruntime CPU, or PyTorch eager."),
+        "threads": Field(Int(1), 1, "Intra-op threads while timing."),
+        "batch": Field(Int(1), 1, "Batch size the model will serve."),
+        "rounds": Field(Int(1), 5, "Interleaved timing rounds per layer."),
+        "margin": Field(Float(0.0, 1.0), 0.03,
+                        "A candidate must be at least this fraction faster than the dense "
+                        "layer to be used."),
+        "max_candidates": Field(Int(1), 8, "Candidate ranks timed per layer."),
+    }),
     "finetune": Section("Fine-tuning of the compressed model, distilled from the original.", {
         "enabled": Field(Bool(), True, "Fine-tune after decomposition."),
         "epochs": Field(Int(0), 1, "Epochs over the training split."),
@@ -734,17 +753,17 @@ def _required(sec: Section) -> str:
 
 def validate_target(target: Any, source: str = "target", *, _ctx: _Ctx | None = None,
                     _path: KeyPath = ("target",)) -> dict | None:
-    """``None`` or ``{macs|params: fraction}`` with exactly one key."""
+    """``None`` or ``{macs|params|latency: fraction}`` with exactly one key."""
     ctx = _ctx or _Ctx(source)
     if target is None:
         return None
     if not isinstance(target, dict):
-        raise ctx.fail(_path, "expected null or a mapping with one of macs, params "
-                              f"(e.g. {{macs: 0.5}}), got {_show(target)}")
+        raise ctx.fail(_path, "expected null or a mapping with one of macs, params, "
+                              f"latency (e.g. {{macs: 0.5}}), got {_show(target)}")
     _check_keys(target, TARGET_KEYS, _path, ctx)
     if len(target) != 1:
         got = " and ".join(target) if target else "none"
-        raise ctx.fail(_path, f"give exactly one of macs, params (got {got})")
+        raise ctx.fail(_path, f"give exactly one of macs, params, latency (got {got})")
     (key, v), = target.items()
     return {key: _check_field(Field(FRACTION, None, ""), v, _path + (key,), ctx)}
 
@@ -1317,6 +1336,7 @@ def reference_markdown() -> str:
         "|---|---|---|",
         "| `macs` | float in (0, 1] | multiply-accumulates of one forward pass |",
         "| `params` | float in (0, 1] | parameters |",
+        "| `latency` | float in (0, 1] | measured latency on the `latency` section's runtime |",
         "",
         "## Cross-checks",
         "",

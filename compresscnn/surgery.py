@@ -44,6 +44,8 @@ class Replacement:
     skipped: str | None = None          # the reason a layer matched but is left dense
     rule: int = 0
     fit: dict[str, Any] = field(default_factory=dict)
+    latency_before: float | None = None  # measured ms of the dense layer (objective latency)
+    latency_after: float | None = None   # measured ms of the chosen decomposition
 
     @property
     def applied(self) -> bool:
@@ -57,6 +59,9 @@ class Plan:
     total_params: int
     total_macs: int
     target: dict[str, float] | None = None
+    #: runtime, threads, batch and measured whole-model ms when latency-aware planning ran
+    latency: dict[str, Any] | None = None
+    latency_config: Any = field(default=None, repr=False, compare=False)
 
     @property
     def params_after(self) -> int:
@@ -77,7 +82,9 @@ class Plan:
 
     def summary(self) -> str:
         """A table a person reads (what ``--dry-run`` prints)."""
+        timed = any(r.latency_before is not None for r in self.replacements)
         head = ["layer", "shape", "method", "rank", "policy", "params", "MACs", "est. err"]
+        head += ["ms"] if timed else []
         rows = []
         for r in self.replacements:
             if r.applied:
@@ -85,10 +92,14 @@ class Plan:
                 p = f"{r.params_before:,} -> {r.params_after:,}"
                 m = f"{r.macs_before:,} -> {r.macs_after:,}"
                 e = f"{r.rel_error:.3f}" if r.rel_error is not None else "-"
-                rows.append([r.name, r.shape, r.method, rank, r.policy, p, m, e])
+                row = [r.name, r.shape, r.method, rank, r.policy, p, m, e]
+                ms = (f"{r.latency_before:.3g} -> {r.latency_after:.3g}"
+                      if r.latency_before is not None and r.latency_after is not None else "-")
             else:
-                rows.append([r.name, r.shape, r.method, "-", f"skipped: {r.skipped}",
-                             f"{r.params_before:,}", f"{r.macs_before:,}", "-"])
+                row = [r.name, r.shape, r.method, "-", f"skipped: {r.skipped}",
+                       f"{r.params_before:,}", f"{r.macs_before:,}", "-"]
+                ms = f"{r.latency_before:.3g}" if r.latency_before is not None else "-"
+            rows.append(row + ([ms] if timed else []))
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
@@ -97,9 +108,22 @@ class Plan:
         out.append(f"model params {self.total_params:,} -> {pa:,} "
                    f"({self.total_params / max(pa, 1):.2f}x fewer); "
                    f"MACs {self.total_macs:,} -> {ma:,} ({self.total_macs / max(ma, 1):.2f}x fewer)")
+        lat = self.latency or {}
+        if lat:
+            line_ = (f"latency ({lat.get('runtime')}, {lat.get('threads')} thread(s), batch "
+                     f"{lat.get('batch')}): {lat['layers_timed']} layers timed alone, "
+                     f"{lat['layers_dense_ms']:.3g} ms dense -> {lat['layers_planned_ms']:.3g}"
+                     f" ms planned")
+            if lat.get("compressed_ms") is not None:
+                line_ += (f"; measured {lat['original_ms']:.3g} -> {lat['compressed_ms']:.3g} ms"
+                          f" ({lat['original_ms'] / lat['compressed_ms']:.2f}x)")
+            out.append(line_)
         if self.target:
             (k, v), = self.target.items()
-            got = (pa / self.total_params) if k == "params" else (ma / self.total_macs)
+            if k == "latency":
+                got = lat["layers_planned_ms"] / max(lat["layers_dense_ms"], 1e-12)
+            else:
+                got = (pa / self.total_params) if k == "params" else (ma / self.total_macs)
             out.append(f"target: keep {v:g} of {k}; planned {got:.3f}")
         return "\n".join(out)
 
@@ -192,18 +216,43 @@ def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[st
 
 def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
          target: dict[str, float] | None = None,
-         sensitivity: dict[str, float] | None = None) -> Plan:
+         sensitivity: dict[str, float] | None = None,
+         objective: str = "macs", latency: Any = None) -> Plan:
     """Decide, for every layer a rule matches, the method and the exact rank.
 
-    ``target`` ({"macs": f} or {"params": f}) is a whole-model budget: the layers of rules
-    without a rank policy share it (``compresscnn.ranks.allocate``). ``sensitivity`` (layer
-    name -> weight) scales each layer's error in that allocation.
+    ``target`` ({"macs": f}, {"params": f} or {"latency": f}) is a whole-model budget: the
+    layers of rules without a rank policy share it (``compresscnn.ranks.allocate``).
+    ``sensitivity`` (layer name -> weight) scales each layer's error in that allocation.
+
+    ``objective="latency"`` (or a rule's own ``objective: latency``, or a latency target)
+    times each layer's dense form and candidate decompositions on the runtime ``latency``
+    describes (a :class:`compresscnn.latency.LatencyConfig` or its dict; default
+    onnxruntime, 1 thread, batch 1) and keeps only candidates measurably faster than the
+    dense layer: a layer where none is stays dense (see ``compresscnn.latency``).
     """
     rules = _validate_rules(rules, target)
+    if objective not in ("macs", "latency"):
+        raise RecipeError(f"objective: {objective!r} is not one of macs, latency")
     input_size = tuple(int(x) for x in input_size)
     layers = trace_layers(model, input_size)
     totals = count(model, input_size)
     owner = _match(rules, layers)
+    tkey = next(iter(target)) if target else None
+
+    def timed(rule: dict[str, Any]) -> bool:
+        return tkey == "latency" or (rule.get("objective") or objective) == "latency"
+
+    lat_cfg = x_lat = None
+    inputs: dict[str, torch.Tensor] = {}
+    timed_names = [n for n, i in owner.items() if timed(rules[i])]
+    if timed_names:
+        from .latency import LatencyConfig, model_input, record_inputs
+
+        lat_cfg = LatencyConfig.from_any(latency)
+        x_lat = model_input(input_size, lat_cfg.batch)
+        # a latency target is a fraction of the summed latency of every Conv2d/Linear
+        inputs = record_inputs(model, list(layers) if tkey == "latency" else timed_names,
+                               x_lat)
 
     reps: list[Replacement] = []
     budget_items: list[tuple[BudgetItem, Replacement]] = []
@@ -230,6 +279,9 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
                                   f"global target to choose ranks")
             cands = candidates_for(dec, info.module, info.in_hw, opts,
                                    round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
+            if lat_cfg is not None and timed(rule):
+                cands = _timed_candidates(dec, info.module, cands, opts, inputs[name],
+                                          lat_cfg, rep)
             w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
             budget_items.append((BudgetItem(name, cands, weight=w), rep))
             continue
@@ -241,35 +293,86 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         rep.rank, rep.policy = list(r), how
         rep.params_after, rep.macs_after = p1, m1 * info.tokens
         rep.rel_error = tail_error(dec.spectra(info.module, **opts), r)
+        if lat_cfg is not None and timed(rule):
+            from .latency import time_candidates
 
+            dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, inputs[name],
+                                              lat_cfg)
+            rep.latency_before, rep.latency_after = dense_ms, ms
+            if ms >= dense_ms * (1.0 - lat_cfg.margin):
+                rep.skipped = (f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
+                               f"{dense_ms:.3g} ms dense")
+
+    layer_ms: dict[str, float] = {}
+    if lat_cfg is not None:
+        layer_ms = {r.name: r.latency_before for r in reps if r.latency_before is not None}
+        if tkey == "latency":  # the layers no rule decomposes count at their dense time
+            from .latency import time_modules
+
+            for name in layers:
+                if name not in layer_ms:
+                    layer_ms[name] = time_modules([copy.deepcopy(layers[name].module)],
+                                                  inputs[name], lat_cfg)[0]
     if target:
         (key, frac), = target.items()
-        if key not in ("macs", "params"):
-            raise RecipeError(f"target: {key!r} budgets are planned by "
-                              f"objective-aware planning, not here")
-        total = totals[key]
+        if key == "latency":
+            total: float = sum(layer_ms.values())
+            fmt = lambda v: f"{v:.3g} ms"  # noqa: E731
+        else:
+            total = totals[key]
+            fmt = lambda v: f"{int(v):,} {key}"  # noqa: E731
         fixed = total
         for rep in reps:
             if rep.applied:
                 fixed += getattr(rep, f"{key}_after") - getattr(rep, f"{key}_before")
         for item, rep in budget_items:
             fixed -= getattr(rep, f"{key}_before")
-        budget = int(frac * total) - fixed
+        allowed = frac * total if key == "latency" else int(frac * total)
+        budget = allowed - fixed
         if budget <= 0:
             raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
                             f"cannot touch (matched by no budgeted rule, or refused by its "
-                            f"method) already need {fixed:,} of the {int(frac * total):,} "
-                            f"{key} allowed")
+                            f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
         allocate([it for it, _ in budget_items], key, budget)
         for item, rep in budget_items:
             c = item.candidates[item.choice]
+            rep.policy = f"budget {key} {frac:g}"
             if c.rank is None:
-                rep.skipped = "kept dense by the budget"
-                rep.policy = f"budget {key} {frac:g}"
+                rep.skipped = "kept dense by the budget" if len(item.candidates) > 1 else (
+                    f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}"
+                    if lat_cfg is not None and rep.latency_before is not None
+                    else "kept dense by the budget")
                 continue
-            rep.rank, rep.policy = list(c.rank), f"budget {key} {frac:g}"
+            rep.rank = list(c.rank)
             rep.params_after, rep.macs_after, rep.rel_error = c.params, c.macs, c.error
-    return Plan(reps, input_size, totals["params"], totals["macs"], dict(target) if target else None)
+            rep.latency_after = c.latency
+    lat_info = None
+    if lat_cfg is not None:
+        delta = sum((r.latency_after - r.latency_before) for r in reps
+                    if r.applied and r.latency_before is not None and r.latency_after is not None)
+        dense_ms = sum(layer_ms.values())
+        lat_info = {**lat_cfg.describe(), "layers_timed": len(layer_ms),
+                    "layers_dense_ms": dense_ms, "layers_planned_ms": dense_ms + delta}
+    return Plan(reps, input_size, totals["params"], totals["macs"],
+                dict(target) if target else None, latency=lat_info, latency_config=lat_cfg)
+
+
+def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
+                      x: torch.Tensor, cfg, rep: Replacement) -> list:
+    """Time the dense layer and up to ``cfg.max_candidates`` of its candidate ranks; keep
+    dense plus the candidates at least ``cfg.margin`` faster than it."""
+    from .latency import spread, time_candidates
+
+    pick = [cands[j] for j in spread(len(cands), cfg.max_candidates)]
+    dense_ms, times = time_candidates(dec, layer, [c.rank for c in pick], opts, x, cfg)
+    cands[0].latency = dense_ms
+    rep.latency_before = rep.latency_after = dense_ms
+    kept = [cands[0]]
+    for c, t in zip(pick, times):
+        c.latency = t
+        if t < dense_ms * (1.0 - cfg.margin):
+            kept.append(c)
+    return kept
 
 
 # ---------------------------------------------------------------------------- apply
@@ -300,7 +403,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              target: dict[str, float] | None = None,
              calibration: Iterable[torch.Tensor] | None = None,
              reconstruct_steps: int = 300, reconstruct_lr: float = 3e-3,
-             bn_recalibrate: bool = True) -> tuple[nn.Module, Plan]:
+             bn_recalibrate: bool = True, objective: str = "macs",
+             latency: Any = None) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
 
     Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
@@ -309,12 +413,21 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     batches), each replaced layer is then fitted to the original layer's output
     (``compresscnn.calibration.reconstruct_outputs``) and BatchNorm statistics are
     re-estimated; the measured output errors go into each plan row's ``fit``.
+
+    ``objective="latency"`` (and/or ``target={"latency": f}``) plans on measured latency
+    (see :func:`plan` and ``compresscnn.latency``; ``latency`` configures the runtime), and
+    the result is checked against the original on that runtime: layers are put back until
+    the compressed model is not slower (``plan.latency`` holds the measurements).
     """
-    p = plan(model, rules, input_size, target=target)
+    p = plan(model, rules, input_size, target=target, objective=objective, latency=latency)
     new = apply(copy.deepcopy(model), p)
     if calibration is not None:
         refine(model, new, p, calibration, reconstruct=True, steps=reconstruct_steps,
                lr=reconstruct_lr, bn_recalibrate=bn_recalibrate)
+    if p.latency_config is not None:
+        from .latency import ensure_not_slower
+
+        ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
 

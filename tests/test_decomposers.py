@@ -590,7 +590,7 @@ def test_numerics_agree_with_tensorly():
         (core_tl, f_tl), _ = partial_tucker(t, rank=[4, 3], modes=[0, 1], n_iter_max=100,
                                             tol=1e-12)
         err_tl = float((t - num.mode_dot(num.mode_dot(core_tl, f_tl[0], 0), f_tl[1], 1)).norm())
-        core, fs, _ = num.hooi(t, (0, 1), (4, 3), iters=100)
+        core, fs, _ = num.hooi(t, (0, 1), (4, 3), iters=100, tol=1e-12)
         err = float((t - num.mode_dot(num.mode_dot(core, fs[0], 0), fs[1], 1)).norm())
         assert err <= err_tl * (1 + 1e-6)
         # same subspaces (up to rotation): the projectors agree

@@ -212,8 +212,10 @@ BAD = [
      "rules[0].macs", "expected a number in (0, 1], got 2"),
     ("round-to-zero", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, round_to: 0}\n",
      "rules[0].round_to", "expected an int > 0, got 0"),
-    ("objective", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, objective: latency}\n",
-     "rules[0].objective", "not an option of method svd"),
+    ("objective", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, objective: speed}\n",
+     "rules[0].objective", "speed"),
+    ("latency-runtime", GOOD + "latency: {runtime: tensorrt}\n", "latency.runtime", "tensorrt"),
+    ("target-latency-range", GOOD + "target: {latency: 1.5}\n", "target.latency", "1.5"),
     ("two-policies", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, energy: 0.9}\n",
      "rules[0]", "give at most one of rank, energy, macs, params (got rank and energy)"),
     ("no-policy-no-target", RULE_HEAD + "  - {match: '*', method: svd}\n", "rules[0]",
@@ -244,7 +246,7 @@ BAD = [
     ("int-option-bool", RULE_HEAD + "  - {match: '*', method: cp, rank: 4, n_iter: yes}\n",
      "rules[0].n_iter", "expected an int, got true"),
     ("target-two-keys", GOOD + "target: {macs: 0.5, params: 0.5}\n", "target",
-     "give exactly one of macs, params (got macs and params)"),
+     "give exactly one of macs, params, latency (got macs and params)"),
     ("target-empty", GOOD + "target: {}\n", "target", "(got none)"),
     ("target-scalar", GOOD + "target: 0.5\n", "target", "expected null or a mapping"),
     ("target-unknown-key", GOOD + "target: {flops: 0.5}\n", "target.flops", "unknown key"),
@@ -359,7 +361,9 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert r["calibration"] is None and r["target"] is None
     assert r["rules"] == [{"match": ["layer*.*.conv2"], "exclude": [], "method": "tucker2",
                            "rank": 0.5, "energy": None, "macs": None, "params": None,
-                           "round_to": 8}]
+                           "round_to": 8, "objective": None}]
+    assert r["latency"] == {"runtime": "onnxruntime", "threads": 1, "batch": 1, "rounds": 5,
+                            "margin": 0.03, "max_candidates": 8}
     ft = r["finetune"]
     assert ft["lr"] == 0.01 and ft["weight_decay"] == 5e-4 and ft["amp"] == "auto"
     assert ft["distill"] == {"enabled": True, "temperature": 4.0, "alpha": 0.9}

@@ -67,7 +67,7 @@ def hosvd(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int]
 
 
 def hooi(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int], iters: int,
-         tol: float = 1e-12) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+         tol: float = 1e-5) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Higher-order orthogonal iteration (De Lathauwer et al. 2000, alg. 4.2) from the HOSVD:
     each sweep refits ``U_n`` as the leading eigenvectors of the Gram matrix of ``t``
     projected on all other factors. Stops when the captured energy ``||G||^2`` improves by

@@ -71,6 +71,27 @@ class Decomposer:
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
         raise NotImplementedError
 
+    def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec] | None:
+        """The plain convs ``decompose`` chains at ``rank``, or None where the result is not
+        a plain chain of convs (then :meth:`skeleton` falls back to ``decompose``)."""
+        return None
+
+    def skeleton(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
+        """A module with exactly the structure ``decompose(layer, rank)`` builds but random
+        weights: what latency-aware planning times, without paying for a fit per candidate
+        rank."""
+        specs = self.chain_specs(layer, rank, **options)
+        if specs is None:
+            return self.decompose(layer, rank, **options)
+        gen = torch.Generator().manual_seed(0)
+        mods = []
+        for s in specs:
+            kh, kw = s.kernel_size
+            w = torch.randn(s.out_channels, s.in_channels // s.groups, kh, kw, generator=gen)
+            b = torch.zeros(s.out_channels) if s.bias else None
+            mods.append(s.build(w, b, layer))
+        return nn.Sequential(*mods)
+
 
 _REGISTRY: dict[str, Decomposer] = {}
 

@@ -81,6 +81,9 @@ class CP(Decomposer):
                 ConvSpec(r, r, (1, kw), sh, ph, dh, r, padding_mode=mode),
                 ConvSpec(r, layer.out_channels, bias=layer.bias is not None)]
 
+    def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec]:
+        return self._specs(layer, rank[0])
+
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
              **options: Any) -> tuple[int, int]:
         assert in_hw is not None, "a Conv2d needs its input size"

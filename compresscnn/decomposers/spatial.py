@@ -69,6 +69,9 @@ class Spatial(Decomposer):
                 ConvSpec(g * r, layer.out_channels, (1, kw), sh, ph, dh, g,
                          bias=layer.bias is not None, padding_mode=mode)]
 
+    def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec]:
+        return self._specs(layer, rank[0])
+
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
              **options: Any) -> tuple[int, int]:
         assert in_hw is not None, "a Conv2d needs its input size"

@@ -60,6 +60,19 @@ class SVD(Decomposer):
             return (min(layer.in_features, layer.out_features),)
         return (min(layer.in_channels, layer.out_channels),)
 
+    def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec] | None:
+        return None if isinstance(layer, nn.Linear) else self._specs(layer, rank[0])
+
+    def skeleton(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
+        if not isinstance(layer, nn.Linear):
+            return super().skeleton(layer, rank, **options)
+        (r,) = rank
+        ref = layer.weight
+        return nn.Sequential(
+            nn.Linear(layer.in_features, r, bias=False, device=ref.device, dtype=ref.dtype),
+            nn.Linear(r, layer.out_features, bias=layer.bias is not None, device=ref.device,
+                      dtype=ref.dtype))
+
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
              **options: Any) -> tuple[int, int]:
         (r,) = rank

@@ -71,6 +71,9 @@ class Tucker2(Decomposer):
             ConvSpec(g * r_out, layer.out_channels, groups=g, bias=layer.bias is not None),
         ]
 
+    def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec]:
+        return self._specs(layer, tuple(rank))
+
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
              **options: Any) -> tuple[int, int]:
         assert in_hw is not None, "a Conv2d needs its input size"

@@ -1,0 +1,278 @@
+"""Latency-aware planning: time what a layer would become, on the runtime it will run on.
+
+Fewer MACs is not a faster model: a 1x1 -> kxk -> 1x1 chain launches three kernels where
+the dense conv launched one, small ranks leave vector units idle, and depthwise convs are
+memory-bound. So with ``objective: latency`` the planner does not trust the MAC count:
+
+1. every budgeted layer's input is recorded at the serving batch (one forward pass);
+2. the dense layer and a handful of candidate ranks (evenly spread in MACs, ranks rounded
+   to the rule's ``round_to``) are built as *skeletons* (the decomposition's exact module
+   structure, random weights: no fit is paid for a rank that will not be used) and timed
+   on the target runtime, interleaved round by round so that a noisy neighbour slows all
+   candidates alike;
+3. candidates that are not at least ``margin`` faster than the dense layer are dropped, so a
+   layer where nothing is faster stays dense;
+4. the budget (``target: {latency: f}``, a fraction of the whole model's measured latency,
+   or a MAC / parameter budget) is met by the same greedy allocation as the MAC budget;
+5. after the layers are swapped, :func:`ensure_not_slower` times the whole original and
+   compressed models against each other and puts back original layers (least gain first)
+   until the compressed model is not slower on that runtime.
+
+Runtimes: ``onnxruntime`` (CPU provider, ``intra_op_num_threads = threads``; each module is
+exported with the TorchScript-based exporter, which takes ~0.1 s for one layer against
+~1 s for dynamo) and ``torch`` (eager, ``torch.set_num_threads(threads)``, CUDA when the
+module lives there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import RecipeError
+
+RUNTIMES = ("onnxruntime", "torch")
+
+
+@dataclass
+class LatencyConfig:
+    """How candidates are timed (the recipe's ``latency:`` section)."""
+
+    runtime: str = "onnxruntime"
+    threads: int = 1
+    batch: int = 1
+    warmup: int = 2
+    rounds: int = 5           # interleaved rounds over all candidates of a layer
+    per_round: int = 3        # timed calls per candidate per round
+    margin: float = 0.03      # a candidate must be this fraction faster than dense
+    max_candidates: int = 8   # decomposed ranks timed per layer
+    #: test hook: ``timer(module, x) -> ms`` replaces the measurement
+    timer: Callable[[nn.Module, torch.Tensor], float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise RecipeError(f"latency.runtime: {self.runtime!r} is not one of "
+                              f"{', '.join(RUNTIMES)}")
+        for k in ("threads", "batch", "rounds", "per_round", "max_candidates"):
+            if int(getattr(self, k)) < 1:
+                raise RecipeError(f"latency.{k}: must be >= 1, got {getattr(self, k)!r}")
+        if not 0.0 <= float(self.margin) < 1.0:
+            raise RecipeError(f"latency.margin: must be in [0, 1), got {self.margin!r}")
+
+    @classmethod
+    def from_any(cls, v: LatencyConfig | dict[str, Any] | None) -> LatencyConfig:
+        if isinstance(v, LatencyConfig):
+            return v
+        v = dict(v or {})
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(v) - known)
+        if bad:
+            raise RecipeError(f"latency: unknown key(s) {', '.join(bad)} "
+                              f"(known: {', '.join(sorted(known - {'timer'}))})")
+        return cls(**v)
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("timer")
+        return d
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def ort_session_options(threads: int):
+    """CPU onnxruntime session options used for every latency figure: ``threads`` intra-op
+    threads, one inter-op thread, sequential execution, all graph optimisations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def _onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
+    """A static-shape ONNX model of ``module`` on input ``x`` (timing only)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17,
+                              input_names=["x"], output_names=["y"])
+            return buf.getvalue()
+        except Exception:  # a torch without the TorchScript exporter: use dynamo
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory(prefix="compresscnn-lat-") as d:
+                path = Path(d) / "m.onnx"
+                torch.onnx.export(module, (x,), str(path), dynamo=True, external_data=False,
+                                  opset_version=18)
+                return path.read_bytes()
+
+
+def _runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Callable[[], Any]:
+    if cfg.runtime == "torch":
+        dev = next((p.device for p in module.parameters()), torch.device("cpu"))
+        xd = x.to(dev)
+        if dev.type == "cuda":
+            def run() -> Any:
+                module(xd)
+                torch.cuda.synchronize()
+            return run
+        return lambda: module(xd)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(_onnx_bytes(module, x), ort_session_options(cfg.threads),
+                                providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
+    return lambda: sess.run(None, feed)
+
+
+@contextlib.contextmanager
+def _timing_mode(modules: Sequence[nn.Module], threads: int):
+    old_threads = torch.get_num_threads()
+    modes = [m.training for m in modules]
+    torch.set_num_threads(int(threads))
+    for m in modules:
+        m.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, t in zip(modules, modes):
+            m.train(t)
+        torch.set_num_threads(old_threads)
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], cfg: LatencyConfig) -> list[float]:
+    """Median milliseconds of each function, timed round-robin: every round runs each
+    function ``per_round`` times, so a slow spell of the machine hits all of them."""
+    for f in fns:
+        for _ in range(cfg.warmup):
+            f()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(cfg.rounds):
+        for i, f in enumerate(fns):
+            for _ in range(cfg.per_round):
+                t0 = time.perf_counter()
+                f()
+                samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) * 1e3 for s in samples]
+
+
+def time_modules(modules: Sequence[nn.Module], x: torch.Tensor,
+                 cfg: LatencyConfig) -> list[float]:
+    """Median latency (ms) of each module on input ``x`` on ``cfg.runtime``."""
+    if cfg.timer is not None:
+        return [float(cfg.timer(m, x)) for m in modules]
+    with _timing_mode(modules, cfg.threads):
+        fns = [_runner(m, x, cfg) for m in modules]
+        return time_interleaved(fns, cfg)
+
+
+def record_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """The first tensor input each named submodule receives in one forward pass on ``x``."""
+    mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise KeyError(f"no submodule(s) {missing} in {type(model).__name__}")
+    recorded: dict[str, torch.Tensor] = {}
+    handles = []
+    for n in names:
+        def hook(mod, args, _n=n):
+            if _n not in recorded and args and isinstance(args[0], torch.Tensor):
+                recorded[_n] = args[0].detach().clone()
+        handles.append(mods[n].register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    not_called = [n for n in names if n not in recorded]
+    if not_called:
+        raise RuntimeError(f"submodule(s) {not_called} were not called in the forward pass")
+    return recorded
+
+
+def model_input(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn((int(batch), *[int(s) for s in input_size]),
+                       generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def spread(n_total: int, k: int) -> list[int]:
+    """``k`` indices in ``1..n_total-1`` spread evenly (all of them when there are fewer)."""
+    idx = list(range(1, n_total))
+    if len(idx) <= k:
+        return idx
+    step = (len(idx) - 1) / max(k - 1, 1)
+    return sorted({idx[round(i * step)] for i in range(k)})
+
+
+def time_candidates(dec, layer: nn.Module, ranks: Sequence[tuple[int, ...]],
+                    options: dict[str, Any], x: torch.Tensor, cfg: LatencyConfig
+                    ) -> tuple[float, list[float]]:
+    """(dense ms, [ms of each rank's decomposition]) for ``layer`` on input ``x``."""
+    dense = copy.deepcopy(layer)
+    mods = [dense] + [dec.skeleton(layer, tuple(r), **options) for r in ranks]
+    times = time_modules(mods, x, cfg)
+    return times[0], times[1:]
+
+
+def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: LatencyConfig,
+                      max_rounds: int = 8) -> dict[str, Any]:
+    """Time the whole original and compressed models against each other; while the
+    compressed one is slower, put back the original layers whose measured gain was smallest
+    (several per round on large plans). Updates ``plan_`` (reverted rows are skipped with
+    the reason) and ``compressed`` in place; returns the measurements."""
+    from .surgery import get_module, set_module
+
+    x = model_input(plan_.input_size, cfg.batch)
+    t_o, t_c = time_modules([original, compressed], x, cfg)
+    first = (t_o, t_c)
+    reverted: list[str] = []
+    rows = [r for r in plan_.replacements if r.applied]
+    rows.sort(key=lambda r: ((r.latency_before or 0.0) - (r.latency_after or 0.0)))
+    rounds = 0
+    while t_c > t_o and rows and rounds < max_rounds:
+        rounds += 1
+        n = max(1, len(rows) // 4) if rounds > 2 else 1
+        for rep in rows[:n]:
+            set_module(compressed, rep.name, copy.deepcopy(get_module(original, rep.name)))
+            rep.skipped = (f"put back: the whole compressed model measured {t_c:.3g} ms vs "
+                           f"{t_o:.3g} ms dense on {cfg.runtime}")
+            reverted.append(rep.name)
+        rows = rows[n:]
+        t_o, t_c = time_modules([original, compressed], x, cfg)
+    if t_c > t_o and rows:
+        # still slower after max_rounds: give up on every replacement rather than ship a
+        # slower model
+        for rep in rows:
+            set_module(compressed, rep.name, copy.deepcopy(get_module(original, rep.name)))
+            rep.skipped = "put back: the compressed model was not faster"
+            reverted.append(rep.name)
+        t_o, t_c = time_modules([original, compressed], x, cfg)
+    info = {"original_ms": t_o, "compressed_ms": t_c, "speedup": t_o / t_c if t_c else None,
+            "first_check_ms": list(first), "reverted": reverted}
+    plan_.latency = {**(plan_.latency or {}), **info}
+    return info
