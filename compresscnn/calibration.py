@@ -126,3 +126,50 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
             p.grad = None
         out[name] = {"before": before, "after": after}
     return out
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, rules, input_size, batches: Iterable[torch.Tensor], *,
+                      fraction: float = 0.5, max_batches: int = 4) -> dict[str, float]:
+    """Data-driven weights for the global budget (``plan(..., sensitivity=)``).
+
+    The budget trades each layer's *weight* error (its spectral tail) per MAC saved; but a
+    relative error of 0.3 in one layer can cost the network far more than in another. For
+    every layer a budgeted rule (no rank policy) matches, this replaces that layer alone by
+    its decomposition at ``fraction`` of its rank, measures the relative change of the
+    model's output on up to ``max_batches`` calibration batches,
+    ``E = ||f'(x) - f(x)||^2 / ||f(x)||^2``, and returns ``E / e^2`` with ``e`` the
+    spectral error at that rank: the factor that turns the layer's weight error into output
+    error. The allocation then minimises the summed (first-order, additive) output error.
+    """
+    from .decomposers import get_decomposer
+    from .ranks import tail_error
+    from .surgery import get_module, plan, set_module
+
+    p = plan(model, rules, input_size, target={"macs": 1.0})
+    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches][:max_batches]
+    if not xs:
+        raise ValueError("layer_sensitivity needs at least one calibration batch")
+    was = model.training
+    model.eval()
+    try:
+        ys = [model(x) for x in xs]
+        den = sum(float(y.float().square().sum()) for y in ys)
+        weights: dict[str, float] = {}
+        for rep in p.replacements:
+            if rep.skipped != "kept dense by the budget":
+                continue  # refused by its method, or ranked by its own rule
+            layer = get_module(model, rep.name)
+            dec = get_decomposer(rep.method)
+            r = dec.scale_rank(layer, fraction, **rep.options)
+            e = tail_error(dec.spectra(layer, **rep.options), r)
+            new = dec.decompose(layer, r, **rep.options).eval()
+            set_module(model, rep.name, new)
+            try:
+                num = sum(float((model(x) - y).float().square().sum()) for x, y in zip(xs, ys))
+            finally:
+                set_module(model, rep.name, layer)
+            weights[rep.name] = (num / max(den, 1e-30)) / max(e * e, 1e-12)
+    finally:
+        model.train(was)
+    return weights

@@ -69,6 +69,27 @@ def exact_rules(p: Plan) -> list[dict[str, Any]]:
     return rules
 
 
+def _calibration_batches(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list:
+    from . import data as data_mod
+
+    cal = recipe["calibration"]
+    return data_mod.calibration_batches(
+        {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
+        batch_size=cal["batch_size"])
+
+
+def _sensitivity(recipe: dict[str, Any], model: nn.Module, input_size: tuple[int, ...],
+                 pcfg: dict[str, Any]) -> dict[str, float] | None:
+    """Per-layer budget weights when ``calibration.allocation: sensitivity``."""
+    cal = recipe.get("calibration")
+    if not (cal and cal.get("allocation") == "sensitivity" and recipe.get("target")):
+        return None
+    from .calibration import layer_sensitivity
+
+    return layer_sensitivity(model, recipe["rules"], input_size,
+                             _calibration_batches(recipe, pcfg))
+
+
 def _latency_planned(recipe: dict[str, Any]) -> bool:
     target = recipe.get("target") or {}
     return "latency" in target or any(r.get("objective") == "latency"
@@ -235,7 +256,8 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
                                   "without torchrun, then fine-tune its run directory's "
                                   "recipe.yaml (exact ranks) with torchrun")
             p = plan(model, recipe["rules"], input_size, target=recipe.get("target"),
-                     latency=recipe.get("latency"))
+                     latency=recipe.get("latency"),
+                     sensitivity=_sensitivity(recipe, model, input_size, pcfg))
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{where}{e}") from None
     if dry_run:
@@ -288,9 +310,7 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
         compressed = apply(copy.deepcopy(model), p)
     cal = recipe.get("calibration")
     if cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")):
-        batches = data_mod.calibration_batches(
-            {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
-            batch_size=cal["batch_size"])
+        batches = _calibration_batches(recipe, pcfg)
         with Timer(timings, "calibrate"):
             report["bn_recalibrated_layers"] = refine(
                 model, compressed, p, batches, reconstruct=cal["reconstruct"],

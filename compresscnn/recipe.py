@@ -603,6 +603,11 @@ SCHEMA = Section("The recipe.", {
         "bn_recalibrate": Field(Bool(), True,
                                 "Re-estimate BatchNorm running statistics after the layers "
                                 "are replaced."),
+        "allocation": Field(Enum("spectral", "sensitivity"), "spectral",
+                            "How a global `target` spreads over layers: `spectral` weighs "
+                            "each layer's weight error alone; `sensitivity` scales it by the "
+                            "measured change of the model's output when that layer alone is "
+                            "decomposed (first 4 calibration batches)."),
     }, presence="optional"),
     "rules": Field(Check(), _REQUIRED, "Which layers get which method and rank; see below."),
     "target": Field(Check(), None,

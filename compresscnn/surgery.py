@@ -404,7 +404,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              calibration: Iterable[torch.Tensor] | None = None,
              reconstruct_steps: int = 300, reconstruct_lr: float = 3e-3,
              bn_recalibrate: bool = True, objective: str = "macs",
-             latency: Any = None) -> tuple[nn.Module, Plan]:
+             latency: Any = None, allocation: str = "spectral") -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
 
     Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
@@ -413,13 +413,28 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     batches), each replaced layer is then fitted to the original layer's output
     (``compresscnn.calibration.reconstruct_outputs``) and BatchNorm statistics are
     re-estimated; the measured output errors go into each plan row's ``fit``.
+    ``allocation="sensitivity"`` (with ``calibration`` and a ``target``) weighs each layer's
+    error in the budget by its measured effect on the model's output
+    (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone.
 
     ``objective="latency"`` (and/or ``target={"latency": f}``) plans on measured latency
     (see :func:`plan` and ``compresscnn.latency``; ``latency`` configures the runtime), and
     the result is checked against the original on that runtime: layers are put back until
     the compressed model is not slower (``plan.latency`` holds the measurements).
     """
-    p = plan(model, rules, input_size, target=target, objective=objective, latency=latency)
+    if allocation not in ("spectral", "sensitivity"):
+        raise RecipeError(f"allocation: {allocation!r} is not one of spectral, sensitivity")
+    weights = None
+    if calibration is not None:
+        calibration = list(calibration)
+        if allocation == "sensitivity" and target:
+            from .calibration import layer_sensitivity
+
+            weights = layer_sensitivity(model, rules, input_size, calibration)
+    elif allocation == "sensitivity":
+        raise RecipeError("allocation: sensitivity needs calibration batches")
+    p = plan(model, rules, input_size, target=target, objective=objective, latency=latency,
+             sensitivity=weights)
     new = apply(copy.deepcopy(model), p)
     if calibration is not None:
         refine(model, new, p, calibration, reconstruct=True, steps=reconstruct_steps,

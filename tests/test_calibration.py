@@ -46,3 +46,47 @@ def test_reconstruct_lowers_output_error_and_keeps_input_model():
         y, yf, ya = m(x[0]), free(x[0]), aware(x[0])
     assert (ya - y).norm() < (yf - y).norm()
     assert len(_capture(m, "3", x, "in")) == 3 and not aware.training
+
+
+class _TwoBranch(nn.Module):
+    """logits = fc(pool(relu(a(x)))) + 1e-3 * fc(pool(relu(b(x)))): b hardly matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        f = lambda t: torch.relu(t).mean((2, 3))  # noqa: E731
+        return self.fc(f(self.a(x))) + 1e-3 * self.fc(f(self.b(x)))
+
+
+def test_layer_sensitivity_weighs_what_the_output_feels():
+    from compresscnn.calibration import layer_sensitivity
+
+    torch.manual_seed(0)
+    m = _TwoBranch().eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    xs = [torch.randn(16, 3, 10, 10) for _ in range(2)]
+    w = layer_sensitivity(m, [{"match": ["a", "b"], "method": "tucker2"}], (3, 10, 10), xs)
+    assert set(w) == {"a", "b"} and all(v >= 0 for v in w.values())
+    assert w["b"] < 1e-3 * w["a"]
+    assert isinstance(m.a, nn.Conv2d) and isinstance(m.b, nn.Conv2d)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_compress_with_sensitivity_allocation_meets_the_target():
+    from compresscnn import compress
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(2)]
+    rules = [{"match": ["0", "3"], "method": "tucker2", "round_to": 1}]
+    new, p = compress(m, rules, (3, 12, 12), target={"macs": 0.6}, calibration=x,
+                      reconstruct_steps=10, allocation="sensitivity")
+    assert p.macs_after <= 0.6 * p.total_macs * 1.02
+    import pytest
+
+    from compresscnn.errors import RecipeError
+    with pytest.raises(RecipeError, match="needs calibration"):
+        compress(m, rules, (3, 12, 12), target={"macs": 0.6}, allocation="sensitivity")

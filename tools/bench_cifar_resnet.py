@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from compresscnn.calibration import layer_sensitivity
 from compresscnn.counting import count
 from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.evaluate import evaluate
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
                     help="data-aware: fit each layer to the original's output on this many "
                          "batches of 64 training images (0: data-free)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="allocate the budget on measured output sensitivity (needs --calibrate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, required=True)
@@ -86,7 +89,8 @@ def main() -> None:
                      "distill": not args.no_distill, "seed": args.seed,
                      "alpha": None if args.no_distill else args.alpha,
                      "target_macs": args.macs, "uniform": args.uniform,
-                     "calibrate": args.calibrate}
+                     "calibrate": args.calibrate,
+                     "allocation": "sensitivity" if args.sensitivity else "spectral"}
         if cfg == "dense":
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
@@ -94,11 +98,15 @@ def main() -> None:
             # --uniform: the same MAC fraction for every layer instead of the global budget
             rules = rules_for(cfg, args.macs if args.uniform else None)
             target = None if args.uniform else {"macs": args.macs}
-            p = plan(original, rules, input_size, target=target)
-            model = apply(copy.deepcopy(original), p)
+            cal = weights = None
             if args.calibrate:
                 cal = calibration_batches(data_cfg, original.pretrained_cfg, args.calibrate,
                                           batch_size=64)
+                if args.sensitivity and target:
+                    weights = layer_sensitivity(original, rules, input_size, cal)
+            p = plan(original, rules, input_size, target=target, sensitivity=weights)
+            model = apply(copy.deepcopy(original), p)
+            if cal is not None:
                 refine(original, model, p, cal)
             c = count(model, input_size)
             row.update(c)
@@ -132,7 +140,9 @@ def main() -> None:
                                                and r["uniform"] == args.uniform
                                                and r["epochs"] == args.epochs
                                                and r.get("alpha") == row["alpha"]
-                                               and r.get("calibrate", 0) == args.calibrate)]
+                                               and r.get("calibrate", 0) == args.calibrate
+                                               and r.get("allocation", "spectral")
+                                               == row["allocation"])]
         results.append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -23,6 +23,7 @@ from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.errors import CompressError
 from compresscnn.evaluate import evaluate
 from compresscnn.models import load_model
+from compresscnn.calibration import layer_sensitivity  # noqa: E402
 from compresscnn.surgery import apply, plan, refine
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
                     help="data-aware: fit each layer to the original's output on this many "
                          "batches of 32 images of imagenet-train1000.zip (0: data-free)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="allocate the budget on measured output sensitivity (needs --calibrate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -62,7 +65,10 @@ def main() -> None:
         rules = [{"match": "features.*", "method": method}]
         t0 = time.time()
         try:
-            p = plan(model, rules, size, target={"macs": args.macs})
+            weights = None
+            if args.sensitivity:
+                weights = layer_sensitivity(model, rules, size, cal)
+            p = plan(model, rules, size, target={"macs": args.macs}, sensitivity=weights)
         except CompressError as e:
             rows.append({"method": method, "error": str(e)})
             print(f"{method}: {e}", flush=True)
@@ -80,9 +86,16 @@ def main() -> None:
         rows.append(row)
         print(f"{method}: MACs x{row['macs_ratio']:.2f} top1 {r['top1']:.1f} top5 {r['top5']:.1f} "
               f"agreement {r['agreement']:.1f}", flush=True)
+        _write(args, rows)
+    _write(args, rows)
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The JSON after every method, so a stopped run keeps what it measured."""
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs,
-            "calibrate_batches": args.calibrate}
+            "calibrate_batches": args.calibrate,
+            "allocation": "sensitivity" if args.sensitivity else "spectral"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

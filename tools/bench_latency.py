@@ -1,0 +1,135 @@
+"""Realised speed vs MAC reduction (issue 5a): MAC-planned vs latency-planned Tucker-2.
+
+For each model (torchvision, random weights: latency does not depend on the weights' values;
+the ranks a MAC budget picks do, through the spectra, so read the MAC-planned ranks as
+those of an untrained net) and each MAC fraction kept:
+
+- ``uniform``: every matched layer keeps the same fraction of its MACs (how most tools
+  are used; the stem and classifier stay dense, so the model-level ratio is smaller);
+- ``macs``: the global MAC budget over every 3x3 conv but the stem (``compresscnn.plan``);
+- ``latency``: the same budget with ``objective="latency"``: candidate ranks timed on
+  onnxruntime at the serving batch, slower-than-dense candidates dropped, and the whole model
+  checked not slower than the original (``compresscnn.compress``).
+
+Then the original and both compressed models are exported to ONNX and timed against each
+other, interleaved round by round (``compresscnn.latency.time_modules``), on the CPU
+provider at each batch and thread count. Prints original/compressed latency ratios beside
+the MAC ratio; ``--json`` keeps everything.
+
+    python tools/bench_latency.py --models resnet18 vgg16 --macs 0.5 0.333 --batches 1 8 \\
+        --threads 2 --json tools/results/latency_ort.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compresscnn.counting import count  # noqa: E402
+from compresscnn.latency import LatencyConfig, model_input, time_modules  # noqa: E402
+from compresscnn.surgery import apply, compress, plan  # noqa: E402
+
+RULES = {
+    "resnet18": [{"match": "layer*.conv*", "method": "tucker2"}],
+    "resnet50": [{"match": "layer*.conv2", "method": "tucker2"}],
+    "vgg16": [{"match": "features.*", "exclude": "features.0", "method": "tucker2"}],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "vgg16"], choices=sorted(RULES))
+    ap.add_argument("--macs", nargs="+", type=float, default=[0.5, 0.333])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds of the whole models")
+    ap.add_argument("--plan-rounds", type=int, default=3,
+                    help="timing rounds per layer while latency-planning")
+    ap.add_argument("--plans", nargs="+", default=["uniform", "macs", "latency"],
+                    choices=["uniform", "macs", "latency"])
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    input_size = (3, args.size, args.size)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        original = getattr(torchvision.models, name)(weights=None).eval()
+        base = count(original, input_size)
+        for frac in args.macs:
+            for batch in args.batches:
+                cfg = LatencyConfig(runtime="onnxruntime", threads=args.threads, batch=batch,
+                                    rounds=args.rounds, per_round=1, warmup=2)
+                models, info = [original], {}
+                for how in args.plans:
+                    t0 = time.time()
+                    if how == "uniform":  # every matched layer keeps the same MAC share
+                        rules = [{**r, "macs": frac} for r in RULES[name]]
+                        p = plan(original, rules, input_size)
+                        m = apply(copy.deepcopy(original), p)
+                    elif how == "macs":
+                        p = plan(original, RULES[name], input_size, target={"macs": frac})
+                        m = apply(copy.deepcopy(original), p)
+                    else:
+                        pcfg = LatencyConfig(runtime="onnxruntime", threads=args.threads,
+                                             batch=batch, rounds=args.plan_rounds,
+                                             per_round=1, max_candidates=6)
+                        m, p = compress(original, RULES[name], input_size,
+                                        target={"macs": frac}, objective="latency",
+                                        latency=pcfg)
+                    c = count(m, input_size)
+                    info[how] = {"plan_seconds": round(time.time() - t0, 1),
+                                 "macs_ratio": base["macs"] / c["macs"],
+                                 "params_ratio": base["params"] / c["params"],
+                                 "layers_decomposed": len(p.ranks()),
+                                 "layers_matched": len(p.replacements),
+                                 "ranks": p.ranks(),
+                                 "latency_plan": p.latency}
+                    models.append(m.eval())
+                times = time_modules(models, model_input(input_size, batch), cfg)
+                for how, ms in zip(args.plans, times[1:]):
+                    row = {"model": name, "target_macs": frac, "plan": how, "batch": batch,
+                           "threads": args.threads, "runtime": "onnxruntime",
+                           "original_ms": times[0], "compressed_ms": ms,
+                           "speedup": times[0] / ms, **info[how]}
+                    row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
+                    rows.append(row)
+                    print(f"{name} macs {frac:g} batch {batch} {how:7s}: MACs x"
+                          f"{row['macs_ratio']:.2f}  latency {times[0]:.1f} -> {ms:.1f} ms "
+                          f"(x{row['speedup']:.2f}, {row['speedup_over_mac_ratio']:.2f} of the "
+                          f"MAC ratio), {row['layers_decomposed']}/{row['layers_matched']} "
+                          f"layers decomposed", flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "torch": torch.__version__, "input_size": list(input_size)}
+    try:
+        import onnxruntime
+
+        meta["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n| model | MACs kept | plan | batch | MAC ratio | original ms | compressed ms | "
+          "speed-up | speed-up / MAC ratio |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['target_macs']:g} | {r['plan']} | {r['batch']} | "
+              f"{r['macs_ratio']:.2f}x | {r['original_ms']:.1f} | {r['compressed_ms']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['speedup_over_mac_ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
