@@ -276,3 +276,26 @@ def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: La
             "first_check_ms": list(first), "reverted": reverted}
     plan_.latency = {**(plan_.latency or {}), **info}
     return info
+
+
+def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Sequence[str],
+                        input_size: Sequence[int], *, batch: int = 1, threads: int = 1,
+                        runtimes: Sequence[str] = RUNTIMES, rounds: int = 5,
+                        per_round: int = 3) -> list[dict[str, Any]]:
+    """Per replaced layer: the dense layer (from ``original``) and its decomposition (from
+    ``compressed``) timed against each other on the input the original layer sees, on each
+    runtime. Rows: ``layer, runtime, threads, batch, dense_ms, decomposed_ms, speedup``."""
+    from .surgery import get_module
+
+    x = model_input(input_size, batch)
+    ins = record_inputs(original, list(names), x)
+    rows = []
+    for rt in runtimes:
+        cfg = LatencyConfig(runtime=rt, threads=threads, batch=batch, rounds=rounds,
+                            per_round=per_round)
+        for n in names:
+            d, c = time_modules([get_module(original, n), get_module(compressed, n)], ins[n],
+                                cfg)
+            rows.append({"layer": n, "runtime": rt, "threads": threads, "batch": batch,
+                         "dense_ms": d, "decomposed_ms": c, "speedup": d / c if c else None})
+    return rows

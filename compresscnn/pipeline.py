@@ -90,6 +90,44 @@ def _sensitivity(recipe: dict[str, Any], model: nn.Module, input_size: tuple[int
                              _calibration_batches(recipe, pcfg))
 
 
+def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
+                     input_size: tuple[int, ...], recipe: dict[str, Any], staging: Path,
+                     onnx: dict[str, Any] | None) -> tuple[list, list]:
+    """Whole-model latency of the original and compressed models in PyTorch and (when the
+    run exported ONNX) onnxruntime at every ``report.latency_batch``; and each replaced
+    layer, dense vs decomposed, timed against each other at the first batch."""
+    import tempfile
+
+    from .evaluate import measure_latency
+    from .export import export_onnx
+    from .latency import layer_latency_table
+
+    thr = recipe["report"]["threads"]
+    batches = recipe["report"]["latency_batch"]
+    runtimes = ["torch"] + (["onnxruntime"] if onnx else [])
+    lat = []
+    with tempfile.TemporaryDirectory(prefix="compresscnn-base-") as tmp:
+        files = {}
+        if onnx:
+            files["baseline"] = Path(tmp) / "baseline.onnx"
+            export_onnx(model, files["baseline"], input_size,
+                        dynamic_batch=recipe["export"]["dynamic_batch"], check_batch=(1,))
+            files["compressed"] = staging / onnx["path"]
+        for b in batches:
+            for rt in runtimes:
+                if rt == "onnxruntime" and b != 1 and not recipe["export"]["dynamic_batch"]:
+                    continue  # a static ONNX file runs at its export batch only
+                for label, m in (("baseline", model), ("compressed", compressed)):
+                    target = m if rt == "torch" else files[label]
+                    r = measure_latency(target, (b, *input_size), runtime=rt, threads=thr,
+                                        batch=b)
+                    lat.append({"model": label, **r})
+    names = [r.name for r in p.replacements if r.applied]
+    layers = layer_latency_table(model, compressed, names, input_size, batch=batches[0],
+                                 threads=thr, runtimes=runtimes) if names else []
+    return lat, layers
+
+
 def _latency_planned(recipe: dict[str, Any]) -> bool:
     target = recipe.get("target") or {}
     return "latency" in target or any(r.get("objective") == "latency"
@@ -402,14 +440,8 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     if recipe["report"]["latency"]:
         _log("[latency] timing the original and the compressed model", quiet)
         with Timer(timings, "latency"):
-            lat = []
-            thr = recipe["report"]["threads"]
-            for b in recipe["report"]["latency_batch"]:
-                shape = (b, *input_size)
-                for label, m in (("baseline", model), ("compressed", compressed)):
-                    r = measure_latency(m, shape, runtime="torch", threads=thr, batch=b)
-                    lat.append({"model": label, "runtime": "torch", "batch": b, **r})
-            report["latency"] = lat
+            report["latency"], report["layer_latency"] = _measure_latency(
+                model, compressed, p, input_size, recipe, staging, report.get("onnx"))
 
     report["layers"] = p.to_rows()
     report["plan"] = {"params_before": p.total_params, "params_after": p.params_after,

@@ -328,6 +328,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         )
         lines += [""]
 
+    layer_lat = r.get("layer_latency") or []
+    if layer_lat:
+        lines += ["### Per layer: dense vs decomposed", ""]
+        lines += _table(
+            ["Layer", "Runtime", "Threads", "Batch", "Dense ms", "Decomposed ms", "Speed-up"],
+            ([
+                f"`{row.get('layer')}`", _cell(row.get("runtime")), _cell(row.get("threads")),
+                _cell(row.get("batch")), _fmt_seconds(row.get("dense_ms")),
+                _fmt_seconds(row.get("decomposed_ms")),
+                f"{row['speedup']:.2f}x" if _num(row.get("speedup")) is not None else _DASH,
+            ] for row in layer_lat),
+            ["l", "l", "r", "r", "r", "r", "r"],
+        )
+        lines += [""]
+
     # Layers ------------------------------------------------------------------------------
     layers = r.get("layers") or []
     if layers:

@@ -182,12 +182,18 @@ def test_recipe_run_with_a_latency_target(tmp_path, capsys):
         "latency: {rounds: 3, max_candidates: 4}\n"
         "finetune: {enabled: false}\n"
         "evaluate: {baseline: false, zero_shot: false}\n"
-        "export: {onnx: false}\n"
-        "report: {latency: false, plots: false}\n")
+        "report: {latency: true, latency_batch: [1, 2], plots: false}\n")
     out = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
     rep = json.loads((out / "report.json").read_text())
     lat = rep["latency_plan"]
     assert lat["runtime"] == "onnxruntime" and lat["compressed_ms"] <= lat["original_ms"]
+    runtimes = {(r["model"], r["runtime"], r["batch"]) for r in rep["latency"]}
+    assert runtimes == {(m, rt, b) for m in ("baseline", "compressed")
+                        for rt in ("torch", "onnxruntime") for b in (1, 2)}
+    layers = {(r["layer"], r["runtime"]) for r in rep["layer_latency"]}
+    applied = [r["name"] for r in rep["layers"] if r["skipped"] is None]
+    assert layers == {(n, rt) for n in applied for rt in ("torch", "onnxruntime")}
+    assert "Per layer: dense vs decomposed" in (out / "report.md").read_text()
     model = load_compressed(out)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)

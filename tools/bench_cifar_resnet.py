@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
                     help="data-aware: fit each layer to the original's output on this many "
                          "batches of 64 training images (0: data-free)")
+    ap.add_argument("--steps", type=int, default=300,
+                    help="Adam steps per layer of the data-aware fit (with --calibrate)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="allocate the budget on measured output sensitivity (needs --calibrate)")
     ap.add_argument("--threads", type=int, default=2)
@@ -90,7 +92,8 @@ def main() -> None:
                      "alpha": None if args.no_distill else args.alpha,
                      "target_macs": args.macs, "uniform": args.uniform,
                      "calibrate": args.calibrate,
-                     "allocation": "sensitivity" if args.sensitivity else "spectral"}
+                     "allocation": "sensitivity" if args.sensitivity else "spectral",
+                     "steps": args.steps if args.calibrate else None}
         if cfg == "dense":
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
@@ -107,7 +110,7 @@ def main() -> None:
             p = plan(original, rules, input_size, target=target, sensitivity=weights)
             model = apply(copy.deepcopy(original), p)
             if cal is not None:
-                refine(original, model, p, cal)
+                refine(original, model, p, cal, steps=args.steps)
             c = count(model, input_size)
             row.update(c)
             row["ranks"] = p.ranks()
@@ -142,7 +145,9 @@ def main() -> None:
                                                and r.get("alpha") == row["alpha"]
                                                and r.get("calibrate", 0) == args.calibrate
                                                and r.get("allocation", "spectral")
-                                               == row["allocation"])]
+                                               == row["allocation"]
+                                               and r.get("steps", 300 if args.calibrate else None)
+                                               == row["steps"])]
         results.append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
