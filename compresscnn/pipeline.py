@@ -80,10 +80,12 @@ def _calibration_batches(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list:
 
 def _sensitivity(recipe: dict[str, Any], model: nn.Module, input_size: tuple[int, ...],
                  pcfg: dict[str, Any]) -> dict[str, float] | None:
-    """Per-layer budget weights when ``calibration.allocation: sensitivity``."""
-    cal = recipe.get("calibration")
-    if not (cal and cal.get("allocation") == "sensitivity" and recipe.get("target")):
+    """Per-layer budget weights when ``allocation: sensitivity``."""
+    if not (recipe.get("allocation") == "sensitivity" and recipe.get("target")):
         return None
+    if not recipe.get("calibration"):
+        raise RecipeError("allocation: sensitivity needs a calibration section (the layers' "
+                          "effect on the output is measured on calibration batches)")
     from .calibration import layer_sensitivity
 
     return layer_sensitivity(model, recipe["rules"], input_size,
@@ -295,7 +297,8 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
                                   "recipe.yaml (exact ranks) with torchrun")
             p = plan(model, recipe["rules"], input_size, target=recipe.get("target"),
                      latency=recipe.get("latency"),
-                     sensitivity=_sensitivity(recipe, model, input_size, pcfg))
+                     sensitivity=_sensitivity(recipe, model, input_size, pcfg),
+                     allocation=recipe.get("allocation", "spectral"))
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{where}{e}") from None
     if dry_run:

@@ -13,6 +13,12 @@ the target. The error of a layer at a rank is its relative weight reconstruction
 estimated from the spectra (tail energy; for Tucker-2 the HOSVD bound over both modes),
 so the allocation needs no data; with calibration data, ``compresscnn.surgery`` weights it
 by each layer's measured output sensitivity.
+
+The error a layer contributes is ``weight * e**2`` (``penalty="squared"``, the default:
+summed squared relative errors), or ``-weight * log(1 - e**2)`` (``penalty="log_energy"``:
+maximise the *product* of the energies the layers keep, Zhang et al. 2015, eq. 14): the
+second grows without bound as a layer loses all its energy, so no single layer is cut to
+nothing to spare the others.
 """
 
 from __future__ import annotations
@@ -242,7 +248,10 @@ def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | N
     return cands
 
 
-def allocate(items: list[BudgetItem], key: str, budget: int) -> None:
+PENALTIES = ("squared", "log_energy")
+
+
+def allocate(items: list[BudgetItem], key: str, budget: int, penalty: str = "squared") -> None:
     """Choose ``item.choice`` for every item so that the sum of ``key`` is <= ``budget``.
 
     Greedy in two passes (see the module docstring). Raises RankError when even the
@@ -251,8 +260,14 @@ def allocate(items: list[BudgetItem], key: str, budget: int) -> None:
     def cost(it: BudgetItem, j: int) -> int:
         return getattr(it.candidates[j], key)
 
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+
     def err(it: BudgetItem, j: int) -> float:
-        return it.weight * it.candidates[j].error ** 2
+        e2 = min(it.candidates[j].error ** 2, 1.0)
+        if penalty == "log_energy":
+            return -it.weight * math.log(max(1.0 - e2, 1e-9))
+        return it.weight * e2
 
     def cheapest_after(it: BudgetItem, j: int) -> int | None:
         """Next candidate after j that is cheaper than j (candidates may not be sorted)."""

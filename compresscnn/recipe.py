@@ -603,11 +603,6 @@ SCHEMA = Section("The recipe.", {
         "bn_recalibrate": Field(Bool(), True,
                                 "Re-estimate BatchNorm running statistics after the layers "
                                 "are replaced."),
-        "allocation": Field(Enum("spectral", "sensitivity"), "spectral",
-                            "How a global `target` spreads over layers: `spectral` weighs "
-                            "each layer's weight error alone; `sensitivity` scales it by the "
-                            "measured change of the model's output when that layer alone is "
-                            "decomposed (first 4 calibration batches)."),
     }, presence="optional"),
     "rules": Field(Check(), _REQUIRED, "Which layers get which method and rank; see below."),
     "target": Field(Check(), None,
@@ -616,6 +611,13 @@ SCHEMA = Section("The recipe.", {
                     "keep (`latency`: measured on the `latency` section's runtime). Rules "
                     "without a rank policy get their ranks from this budget.",
                     "null"),
+    "allocation": Field(Enum("spectral", "energy", "sensitivity"), "spectral",
+                        "How a global `target` spreads over layers: `spectral` minimises the "
+                        "summed squared relative weight errors; `energy` maximises the product "
+                        "of the energies the layers keep (Zhang et al. 2015: no layer is cut "
+                        "to nothing); `sensitivity` (needs `calibration`) weighs each layer's "
+                        "error by the measured change of the model's output when that layer "
+                        "alone is decomposed (first 4 calibration batches)."),
     "latency": Section("How latency-aware planning (`objective: latency` rules, a `latency` "
                        "target) times layers, and the runtime the result must not be slower "
                        "on.", {

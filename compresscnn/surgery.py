@@ -24,6 +24,9 @@ from .errors import RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
 from .recipe import POLICY_KEYS as _RANK_KEYS
 
+#: how a global target is spread over layers (see ``plan``)
+ALLOCATIONS = ("spectral", "energy", "sensitivity")
+
 
 @dataclass
 class Replacement:
@@ -217,12 +220,17 @@ def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[st
 def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
          target: dict[str, float] | None = None,
          sensitivity: dict[str, float] | None = None,
-         objective: str = "macs", latency: Any = None) -> Plan:
+         objective: str = "macs", latency: Any = None,
+         allocation: str = "spectral") -> Plan:
     """Decide, for every layer a rule matches, the method and the exact rank.
 
     ``target`` ({"macs": f}, {"params": f} or {"latency": f}) is a whole-model budget: the
     layers of rules without a rank policy share it (``compresscnn.ranks.allocate``).
     ``sensitivity`` (layer name -> weight) scales each layer's error in that allocation.
+    ``allocation``: ``"spectral"`` (default) minimises the summed squared relative errors,
+    ``"energy"`` maximises the product of the energies kept (Zhang et al. 2015), and
+    ``"sensitivity"`` is ``"spectral"`` with ``sensitivity`` weights (``compress`` measures
+    them from calibration batches).
 
     ``objective="latency"`` (or a rule's own ``objective: latency``, or a latency target)
     times each layer's dense form and candidate decompositions on the runtime ``latency``
@@ -231,6 +239,8 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     dense layer: a layer where none is stays dense (see ``compresscnn.latency``).
     """
     rules = _validate_rules(rules, target)
+    if allocation not in ALLOCATIONS:
+        raise RecipeError(f"allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if objective not in ("macs", "latency"):
         raise RecipeError(f"objective: {objective!r} is not one of macs, latency")
     input_size = tuple(int(x) for x in input_size)
@@ -333,7 +343,8 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
             raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
                             f"cannot touch (matched by no budgeted rule, or refused by its "
                             f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
-        allocate([it for it, _ in budget_items], key, budget)
+        allocate([it for it, _ in budget_items], key, budget,
+                 penalty="log_energy" if allocation == "energy" else "squared")
         for item, rep in budget_items:
             c = item.candidates[item.choice]
             rep.policy = f"budget {key} {frac:g}"
@@ -415,15 +426,16 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     re-estimated; the measured output errors go into each plan row's ``fit``.
     ``allocation="sensitivity"`` (with ``calibration`` and a ``target``) weighs each layer's
     error in the budget by its measured effect on the model's output
-    (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone.
+    (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone;
+    ``allocation="energy"`` keeps the product of the layers' retained energies highest.
 
     ``objective="latency"`` (and/or ``target={"latency": f}``) plans on measured latency
     (see :func:`plan` and ``compresscnn.latency``; ``latency`` configures the runtime), and
     the result is checked against the original on that runtime: layers are put back until
     the compressed model is not slower (``plan.latency`` holds the measurements).
     """
-    if allocation not in ("spectral", "sensitivity"):
-        raise RecipeError(f"allocation: {allocation!r} is not one of spectral, sensitivity")
+    if allocation not in ALLOCATIONS:
+        raise RecipeError(f"allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     weights = None
     if calibration is not None:
         calibration = list(calibration)
@@ -434,7 +446,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     elif allocation == "sensitivity":
         raise RecipeError("allocation: sensitivity needs calibration batches")
     p = plan(model, rules, input_size, target=target, objective=objective, latency=latency,
-             sensitivity=weights)
+             sensitivity=weights, allocation=allocation)
     new = apply(copy.deepcopy(model), p)
     if calibration is not None:
         refine(model, new, p, calibration, reconstruct=True, steps=reconstruct_steps,

@@ -68,3 +68,20 @@ def test_allocate_unreachable_budget():
     a = _item("a", 100, [(50, 0.1)])
     with pytest.raises(RankError, match="cannot be reached"):
         allocate([a], "macs", 10)
+
+
+def test_log_energy_penalty_never_cuts_a_layer_to_nothing():
+    """Two equal layers; the cheapest candidate of each loses (almost) all its energy.
+    Squared errors (bounded by 1) find wiping one layer out as cheap as halving both;
+    the product of kept energies (Zhang et al. 2015) spreads the cut over both."""
+    from compresscnn.ranks import BudgetItem, Candidate, allocate
+
+    def item(name):
+        return BudgetItem(name, [Candidate(None, 100, 100, 0.0),
+                                 Candidate((2,), 50, 50, 0.72),    # e^2 = 0.52
+                                 Candidate((1,), 1, 1, 0.999)])    # e^2 ~ 1
+    for penalty, expect in (("squared", {0, 2}), ("log_energy", {1})):
+        items = [item("a"), item("b")]
+        allocate(items, "macs", 101, penalty=penalty)
+        assert {it.choice for it in items} == expect, penalty
+        assert sum(it.candidates[it.choice].macs for it in items) <= 101

@@ -541,8 +541,7 @@ def test_overrides_apply(tmp_path, _cwd):
     assert r["finetune"]["epochs"] == 3 and r["seed"] == 7
     assert r["rules"][0]["rank"] == [8, 16] and r["rules"][0]["hooi"] is True
     assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": True,
-                                "reconstruct": True, "steps": 300, "lr": 3e-3,
-                                "allocation": "spectral"}
+                                "reconstruct": True, "steps": 300, "lr": 3e-3}
     assert r["target"] == {"macs": 0.5} and r["finetune"]["distill"]["alpha"] == 0.5
     assert r["output"] == str(_cwd / "elsewhere")
 

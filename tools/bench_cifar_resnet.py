@@ -66,12 +66,16 @@ def main() -> None:
                          "batches of 64 training images (0: data-free)")
     ap.add_argument("--steps", type=int, default=300,
                     help="Adam steps per layer of the data-aware fit (with --calibrate)")
-    ap.add_argument("--sensitivity", action="store_true",
-                    help="allocate the budget on measured output sensitivity (needs --calibrate)")
+    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
+                    default="spectral", help="how the global budget spreads over layers "
+                    "(sensitivity needs --calibrate)")
+    ap.add_argument("--sensitivity", action="store_true", help="= --allocation sensitivity")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
+    if args.sensitivity:
+        args.allocation = "sensitivity"
     torch.set_num_threads(args.threads)
 
     data_cfg = {"dataset": "cifar10", "root": str(SHARED / "cifar10-jpg.zip"),
@@ -92,7 +96,7 @@ def main() -> None:
                      "alpha": None if args.no_distill else args.alpha,
                      "target_macs": args.macs, "uniform": args.uniform,
                      "calibrate": args.calibrate,
-                     "allocation": "sensitivity" if args.sensitivity else "spectral",
+                     "allocation": args.allocation,
                      "steps": args.steps if args.calibrate else None}
         if cfg == "dense":
             model = copy.deepcopy(original)
@@ -105,9 +109,10 @@ def main() -> None:
             if args.calibrate:
                 cal = calibration_batches(data_cfg, original.pretrained_cfg, args.calibrate,
                                           batch_size=64)
-                if args.sensitivity and target:
+                if args.allocation == "sensitivity" and target:
                     weights = layer_sensitivity(original, rules, input_size, cal)
-            p = plan(original, rules, input_size, target=target, sensitivity=weights)
+            p = plan(original, rules, input_size, target=target, sensitivity=weights,
+                     allocation=args.allocation)
             model = apply(copy.deepcopy(original), p)
             if cal is not None:
                 refine(original, model, p, cal, steps=args.steps)

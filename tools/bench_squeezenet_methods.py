@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
                     help="data-aware: fit each layer to the original's output on this many "
                          "batches of 32 images of imagenet-train1000.zip (0: data-free)")
-    ap.add_argument("--sensitivity", action="store_true",
-                    help="allocate the budget on measured output sensitivity (needs --calibrate)")
+    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
+                    default="spectral", help="how the global budget spreads over layers "
+                    "(sensitivity needs --calibrate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -66,9 +67,10 @@ def main() -> None:
         t0 = time.time()
         try:
             weights = None
-            if args.sensitivity:
+            if args.allocation == "sensitivity":
                 weights = layer_sensitivity(model, rules, size, cal)
-            p = plan(model, rules, size, target={"macs": args.macs}, sensitivity=weights)
+            p = plan(model, rules, size, target={"macs": args.macs}, sensitivity=weights,
+                     allocation=args.allocation)
         except CompressError as e:
             rows.append({"method": method, "error": str(e)})
             print(f"{method}: {e}", flush=True)
@@ -95,7 +97,7 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs,
             "calibrate_batches": args.calibrate,
-            "allocation": "sensitivity" if args.sensitivity else "spectral"}
+            "allocation": args.allocation}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -27,13 +27,18 @@ def cifar(files: list[str]) -> None:
     seen = set()
     for r in rows:
         key = (r["model"], r["config"], round(r["macs_ratio"], 3), r.get("calibrate"),
-               r.get("epochs"), r.get("distill"), r.get("alpha", 0.9 if r.get("distill") else None))
+               r.get("epochs"), r.get("distill"), r.get("alpha", 0.9 if r.get("distill") else None),
+               r.get("allocation", "spectral"), r.get("steps"))
         if key in seen:  # the same configuration measured again (same seed, same numbers)
             continue
         seen.add(key)
         ft = ("—" if not r.get("epochs") else
               f"{r['epochs']:g} ep " + ("KD α=%g" % r.get("alpha", 0.9) if r.get("distill") else "CE"))
-        print(f"| {r['model']} | {r['config']} | {r.get('calibrate') or 'data-free'} | {ft} "
+        alloc = r.get("allocation", "spectral")
+        calib = ("data-free" if not r.get("calibrate") or r["config"] == "dense" else (
+            f"{r['calibrate']}" + (f", {r['steps']} steps" if r.get("steps", 300) != 300 else ""))
+            ) + (f", {alloc}" if alloc != "spectral" else "")
+        print(f"| {r['model']} | {r['config']} | {calib} | {ft} "
               f"| {r['macs_ratio']:.2f}× | {r['params_ratio']:.2f}× | {_f(r['zero_shot_top1'])} "
               f"| {_f(r.get('zero_shot_agreement'))} | {_f(r.get('finetuned_top1'))} "
               f"| {_f(r.get('finetuned_agreement'))} | {r['date']} |")
@@ -77,7 +82,10 @@ def decompose_time(f: str) -> None:
 if __name__ == "__main__":
     cifar(["resnet20_tucker2_issue2.json", "resnet20_methods_macs0.5.json",
            "resnet20_plain_ce.json", "resnet20_methods_macs0.5_dataaware.json",
-           "resnet56_methods_macs0.5_zeroshot.json"])
+           "resnet56_methods_macs0.5_zeroshot.json", "resnet20_dataaware_ce.json",
+           "resnet20_methods_macs0.5_sensitivity.json",
+           "resnet56_methods_macs0.5_dataaware_kd.json",
+           "resnet56_methods_macs0.5_dataaware.json"])
     squeeze("squeezenet1_1_methods_macs0.667.json")
     squeeze("squeezenet1_1_methods_macs0.667_dataaware.json")
     decompose_time("decompose_time.json")
