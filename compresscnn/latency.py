@@ -272,6 +272,8 @@ def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: La
             rep.skipped = "put back: the compressed model was not faster"
             reverted.append(rep.name)
         t_o, t_c = time_modules([original, compressed], x, cfg)
+    if not any(r.applied for r in plan_.replacements):
+        t_c = t_o  # every layer put back: the two models are the same network
     info = {"original_ms": t_o, "compressed_ms": t_c, "speedup": t_o / t_c if t_c else None,
             "first_check_ms": list(first), "reverted": reverted}
     plan_.latency = {**(plan_.latency or {}), **info}

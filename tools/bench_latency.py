@@ -47,7 +47,7 @@ RULES = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "vgg16"], choices=sorted(RULES))
     ap.add_argument("--macs", nargs="+", type=float, default=[0.5, 0.333])
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--plans", nargs="+", default=["uniform", "macs", "latency"],
                     choices=["uniform", "macs", "latency"])
     ap.add_argument("--json", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     input_size = (3, args.size, args.size)
     rows = []
@@ -129,6 +129,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['target_macs']:g} | {r['plan']} | {r['batch']} | "
               f"{r['macs_ratio']:.2f}x | {r['original_ms']:.1f} | {r['compressed_ms']:.1f} | "
               f"{r['speedup']:.2f}x | {r['speedup_over_mac_ratio']:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":

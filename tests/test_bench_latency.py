@@ -1,0 +1,33 @@
+"""tools/bench_latency.py end to end on a tiny input (the numbers are not checked: speed goals
+live in the benchmark's results, not in tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_latency.py"
+
+
+def test_bench_latency_runs_every_plan(tmp_path):
+    spec = importlib.util.spec_from_file_location("_bench_latency", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        rows = mod.main(["--models", "resnet18", "--size", "32", "--macs", "0.5",
+                         "--batches", "1", "--threads", "1", "--rounds", "1",
+                         "--plan-rounds", "1", "--json", str(tmp_path / "lat.json")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "lat.json").read_text())
+    assert [r["plan"] for r in data["rows"]] == ["uniform", "macs", "latency"] == \
+        [r["plan"] for r in rows]
+    for r in rows:
+        assert r["original_ms"] > 0 and r["compressed_ms"] > 0 and r["macs_ratio"] > 1.0
+    assert abs(rows[1]["macs_ratio"] - 2.0) < 0.1
+    lat = rows[2]["latency_plan"]
+    assert lat["runtime"] == "onnxruntime" and lat["compressed_ms"] <= lat["original_ms"]
