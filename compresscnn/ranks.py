@@ -264,9 +264,9 @@ def allocate(items: list[BudgetItem], key: str, budget: int, penalty: str = "squ
         raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
 
     def err(it: BudgetItem, j: int) -> float:
-        e2 = min(it.candidates[j].error ** 2, 1.0)
+        e2 = it.candidates[j].error ** 2  # may exceed 1: Tucker-2's bound sums two modes
         if penalty == "log_energy":
-            return -it.weight * math.log(max(1.0 - e2, 1e-9))
+            return -it.weight * math.log(max(1.0 - min(e2, 1.0), 1e-9))
         return it.weight * e2
 
     def cheapest_after(it: BudgetItem, j: int) -> int | None:

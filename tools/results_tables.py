@@ -84,7 +84,8 @@ if __name__ == "__main__":
            "resnet20_plain_ce.json", "resnet20_methods_macs0.5_dataaware.json",
            "resnet56_methods_macs0.5_zeroshot.json", "resnet20_dataaware_ce.json",
            "resnet20_methods_macs0.5_sensitivity.json",
-           "resnet56_methods_macs0.5_dataaware_kd.json",
+           "resnet56_methods_macs0.5_dataaware_kd.json", "resnet56_fire_dataaware_kd.json",
+           "resnet20_methods_macs0.5_energy.json",
            "resnet56_methods_macs0.5_dataaware.json"])
     squeeze("squeezenet1_1_methods_macs0.667.json")
     squeeze("squeezenet1_1_methods_macs0.667_dataaware.json")
