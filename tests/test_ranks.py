@@ -85,3 +85,14 @@ def test_log_energy_penalty_never_cuts_a_layer_to_nothing():
         allocate(items, "macs", 101, penalty=penalty)
         assert {it.choice for it in items} == expect, penalty
         assert sum(it.candidates[it.choice].macs for it in items) <= 101
+
+
+def test_squared_errors_above_one_still_rank_candidates():
+    """Tucker-2's error bound sums two modes and can exceed 1: it must not be clipped, or
+    two very different cuts tie."""
+    from compresscnn.ranks import BudgetItem, Candidate, allocate
+
+    items = [BudgetItem("a", [Candidate(None, 100, 100, 0.0), Candidate((1, 1), 50, 50, 1.3)]),
+             BudgetItem("b", [Candidate(None, 100, 100, 0.0), Candidate((1, 1), 50, 50, 1.1)])]
+    allocate(items, "macs", 150)
+    assert [it.choice for it in items] == [0, 1]
