@@ -368,11 +368,11 @@ def layer_latency(
     Returns ``{name: {"median_ms", ..., "input_shape"}}``. Only the first positional tensor
     input of each module is recorded (true for Conv/Linear/Sequential blocks).
     """
-    from .latency import record_inputs
+    from .latency import model_input, record_inputs
 
     mods = dict(model.named_modules())
     dev = _model_device(model) or torch.device("cpu")
-    x = torch.randn((int(batch), *input_shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+    x = model_input(input_shape, batch, seed).to(dev)
     recorded = record_inputs(model, names, x)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     out: dict[str, dict[str, Any]] = {}

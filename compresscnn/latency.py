@@ -26,7 +26,6 @@ module lives there).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import statistics
@@ -141,22 +140,6 @@ def _runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Callable[
     return lambda: sess.run(None, feed)
 
 
-@contextlib.contextmanager
-def _timing_mode(modules: Sequence[nn.Module], threads: int):
-    old_threads = torch.get_num_threads()
-    modes = [m.training for m in modules]
-    torch.set_num_threads(int(threads))
-    for m in modules:
-        m.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for m, t in zip(modules, modes):
-            m.train(t)
-        torch.set_num_threads(old_threads)
-
-
 def time_interleaved(fns: Sequence[Callable[[], Any]], cfg: LatencyConfig) -> list[float]:
     """Median milliseconds of each function, timed round-robin: every round runs each
     function ``per_round`` times, so a slow spell of the machine hits all of them."""
@@ -178,7 +161,9 @@ def time_modules(modules: Sequence[nn.Module], x: torch.Tensor,
     """Median latency (ms) of each module on input ``x`` on ``cfg.runtime``."""
     if cfg.timer is not None:
         return [float(cfg.timer(m, x)) for m in modules]
-    with _timing_mode(modules, cfg.threads):
+    from .evaluate import _eval_mode, num_threads
+
+    with num_threads(cfg.threads), _eval_mode(*modules), torch.inference_mode():
         fns = [_runner(m, x, cfg) for m in modules]
         return time_interleaved(fns, cfg)
 
@@ -253,24 +238,26 @@ def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: La
     reverted: list[str] = []
     rows = [r for r in plan_.replacements if r.applied]
     rows.sort(key=lambda r: ((r.latency_before or 0.0) - (r.latency_after or 0.0)))
+
+    def put_back(reps, reason: str) -> None:
+        for rep in reps:
+            set_module(compressed, rep.name, copy.deepcopy(get_module(original, rep.name)))
+            rep.skipped = reason
+            reverted.append(rep.name)
+
     rounds = 0
     while t_c > t_o and rows and rounds < max_rounds:
         rounds += 1
         n = max(1, len(rows) // 4) if rounds > 2 else 1
-        for rep in rows[:n]:
-            set_module(compressed, rep.name, copy.deepcopy(get_module(original, rep.name)))
-            rep.skipped = (f"put back: the whole compressed model measured {t_c:.3g} ms vs "
+        put_back(rows[:n], f"put back: the whole compressed model measured {t_c:.3g} ms vs "
                            f"{t_o:.3g} ms dense on {cfg.runtime}")
-            reverted.append(rep.name)
         rows = rows[n:]
         t_o, t_c = time_modules([original, compressed], x, cfg)
     if t_c > t_o and rows:
         # still slower after max_rounds: give up on every replacement rather than ship a
         # slower model
-        for rep in rows:
-            set_module(compressed, rep.name, copy.deepcopy(get_module(original, rep.name)))
-            rep.skipped = "put back: the compressed model was not faster"
-            reverted.append(rep.name)
+        put_back(rows, "put back: the compressed model was not faster")
+        rows = []
         t_o, t_c = time_modules([original, compressed], x, cfg)
     if not any(r.applied for r in plan_.replacements):
         t_c = t_o  # every layer put back: the two models are the same network

@@ -434,8 +434,6 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     the result is checked against the original on that runtime: layers are put back until
     the compressed model is not slower (``plan.latency`` holds the measurements).
     """
-    if allocation not in ALLOCATIONS:
-        raise RecipeError(f"allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     weights = None
     if calibration is not None:
         calibration = list(calibration)
