@@ -559,7 +559,7 @@ def test_numerics_shapes():
     assert torch.allclose(u.mT @ u, torch.eye(6, dtype=t.dtype), atol=1e-12)
     core, (u0, u1) = num.hosvd(t, (0, 1), (3, 2))
     assert core.shape == (3, 2, 3, 4) and u0.shape == (6, 3) and u1.shape == (5, 2)
-    core, fs, done = num.hooi(t, (0, 1), (3, 2), iters=4)
+    core, fs, done = num.hooi(t, (3, 2), iters=4)
     assert core.shape == (3, 2, 3, 4) and [f.shape for f in fs] == [(6, 3), (5, 2)]
     assert 0 <= done <= 4
     a = _rand(9, 7)
@@ -590,7 +590,7 @@ def test_numerics_agree_with_tensorly():
         (core_tl, f_tl), _ = partial_tucker(t, rank=[4, 3], modes=[0, 1], n_iter_max=100,
                                             tol=1e-12)
         err_tl = float((t - num.mode_dot(num.mode_dot(core_tl, f_tl[0], 0), f_tl[1], 1)).norm())
-        core, fs, _ = num.hooi(t, (0, 1), (4, 3), iters=100, tol=1e-12)
+        core, fs, _ = num.hooi(t, (4, 3), iters=100, tol=1e-12)
         err = float((t - num.mode_dot(num.mode_dot(core, fs[0], 0), fs[1], 1)).norm())
         assert err <= err_tl * (1 + 1e-6)
         # same subspaces (up to rotation): the projectors agree
@@ -608,3 +608,49 @@ def test_numerics_agree_with_tensorly():
     dec = D.get_decomposer("cp")
     ours, info = num.cp_als(low, dec._hosvd_init(low, 3, 0), iters=200, tol=1e-12, ridge=0.0)
     assert info["rel_error"] <= err_tl * 1.05 + 1e-6
+
+
+def _tucker2_error(t, core, fs) -> float:
+    approx = num.mode_dot(num.mode_dot(core, fs[0], 0), fs[1], 1)
+    return float((t - approx).norm() / t.norm())
+
+
+def test_hooi_monotone_in_sweeps_and_extrapolation_converges_faster():
+    """Every extra sweep fits at least as well (the extrapolated step is only kept when it
+    gains), and extrapolation reaches the plain HOOI's 12-sweep fit in fewer sweeps."""
+    t = _rand(40, 32, 3, 3)
+    ranks = (10, 8)
+    errs = [_tucker2_error(t, *num.hooi(t, ranks, k, tol=0.0)[:2]) for k in range(1, 13)]
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:]))
+    plain = [_tucker2_error(t, *num.hooi(t, ranks, k, tol=0.0, extrapolate=0.0)[:2])
+             for k in (1, 12)]
+    assert errs[0] == pytest.approx(plain[0], abs=1e-12)    # sweep 1 is never extrapolated
+    assert errs[-1] <= plain[-1] + 1e-12
+    first = next(k for k, e in enumerate(errs, 1) if e <= plain[-1] + 1e-12)
+    assert first < 12
+    core, _ = num.hosvd(t, (0, 1), ranks)
+    assert errs[0] < float((t.norm() ** 2 - core.norm() ** 2).sqrt() / t.norm())
+
+
+def test_hooi_float32_sweeps_match_float64():
+    """Sweeping in float32 picks the same subspaces to float32 accuracy (factors orthonormal
+    to float32 precision); the result keeps the input's dtype."""
+    t = _rand(24, 20, 3, 3)
+    c64, f64, _ = num.hooi(t, (6, 5), 8, tol=0.0)
+    c32, f32, _ = num.hooi(t, (6, 5), 8, tol=0.0, sweep_dtype=torch.float32)
+    assert c32.dtype == torch.float64 and all(f.dtype == torch.float64 for f in f32)
+    assert abs(_tucker2_error(t, c32, f32) - _tucker2_error(t, c64, f64)) < 1e-5
+    for a, b in zip(f64, f32):
+        assert torch.allclose(a @ a.mT, b @ b.mT, atol=1e-3)
+        assert torch.allclose(b.mT @ b, torch.eye(b.shape[1], dtype=b.dtype), atol=1e-6)
+
+
+def test_tucker2_hooi_float32_layer():
+    layer = nn.Conv2d(16, 24, 3, padding=1)       # float32, as a pretrained model's
+    dec = D.get_decomposer("tucker2")
+    plain = dec.decompose(layer, (4, 6)).fit_info["rel_error"]
+    refined = dec.decompose(layer, (4, 6), hooi=6)
+    assert refined[1].weight.dtype == torch.float32
+    assert refined.fit_info["rel_error"] < plain and refined.fit_info["iters"] >= 1
+    x = torch.randn(2, 16, 8, 8)
+    assert refined(x).shape == layer(x).shape

@@ -66,36 +66,82 @@ def hosvd(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int]
     return core, factors
 
 
-def hooi(t: torch.Tensor, modes: Sequence[int], ranks: Sequence[int], iters: int,
-         tol: float = 1e-5) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-    """Higher-order orthogonal iteration (De Lathauwer et al. 2000, alg. 4.2) from the HOSVD:
-    each sweep refits ``U_n`` as the leading eigenvectors of the Gram matrix of ``t``
-    projected on all other factors. Stops when the captured energy ``||G||^2`` improves by
-    less than ``tol`` (relative). Returns ``(core, factors, sweeps_done)``; the fit is never
-    worse than the HOSVD's."""
-    core, factors = hosvd(t, modes, ranks)
-    best = float(core.square().sum())
+def _top_eigvecs(g: torch.Tensor, r: int) -> tuple[torch.Tensor, float]:
+    """Leading ``r`` eigenvectors of the symmetric PSD ``g`` (columns, descending) and the sum
+    of their eigenvalues (float64)."""
+    evals, evecs = torch.linalg.eigh(g)   # reads one triangle: no symmetrising needed
+    return evecs[:, -r:].flip(-1), float(evals[-r:].double().sum())
+
+
+def hooi(w: torch.Tensor, ranks: Sequence[int], iters: int, tol: float = 1e-5,
+         extrapolate: float = 1.0, sweep_dtype: torch.dtype | None = None
+         ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Tucker-2 by higher-order orthogonal iteration (De Lathauwer et al. 2000, alg. 4.2) on
+    the two leading modes of ``w`` (``I_0 x I_1 x ...``, a conv kernel), ``ranks = (r_0,
+    r_1)``. Returns ``(core, [U_0, U_1], sweeps_done)`` like :func:`hosvd` with modes
+    ``(0, 1)``; the fit is never worse than the HOSVD's (each half-sweep maximises the
+    captured energy ``||G||^2`` exactly given the other factor, starting from the HOSVD's
+    ``U_1``).
+
+    Faster than the textbook loop, for the same fixed points:
+
+    * ``U_0``'s HOSVD is never computed (the first half-sweep replaces it), and a sweep is
+      two batched products with the kernel's spatial slices, two ``I_n x I_n`` Gram
+      matrices and their ``eigh``; the captured energy is the sum of the kept eigenvalues,
+      so no core is formed until the end.
+    * The sweeps only pick subspaces, so they may run in a cheaper ``sweep_dtype``
+      (Tucker-2 passes float32 for a float32 layer: about 2.5x faster); the factors
+      (orthonormal to ``sweep_dtype``'s precision) and the core come back in ``w``'s dtype.
+    * Extrapolation (``extrapolate`` = beta > 0): before a sweep, ``U_1`` is pushed further
+      along its last move, ``qr(U + beta (U - P P^T U))`` with ``P`` the previous ``U_1``
+      (the line-search acceleration used for ALS, e.g. Bro 1998, on the Grassmannian); the
+      step is kept only if its half-sweep captures more energy than the last one, else the
+      sweep restarts from the plain ``U_1``. It cuts the sweeps needed for a given fit by
+      about a third on VGG-16's kernels (``tools/bench_tensorly.py``).
+
+    Stops after ``iters`` sweeps or when a sweep raises the captured energy by less than
+    ``tol`` (relative).
+    """
+    n0, n1 = w.shape[0], w.shape[1]
+    r0, r1 = int(ranks[0]), int(ranks[1])
+    ws = w.reshape(n0, n1, -1).to(sweep_dtype or w.dtype)
+    slices = ws.permute(2, 0, 1).contiguous()           # (k, I_0, I_1): spatial slices
+
+    def gram0(u1: torch.Tensor) -> torch.Tensor:       # Gram of (w x_1 U_1^T)_(0)
+        a = (slices @ u1).transpose(0, 1).reshape(n0, -1)
+        return a @ a.mT
+
+    def gram1(u0: torch.Tensor) -> torch.Tensor:       # Gram of (w x_0 U_0^T)_(1)
+        a = (u0.mT @ slices).permute(2, 0, 1).reshape(n1, -1)
+        return a @ a.mT
+
+    m1 = ws.transpose(0, 1).reshape(n1, -1)
+    u1, _ = _top_eigvecs(m1 @ m1.mT, r1)                # HOSVD factor of mode 1
+    energy = -math.inf
+    prev: torch.Tensor | None = None
     done = 0
+    u0 = None
     for _ in range(iters):
-        new = list(factors)
-        for i, (n, r) in enumerate(zip(modes, ranks)):
-            y = t
-            for j, (m, u) in enumerate(zip(modes, new)):
-                if j != i:
-                    y = mode_dot(y, u.mT, m)
-            new[i] = gram_eig(y, n)[1][:, :r]
-        c = t
-        for n, u in zip(modes, new):
-            c = mode_dot(c, u.mT, n)
-        energy = float(c.square().sum())
+        start = u1
+        if extrapolate > 0 and prev is not None:
+            start = torch.linalg.qr(u1 + extrapolate * (u1 - prev @ (prev.mT @ u1)))[0]
+        u0, e0 = _top_eigvecs(gram0(start), r0)
+        if start is not u1 and not e0 > energy:         # overshoot: plain sweep instead
+            start = u1
+            u0, e0 = _top_eigvecs(gram0(u1), r0)
+        prev = start
+        u1, e1 = _top_eigvecs(gram1(u0), r1)
         done += 1
-        if energy <= best:
+        gain = (e1 - energy) / max(abs(e1), 1e-300)
+        energy = e1
+        if gain < tol:
             break
-        improved = (energy - best) / max(best, 1e-300)
-        core, factors, best = c, new, energy
-        if improved < tol:
-            break
-    return core, factors, done
+    if u0 is None:                                       # iters == 0: plain HOSVD
+        u0, _ = _top_eigvecs(ws.reshape(n0, -1) @ ws.reshape(n0, -1).mT, r0)
+    u0 = torch.linalg.qr(u0)[0]
+    u1 = torch.linalg.qr(u1)[0]
+    core = (u0.mT @ slices @ u1).permute(1, 2, 0).reshape(r0, r1, *w.shape[2:])
+    return core.to(w.dtype), [u0.to(w.dtype), u1.to(w.dtype)], done
 
 
 def truncated_svd(a: torch.Tensor, rank: int

@@ -94,16 +94,22 @@ class Tucker2(Decomposer):
         return list(w.chunk(layer.groups, dim=0))
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
-        """Options: ``hooi`` (int, default 0): HOOI sweeps after the HOSVD; they stop as
-        soon as a sweep no longer improves the fit, and are skipped at full rank."""
+        """Options: ``hooi`` (int, default 0): at most this many HOOI sweeps from the HOSVD
+        (:func:`~compresscnn.decomposers._numerics.hooi`: extrapolated, float32 sweeps for a
+        float32 layer); they stop once a sweep gains less than 1e-5 of the captured energy
+        and are skipped at full rank. 6 sweeps reach TensorLy's converged ``partial_tucker``
+        fit on VGG-16 (``tools/bench_tensorly.py --hooi 6``)."""
         check_options(self, options)
         hooi_iters = int(options.get("hooi", 0))
         r_in, r_out = rank
         full = rank == self.max_rank(layer)
+        # HOOI's sweeps only choose subspaces: the layer's own precision is enough for them
+        sweep_dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
         cores, u_ins, u_outs, sweeps = [], [], [], 0
         for w in self._groups(layer):
             if hooi_iters > 0 and not full:
-                core, (u_out, u_in), done = num.hooi(w, (0, 1), (r_out, r_in), hooi_iters)
+                core, (u_out, u_in), done = num.hooi(w, (r_out, r_in), hooi_iters,
+                                                     sweep_dtype=sweep_dtype)
                 sweeps = max(sweeps, done)
             else:
                 core, (u_out, u_in) = num.hosvd(w, (0, 1), (r_out, r_in))
