@@ -8,7 +8,7 @@ following BatchNorms hold no longer match what they see.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -69,8 +69,94 @@ class _Stop(Exception):
     pass
 
 
+@torch.no_grad()
+def execution_order(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -> list[str]:
+    """Names of ``model``'s submodules of ``types`` in the order one forward pass on ``x``
+    first calls them."""
+    seen: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n) if n not in seen
+                                         else None)
+             for n, m in model.named_modules() if isinstance(m, types)]
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+def following_ops(model: nn.Module, through: str = "activation"
+                  ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """``{layer name: tail}`` for every Conv/Linear whose output feeds, alone, a chain of a
+    BatchNorm (``through="bn"``) and/or a ReLU/ReLU6 (``"activation"``, Zhang et al. 2015's
+    nonlinear response reconstruction), found on a ``torch.fx`` trace. ``tail`` applies that
+    chain (BatchNorm with its running statistics, as in eval mode). Layers whose output goes
+    anywhere else (a residual sum, two consumers) get no entry; models fx cannot trace give
+    ``{}``."""
+    import torch.nn.functional as F
+    from torch import fx
+
+    if through == "layer":
+        return {}
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no tails
+        return {}
+    mods = dict(gm.named_modules())
+    acts = {F.relu: torch.relu, torch.relu: torch.relu, F.relu6: F.relu6}
+
+    def step(node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if node.op == "call_module":
+            m = mods.get(node.target)
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                    and len(node.args) == 1):
+                bn = model.get_submodule(node.target)
+                return lambda t: F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight,
+                                              bn.bias, False, 0.0, bn.eps)
+            if through == "activation" and isinstance(m, nn.ReLU):
+                return torch.relu
+            if through == "activation" and isinstance(m, nn.ReLU6):
+                return F.relu6
+        elif (through == "activation" and node.op == "call_function"
+              and node.target in acts and len(node.args) == 1):
+            return acts[node.target]
+        elif through == "activation" and node.op == "call_method" and node.target == "relu":
+            return torch.relu
+        return None
+
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target),
+                                                      (nn.Conv2d, nn.Linear)):
+            continue
+        chain, cur = [], node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            f = step(nxt)
+            if f is None:
+                break
+            chain.append(f)
+            cur = nxt
+        if chain:
+            out[node.target] = _compose(chain)
+    return out
+
+
+def _compose(fs: list[Callable[[torch.Tensor], torch.Tensor]]
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def tail(t: torch.Tensor) -> torch.Tensor:
+        for f in fs:
+            t = f(t)
+        return t
+    return tail
+
+
 def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[str],
                         batches: list[torch.Tensor], *, steps: int = 200, lr: float = 1e-3,
+                        tails: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                         ) -> dict[str, dict[str, float]]:
     """Data-aware refinement: fit each replaced layer to the original layer's *output*.
 
@@ -83,8 +169,13 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
     the layers before it left. It optimises the same objective as their closed form (the
     layer's response error) and works for every method, Fire's ReLU included.
 
-    Returns, per layer, the relative output error ``||f(x) - y|| / ||y||`` before and after.
-    Both models are left in eval mode.
+    ``tails`` (``{name: f}``, see :func:`following_ops`) fits ``f(layer(x))`` to ``f(y)``
+    instead: the output after the BatchNorm (an error in a channel the BatchNorm divides by a
+    small running std is amplified) and the ReLU (an error where both are negative does not
+    matter) that follow the layer, which is what the rest of the network sees.
+
+    Returns, per layer, the relative output error ``||f(x) - y|| / ||y||`` (after the tail,
+    when one is given) before and after. Both models are left in eval mode.
     """
     original.eval()
     compressed.eval()
@@ -98,9 +189,13 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
         for p in params:
             p.requires_grad_(True)
 
+        tail = (tails or {}).get(name) or (lambda t: t)
+        with torch.no_grad():
+            ys = [tail(y) for y in ys]
+
         def rel_error() -> float:
             with torch.no_grad():
-                num = sum(float((mod(x) - y).square().sum()) for x, y in zip(xs, ys))
+                num = sum(float((tail(mod(x)) - y).square().sum()) for x, y in zip(xs, ys))
                 den = sum(float(y.square().sum()) for y in ys)
             return (num / max(den, 1e-30)) ** 0.5
 
@@ -112,7 +207,7 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
         with torch.enable_grad():
             for step in range(steps):
                 i = step % len(xs)
-                loss = (mod(xs[i]) - ys[i]).square().mean() / scale[i]
+                loss = (tail(mod(xs[i])) - ys[i]).square().mean() / scale[i]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

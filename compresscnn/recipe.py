@@ -532,6 +532,8 @@ RULE_FIELDS: dict[str, Field] = {
 RULE_KEYS: tuple[str, ...] = tuple(RULE_FIELDS)
 #: at most one of these per rule (none only when a global ``target`` is set)
 POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
+#: what data-aware reconstruction matches (``calibration.following_ops``)
+FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
 TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
 
 SCHEMA = Section("The recipe.", {
@@ -600,6 +602,16 @@ SCHEMA = Section("The recipe.", {
                              "reconstruction, Zhang et al. 2015), layer by layer."),
         "steps": Field(Int(1), 300, "Adam steps per layer for `reconstruct`."),
         "lr": Field(Float(0.0, lo_open=True), 3e-3, "Adam learning rate for `reconstruct`."),
+        "fit_through": Field(Enum(*FIT_THROUGH), "layer",
+                             "What `reconstruct` matches: `layer`: the layer's own output; "
+                             "`bn`: the output after the BatchNorm that alone consumes it; "
+                             "`activation`: after that BatchNorm and/or ReLU (Zhang et al. "
+                             "2015's nonlinear reconstruction). Found on a torch.fx trace; a "
+                             "layer followed by anything else is fitted on its own output."),
+        "refit_dense": Field(Bool(), False,
+                             "Also fit the Conv/Linear layers left dense that run after a "
+                             "replaced one (same objective, in execution order): they see the "
+                             "compressed model's inputs and absorb part of the error."),
         "bn_recalibrate": Field(Bool(), True,
                                 "Re-estimate BatchNorm running statistics after the layers "
                                 "are replaced."),
@@ -1329,7 +1341,7 @@ def reference_markdown() -> str:
         "",
         "- **Rank policy**: at most one of `rank`, `energy`, `macs`, `params` per rule. A rule",
         "  may give none only when a global `target` is set; the budget then chooses its ranks.",
-        "- **Method options** are written flat in the rule (e.g. `hooi: true` for tucker2,",
+        "- **Method options** are written flat in the rule (e.g. `hooi: 6` for tucker2,",
         "  `squeeze_ratio`, `pct3x3`, `relu` for fire) and checked against the options the",
         "  method declares (`Decomposer.options`): an option of another method is an error.",
         "  `python -m compresscnn.recipe --methods` lists the registered methods, their",

@@ -22,7 +22,7 @@ from .decomposers import get_decomposer
 from .decomposers.base import layer_cost
 from .errors import RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
-from .recipe import POLICY_KEYS as _RANK_KEYS
+from .recipe import FIT_THROUGH, POLICY_KEYS as _RANK_KEYS
 
 #: how a global target is spread over layers (see ``plan``)
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
@@ -415,7 +415,9 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              calibration: Iterable[torch.Tensor] | None = None,
              reconstruct_steps: int = 300, reconstruct_lr: float = 3e-3,
              bn_recalibrate: bool = True, objective: str = "macs",
-             latency: Any = None, allocation: str = "spectral") -> tuple[nn.Module, Plan]:
+             latency: Any = None, allocation: str = "spectral",
+             fit_through: str = "layer", refit_dense: bool = False
+             ) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
 
     Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
@@ -423,7 +425,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     ``params``, ``round_to``, method options). With ``calibration`` (an iterable of input
     batches), each replaced layer is then fitted to the original layer's output
     (``compresscnn.calibration.reconstruct_outputs``) and BatchNorm statistics are
-    re-estimated; the measured output errors go into each plan row's ``fit``.
+    re-estimated; the measured output errors go into each plan row's ``fit``
+    (``fit_through``, ``refit_dense``: see :func:`refine`).
     ``allocation="sensitivity"`` (with ``calibration`` and a ``target``) weighs each layer's
     error in the budget by its measured effect on the model's output
     (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone;
@@ -448,7 +451,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     new = apply(copy.deepcopy(model), p)
     if calibration is not None:
         refine(model, new, p, calibration, reconstruct=True, steps=reconstruct_steps,
-               lr=reconstruct_lr, bn_recalibrate=bn_recalibrate)
+               lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
+               refit_dense=refit_dense)
     if p.latency_config is not None:
         from .latency import ensure_not_slower
 
@@ -458,17 +462,34 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
 
 def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
            calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
-           lr: float = 3e-3, bn_recalibrate: bool = True) -> int:
+           lr: float = 3e-3, bn_recalibrate: bool = True, fit_through: str = "layer",
+           refit_dense: bool = False) -> int:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
-    ``(input, label)`` pairs). Records the measured output errors in each plan row's
-    ``fit``; returns the number of BatchNorm layers re-estimated."""
-    from .calibration import recalibrate_bn, reconstruct_outputs
+    ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
+    ``"bn"`` / ``"activation"`` fit it after the BatchNorm / BatchNorm and ReLU that alone
+    consume it (:func:`~compresscnn.calibration.following_ops`). ``refit_dense``: the
+    Conv2d/Linear layers left dense that run after a replaced one are fitted the same way,
+    in execution order (they see the compressed model's inputs and can absorb part of the
+    error before them). Records the measured output errors in each plan row's ``fit``;
+    returns the number of BatchNorm layers re-estimated."""
+    from .calibration import (execution_order, following_ops, recalibrate_bn,
+                              reconstruct_outputs)
 
+    if fit_through not in FIT_THROUGH:
+        raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
+                          f"got {fit_through!r}")
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
     if reconstruct:
-        fits = reconstruct_outputs(original, compressed, list(plan_.ranks()), batches,
-                                   steps=steps, lr=lr)
+        tails = following_ops(original, fit_through)
+        names = list(plan_.ranks())
+        if refit_dense and names and batches:
+            order = execution_order(original, batches[0][:1], (nn.Conv2d, nn.Linear))
+            first = min(order.index(n) for n in names if n in order)
+            names = [n for n in order[first:] if n in names or any(
+                p.requires_grad for p in get_module(compressed, n).parameters())]
+        fits = reconstruct_outputs(original, compressed, names, batches,
+                                   steps=steps, lr=lr, tails=tails)
         for rep in plan_.replacements:
             if rep.name in fits:
                 rep.fit["output_error_data_free"] = fits[rep.name]["before"]

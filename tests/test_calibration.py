@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +93,95 @@ def test_compress_with_sensitivity_allocation_meets_the_target():
     from compresscnn.errors import RecipeError
     with pytest.raises(RecipeError, match="needs calibration"):
         compress(m, rules, (3, 12, 12), target={"macs": 0.6}, allocation="sensitivity")
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)   # output also feeds the shortcut
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+        return self.bn2(y) + y
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.sum() > 0:             # fx cannot trace this
+            return self.bn(self.conv(x))
+        return x
+
+
+def test_following_ops_only_where_the_chain_alone_consumes_the_output():
+    from compresscnn.calibration import following_ops
+
+    m = _Residual().eval()
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-1, 1)
+        m.bn1.running_var.uniform_(0.5, 2)
+        m.bn1.weight.uniform_(-2, 2)
+    assert following_ops(m, "layer") == {}
+    for through in ("bn", "activation"):
+        assert list(following_ops(m, through)) == ["conv1"]   # conv2 also feeds the sum
+    t = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(following_ops(m, "bn")["conv1"](t), m.bn1(t))
+        torch.testing.assert_close(following_ops(m, "activation")["conv1"](t),
+                                   torch.relu(m.bn1(t)))
+    seq = _net()
+    assert list(following_ops(seq, "bn")) == ["0"]
+    assert list(following_ops(seq, "activation")) == ["0", "3"]   # conv -> ReLU
+    assert following_ops(_DataDependent(), "activation") == {}
+
+
+def test_fit_through_activation_fits_what_follows_the_relu():
+    """Fitting through the ReLU gets the post-ReLU output closer than fitting the raw
+    output does, and the reported error is the post-ReLU one."""
+    from compresscnn import compress
+    from compresscnn.calibration import _capture, following_ops, reconstruct_outputs
+
+    m = _net()
+    x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
+    rules = [{"match": "3", "method": "tucker2", "rank": [2, 2]}]
+    errs = {}
+    for through in ("layer", "activation"):
+        c, _ = compress(m, rules, (3, 12, 12))
+        fit = reconstruct_outputs(m, c, ["3"], x, steps=200, lr=3e-3,
+                                  tails=following_ops(m, through))
+        xs, ys = _capture(c, "3", x, "in"), _capture(m, "3", x, "out")
+        with torch.no_grad():
+            num = sum(float((torch.relu(c[3](a)) - torch.relu(b)).square().sum())
+                      for a, b in zip(xs, ys))
+            den = sum(float(torch.relu(b).square().sum()) for b in ys)
+        errs[through] = (num / den) ** 0.5
+        if through == "activation":
+            assert fit["3"]["after"] == pytest.approx(errs[through], rel=1e-5)
+    assert errs["activation"] < errs["layer"]
+
+
+def test_execution_order_and_refit_dense_layers_after_a_replaced_one():
+    from compresscnn.calibration import execution_order
+    from compresscnn.surgery import apply, plan, refine
+
+    m = _net()
+    x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
+    assert execution_order(m, x[0][:1], (nn.Conv2d, nn.Linear)) == ["0", "3", "7"]
+    rules = [{"match": "0", "method": "tucker2", "rank": [1, 2]}]
+    p = plan(m, rules, (3, 12, 12))
+    outs = {}
+    for refit in (False, True):
+        c = apply(copy.deepcopy(m), p)
+        dense_before = c[7].weight.detach().clone()
+        refine(m, c, p, x, steps=150, bn_recalibrate=False, refit_dense=refit)
+        assert torch.equal(c[7].weight, dense_before) is (not refit)
+        with torch.no_grad():
+            outs[refit] = float((c(x[0]) - m(x[0])).norm())
+    assert outs[True] < outs[False]

@@ -259,6 +259,8 @@ BAD = [
      "data", "required because evaluate.zero_shot is on"),
     ("calibration-without-data", MINIMAL_NO_DATA + "calibration: {}\n", "data",
      "required because calibration is on"),
+    ("fit-through-unknown", GOOD + "calibration: {fit_through: relu}\n",
+     "calibration.fit_through", "relu"),
     ("env-unset", GOOD.replace("dataset: cifar10", "dataset: cifar10\n  root: ${CC_TEST_UNSET}"),
      "data.root", "environment variable 'CC_TEST_UNSET' is not set"),
     ("env-unsupported", GOOD.replace("dataset: cifar10",
@@ -541,7 +543,8 @@ def test_overrides_apply(tmp_path, _cwd):
     assert r["finetune"]["epochs"] == 3 and r["seed"] == 7
     assert r["rules"][0]["rank"] == [8, 16] and r["rules"][0]["hooi"] is True
     assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": True,
-                                "reconstruct": True, "steps": 300, "lr": 3e-3}
+                                "reconstruct": True, "steps": 300, "lr": 3e-3,
+                                "fit_through": "layer", "refit_dense": False}
     assert r["target"] == {"macs": 0.5} and r["finetune"]["distill"]["alpha"] == 0.5
     assert r["output"] == str(_cwd / "elsewhere")
 

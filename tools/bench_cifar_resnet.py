@@ -66,6 +66,13 @@ def main() -> None:
                          "batches of 64 training images (0: data-free)")
     ap.add_argument("--steps", type=int, default=300,
                     help="Adam steps per layer of the data-aware fit (with --calibrate)")
+    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"], default="layer",
+                    help="data-aware fit of the layer's output, or of it after the "
+                         "BatchNorm (and ReLU) that follow")
+    ap.add_argument("--no-bn-recalibrate", action="store_true",
+                    help="data-aware: keep the original BatchNorm statistics after the fit")
+    ap.add_argument("--refit-dense", action="store_true",
+                    help="data-aware: also refit the layers left dense after a replaced one")
     ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
                     default="spectral", help="how the global budget spreads over layers "
                     "(sensitivity needs --calibrate)")
@@ -97,7 +104,11 @@ def main() -> None:
                      "target_macs": args.macs, "uniform": args.uniform,
                      "calibrate": args.calibrate,
                      "allocation": args.allocation,
-                     "steps": args.steps if args.calibrate else None}
+                     "steps": args.steps if args.calibrate else None,
+                     "fit_through": args.fit_through if args.calibrate else None,
+                     "refit_dense": args.refit_dense if args.calibrate else None,
+                     "bn_recalibrate": (not args.no_bn_recalibrate) if args.calibrate
+                     else None}
         if cfg == "dense":
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
@@ -115,7 +126,9 @@ def main() -> None:
                      allocation=args.allocation)
             model = apply(copy.deepcopy(original), p)
             if cal is not None:
-                refine(original, model, p, cal, steps=args.steps)
+                refine(original, model, p, cal, steps=args.steps,
+                       fit_through=args.fit_through, refit_dense=args.refit_dense,
+                       bn_recalibrate=not args.no_bn_recalibrate)
             c = count(model, input_size)
             row.update(c)
             row["ranks"] = p.ranks()
@@ -152,7 +165,14 @@ def main() -> None:
                                                and r.get("allocation", "spectral")
                                                == row["allocation"]
                                                and r.get("steps", 300 if args.calibrate else None)
-                                               == row["steps"])]
+                                               == row["steps"]
+                                               # rows from before the option: "layer"
+                                               and r.get("fit_through", "layer" if args.calibrate
+                                                         else None) == row["fit_through"]
+                                               and r.get("refit_dense", False if args.calibrate
+                                                         else None) == row["refit_dense"]
+                                               and r.get("bn_recalibrate", True if args.calibrate
+                                                         else None) == row["bn_recalibrate"])]
         results.append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

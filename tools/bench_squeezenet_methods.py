@@ -40,6 +40,13 @@ def main() -> None:
     ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
                     default="spectral", help="how the global budget spreads over layers "
                     "(sensitivity needs --calibrate)")
+    ap.add_argument("--steps", type=int, default=300,
+                    help="Adam steps per layer of the data-aware fit (with --calibrate)")
+    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"], default="layer",
+                    help="data-aware fit of each layer's output, or of it after the ReLU "
+                         "that follows (Zhang et al.'s nonlinear reconstruction)")
+    ap.add_argument("--svd-1x1", action="store_true",
+                    help="also let the budget cut the 1x1 convs (classifier included) by SVD")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
@@ -62,8 +69,11 @@ def main() -> None:
                  "top5": r0["top5"], "agreement": 100.0})
     print(f"dense: top1 {r0['top1']:.1f} top5 {r0['top5']:.1f}", flush=True)
     for method in args.methods:
-        # the classifier (a 1x1 conv to 1000 classes) stays dense: it is 1/4 of the params
+        # by default the classifier (a 1x1 conv to 1000 classes) stays dense: it is 1/4 of
+        # the params; --svd-1x1 hands every 1x1 conv the method refuses to SVD
         rules = [{"match": "features.*", "method": method}]
+        if args.svd_1x1:
+            rules.append({"match": "*", "method": "svd"})
         t0 = time.time()
         try:
             weights = None
@@ -77,7 +87,7 @@ def main() -> None:
             continue
         m = apply(copy.deepcopy(model), p)
         if cal is not None:
-            refine(model, m, p, cal)
+            refine(model, m, p, cal, steps=args.steps, fit_through=args.fit_through)
         secs = time.time() - t0
         c = count(m, size)
         r = evaluate(m, test, reference=model, progress=False)
@@ -96,7 +106,8 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     """The JSON after every method, so a stopped run keeps what it measured."""
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs,
-            "calibrate_batches": args.calibrate,
+            "calibrate_batches": args.calibrate, "steps": args.steps,
+            "fit_through": args.fit_through, "svd_1x1": args.svd_1x1,
             "allocation": args.allocation}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
