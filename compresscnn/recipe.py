@@ -591,9 +591,9 @@ SCHEMA = Section("The recipe.", {
     }, presence="optional"),
     "calibration": Section("Data-aware decomposition: calibration batches from the training "
                            "split (no augmentation) on which each replaced layer is fitted to "
-                           "the original layer's output, and BatchNorm statistics are "
-                           "re-estimated. null or absent: off (data-free); `{}`: on with the "
-                           "defaults.", {
+                           "the original layer's output (and, optionally, BatchNorm "
+                           "statistics are re-estimated). null or absent: off (data-free); "
+                           "`{}`: on with the defaults.", {
         "batches": Field(Int(1), 8, "Number of calibration batches."),
         "batch_size": Field(Int(1), 64, "Calibration batch size."),
         "reconstruct": Field(Bool(), True,
@@ -602,7 +602,7 @@ SCHEMA = Section("The recipe.", {
                              "reconstruction, Zhang et al. 2015), layer by layer."),
         "steps": Field(Int(1), 300, "Adam steps per layer for `reconstruct`."),
         "lr": Field(Float(0.0, lo_open=True), 3e-3, "Adam learning rate for `reconstruct`."),
-        "fit_through": Field(Enum(*FIT_THROUGH), "layer",
+        "fit_through": Field(Enum(*FIT_THROUGH), "activation",
                              "What `reconstruct` matches: `layer`: the layer's own output; "
                              "`bn`: the output after the BatchNorm that alone consumes it; "
                              "`activation`: after that BatchNorm and/or ReLU (Zhang et al. "
@@ -612,9 +612,13 @@ SCHEMA = Section("The recipe.", {
                              "Also fit the Conv/Linear layers left dense that run after a "
                              "replaced one (same objective, in execution order): they see the "
                              "compressed model's inputs and absorb part of the error."),
-        "bn_recalibrate": Field(Bool(), True,
-                                "Re-estimate BatchNorm running statistics after the layers "
-                                "are replaced."),
+        "bn_recalibrate": Field(Bool(), False,
+                                "Re-estimate BatchNorm running statistics on the calibration "
+                                "batches after the layers are replaced. Off by default: after "
+                                "`reconstruct` the layers already reproduce the outputs the "
+                                "original statistics were estimated on, and re-estimating them "
+                                "from a few batches cost ResNet-20 1.7 points (BENCHMARKS.md); "
+                                "useful with `reconstruct: false`."),
     }, presence="optional"),
     "rules": Field(Check(), _REQUIRED, "Which layers get which method and rank; see below."),
     "target": Field(Check(), None,

@@ -30,7 +30,8 @@ def test_run_resnet20_end_to_end(resnet20_recipe, shared_data, tmp_path, monkeyp
     args = ["run", str(resnet20_recipe), "--out", str(out), "--quiet",
             "--set", "data.test_subset=1000", "--set", "data.train_subset=1024",
             "--set", "finetune.max_steps=4", "--set", "report.latency_batch=[1]",
-            "--set", "calibration={batches: 2, batch_size: 64, steps: 20}"]
+            "--set", "calibration={batches: 2, batch_size: 64, steps: 20, "
+                     "bn_recalibrate: true}"]
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
     for key in ("baseline", "compressed", "finetuned"):

@@ -542,9 +542,9 @@ def test_overrides_apply(tmp_path, _cwd):
                           "finetune.distill.alpha=0.5", "output=elsewhere"])
     assert r["finetune"]["epochs"] == 3 and r["seed"] == 7
     assert r["rules"][0]["rank"] == [8, 16] and r["rules"][0]["hooi"] is True
-    assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": True,
+    assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": False,
                                 "reconstruct": True, "steps": 300, "lr": 3e-3,
-                                "fit_through": "layer", "refit_dense": False}
+                                "fit_through": "activation", "refit_dense": False}
     assert r["target"] == {"macs": 0.5} and r["finetune"]["distill"]["alpha"] == 0.5
     assert r["output"] == str(_cwd / "elsewhere")
 

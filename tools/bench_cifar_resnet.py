@@ -66,11 +66,14 @@ def main() -> None:
                          "batches of 64 training images (0: data-free)")
     ap.add_argument("--steps", type=int, default=300,
                     help="Adam steps per layer of the data-aware fit (with --calibrate)")
-    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"], default="layer",
+    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
+                    default="activation",
                     help="data-aware fit of the layer's output, or of it after the "
                          "BatchNorm (and ReLU) that follow")
-    ap.add_argument("--no-bn-recalibrate", action="store_true",
-                    help="data-aware: keep the original BatchNorm statistics after the fit")
+    ap.add_argument("--bn-recalibrate", action="store_true",
+                    help="data-aware: re-estimate BatchNorm statistics on the calibration "
+                         "batches after the fit (before 2026-11-27's second session, the "
+                         "default)")
     ap.add_argument("--refit-dense", action="store_true",
                     help="data-aware: also refit the layers left dense after a replaced one")
     ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
@@ -107,8 +110,7 @@ def main() -> None:
                      "steps": args.steps if args.calibrate else None,
                      "fit_through": args.fit_through if args.calibrate else None,
                      "refit_dense": args.refit_dense if args.calibrate else None,
-                     "bn_recalibrate": (not args.no_bn_recalibrate) if args.calibrate
-                     else None}
+                     "bn_recalibrate": args.bn_recalibrate if args.calibrate else None}
         if cfg == "dense":
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
@@ -128,7 +130,7 @@ def main() -> None:
             if cal is not None:
                 refine(original, model, p, cal, steps=args.steps,
                        fit_through=args.fit_through, refit_dense=args.refit_dense,
-                       bn_recalibrate=not args.no_bn_recalibrate)
+                       bn_recalibrate=args.bn_recalibrate)
             c = count(model, input_size)
             row.update(c)
             row["ranks"] = p.ranks()

@@ -42,7 +42,8 @@ def main() -> None:
                     "(sensitivity needs --calibrate)")
     ap.add_argument("--steps", type=int, default=300,
                     help="Adam steps per layer of the data-aware fit (with --calibrate)")
-    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"], default="layer",
+    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
+                    default="activation",
                     help="data-aware fit of each layer's output, or of it after the ReLU "
                          "that follows (Zhang et al.'s nonlinear reconstruction)")
     ap.add_argument("--svd-1x1", action="store_true",
