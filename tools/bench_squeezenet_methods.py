@@ -46,6 +46,8 @@ def main() -> None:
                     default="activation",
                     help="data-aware fit of each layer's output, or of it after the ReLU "
                          "that follows (Zhang et al.'s nonlinear reconstruction)")
+    ap.add_argument("--refit-dense", action="store_true",
+                    help="data-aware: also refit the layers left dense after a replaced one")
     ap.add_argument("--svd-1x1", action="store_true",
                     help="also let the budget cut the 1x1 convs (classifier included) by SVD")
     ap.add_argument("--threads", type=int, default=2)
@@ -88,7 +90,8 @@ def main() -> None:
             continue
         m = apply(copy.deepcopy(model), p)
         if cal is not None:
-            refine(model, m, p, cal, steps=args.steps, fit_through=args.fit_through)
+            refine(model, m, p, cal, steps=args.steps, fit_through=args.fit_through,
+                   refit_dense=args.refit_dense)
         secs = time.time() - t0
         c = count(m, size)
         r = evaluate(m, test, reference=model, progress=False)
@@ -109,6 +112,7 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{os.cpu_count()} cores, torch threads {args.threads}", "target_macs": args.macs,
             "calibrate_batches": args.calibrate, "steps": args.steps,
             "fit_through": args.fit_through, "svd_1x1": args.svd_1x1,
+            "refit_dense": args.refit_dense,
             "allocation": args.allocation}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
