@@ -488,9 +488,10 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
         names = list(plan_.ranks())
         if refit_dense and names and batches:
             order = execution_order(original, batches[0][:1], (nn.Conv2d, nn.Linear))
-            first = min(order.index(n) for n in names if n in order)
-            names = [n for n in order[first:] if n in names or any(
+            first = min((order.index(n) for n in names if n in order), default=len(order))
+            names += [n for n in order[first:] if n not in names and any(
                 p.requires_grad for p in get_module(compressed, n).parameters())]
+            names.sort(key=lambda n: order.index(n) if n in order else -1)
         fits = reconstruct_outputs(original, compressed, names, batches,
                                    steps=steps, lr=lr, tails=tails)
         for rep in plan_.replacements:

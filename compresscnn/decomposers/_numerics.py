@@ -102,6 +102,9 @@ def hooi(w: torch.Tensor, ranks: Sequence[int], iters: int, tol: float = 1e-5,
     Stops after ``iters`` sweeps or when a sweep raises the captured energy by less than
     ``tol`` (relative).
     """
+    if iters < 1:
+        core, factors = hosvd(w, (0, 1), ranks)
+        return core, factors, 0
     n0, n1 = w.shape[0], w.shape[1]
     r0, r1 = int(ranks[0]), int(ranks[1])
     ws = w.reshape(n0, n1, -1).to(sweep_dtype or w.dtype)
@@ -120,7 +123,6 @@ def hooi(w: torch.Tensor, ranks: Sequence[int], iters: int, tol: float = 1e-5,
     energy = -math.inf
     prev: torch.Tensor | None = None
     done = 0
-    u0 = None
     for _ in range(iters):
         start = u1
         if extrapolate > 0 and prev is not None:
@@ -136,8 +138,6 @@ def hooi(w: torch.Tensor, ranks: Sequence[int], iters: int, tol: float = 1e-5,
         energy = e1
         if gain < tol:
             break
-    if u0 is None:                                       # iters == 0: plain HOSVD
-        u0, _ = _top_eigvecs(ws.reshape(n0, -1) @ ws.reshape(n0, -1).mT, r0)
     u0 = torch.linalg.qr(u0)[0]
     u1 = torch.linalg.qr(u1)[0]
     core = (u0.mT @ slices @ u1).permute(1, 2, 0).reshape(r0, r1, *w.shape[2:])
