@@ -31,7 +31,8 @@ from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.evaluate import evaluate
 from compresscnn.finetune import finetune
 from compresscnn.models import load_model
-from compresscnn.surgery import apply, plan, refine
+from compresscnn.recipe import FIT_THROUGH
+from compresscnn.surgery import ALLOCATIONS, apply, plan, refine
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -47,6 +48,21 @@ def rules_for(method: str, uniform: float | None) -> list[dict]:
     if method == "fire":
         rule.update({"pct3x3": 0.5})
     return [rule]
+
+
+#: what identifies a row; an older row lacking a key was measured with the value given here
+_LEGACY = {"alpha": None, "calibrate": 0, "allocation": "spectral"}
+#: the data-aware settings, and the values rows from before each option was added had
+_CALIBRATED = {"steps": 300, "fit_through": "layer", "refit_dense": False,
+               "bn_recalibrate": True}
+_SETTINGS = ("config", "model", "target_macs", "uniform", "epochs", *_LEGACY, *_CALIBRATED)
+
+
+def _same_settings(old: dict, row: dict) -> bool:
+    """Whether ``old`` (a row already in the JSON) was measured with ``row``'s settings."""
+    legacy = {**_LEGACY, **(_CALIBRATED if old.get("calibrate") else
+                            dict.fromkeys(_CALIBRATED))}
+    return all(old.get(k, legacy.get(k)) == row[k] for k in _SETTINGS)
 
 
 def main() -> None:
@@ -66,7 +82,7 @@ def main() -> None:
                          "batches of 64 training images (0: data-free)")
     ap.add_argument("--steps", type=int, default=300,
                     help="Adam steps per layer of the data-aware fit (with --calibrate)")
-    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
+    ap.add_argument("--fit-through", choices=FIT_THROUGH,
                     default="activation",
                     help="data-aware fit of the layer's output, or of it after the "
                          "BatchNorm (and ReLU) that follow")
@@ -76,7 +92,7 @@ def main() -> None:
                          "default)")
     ap.add_argument("--refit-dense", action="store_true",
                     help="data-aware: also refit the layers left dense after a replaced one")
-    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
+    ap.add_argument("--allocation", choices=ALLOCATIONS,
                     default="spectral", help="how the global budget spreads over layers "
                     "(sensitivity needs --calibrate)")
     ap.add_argument("--sensitivity", action="store_true", help="= --allocation sensitivity")
@@ -106,11 +122,9 @@ def main() -> None:
                      "alpha": None if args.no_distill else args.alpha,
                      "target_macs": args.macs, "uniform": args.uniform,
                      "calibrate": args.calibrate,
-                     "allocation": args.allocation,
-                     "steps": args.steps if args.calibrate else None,
-                     "fit_through": args.fit_through if args.calibrate else None,
-                     "refit_dense": args.refit_dense if args.calibrate else None,
-                     "bn_recalibrate": args.bn_recalibrate if args.calibrate else None}
+                     "allocation": args.allocation}
+        # the data-aware settings only apply (and are only recorded) with --calibrate
+        row.update({k: getattr(args, k) if args.calibrate else None for k in _CALIBRATED})
         if cfg == "dense":
             model = copy.deepcopy(original)
             row.update(count(model, input_size))
@@ -158,23 +172,7 @@ def main() -> None:
         row["seconds"] = round(time.time() - t0, 1)
         row["machine"] = f"{platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}"
         row["date"] = time.strftime("%Y-%m-%d")
-        results = [r for r in results if not (r["config"] == cfg and r["model"] == args.model
-                                               and r["target_macs"] == args.macs
-                                               and r["uniform"] == args.uniform
-                                               and r["epochs"] == args.epochs
-                                               and r.get("alpha") == row["alpha"]
-                                               and r.get("calibrate", 0) == args.calibrate
-                                               and r.get("allocation", "spectral")
-                                               == row["allocation"]
-                                               and r.get("steps", 300 if args.calibrate else None)
-                                               == row["steps"]
-                                               # rows from before the option: "layer"
-                                               and r.get("fit_through", "layer" if args.calibrate
-                                                         else None) == row["fit_through"]
-                                               and r.get("refit_dense", False if args.calibrate
-                                                         else None) == row["refit_dense"]
-                                               and r.get("bn_recalibrate", True if args.calibrate
-                                                         else None) == row["bn_recalibrate"])]
+        results = [r for r in results if not _same_settings(r, row)]
         results.append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -24,7 +24,8 @@ from compresscnn.errors import CompressError
 from compresscnn.evaluate import evaluate
 from compresscnn.models import load_model
 from compresscnn.calibration import layer_sensitivity  # noqa: E402
-from compresscnn.surgery import apply, plan, refine
+from compresscnn.recipe import FIT_THROUGH
+from compresscnn.surgery import ALLOCATIONS, apply, plan, refine
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -37,12 +38,12 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="BATCHES",
                     help="data-aware: fit each layer to the original's output on this many "
                          "batches of 32 images of imagenet-train1000.zip (0: data-free)")
-    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
+    ap.add_argument("--allocation", choices=ALLOCATIONS,
                     default="spectral", help="how the global budget spreads over layers "
                     "(sensitivity needs --calibrate)")
     ap.add_argument("--steps", type=int, default=300,
                     help="Adam steps per layer of the data-aware fit (with --calibrate)")
-    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
+    ap.add_argument("--fit-through", choices=FIT_THROUGH,
                     default="activation",
                     help="data-aware fit of each layer's output, or of it after the ReLU "
                          "that follows (Zhang et al.'s nonlinear reconstruction)")
