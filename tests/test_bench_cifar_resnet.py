@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_cifar_resnet.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_bench_cifar_resnet", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+from _tools import load_tool
 
 
 BASE = {"config": "cp", "model": "resnet20", "target_macs": 0.5, "uniform": False,
@@ -21,7 +10,7 @@ BASE = {"config": "cp", "model": "resnet20", "target_macs": 0.5, "uniform": Fals
 
 
 def test_rows_from_before_an_option_count_as_measured_with_its_old_value():
-    b = _load()
+    b = load_tool("bench_cifar_resnet")
     legacy = {**BASE, "calibrate": 8}                 # written before the data-aware options
     old_way = {**BASE, "calibrate": 8, "allocation": "spectral", "steps": 300,
                "fit_through": "layer", "refit_dense": False, "bn_recalibrate": True}

@@ -3,19 +3,14 @@ live in the benchmark's results, not in tests)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_latency.py"
+from _tools import load_tool
 
 
 def test_bench_latency_runs_every_plan(tmp_path):
-    spec = importlib.util.spec_from_file_location("_bench_latency", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("bench_latency")
     threads = torch.get_num_threads()
     try:
         rows = mod.main(["--models", "resnet18", "--size", "32", "--macs", "0.5",

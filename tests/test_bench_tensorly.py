@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from _tools import load_tool
 
 pytest.importorskip("tensorly")
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_tensorly.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_bench_tensorly", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def bench():
     threads = torch.get_num_threads()
-    yield _load()
+    yield load_tool("bench_tensorly")
     torch.set_num_threads(threads)          # main() sets 1; leave the session as it was
 
 
