@@ -124,7 +124,7 @@ def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
                     r = measure_latency(target, (b, *input_size), runtime=rt, threads=thr,
                                         batch=b)
                     lat.append({"model": label, **r})
-    names = [r.name for r in p.replacements if r.applied]
+    names = [r.name for r in p.replacements if r.applied] if p is not None else []
     layers = layer_latency_table(model, compressed, names, input_size, batch=batches[0],
                                  threads=thr, runtimes=runtimes) if names else []
     return lat, layers
@@ -240,6 +240,144 @@ def _write_tensorboard(csv_path: Path, tb_dir: Path, quiet: bool) -> None:
         writer.close()
 
 
+def _compress_stage(recipe: dict[str, Any], model: nn.Module, p: Plan, pcfg: dict[str, Any],
+                    report: dict[str, Any], timings: dict[str, float], quiet: bool) -> nn.Module:
+    """Apply the plan to a copy of ``model``, fit it on calibration batches when the recipe
+    asks, and (latency-planned) put layers back until it is not slower."""
+    from .utils import Timer
+
+    with Timer(timings, "apply"):
+        compressed = apply(copy.deepcopy(model), p)
+    cal = recipe.get("calibration")
+    if cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")):
+        batches = _calibration_batches(recipe, pcfg)
+        with Timer(timings, "calibrate"):
+            report["bn_recalibrated_layers"] = refine(
+                model, compressed, p, batches, reconstruct=cal["reconstruct"],
+                steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
+                fit_through=cal["fit_through"], refit_dense=cal["refit_dense"])
+    if p.latency_config is not None:
+        from .latency import ensure_not_slower
+
+        with Timer(timings, "latency_check"):
+            chk = ensure_not_slower(model, compressed, p, p.latency_config)
+        _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} ms, "
+             f"compressed {chk['compressed_ms']:.3g} ms"
+             + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
+             quiet)
+        report["latency_plan"] = p.latency
+    return compressed
+
+
+def _build_untrained(recipe: dict[str, Any], model: nn.Module,
+                     input_size: tuple[int, ...]) -> tuple[nn.Module, Plan | None]:
+    """The model a ``train`` job trains: the dense architecture, or (with rules) its layers
+    factorized before training (``compresscnn.lowrank.factorize``)."""
+    student = copy.deepcopy(model)
+    if not recipe["rules"]:
+        return student, None
+    from .lowrank import factorize
+
+    tr = recipe["train"]
+    return factorize(student, recipe["rules"], input_size, target=recipe.get("target"),
+                     init=tr["init"], seed=int(recipe.get("seed", 0)))
+
+
+def _train_callbacks(tr: dict[str, Any], model: nn.Module, p: Plan | None) -> list[Any]:
+    """Semi-orthogonal steps and Frobenius decay of factorized layers (``train`` jobs)."""
+    if p is None or not (tr.get("semi_orthogonal") or tr.get("frobenius_decay")):
+        return []
+    from .lowrank import FrobeniusDecay, SemiOrthogonal
+
+    names = [r.name for r in p.replacements if r.applied]
+    out: list[Any] = []
+    if tr.get("semi_orthogonal"):
+        out.append(SemiOrthogonal(model, names, every=int(tr["semi_orthogonal"])))
+    if tr.get("frobenius_decay"):
+        out.append(FrobeniusDecay(model, names, float(tr["frobenius_decay"])))
+    return out
+
+
+def _split_holdout(recipe: dict[str, Any], pcfg: dict[str, Any], loader: Any, n: int,
+                   distributed: bool) -> tuple[Any, Any]:
+    """``n`` training images (seeded choice, no augmentation) held out of ``loader`` to score
+    epochs; the loader over the rest."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    from . import data as data_mod
+    from .errors import DataError
+
+    full = loader.dataset
+    if n >= len(full):
+        raise DataError(f"holdout: {n} images asked, the training split has {len(full)}")
+    seed = int(recipe.get("seed", 0))
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain = data_mod.build_dataset({**recipe["data"], "seed": seed}, pcfg, train=True,
+                                   augment=False)
+    held = DataLoader(Subset(plain, order[:n]), batch_size=recipe["data"]["eval_batch_size"],
+                      collate_fn=loader.collate_fn)
+    rest = Subset(full, order[n:])
+    sampler = DistributedSampler(rest, shuffle=True, seed=seed) if distributed else None
+    train = DataLoader(rest, batch_size=loader.batch_size, shuffle=sampler is None,
+                       sampler=sampler, num_workers=loader.num_workers,
+                       collate_fn=loader.collate_fn, drop_last=loader.drop_last,
+                       generator=torch.Generator().manual_seed(seed))
+    return train, held
+
+
+def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
+                 teacher: nn.Module | None, p: Plan | None, loader: Any, pcfg: dict[str, Any],
+                 staging: Path, *, resume: bool, progress: bool, distributed: bool,
+                 input_size: tuple[int, ...]) -> dict[str, Any]:
+    """Fine-tune (``section="finetune"``, distilled from ``teacher``) or train from scratch
+    (``"train"``) with the recipe's section; the learning rate is scaled linearly from
+    ``lr_batch`` to the global batch."""
+    from .evaluate import evaluate
+    from .finetune import finetune
+    from .utils import get_world_size
+
+    ft = recipe[section]
+    evaluator = None
+    if ft["holdout"]:
+        loader, held = _split_holdout(recipe, pcfg, loader, ft["holdout"], distributed)
+        evaluator = lambda m: evaluate(m, held, progress=False)["top1"]  # noqa: E731
+    distill = ft.get("distill") if teacher is not None else None
+    global_batch = int(loader.batch_size) * get_world_size()
+    stats = finetune(
+        student, loader, teacher=teacher if distill and distill["enabled"] else None,
+        epochs=ft["epochs"], max_steps=ft.get("max_steps"), optimizer=ft["optimizer"],
+        lr=ft["lr"] * global_batch / ft["lr_batch"], momentum=ft["momentum"],
+        weight_decay=ft["weight_decay"], schedule=ft["schedule"],
+        warmup_steps=ft["warmup_steps"], distill=distill, device=ft["device"], amp=ft["amp"],
+        memory_format=ft["memory_format"], compile=ft["compile"],
+        label_smoothing=ft["label_smoothing"], clip_grad_norm=ft["clip_grad_norm"],
+        mixup=ft["mixup"], cutout=ft["cutout"],
+        callbacks=_train_callbacks(ft, student, p) if section == "train" else (),
+        evaluator=evaluator, keep=ft["keep"], checkpoint_dir=staging / "checkpoints",
+        checkpoint_every=ft.get("checkpoint_every"), resume=resume, log_every=ft["log_every"],
+        log_path=staging / "train_log.csv", seed=int(recipe.get("seed", 0)),
+        progress=progress, section=section)
+    stats["world_size"] = get_world_size()
+    stats["lr"] = ft["lr"] * global_batch / ft["lr_batch"]
+    stats["holdout"] = ft["holdout"]
+    return stats
+
+
+def _training_warnings(report: dict[str, Any], stats: dict[str, Any], section: str) -> list[str]:
+    """What the first lines of the report must say about the training stage."""
+    out = []
+    before = (report.get("compressed") or {}).get("top1")
+    after = (report.get("finetuned") or {}).get("top1")
+    if section == "finetune" and before is not None and after is not None and after < before:
+        out.append(f"the fine-tuned model ({after:.2f} top-1) is worse than the zero-shot "
+                   f"compressed one ({before:.2f}); lower finetune.lr or use finetune.keep: "
+                   "best with finetune.holdout")
+    if stats.get("stopped_early"):
+        out.append(f"{section} stopped early after {stats['steps']} of "
+                   f"{stats['total_steps']} steps")
+    return out
+
+
 def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool = False,
         resume: bool = False, overwrite: bool = False, quiet: bool = False,
         recipe_path: str | None = None, distributed: bool = False) -> dict[str, Any]:
@@ -277,6 +415,7 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
 
     timings: dict[str, float] = {}
     where = f"{recipe_path}: " if recipe_path else ""
+    train_cfg = recipe.get("train")
     seed_everything(int(recipe.get("seed", 0)))
     with Timer(timings, "load_model"):
         try:
@@ -295,24 +434,32 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
                                   "processes would measure different plans. Run it once "
                                   "without torchrun, then fine-tune its run directory's "
                                   "recipe.yaml (exact ranks) with torchrun")
-            p = plan(model, recipe["rules"], input_size, target=recipe.get("target"),
-                     latency=recipe.get("latency"),
-                     sensitivity=_sensitivity(recipe, model, input_size, pcfg),
-                     allocation=recipe.get("allocation", "spectral"))
+            if train_cfg is not None:
+                student, p = _build_untrained(recipe, model, input_size)
+            else:
+                p = plan(model, recipe["rules"], input_size, target=recipe.get("target"),
+                         latency=recipe.get("latency"),
+                         sensitivity=_sensitivity(recipe, model, input_size, pcfg),
+                         allocation=recipe.get("allocation", "spectral"))
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{where}{e}") from None
+    summary = p.summary() if p is not None else "dense model: no layer factorized"
     if dry_run:
         if _rank() == 0:
-            print(p.summary())
+            print(summary)
         return {"plan": p}
-    _log(p.summary(), quiet)
+    _log(summary, quiet)
 
     main = _rank() == 0
     out = Path(out if out is not None else recipe["output"])
     staging = _stage_dirs(out, resume, overwrite, recipe["model"].get("weights"), main=main)
 
-    ev, ft = recipe["evaluate"], recipe["finetune"]
-    need_train = bool(ft["enabled"]) and (ft["epochs"] > 0 or ft.get("max_steps"))
+    ev = recipe["evaluate"]
+    ft = train_cfg if train_cfg is not None else recipe["finetune"]
+    need_train = bool(train_cfg is not None or ft["enabled"]) and bool(
+        ft["epochs"] > 0 or ft.get("max_steps"))
+    if train_cfg is not None:
+        ev = {**ev, "baseline": False, "zero_shot": False}  # untrained weights: nothing to score
     need_test = bool(ev["baseline"] or ev["zero_shot"] or need_train)
     train_loader = test_loader = None
     if recipe.get("data") and (need_train or need_test):
@@ -342,33 +489,18 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
                  f"agreement {r.get('agreement')}", quiet)
         report[key] = row
 
-    if ev["baseline"]:
-        stage("baseline", model, base_count, None)
-    else:
+    if train_cfg is not None:  # the dense architecture's counts, for the ratios
         report["baseline"] = {**base_count, "top1": None, "top5": None}
-
-    with Timer(timings, "apply"):
-        compressed = apply(copy.deepcopy(model), p)
-    cal = recipe.get("calibration")
-    if cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")):
-        batches = _calibration_batches(recipe, pcfg)
-        with Timer(timings, "calibrate"):
-            report["bn_recalibrated_layers"] = refine(
-                model, compressed, p, batches, reconstruct=cal["reconstruct"],
-                steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
-                fit_through=cal["fit_through"], refit_dense=cal["refit_dense"])
-    if p.latency_config is not None:
-        from .latency import ensure_not_slower
-
-        with Timer(timings, "latency_check"):
-            chk = ensure_not_slower(model, compressed, p, p.latency_config)
-        _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} ms, "
-             f"compressed {chk['compressed_ms']:.3g} ms"
-             + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
-             quiet)
-        report["latency_plan"] = p.latency
+        compressed = student
+    else:
+        if ev["baseline"]:
+            stage("baseline", model, base_count, None)
+        else:
+            report["baseline"] = {**base_count, "top1": None, "top5": None}
+        compressed = _compress_stage(recipe, model, p, pcfg, report, timings, quiet)
     comp_count = count(compressed, input_size)
-    if comp_count["macs"] != p.macs_after or comp_count["params"] != p.params_after:
+    if p is not None and (comp_count["macs"] != p.macs_after
+                          or comp_count["params"] != p.params_after):
         raise RuntimeError(f"planned cost {p.params_after}/{p.macs_after} differs from the "
                            f"counted {comp_count['params']}/{comp_count['macs']}")
     if ev["zero_shot"]:
@@ -380,34 +512,32 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
         staging.mkdir(parents=True, exist_ok=True)
     _barrier(distributed)
     ft_stats = None
+    key = "trained" if train_cfg is not None else "finetuned"
+    report["trained" if key == "finetuned" else "finetuned"] = None
     if need_train and train_loader is not None:
-        _log(f"[finetune] {ft.get('max_steps') or ft['epochs']} "
+        section = "train" if train_cfg is not None else "finetune"
+        _log(f"[{section}] {ft.get('max_steps') or ft['epochs']} "
              f"{'steps' if ft.get('max_steps') else 'epochs'}"
              + (f" on {get_world_size()} processes" if distributed else "")
              + (" (resuming)" if resume else ""), quiet)
-        with Timer(timings, "finetune"):
-            ft_stats = finetune(
-                compressed, train_loader,
-                teacher=model if ft["distill"]["enabled"] else None,
-                epochs=ft["epochs"], max_steps=ft.get("max_steps"), optimizer=ft["optimizer"],
-                lr=ft["lr"], momentum=ft["momentum"], weight_decay=ft["weight_decay"],
-                schedule=ft["schedule"], warmup_steps=ft["warmup_steps"], distill=ft["distill"],
-                device=ft["device"], amp=ft["amp"], checkpoint_dir=staging / "checkpoints",
-                checkpoint_every=ft.get("checkpoint_every"), resume=resume,
-                log_every=ft["log_every"], log_path=staging / "train_log.csv",
-                seed=int(recipe.get("seed", 0)), progress=progress)
-        ft_stats["world_size"] = get_world_size()
+        with Timer(timings, section):
+            ft_stats = _train_stage(recipe, section, compressed,
+                                    None if train_cfg is not None else model, p, train_loader,
+                                    pcfg, staging, resume=resume, progress=progress,
+                                    distributed=distributed, input_size=input_size)
         if distributed:  # DDP syncs gradients, not BatchNorm running stats: take rank 0's,
             import torch.distributed as dist  # the ones it saves, so all ranks agree
 
             for buf in compressed.buffers():
                 dist.broadcast(buf, 0)
-        _log(f"[finetune] {ft_stats['steps']} steps, final loss {ft_stats['final_loss']}, "
-             f"{ft_stats['images_per_s']:.1f} images/s", quiet)
+        _log(f"[{section}] {ft_stats['steps']} steps, final loss {ft_stats['final_loss']}, "
+             f"{ft_stats['images_per_s']:.1f} images/s ({ft_stats['amp'] or 'fp32'}, "
+             f"{ft_stats['memory_format']})", quiet)
         compressed = compressed.cpu().eval()
-        stage("finetuned", compressed, comp_count, model)
+        stage(key, compressed, comp_count, model if train_cfg is None else None)
+        report["warnings"] = _training_warnings(report, ft_stats, section)
     else:
-        report["finetuned"] = None
+        report[key] = None
     if ft_stats:  # paths relative to the run directory (staging is renamed at the end)
         ft_stats = {k: (os.path.relpath(v, staging) if isinstance(v, str)
                         and v.startswith(str(staging)) else v) for k, v in ft_stats.items()}
@@ -423,7 +553,7 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     save_file(state, str(staging / "model.safetensors.tmp"))
     os.replace(staging / "model.safetensors.tmp", staging / "model.safetensors")
     resolved = copy.deepcopy(recipe)
-    resolved["rules"] = exact_rules(p)
+    resolved["rules"] = exact_rules(p) if p is not None else []
     resolved["target"] = None
     resolved["output"] = str(out)
     dump_resolved(resolved, staging / "recipe.yaml")
@@ -447,9 +577,9 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             report["latency"], report["layer_latency"] = _measure_latency(
                 model, compressed, p, input_size, recipe, staging, report.get("onnx"))
 
-    report["layers"] = p.to_rows()
-    report["plan"] = {"params_before": p.total_params, "params_after": p.params_after,
-                      "macs_before": p.total_macs, "macs_after": p.macs_after}
+    report["layers"] = p.to_rows() if p is not None else []
+    report["plan"] = {"params_before": base_count["params"], "params_after": comp_count["params"],
+                      "macs_before": base_count["macs"], "macs_after": comp_count["macs"]}
     report["timings"] = timings
     report["versions"] = collect_versions()
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -536,6 +536,51 @@ POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
 FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
 TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
 
+def _training_fields(*, lr: float, epochs: int, what: str) -> dict[str, Field]:
+    """The optimisation keys ``finetune`` and ``train`` share (the same training loop)."""
+    return {
+        "epochs": Field(Int(0), epochs, "Epochs over the training split."),
+        "max_steps": Field(Nullable(Int(1)), None,
+                           "Stop after this many optimizer steps (short runs, tests)."),
+        "optimizer": Field(Enum("sgd", "adamw"), "sgd", "Optimizer."),
+        "lr": Field(Float(0.0, lo_open=True), lr,
+                    f"Peak learning rate of {what} at `lr_batch` images per step; scaled "
+                    "linearly to the real (global) batch size."),
+        "lr_batch": Field(Int(1), 128, "The batch size `lr` is given for."),
+        "momentum": Field(Float(0.0), 0.9, "SGD momentum (AdamW: beta1)."),
+        "weight_decay": Field(Float(0.0), 5.0e-4, "Weight decay (not on biases and norms)."),
+        "schedule": Field(Enum("cosine", "onecycle", "linear", "constant", "step"), "cosine",
+                          "Learning-rate schedule after warm-up (`onecycle`: linear up to the "
+                          "peak at 30% of the steps, then down to 0)."),
+        "warmup_steps": Field(Int(0), 0, "Linear warm-up steps."),
+        "label_smoothing": Field(Float(0.0, 1.0), 0.0, "Label smoothing of the cross-entropy."),
+        "mixup": Field(Float(0.0), 0.0, "mixup Beta(a, a) parameter; 0: off."),
+        "cutout": Field(Int(0), 0, "Cutout square side in pixels; 0: off."),
+        "clip_grad_norm": Field(Nullable(Float(0.0, lo_open=True)), None,
+                                "Clip the gradients' global L2 norm to this; null: off."),
+        "keep": Field(Enum("last", "best"), "last",
+                      "Weights to keep: `last`, or `best` by top-1 on `holdout` training "
+                      "images scored after every epoch (never on the test split)."),
+        "holdout": Field(Int(0), 0,
+                         "Training images held out of training to score epochs (`keep: "
+                         "best`); 0: none."),
+        "device": Field(Enum("auto", "cpu", "cuda"), "auto",
+                        "`auto`: CUDA when available, else CPU."),
+        "amp": Field(Enum("auto", "off", "bf16", "fp16", aliases={False: "off"}), "auto",
+                     "Mixed precision; `auto`: bf16 on GPUs that support it and on CPUs that "
+                     "compute bf16 in hardware (AVX512-BF16 or AMX, as torch reports), fp16 on "
+                     "older GPUs, off elsewhere. YAML reads a bare `off` as false, which is "
+                     "accepted as `off`."),
+        "memory_format": Field(Enum("auto", "channels_last", "contiguous"), "auto",
+                               "`auto`: channels_last for conv nets."),
+        "compile": Field(Bool(), False, "Run the forward pass through `torch.compile`."),
+        "checkpoint_every": Field(Nullable(Int(1)), None,
+                                  "Also checkpoint every this many steps (a checkpoint is "
+                                  "always written at the end of each epoch)."),
+        "log_every": Field(Int(1), 50, "Log the loss every this many steps."),
+    }
+
+
 SCHEMA = Section("The recipe.", {
     "name": Field(Nullable(_NAME), _COMPUTED,
                   "Run name (letters, digits, `.`, `_`, `-`); names the default output folder.",
@@ -649,32 +694,33 @@ SCHEMA = Section("The recipe.", {
     }),
     "finetune": Section("Fine-tuning of the compressed model, distilled from the original.", {
         "enabled": Field(Bool(), True, "Fine-tune after decomposition."),
-        "epochs": Field(Int(0), 1, "Epochs over the training split."),
-        "max_steps": Field(Nullable(Int(1)), None,
-                           "Stop after this many optimizer steps (short runs, tests)."),
-        "optimizer": Field(Enum("sgd", "adamw"), "sgd", "Optimizer."),
-        "lr": Field(Float(0.0, lo_open=True), 0.01, "Peak learning rate."),
-        "momentum": Field(Float(0.0), 0.9, "SGD momentum (AdamW: beta1)."),
-        "weight_decay": Field(Float(0.0), 5.0e-4, "Weight decay."),
-        "schedule": Field(Enum("cosine", "constant", "step"), "cosine",
-                          "Learning-rate schedule after warm-up."),
-        "warmup_steps": Field(Int(0), 0, "Linear warm-up steps."),
+        **_training_fields(lr=0.01, epochs=1, what="fine-tuning"),
         "distill": Section("Knowledge distillation from the original model.", {
             "enabled": Field(Bool(), True, "Distil from the uncompressed model."),
             "temperature": Field(Float(0.0, lo_open=True), 4.0, "Softmax temperature."),
             "alpha": Field(Float(0.0, 1.0), 0.9,
                            "Weight of the KD term; `1 - alpha` weighs cross-entropy."),
         }),
-        "device": Field(Enum("auto", "cpu", "cuda"), "auto",
-                        "`auto`: CUDA when available, else CPU."),
-        "amp": Field(Enum("auto", "off", "bf16", "fp16", aliases={False: "off"}), "auto",
-                     "Mixed precision; `auto`: chosen for the device (off on CPU). "
-                     "YAML reads a bare `off` as false, which is accepted as `off`."),
-        "checkpoint_every": Field(Nullable(Int(1)), None,
-                                  "Also checkpoint every this many steps (a checkpoint is "
-                                  "always written at the end of each epoch)."),
-        "log_every": Field(Int(1), 50, "Log the loss every this many steps."),
     }),
+    "train": Section("Training from random initialisation instead of compressing pretrained "
+                     "weights (`model.weights` must be null). With `rules`, the matched layers "
+                     "are factorized *before* training (ranks from the rules / `target`, module "
+                     "structures of the decomposers); `rules: []` trains the dense model. "
+                     "null or absent: compress a pretrained model.", {
+        **_training_fields(lr=0.1, epochs=30, what="training"),
+        "init": Field(Enum("kaiming", "spectral"), "kaiming",
+                      "Initialisation of factorized layers: `kaiming`: every factor "
+                      "Kaiming-normal, scaled so the chain's output variance matches a dense "
+                      "Kaiming layer; `spectral`: the best low-rank approximation of a dense "
+                      "Kaiming init (Khodak et al. 2021)."),
+        "semi_orthogonal": Field(Nullable(Int(1)), None,
+                                 "Every this many steps, pull one factor of each factorized "
+                                 "layer towards a scaled semi-orthogonal matrix (Povey et al. "
+                                 "2018); null: off."),
+        "frobenius_decay": Field(Float(0.0), 0.0,
+                                 "Weight of the Frobenius norm of each factorized layer's "
+                                 "product (Khodak et al. 2021) added to the loss; 0: off."),
+    }, presence="optional"),
     "evaluate": Section("Accuracy (and agreement with the original model) on the test split. "
                         "Evaluation is on when `baseline` or `zero_shot` is true; the "
                         "fine-tuned model is evaluated whenever it is fine-tuned.", {
@@ -946,7 +992,12 @@ def _validate(data: Any, ctx: _Ctx) -> dict:
     out = _validate_section(data, SCHEMA, (), ctx)
     assert out is not None
     out["target"] = validate_target(data.get("target"), _ctx=ctx)
-    out["rules"] = validate_rules(data["rules"], target=out["target"], _ctx=ctx)
+    if out["train"] is not None and data["rules"] == []:
+        out["rules"] = []  # a train job with no rules trains the dense model
+    else:
+        out["rules"] = validate_rules(data["rules"], target=out["target"], _ctx=ctx)
+    if out["train"] is not None:
+        _check_train_job(data, out, ctx)
     if out["name"] is None:
         out["name"] = ctx.default_name
     if out["output"] is None:
@@ -963,6 +1014,20 @@ def _validate(data: Any, ctx: _Ctx) -> dict:
                 raise ctx.fail(("data",), f"required because {_fmt_path(key)} is on "
                                           f"(add a data section, or {how})")
     return out
+
+
+def _check_train_job(data: dict, out: dict, ctx: _Ctx) -> None:
+    """A ``train`` job starts from random weights and has no teacher or calibration."""
+    if out["model"]["weights"] is not None:
+        raise ctx.fail(("model", "weights"), "must be null with a train section (training "
+                                             "starts from random weights; to start from "
+                                             "these weights, compress and fine-tune instead)")
+    for key in ("finetune", "calibration"):
+        if data.get(key) is not None:
+            raise ctx.fail((key,), "not used with a train section (a train job trains from "
+                                   f"random weights): remove {key} or train")
+    if out["data"] is None:
+        raise ctx.fail(("data",), "required because train is set")
 
 
 def validate(data: dict, source: str = "<recipe>", *, base_dir: str | os.PathLike | None = None,

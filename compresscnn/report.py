@@ -44,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STAGES = ("baseline", "compressed", "finetuned")
+STAGES = ("baseline", "compressed", "finetuned", "trained")
 VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "tensorly", "timm", "compresscnn")
 # Pipeline order for the timings table; unknown stages follow, alphabetically.
 _STAGE_ORDER = (
@@ -260,12 +260,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         meta.append(f"- Input size: {_fmt_rank(r['input_size'])}")
     if meta:
         lines += meta + [""]
+    for w in r.get("warnings") or []:
+        lines += [f"> **Warning:** {w}", ""]
 
     # Summary -----------------------------------------------------------------------------
     base = r.get("baseline") or {}
     rows = []
     for stage in STAGES:
         st = r.get(stage)
+        if (stage == "trained" and not st) or (stage == "finetuned" and r.get("trained")):
+            continue  # a run either fine-tunes a compressed model or trains one from scratch
         if st is None:
             rows.append([stage] + [_DASH] * 8)
             continue
@@ -382,7 +386,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     # Fine-tuning -------------------------------------------------------------------------
     ft = r.get("finetune")
     if ft:
-        lines += ["## Fine-tuning", ""] + _kv_table(ft, "Statistic") + [""]
+        title = "## Training" if r.get("trained") else "## Fine-tuning"
+        lines += [title, ""] + _kv_table(ft, "Statistic") + [""]
 
     # Timings -----------------------------------------------------------------------------
     timings = r.get("timings") or {}

@@ -1,0 +1,183 @@
+"""Training speed and safety options of the training loop (bf16 autocast, channels_last,
+cutout/mixup, callbacks, keep-best, non-finite losses) and ``train`` recipes (from random
+initialisation)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from compresscnn import finetune as ft_mod
+from compresscnn.cli import main
+from compresscnn.errors import CompressError, RecipeError
+from compresscnn.finetune import _cutout, _mixup, _resolve_amp, finetune, resolve_memory_format
+from compresscnn.recipe import validate
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+
+def _loader(n: int = 48, seed: int = 0, batch: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = 0.1 * torch.randn(n, 1, 8, 8, generator=g)
+    for i, c in enumerate(y.tolist()):
+        x[i, 0, 4 * (c // 2):4 * (c // 2) + 4, 4 * (c % 2):4 * (c % 2) + 4] += 1.0
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_on_cpu_follows_the_hardware(monkeypatch, native):
+    monkeypatch.setattr(ft_mod, "cpu_bf16_native", lambda: native)
+    cpu = torch.device("cpu")
+    assert _resolve_amp("auto", cpu) == (torch.bfloat16 if native else None)
+    assert _resolve_amp("off", cpu) is None and _resolve_amp("bf16", cpu) == torch.bfloat16
+    with pytest.raises(CompressError, match="fp16 needs a CUDA device"):
+        _resolve_amp("fp16", cpu)
+
+
+def test_memory_format_auto_and_model_left_contiguous():
+    assert resolve_memory_format("auto", _net()) == torch.channels_last
+    assert resolve_memory_format("auto", nn.Linear(4, 2)) == torch.contiguous_format
+    with pytest.raises(CompressError, match="memory_format"):
+        resolve_memory_format("nhwc", _net())
+    net = _net()
+    stats = finetune(net, _loader(), epochs=1, lr=0.05, distill=None, device="cpu",
+                     amp="off", progress=False)
+    assert stats["memory_format"] == "channels_last" and stats["amp"] is None
+    assert net[0].weight.is_contiguous()  # handed back in the default layout
+
+
+def test_bf16_training_learns_like_fp32():
+    accs = {}
+    for amp in ("off", "bf16"):
+        net = _net()
+        finetune(net, _loader(96), epochs=8, lr=0.1, distill=None, device="cpu", amp=amp,
+                 progress=False)
+        x, y = next(iter(DataLoader(_loader(96).dataset, batch_size=96)))
+        accs[amp] = (net.eval()(x).argmax(1) == y).float().mean().item()
+    assert accs["bf16"] > 0.9 and abs(accs["bf16"] - accs["off"]) < 0.1
+
+
+def test_cutout_cuts_one_square_per_image():
+    torch.manual_seed(0)
+    x = torch.ones(64, 3, 32, 32)
+    out = _cutout(x, 8)
+    holes = (out[:, 0] == 0).sum(dim=(1, 2))
+    assert holes.max() == 64 and holes.min() >= 16  # a full square, or clipped at a border
+    assert torch.equal((out == 0).any(1), (out == 0).all(1))  # every channel alike
+
+
+def test_mixup_mixes_pairs():
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1)
+    y = torch.arange(8)
+    mixed, ya, yb, lam = _mixup(x, y, 1.0)
+    assert 0 <= lam <= 1 and torch.equal(ya, y)
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[yb])
+
+
+class _Recorder:
+    def __init__(self, stop_after: int | None = None):
+        self.steps, self.epochs, self.stop_after = [], [], stop_after
+
+    def after_step(self, step):
+        self.steps.append(step)
+
+    def on_epoch_end(self, epoch, model):
+        self.epochs.append(epoch)
+        return self.stop_after is not None and epoch >= self.stop_after
+
+    def penalty(self):
+        return torch.zeros(())
+
+
+def test_callbacks_see_every_step_and_can_stop():
+    rec = _Recorder(stop_after=2)
+    stats = finetune(_net(), _loader(), epochs=5, lr=0.05, distill=None, device="cpu",
+                     progress=False, callbacks=[rec])
+    assert rec.steps == list(range(1, 13)) and rec.epochs == [1, 2]
+    assert stats["stopped_early"] and stats["steps"] == 12
+
+
+def test_keep_best_restores_the_best_epoch(tmp_path):
+    scores = iter([10.0, 30.0, 20.0])
+    snapshots = {}
+
+    def evaluator(model):
+        s = next(scores)
+        snapshots[s] = {k: v.clone() for k, v in model.state_dict().items()}
+        return s
+
+    net = _net()
+    stats = finetune(net, _loader(), epochs=3, lr=0.05, distill=None, device="cpu",
+                     progress=False, evaluator=evaluator, keep="best", checkpoint_dir=tmp_path)
+    assert stats["best_epoch"] == 2 and stats["best_score"] == 30.0 and stats["kept"] == "best"
+    assert [h["score"] for h in stats["history"]] == [10.0, 30.0, 20.0]
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, snapshots[30.0][k])
+    assert (tmp_path / "best.pt").is_file()
+    with pytest.raises(CompressError, match="keep: best needs held-out"):
+        finetune(_net(), _loader(), epochs=1, distill=None, device="cpu", progress=False,
+                 keep="best")
+
+
+def test_non_finite_loss_names_the_options():
+    with pytest.raises(CompressError) as e:
+        finetune(_net(), _loader(), epochs=3, lr=1e12, distill=None, device="cpu",
+                 amp="off", progress=False, log_every=1, section="train")
+    msg = str(e.value)
+    assert "train.lr" in msg and "train.clip_grad_norm" in msg and "\n" not in msg
+    assert "amp" not in msg  # amp is off: not suggested
+
+
+def test_clipping_bounds_the_update():
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    finetune(net, _loader(8), max_steps=1, lr=1.0, momentum=0.0, weight_decay=0.0,
+             distill=None, device="cpu", amp="off", progress=False, clip_grad_norm=1e-3)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
+    assert moved.norm() <= 1e-3 * 1.0001
+
+
+_TRAIN = {"model": {"spec": "cifar:resnet20", "weights": None},
+          "data": {"dataset": "cifar10", "root": None}, "rules": [], "train": {"epochs": 1}}
+
+
+def test_train_recipe_validation():
+    r = validate(dict(_TRAIN))
+    assert r["rules"] == [] and r["train"]["lr"] == 0.1 and r["train"]["init"] == "kaiming"
+    bad = [({"model": {"spec": "cifar:resnet20", "weights": "x.th"}}, "model.weights"),
+           ({"finetune": {"epochs": 1}}, "finetune"),
+           ({"calibration": {}}, "calibration"),
+           ({"train": None}, "rules")]
+    for change, where in bad:
+        with pytest.raises(RecipeError) as e:
+            validate({**_TRAIN, **change})
+        assert where in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.shared
+def test_train_job_end_to_end(shared_data, tmp_path, capsys):
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(
+        "model: {spec: 'cifar:resnet20', weights: null}\n"
+        f"data: {{dataset: cifar10, root: {shared_data}/cifar10-jpg.zip, train_subset: 256,"
+        " test_subset: 100, batch_size: 32, eval_batch_size: 100}\n"
+        "rules: []\n"
+        "train: {epochs: 1, holdout: 64, keep: best, cutout: 8, label_smoothing: 0.1}\n"
+        "export: {onnx: false}\nreport: {latency: false, plots: false}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["trained"]["top1"] is not None and rep["finetuned"] is None
+    assert rep["finetune"]["steps"] == 6 and rep["finetune"]["best_epoch"] == 1
+    assert rep["finetune"]["memory_format"] == "channels_last"
+    assert "## Training" in (out / "report.md").read_text()
