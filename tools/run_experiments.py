@@ -1,0 +1,108 @@
+"""Run the measured experiments as users would: each job is one ``compresscnn run RECIPE
+--set ...`` command (resumed with ``--resume`` when an interrupted run is found), and its
+report is summarised into ``tools/results/<job>.json`` (with the command, date, commit and
+machine) as soon as it lands. Jobs whose JSON exists are skipped, so the script can be
+stopped and started again, and run in several processes on disjoint ``--jobs``.
+
+    python tools/run_experiments.py --list
+    python tools/run_experiments.py --jobs scratch_resnet20_dense scratch_squeezenet1_1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "tools" / "results"
+SCRATCH = "recipes/cifar10_scratch.yaml"
+LOWRANK = "recipes/cifar10_scratch_lowrank.yaml"
+PRETRAINED = "recipes/resnet20_tucker2_cifar10.yaml"
+
+#: job -> (recipe, --set overrides). One schedule per experiment (see the recipes).
+JOBS: dict[str, tuple[str, list[str]]] = {
+    # SqueezeNet vs AlexNet at CIFAR scale, from scratch
+    "scratch_alexnet": (SCRATCH, ["model.spec=cifar:alexnet"]),
+    "scratch_squeezenet1_0": (SCRATCH, ["model.spec=cifar:squeezenet1_0"]),
+    "scratch_squeezenet1_1": (SCRATCH, ["model.spec=cifar:squeezenet1_1"]),
+    # ResNet-20 at 2x fewer MACs: dense vs factorized from the start
+    "scratch_resnet20_dense": (LOWRANK, ["rules=[]", "target=null"]),
+    "scratch_resnet20_spatial_kaiming": (LOWRANK, []),
+    "scratch_resnet20_spatial_spectral": (LOWRANK, ["train.init=spectral"]),
+    "scratch_resnet20_spatial_semiorth": (LOWRANK, ["train.semi_orthogonal=4"]),
+    # the shared pretrained weights decomposed (data-aware) and fine-tuned for as many epochs
+    "pretrained_resnet20_spatial_ft": (PRETRAINED, [
+        "rules.0.method=spatial", "finetune.epochs=10", "finetune.distill.enabled=false",
+        "report.threads=1"]),
+}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def summarise(job: str, cmd: list[str], run_dir: Path, wall: float) -> dict:
+    rep = json.loads((run_dir / "report.json").read_text())
+    stats = rep.get("finetune") or {}
+    stage = rep.get("trained") or rep.get("finetuned") or {}
+    return {
+        "job": job, "command": " ".join(cmd), "date": time.strftime("%Y-%m-%d"),
+        "commit": _git("rev-parse", "--short", "HEAD"), "machine": platform.processor()
+        or platform.machine(), "threads": os.environ.get("OMP_NUM_THREADS"),
+        "model": rep.get("model"), "top1": stage.get("top1"), "top5": stage.get("top5"),
+        "params": stage.get("params"), "macs": stage.get("macs"),
+        "baseline_params": (rep.get("baseline") or {}).get("params"),
+        "baseline_macs": (rep.get("baseline") or {}).get("macs"),
+        "epochs": stats.get("epochs"), "train_seconds": stats.get("seconds"),
+        "images_per_s": stats.get("images_per_s"), "amp": stats.get("amp"),
+        "memory_format": stats.get("memory_format"), "wall_seconds": wall,
+        "resumed_from_step": stats.get("resumed_from_step"),
+        "latency": rep.get("latency"), "onnx_bytes": (rep.get("onnx") or {}).get("bytes"),
+    }
+
+
+def run_job(job: str, out_root: Path, threads: int) -> Path:
+    recipe, sets = JOBS[job]
+    out = out_root / job
+    cmd = ["compresscnn", "run", recipe, "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    resume = (out_root / f"{job}.partial" / "checkpoints" / "last.pt").is_file()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    exe = [sys.executable, "-m", "compresscnn", *cmd[1:]] + (["--resume"] if resume else [])
+    subprocess.run(exe, cwd=ROOT, env=env, check=True)
+    row = summarise(job, cmd, out, time.perf_counter() - t0)
+    path = RESULTS / f"{job}.json"
+    path.write_text(json.dumps(row, indent=1) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "experiments")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    if a.list:
+        for job, (recipe, sets) in JOBS.items():
+            print(f"{job}: compresscnn run {recipe} " + " ".join(f"--set {s}" for s in sets))
+        return 0
+    for job in a.jobs:
+        if (RESULTS / f"{job}.json").is_file():
+            print(f"[{job}] done already ({RESULTS / f'{job}.json'})")
+            continue
+        print(f"[{job}] running", flush=True)
+        print(f"[{job}] wrote {run_job(job, a.out, a.threads)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
