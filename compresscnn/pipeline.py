@@ -38,7 +38,7 @@ from torch import nn
 
 from .counting import count
 from .errors import CompressError, MethodError, ModelError, RankError, RecipeError
-from .surgery import Plan, apply, plan, refine
+from .surgery import Plan, apply, compress, plan, plan_compression
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -78,18 +78,30 @@ def _calibration_batches(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list:
         batch_size=cal["batch_size"])
 
 
-def _sensitivity(recipe: dict[str, Any], model: nn.Module, input_size: tuple[int, ...],
-                 pcfg: dict[str, Any]) -> dict[str, float] | None:
-    """Per-layer budget weights when ``allocation: sensitivity``."""
-    if not (recipe.get("allocation") == "sensitivity" and recipe.get("target")):
-        return None
-    if not recipe.get("calibration"):
+def _calibration(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list | None:
+    """The calibration batches when the recipe needs them (data-aware fit, BatchNorm
+    re-estimation or sensitivity allocation), else None."""
+    cal = recipe.get("calibration")
+    if recipe.get("allocation") == "sensitivity" and recipe.get("target") and not cal:
         raise RecipeError("allocation: sensitivity needs a calibration section (the layers' "
                           "effect on the output is measured on calibration batches)")
-    from .calibration import layer_sensitivity
+    if not cal:
+        return None
+    needed = (cal.get("reconstruct") or cal.get("bn_recalibrate")
+              or recipe.get("allocation") == "sensitivity")
+    return _calibration_batches(recipe, pcfg) if needed else None
 
-    return layer_sensitivity(model, recipe["rules"], input_size,
-                             _calibration_batches(recipe, pcfg))
+
+def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's keys as :func:`compresscnn.surgery.compress` arguments."""
+    cal = recipe.get("calibration") or {}
+    opts: dict[str, Any] = {"target": recipe.get("target"), "latency": recipe.get("latency"),
+                            "allocation": recipe.get("allocation", "spectral")}
+    if cal:
+        opts.update(reconstruct=cal["reconstruct"], reconstruct_steps=cal["steps"],
+                    reconstruct_lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
+                    fit_through=cal["fit_through"], refit_dense=cal["refit_dense"])
+    return opts
 
 
 def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
@@ -238,35 +250,6 @@ def _write_tensorboard(csv_path: Path, tb_dir: Path, quiet: bool) -> None:
                         writer.add_scalar(f"finetune/{key}", float(row[key]), int(row["step"]))
     finally:
         writer.close()
-
-
-def _compress_stage(recipe: dict[str, Any], model: nn.Module, p: Plan, pcfg: dict[str, Any],
-                    report: dict[str, Any], timings: dict[str, float], quiet: bool) -> nn.Module:
-    """Apply the plan to a copy of ``model``, fit it on calibration batches when the recipe
-    asks, and (latency-planned) put layers back until it is not slower."""
-    from .utils import Timer
-
-    with Timer(timings, "apply"):
-        compressed = apply(copy.deepcopy(model), p)
-    cal = recipe.get("calibration")
-    if cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")):
-        batches = _calibration_batches(recipe, pcfg)
-        with Timer(timings, "calibrate"):
-            report["bn_recalibrated_layers"] = refine(
-                model, compressed, p, batches, reconstruct=cal["reconstruct"],
-                steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
-                fit_through=cal["fit_through"], refit_dense=cal["refit_dense"])
-    if p.latency_config is not None:
-        from .latency import ensure_not_slower
-
-        with Timer(timings, "latency_check"):
-            chk = ensure_not_slower(model, compressed, p, p.latency_config)
-        _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} ms, "
-             f"compressed {chk['compressed_ms']:.3g} ms"
-             + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
-             quiet)
-        report["latency_plan"] = p.latency
-    return compressed
 
 
 def _build_untrained(recipe: dict[str, Any], model: nn.Module,
@@ -437,10 +420,11 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             if train_cfg is not None:
                 student, p = _build_untrained(recipe, model, input_size)
             else:
-                p = plan(model, recipe["rules"], input_size, target=recipe.get("target"),
-                         latency=recipe.get("latency"),
-                         sensitivity=_sensitivity(recipe, model, input_size, pcfg),
-                         allocation=recipe.get("allocation", "spectral"))
+                batches = _calibration(recipe, pcfg)
+                opts = _compress_options(recipe)
+                p = plan_compression(model, recipe["rules"], input_size, opts["target"],
+                                     batches, latency=opts["latency"],
+                                     allocation=opts["allocation"])
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{where}{e}") from None
     summary = p.summary() if p is not None else "dense model: no layer factorized"
@@ -497,7 +481,17 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             stage("baseline", model, base_count, None)
         else:
             report["baseline"] = {**base_count, "top1": None, "top5": None}
-        compressed = _compress_stage(recipe, model, p, pcfg, report, timings, quiet)
+        with Timer(timings, "compress"):
+            compressed, p = compress(model, recipe["rules"], input_size, calibration=batches,
+                                     planned=p, **opts)
+        report["bn_recalibrated_layers"] = p.bn_recalibrated
+        if p.latency_check is not None:
+            chk = p.latency_check
+            _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} "
+                 f"ms, compressed {chk['compressed_ms']:.3g} ms"
+                 + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
+                 quiet)
+            report["latency_plan"] = p.latency
     comp_count = count(compressed, input_size)
     if p is not None and (comp_count["macs"] != p.macs_after
                           or comp_count["params"] != p.params_after):

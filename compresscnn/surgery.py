@@ -65,6 +65,10 @@ class Plan:
     #: runtime, threads, batch and measured whole-model ms when latency-aware planning ran
     latency: dict[str, Any] | None = None
     latency_config: Any = field(default=None, repr=False, compare=False)
+    #: what :func:`compress` measured after apply: BatchNorm layers re-estimated, and the
+    #: whole-model not-slower check of latency-aware planning
+    bn_recalibrated: int = 0
+    latency_check: dict[str, Any] | None = None
 
     @property
     def params_after(self) -> int:
@@ -410,53 +414,72 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     return model
 
 
+def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
+                     input_size: Sequence[int], target: dict[str, float] | None = None,
+                     calibration: Sequence[torch.Tensor] | None = None, *,
+                     objective: str = "macs", latency: Any = None,
+                     allocation: str = "spectral") -> Plan:
+    """The planning half of :func:`compress`: with ``allocation="sensitivity"`` the layers'
+    effect on the output is measured on the first ``calibration`` batches, then :func:`plan`.
+    What ``compresscnn run --dry-run`` prints."""
+    weights = None
+    if allocation == "sensitivity" and calibration is None:
+        raise RecipeError("allocation: sensitivity needs calibration batches")
+    if allocation == "sensitivity" and target:
+        from .calibration import layer_sensitivity
+
+        weights = layer_sensitivity(model, rules, input_size, calibration)
+    return plan(model, rules, input_size, target=target, objective=objective, latency=latency,
+                sensitivity=weights, allocation=allocation)
+
+
 def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
              target: dict[str, float] | None = None,
              calibration: Iterable[torch.Tensor] | None = None,
              reconstruct_steps: int = 300, reconstruct_lr: float = 3e-3,
              bn_recalibrate: bool = False, objective: str = "macs",
              latency: Any = None, allocation: str = "spectral",
-             fit_through: str = "activation", refit_dense: bool = False
+             fit_through: str = "activation", refit_dense: bool = False,
+             reconstruct: bool = True, planned: Plan | None = None
              ) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
+    The one orchestrator: ``compresscnn run``, ``compare`` and the benchmarks all compress
+    through it (sensitivity -> plan -> apply -> data-aware fit -> not-slower check).
 
     Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
     ``rules:`` in a recipe (``match``, ``method``, ``rank`` / ``energy`` / ``macs`` /
     ``params``, ``round_to``, method options). With ``calibration`` (an iterable of input
     batches), each replaced layer is then fitted to the original layer's output
-    (``compresscnn.calibration.reconstruct_outputs``; ``bn_recalibrate=True`` also
-    re-estimates BatchNorm statistics); the measured output errors go into each plan row's
-    ``fit`` (``fit_through``, ``refit_dense``, ``bn_recalibrate``: see :func:`refine`).
-    ``allocation="sensitivity"`` (with ``calibration`` and a ``target``) weighs each layer's
-    error in the budget by its measured effect on the model's output
+    (``compresscnn.calibration.reconstruct_outputs``; ``reconstruct=False`` skips that fit,
+    ``bn_recalibrate=True`` re-estimates BatchNorm statistics); the measured output errors go
+    into each plan row's ``fit`` (``fit_through``, ``refit_dense``, ``bn_recalibrate``: see
+    :func:`refine`). ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
+    weighs each layer's error in the budget by its measured effect on the model's output
     (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone;
     ``allocation="energy"`` keeps the product of the layers' retained energies highest.
+    ``planned``: a plan from :func:`plan_compression` with the same arguments (it is not
+    made again).
 
     ``objective="latency"`` (and/or ``target={"latency": f}``) plans on measured latency
     (see :func:`plan` and ``compresscnn.latency``; ``latency`` configures the runtime), and
     the result is checked against the original on that runtime: layers are put back until
     the compressed model is not slower (``plan.latency`` holds the measurements).
     """
-    weights = None
     if calibration is not None:
         calibration = list(calibration)
-        if allocation == "sensitivity" and target:
-            from .calibration import layer_sensitivity
-
-            weights = layer_sensitivity(model, rules, input_size, calibration)
-    elif allocation == "sensitivity":
-        raise RecipeError("allocation: sensitivity needs calibration batches")
-    p = plan(model, rules, input_size, target=target, objective=objective, latency=latency,
-             sensitivity=weights, allocation=allocation)
+    p = planned if planned is not None else plan_compression(
+        model, rules, input_size, target, calibration, objective=objective, latency=latency,
+        allocation=allocation)
     new = apply(copy.deepcopy(model), p)
-    if calibration is not None:
-        refine(model, new, p, calibration, reconstruct=True, steps=reconstruct_steps,
-               lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-               refit_dense=refit_dense)
+    if calibration is not None and (reconstruct or bn_recalibrate):
+        p.bn_recalibrated = refine(
+            model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
+            lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
+            refit_dense=refit_dense)
     if p.latency_config is not None:
         from .latency import ensure_not_slower
 
-        ensure_not_slower(model, new, p, p.latency_config)
+        p.latency_check = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
 

@@ -44,7 +44,7 @@ def test_run_resnet20_end_to_end(resnet20_recipe, shared_data, tmp_path, monkeyp
     assert {"path", "bytes", "max_abs_diff"} <= set(rep["onnx"])
     assert any(r["method"] == "tucker2" and r["rank"] for r in rep["layers"])
     assert rep["bn_recalibrated_layers"] == 19
-    for stage in ("load_model", "plan", "apply", "calibrate", "finetune", "export_onnx"):
+    for stage in ("load_model", "plan", "compress", "finetune", "export_onnx"):
         assert stage in rep["timings"]
     assert (out / "report.md").read_text().count("|") > 20
     assert not (out.parent / "run.partial").exists()

@@ -1,0 +1,96 @@
+"""Training throughput (images/s) of the training loop in fp32 vs bf16 autocast, NCHW vs
+channels_last (and optionally torch.compile), for the CIFAR nets of the from-scratch
+experiments and ResNet-20 compressed to 2x fewer MACs. Every configuration runs through
+``compresscnn.finetune`` (the loop ``compresscnn run`` uses) on random 32x32 batches, and the
+configurations of a model are interleaved round by round so that machine noise hits all of
+them alike; the result is the median over rounds of each step's images/s (first two steps of
+every round dropped: kernel selection).
+
+    python tools/bench_train_speed.py --threads 2 --rounds 3 --json tools/results/train_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import compresscnn as cc
+from compresscnn.finetune import finetune
+from compresscnn.utils import cpu_bf16_native
+
+MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "alexnet", "squeezenet1_0",
+          "squeezenet1_1"]
+CONFIGS = {"fp32": ("off", "contiguous", False), "fp32_cl": ("off", "channels_last", False),
+           "bf16_cl": ("bf16", "channels_last", False)}
+
+
+def build(name: str) -> torch.nn.Module:
+    base, _, method = name.partition("_")
+    model = cc.load_model(f"cifar:{base}", None)
+    if method:  # the ResNet-20 compressions of the headline: 2x fewer MACs
+        model, _ = cc.compress(model, [{"match": "layer*.conv*", "method": method}],
+                               (3, 32, 32), target={"macs": 0.5})
+    return model
+
+
+def step_rates(model: torch.nn.Module, cfg: tuple[str, str, bool], batch: int, steps: int
+               ) -> list[float]:
+    amp, fmt, compiled = cfg
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(batch * steps, 3, 32, 32, generator=g),
+                         torch.randint(0, 10, (batch * steps,), generator=g))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log.csv"
+        finetune(model, DataLoader(data, batch_size=batch), max_steps=steps, distill=None,
+                    device="cpu", amp=amp, memory_format=fmt, compile=compiled,
+                    log_every=1, log_path=log, progress=False)
+        with log.open() as f:
+            rows = list(csv.DictReader(f))
+    return [float(r["images_per_s"]) for r in rows[2:]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also bf16 + channels_last + compile")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    configs = dict(CONFIGS)
+    if a.compile:
+        configs["bf16_cl_compile"] = ("bf16", "channels_last", True)
+    rows = []
+    for name in a.models:
+        model = build(name)
+        rates: dict[str, list[float]] = {k: [] for k in configs}
+        for _ in range(a.rounds):
+            for key, cfg in configs.items():
+                rates[key] += step_rates(model, cfg, a.batch, a.steps)
+        row = {"model": name, **{k: statistics.median(v) for k, v in rates.items()}}
+        row["speedup_bf16_cl"] = row["bf16_cl"] / row["fp32"]
+        rows.append(row)
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
+            "cpu_bf16_native": cpu_bf16_native(), "torch": torch.__version__,
+            "threads": a.threads, "batch": a.batch, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
