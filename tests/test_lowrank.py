@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _tools import load_tool
 from torch import nn
 
 from compresscnn import compress
@@ -389,3 +390,14 @@ def test_switch_needs_every_factorized_layer_watched():
         mon.switch(m, [{"match": ["3", "6"], "method": "tucker2"}], IN)
     with pytest.raises(CompressError, match="window"):
         StableRankMonitor(m, ["3"], window=1)
+
+
+def test_init_scale_tool_reports_sizes_and_scales(tmp_path, capsys):
+    tool = load_tool("lowrank_init_scale")
+    rows = tool.main(["--methods", "tucker2", "--inits", "kaiming", "relu_every",
+                      "--batch", "4", "--out", str(tmp_path / "r.json")])
+    dense, kaiming, relu_every = rows
+    assert kaiming["macs"] <= 0.5 * dense["macs"] and kaiming["params"] < dense["params"]
+    assert 0.9 < kaiming["white_ms_median"] < 1.1
+    assert 3.0 < relu_every["white_ms_median"] < 5.0      # 2^(3-1) for three factors
+    assert (tmp_path / "r.json").is_file() and "tucker2" in capsys.readouterr().out
