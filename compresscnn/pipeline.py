@@ -550,6 +550,9 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     resolved["rules"] = exact_rules(p) if p is not None else []
     resolved["target"] = None
     resolved["output"] = str(out)
+    if train_cfg is not None:  # sections a train job has no use for
+        resolved.pop("finetune", None)
+        resolved.pop("calibration", None)
     dump_resolved(resolved, staging / "recipe.yaml")
 
     if recipe["export"]["onnx"]:

@@ -181,3 +181,25 @@ def test_train_job_end_to_end(shared_data, tmp_path, capsys):
     assert rep["finetune"]["steps"] == 6 and rep["finetune"]["best_epoch"] == 1
     assert rep["finetune"]["memory_format"] == "channels_last"
     assert "## Training" in (out / "report.md").read_text()
+
+
+@pytest.mark.shared
+def test_factorized_train_job_reloads(shared_data, tmp_path):
+    """A train job with rules trains the factorized structure (semi-orthogonal steps on),
+    and its run directory rebuilds through load_compressed."""
+    from compresscnn.pipeline import load_compressed
+
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(
+        "model: {spec: 'cifar:resnet20', weights: null}\n"
+        f"data: {{dataset: cifar10, root: {shared_data}/cifar10-jpg.zip, train_subset: 128,"
+        " test_subset: 50, batch_size: 32, eval_batch_size: 50}\n"
+        "rules: [{match: 'layer1.*.conv*', method: spatial, rank: 0.5}]\n"
+        "train: {max_steps: 2, semi_orthogonal: 1, init: spectral}\n"
+        "export: {onnx: false}\nreport: {latency: false, plots: false}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["trained"]["params"] < rep["baseline"]["params"]
+    model = load_compressed(out)
+    assert isinstance(model.layer1[0].conv1, nn.Sequential)
