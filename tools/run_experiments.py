@@ -24,6 +24,8 @@ RESULTS = ROOT / "tools" / "results"
 SCRATCH = "recipes/cifar10_scratch.yaml"
 LOWRANK = "recipes/cifar10_scratch_lowrank.yaml"
 PRETRAINED = "recipes/resnet20_tucker2_cifar10.yaml"
+R20 = "recipes/resnet20_cifar10_2x.yaml"
+R56 = "recipes/resnet56_cifar10_2x.yaml"
 
 #: job -> (recipe, --set overrides). One schedule per experiment (see the recipes).
 JOBS: dict[str, tuple[str, list[str]]] = {
@@ -40,6 +42,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "pretrained_resnet20_spatial_ft": (PRETRAINED, [
         "rules.0.method=spatial", "finetune.epochs=10", "finetune.distill.enabled=false",
         "report.threads=1"]),
+    # headline: pretrained ResNets at 2x fewer MACs, data-aware (zero-shot and one epoch)
+    "resnet20_cp_2x": (R20, []),
+    "resnet20_cp_2x_fp32": (R20, ["finetune.amp=off"]),
+    "resnet20_spatial_2x": (R20, ["rules.0.method=spatial", "finetune.enabled=false"]),
+    "resnet20_tucker2_2x": (R20, ["rules.0.method=tucker2", "finetune.enabled=false"]),
+    "resnet56_cp_2x": (R56, []),
 }
 
 
@@ -47,18 +55,34 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores"
+
+
 def summarise(job: str, cmd: list[str], run_dir: Path, wall: float) -> dict:
     rep = json.loads((run_dir / "report.json").read_text())
     stats = rep.get("finetune") or {}
     stage = rep.get("trained") or rep.get("finetuned") or {}
+    zero = rep.get("compressed") or {}
     return {
         "job": job, "command": " ".join(cmd), "date": time.strftime("%Y-%m-%d"),
-        "commit": _git("rev-parse", "--short", "HEAD"), "machine": platform.processor()
-        or platform.machine(), "threads": os.environ.get("OMP_NUM_THREADS"),
+        "commit": _git("rev-parse", "--short", "HEAD"), "machine": cpu_model(),
+        "threads": os.environ.get("OMP_NUM_THREADS"),
         "model": rep.get("model"), "top1": stage.get("top1"), "top5": stage.get("top5"),
-        "params": stage.get("params"), "macs": stage.get("macs"),
+        "agreement": stage.get("agreement"),
+        "baseline_top1": (rep.get("baseline") or {}).get("top1"),
+        "zero_shot_top1": zero.get("top1"), "zero_shot_agreement": zero.get("agreement"),
+        "params": zero.get("params"), "macs": zero.get("macs"),
         "baseline_params": (rep.get("baseline") or {}).get("params"),
         "baseline_macs": (rep.get("baseline") or {}).get("macs"),
+        "timings": rep.get("timings"),
         "epochs": stats.get("epochs"), "train_seconds": stats.get("seconds"),
         "images_per_s": stats.get("images_per_s"), "amp": stats.get("amp"),
         "memory_format": stats.get("memory_format"), "wall_seconds": wall,
