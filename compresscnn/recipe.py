@@ -511,7 +511,7 @@ RULE_FIELDS: dict[str, Field] = {
                     "(Linear), `fire`."),
     "rank": Field(Nullable(Rank()), None,
                   "An int: the same rank for every component; a list: one int per component "
-                  "(as many as the method has, e.g. `[r_out, r_in]` for tucker2); a float: "
+                  "(as many as the method has, in its order, e.g. `[r_in, r_out]` for tucker2); a float: "
                   "the fraction of the layer's parameters kept (`1` is rank 1, `1.0` keeps "
                   "everything); `full`: exact; `evbmf`: chosen by EVBMF."),
     "energy": Field(Nullable(FRACTION), None,
@@ -596,8 +596,9 @@ SCHEMA = Section("The recipe.", {
         "spec": Field(ModelSpec(), _REQUIRED, "Which model: `<source>:<name>`."),
         "weights": Field(Nullable(Weights()), None,
                          "Pretrained weights: an enum name such as `DEFAULT` or "
-                         "`IMAGENET1K_V2`, or a path to a weights file (a *path*). null: the "
-                         "source's default pretrained weights."),
+                         "`IMAGENET1K_V2` (the source's published weights), or a path to a "
+                         "weights file (a *path*). null: random initialisation (no weights; "
+                         "what a `train` job starts from)."),
         "input_size": Field(Nullable(ListOf(Int(1), length=3,
                                             what="[C, H, W], three ints > 0")), None,
                             "`[C, H, W]` of one input; null: from the model's "

@@ -203,3 +203,18 @@ def test_factorized_train_job_reloads(shared_data, tmp_path):
     assert rep["trained"]["params"] < rep["baseline"]["params"]
     model = load_compressed(out)
     assert isinstance(model.layer1[0].conv1, nn.Sequential)
+
+
+def test_reference_states_rank_order_and_null_weights():
+    """The schema reference says what the code does: tucker2 list ranks are in its
+    rank_names order, and weights: null is random initialisation."""
+    from compresscnn.decomposers import get_decomposer
+    from compresscnn.models import load_model
+    from compresscnn.recipe import reference_markdown
+
+    md = reference_markdown()
+    names = get_decomposer("tucker2").rank_names
+    assert f"`[{', '.join(names)}]` for tucker2" in md
+    assert "null: random initialisation" in md
+    a, b = load_model("cifar:resnet20", None), load_model("cifar:resnet20", None)
+    assert not torch.equal(a.conv1.weight, b.conv1.weight)  # nothing loaded: fresh draws
