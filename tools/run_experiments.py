@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tools" / "results"
 SCRATCH = "recipes/cifar10_scratch.yaml"
 LOWRANK = "recipes/cifar10_scratch_lowrank.yaml"
-PRETRAINED = "recipes/resnet20_tucker2_cifar10.yaml"
 R20 = "recipes/resnet20_cifar10_2x.yaml"
 R56 = "recipes/resnet56_cifar10_2x.yaml"
 
@@ -39,9 +38,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_resnet20_spatial_spectral": (LOWRANK, ["train.init=spectral"]),
     "scratch_resnet20_spatial_semiorth": (LOWRANK, ["train.semi_orthogonal=4"]),
     # the shared pretrained weights decomposed (data-aware) and fine-tuned for as many epochs
-    "pretrained_resnet20_spatial_ft": (PRETRAINED, [
-        "rules.0.method=spatial", "finetune.epochs=10", "finetune.distill.enabled=false",
-        "report.threads=1"]),
+    "pretrained_resnet20_spatial_ft": (R20, ["rules.0.method=spatial", "finetune.epochs=4"]),
     # headline: pretrained ResNets at 2x fewer MACs, data-aware (zero-shot and one epoch)
     "resnet20_cp_2x": (R20, []),
     "resnet20_cp_2x_fp32": (R20, ["finetune.amp=off"]),
