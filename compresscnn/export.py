@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from .errors import CompressError
+from .folding import fold_for_export
 from .utils import atomic_path
 
-__all__ = ["export_onnx", "onnx_parity", "quantize_onnx_dynamic"]
+__all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
+           "quantize_onnx_dynamic", "RUNTIMES"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,107 @@ def _export_legacy(
         )
 
 
+#: runtimes :func:`verify_onnx` can run an exported file in, and the package each needs
+RUNTIMES = {"onnxruntime": "onnxruntime", "openvino": "openvino",
+            "opencv": "opencv-python-headless"}
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "opencv": "cv2"}
+
+Runner = Callable[[np.ndarray], list]
+
+
+def _onnxruntime_runner(path: Path) -> Runner:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
+
+
+def _openvino_runner(path: Path) -> Runner:
+    import openvino as ov
+
+    # f32 throughout: on CPUs with bf16 units OpenVINO otherwise computes in bf16
+    compiled = ov.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return lambda x: [v for v in compiled(x).values()]
+
+
+def _opencv_runner(path: Path) -> Runner:
+    import cv2
+
+    net = cv2.dnn.readNetFromONNX(str(path))
+    names = list(net.getUnconnectedOutLayersNames())
+
+    def run(x: np.ndarray) -> list:
+        net.setInput(x)
+        return list(net.forward(names))
+    return run
+
+
+_RUNNERS: dict[str, Callable[[Path], Runner]] = {
+    "onnxruntime": _onnxruntime_runner, "openvino": _openvino_runner,
+    "opencv": _opencv_runner}
+
+
+def check_runtimes(runtimes: Sequence[str]) -> None:
+    """Raise a one-line :class:`CompressError` for a runtime that is not one of
+    :data:`RUNTIMES` or whose package is not installed."""
+    for rt in runtimes:
+        if rt not in RUNTIMES:
+            raise CompressError(f"export.verify: unknown runtime {rt!r} "
+                                f"(known: {', '.join(RUNTIMES)})")
+        if importlib.util.find_spec(_MODULES[rt]) is None:
+            raise CompressError(f"export.verify: {rt} needs the package {RUNTIMES[rt]!r}, "
+                                f"which is not installed (pip install "
+                                f"'compresscnn[runtimes]')")
+
+
+def _runner(runtime: str, path: Path) -> Runner:
+    """A function that runs ``path`` in ``runtime`` on one input array."""
+    check_runtimes([runtime])
+    try:
+        return _RUNNERS[runtime](path)
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own error types
+        raise RuntimeError(f"{runtime} cannot load {path.name}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+
+
+def _parity(model: nn.Module, run: Runner, label: str, input_shape: Sequence[int],
+            batches: Sequence[int], seed: int) -> dict[int, tuple[float, float, float]]:
+    """Per batch size: (max |runtime - PyTorch|, sum of squared differences, sum of squared
+    PyTorch outputs) over all outputs, on ``randn`` inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[int, tuple[float, float, float]] = {}
+    for b in batches:
+        x = torch.randn((int(b), *input_shape), generator=gen, dtype=torch.float32)
+        with torch.inference_mode():
+            ref = _flatten_outputs(model(x))
+        got = run(x.numpy())
+        if len(got) != len(ref):
+            raise RuntimeError(f"ONNX model {label} has {len(got)} outputs, PyTorch model "
+                               f"{len(ref)}")
+        worst, num, den = 0.0, 0.0, 0.0
+        for r, g in zip(ref, got):
+            g_t = torch.from_numpy(np.asarray(g))
+            if tuple(g_t.shape) != tuple(r.shape):
+                raise RuntimeError(f"ONNX output shape {tuple(g_t.shape)} != PyTorch "
+                                   f"{tuple(r.shape)} at batch {b} ({label})")
+            d = (g_t.double() - r.double()).abs()
+            # NaN anywhere is a failure, not a silent 0 from max()
+            if d.numel():
+                worst = max(worst, float("inf") if torch.isnan(d).any() else float(d.max()))
+            num += float(d.square().sum())
+            den += float(r.double().square().sum())
+        out[int(b)] = (worst, num, den)
+    return out
+
+
 def onnx_parity(
     model: nn.Module,
     onnx_path: str | os.PathLike,
@@ -114,42 +220,48 @@ def onnx_parity(
     batches: Sequence[int] = (1, 3),
     *,
     seed: int = 0,
+    runtime: str = "onnxruntime",
 ) -> dict[int, float]:
-    """Max |onnxruntime − PyTorch| over all outputs, per batch size, on ``randn`` inputs.
+    """Max |runtime − PyTorch| over all outputs, per batch size, on ``randn`` inputs.
 
     ``model`` must already be in eval mode on CPU in float32.
     """
-    import onnxruntime as ort
+    run = _runner(runtime, Path(onnx_path))
+    res = _parity(model, run, f"{onnx_path} in {runtime}", input_shape, batches, seed)
+    return {b: v[0] for b, v in res.items()}
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    in_name = sess.get_inputs()[0].name
-    gen = torch.Generator().manual_seed(seed)
-    diffs: dict[int, float] = {}
-    for b in batches:
-        x = torch.randn((int(b), *input_shape), generator=gen, dtype=torch.float32)
-        with torch.inference_mode():
-            ref = _flatten_outputs(model(x))
-        got = sess.run(None, {in_name: x.numpy()})
-        if len(got) != len(ref):
-            raise RuntimeError(
-                f"ONNX model {onnx_path} has {len(got)} outputs, PyTorch model {len(ref)}"
-            )
-        worst = 0.0
-        for r, g in zip(ref, got):
-            g_t = torch.from_numpy(g)
-            if tuple(g_t.shape) != tuple(r.shape):
-                raise RuntimeError(
-                    f"ONNX output shape {tuple(g_t.shape)} != PyTorch {tuple(r.shape)} "
-                    f"at batch {b} ({onnx_path})"
-                )
-            d = (g_t.double() - r.double()).abs()
-            # NaN anywhere is a failure, not a silent 0 from max()
-            if d.numel():
-                worst = max(worst, float("inf") if torch.isnan(d).any() else float(d.max()))
-        diffs[int(b)] = worst
-    return diffs
+
+def verify_onnx(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    input_shape: Sequence[int],
+    runtimes: Sequence[str] = tuple(RUNTIMES),
+    batches: Sequence[int] = (1, 3),
+    *,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Run ``onnx_path`` in each of ``runtimes`` (CPU, float32) on the same ``randn`` inputs
+    as ``model`` (eval mode, CPU, float32) and compare.
+
+    Returns ``{runtime: {"max_abs_diff", "rel_l2" (||runtime - PyTorch|| / ||PyTorch||
+    over all outputs and batches), "diffs" (max abs diff per batch size)}}``. A runtime whose
+    package is missing is a :class:`CompressError`; one that cannot load or run the file
+    raises ``RuntimeError``. Nothing is compared against a tolerance here.
+    """
+    path = Path(onnx_path)
+    out: dict[str, dict[str, Any]] = {}
+    for rt in dict.fromkeys(runtimes):
+        run = _runner(rt, path)
+        try:
+            res = _parity(model, run, f"{path.name} in {rt}", input_shape, batches, seed)
+        except Exception as exc:  # noqa: BLE001 - a runtime that fails on the file
+            raise RuntimeError(f"{rt} cannot run {path.name}: {_first_line(exc)}") from exc
+        num, den = sum(v[1] for v in res.values()), sum(v[2] for v in res.values())
+        out[rt] = {"max_abs_diff": max(v[0] for v in res.values()),
+                   "rel_l2": (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else
+                                                                   float("inf")),
+                   "diffs": {str(b): v[0] for b, v in res.items()}}
+    return out
 
 
 def export_onnx(
@@ -162,6 +274,8 @@ def export_onnx(
     atol: float = 1e-3,
     check_batch: Sequence[int] = (1, 3),
     seed: int = 0,
+    verify: Sequence[str] = ("onnxruntime",),
+    fold: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` to one self-contained ``.onnx`` file at ``path`` and verify it.
 
@@ -169,13 +283,20 @@ def export_onnx(
     (dynamic when ``dynamic_batch``, else fixed to ``check_batch[0]``). The exported graph has
     one input named ``"input"`` and one output ``"output"``.
 
-    Returns ``{"path", "bytes", "max_abs_diff", "diffs" (per check batch), "opset",
-    "exporter" ("dynamo" or "torchscript"), "fallback_reason" (or None), "dynamic_batch",
-    "input_shape", "atol"}``.
+    With ``fold_bn`` the file is exported from a copy of the model whose BatchNorms are
+    folded into the convs that produce their input (:mod:`compresscnn.folding`), also
+    through the channel Concat/Gather of a Fire module; every check compares the file with
+    ``model`` itself. The file is run in onnxruntime and in each runtime of ``verify``
+    (:data:`RUNTIMES`).
+
+    Returns ``{"path", "bytes", "max_abs_diff" and "diffs" (onnxruntime's, per check batch),
+    "verify" ({runtime: {"max_abs_diff", "rel_l2", "diffs"}}), "bn_folded" (how many),
+    "opset", "exporter" ("dynamo" or "torchscript"), "fallback_reason" (or None),
+    "dynamic_batch", "input_shape", "atol"}``.
 
     Raises ``RuntimeError`` (an internal failure, not a user error) when both exporters fail,
-    or when onnxruntime disagrees with PyTorch by more than ``atol``; ``path`` is then left as
-    it was.
+    or when a runtime disagrees with PyTorch by more than ``atol``; a runtime in ``verify``
+    whose package is missing is a :class:`CompressError`. ``path`` is then left as it was.
     """
     import onnx
 
@@ -187,44 +308,33 @@ def export_onnx(
     if not dynamic_batch:
         check_batch = (check_batch[0],)
 
+    runtimes = list(dict.fromkeys(["onnxruntime", *([verify] if isinstance(verify, str)
+                                                    else verify)]))
+    check_runtimes(runtimes)
     cpu_model, copied = _cpu_float_model(model)
     was_training = cpu_model.training
     cpu_model.eval()
     try:
+        folded, done = (fold_for_export(cpu_model) if fold
+                        else (cpu_model, {"batchnorms": [], "gathers": []}))
         # A batch of 2 as the example: torch.export specialises sizes 0 and 1, so an example
         # of batch 1 could not carry a dynamic batch dimension.
         ex_batch = 2 if dynamic_batch else check_batch[0]
         example = torch.randn((ex_batch, *input_shape), generator=torch.Generator().manual_seed(seed))
-        exporter = "dynamo"
-        fallback_reason: str | None = None
         with atomic_path(path, suffix=".onnx") as tmp:
-            try:
-                _export_dynamo(cpu_model, example, tmp, opset, dynamic_batch)
-            except Exception as exc:  # noqa: BLE001 - any exporter failure -> fallback
-                fallback_reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-                log.warning("dynamo ONNX export failed (%s); trying the legacy exporter", fallback_reason)
-                exporter = "torchscript"
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                try:
-                    _export_legacy(cpu_model, example, tmp, opset, dynamic_batch)
-                except Exception as exc2:
-                    raise RuntimeError(
-                        f"ONNX export of {type(model).__name__} failed with both exporters: "
-                        f"dynamo: {fallback_reason}; torchscript: {type(exc2).__name__}: {exc2}"
-                    ) from exc2
+            exporter, fallback_reason = _write_onnx(folded, example, tmp, opset, dynamic_batch)
             stray = _external_data_files(tmp)
             if stray:
                 raise RuntimeError(f"ONNX export wrote external data files {stray}; expected one file")
             onnx.checker.check_model(str(tmp), full_check=True)
-            diffs = onnx_parity(cpu_model, tmp, input_shape, check_batch, seed=seed + 1)
-            max_diff = max(diffs.values())
-            if not max_diff <= atol:  # also catches NaN/inf
-                raise RuntimeError(
-                    f"ONNX parity check failed for {path}: max |onnxruntime - torch| = "
-                    f"{max_diff:.3g} > atol {atol:g} (per batch: {diffs}; exporter {exporter}, "
-                    f"opset {opset})"
-                )
+            checked = verify_onnx(cpu_model, tmp, input_shape, runtimes, check_batch,
+                                  seed=seed + 1)
+            for rt, res in checked.items():
+                if not res["max_abs_diff"] <= atol:  # also catches NaN/inf
+                    raise RuntimeError(
+                        f"ONNX parity check failed for {path}: max |{rt} - torch| = "
+                        f"{res['max_abs_diff']:.3g} > atol {atol:g} (per batch: "
+                        f"{res['diffs']}; exporter {exporter}, opset {opset})")
             actual_opset = _default_opset(tmp)
         nbytes = path.stat().st_size
     finally:
@@ -233,8 +343,10 @@ def export_onnx(
     return {
         "path": str(path),
         "bytes": int(nbytes),
-        "max_abs_diff": float(max_diff),
-        "diffs": {str(k): float(v) for k, v in diffs.items()},
+        "max_abs_diff": float(checked["onnxruntime"]["max_abs_diff"]),
+        "diffs": dict(checked["onnxruntime"]["diffs"]),
+        "verify": checked,
+        "folded": {k: len(v) for k, v in done.items()},
         "opset": int(actual_opset if actual_opset is not None else opset),
         "exporter": exporter,
         "fallback_reason": fallback_reason,
@@ -242,6 +354,27 @@ def export_onnx(
         "input_shape": list(input_shape),
         "atol": float(atol),
     }
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
+                dynamic_batch: bool) -> tuple[str, str | None]:
+    """Export with dynamo, else with the legacy exporter; returns ``(exporter, why the
+    first failed or None)``."""
+    try:
+        _export_dynamo(model, example, path, opset, dynamic_batch)
+        return "dynamo", None
+    except Exception as exc:  # noqa: BLE001 - any exporter failure -> fallback
+        reason = _first_line(exc)
+    log.warning("dynamo ONNX export failed (%s); trying the legacy exporter", reason)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    try:
+        _export_legacy(model, example, path, opset, dynamic_batch)
+    except Exception as exc2:
+        raise RuntimeError(
+            f"ONNX export of {type(model).__name__} failed with both exporters: "
+            f"dynamo: {reason}; torchscript: {type(exc2).__name__}: {exc2}") from exc2
+    return "torchscript", reason
 
 
 def _default_opset(path: Path) -> int | None:

@@ -560,11 +560,12 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             onnx = export_onnx(compressed, staging / "model.onnx", input_size,
                                opset=recipe["export"]["opset"],
                                dynamic_batch=recipe["export"]["dynamic_batch"],
-                               atol=recipe["export"]["atol"])
+                               atol=recipe["export"]["atol"],
+                               verify=recipe["export"]["verify"])
         onnx["path"] = "model.onnx"
         report["onnx"] = onnx
-        _log(f"[onnx] {onnx['bytes']:,} bytes, max |onnxruntime - torch| = "
-             f"{onnx['max_abs_diff']:.2e}", quiet)
+        _log(f"[onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
+            f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), quiet)
     else:
         report["onnx"] = None
 

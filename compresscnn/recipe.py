@@ -738,6 +738,13 @@ SCHEMA = Section("The recipe.", {
         "atol": Field(Float(0.0, lo_open=True), 1.0e-3,
                       "Largest allowed max-abs difference between onnxruntime and PyTorch "
                       "outputs."),
+        "verify": Field(ListOf(Enum("onnxruntime", "openvino", "opencv"), min_len=1),
+                        ["onnxruntime"],
+                        "Runtimes that run the exported file (CPU, float32) on the same "
+                        "random inputs as PyTorch; each must agree within `atol`, and each "
+                        "one's max abs difference goes into the report. onnxruntime always "
+                        "runs; `openvino` and `opencv` (OpenCV DNN) need the `runtimes` "
+                        "extra (`pip install 'compresscnn[runtimes]'`)."),
     }),
     "report": Section("report.json / report.md / plots.", {
         "latency": Field(Bool(), True, "Measure latency (PyTorch and onnxruntime)."),

@@ -45,7 +45,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGES = ("baseline", "compressed", "finetuned", "trained")
-VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "tensorly", "timm", "compresscnn")
+VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino",
+                    "opencv-python-headless", "tensorly", "timm", "compresscnn")
 # Pipeline order for the timings table; unknown stages follow, alphabetically.
 _STAGE_ORDER = (
     "load", "load_model", "data", "baseline_eval", "plan", "apply", "compress", "compressed_eval",
@@ -180,6 +181,22 @@ def _fmt_float(v: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _runtime_lines(onnx: dict[str, Any]) -> list[str]:
+    """One line per export check: each runtime's agreement with PyTorch, what was folded."""
+    out = []
+    checked = onnx.get("verify") or {}
+    if checked:
+        out += ["", "Runtimes, max abs diff against PyTorch (relative L2 error): " + ", ".join(
+            f"{rt} {_fmt_float(v.get('max_abs_diff'), 2)} ({_fmt_float(v.get('rel_l2'), 2)})"
+            for rt, v in checked.items()) + "."]
+    folded = onnx.get("folded") or {}
+    if any(folded.values()):
+        out += ["", f"Folded before export: {folded.get('batchnorms', 0)} BatchNorm(s) into "
+                    f"the convs before them, {folded.get('gathers', 0)} Fire channel "
+                    f"reorder(s) into the convs after them."]
+    return out
+
+
 def _fmt_ratio(base: Any, value: Any) -> str:
     b, x = _num(base), _num(value)
     if b is None or x is None or x == 0:
@@ -312,6 +329,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ]],
             ["l", "r", "r", "r", "l"],
         )
+        lines += _runtime_lines(onnx)
         extra = {k: v for k, v in onnx.items() if k not in ("path", "bytes", "max_abs_diff", "opset", "exporter")}
         if extra.get("quantized"):
             q = extra["quantized"]

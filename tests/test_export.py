@@ -65,7 +65,8 @@ def test_export_parity_failure_leaves_nothing(tmp_path, monkeypatch):
     out.write_bytes(b"old")  # an existing file must survive a failed export untouched
     import compresscnn.export as ex
 
-    monkeypatch.setattr(ex, "onnx_parity", lambda *a, **k: {1: 0.5, 3: 0.25})
+    monkeypatch.setattr(ex, "verify_onnx", lambda *a, **k: {"onnxruntime": {
+        "max_abs_diff": 0.5, "rel_l2": 0.1, "diffs": {"1": 0.5, "3": 0.25}}})
     with pytest.raises(RuntimeError, match=r"0\.5 > atol"):
         export_onnx(net, out, (3, 8, 8))
     assert out.read_bytes() == b"old"

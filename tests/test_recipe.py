@@ -140,7 +140,7 @@ BAD = [
     ("unknown-rule-key", RULE_HEAD + "  - {match: '*', method: tucker2, rnak: 4}\n",
      "rules[0].rnak", "unknown key (did you mean 'rank'?)"),
     ("unknown-key-no-suggestion", GOOD + "export: {zzz: 1}\n", "export.zzz",
-     "unknown key (known keys: onnx, opset, dynamic_batch, atol)"),
+     "unknown key (known keys: onnx, opset, dynamic_batch, atol, verify)"),
     ("non-string-key", GOOD + "report: {1: 2}\n", "report", "keys must be strings"),
     ("missing-model", "rules: [{match: '*', method: svd, rank: 1}]\n", "model",
      "required section missing (it needs 'spec')"),
@@ -187,6 +187,11 @@ BAD = [
     ("opset-low", GOOD + "export: {opset: 17}\n", "export.opset",
      "expected an int >= 18, got 17"),
     ("atol-zero", GOOD + "export: {atol: 0}\n", "export.atol", "expected a number > 0"),
+    ("verify-runtime", GOOD + "export: {verify: [onnxruntime, openvno]}\n", "export.verify[1]",
+     "did you mean 'openvino'"),
+    ("verify-string", GOOD + "export: {verify: opencv}\n", "export.verify",
+     "non-empty list"),
+    ("verify-empty", GOOD + "export: {verify: []}\n", "export.verify", "non-empty list"),
     ("latency-batch-empty", GOOD + "report: {latency_batch: []}\n", "report.latency_batch",
      "non-empty list"),
     ("latency-batch-elem", GOOD + "report: {latency_batch: [1, -8]}\n",
@@ -370,7 +375,8 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert ft["lr"] == 0.01 and ft["weight_decay"] == 5e-4 and ft["amp"] == "auto"
     assert ft["distill"] == {"enabled": True, "temperature": 4.0, "alpha": 0.9}
     assert r["evaluate"] == {"baseline": True, "zero_shot": True, "max_batches": None}
-    assert r["export"] == {"onnx": True, "opset": 18, "dynamic_batch": True, "atol": 1e-3}
+    assert r["export"] == {"onnx": True, "opset": 18, "dynamic_batch": True, "atol": 1e-3,
+                           "verify": ["onnxruntime"]}
     assert r["report"] == {"latency": True, "latency_batch": [1, 8], "threads": 1,
                            "plots": True}
     assert list(r) == list(R.TOP_KEYS)

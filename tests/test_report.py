@@ -16,7 +16,10 @@ def _report() -> dict:
         "compressed": {"top1": 70.5, "top5": 89.0, "agreement": 81.25, "params": 12_000_000, "macs": 2_000_000_000},
         "finetuned": {"top1": 75.0, "top5": 92.0, "agreement": 90.5, "params": 12_000_000, "macs": 2_000_000_000},
         "onnx": {"path": Path("/runs/x/model.onnx"), "bytes": 48_000_000, "max_abs_diff": 2.3e-6,
-                 "opset": 18, "exporter": "dynamo"},
+                 "opset": 18, "exporter": "dynamo",
+                 "verify": {"onnxruntime": {"max_abs_diff": 2.3e-6, "rel_l2": 1.1e-6},
+                            "openvino": {"max_abs_diff": 3.25e-6, "rel_l2": 1.4e-6}},
+                 "folded": {"batchnorms": 20, "gathers": 8}},
         "layers": [
             {"name": "layer1.0.conv2", "type": "Conv2d", "method": "tucker2", "rank": (16, 24),
              "params_before": 36864, "params_after": 9000, "macs_before": 115_605_504,
@@ -69,6 +72,9 @@ def test_markdown_tables_and_determinism(tmp_path):
     assert "| finetuned | 75.00 | 92.00 | 90.50 | 12.00 M | 2.00 G | 2.13× | 2.04× |" in md
     assert "`layer1.0.conv2` | Conv2d | tucker2 | (16, 24) |" in md
     assert "excluded by rule \\| 3" in md  # pipes escaped
+    assert ("Runtimes, max abs diff against PyTorch (relative L2 error): onnxruntime 2.3e-06 "
+            "(1.1e-06), openvino 3.2e-06 (1.4e-06).") in md
+    assert "Folded before export: 20 BatchNorm(s) into the convs before them, 8 Fire" in md
     for section in ("## ONNX", "## Layers", "## Latency", "## Stage timings", "## Versions", "## Fine-tuning"):
         assert section in md
     # timings in pipeline order, unknown stages last
