@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from compresscnn.calibration import layer_sensitivity
 from compresscnn.counting import count
 from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.evaluate import evaluate
 from compresscnn.finetune import finetune
 from compresscnn.models import load_model
 from compresscnn.recipe import FIT_THROUGH
-from compresscnn.surgery import ALLOCATIONS, apply, plan, refine
+from compresscnn.surgery import ALLOCATIONS, compress
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -132,19 +131,15 @@ def main() -> None:
             # --uniform: the same MAC fraction for every layer instead of the global budget
             rules = rules_for(cfg, args.macs if args.uniform else None)
             target = None if args.uniform else {"macs": args.macs}
-            cal = weights = None
+            cal = None
             if args.calibrate:
                 cal = calibration_batches(data_cfg, original.pretrained_cfg, args.calibrate,
                                           batch_size=64)
-                if args.allocation == "sensitivity" and target:
-                    weights = layer_sensitivity(original, rules, input_size, cal)
-            p = plan(original, rules, input_size, target=target, sensitivity=weights,
-                     allocation=args.allocation)
-            model = apply(copy.deepcopy(original), p)
-            if cal is not None:
-                refine(original, model, p, cal, steps=args.steps,
-                       fit_through=args.fit_through, refit_dense=args.refit_dense,
-                       bn_recalibrate=args.bn_recalibrate)
+            model, p = compress(original, rules, input_size, target=target, calibration=cal,
+                                reconstruct_steps=args.steps, fit_through=args.fit_through,
+                                refit_dense=args.refit_dense,
+                                bn_recalibrate=args.bn_recalibrate,
+                                allocation=args.allocation)
             c = count(model, input_size)
             row.update(c)
             row["ranks"] = p.ranks()

@@ -9,7 +9,6 @@ as-is at 224x224) and agreement with the uncompressed model's top-1 predictions.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -23,9 +22,8 @@ from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.errors import CompressError
 from compresscnn.evaluate import evaluate
 from compresscnn.models import load_model
-from compresscnn.calibration import layer_sensitivity  # noqa: E402
 from compresscnn.recipe import FIT_THROUGH
-from compresscnn.surgery import ALLOCATIONS, apply, plan, refine
+from compresscnn.surgery import ALLOCATIONS, compress
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -80,19 +78,13 @@ def main() -> None:
             rules.append({"match": "*", "method": "svd"})
         t0 = time.time()
         try:
-            weights = None
-            if args.allocation == "sensitivity":
-                weights = layer_sensitivity(model, rules, size, cal)
-            p = plan(model, rules, size, target={"macs": args.macs}, sensitivity=weights,
-                     allocation=args.allocation)
+            m, p = compress(model, rules, size, target={"macs": args.macs}, calibration=cal,
+                            reconstruct_steps=args.steps, fit_through=args.fit_through,
+                            refit_dense=args.refit_dense, allocation=args.allocation)
         except CompressError as e:
             rows.append({"method": method, "error": str(e)})
             print(f"{method}: {e}", flush=True)
             continue
-        m = apply(copy.deepcopy(model), p)
-        if cal is not None:
-            refine(model, m, p, cal, steps=args.steps, fit_through=args.fit_through,
-                   refit_dense=args.refit_dense)
         secs = time.time() - t0
         c = count(m, size)
         r = evaluate(m, test, reference=model, progress=False)

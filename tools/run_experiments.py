@@ -32,6 +32,13 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_alexnet": (SCRATCH, ["model.spec=cifar:alexnet"]),
     "scratch_squeezenet1_0": (SCRATCH, ["model.spec=cifar:squeezenet1_0"]),
     "scratch_squeezenet1_1": (SCRATCH, ["model.spec=cifar:squeezenet1_1"]),
+    # the trained AlexNet-CIFAR compressed to SqueezeNet 1.0's size (after scratch_alexnet),
+    # and the same factorized architecture trained from scratch
+    "alexnet_to_squeezenet_size": ("recipes/cifar10_alexnet_to_squeezenet_size.yaml", []),
+    "scratch_alexnet_factorized": (SCRATCH, [
+        'rules=[{match: "classifier.*", method: svd}, '
+        "{match: [features.3, features.6, features.8, features.10], method: cp}]",
+        "target.params=0.0484"]),
     # ResNet-20 at 2x fewer MACs: dense vs factorized from the start
     "scratch_resnet20_dense": (LOWRANK, ["rules=[]", "target=null"]),
     "scratch_resnet20_spatial_kaiming": (LOWRANK, []),

@@ -82,8 +82,8 @@ def build_cifar_zoo(name: str, weights: str | None) -> tuple[nn.Module, dict[str
                hparams=dict(getattr(model, "hparams", hp)))
     if weights is not None:
         if weights.lower() in ("default", "pretrained"):
-            raise ModelError(f"{spec} has no published weights; train it (tools/"
-                             "cifar_squeezenet_vs_alexnet.py) and pass the weights file")
+            raise ModelError(f"{spec} has no published weights; train it (recipes/"
+                             "cifar10_scratch.yaml) and pass its model.safetensors")
         ckpt = load_weights(model, weights, spec=spec)
         cfg["weights"] = str(ckpt.path)
         cfg["published"] = _published_from_file(ckpt)
