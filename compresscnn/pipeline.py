@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,13 @@ from torch import nn
 
 from .counting import count
 from .errors import CompressError, MethodError, ModelError, RankError, RecipeError
+from .progress import emit, timed
 from .surgery import Plan, apply, plan, refine
 
 
 def _log(msg: str, quiet: bool) -> None:
     if not quiet and _rank() == 0:
-        print(msg, file=sys.stderr, flush=True)
+        emit(msg)
 
 
 def _rank() -> int:
@@ -69,13 +69,75 @@ def exact_rules(p: Plan) -> list[dict[str, Any]]:
     return rules
 
 
+def _data_cfg(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {**recipe["data"], "seed": int(recipe.get("seed", 0))}
+
+
 def _calibration_batches(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list:
+    """The calibration batches from ``data.calibration``, at the model's input size (in
+    ``pcfg``)."""
     from . import data as data_mod
 
     cal = recipe["calibration"]
-    return data_mod.calibration_batches(
-        {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
-        batch_size=cal["batch_size"])
+    return data_mod.calibration_batches(_data_cfg(recipe), pcfg, cal["batches"],
+                                        batch_size=cal["batch_size"])
+
+
+def _check_data(recipe: dict[str, Any], pcfg: dict[str, Any], *,
+                train: bool) -> tuple[list[str], bool]:
+    """Before anything runs: the model's classes match the data's, and neither fine-tuning
+    nor calibration reads the images accuracy is measured on. Returns the warnings the
+    report starts with (an allowed overlap, a replaced head) and whether a source overlaps
+    the eval images (``data.allow_eval_overlap``)."""
+    from . import data as data_mod
+
+    if not recipe.get("data"):
+        return [], False
+    cfg = _data_cfg(recipe)
+    data_mod.check_classes(cfg, pcfg.get("num_classes"), recipe["model"]["spec"])
+    cal = recipe.get("calibration")
+    calibrate = bool(cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")
+                              or recipe.get("allocation") == "sensitivity"))
+    overlap = data_mod.check_sources(cfg, train=train, calibrate=calibrate)
+    notes = list(overlap)
+    head = pcfg.get("head_replaced")
+    if head:
+        notes.append(f"model.num_classes: the {head['from']}-class head ({head['layer']}) was "
+                     f"replaced by a new, untrained {head['to']}-class one: the baseline and "
+                     f"zero-shot accuracies are those of an untrained head")
+    return notes, bool(overlap)
+
+
+def _data_report(recipe: dict[str, Any], train_loader: Any, test_loader: Any) -> dict | None:
+    """Which images each source read (root, split, count) and how they were fed."""
+    from . import data as data_mod
+
+    if not recipe.get("data"):
+        return None
+    cfg = data_mod.resolve_data_cfg(_data_cfg(recipe))
+    out: dict[str, Any] = {"dataset": cfg["dataset"], "resize": cfg["resize"],
+                           "crop": cfg["crop"]}
+    for role, loader in (("train", train_loader), ("eval", test_loader)):
+        if loader is not None:
+            out[role] = {**data_mod.source_of(cfg, role), "images": len(loader.dataset)}
+    if recipe.get("calibration"):
+        out["calibration"] = data_mod.source_of(cfg, "calibration")
+    return out
+
+
+def _replace_head(recipe: dict[str, Any], model: nn.Module) -> None:
+    """``model.num_classes``: a new head; distilling from the original (whose head is now
+    untrained too) is refused."""
+    from .models import replace_head
+
+    n = recipe["model"].get("num_classes")
+    if not n or not replace_head(model, n, seed=int(recipe.get("seed", 0))):
+        return
+    ft = recipe["finetune"]
+    if ft["enabled"] and ft["distill"]["enabled"]:
+        raise RecipeError(f"finetune.distill: the original model's head is replaced too "
+                          f"(model.num_classes: {n}), so it cannot teach the new classes; set "
+                          f"finetune.distill.enabled: false to train with cross-entropy")
 
 
 def _sensitivity(recipe: dict[str, Any], model: nn.Module, input_size: tuple[int, ...],
@@ -273,21 +335,26 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     from .models import load_model
     from .recipe import dump_resolved
     from .report import collect_versions, write_report
-    from .utils import Timer, get_world_size, seed_everything
+    from .utils import get_world_size, seed_everything
 
     timings: dict[str, float] = {}
     where = f"{recipe_path}: " if recipe_path else ""
     seed_everything(int(recipe.get("seed", 0)))
-    with Timer(timings, "load_model"):
+    ev, ft = recipe["evaluate"], recipe["finetune"]
+    need_train = bool(ft["enabled"]) and (ft["epochs"] > 0 or ft.get("max_steps"))
+    with timed(timings, "load_model", recipe["model"]["spec"], quiet=quiet):
         try:
             model = load_model(recipe["model"]["spec"], recipe["model"].get("weights"))
         except ModelError as e:  # the spec or named weights (a file's errors name the file)
             raise ModelError(f"{where}model: {e}") from None
+        _replace_head(recipe, model)
         model.eval()
     input_size = _input_size(recipe, model)
-    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    # the data is fed at the size the plan, MACs, latency and ONNX file describe
+    pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": input_size}
+    warnings, overlap = _check_data(recipe, pcfg, train=need_train)
 
-    with Timer(timings, "plan"):
+    with timed(timings, "plan", quiet=quiet):
         try:
             if distributed and _latency_planned(recipe):
                 raise RecipeError("latency-aware planning (objective: latency / target: "
@@ -303,42 +370,44 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             raise type(e)(f"{where}{e}") from None
     if dry_run:
         if _rank() == 0:
-            print(p.summary())
+            print(p.summary(), flush=True)
         return {"plan": p}
-    _log(p.summary(), quiet)
 
     main = _rank() == 0
     out = Path(out if out is not None else recipe["output"])
     staging = _stage_dirs(out, resume, overwrite, recipe["model"].get("weights"), main=main)
 
-    ev, ft = recipe["evaluate"], recipe["finetune"]
-    need_train = bool(ft["enabled"]) and (ft["epochs"] > 0 or ft.get("max_steps"))
     need_test = bool(ev["baseline"] or ev["zero_shot"] or need_train)
     train_loader = test_loader = None
     if recipe.get("data") and (need_train or need_test):
-        _log("[data] loading", quiet)
-        with Timer(timings, "load_data"):
+        with timed(timings, "load_data", quiet=quiet):
             train_loader, test_loader = data_mod.make_loaders(
-                {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg,
-                train=need_train, test=need_test, distributed=distributed)
+                _data_cfg(recipe), pcfg, train=need_train, test=need_test,
+                distributed=distributed)
+    if main:  # the run's first result, on stdout as in a dry run, once every input is checked
+        print(p.summary(), flush=True)
     progress = not quiet
     maxb = ev.get("max_batches")
     if distributed and test_loader is not None:
         test_loader, maxb = _shard_eval_loader(test_loader, maxb), None
     report: dict[str, Any] = {"name": recipe.get("name"), "recipe": recipe_path,
                               "model": recipe["model"]["spec"], "input_size": list(input_size),
-                              "target": recipe.get("target"), "rules": recipe["rules"]}
+                              "target": recipe.get("target"), "rules": recipe["rules"],
+                              "warnings": warnings,
+                              "eval_overlap": overlap,
+                              "data": _data_report(recipe, train_loader, test_loader)}
     base_count = count(model, input_size)
 
     def stage(key: str, m: nn.Module, counts: dict[str, int], reference: nn.Module | None):
         row: dict[str, Any] = {"params": counts["params"], "macs": counts["macs"],
                                "top1": None, "top5": None}
         if test_loader is not None:
-            with Timer(timings, f"evaluate_{key}"):
+            with timed(timings, f"evaluate_{key}", f"{len(test_loader.dataset)} images",
+                       quiet=quiet):
                 r = evaluate(m, test_loader, reference=reference, max_batches=maxb,
                              progress=progress)
             row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement", "loss")})
-            _log(f"[{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
+            _log(f"[evaluate_{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
                  f"agreement {r.get('agreement')}", quiet)
         report[key] = row
 
@@ -347,12 +416,14 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     else:
         report["baseline"] = {**base_count, "top1": None, "top5": None}
 
-    with Timer(timings, "apply"):
+    with timed(timings, "apply", quiet=quiet):
         compressed = apply(copy.deepcopy(model), p)
     cal = recipe.get("calibration")
     if cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")):
-        batches = _calibration_batches(recipe, pcfg)
-        with Timer(timings, "calibrate"):
+        n_fit = sum(1 for r in p.replacements if r.applied)
+        with timed(timings, "calibrate", f"{cal['batches']} batches of {cal['batch_size']}, "
+                   f"{n_fit} layers", quiet=quiet):
+            batches = _calibration_batches(recipe, pcfg)
             report["bn_recalibrated_layers"] = refine(
                 model, compressed, p, batches, reconstruct=cal["reconstruct"],
                 steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
@@ -360,9 +431,9 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     if p.latency_config is not None:
         from .latency import ensure_not_slower
 
-        with Timer(timings, "latency_check"):
+        with timed(timings, "latency_check", quiet=quiet):
             chk = ensure_not_slower(model, compressed, p, p.latency_config)
-        _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} ms, "
+        _log(f"[latency_check] {p.latency_config.runtime}: original {chk['original_ms']:.3g} ms, "
              f"compressed {chk['compressed_ms']:.3g} ms"
              + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
              quiet)
@@ -381,11 +452,10 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     _barrier(distributed)
     ft_stats = None
     if need_train and train_loader is not None:
-        _log(f"[finetune] {ft.get('max_steps') or ft['epochs']} "
-             f"{'steps' if ft.get('max_steps') else 'epochs'}"
-             + (f" on {get_world_size()} processes" if distributed else "")
-             + (" (resuming)" if resume else ""), quiet)
-        with Timer(timings, "finetune"):
+        with timed(timings, "finetune", f"{ft.get('max_steps') or ft['epochs']} "
+                   f"{'steps' if ft.get('max_steps') else 'epochs'}"
+                   + (f" on {get_world_size()} processes" if distributed else "")
+                   + (" (resuming)" if resume else ""), quiet=quiet):
             ft_stats = finetune(
                 compressed, train_loader,
                 teacher=model if ft["distill"]["enabled"] else None,
@@ -429,21 +499,21 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     dump_resolved(resolved, staging / "recipe.yaml")
 
     if recipe["export"]["onnx"]:
-        with Timer(timings, "export_onnx"):
+        with timed(timings, "export_onnx", quiet=quiet):
             onnx = export_onnx(compressed, staging / "model.onnx", input_size,
                                opset=recipe["export"]["opset"],
                                dynamic_batch=recipe["export"]["dynamic_batch"],
                                atol=recipe["export"]["atol"])
         onnx["path"] = "model.onnx"
         report["onnx"] = onnx
-        _log(f"[onnx] {onnx['bytes']:,} bytes, max |onnxruntime - torch| = "
+        _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |onnxruntime - torch| = "
              f"{onnx['max_abs_diff']:.2e}", quiet)
     else:
         report["onnx"] = None
 
     if recipe["report"]["latency"]:
-        _log("[latency] timing the original and the compressed model", quiet)
-        with Timer(timings, "latency"):
+        with timed(timings, "latency", "timing the original and the compressed model",
+                   quiet=quiet):
             report["latency"], report["layer_latency"] = _measure_latency(
                 model, compressed, p, input_size, recipe, staging, report.get("onnx"))
 
@@ -457,7 +527,8 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
-    _log(f"wrote {out}", quiet)
+    if main:
+        print(f"wrote {out}", flush=True)
     _barrier(distributed)
     return report
 
@@ -471,7 +542,7 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    from .models import load_model
+    from .models import load_model, replace_head
     from .recipe import load_recipe
 
     run_dir = Path(run_dir)
@@ -480,6 +551,8 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
             raise CompressError(f"{run_dir}: not a compresscnn run directory ({f} missing)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     model = load_model(recipe["model"]["spec"], None)
+    if recipe["model"].get("num_classes"):
+        replace_head(model, recipe["model"]["num_classes"])
     input_size = _input_size(recipe, model)
     p = plan(model, recipe["rules"], input_size) if recipe["rules"] else None
     if p is not None:
