@@ -1,6 +1,7 @@
 """`compresscnn run` feeds the data it says it feeds: at the model's input size, from named
 train / calibration / eval sources that never share images unless allowed (and then the
-report says so first), to a head whose classes are the data's."""
+report says so first), to a head whose classes are the data's; and `compare` measures a model
+exactly as `run` does."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from compresscnn.cli import main
@@ -168,3 +170,29 @@ def test_shipped_squeezenet_recipe_calibrates_on_train_images(shared_data: Path,
     assert Path(D.source_of(cfg, "eval")["root"]).name == "imagenet-val500.zip"
     assert r["calibration"] is not None
     assert D.check_sources(cfg, train=True, calibrate=True) == []
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_compare_and_run_measure_the_same(shared_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """SqueezeNet 1.1 on val500: `compare --data` and `run` give the same top-1 (compare used
+    to resize the 224-pixel images to 256 and crop them back: 52.0 against the run's 53.0)."""
+    monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
+    weights = shared_data / "weights/imagenet-squeezenet1_1/squeezenet1_1.pth"
+    val = shared_data / "imagenet-val500.zip"
+    js = tmp_path / "c.json"
+    assert main(["compare", "torchvision:squeezenet1_1", "--weights-for",
+                 f"torchvision:squeezenet1_1={weights}", "--data", f"imagenet={val}",
+                 "--no-onnx", "--no-latency", "--quiet", "--out", str(tmp_path / "c"),
+                 "--json", str(js)]) == 0
+    row = json.loads(js.read_text())[0]
+    out = tmp_path / "run"
+    assert main(["run", str(REPO / "recipes" / "squeezenet1_1_val500.yaml"), "--out", str(out),
+                 "--quiet", "--set", "calibration=null", "--set", "evaluate.zero_shot=false",
+                 "--set", "export.onnx=false", "--set", "report.latency=false",
+                 "--set", "report.plots=false"]) == 0
+    base = json.loads((out / "report.json").read_text())["baseline"]
+    assert row["top1"] == base["top1"] == pytest.approx(53.0)
+    assert row["top5"] == base["top5"]
+    assert row["top1_source"] == "measured" and row["top1_images"] == base["n"] == 500
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["data"]["eval"]["root"] == str(val)
