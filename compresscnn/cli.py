@@ -1,7 +1,12 @@
 """``compresscnn run|inspect ...``: a thin shell over the Python API.
 
 Exit codes: 0 success; 2 a problem with the user's input (one line on stderr naming what and
-where); 1 an internal error (a one-line summary; the traceback only with ``--debug``).
+where); 1 an internal error (a one-line summary; the traceback only with ``--debug``); 130
+interrupted (Ctrl-C; the message says how to resume).
+
+Output: results on stdout (the plan, the paths written); stage lines, progress (a bar on a
+terminal, a line at least every 10 s elsewhere) and warnings on stderr. ``--quiet`` keeps
+only errors and warnings on stderr; ``-v`` adds details (the ``compresscnn`` logger at DEBUG).
 
 ``torchrun --nproc_per_node=N -m compresscnn run RECIPE`` fine-tunes with DDP: ``run`` sees
 the launcher's ``RANK``/``WORLD_SIZE`` and initialises the process group (NCCL when training
@@ -11,12 +16,15 @@ on CUDA, with each process on the GPU ``LOCAL_RANK``; gloo on CPU).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
 from typing import Sequence
 
+from . import __version__
 from .errors import CompressError
 
 
@@ -47,14 +55,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set or [])
     owned = not args.dry_run and _init_distributed(recipe["finetune"]["device"])
-    run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,
-        overwrite=args.overwrite, quiet=args.quiet, recipe_path=str(args.recipe),
-        distributed=is_dist())
+    try:
+        run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,
+            overwrite=args.overwrite, quiet=args.quiet, recipe_path=str(args.recipe),
+            distributed=is_dist())
+    except KeyboardInterrupt:
+        print(f"compresscnn: interrupted; {_resume_hint(args, recipe['output'])}",
+              file=sys.stderr)
+        return 130
     if owned:  # only after success: on a failure the other ranks may be inside a
         import torch.distributed as dist  # collective, and torchrun ends them
 
         dist.destroy_process_group()
     return 0
+
+
+def _resume_hint(args: argparse.Namespace, output: str) -> str:
+    """How to continue an interrupted run: the same command with ``--resume`` when a
+    fine-tuning checkpoint was saved, else that there is nothing to resume."""
+    out = Path(args.out if args.out is not None else output)
+    checkpoint = out.with_name(out.name + ".partial") / "checkpoints" / "last.pt"
+    if not checkpoint.is_file():
+        return "no fine-tuning checkpoint was saved yet, so there is nothing to resume: run " \
+               "the same command again"
+    cmd = ["compresscnn", "run", str(args.recipe)]
+    cmd += ["--out", str(args.out)] if args.out is not None else []
+    for kv in args.set or []:
+        cmd += ["--set", kv]
+    return f"to continue from {checkpoint}, run: {shlex.join(cmd + ['--resume'])}"
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -102,10 +130,44 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
+    """``-v``/``--quiet`` before or after the command (a subcommand's default does not hide
+    the top level's value)."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail on stderr", **d)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or stage messages (errors and warnings only)", **d)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """The ``compresscnn`` logger on stderr: DEBUG with -v, WARNING with --quiet."""
+    logger = logging.getLogger("compresscnn")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        h = _Stderr()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(h)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="compresscnn",
                                  description="Low-rank compression of pretrained CNNs.")
+    ap.add_argument("--version", action="version", version=f"compresscnn {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    _verbosity(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a recipe: plan, apply, fine-tune, export, report")
@@ -117,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    r.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    _verbosity(r, top=False)
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inspect", help="per-layer table to help write a recipe")
@@ -126,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
     i.add_argument("--energy", type=float, nargs="+", default=[0.9, 0.95, 0.99],
                    help="energy levels for the candidate-rank columns")
+    _verbosity(i, top=False)
     i.set_defaults(func=_cmd_inspect)
 
     c = sub.add_parser("compare", help="one table + plot: size, MACs, ONNX/int8 size, latency, accuracy")
@@ -144,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-onnx", action="store_true", help="skip ONNX export (sizes, onnxruntime)")
     c.add_argument("--no-latency", action="store_true", help="skip latency measurements")
     c.add_argument("--no-quantize", action="store_true", help="skip the int8 ONNX file")
-    c.add_argument("--quiet", action="store_true")
+    _verbosity(c, top=False)
     c.set_defaults(func=_cmd_compare)
     return ap
 
@@ -152,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.verbose and args.quiet:
+        ap.error("give -v/--verbose or --quiet, not both")
+    _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
     except CompressError as e:

@@ -7,13 +7,20 @@ version (onnxruntime dynamic quantization, QInt8 weights, per-tensor:
 onnxruntime (:func:`compresscnn.evaluate.measure_latency`: the median of ``repeats`` runs with
 ``threads`` CPU threads, stated in the output), and top-1 accuracy:
 
-* **measured** when the entry has weights and data are given (evaluated here), or when it is
-  a run directory whose ``report.json`` holds a measured top-1 (fine-tuned, else zero-shot);
-* **published** otherwise, for a model spec: taken from ``model.pretrained_cfg["published"]``
+* ``measured`` (here) when the entry has weights and data are given: the same loader
+  (:func:`compresscnn.data.make_loaders`, at the entry's input size) and the same
+  :func:`compresscnn.evaluate.evaluate` as ``compresscnn run``, so a model scores the same
+  in both;
+* ``run report`` for a run directory whose ``report.json`` holds a measured top-1
+  (fine-tuned, else zero-shot), on the images that run evaluated;
+* ``published`` otherwise, for a model spec: taken from ``model.pretrained_cfg["published"]``
   (the loaded weights' metadata, e.g. torchvision's ``Weights.meta``), or, for a randomly
   initialised model, ``pretrained_cfg["reference"]`` (the architecture's published weights);
-  never hard-coded here;
+  never hard-coded here; on the dataset's whole evaluation set (ImageNet-1k: 50,000 images);
 * none (``top1_source: null``) for a compressed structure that has not been trained.
+
+Each row says which (``top1_source``) and on how many images (``top1_images``); the table
+prints both next to the number.
 
 An entry is one of
 
@@ -51,6 +58,7 @@ import torch
 from torch import nn
 
 from .errors import CompressError
+from .progress import timed
 
 __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
            "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
@@ -167,7 +175,7 @@ def _dataset_for(model: nn.Module) -> str:
 
 def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The model of an entry and what is known about it (label, weights, run report...)."""
-    from .models import load_model
+    from .models import load_model, replace_head
 
     info: dict[str, Any] = {"kind": e["kind"], "weights": e.get("weights"), "notes": []}
     if e["kind"] == "spec":
@@ -191,6 +199,8 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
                            "label": e.get("label") or recipe.get("name")})
         spec = recipe["model"]["spec"]
         model = load_model(spec, e.get("weights"))
+        if recipe["model"].get("num_classes"):
+            replace_head(model, recipe["model"]["num_classes"])
         size = recipe["model"].get("input_size") or model.pretrained_cfg.get("input_size")
         cfg = model.pretrained_cfg
         model, p = compress(model, recipe["rules"], tuple(size), target=recipe.get("target"))
@@ -213,6 +223,10 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         except (OSError, ValueError) as exc:
             raise CompareError(f"{rep_path}: unreadable report ({exc})") from None
     return model, info
+
+
+#: images in the evaluation set published figures are measured on, by dataset name
+_PUBLISHED_IMAGES = {"imagenet-1k": 50_000, "cifar-10": 10_000}
 
 
 def _run_accuracy(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -240,17 +254,139 @@ def _published(model: nn.Module, kind: str) -> dict[str, Any]:
     return {}
 
 
-def _measure_accuracy(model: nn.Module, data_cfg: dict[str, Any]) -> dict[str, Any]:
-    from .data import make_loaders
+def _measure_accuracy(model: nn.Module, data_cfg: dict[str, Any], size: Sequence[int],
+                      progress: bool) -> dict[str, Any]:
+    """Top-1/top-5 on the data's eval source, exactly as ``compresscnn run`` measures it."""
+    from .data import check_classes, make_loaders
     from .evaluate import evaluate
 
-    _, loader = make_loaders(data_cfg, getattr(model, "pretrained_cfg", {}), train=False,
-                             test=True)
-    r = evaluate(model, loader, topk=(1, 5), device="cpu", progress=False)
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    check_classes(data_cfg, pcfg.get("num_classes"), pcfg.get("spec") or type(model).__name__)
+    _, loader = make_loaders(data_cfg, pcfg, train=False, test=True, input_size=size)
+    r = evaluate(model, loader, topk=(1, 5), device="cpu", progress=progress)
     return {"top1": r["top1"], "top5": r.get("top5"), "n": r["n"]}
 
 
 # --------------------------------------------------------------------------- compare
+
+def _accuracy(e: dict[str, Any], info: dict[str, Any], model: nn.Module,
+              dmap: dict[str, dict[str, Any]], size: Sequence[int], *,
+              progress: bool) -> dict[str, Any]:
+    """The row's ``top1``, ``top5``, ``top1_source``, ``top1_images`` and ``accuracy`` (where
+    the number comes from): a run's report, else measured here, else published."""
+    acc = _run_accuracy(info.get("report")) if info["kind"] == "run" else None
+    dcfg = e.get("data")
+    if isinstance(dcfg, str):
+        dcfg = next(iter(parse_data_arg(dcfg).values()))
+    if dcfg is None:
+        dcfg = dmap.get(_dataset_for(model))
+    if acc is not None:
+        return {"top1": acc["top1"], "top5": acc.get("top5"), "top1_source": "run report",
+                "top1_images": acc.get("n"),
+                "accuracy": {"source": "run report", "how": f"report.json ({acc['stage']})",
+                             "n": acc.get("n"), "agreement": acc.get("agreement")}}
+    if dcfg is not None and (info["kind"] == "run" or e.get("weights") is not None):
+        r = _measure_accuracy(model, dict(dcfg), size, progress)
+        return {"top1": r["top1"], "top5": r.get("top5"), "top1_source": "measured",
+                "top1_images": r["n"],
+                "accuracy": {"source": "measured", "how": "evaluated here",
+                             "dataset": dcfg.get("dataset"), "root": str(dcfg.get("root")),
+                             "n": r["n"]}}
+    pub = _published(model, info["kind"])
+    if not pub:
+        return {}
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    loaded = bool((pc.get("published") or {}).get("acc@1") is not None)
+    n = _PUBLISHED_IMAGES.get(str(pub.get("dataset") or "").lower())
+    if not loaded:
+        info["notes"].append("published figure of the architecture's reference weights (not "
+                             "loaded here: structure and speed only)")
+    return {"top1": pub.get("acc@1"), "top5": pub.get("acc@5"), "top1_source": "published",
+            "top1_images": n,
+            "accuracy": {"source": "published", "how": pub.get("source"),
+                         "dataset": pub.get("dataset"), "n": n, "weights_loaded": loaded}}
+
+
+def _entry_row(e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
+    """One entry's row: build it, count it, its accuracy, its ONNX sizes and latencies."""
+    from .counting import count
+
+    model, info = _build(e)
+    model.eval()
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    size = tuple(int(s) for s in (e.get("input_size") or o["input_size"]
+                                  or pc.get("input_size") or (3, 224, 224)))
+    counts = count(model, size)
+    row: dict[str, Any] = {
+        "model": info["label"], "kind": info["kind"], "spec": info.get("spec"),
+        "weights": info.get("weights") if info["kind"] != "run" else None,
+        "run": info.get("run"), "recipe": info.get("recipe"), "input_size": list(size),
+        "params": counts["params"], "macs": counts["macs"],
+        "onnx_bytes": None, "onnx_int8_bytes": None, "int8_method": None,
+        "top1": None, "top5": None, "top1_source": None, "top1_images": None,
+        "accuracy": None,
+        "threads": o["threads"], "latency_ms": {}, "latency": [], "notes": info["notes"],
+    }
+    row.update(_accuracy(e, info, model, o["dmap"], size, progress=o["progress"]))
+    onnx_path = _onnx_sizes(row, model, size, info["label"], o) if o["onnx"] else None
+    if o["latency"]:
+        _latencies(row, model, size, onnx_path, o)
+    return row
+
+
+def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], label: str,
+                o: dict[str, Any]) -> Path | None:
+    """fp32 and int8 ONNX file sizes into ``row``; the fp32 file's path (None if it failed)."""
+    from .export import export_onnx, quantize_onnx_dynamic
+
+    stem = _slug(label)
+    while stem in o["used"]:
+        stem += "_"
+    o["used"].add(stem)
+    o["workdir"].mkdir(parents=True, exist_ok=True)
+    onnx_path = o["workdir"] / f"{stem}.onnx"
+    try:
+        ex = export_onnx(model, onnx_path, size, check_batch=(1, 2))
+        row["onnx_bytes"] = ex["bytes"]
+        row["onnx_exporter"] = ex["exporter"]
+    except Exception as exc:  # one model's exporter failure must not sink the table
+        row["notes"].append(f"ONNX export failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        onnx_path = None
+    if onnx_path is not None and o["quantize"]:
+        q = o["workdir"] / f"{stem}.int8.onnx"
+        try:
+            row["onnx_int8_bytes"] = quantize_onnx_dynamic(onnx_path, q)
+            row["int8_method"] = INT8_METHOD
+        except Exception as exc:
+            row["notes"].append(f"int8 quantization failed: {type(exc).__name__}: {exc}"[:300])
+    return onnx_path
+
+
+def _latencies(row: dict[str, Any], model: nn.Module, size: tuple[int, ...],
+               onnx_path: Path | None, o: dict[str, Any]) -> None:
+    """Median latency at each batch in PyTorch, onnxruntime and onnxruntime int8."""
+    from .evaluate import measure_latency
+
+    runs: list[tuple[str, Any]] = [("torch", model)]
+    if onnx_path is not None:
+        runs.append(("ort", onnx_path))
+        if row["onnx_int8_bytes"] is not None:
+            runs.append(("ort_int8", o["workdir"] / f"{onnx_path.stem}.int8.onnx"))
+    for b in o["batches"]:
+        for key, target in runs:
+            rt = "torch" if key == "torch" else "onnxruntime"
+            try:
+                r = measure_latency(target, size, runtime=rt, threads=o["threads"],
+                                    warmup=o["warmup"], repeats=o["repeats"], batch=b,
+                                    device="cpu")
+            except Exception as exc:
+                row["notes"].append(f"{key} latency at batch {b} failed: "
+                                    f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            row["latency_ms"][f"{key}_b{b}"] = round(float(r["median_ms"]), 4)
+            row["latency"].append({"runtime": key, **r})
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
@@ -275,16 +411,11 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
 
     Each row holds ``model`` (the label), ``kind``, ``spec``, ``weights``, ``input_size``,
     ``params``, ``macs``, ``onnx_bytes``, ``onnx_int8_bytes``, ``int8_method``,
-    ``top1``, ``top5``, ``top1_source`` (``"measured"``, ``"published"`` or None),
+    ``top1``, ``top5``, ``top1_source`` (``"measured"`` here, ``"run report"``,
+    ``"published"`` or None), ``top1_images`` (how many images that top-1 is measured on),
     ``accuracy`` (where it comes from), ``threads``, ``latency_ms`` (``{"torch_b1": median
     ms, "ort_b1", "ort_int8_b1", ...}``), ``latency`` (the full measurements) and ``notes``.
     """
-    from .counting import count
-    from .evaluate import measure_latency
-    from .export import export_onnx, quantize_onnx_dynamic
-
-    workdir = Path(workdir)
-    dmap = _data_map(data)
     norm = [_normalize(e, i) for i, e in enumerate(entries)]
     if not norm:
         raise CompareError("compare: no models given")
@@ -297,103 +428,21 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     unknown = set(weights_for or {}) - {e.get("model") for e in norm}
     if unknown:
         raise CompareError(f"--weights-for {sorted(unknown)[0]}: no such model among the entries")
-    batches = [int(b) for b in latency_batches]
+    opts = {"input_size": input_size, "dmap": _data_map(data), "workdir": Path(workdir),
+            "onnx": onnx, "quantize": quantize, "latency": latency, "threads": int(threads),
+            "batches": [int(b) for b in latency_batches], "repeats": repeats, "warmup": warmup,
+            "progress": log is not None, "used": set()}
     rows: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for i, e in enumerate(norm):
+    for e in norm:
+        name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
         t0 = time.perf_counter()
-        model, info = _build(e)
-        model.eval()
-        pc = getattr(model, "pretrained_cfg", {}) or {}
-        size = tuple(int(s) for s in (e.get("input_size") or input_size
-                                      or pc.get("input_size") or (3, 224, 224)))
-        counts = count(model, size)
-        row: dict[str, Any] = {
-            "model": info["label"], "kind": info["kind"], "spec": info.get("spec"),
-            "weights": info.get("weights") if info["kind"] != "run" else None,
-            "run": info.get("run"), "recipe": info.get("recipe"), "input_size": list(size),
-            "params": counts["params"], "macs": counts["macs"],
-            "onnx_bytes": None, "onnx_int8_bytes": None, "int8_method": None,
-            "top1": None, "top5": None, "top1_source": None, "accuracy": None,
-            "threads": int(threads), "latency_ms": {}, "latency": [], "notes": info["notes"],
-        }
-        # accuracy
-        acc = _run_accuracy(info.get("report")) if info["kind"] == "run" else None
-        dcfg = e.get("data")
-        if isinstance(dcfg, str):
-            dcfg = next(iter(parse_data_arg(dcfg).values()))
-        if dcfg is None:
-            dcfg = dmap.get(_dataset_for(model))
-        if acc is not None:
-            row.update(top1=acc["top1"], top5=acc.get("top5"), top1_source="measured",
-                       accuracy={"source": "measured", "how": f"report.json ({acc['stage']})",
-                                 "n": acc.get("n"), "agreement": acc.get("agreement")})
-        elif dcfg is not None and (info["kind"] == "run" or e.get("weights") is not None):
-            r = _measure_accuracy(model, dict(dcfg))
-            row.update(top1=r["top1"], top5=r.get("top5"), top1_source="measured",
-                       accuracy={"source": "measured", "how": "evaluated here",
-                                 "dataset": dcfg.get("dataset"), "root": str(dcfg.get("root")),
-                                 "n": r["n"]})
-        else:
-            pub = _published(model, info["kind"])
-            if pub:
-                loaded = bool((pc.get("published") or {}).get("acc@1") is not None)
-                row.update(top1=pub.get("acc@1"), top5=pub.get("acc@5"), top1_source="published",
-                           accuracy={"source": "published", "how": pub.get("source"),
-                                     "dataset": pub.get("dataset"),
-                                     "weights_loaded": loaded})
-                if not loaded:
-                    row["notes"].append("published figure of the architecture's reference "
-                                        "weights (not loaded here: structure and speed only)")
-        # ONNX sizes
-        onnx_path = None
-        if onnx:
-            stem = _slug(info["label"])
-            while stem in used:
-                stem += "_"
-            used.add(stem)
-            workdir.mkdir(parents=True, exist_ok=True)
-            onnx_path = workdir / f"{stem}.onnx"
-            try:
-                ex = export_onnx(model, onnx_path, size, check_batch=(1, 2))
-                row["onnx_bytes"] = ex["bytes"]
-                row["onnx_exporter"] = ex["exporter"]
-            except Exception as exc:  # one model's exporter failure must not sink the table
-                row["notes"].append(f"ONNX export failed: {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
-                onnx_path = None
-            if onnx_path is not None and quantize:
-                q = workdir / f"{stem}.int8.onnx"
-                try:
-                    row["onnx_int8_bytes"] = quantize_onnx_dynamic(onnx_path, q)
-                    row["int8_method"] = INT8_METHOD
-                except Exception as exc:
-                    row["notes"].append(f"int8 quantization failed: {type(exc).__name__}: {exc}"[:300])
-        # latency
-        if latency:
-            runs: list[tuple[str, Any]] = [("torch", model)]
-            if onnx_path is not None:
-                runs.append(("ort", onnx_path))
-                if row["onnx_int8_bytes"] is not None:
-                    runs.append(("ort_int8", workdir / f"{onnx_path.stem}.int8.onnx"))
-            for b in batches:
-                for key, target in runs:
-                    rt = "torch" if key == "torch" else "onnxruntime"
-                    try:
-                        r = measure_latency(target, size, runtime=rt, threads=threads,
-                                            warmup=warmup, repeats=repeats, batch=b, device="cpu")
-                    except Exception as exc:
-                        row["notes"].append(f"{key} latency at batch {b} failed: "
-                                            f"{type(exc).__name__}: {exc}"[:300])
-                        continue
-                    row["latency_ms"][f"{key}_b{b}"] = round(float(r["median_ms"]), 4)
-                    row["latency"].append({"runtime": key, **r})
+        with timed(None, "compare", str(name), quiet=log is None):
+            row = _entry_row(e, opts)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         if log:
             log(f"[compare] {row['model']}: {row['params']:,} params, top1 {row['top1']} "
-                f"({row['top1_source']}), {row['seconds']} s")
+                f"({row['top1_source']}, {row['top1_images']} images), {row['seconds']} s")
         rows.append(row)
-        del model
     return rows
 
 
@@ -434,7 +483,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
     names = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8"}
     head = ["Model", "Params", "MACs", "ONNX fp32", "ONNX int8"]
     head += [f"{names[k]} b{b} (ms)" for b in bs for k in runtimes]
-    head += ["Top-1 %", "Top-1 source", "Params vs first"]
+    head += ["Top-1 %", "Top-1 source", "Images", "Params vs first"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---:"]) + "|"]
     base = rows[0]["params"] if rows else None
@@ -443,9 +492,10 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
         cells = [str(r["model"]).replace("|", "/"), _fmt_count(r["params"]), _fmt_count(r["macs"]),
                  _fmt_bytes(r.get("onnx_bytes")), _fmt_bytes(r.get("onnx_int8_bytes"))]
         cells += [_fmt_ms(lat.get(f"{k}_b{b}")) for b in bs for k in runtimes]
-        top1 = r.get("top1")
+        top1, n = r.get("top1"), r.get("top1_images")
         cells.append("-" if top1 is None else f"{top1:.2f}")
-        cells.append(r.get("top1_source") or "-")
+        cells.append(_SOURCE_LABELS.get(r.get("top1_source"), r.get("top1_source") or "-"))
+        cells.append("-" if n is None else f"{int(n):,}")
         if r is rows[0]:
             cells.append("1x")
         elif base and r["params"]:
@@ -466,10 +516,14 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
         lines.append(f"- Latency: median of {', '.join(map(str, reps))} runs, CPU, "
                      f"{', '.join(map(str, thr))} thread(s) (torch.set_num_threads / onnxruntime "
                      "intra_op_num_threads), random input; bN = batch N.")
-    lines.append("- Top-1 source: `measured` = evaluated here on the data named below, or taken "
-                 "from a run's report.json; `published` = the published metadata of the "
-                 "weights (torchvision's `Weights.meta` for torchvision models: ImageNet-1k "
-                 "validation, 50,000 images), not measured here; `-` = no accuracy (untrained).")
+    lines.append("- Top-1 source: `measured here` = evaluated by this command on the data "
+                 "named below (the same loader and evaluation as `compresscnn run`); `run "
+                 "report` = the run directory's report.json, on the images that run "
+                 "evaluated; `published` = the published metadata of the weights "
+                 "(torchvision's `Weights.meta` for torchvision models, on the 50,000 "
+                 "ImageNet-1k validation images), not measured here; `-` = no accuracy "
+                 "(untrained). Images: how many images the top-1 is measured on. Numbers "
+                 "from different sources or image sets are not measurements of one thing.")
     for r in rows:
         acc = r.get("accuracy") or {}
         if acc:
@@ -478,6 +532,10 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
         for n in r.get("notes") or []:
             lines.append(f"- {r['model']}: {n}")
     return "\n".join(lines) + "\n"
+
+
+_SOURCE_LABELS = {"measured": "measured here", "run report": "run report",
+                  "published": "published"}
 
 
 def _size_mb(r: Mapping[str, Any]) -> tuple[float, bool]:
@@ -490,7 +548,7 @@ def _size_mb(r: Mapping[str, Any]) -> tuple[float, bool]:
 def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                  title: str = "Accuracy vs model size") -> Path:
     """Top-1 against model size (log x), one labelled point per model with an accuracy;
-    filled circles measured, open triangles published."""
+    filled circles measured here, squares from run reports, open triangles published."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -499,13 +557,15 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     pts = [r for r in rows if r.get("top1") is not None]
     from_onnx = all(_size_mb(r)[1] for r in pts) if pts else False
-    for src, marker, face in (("measured", "o", None), ("published", "^", "none")):
+    for src, marker, face in (("measured", "o", None), ("run report", "s", None),
+                              ("published", "^", "none")):
         sel = [r for r in pts if r.get("top1_source") == src]
         if sel:
             xs = [_size_mb(r)[0] for r in sel]
             ys = [float(r["top1"]) for r in sel]
             kw = {"facecolors": face} if face else {}
-            ax.scatter(xs, ys, marker=marker, s=55, label=src, edgecolors="C0" if face else None,
+            ax.scatter(xs, ys, marker=marker, s=55, label=_SOURCE_LABELS[src],
+                       edgecolors="C0" if face else None,
                        **kw)
             for r, x, y in zip(sel, xs, ys):
                 ax.annotate(str(r["model"]), (x, y), textcoords="offset points", xytext=(5, 4),

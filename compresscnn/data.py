@@ -15,6 +15,17 @@ Sources, by ``data.dataset``:
   them in ``/usr/share/datasets/fashion-mnist``, the default root), a folder holding them
   (torchvision's ``FashionMNIST/raw`` too), or torchvision's download.
 
+Three sources, each a root and a split: ``train`` (fine-tuning), ``calibration`` (data-aware
+decomposition; by default the ``train`` source) and ``eval`` (accuracy). A root with split
+folders (``train/``, ``test/``...) gives each source its split; a root without them is read
+whole, so two sources on it are the same images: :func:`eval_overlap` counts them and
+:func:`check_sources` refuses training or calibrating on evaluation images.
+
+Images reach the model at its input size (``model.input_size``, else its own): ``resize:
+auto`` feeds an image already at that size as it is and scales a larger one by the model's
+resize/crop ratio before the crop; an image smaller than the input, or one that the explicit
+``resize``/``crop`` would bring to another size, is refused with one line.
+
 Zips are read in place, never extracted; a member with ``..`` or an absolute path is refused.
 Every problem a user can fix is a :class:`~compresscnn.errors.DataError` naming the path.
 """
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import re
 import struct
@@ -35,10 +47,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from compresscnn.errors import DataError
+from compresscnn.recipe import LEGACY_DATA_KEYS
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "make_loaders",
     "calibration_batches",
+    "check_sources",
+    "check_classes",
+    "eval_overlap",
+    "source_of",
+    "DATASET_CLASSES",
     "build_dataset",
     "clear_cache",
     "resolve_data_cfg",
@@ -53,6 +73,9 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 DATASETS = ("cifar10", "imagenet", "fashion_mnist")
+#: size of each dataset's label space (an ImageNet subset is still scored 1000-way)
+DATASET_CLASSES = {"cifar10": 10, "imagenet": 1000, "fashion_mnist": 10}
+ROLES = ("train", "calibration", "eval")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _WNID_RE = re.compile(r"^(n\d{8})(?:_|$)")
@@ -63,14 +86,12 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULTS: dict[str, Any] = {
     "dataset": "cifar10",
     "root": None,
-    "train_root": None,  # optional per-split roots (e.g. imagenet train1000.zip / val500.zip)
-    "test_root": None,
+    "train": {"root": None, "split": "train", "subset": None},
+    "calibration": {"root": None, "split": None},
+    "eval": {"root": None, "split": "test", "subset": None},
+    "allow_eval_overlap": False,
     "download": False,
     "download_dir": "~/.cache/compresscnn",
-    "train_split": "train",
-    "test_split": "test",
-    "train_subset": None,
-    "test_subset": None,
     "batch_size": 128,
     "eval_batch_size": 256,
     "workers": 0,
@@ -81,10 +102,29 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _with_sources(raw: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled, each source a mapping of its own; the old flat keys (``test_split``,
+    ``train_root``...) folded into their source (both spellings of one key: an error)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
+    for k, v in raw.items():
+        if k in ROLES:
+            if not isinstance(v, dict):
+                raise DataError(f"data.{k} must be a mapping (root, split...), got {v!r}")
+            out[k].update(v)
+        elif k not in LEGACY_DATA_KEYS:
+            out[k] = v
+    for old, (role, key) in LEGACY_DATA_KEYS.items():
+        if raw.get(old) is None:
+            continue
+        if (raw.get(role) or {}).get(key) not in (None, raw[old]):
+            raise DataError(f"give data.{role}.{key} or its old spelling data.{old}, not both")
+        out[role][key] = raw[old]
+    return out
+
+
 def resolve_data_cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Fill defaults for the recipe's ``data:`` section (unknown keys are kept as they are)."""
-    out = dict(DEFAULTS)
-    out.update({k: v for k, v in (cfg or {}).items()})
+    out = _with_sources(dict(cfg or {}))
     ds = str(out["dataset"]).lower().replace("-", "_")
     ds = {"cifar": "cifar10", "cifar_10": "cifar10", "fmnist": "fashion_mnist",
           "fashionmnist": "fashion_mnist", "imagenet1k": "imagenet"}.get(ds, ds)
@@ -94,10 +134,27 @@ def resolve_data_cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
     for key in ("batch_size", "eval_batch_size"):
         if not isinstance(out[key], int) or out[key] < 1:
             raise DataError(f"data.{key} must be a positive integer, got {out[key]!r}")
-    for key in ("train_subset", "test_subset"):
-        if out[key] is not None and (not isinstance(out[key], int) or out[key] < 1):
-            raise DataError(f"data.{key} must be a positive integer or null, got {out[key]!r}")
+    for role in ("train", "eval"):
+        n = out[role].get("subset")
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise DataError(f"data.{role}.subset must be a positive integer or null, got {n!r}")
     return out
+
+
+def source_of(cfg: dict[str, Any], role: str) -> dict[str, Any]:
+    """``{"root", "split", "subset"}`` of source ``role`` of a resolved data section: its own
+    root, else (calibration) the train source's, else ``data.root``; likewise the split."""
+    if role not in ROLES:
+        raise ValueError(f"unknown data source {role!r}; known: {', '.join(ROLES)}")
+    sec = cfg[role]
+    if role == "calibration":
+        train = source_of(cfg, "train")
+        return {"root": sec.get("root") or train["root"], "split": sec.get("split") or
+                train["split"], "subset": None}
+    split = sec.get("split")
+    if not isinstance(split, str) or not split:
+        raise DataError(f"data.{role}.split must be a folder name, got {split!r}")
+    return {"root": sec.get("root") or cfg["root"], "split": split, "subset": sec.get("subset")}
 
 
 # --------------------------------------------------------------------------------------
@@ -325,7 +382,8 @@ def _fashion_from_folder(root: Path, split: str) -> tuple[torch.Tensor, torch.Te
     )
 
 
-def _load_arrays(cfg: dict[str, Any], split: str, root: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_arrays(cfg: dict[str, Any], split: str, root: Any,
+                 where: str = "data.root") -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 N x H x W x C images and labels for cifar10 / fashion_mnist, cached per process."""
     ds = cfg["dataset"]
     if root is None:
@@ -359,7 +417,7 @@ def _load_arrays(cfg: dict[str, Any], split: str, root: Any) -> tuple[torch.Tens
                 return arrays
     path = Path(root).expanduser()
     if not path.exists():
-        raise DataError(f"data.root: path not found: {path}")
+        raise DataError(f"{where}: path not found: {path}")
     with _CACHE_LOCK:
         key = _cache_key(path, split, ds)
         if key in _CACHE:
@@ -369,7 +427,7 @@ def _load_arrays(cfg: dict[str, Any], split: str, root: Any) -> tuple[torch.Tens
         elif ds == "cifar10" and path.is_dir() and (path / "cifar-10-batches-py").is_dir():
             arrays = _torchvision_arrays(ds, path, split, download=False)
         else:
-            arrays = _cifar_from_source(_open_source(path, "data.root"), split)
+            arrays = _cifar_from_source(_open_source(path, where), split)
         _CACHE[key] = arrays
         return arrays
 
@@ -496,48 +554,118 @@ def _interp(name: str) -> Any:
         return InterpolationMode.BILINEAR
 
 
-def _size_opt(value: Any, auto: Any, key: str) -> int | None:
-    if value == "auto":
-        return None if auto is None else int(auto)
-    if value is None:
-        return None
+def _size_opt(value: Any, key: str) -> Any:
+    if value == "auto" or value is None:
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DataError(f"data.{key} must be 'auto', null or a positive integer, got {value!r}")
     return value
 
 
-def _build_transform(cfg: dict[str, Any], pcfg: dict[str, Any], *, augment: bool,
-                     image_size: tuple[int, int] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _hw(size: Any) -> str:
+    return "x".join(str(int(v)) for v in size)
+
+
+class _Geometry:
+    """Where an image must end up (the model's input H x W) and how it gets there, from the
+    data section's ``resize``/``crop`` and the model's ``pretrained_cfg``."""
+
+    def __init__(self, cfg: dict[str, Any], pcfg: dict[str, Any], where: str) -> None:
+        size = pcfg.get("input_size")
+        self.target = tuple(int(v) for v in size[-2:]) if size else None
+        self.resize = _size_opt(cfg.get("resize", "auto"), "resize")
+        crop = _size_opt(cfg.get("crop", "auto"), "crop")
+        self.crop = self.target if crop == "auto" else (None if crop is None else (crop, crop))
+        r, c = pcfg.get("resize"), pcfg.get("crop")
+        self.ratio = float(r) / float(c) if isinstance(r, int) and isinstance(c, int) and c else 1.0
+        self.interp = _interp(pcfg.get("interpolation", "bilinear"))
+        self.where = where
+
+    def mismatch(self, got: tuple[int, int]) -> DataError:
+        return DataError(
+            f"{self.where}: images would reach the model at {_hw(got)} but its input is "
+            f"{_hw(self.target)} (model.input_size): set data.resize / data.crop to give "
+            f"{_hw(self.target)}, or model.input_size to the data's size")
+
+
+class _AutoResize(torch.nn.Module):
+    """``resize: auto``: an image already at ``size`` passes unchanged (ImageNet validation
+    copies stored at 224x224 are fed as they are); a larger one is scaled to cover ``size`` x
+    the model's resize/crop ratio (torchvision's resize-256 for a 224 crop); a smaller one is
+    refused: upsampling must be asked for."""
+
+    def __init__(self, geo: _Geometry, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.geo, self.size = geo, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        h, w = x.shape[-2:]
+        th, tw = self.size
+        if (h, w) == (th, tw):
+            return x
+        if h < th or w < tw:
+            raise DataError(
+                f"{self.geo.where}: images are {_hw((h, w))}, smaller than the model's input "
+                f"{_hw((th, tw))}: set model.input_size to the data's size ([C, {h}, {w}]), or "
+                "data.resize to an int to upsample")
+        if th == tw:  # the shorter side, exactly as torchvision's Resize(int)
+            out = [int(round(th * self.geo.ratio))]
+        else:
+            s = self.geo.ratio * max(th / h, tw / w)
+            out = [max(th, int(round(h * s))), max(tw, int(round(w * s)))]
+        return TF.resize(x, out, interpolation=self.geo.interp, antialias=True)
+
+
+class _CheckSize(torch.nn.Module):
+    """The last geometric step: an image not at the model's input size is refused."""
+
+    def __init__(self, geo: _Geometry) -> None:
+        super().__init__()
+        self.geo = geo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.geo.target:
+            raise self.geo.mismatch(tuple(x.shape[-2:]))
+        return x
+
+
+def _geometry_ops(geo: _Geometry, *, augment: bool, lazy: bool) -> list[Any]:
+    """Resize / crop (and train-time augmentation) on uint8 C x H x W tensors."""
     from torchvision.transforms import v2
 
-    ds = cfg["dataset"]
-    resize = _size_opt(cfg.get("resize", "auto"), pcfg.get("resize"), "resize")
-    crop = _size_opt(cfg.get("crop", "auto"), pcfg.get("crop"), "crop")
-    interp = _interp(pcfg.get("interpolation", "bilinear"))
+    size = geo.crop or geo.target
+    if augment and lazy and size is not None:  # natural images: Inception-style crops
+        return [v2.RandomResizedCrop(size, interpolation=geo.interp, antialias=True),
+                v2.RandomHorizontalFlip()]
+    ops: list[Any] = []
+    if geo.resize == "auto" and size is not None:
+        ops.append(_AutoResize(geo, size))
+    elif isinstance(geo.resize, int):
+        ops.append(v2.Resize(geo.resize, interpolation=geo.interp, antialias=True))
+    if geo.crop is not None:
+        ops.append(v2.CenterCrop(geo.crop))
+    if augment and size is not None:  # small images: pad-and-crop + flip (He et al.'s CIFAR)
+        ops += [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
+    elif augment:
+        ops.append(v2.RandomHorizontalFlip())
+    if geo.target is not None:
+        ops.append(_CheckSize(geo))
+    return ops
+
+
+def _build_transform(cfg: dict[str, Any], pcfg: dict[str, Any], *, augment: bool, lazy: bool,
+                     where: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.transforms import v2
+
     in_ch = int(tuple(pcfg.get("input_size", (3,)))[0])
     mean = tuple(float(m) for m in pcfg.get("mean", _IMAGENET_MEAN))
     std = tuple(float(s) for s in pcfg.get("std", _IMAGENET_STD))
-
-    ops: list[Any] = []
-    if augment and ds == "imagenet":
-        size = crop or int(tuple(pcfg.get("input_size", (3, 224, 224)))[-1])
-        ops += [v2.RandomResizedCrop(size, interpolation=interp, antialias=True),
-                v2.RandomHorizontalFlip()]
-    else:
-        if resize is not None:
-            ops.append(v2.Resize(resize, interpolation=interp, antialias=True))
-        if crop is not None:
-            ops.append(v2.CenterCrop(crop))
-        if augment:  # small images: pad-and-crop + flip (the CIFAR recipe of He et al.)
-            size = crop or (image_size[0] if image_size else None)
-            if size is not None:
-                ops.append(v2.RandomCrop(size, padding=4))
-            ops.append(v2.RandomHorizontalFlip())
-    ops.append(v2.ToDtype(torch.float32, scale=True))
-    ops.append(_Channels(in_ch))
     if len(mean) != in_ch or len(std) != in_ch:
         raise DataError(f"pretrained_cfg mean/std have {len(mean)} values for {in_ch} input channels")
-    ops.append(v2.Normalize(mean, std))
+    ops = _geometry_ops(_Geometry(cfg, pcfg, where), augment=augment, lazy=lazy)
+    ops += [v2.ToDtype(torch.float32, scale=True), _Channels(in_ch), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
 
@@ -589,41 +717,63 @@ def stratified_subset(labels: Sequence[int] | torch.Tensor, n: int, seed: int = 
     return sorted(chosen)
 
 
-def _split_name(cfg: dict[str, Any], train: bool) -> str:
-    split = cfg["train_split"] if train else cfg["test_split"]
-    if not isinstance(split, str) or not split:
-        raise DataError(f"data.{'train' if train else 'test'}_split must be a folder name, got {split!r}")
-    return split
+def _root_key(cfg: dict[str, Any], role: str) -> str:
+    """The recipe key a source's root comes from (for messages)."""
+    if cfg[role].get("root"):
+        return f"data.{role}.root"
+    if role == "calibration" and cfg["train"].get("root"):
+        return "data.train.root"
+    return "data.root"
 
 
-def build_dataset(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | None, *, train: bool,
-                  augment: bool | None = None, subset: bool = True) -> Dataset:
-    """The train or test dataset for a resolved ``data:`` section (see :func:`make_loaders`)."""
-    cfg = resolve_data_cfg(cfg)
+def _at_size(pretrained_cfg: dict[str, Any] | None,
+             input_size: Sequence[int] | None) -> dict[str, Any]:
+    """The model's preprocessing at the size it is run at (``model.input_size`` wins)."""
     pcfg = dict(pretrained_cfg or {})
-    split = _split_name(cfg, train)
-    root = cfg["train_root" if train else "test_root"] or cfg["root"]
-    aug = (bool(cfg["augment"]) and train) if augment is None else augment
-    n_sub = cfg["train_subset" if train else "test_subset"] if subset else None
+    if input_size is not None:
+        pcfg["input_size"] = tuple(int(v) for v in input_size)
+    return pcfg
 
-    if cfg["dataset"] == "imagenet":
+
+def build_dataset(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | None, *,
+                  train: bool | None = None, role: str | None = None, augment: bool | None = None,
+                  subset: bool = True, input_size: Sequence[int] | None = None) -> Dataset:
+    """The dataset of source ``role`` (``train``, ``calibration``, ``eval``; or ``train=``
+    True/False for train/eval) of a ``data:`` section, fed at ``input_size`` (default: the
+    model's ``pretrained_cfg["input_size"]``). Its first image is transformed here, so a
+    size or decoding problem is reported now, as one line, not in the middle of a run."""
+    cfg = resolve_data_cfg(cfg)
+    role = role or ("train" if train else "eval")
+    pcfg = _at_size(pretrained_cfg, input_size)
+    src = source_of(cfg, role)
+    root, split, key = src["root"], src["split"], _root_key(cfg, role)
+    where = f"data.{role} ({root or cfg['dataset'] + ' download'})"
+    aug = (bool(cfg["augment"]) and role == "train") if augment is None else augment
+    n_sub = src["subset"] if subset else None
+    lazy = cfg["dataset"] == "imagenet"
+    tf = _build_transform(cfg, pcfg, augment=aug, lazy=lazy, where=where)
+    if lazy:
         if root is None:
             raise DataError(
-                "data.root is not set for imagenet: set it to a folder or .zip of "
+                f"{key} is not set for imagenet: set it to a folder or .zip of "
                 "<wnid>/<file>.JPEG or <wnid>_<name>.JPEG images (no download exists)"
             )
-        src = _open_source(root, "data.root")
-        items = _imagenet_items(src, split)
-        tf = _build_transform(cfg, pcfg, augment=aug, image_size=None)
+        folder = _open_source(root, key)
+        items = _imagenet_items(folder, split)
         idx = stratified_subset([c for _, c in items], n_sub, cfg["seed"]) if n_sub else None
-        return ImageFolderDataset(src, items, tf, idx)
-
-    images, labels = _load_arrays(cfg, split, root)
-    if len(labels) == 0:
-        raise DataError(f"{root}: split '{split}' has no images")
-    tf = _build_transform(cfg, pcfg, augment=aug, image_size=tuple(images.shape[1:3]))
-    idx = stratified_subset(labels, n_sub, cfg["seed"]) if n_sub else None
-    return TensorImageDataset(images, labels, tf, idx)
+        ds: Dataset = ImageFolderDataset(folder, items, tf, idx)
+    else:
+        images, labels = _load_arrays(cfg, split, root, key)
+        if len(labels) == 0:
+            raise DataError(f"{root}: split '{split}' has no images")
+        idx = stratified_subset(labels, n_sub, cfg["seed"]) if n_sub else None
+        ds = TensorImageDataset(images, labels, tf, idx)
+    if len(ds):
+        with torch.random.fork_rng(devices=[]):  # augmentation draws leave no trace
+            shape = tuple(ds[0][0].shape)
+        log.debug("%s: split '%s', %d images, fed as %s (resize %s, crop %s)", where, split,
+                  len(ds), "x".join(map(str, shape)), cfg["resize"], cfg["crop"])
+    return ds
 
 
 def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -660,38 +810,44 @@ def _loader(ds: Dataset, cfg: dict[str, Any], *, batch_size: int, shuffle: bool,
     )
 
 
-def make_loaders(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | None, *, train: bool = True,
-                 test: bool = True, distributed: bool = False) -> tuple[DataLoader | None, DataLoader | None]:
-    """``(train_loader, test_loader)`` for the recipe's ``data:`` section; None where not asked.
+def make_loaders(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | None, *,
+                 train: bool = True, test: bool = True, distributed: bool = False,
+                 input_size: Sequence[int] | None = None,
+                 ) -> tuple[DataLoader | None, DataLoader | None]:
+    """``(train_loader, eval_loader)`` of the ``data.train`` and ``data.eval`` sources; None
+    where not asked. Every evaluation (a run's stages, ``compresscnn compare``) goes
+    through here, so a model sees the same images the same way wherever it is measured.
 
     The train loader shuffles with a generator seeded by ``data.seed`` (or, when
     ``distributed``, uses a :class:`DistributedSampler` seeded likewise: the trainer calls
-    ``loader.sampler.set_epoch(epoch)``). Preprocessing comes from ``pretrained_cfg``
-    (``resize``/``crop``/``mean``/``std``/``interpolation``) unless ``data.resize`` /
-    ``data.crop`` override it.
+    ``loader.sampler.set_epoch(epoch)``). Images are brought to ``input_size`` (default: the
+    model's ``pretrained_cfg["input_size"]``) as the module docstring says, with the model's
+    ``mean``/``std``/``interpolation``.
     """
     cfg = resolve_data_cfg(cfg)
     train_loader = test_loader = None
     if train:
-        ds = build_dataset(cfg, pretrained_cfg, train=True)
+        ds = build_dataset(cfg, pretrained_cfg, role="train", input_size=input_size)
         train_loader = _loader(ds, cfg, batch_size=cfg["batch_size"], shuffle=True,
                                distributed=distributed)
     if test:
-        ds = build_dataset(cfg, pretrained_cfg, train=False)
+        ds = build_dataset(cfg, pretrained_cfg, role="eval", input_size=input_size)
         test_loader = _loader(ds, cfg, batch_size=cfg["eval_batch_size"], shuffle=False)
     return train_loader, test_loader
 
 
 def calibration_batches(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | None,
-                        n_batches: int, *, batch_size: int | None = None) -> list[torch.Tensor]:
+                        n_batches: int, *, batch_size: int | None = None,
+                        input_size: Sequence[int] | None = None) -> list[torch.Tensor]:
     """``n_batches`` input batches (``batch_size`` each, default ``data.batch_size``; the
-    recipe's ``calibration.batch_size``) from the train split (``data.train_subset`` ignored), no
-    augmentation, in a seeded random order so every batch mixes classes (for data-aware
-    decomposition and BatchNorm re-estimation). Fewer if the split is smaller."""
+    recipe's ``calibration.batch_size``) from the ``data.calibration`` source (no subset, no
+    augmentation), in a seeded random order so every batch mixes classes (for data-aware
+    decomposition and BatchNorm re-estimation). Fewer if the source is smaller."""
     if n_batches < 1:
         raise DataError(f"calibration needs at least one batch, got {n_batches}")
     cfg = resolve_data_cfg(cfg)
-    ds = build_dataset(cfg, pretrained_cfg, train=True, augment=False, subset=False)
+    ds = build_dataset(cfg, pretrained_cfg, role="calibration", augment=False, subset=False,
+                       input_size=input_size)
     bs = int(batch_size or cfg["batch_size"])
     g = torch.Generator().manual_seed(int(cfg["seed"]))
     order = torch.randperm(len(ds), generator=g)[: n_batches * bs].tolist()
@@ -700,3 +856,76 @@ def calibration_batches(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | No
         xs, _ = _collate([ds[i] for i in order[start:start + bs]])
         batches.append(xs)
     return batches
+
+
+# --------------------------------------------------------------------------------------
+# what a run may do with its sources
+
+
+def _split_count(cfg: dict[str, Any], root: Any, a: str, b: str) -> int:
+    """Shared images of splits ``a`` and ``b`` of a source split by file (torchvision's
+    CIFAR-10 batches, Fashion-MNIST idx files): all of them when both read the same file."""
+    if (a == "train") != (b == "train"):
+        return 0
+    return len(_load_arrays(cfg, b, root)[1])
+
+
+def eval_overlap(cfg: dict[str, Any], role: str) -> int:
+    """How many images source ``role`` (``train`` or ``calibration``) shares with the
+    ``eval`` source: the same root read whole (no split folders) or at the same split shares
+    them all; different files or splits share none. A root that does not exist counts 0
+    (loading it reports it)."""
+    cfg = resolve_data_cfg(cfg)
+    a, b = source_of(cfg, role), source_of(cfg, "eval")
+    if a["root"] is None or b["root"] is None:
+        if a["root"] is None and b["root"] is None:  # a download or Debian's Fashion-MNIST
+            return _split_count(cfg, None, a["split"], b["split"])
+        return 0
+    pa, pb = Path(a["root"]).expanduser(), Path(b["root"]).expanduser()
+    if not (pa.exists() and pb.exists()) or pa.resolve() != pb.resolve():
+        return 0
+    if pa.is_dir() and (cfg["dataset"] == "fashion_mnist"
+                        or (pa / "cifar-10-batches-py").is_dir()):
+        return _split_count(cfg, pa, a["split"], b["split"])
+    src = _open_source(pa, _root_key(cfg, "eval"))
+    shared = {n for _, n in _split_members(src, a["split"])}
+    return len(shared & {n for _, n in _split_members(src, b["split"])})
+
+
+def check_sources(cfg: dict[str, Any], *, train: bool, calibrate: bool) -> list[str]:
+    """Refuse fine-tuning (``train``) and calibration (``calibrate``) on images of the eval
+    source, with one line naming both sources and the way out. With
+    ``data.allow_eval_overlap`` return instead the warnings a report starts with."""
+    cfg = resolve_data_cfg(cfg)
+    notes = []
+    for role, what, hit, used in (("train", "fine-tuning", "fine-tuned", train),
+                                  ("calibration", "calibration", "zero-shot and fine-tuned",
+                                   calibrate)):
+        n = eval_overlap(cfg, role) if used else 0
+        if not n:
+            continue
+        a, b = source_of(cfg, role), source_of(cfg, "eval")
+        how = ("it has no split folders" if a["split"] != b["split"]
+               else f"both read split '{b['split']}'")
+        same = (f"data.{role} and data.eval are the same {n} images of "
+                f"{b['root'] or cfg['dataset'] + ' download'} ({how})")
+        if not cfg["allow_eval_overlap"]:
+            raise DataError(f"{what} would use the images accuracy is measured on: {same}; "
+                            f"point data.{role}.root at other images (a train split or archive), "
+                            f"or set "
+                            f"data.allow_eval_overlap: true to do it anyway")
+        notes.append(f"{what} used the images accuracy is measured on ({same}; "
+                     f"data.allow_eval_overlap: true): the {hit} accuracy is not a held-out "
+                     f"measurement")
+    return notes
+
+
+def check_classes(cfg: dict[str, Any], num_classes: int | None, model: str) -> None:
+    """Refuse a model whose classifier has another number of classes than the data's label
+    space (an ImageNet head scored on CIFAR-10 labels 0..9 gives numbers that mean nothing)."""
+    ds = resolve_data_cfg(cfg)["dataset"]
+    n = DATASET_CLASSES[ds]
+    if num_classes is not None and int(num_classes) != n:
+        raise DataError(f"model {model} has a {num_classes}-class head but data.dataset {ds} "
+                        f"has {n} classes: set model.num_classes: {n} to replace the head by a "
+                        f"new one (trained by fine-tuning), or use a model trained on {ds}")

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DataError
-from .utils import get_world_size, is_dist, is_main_process, resolve_device
+from .progress import bar as progress_bar
+from .utils import get_world_size, is_dist, resolve_device
 
 __all__ = ["evaluate", "evaluate_predictions", "measure_latency", "layer_latency", "num_threads"]
 
@@ -173,7 +174,7 @@ def evaluate(
         total = len(loader)  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    bar = _progress(total, progress, "eval")
+    bar = progress_bar(total, "eval", enabled=progress, unit="batches")
     with _eval_mode(model, reference), torch.inference_mode():
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -203,15 +204,6 @@ def _all_reduce_sums(sums: dict[str, torch.Tensor], dev: torch.device) -> dict[s
     vec = torch.stack([sums[k].double().to(dev) for k in keys])
     dist.all_reduce(vec)
     return {k: vec[i] for i, k in enumerate(keys)}
-
-
-def _progress(total: int | None, enabled: bool, desc: str):
-    if not enabled or not is_main_process():
-        return None
-    from tqdm.auto import tqdm
-
-    # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
-    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- latency

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,13 @@ from torch import nn
 
 from .counting import count
 from .errors import CompressError, MethodError, ModelError, RankError, RecipeError
+from .progress import emit, timed
 from .surgery import Plan, apply, compress, plan, plan_compression
 
 
 def _log(msg: str, quiet: bool) -> None:
     if not quiet and _rank() == 0:
-        print(msg, file=sys.stderr, flush=True)
+        emit(msg)
 
 
 def _rank() -> int:
@@ -69,13 +69,75 @@ def exact_rules(p: Plan) -> list[dict[str, Any]]:
     return rules
 
 
+def _data_cfg(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {**recipe["data"], "seed": int(recipe.get("seed", 0))}
+
+
 def _calibration_batches(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list:
+    """The calibration batches from ``data.calibration``, at the model's input size (in
+    ``pcfg``)."""
     from . import data as data_mod
 
     cal = recipe["calibration"]
-    return data_mod.calibration_batches(
-        {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg, cal["batches"],
-        batch_size=cal["batch_size"])
+    return data_mod.calibration_batches(_data_cfg(recipe), pcfg, cal["batches"],
+                                        batch_size=cal["batch_size"])
+
+
+def _check_data(recipe: dict[str, Any], pcfg: dict[str, Any], *,
+                train: bool) -> tuple[list[str], bool]:
+    """Before anything runs: the model's classes match the data's, and neither fine-tuning
+    nor calibration reads the images accuracy is measured on. Returns the warnings the
+    report starts with (an allowed overlap, a replaced head) and whether a source overlaps
+    the eval images (``data.allow_eval_overlap``)."""
+    from . import data as data_mod
+
+    if not recipe.get("data"):
+        return [], False
+    cfg = _data_cfg(recipe)
+    data_mod.check_classes(cfg, pcfg.get("num_classes"), recipe["model"]["spec"])
+    cal = recipe.get("calibration")
+    calibrate = bool(cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")
+                              or recipe.get("allocation") == "sensitivity"))
+    overlap = data_mod.check_sources(cfg, train=train, calibrate=calibrate)
+    notes = list(overlap)
+    head = pcfg.get("head_replaced")
+    if head:
+        notes.append(f"model.num_classes: the {head['from']}-class head ({head['layer']}) was "
+                     f"replaced by a new, untrained {head['to']}-class one: the baseline and "
+                     f"zero-shot accuracies are those of an untrained head")
+    return notes, bool(overlap)
+
+
+def _data_report(recipe: dict[str, Any], train_loader: Any, test_loader: Any) -> dict | None:
+    """Which images each source read (root, split, count) and how they were fed."""
+    from . import data as data_mod
+
+    if not recipe.get("data"):
+        return None
+    cfg = data_mod.resolve_data_cfg(_data_cfg(recipe))
+    out: dict[str, Any] = {"dataset": cfg["dataset"], "resize": cfg["resize"],
+                           "crop": cfg["crop"]}
+    for role, loader in (("train", train_loader), ("eval", test_loader)):
+        if loader is not None:
+            out[role] = {**data_mod.source_of(cfg, role), "images": len(loader.dataset)}
+    if recipe.get("calibration"):
+        out["calibration"] = data_mod.source_of(cfg, "calibration")
+    return out
+
+
+def _replace_head(recipe: dict[str, Any], model: nn.Module) -> None:
+    """``model.num_classes``: a new head; distilling from the original (whose head is now
+    untrained too) is refused."""
+    from .models import replace_head
+
+    n = recipe["model"].get("num_classes")
+    if not n or not replace_head(model, n, seed=int(recipe.get("seed", 0))):
+        return
+    ft = recipe["finetune"]
+    if ft["enabled"] and ft["distill"]["enabled"]:
+        raise RecipeError(f"finetune.distill: the original model's head is replaced too "
+                          f"(model.num_classes: {n}), so it cannot teach the new classes; set "
+                          f"finetune.distill.enabled: false to train with cross-entropy")
 
 
 def _calibration(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list | None:
@@ -295,7 +357,7 @@ def _split_holdout(recipe: dict[str, Any], pcfg: dict[str, Any], loader: Any, n:
         raise DataError(f"holdout: {n} images asked, the training split has {len(full)}")
     seed = int(recipe.get("seed", 0))
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
-    plain = data_mod.build_dataset({**recipe["data"], "seed": seed}, pcfg, train=True,
+    plain = data_mod.build_dataset(_data_cfg(recipe), pcfg, train=True,
                                    augment=False)
     held = DataLoader(Subset(plain, order[:n]), batch_size=recipe["data"]["eval_batch_size"],
                       collate_fn=loader.collate_fn)
@@ -394,22 +456,31 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     from .models import load_model
     from .recipe import dump_resolved
     from .report import collect_versions, write_report
-    from .utils import Timer, get_world_size, seed_everything
+    from .utils import get_world_size, seed_everything
 
     timings: dict[str, float] = {}
     where = f"{recipe_path}: " if recipe_path else ""
     train_cfg = recipe.get("train")
     seed_everything(int(recipe.get("seed", 0)))
-    with Timer(timings, "load_model"):
+    ev = recipe["evaluate"]
+    ft = train_cfg if train_cfg is not None else recipe["finetune"]
+    need_train = bool(train_cfg is not None or ft["enabled"]) and bool(
+        ft["epochs"] > 0 or ft.get("max_steps"))
+    if train_cfg is not None:
+        ev = {**ev, "baseline": False, "zero_shot": False}  # untrained weights: nothing to score
+    with timed(timings, "load_model", recipe["model"]["spec"], quiet=quiet):
         try:
             model = load_model(recipe["model"]["spec"], recipe["model"].get("weights"))
         except ModelError as e:  # the spec or named weights (a file's errors name the file)
             raise ModelError(f"{where}model: {e}") from None
+        _replace_head(recipe, model)
         model.eval()
     input_size = _input_size(recipe, model)
-    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    # the data is fed at the size the plan, MACs, latency and ONNX file describe
+    pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": input_size}
+    warnings, overlap = _check_data(recipe, pcfg, train=need_train)
 
-    with Timer(timings, "plan"):
+    with timed(timings, "plan", quiet=quiet):
         try:
             if distributed and _latency_planned(recipe):
                 raise RecipeError("latency-aware planning (objective: latency / target: "
@@ -420,7 +491,9 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             if train_cfg is not None:
                 student, p = _build_untrained(recipe, model, input_size)
             else:
-                batches = _calibration(recipe, pcfg)
+                # sensitivity allocation measures layers on calibration batches to plan
+                batches = (_calibration(recipe, pcfg)
+                           if recipe.get("allocation") == "sensitivity" else None)
                 opts = _compress_options(recipe)
                 p = plan_compression(model, recipe["rules"], input_size, opts["target"],
                                      batches, latency=opts["latency"],
@@ -430,46 +503,44 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     summary = p.summary() if p is not None else "dense model: no layer factorized"
     if dry_run:
         if _rank() == 0:
-            print(summary)
+            print(summary, flush=True)
         return {"plan": p}
-    _log(summary, quiet)
 
     main = _rank() == 0
     out = Path(out if out is not None else recipe["output"])
     staging = _stage_dirs(out, resume, overwrite, recipe["model"].get("weights"), main=main)
 
-    ev = recipe["evaluate"]
-    ft = train_cfg if train_cfg is not None else recipe["finetune"]
-    need_train = bool(train_cfg is not None or ft["enabled"]) and bool(
-        ft["epochs"] > 0 or ft.get("max_steps"))
-    if train_cfg is not None:
-        ev = {**ev, "baseline": False, "zero_shot": False}  # untrained weights: nothing to score
     need_test = bool(ev["baseline"] or ev["zero_shot"] or need_train)
     train_loader = test_loader = None
     if recipe.get("data") and (need_train or need_test):
-        _log("[data] loading", quiet)
-        with Timer(timings, "load_data"):
+        with timed(timings, "load_data", quiet=quiet):
             train_loader, test_loader = data_mod.make_loaders(
-                {**recipe["data"], "seed": int(recipe.get("seed", 0))}, pcfg,
-                train=need_train, test=need_test, distributed=distributed)
+                _data_cfg(recipe), pcfg, train=need_train, test=need_test,
+                distributed=distributed)
+    if main:  # the run's first result, on stdout as in a dry run, once every input is checked
+        print(summary, flush=True)
     progress = not quiet
     maxb = ev.get("max_batches")
     if distributed and test_loader is not None:
         test_loader, maxb = _shard_eval_loader(test_loader, maxb), None
     report: dict[str, Any] = {"name": recipe.get("name"), "recipe": recipe_path,
                               "model": recipe["model"]["spec"], "input_size": list(input_size),
-                              "target": recipe.get("target"), "rules": recipe["rules"]}
+                              "target": recipe.get("target"), "rules": recipe["rules"],
+                              "warnings": warnings,
+                              "eval_overlap": overlap,
+                              "data": _data_report(recipe, train_loader, test_loader)}
     base_count = count(model, input_size)
 
     def stage(key: str, m: nn.Module, counts: dict[str, int], reference: nn.Module | None):
         row: dict[str, Any] = {"params": counts["params"], "macs": counts["macs"],
                                "top1": None, "top5": None}
         if test_loader is not None:
-            with Timer(timings, f"evaluate_{key}"):
+            with timed(timings, f"evaluate_{key}", f"{len(test_loader.dataset)} images",
+                       quiet=quiet):
                 r = evaluate(m, test_loader, reference=reference, max_batches=maxb,
                              progress=progress)
             row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement", "loss")})
-            _log(f"[{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
+            _log(f"[evaluate_{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
                  f"agreement {r.get('agreement')}", quiet)
         report[key] = row
 
@@ -481,14 +552,19 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             stage("baseline", model, base_count, None)
         else:
             report["baseline"] = {**base_count, "top1": None, "top5": None}
-        with Timer(timings, "compress"):
+        if batches is None:
+            batches = _calibration(recipe, pcfg)
+        n_fit = sum(1 for r in p.replacements if r.applied)
+        with timed(timings, "compress", f"{n_fit} layers"
+                   + (f", fitted on {len(batches)} calibration batches" if batches else ""),
+                   quiet=quiet):
             compressed, p = compress(model, recipe["rules"], input_size, calibration=batches,
                                      planned=p, **opts)
         report["bn_recalibrated_layers"] = p.bn_recalibrated
         if p.latency_check is not None:
             chk = p.latency_check
-            _log(f"[latency] {p.latency_config.runtime}: original {chk['original_ms']:.3g} "
-                 f"ms, compressed {chk['compressed_ms']:.3g} ms"
+            _log(f"[latency_check] {p.latency_config.runtime}: original "
+                 f"{chk['original_ms']:.3g} ms, compressed {chk['compressed_ms']:.3g} ms"
                  + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
                  quiet)
             report["latency_plan"] = p.latency
@@ -510,11 +586,10 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     report["trained" if key == "finetuned" else "finetuned"] = None
     if need_train and train_loader is not None:
         section = "train" if train_cfg is not None else "finetune"
-        _log(f"[{section}] {ft.get('max_steps') or ft['epochs']} "
-             f"{'steps' if ft.get('max_steps') else 'epochs'}"
-             + (f" on {get_world_size()} processes" if distributed else "")
-             + (" (resuming)" if resume else ""), quiet)
-        with Timer(timings, section):
+        with timed(timings, section, f"{ft.get('max_steps') or ft['epochs']} "
+                   f"{'steps' if ft.get('max_steps') else 'epochs'}"
+                   + (f" on {get_world_size()} processes" if distributed else "")
+                   + (" (resuming)" if resume else ""), quiet=quiet):
             ft_stats = _train_stage(recipe, section, compressed,
                                     None if train_cfg is not None else model, p, train_loader,
                                     pcfg, staging, resume=resume, progress=progress,
@@ -529,7 +604,7 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
              f"{ft_stats['memory_format']})", quiet)
         compressed = compressed.cpu().eval()
         stage(key, compressed, comp_count, model if train_cfg is None else None)
-        report["warnings"] = _training_warnings(report, ft_stats, section)
+        report["warnings"] = report["warnings"] + _training_warnings(report, ft_stats, section)
     else:
         report[key] = None
     if ft_stats:  # paths relative to the run directory (staging is renamed at the end)
@@ -556,7 +631,7 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     dump_resolved(resolved, staging / "recipe.yaml")
 
     if recipe["export"]["onnx"]:
-        with Timer(timings, "export_onnx"):
+        with timed(timings, "export_onnx", quiet=quiet):
             onnx = export_onnx(compressed, staging / "model.onnx", input_size,
                                opset=recipe["export"]["opset"],
                                dynamic_batch=recipe["export"]["dynamic_batch"],
@@ -564,14 +639,14 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
                                verify=recipe["export"]["verify"])
         onnx["path"] = "model.onnx"
         report["onnx"] = onnx
-        _log(f"[onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
+        _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
             f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), quiet)
     else:
         report["onnx"] = None
 
     if recipe["report"]["latency"]:
-        _log("[latency] timing the original and the compressed model", quiet)
-        with Timer(timings, "latency"):
+        with timed(timings, "latency", "timing the original and the compressed model",
+                   quiet=quiet):
             report["latency"], report["layer_latency"] = _measure_latency(
                 model, compressed, p, input_size, recipe, staging, report.get("onnx"))
 
@@ -585,7 +660,8 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
-    _log(f"wrote {out}", quiet)
+    if main:
+        print(f"wrote {out}", flush=True)
     _barrier(distributed)
     return report
 
@@ -599,7 +675,7 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    from .models import load_model
+    from .models import load_model, replace_head
     from .recipe import load_recipe
 
     run_dir = Path(run_dir)
@@ -608,6 +684,8 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
             raise CompressError(f"{run_dir}: not a compresscnn run directory ({f} missing)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     model = load_model(recipe["model"]["spec"], None)
+    if recipe["model"].get("num_classes"):
+        replace_head(model, recipe["model"]["num_classes"])
     input_size = _input_size(recipe, model)
     p = plan(model, recipe["rules"], input_size) if recipe["rules"] else None
     if p is not None:

@@ -581,6 +581,33 @@ def _training_fields(*, lr: float, epochs: int, what: str) -> dict[str, Field]:
     }
 
 
+#: old flat ``data`` keys -> (source, key) of the new spelling; read and folded into it
+LEGACY_DATA_KEYS: dict[str, tuple[str, str]] = {
+    "train_root": ("train", "root"), "test_root": ("eval", "root"),
+    "train_split": ("train", "split"), "test_split": ("eval", "split"),
+    "train_subset": ("train", "subset"), "test_subset": ("eval", "subset"),
+}
+
+
+def _source_section(doc: str, split: str) -> Section:
+    """A ``data`` source with its own root, split and subset (``train``, ``eval``)."""
+    return Section(doc, {
+        "root": Field(Nullable(PathStr(recipe_relative=True)), None,
+                      "Folder or archive (a *path*); null: `data.root`."),
+        "split": Field(Str(), split, "Split sub-folder to read (a root without split folders "
+                                     "is read whole)."),
+        "subset": Field(Nullable(Int(1)), None,
+                        "Use only this many images (class-stratified, seeded)."),
+    })
+
+
+def _legacy_data_field(old: str) -> Field:
+    role, key = LEGACY_DATA_KEYS[old]
+    check = {"root": PathStr(recipe_relative=True), "split": Str(), "subset": Int(1)}[key]
+    return Field(Nullable(check), None,
+                 f"Old spelling of `data.{role}.{key}`: still read, written back as the new key.")
+
+
 SCHEMA = Section("The recipe.", {
     "name": Field(Nullable(_NAME), _COMPUTED,
                   "Run name (letters, digits, `.`, `_`, `-`); names the default output folder.",
@@ -602,42 +629,71 @@ SCHEMA = Section("The recipe.", {
         "input_size": Field(Nullable(ListOf(Int(1), length=3,
                                             what="[C, H, W], three ints > 0")), None,
                             "`[C, H, W]` of one input; null: from the model's "
-                            "`pretrained_cfg` / dataset."),
+                            "`pretrained_cfg` / dataset. The data is fed at this size."),
+        "num_classes": Field(Nullable(Int(1)), None,
+                             "Replace the model's classifier head by a new, randomly "
+                             "initialised one with this many classes when the model has "
+                             "another number (e.g. 10 to fine-tune an ImageNet model on "
+                             "CIFAR-10; then `finetune.distill.enabled: false`, as the "
+                             "original's new head is untrained). A model whose classes differ "
+                             "from the data's is refused without it."),
     }, presence="required"),
-    "data": Section("The dataset for calibration, fine-tuning and evaluation. Required when "
-                    "`finetune.enabled`, `evaluate.baseline` or `evaluate.zero_shot` is true or "
-                    "`calibration` is set.", {
+    "data": Section("Where the images come from and how they reach the model. Three sources: "
+                    "`train` (fine-tuning), `calibration` (data-aware decomposition; by "
+                    "default the `train` source) and `eval` (every accuracy in the report). "
+                    "A run never trains or calibrates on the images it evaluates on: when a "
+                    "source shares images with `eval` (e.g. one archive without split folders "
+                    "serves both), fine-tuning and calibration are refused unless "
+                    "`allow_eval_overlap` is true. Required when `finetune.enabled`, "
+                    "`evaluate.baseline` or `evaluate.zero_shot` is true or `calibration` is "
+                    "set.", {
         "dataset": Field(Enum("cifar10", "imagenet", "fashion_mnist"), _REQUIRED,
-                         "Which dataset format."),
+                         "Which dataset format (and label space: 10, 1000 and 10 classes)."),
         "root": Field(Nullable(PathStr(recipe_relative=True)), None,
-                      "Folder (or archive) holding the data (a *path*). null: "
-                      "`download_dir`."),
+                      "Folder (or archive) of every source that names no root of its own (a "
+                      "*path*): a source reads its split's sub-folder when the root has split "
+                      "folders, else the whole root. null: `download_dir`."),
+        "train": _source_section("The fine-tuning source.", "train"),
+        "calibration": Section("The source of the calibration batches (the top-level "
+                               "`calibration` section).", {
+            "root": Field(Nullable(PathStr(recipe_relative=True)), None,
+                          "Folder or archive (a *path*); null: the `train` source's."),
+            "split": Field(Nullable(Str()), None, "Split sub-folder; null: the `train` "
+                                                  "source's."),
+        }),
+        "eval": _source_section("The evaluation source (baseline, zero-shot and fine-tuned "
+                                "accuracy).", "test"),
+        "allow_eval_overlap": Field(Bool(), False,
+                                    "Let fine-tuning and calibration use images of the `eval` "
+                                    "source. The report then says so in its first lines: its "
+                                    "accuracies are not held-out measurements."),
         "download": Field(Bool(), False, "Download the dataset if it is missing "
                                          "(CIFAR-10 and Fashion-MNIST only)."),
         "download_dir": Field(PathStr(recipe_relative=False), "~/.cache/compresscnn",
                               "Where downloads go; `~` and `${VAR}` are expanded, a relative "
                               "path is relative to the current working directory."),
-        "train_split": Field(Str(), "train", "Split (or sub-folder) used for fine-tuning."),
-        "test_split": Field(Str(), "test", "Split (or sub-folder) used for evaluation."),
-        "train_subset": Field(Nullable(Int(1)), None,
-                              "Use only this many training images."),
-        "test_subset": Field(Nullable(Int(1)), None,
-                             "Use only this many test images."),
         "batch_size": Field(Int(1), 128, "Training batch size."),
         "eval_batch_size": Field(Int(1), 256, "Evaluation batch size."),
         "workers": Field(Int(0), 0, "DataLoader worker processes (0: load in the main "
                                     "process)."),
         "augment": Field(Bool(), True, "Random crop/flip augmentation while fine-tuning."),
         "resize": Field(_AUTO_OR_INT, "auto",
-                        "Resize the shorter side to this; `auto`: the model's "
-                        "`pretrained_cfg`; null: no resize."),
+                        "`auto`: an image already at the model's input size is fed as it is; "
+                        "a larger one is scaled to cover the input size times the model's "
+                        "resize/crop ratio (256/224 for torchvision's ImageNet models), then "
+                        "cropped; a smaller one is refused (give an int to upsample). An int: "
+                        "resize the shorter side to it. null: no resize."),
         "crop": Field(_AUTO_OR_INT, "auto",
-                      "Center (eval) / random (train) crop size; `auto`: from the model's "
-                      "input size; null: no crop."),
+                      "Center (eval) / random (train) crop size; `auto`: the model's input "
+                      "size (`model.input_size`, else the model's own); null: no crop. "
+                      "Whatever resize and crop say, an image that would reach the model at "
+                      "another size than its input size is refused."),
+        **{old: _legacy_data_field(old) for old in LEGACY_DATA_KEYS},
     }, presence="optional"),
-    "calibration": Section("Data-aware decomposition: calibration batches from the training "
-                           "split (no augmentation) on which each replaced layer is fitted to "
-                           "the original layer's output (and, optionally, BatchNorm "
+    "calibration": Section("Data-aware decomposition: calibration batches from the "
+                           "`data.calibration` source (no augmentation) on which each "
+                           "replaced layer is fitted to the original layer's output (and, "
+                           "optionally, BatchNorm "
                            "statistics are re-estimated). null or absent: off (data-free); "
                            "`{}`: on with the defaults.", {
         "batches": Field(Int(1), 8, "Number of calibration batches."),
@@ -1010,6 +1066,7 @@ def _validate(data: Any, ctx: _Ctx) -> dict:
         out["name"] = ctx.default_name
     if out["output"] is None:
         out["output"] = _resolve_path(f"runs/{out['name']}", ctx, recipe_relative=False)
+    _fold_legacy_data(out["data"], data.get("data"), ctx)
 
     # cross-constraints: everything that reads images needs a data section
     if out["data"] is None:
@@ -1036,6 +1093,21 @@ def _check_train_job(data: dict, out: dict, ctx: _Ctx) -> None:
                                    f"random weights): remove {key} or train")
     if out["data"] is None:
         raise ctx.fail(("data",), "required because train is set")
+
+
+def _fold_legacy_data(out: dict | None, raw: Any, ctx: _Ctx) -> None:
+    """Move the old flat ``data`` keys (``test_split``...) into their source sections, so the
+    resolved recipe has one spelling; giving both spellings of one key is an error."""
+    if out is None:
+        return
+    for old, (role, key) in LEGACY_DATA_KEYS.items():
+        value = out.pop(old)
+        if value is None:
+            continue
+        if key in ((raw or {}).get(role) or {}):
+            raise ctx.fail(("data", old), f"give data.{role}.{key} or its old spelling "
+                                          f"data.{old}, not both")
+        out[role][key] = value
 
 
 def validate(data: dict, source: str = "<recipe>", *, base_dir: str | os.PathLike | None = None,
@@ -1381,11 +1453,11 @@ def reference_markdown() -> str:
         "  Non-finite numbers (`.inf`, `.nan`) are rejected. Int fields never accept a",
         "  boolean (`yes`, `true`) or a float (`3.0`).",
         "- **Fractions** are in (0, 1] and mean the part *kept* (0.5 keeps half).",
-        "- **Paths** (`model.weights` when it looks like a path, `data.root`, a `file:` model",
-        "  spec): `~` and environment variables are expanded, then a relative path is taken",
-        "  relative to the recipe file's folder if it exists there, else relative to the",
-        "  current working directory. `output` and `data.download_dir` are relative to the",
-        "  current working directory.",
+        "- **Paths** (`model.weights` when it looks like a path, `data.root`, each data",
+        "  source's `root`, a `file:` model spec): `~` and environment variables are expanded,",
+        "  then a relative path is taken relative to the recipe file's folder if it exists",
+        "  there, else relative to the current working directory. `output` and",
+        "  `data.download_dir` are relative to the current working directory.",
         "- **Environment variables**: only `${VAR}` and `${VAR:-default}` (the default is used",
         "  when VAR is unset or empty) are expanded; `${VAR}` with VAR unset is an error.",
         "  Nothing else is interpolated and nothing is executed, e.g.",
@@ -1438,6 +1510,14 @@ def reference_markdown() -> str:
         "",
         "- `data` is required when `finetune.enabled`, `evaluate.baseline` or",
         "  `evaluate.zero_shot` is true, or `calibration` is set.",
+        "- Checked when a run starts (also by `--dry-run`): fine-tuning and calibration are",
+        "  refused when their source shares images with `data.eval` (one archive without",
+        "  split folders serving both), unless `data.allow_eval_overlap: true`; a model whose",
+        "  number of classes differs from the dataset's (10 for `cifar10` and",
+        "  `fashion_mnist`, 1000 for `imagenet`) is refused unless `model.num_classes` gives",
+        "  it a new head.",
+        "- Images reach the model at `model.input_size` (else the model's own): one that",
+        "  `resize`/`crop` would bring to another size is refused, never silently resampled.",
         "- A list `rank` has one int per rank component of its method.",
         "",
         "## Example",

@@ -11,7 +11,7 @@ left out): ``baseline``/``compressed``/``finetuned`` (each ``top1``, ``top5``, `
 ``layers`` (rows with ``name, type, method, rank, params_before, params_after, macs_before,
 macs_after, rel_error, skipped``), ``timings`` (stage → seconds), ``versions``, ``latency``,
 ``recipe``, ``finetune`` (stats from :func:`compresscnn.finetune.finetune`), ``date``,
-``machine``.
+``machine``, ``warnings`` (lines shown first: what makes a number not mean what it seems).
 
 Plots use matplotlib's object API (``matplotlib.figure.Figure`` renders through the Agg canvas
 by itself), so no backend is switched and no pyplot state is touched, at import or ever.
@@ -49,8 +49,9 @@ VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino",
                     "opencv-python-headless", "tensorly", "timm", "compresscnn")
 # Pipeline order for the timings table; unknown stages follow, alphabetically.
 _STAGE_ORDER = (
-    "load", "load_model", "data", "baseline_eval", "plan", "apply", "compress", "compressed_eval",
-    "finetune", "finetuned_eval", "evaluate", "eval", "export", "latency", "report", "total",
+    "load_model", "plan", "load_data", "evaluate_baseline", "apply", "calibrate",
+    "latency_check", "evaluate_compressed", "finetune", "evaluate_finetuned", "export_onnx",
+    "latency", "report", "total",
 )
 LAYER_COLUMNS = (
     "name", "type", "method", "rank", "params_before", "params_after", "macs_before",
@@ -266,6 +267,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     r: dict[str, Any] = json.loads(to_json(report))
     title = f"# compresscnn report: {r['name']}" if r.get("name") else "# compresscnn report"
     lines: list[str] = [title, ""]
+    for w in r.get("warnings") or []:  # what makes a number below not mean what it seems
+        lines += [f"> **Warning:** {w}", ""]
     meta = []
     if r.get("date"):
         meta.append(f"- Date: {r['date']}")

@@ -90,10 +90,14 @@ def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_di
     # published accuracy comes from torchvision's metadata, never from a constant here
     meta = get_model_weights("squeezenet1_1").DEFAULT.meta["_metrics"]["ImageNet-1K"]
     assert tv["top1_source"] == "published" and tv["top1"] == pytest.approx(meta["acc@1"])
+    assert tv["top1_images"] == 50_000
     assert tv["params"] == 1_235_496
     assert measured["top1_source"] == "measured" and measured["accuracy"]["n"] == 20
+    assert measured["top1_images"] == 20
     assert measured["model"] == "sq-cifar"
-    assert run["top1_source"] == "measured" and run["top1"] == 42.5 and run["kind"] == "run"
+    # a run report's number is labelled as such, with its image count
+    assert run["top1_source"] == "run report" and run["top1"] == 42.5 and run["kind"] == "run"
+    assert run["top1_images"] == 100
     from compresscnn.models.alexnet_cifar import alexnet_cifar_param_count
     assert run["params"] < alexnet_cifar_param_count(10, 16)
 
@@ -102,6 +106,12 @@ def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_di
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     md = out["markdown"].read_text()
     assert "published" in md and "measured" in md and "QInt8" in md and "thread" in md
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+             for line in md.splitlines() if line.startswith("| ")}
+    src, n = table["Model"].index("Top-1 source"), table["Model"].index("Images")
+    assert (table["squeezenet1_1"][src], table["squeezenet1_1"][n]) == ("published", "50,000")
+    assert (table["sq-cifar"][src], table["sq-cifar"][n]) == ("measured here", "20")
+    assert (table["tiny_alex"][src], table["tiny_alex"][n]) == ("run report", "100")
     data = json.loads((tmp_path / "x.json").read_text())
     assert [d["model"] for d in data] == [r["model"] for r in rows]
 

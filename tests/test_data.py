@@ -120,10 +120,45 @@ def test_augment_keeps_shape_and_varies(tmp_path: Path) -> None:
 
 def test_resize_crop_auto_and_override(tmp_path: Path) -> None:
     z = make_cifar_zip(tmp_path / "c.zip", {"cat": 1})
-    big = dict(CIFAR_CFG, resize=40, crop=36)
-    assert build_dataset(cfg(root=str(z)), big, train=False)[0][0].shape == (3, 36, 36)
-    assert build_dataset(cfg(root=str(z), resize=None, crop=None), big, train=False)[0][0].shape == (3, 32, 32)
-    assert build_dataset(cfg(root=str(z), crop=16), big, train=False)[0][0].shape == (3, 16, 16)
+    at36 = dict(CIFAR_CFG, input_size=(3, 36, 36), resize=40, crop=36)
+    assert build_dataset(cfg(root=str(z), resize=40), at36, train=False)[0][0].shape == (3, 36, 36)
+    at16 = dict(CIFAR_CFG, input_size=(3, 16, 16))
+    assert build_dataset(cfg(root=str(z)), at16, train=False)[0][0].shape == (3, 16, 16)
+    assert build_dataset(cfg(root=str(z), crop=16), CIFAR_CFG, train=False,
+                         input_size=(3, 16, 16))[0][0].shape == (3, 16, 16)
+
+
+# torchvision's ImageNet preprocessing: resize 256, crop 224
+TV_CFG = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+          "num_classes": 1000, "resize": 256, "crop": 224, "interpolation": "bilinear"}
+
+
+def test_images_follow_the_model_input_size(tmp_path: Path) -> None:
+    """A 224-pixel ImageNet model run at 32x32 (model.input_size) on 32x32 CIFAR images sees
+    them as they are, not resized to 256 and cropped to 224 by its default preprocessing."""
+    z = make_cifar_zip(tmp_path / "c.zip", {"cat": 2, "dog": 2})
+    tr, te = make_loaders(cfg(root=str(z), augment=True), TV_CFG, input_size=(3, 32, 32))
+    for loader in (tr, te):
+        assert next(iter(loader))[0].shape[1:] == (3, 32, 32)
+    x = te.dataset[0][0]
+    raw = torch.full((3, 32, 32), 3 * 20 / 255)  # the cat image's grey value, unresampled
+    mean, std = torch.tensor(TV_CFG["mean"]).view(3, 1, 1), torch.tensor(TV_CFG["std"]).view(3, 1, 1)
+    torch.testing.assert_close(x, (raw - mean) / std, atol=1e-5, rtol=0)
+    cal = calibration_batches(cfg(root=str(z)), TV_CFG, 1, input_size=(3, 32, 32))
+    assert cal[0].shape[1:] == (3, 32, 32)
+
+
+def test_image_size_mismatch_is_refused_or_resolved(tmp_path: Path) -> None:
+    z = make_cifar_zip(tmp_path / "c.zip", {"cat": 1})
+    # CIFAR images at a 224 input: refused, not silently upsampled
+    msg = _data_err(cfg(root=str(z)), TV_CFG)
+    assert "32x32" in msg and "224x224" in msg and "model.input_size" in msg and "data.resize" in msg
+    # ... unless asked for explicitly
+    ds = build_dataset(cfg(root=str(z), resize=224), TV_CFG, train=False)
+    assert ds[0][0].shape == (3, 224, 224)
+    # explicit settings that do not give the input size: refused
+    msg = _data_err(cfg(root=str(z), resize=None, crop=None), dict(CIFAR_CFG, input_size=(3, 28, 28)))
+    assert "32x32" in msg and "28x28" in msg and "data.crop" in msg
 
 
 def test_stratified_subset() -> None:
@@ -305,10 +340,8 @@ def test_imagenet_per_split_roots(tmp_path: Path) -> None:
 
 def test_imagenet_sizes_must_match_without_resize(tmp_path: Path) -> None:
     z = _imagenet_zip(tmp_path)
-    _, te = make_loaders({"dataset": "imagenet", "root": str(z), "resize": None, "crop": None},
-                         IMNET_CFG, train=False)
-    with pytest.raises(DataError, match="different sizes"):
-        next(iter(te))
+    msg = _data_err({"dataset": "imagenet", "root": str(z), "resize": None, "crop": None}, IMNET_CFG)
+    assert "24x24" in msg and "nested.zip" in msg
 
 
 def test_imagenet_unknown_class(tmp_path: Path) -> None:
@@ -393,20 +426,75 @@ def test_shared_cifar10_test_split(shared_data: Path) -> None:
 
 @pytest.mark.shared
 def test_shared_imagenet_val500(shared_data: Path) -> None:
-    c = {"dataset": "imagenet", "root": str(shared_data / "imagenet-val500.zip"),
-         "resize": None, "crop": None, "eval_batch_size": 50}
-    _, te = make_loaders(c, IMNET_CFG, train=False)
+    """The 224x224 validation copies reach a 224-pixel model as they are (no resize to 256 and
+    crop), with the default settings: what `run` and `compare` both measure."""
+    import numpy as np
+
+    c = {"dataset": "imagenet", "root": str(shared_data / "imagenet-val500.zip"), "eval_batch_size": 50}
+    _, te = make_loaders(c, TV_CFG, train=False)
     labels = te.dataset.targets
     assert len(labels) == 500 and len(set(labels)) == 10
     assert all(0 <= y < 1000 for y in labels)
     xs, _ = next(iter(te))
     assert xs.shape == (50, 3, 224, 224)
+    ds = te.dataset
+    name = ds.items[ds.indices[0]][0]
+    raw = np.asarray(Image.open(io.BytesIO(ds.src.read(name))).convert("RGB"))
+    mean, std = torch.tensor(TV_CFG["mean"]).view(3, 1, 1), torch.tensor(TV_CFG["std"]).view(3, 1, 1)
+    expected = (torch.from_numpy(raw.copy()).permute(2, 0, 1) / 255 - mean) / std
+    torch.testing.assert_close(ds[0][0], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.shared
 def test_shared_imagenet_train1000_flat(shared_data: Path) -> None:
     c = {"dataset": "imagenet", "root": str(shared_data / "imagenet-train1000.zip"), "batch_size": 4}
-    ds = build_dataset(c, dict(IMNET_CFG, resize=256, crop=224), train=True)
+    ds = build_dataset(c, TV_CFG, train=True)
     assert len(ds) == 1000 and sorted(ds.targets) == list(range(1000))
-    batches = calibration_batches(c, dict(IMNET_CFG, resize=256, crop=224), 1)
+    batches = calibration_batches(c, TV_CFG, 1)
     assert batches[0].shape == (4, 3, 224, 224)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_sources_named_explicitly(tmp_path: Path) -> None:
+    flat, nested = _imagenet_zip(tmp_path, flat=True), _imagenet_zip(tmp_path)
+    c = {"dataset": "imagenet", "train": {"root": str(flat), "subset": 2},
+         "eval": {"root": str(nested)}, "batch_size": 2}
+    tr, te = make_loaders(c, IMNET_CFG)
+    assert len(tr.dataset) == 2 and tr.dataset.src.path == flat
+    assert te.dataset.src.path == nested and len(te.dataset) == 4
+    assert D.source_of(D.resolve_data_cfg(c), "calibration")["root"] == str(flat)
+    cal = calibration_batches(dict(c, calibration={"root": str(nested)}), IMNET_CFG, 1)
+    assert cal[0].shape == (2, 3, 24, 24)
+    assert D.eval_overlap(c, "train") == 0 and D.check_sources(c, train=True, calibrate=True) == []
+    with pytest.raises(DataError, match="data.eval.split or its old spelling data.test_split"):
+        D.resolve_data_cfg({"dataset": "imagenet", "test_split": "val", "eval": {"split": "test"}})
+
+
+def test_training_on_eval_images_is_refused(tmp_path: Path) -> None:
+    """A source without split folders serves the same images to every split: fine-tuning and
+    calibration on it would train on the images the report measures accuracy on."""
+    z = _imagenet_zip(tmp_path)
+    c = {"dataset": "imagenet", "root": str(z)}
+    assert D.eval_overlap(c, "train") == 4 and D.eval_overlap(c, "calibration") == 4
+    for train, calibrate, what in ((True, False, "fine-tuning"), (False, True, "calibration")):
+        with pytest.raises(DataError) as info:
+            D.check_sources(c, train=train, calibrate=calibrate)
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(what) and "nested.zip" in msg
+        assert "allow_eval_overlap" in msg and "no split folders" in msg
+    assert D.check_sources(c, train=False, calibrate=False) == []
+    notes = D.check_sources(dict(c, allow_eval_overlap=True), train=True, calibrate=True)
+    assert len(notes) == 2 and all("not a held-out measurement" in n for n in notes)
+    # split folders keep the sources apart; the same split named twice does not
+    cz = make_cifar_zip(tmp_path / "c.zip", {"cat": 2})
+    assert D.check_sources(cfg(root=str(cz)), train=True, calibrate=True) == []
+    assert D.eval_overlap(cfg(root=str(cz), eval={"split": "train"}), "train") == 2
+
+
+def test_head_classes_must_match_the_data() -> None:
+    with pytest.raises(DataError, match="1000-class head.*cifar10 has 10.*model.num_classes: 10"):
+        D.check_classes({"dataset": "cifar10"}, 1000, "torchvision:resnet18")
+    D.check_classes({"dataset": "imagenet"}, 1000, "torchvision:resnet18")
+    D.check_classes({"dataset": "cifar10"}, 10, "cifar:resnet20")

@@ -559,7 +559,9 @@ def test_hostile_input(make: Case, tmp_path: Path, capsys, monkeypatch) -> None:
     assert code == 2, captured.err
     assert len(lines) == 1, lines
     assert lines[0].startswith("compresscnn: error: "), lines
-    assert "Traceback" not in captured.err and captured.out == ""
+    assert "Traceback" not in captured.err
+    # stdout holds at most the plan, printed once the model, data and output were checked
+    assert captured.out == "" or captured.out.startswith("layer "), captured.out
     for frag in fragments:
         assert frag in lines[0], (frag, lines[0])
     for p, was in existed.items():  # nothing created, nothing removed or changed

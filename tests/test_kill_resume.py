@@ -197,10 +197,12 @@ def test_logs_progress_and_tensorboard(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COMPRESSCNN_TENSORBOARD", "1")
     capsys.readouterr()
     assert main(["run", str(recipe), "--out", str(tmp_path / "a")]) == 0
-    err = capsys.readouterr().err
-    assert "\r" not in err and "it/s" not in err  # tqdm stays off when stderr is no TTY
-    for line in ("[finetune] 3 steps", "[finetuned] top1", "wrote "):
+    cap = capsys.readouterr()
+    err = cap.err
+    assert "\r" not in err and "it/s" not in err  # no tqdm bar when stderr is no TTY
+    for line in ("[finetune] 3 steps", "[evaluate_finetuned] top1"):
         assert line in err
+    assert "wrote " in cap.out  # results (the plan, the run directory) on stdout
     assert len(err.splitlines()) < 20
     run = tmp_path / "a"
     assert [int(r.split(",")[0]) for r in (run / "train_log.csv").read_text().splitlines()[1:]] \

@@ -362,8 +362,13 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert r["name"] == "r20"
     assert r["seed"] == 0
     assert r["output"] == str(_cwd / "runs" / "r20")
-    assert r["model"] == {"spec": "cifar:resnet20", "weights": None, "input_size": None}
+    assert r["model"] == {"spec": "cifar:resnet20", "weights": None, "input_size": None,
+                          "num_classes": None}
     assert r["data"]["batch_size"] == 128 and r["data"]["resize"] == "auto"
+    assert r["data"]["train"] == {"root": None, "split": "train", "subset": None}
+    assert r["data"]["eval"] == {"root": None, "split": "test", "subset": None}
+    assert r["data"]["calibration"] == {"root": None, "split": None}
+    assert r["data"]["allow_eval_overlap"] is False
     assert r["data"]["download_dir"] == os.path.expanduser("~/.cache/compresscnn")
     assert r["calibration"] is None and r["target"] is None
     assert r["rules"] == [{"match": ["layer*.*.conv2"], "exclude": [], "method": "tucker2",
@@ -380,6 +385,45 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert r["report"] == {"latency": True, "latency_batch": [1, 8], "threads": 1,
                            "plots": True}
     assert list(r) == list(R.TOP_KEYS)
+
+
+def test_data_sources_and_old_keys(tmp_path, _cwd):
+    """Train, calibration and eval sources are named explicitly; the old flat keys (which
+    the schema used to reject for train_root) still load, into the new ones."""
+    (tmp_path / "recipes" / "tr.zip").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "recipes" / "tr.zip").write_bytes(b"")
+    r = R.load_recipe(write(tmp_path, GOOD.replace("  dataset: cifar10\n", """\
+  dataset: cifar10
+  train: {root: tr.zip, subset: 100}
+  calibration: {split: cal}
+  eval: {root: ev, split: val}
+  allow_eval_overlap: true
+""")))
+    assert r["data"]["train"] == {"root": str(tmp_path / "recipes" / "tr.zip"), "split": "train",
+                                  "subset": 100}
+    assert r["data"]["calibration"] == {"root": None, "split": "cal"}
+    assert r["data"]["eval"] == {"root": str(_cwd / "ev"), "split": "val", "subset": None}
+    assert r["data"]["allow_eval_overlap"] is True
+    old = R.load_recipe(write(tmp_path, GOOD.replace("  dataset: cifar10\n", """\
+  dataset: cifar10
+  train_root: tr.zip
+  test_split: val
+  test_subset: 50
+""")), ["data.train_subset=7"])
+    assert old["data"]["train"] == {"root": str(tmp_path / "recipes" / "tr.zip"), "split": "train",
+                                    "subset": 7}
+    assert old["data"]["eval"] == {"root": None, "split": "val", "subset": 50}
+    assert not set(R.LEGACY_DATA_KEYS) & set(old["data"])  # written back in the new spelling
+    out = tmp_path / "resolved.yaml"
+    R.dump_resolved(old, out)
+    assert R.load_recipe(out) == old
+    with pytest.raises(RecipeError, match=r"data\.test_split: give data\.eval\.split or its "
+                                          r"old spelling data\.test_split, not both"):
+        R.load_recipe(write(tmp_path, GOOD.replace("  dataset: cifar10\n", """\
+  dataset: cifar10
+  test_split: val
+  eval: {split: test}
+""")))
 
 
 def test_name_defaults_to_file_stem(tmp_path):

@@ -34,7 +34,7 @@ CONFIGS = {"fp32": ("off", "contiguous", False), "fp32_cl": ("off", "channels_la
 
 
 def build(name: str) -> torch.nn.Module:
-    base, _, method = name.partition("_")
+    base, _, method = name.partition("_") if name.startswith("resnet") else (name, "", "")
     model = cc.load_model(f"cifar:{base}", None)
     if method:  # the ResNet-20 compressions of the headline: 2x fewer MACs
         model, _ = cc.compress(model, [{"match": "layer*.conv*", "method": method}],

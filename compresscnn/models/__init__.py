@@ -11,6 +11,7 @@ from compresscnn.models.loaders import (
     model_names,
     parse_spec,
     read_checkpoint,
+    replace_head,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "model_names",
     "parse_spec",
     "read_checkpoint",
+    "replace_head",
 ]

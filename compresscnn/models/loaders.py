@@ -38,6 +38,7 @@ from compresscnn.errors import CheckpointError, ModelError
 
 __all__ = [
     "load_model",
+    "replace_head",
     "model_names",
     "parse_spec",
     "read_checkpoint",
@@ -609,3 +610,45 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     model, cfg = _BUILDERS[source](name, weights)
     model.pretrained_cfg = cfg
     return model.eval()
+
+
+def replace_head(model: nn.Module, num_classes: int, *, seed: int = 0) -> str | None:
+    """Give ``model`` a new, randomly initialised (seeded) classifier with ``num_classes``
+    outputs when it has another number; returns the replaced layer's name (None: nothing to
+    do). The head is timm's ``reset_classifier`` where there is one, else the last Linear or
+    Conv2d whose outputs are the model's classes (``fc``, ``classifier.6``, SqueezeNet's
+    ``classifier.1``), rebuilt with the same geometry."""
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    old = int(cfg.get("num_classes") or 0)
+    if int(num_classes) == old:
+        return None
+    spec = cfg.get("spec") or type(model).__name__
+    heads = [(n, m) for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == old)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == old and m.groups == 1)]
+    if not heads and not hasattr(model, "reset_classifier"):
+        raise ModelError(f"model.num_classes: cannot find the classifier of {spec} (no Linear "
+                         f"or Conv2d with its {old} outputs)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        if hasattr(model, "reset_classifier"):
+            model.reset_classifier(int(num_classes))
+            name = "reset_classifier"
+        else:
+            name, layer = heads[-1]
+            model.set_submodule(name, _new_head(layer, int(num_classes)))
+    if hasattr(model, "num_classes"):
+        model.num_classes = int(num_classes)
+    model.pretrained_cfg = {**cfg, "num_classes": int(num_classes),
+                            "head_replaced": {"layer": name, "from": old, "to": int(num_classes)}}
+    return name
+
+
+def _new_head(layer: nn.Module, n: int) -> nn.Module:
+    p = next(layer.parameters())
+    kw = {"bias": layer.bias is not None, "device": p.device, "dtype": p.dtype}
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, n, **kw)
+    return nn.Conv2d(layer.in_channels, n, layer.kernel_size, stride=layer.stride,
+                     padding=layer.padding, dilation=layer.dilation,
+                     padding_mode=layer.padding_mode, **kw)
