@@ -467,11 +467,11 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
 
     The architecture is rebuilt by applying the recorded exact ranks to the model spec (with
     randomly initialised weights, so nothing is downloaded), then the saved tensors are
-    loaded strictly. No module is unpickled.
+    checked (names, shapes, dtypes, finite values: a recipe.yaml whose ranks were edited is
+    a one-line error) and loaded strictly. No module is unpickled.
     """
-    from safetensors.torch import load_file
-
     from .models import load_model
+    from .models.loaders import load_weights
     from .recipe import load_recipe
 
     run_dir = Path(run_dir)
@@ -484,12 +484,5 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     p = plan(model, recipe["rules"], input_size) if recipe["rules"] else None
     if p is not None:
         apply(model, p)
-    try:
-        state = load_file(str(run_dir / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own error types
-        raise CompressError(f"{run_dir / 'model.safetensors'}: unreadable ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CompressError(f"{run_dir / 'model.safetensors'}: does not fit the rebuilt model "
-                            f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    load_weights(model, run_dir / "model.safetensors", spec=f"{run_dir / 'recipe.yaml'}")
     return model.eval()

@@ -502,7 +502,7 @@ def _(t):
     r["finetune"] = {"enabled": True, "max_steps": 2}
     r = with_data(r, str(FMNIST))
     r["data"]["train_subset"] = 64
-    return ["--resume"], r, ["last.pt", "not a readable checkpoint"]
+    return ["--resume"], r, ["last.pt", "truncated or corrupt"]
 
 
 @case("resume_foreign_checkpoint", needs_data=True)
@@ -516,7 +516,7 @@ def _(t):
     r["finetune"] = {"enabled": True, "max_steps": 2}
     r = with_data(r, str(FMNIST))
     r["data"]["train_subset"] = 64
-    return ["--resume"], r, ["last.pt", "total_steps"]
+    return ["--resume"], r, ["last.pt", "checkpoint field"]
 
 
 # --------------------------------------------------------------------------- the test
