@@ -46,7 +46,7 @@ __all__ = [
     "load_recipe", "validate", "validate_rules", "validate_target", "rule_options",
     "parse_override", "apply_overrides", "dump_resolved", "reference_markdown",
     "expand_env", "RULE_KEYS", "POLICY_KEYS", "TARGET_KEYS", "TOP_KEYS", "SCHEMA",
-    "RULE_FIELDS", "MODEL_SOURCES", "load_yaml",
+    "RULE_FIELDS", "MODEL_SOURCES", "load_yaml", "RESUME_FREE",
 ]
 
 KeyPath = tuple  # of str (mapping keys) and int (list indices)
@@ -1116,6 +1116,12 @@ def _apply_one(root: dict, path: KeyPath, value: Any, text: str, ctx: _Ctx) -> N
 
 # --------------------------------------------------------------------------- files
 
+#: Recipe keys that cannot change the fine-tuned weights: ``--resume`` may change them (every
+#: other key, and the plan's ranks, must be what the interrupted run was started with).
+RESUME_FREE: tuple[str, ...] = (
+    "name", "output", "evaluate", "export", "report", "finetune.log_every",
+    "finetune.checkpoint_every", "data.eval_batch_size", "data.test_subset", "data.test_split")
+
 #: Limits on a YAML document (a recipe file, a run's recipe.yaml, a compare recipe, a --set
 #: value), checked before anything walks it: recipes are a few kB, nest a handful of levels
 #: and hold hundreds of values; aliases may not expand a document past these.
@@ -1402,6 +1408,9 @@ def reference_markdown() -> str:
         f"- **Limits**: a recipe (or a `--set` value) may have at most {MAX_YAML_BYTES:,}",
         f"  bytes, nest {MAX_YAML_DEPTH} levels and hold {MAX_YAML_VALUES:,} values once YAML",
         "  aliases are expanded; YAML tags that build Python objects are refused.",
+        "- **`--resume`** continues an interrupted run only with the recipe it was started",
+        "  with (and the same planned ranks); a changed key is named and refused. These may",
+        "  change: " + ", ".join(f"`{k}`" for k in RESUME_FREE) + ".",
         "",
     ]
     rows, subs = _section_rows(SCHEMA, "")
