@@ -982,7 +982,7 @@ for _key, _value, _shown in [
         ("finetune.amp", "bf16", "finetune.amp"),
         ("seed", "7", "seed (0 -> 7)"),
         ("data.batch_size", "16", "data.batch_size"),
-        ("data.train_subset", "96", "data.train_subset"),
+        ("data.train_subset", "96", "data.train.subset (64 -> 96)"),
         ("data.augment", "false", "data.augment"),
         ("rules[0].rank", "0.5", "rules[0].rank"),
         ("rules[1].rank", "0.5", "rules[1].rank (0.25 -> 0.5)"),
