@@ -59,6 +59,7 @@ from torch import nn
 
 from .errors import CompressError
 from .progress import timed
+from .recipe import load_yaml
 
 __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
            "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
@@ -653,7 +654,7 @@ def load_compare_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise CompareError(f"compare recipe not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        _, data = load_yaml(p.read_text(encoding="utf-8"), str(p))
     except yaml.YAMLError as exc:
         raise CompareError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
     except (OSError, UnicodeDecodeError) as exc:

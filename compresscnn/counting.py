@@ -9,6 +9,7 @@ tests check for resnet18 (1.814) and alexnet (0.714).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,12 +17,35 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ModelError
+
+
+#: inputs larger than this many values (4 GiB of float32) are refused before allocation
+MAX_INPUT_VALUES = 1 << 30
+
 
 def _example(model: nn.Module, input_size: Sequence[int], batch: int = 1) -> torch.Tensor:
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else torch.device("cpu")
+    if math.prod(int(d) for d in input_size) * batch > MAX_INPUT_VALUES:
+        raise ModelError(f"input_size {list(input_size)}: more than {MAX_INPUT_VALUES:,} "
+                         f"values in one input")
     return torch.zeros((batch, *input_size), dtype=dtype, device=device)
+
+
+def _run_once(model: nn.Module, input_size: Sequence[int]) -> None:
+    """One forward pass on a zero input; an input the model cannot take is a ModelError."""
+    x = _example(model, input_size)
+    try:
+        model(x)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if x.device.type == "meta" or "meta" in str(exc):
+            raise ModelError("the model's weights are on the meta device (no values); "
+                             "load its weights before compressing it") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"input_size {list(input_size)}: the model cannot run on an input "
+                         f"of this shape ({first})") from None
 
 
 def count_params(model: nn.Module) -> int:
@@ -38,7 +62,7 @@ def count(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
     model.eval()
     try:
         with FlopCounterMode(display=False) as fc:
-            model(_example(model, input_size))
+            _run_once(model, input_size)
         flops = fc.get_total_flops()
     finally:
         model.train(was_training)
@@ -99,7 +123,7 @@ def trace_layers(model: nn.Module, input_size: Sequence[int],
     was_training = model.training
     model.eval()
     try:
-        model(_example(model, input_size))
+        _run_once(model, input_size)
     finally:
         model.train(was_training)
         for h in handles:

@@ -36,3 +36,12 @@ class DataError(CompressError):
 
 class CheckpointError(CompressError):
     """A missing, corrupt, unsafe or mismatched checkpoint / weights file."""
+
+
+class OutputError(CompressError):
+    """An output folder that cannot be used: not ours to replace, in use by another run,
+    an impossible path, or no space left on its file system."""
+
+
+class NoSpaceError(OutputError):
+    """The file system of an output ran out of space (or quota) while a run wrote to it."""

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, CompressError, DataError
+from .models.loaders import check_state_dict, load_torch_file
 from .utils import (
     atomic_torch_save,
     cpu_bf16_native,
@@ -284,10 +285,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, unsafe pickle...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_one_line(exc)})") from exc
+    ck = load_torch_file(path)  # corrupt, truncated or unsafe: one line naming the file
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(
@@ -297,7 +295,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng") if k not in ck]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    _check_fields(path, ck)
     return ck
+
+
+def _check_fields(path: Path, ck: dict[str, Any]) -> None:
+    """The types of a checkpoint's fields, and that its RNG state can be restored (tried,
+    then this process's state is put back), so a crafted file is a one-line error."""
+    for key in ("step", "epoch", "batch_in_epoch"):
+        v = ck[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{path}: checkpoint field {key!r} is {v!r}, expected an int >= 0")
+    for key in ("model", "optimizer", "scheduler", "rng", "config"):
+        if not isinstance(ck.get(key, {}), dict):
+            raise CheckpointError(f"{path}: checkpoint field {key!r} is a "
+                                  f"{type(ck[key]).__name__}, expected a mapping")
+    bad = [k for k, v in ck["model"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: checkpoint field 'model' holds a non-tensor at {bad[0]!r}")
+    opt = ck["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise CheckpointError(f"{path}: checkpoint field 'optimizer' is not an optimizer state")
+    current = _rng_state()
+    try:
+        _set_rng_state(ck["rng"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint field 'rng' cannot be restored "
+                              f"({_one_line(exc)})") from None
+    finally:
+        _set_rng_state(current)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -581,6 +607,7 @@ def finetune(
                     f"{ckpt_path}: checkpoint was written with {key}={ck.get('config', {}).get(key)!r}, "
                     f"this run has {key}={value!r}"
                 )
+        check_state_dict(ck["model"], student.state_dict(), f"checkpoint {ckpt_path}")
         try:
             student.load_state_dict(ck["model"])
         except (RuntimeError, KeyError, ValueError) as exc:

@@ -1,10 +1,11 @@
 """The main job: recipe -> model -> plan -> apply -> fine-tune -> evaluate -> ONNX -> report.
 
 Every stage is a function of its own module; this file only orders them, times them and
-writes the run directory. Nothing is written until the recipe, the model, its weights, the
-data and the plan have all been checked, and the run is assembled in ``<out>.partial`` and
-renamed to ``<out>`` only when it is complete, so a failed run never leaves a directory that
-looks finished (``--resume`` picks ``<out>.partial`` up again).
+writes the run directory. Nothing is written until the recipe, the model, its weights and
+the plan have all been checked, and the run is assembled in ``<out>.partial`` and renamed to
+``<out>`` only when it is complete, so a failed run never leaves a directory that looks
+finished (``--resume`` picks ``<out>.partial`` up again). What a run may create, replace
+and delete (marker files, the lock, atomic ``--overwrite``) is :mod:`compresscnn.rundir`.
 
 Run directory::
 
@@ -15,6 +16,8 @@ Run directory::
     model.safetensors                    the compressed weights (tensors only)
     model.onnx                           the ONNX export, checked in onnxruntime
     checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log
+    .compresscnn-run                     marker: the run's id and the recipe keys --resume
+                                         must match (compresscnn.rundir)
     tb/                                  TensorBoard scalars (only with the ``tensorboard``
                                          package and ``COMPRESSCNN_TENSORBOARD=1``)
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from torch import nn
 from .counting import count
 from .errors import CompressError, MethodError, ModelError, RankError, RecipeError
 from .progress import emit, timed
+from .rundir import RunDir
 from .surgery import Plan, apply, compress, plan, plan_compression
 
 
@@ -220,57 +223,6 @@ def _input_size(recipe: dict[str, Any], model: nn.Module) -> tuple[int, ...]:
     return tuple(int(x) for x in size)
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "report.json").is_file() or ((path / "recipe.yaml").is_file()
-                                                and (path / "model.safetensors").is_file())
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _stage_dirs(out: Path, resume: bool, overwrite: bool, weights: Any = None,
-                main: bool = True) -> Path:
-    """Check the output directory before anything runs; return the staging directory.
-
-    Every rank runs the checks; only ``main`` (rank 0) removes a stale staging directory.
-    """
-    staging = out.with_name(out.name + ".partial")
-    if out.exists() and not out.is_dir():
-        raise CompressError(f"output {out}: exists and is not a directory")
-    if out.exists() and not overwrite:
-        raise CompressError(f"output {out}: already exists (use --overwrite to replace it, "
-                            f"or --out for another directory)")
-    if out.exists() and not _is_run_dir(out) and any(out.iterdir()):
-        raise CompressError(f"output {out}: not a compresscnn run directory (no report.json); "
-                            f"refusing to replace it even with --overwrite")
-    if isinstance(weights, str) and Path(weights).expanduser().is_file():
-        w = Path(weights).expanduser()
-        for folder in (out, staging):
-            if _inside(w, folder):
-                raise CompressError(f"output {out}: would overwrite the input weights {w}; "
-                                    f"choose another --out")
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CompressError(f"output {out}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CompressError(f"output {out}: {probe} is not writable")
-    if main and staging.exists() and not staging.is_dir():  # rank 0 may be removing it
-        raise CompressError(f"output {out}: {staging} exists and is not a directory")
-    if resume and not (staging / "checkpoints" / "last.pt").exists():
-        raise CompressError(f"--resume: no checkpoint at {staging / 'checkpoints' / 'last.pt'}")
-    if staging.exists() and not resume and main:
-        shutil.rmtree(staging)
-    return staging
-
-
 def _shard_eval_loader(loader: Any, max_batches: int | None) -> Any:
     """Under DDP, each rank evaluates every ``world``-th image of the (first ``max_batches``
     batches of the) test set, without padding, so the all-reduced counts are exact."""
@@ -434,29 +386,31 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
 
     A run that fails leaves nothing behind, except a ``<out>.partial`` that holds a
     fine-tuning checkpoint (``--resume`` continues it)."""
-    staging = Path(out if out is not None else recipe["output"])
-    staging = staging.with_name(staging.name + ".partial")
+    rundir = RunDir(out if out is not None else recipe["output"])
     try:
-        return _run(recipe, out=out, dry_run=dry_run, resume=resume, overwrite=overwrite,
-                    quiet=quiet, recipe_path=recipe_path, distributed=distributed)
-    except BaseException:
-        if _rank() == 0 and staging.is_dir() \
-                and not (staging / "checkpoints" / "last.pt").exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        return _run(recipe, rundir=rundir, dry_run=dry_run, resume=resume,
+                    overwrite=overwrite, quiet=quiet, recipe_path=recipe_path,
+                    distributed=distributed)
+    except BaseException as exc:
+        rundir.abandon()
+        full = rundir.no_space(exc)
+        if full is not None:
+            raise full from None
         raise
+    finally:
+        rundir.release()
 
 
-def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resume: bool,
+def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
          overwrite: bool, quiet: bool, recipe_path: str | None,
          distributed: bool) -> dict[str, Any]:
     from . import data as data_mod
-    from .evaluate import evaluate, measure_latency
+    from .evaluate import evaluate
     from .export import export_onnx
-    from .finetune import finetune
     from .models import load_model
     from .recipe import dump_resolved
     from .report import collect_versions, write_report
-    from .utils import get_world_size, seed_everything
+    from .utils import atomic_path, get_world_size, seed_everything
 
     timings: dict[str, float] = {}
     where = f"{recipe_path}: " if recipe_path else ""
@@ -507,8 +461,10 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
         return {"plan": p}
 
     main = _rank() == 0
-    out = Path(out if out is not None else recipe["output"])
-    staging = _stage_dirs(out, resume, overwrite, recipe["model"].get("weights"), main=main)
+    out = rundir.out
+    staging = rundir.prepare(recipe, exact_rules(p) if p is not None else [],
+                             resume=resume, overwrite=overwrite,
+                             main=main)
 
     need_test = bool(ev["baseline"] or ev["zero_shot"] or need_train)
     train_loader = test_loader = None
@@ -619,8 +575,8 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     # save weights and the exact recipe before exporting: they are what load_compressed needs
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in compressed.state_dict().items()}
-    save_file(state, str(staging / "model.safetensors.tmp"))
-    os.replace(staging / "model.safetensors.tmp", staging / "model.safetensors")
+    with atomic_path(staging / "model.safetensors", suffix=".safetensors") as tmp:
+        save_file(state, str(tmp))
     resolved = copy.deepcopy(recipe)
     resolved["rules"] = exact_rules(p) if p is not None else []
     resolved["target"] = None
@@ -657,9 +613,7 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
     report["versions"] = collect_versions()
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     write_report(staging, report, plots=recipe["report"]["plots"])
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    rundir.commit()
     if main:
         print(f"wrote {out}", flush=True)
     _barrier(distributed)
@@ -671,11 +625,11 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
 
     The architecture is rebuilt by applying the recorded exact ranks to the model spec (with
     randomly initialised weights, so nothing is downloaded), then the saved tensors are
-    loaded strictly. No module is unpickled.
+    checked (names, shapes, dtypes, finite values: a recipe.yaml whose ranks were edited is
+    a one-line error) and loaded strictly. No module is unpickled.
     """
-    from safetensors.torch import load_file
-
     from .models import load_model, replace_head
+    from .models.loaders import load_weights
     from .recipe import load_recipe
 
     run_dir = Path(run_dir)
@@ -690,12 +644,5 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     p = plan(model, recipe["rules"], input_size) if recipe["rules"] else None
     if p is not None:
         apply(model, p)
-    try:
-        state = load_file(str(run_dir / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own error types
-        raise CompressError(f"{run_dir / 'model.safetensors'}: unreadable ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CompressError(f"{run_dir / 'model.safetensors'}: does not fit the rebuilt model "
-                            f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    load_weights(model, run_dir / "model.safetensors", spec=f"{run_dir / 'recipe.yaml'}")
     return model.eval()

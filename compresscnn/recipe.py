@@ -33,7 +33,6 @@ import numbers
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -41,12 +40,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from .errors import RecipeError
+from .utils import atomic_write_text
 
 __all__ = [
     "load_recipe", "validate", "validate_rules", "validate_target", "rule_options",
     "parse_override", "apply_overrides", "dump_resolved", "reference_markdown",
     "expand_env", "RULE_KEYS", "POLICY_KEYS", "TARGET_KEYS", "TOP_KEYS", "SCHEMA",
-    "RULE_FIELDS", "MODEL_SOURCES",
+    "RULE_FIELDS", "MODEL_SOURCES", "load_yaml", "RESUME_FREE",
 ]
 
 KeyPath = tuple  # of str (mapping keys) and int (list indices)
@@ -1163,7 +1163,7 @@ def parse_override(text: str, source: str = "<override>") -> tuple[KeyPath, Any]
         raise RecipeError(_one_line(f"{source}: --set {_show(text)}: malformed key path "
                                     f"{key!r} (write e.g. rules.0.rank or rules[0].rank)"))
     try:
-        value = yaml.safe_load(raw)
+        _, value = load_yaml(raw, f"{source}: --set {_show(text)}")
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or type(e).__name__
         raise RecipeError(_one_line(f"{source}: {_fmt_path(path)}: value {raw!r} is not valid "
@@ -1261,8 +1261,102 @@ def _apply_one(root: dict, path: KeyPath, value: Any, text: str, ctx: _Ctx) -> N
 
 # --------------------------------------------------------------------------- files
 
+#: Recipe keys that cannot change the fine-tuned weights: ``--resume`` may change them (every
+#: other key, and the plan's ranks, must be what the interrupted run was started with).
+RESUME_FREE: tuple[str, ...] = (
+    "name", "output", "evaluate", "export", "report", "finetune.log_every",
+    "finetune.checkpoint_every", "data.eval_batch_size", "data.test_subset", "data.test_split")
+
+#: Limits on a YAML document (a recipe file, a run's recipe.yaml, a compare recipe, a --set
+#: value), checked before anything walks it: recipes are a few kB, nest a handful of levels
+#: and hold hundreds of values; aliases may not expand a document past these.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 100
+MAX_YAML_VALUES = 100_000
+
+
+def load_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """``yaml.safe_load`` with limits: the text's size, the nesting depth (checked on the
+    parser's event stream, before the recursive composer runs) and the number of values
+    and depth once aliases are expanded (on the node graph, each shared node measured once),
+    so a small alias bomb or a deeply nested file is one :class:`RecipeError` instead of
+    minutes and gigabytes. Returns the node graph (for line numbers) and the data.
+    YAML syntax errors propagate as :class:`yaml.YAMLError`."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_YAML_BYTES:
+        raise RecipeError(_one_line(f"{source}: {size:,} bytes, more than the "
+                                    f"{MAX_YAML_BYTES:,} a recipe may have"))
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RecipeError(_one_line(
+                    f"{source}:{event.start_mark.line + 1}: nested more than "
+                    f"{MAX_YAML_DEPTH} levels deep"))
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, source)
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """Values in ``root`` with every alias expanded; each shared node is measured once."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (values, height)
+    active: set[int] = set()
+
+    def fail(node: yaml.Node, what: str) -> RecipeError:
+        return RecipeError(_one_line(f"{source}:{node.start_mark.line + 1}: {what}"))
+
+    def walk(node: yaml.Node, level: int) -> tuple[int, int]:
+        key = id(node)
+        if key in done:
+            values, height = done[key]
+        else:
+            if key in active:
+                raise fail(node, "an alias refers to a node that contains it (a recursive "
+                                 "structure)")
+            if level > MAX_YAML_DEPTH:
+                raise fail(node, f"aliases nest the document more than {MAX_YAML_DEPTH} "
+                                 "levels deep")
+            active.add(key)
+            kids: list = []
+            if isinstance(node, yaml.SequenceNode):
+                kids = node.value
+            elif isinstance(node, yaml.MappingNode):
+                kids = [n for pair in node.value for n in pair]
+            values, height = 1, 0
+            for kid in kids:
+                v, h = walk(kid, level + 1)
+                values, height = values + v, max(height, h + 1)
+                if values > MAX_YAML_VALUES:
+                    raise fail(node, f"aliases expand the document to more than "
+                                     f"{MAX_YAML_VALUES:,} values")
+            active.discard(key)
+            done[key] = (values, height)
+        if level + height > MAX_YAML_DEPTH:
+            raise fail(node, f"aliases nest the document more than {MAX_YAML_DEPTH} levels "
+                             "deep")
+        return values, height
+
+    return walk(root, 0)[0]
+
+
 def _line_map(node: Any, path: KeyPath, out: dict[KeyPath, int],
-              dups: list[tuple[KeyPath, int, int]]) -> None:
+              dups: list[tuple[KeyPath, int, int]], walked: set[int] | None = None) -> None:
+    """Key path -> line, and duplicate keys. A node reached again through an alias is not
+    walked again (its keys were checked at the anchor)."""
+    walked = set() if walked is None else walked
+    if id(node) in walked:
+        return
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for k, v in node.value:
@@ -1274,11 +1368,11 @@ def _line_map(node: Any, path: KeyPath, out: dict[KeyPath, int],
                 dups.append((path + (key,), seen[key], line))
             seen[key] = line
             out[path + (key,)] = line
-            _line_map(v, path + (key,), out, dups)
+            _line_map(v, path + (key,), out, dups, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out[path + (i,)] = v.start_mark.line + 1
-            _line_map(v, path + (i,), out, dups)
+            _line_map(v, path + (i,), out, dups, walked)
 
 
 def _yaml_error(source: str, e: yaml.YAMLError) -> RecipeError:
@@ -1300,6 +1394,10 @@ def _read_text(path: Path, label: str) -> str:
     if not path.is_file():
         raise RecipeError(_one_line(f"recipe {label}: not a regular file"))
     try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise RecipeError(_one_line(f"recipe {label}: {size:,} bytes, more than the "
+                                        f"{MAX_YAML_BYTES:,} a recipe may have"))
         raw = path.read_bytes()
     except PermissionError:
         raise RecipeError(_one_line(f"recipe {label}: cannot read (permission denied)")) from None
@@ -1327,8 +1425,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
     p = Path(label)
     text = _read_text(p, label)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = load_yaml(text, label)
     except yaml.YAMLError as e:
         raise _yaml_error(label, e) from None
     ctx = _Ctx(source=label,
@@ -1361,26 +1458,11 @@ def _plain(v: Any) -> Any:
 def dump_resolved(recipe: dict, path: str | os.PathLike) -> None:
     """Write a resolved recipe as YAML, atomically (temp file in the same folder, fsync,
     ``os.replace``): a reader sees the old file or the whole new one, never half of it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = ("# resolved recipe: every default filled in; "
             "load with compresscnn.recipe.load_recipe\n"
             + yaml.safe_dump(_plain(recipe), sort_keys=False, default_flow_style=False,
                              allow_unicode=True))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- reference
@@ -1468,6 +1550,12 @@ def reference_markdown() -> str:
         "  is an error; a missing section is created.",
         "- A section that is absent gets all its defaults; `data` and `calibration` are off",
         "  when absent or null.",
+        f"- **Limits**: a recipe (or a `--set` value) may have at most {MAX_YAML_BYTES:,}",
+        f"  bytes, nest {MAX_YAML_DEPTH} levels and hold {MAX_YAML_VALUES:,} values once YAML",
+        "  aliases are expanded; YAML tags that build Python objects are refused.",
+        "- **`--resume`** continues an interrupted run only with the recipe it was started",
+        "  with (and the same planned ranks); a changed key is named and refused. These may",
+        "  change: " + ", ".join(f"`{k}`" for k in RESUME_FREE) + ".",
         "",
     ]
     rows, subs = _section_rows(SCHEMA, "")

@@ -19,10 +19,10 @@ from torch import nn
 
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
-from .decomposers.base import layer_cost
+from .decomposers.base import check_weights, layer_cost
 from .errors import RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
-from .recipe import FIT_THROUGH, POLICY_KEYS as _RANK_KEYS
+from .recipe import FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, validate_rules, validate_target
 
 #: how a global target is spread over layers (see ``plan``)
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
@@ -168,10 +168,11 @@ def _shape(mod: nn.Module) -> str:
     return type(mod).__name__
 
 
-def _validate_rules(rules: Sequence[dict[str, Any]], target: Any) -> list[dict[str, Any]]:
-    from .recipe import validate_rules
-
-    return validate_rules(list(rules), source="rules", target=target)
+def _validate(rules: Sequence[dict[str, Any]], target: Any
+              ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+    """Rules and target from the Python API, checked by the code that checks recipes."""
+    target = validate_target(target, source="compress()")
+    return validate_rules(rules, source="compress()", target=target), target
 
 
 def _method_options(rule: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +243,7 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     onnxruntime, 1 thread, batch 1) and keeps only candidates measurably faster than the
     dense layer: a layer where none is stays dense (see ``compresscnn.latency``).
     """
-    rules = _validate_rules(rules, target)
+    rules, target = _validate(rules, target)
     if allocation not in ALLOCATIONS:
         raise RecipeError(f"allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if objective not in ("macs", "latency"):
@@ -286,6 +287,7 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         if reason is not None:
             rep.skipped = reason
             continue
+        check_weights(info.module, f"rules[{i}] ({name})")
         has_policy = any(rule.get(k) is not None for k in _RANK_KEYS)
         if not has_policy:
             if not target:
@@ -404,6 +406,7 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
             continue
         layer = get_module(model, rep.name)
         dec = get_decomposer(rep.method)
+        check_weights(layer, rep.name)
         new = dec.decompose(layer, tuple(rep.rank), **rep.options)
         fit = dict(getattr(new, "fit_info", {}) or {})
         if "rel_error" in fit:

@@ -9,7 +9,9 @@ half-written file (the "nothing half-written" rule of DESIGN.md §11).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import random
 import tempfile
 import time
@@ -18,13 +20,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CompressError
+from .errors import CompressError, NoSpaceError
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_torch_save",
     "atomic_path",
+    "file_mode",
+    "out_of_space",
     "seed_everything",
     "Timer",
     "resolve_device",
@@ -47,18 +51,58 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     the extension (e.g. ONNX tools) see the right one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
+                                   dir=path.parent)
+    except OSError as exc:
+        if out_of_space(exc, path.parent):
+            raise NoSpaceError(f"no space left on {path.parent} (writing {path.name})") from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         _fsync_file(tmp_path)
+        os.chmod(tmp_path, file_mode())  # mkstemp makes 0600; a result follows the umask
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        full = out_of_space(exc, path.parent)  # before the partial file is removed
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if full:
+            raise NoSpaceError(f"no space left on {path.parent} (writing {path.name})") from None
         raise
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0644 under umask 022)."""
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def out_of_space(exc: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a failed write to ``folder`` ran out of disk space (or quota). Writers that
+    hide the errno (torch.save reports "unexpected pos ...") are recognised by the file
+    system's free space, read before their partial file is removed."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(exc, Exception):
+        return False
+    if "No space left" in str(exc) or "Disk quota exceeded" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def _fsync_file(path: Path) -> None:

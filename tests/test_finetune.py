@@ -174,7 +174,7 @@ def test_corrupt_or_mismatched_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=str(tmp_path / "last.pt")):
         finetune(_tiny_cnn(), loader, resume=True, **kw)
     finetune(_tiny_cnn(), loader, **kw)  # a good checkpoint for a 3-class net
-    with pytest.raises(CheckpointError, match="weights do not fit"):
+    with pytest.raises(CheckpointError, match="does not match the model"):
         finetune(_tiny_cnn(classes=5), loader, resume=True, **kw)
     with pytest.raises(CheckpointError, match="total_steps"):
         finetune(_tiny_cnn(), loader, resume=True, **{**kw, "epochs": 2})

@@ -1,7 +1,7 @@
 """Kill a fine-tuning run with SIGKILL mid-epoch, ``--resume`` it, and compare with a run that
 was never interrupted: same weights (allclose, atol 1e-6), same metrics, same per-step losses.
-Also the output-directory rules: a run never replaces a directory it did not write, nor the
-input weights."""
+A changed recipe is not resumed. Also the output-directory rules: a run never replaces a
+directory it did not write, nor the input weights."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _losses(csv_path: Path) -> list[tuple[str, ...]]:
                 for r in csv.DictReader(f)]
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -95,6 +95,18 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert not run.exists(), "a killed run must not look finished"
     ck = torch.load(partial / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < ck["step"] < 60
+
+    # a changed recipe is not resumed (the weights would not be what its recipe.yaml says),
+    # and a rerun without --resume does not throw the interrupted run away
+    kept = {p: p.stat().st_mtime_ns for p in partial.rglob("*")}
+    base = ["run", str(recipe), "--out", str(run), "--quiet"]
+    for extra, says in ((["--resume", "--set", "finetune.lr=0.5"], "finetune.lr (0.02 -> 0.5)"),
+                        (["--resume", "--set", "seed=4"], "seed (3 -> 4)"),
+                        ([], "use --resume or --overwrite")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in partial.rglob("*")} == kept
 
     # resume it; meanwhile nothing else: then the uninterrupted reference
     r = subprocess.run(_cmd(recipe, run, "--resume"), env=_env(), capture_output=True,

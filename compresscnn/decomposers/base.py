@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import MethodError, RankError
+from ..errors import MethodError, ModelError, RankError
 
 Rank = tuple[int, ...]
 
@@ -235,9 +235,24 @@ def decompose(layer: nn.Module, method: str, rank: Any = "full", **options: Any)
     the fraction refers to parameters, which does not depend on input size.
     """
     dec = get_decomposer(method)
+    check_weights(layer, type(layer).__name__)
     r = resolve_rank(dec, layer, rank, in_hw=(32, 32) if isinstance(layer, nn.Conv2d) else None,
                      **options)
     return dec.decompose(layer, r, **options)
+
+
+def check_weights(layer: nn.Module, label: str) -> None:
+    """Refuse a layer whose parameters cannot be factorized: on the meta device (no values)
+    or holding NaN/Inf (the SVDs fail to converge or return NaN factors). ``label`` names the
+    layer in the :class:`ModelError`."""
+    for pname, t in layer.named_parameters():
+        if t.is_meta:
+            raise ModelError(f"{label}: {pname} is on the meta device (no values); load the "
+                             f"weights before decomposing it")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ModelError(f"{label}: {pname} contains {kind} values; it cannot be "
+                             f"decomposed")
 
 
 # ---------------------------------------------------------------------------------------
