@@ -1,10 +1,16 @@
-"""ONNX export, checked twice: by ``onnx.checker`` and against PyTorch in onnxruntime.
+"""ONNX export, checked twice: by ``onnx.checker`` and against PyTorch in onnxruntime (and
+in OpenVINO and OpenCV DNN on request).
 
 Why the checks: an exporter that succeeds is not proof that the graph computes the same
 function (a mis-exported padding mode or a silently specialised batch size both export
-fine). So every export is run in onnxruntime's CPU provider on random inputs at several batch
-sizes (including one other than the export example's, to prove the batch dimension is really
-dynamic) and compared with the PyTorch model in float32.
+fine), nor that another runtime's graph rewrites keep it. So every export is run in
+onnxruntime's CPU provider, and in each runtime of ``verify``, on random inputs at several
+batch sizes (including one other than the export example's, to prove the batch dimension is
+really dynamic) and compared with the PyTorch model in float32.
+
+What is exported is a copy of the model with BatchNorm and Fire's channel reorder folded
+into convs (:mod:`compresscnn.folding`: fewer nodes, and none of the Concat/Gather patterns
+a runtime may rewrite wrongly); the checks compare the file with the model as given.
 
 The file is written atomically: the exporter writes a temporary file beside the target, all
 checks run on that file, and only then is it renamed onto ``path``. A failed export or check

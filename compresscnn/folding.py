@@ -6,8 +6,9 @@ and reordered (Fire's ``cat`` then ``index_select``: an ONNX Concat then Gather)
 BatchNormalization stays in the graph as a standalone node. Runtimes then rewrite that graph
 on their own, and not always right: OpenVINO 2026.4's CPU plugin applies the *inverse*
 permutation when it merges a channel Gather into the Conv that follows it (directly or
-through a ReLU), which gave a Fire-substituted ResNet-18 relative errors of 0.3-0.8 where
-onnxruntime and OpenCV agree with PyTorch to 1e-6. So the exported copy has neither:
+through a ReLU), which gave a Fire-substituted ResNet-18 a relative error of 1.4
+(BENCHMARKS.md) where onnxruntime and OpenCV agree with PyTorch to 1e-6. So the exported
+copy has neither:
 
 * **BatchNorm**: in eval mode ``bn(x)_j = a_j x_j + c_j`` with ``a_j = gamma_j /
   sqrt(var_j + eps)`` and ``c_j = beta_j - mean_j a_j``. When ``x_j`` is output channel

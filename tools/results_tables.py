@@ -79,6 +79,26 @@ def decompose_time(f: str) -> None:
               f"| {r['seconds']:.2f} | {r['mean_rel_error']:.3f} |")
 
 
+def export_parity(f: str) -> None:
+    d = _load(f)
+    if d is None:
+        return
+    rts = ("onnxruntime", "openvino", "opencv")
+
+    def cell(v: dict) -> str:
+        return "error" if "error" in v else f"{v['max_abs_diff']:.1e} ({v['rel_l2']:.0e})"
+    print("| model | method | layers | MACs kept | folded BN / reorders | onnxruntime "
+          "| OpenVINO | OpenCV DNN | unfolded: onnxruntime | unfolded: OpenVINO "
+          "| unfolded: OpenCV DNN |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in d["rows"]:
+        fo = r["folded"]["folded"]
+        cells = [cell(r[k]["runtimes"][rt]) for k in ("folded", "unfolded") if k in r
+                 for rt in rts if rt in r[k]["runtimes"]]
+        print(f"| {r['model']} | {r['method']} | {r['layers']} | {r['macs_ratio']:.2f} "
+              f"| {fo['batchnorms']} / {fo['gathers']} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     cifar(["resnet20_tucker2_issue2.json", "resnet20_methods_macs0.5.json",
            "resnet20_plain_ce.json", "resnet20_methods_macs0.5_dataaware.json",
@@ -90,3 +110,4 @@ if __name__ == "__main__":
     squeeze("squeezenet1_1_methods_macs0.667.json")
     squeeze("squeezenet1_1_methods_macs0.667_dataaware.json")
     decompose_time("decompose_time.json")
+    export_parity("export_parity.json")
