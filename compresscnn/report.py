@@ -49,8 +49,9 @@ VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino",
                     "opencv-python-headless", "tensorly", "timm", "compresscnn")
 # Pipeline order for the timings table; unknown stages follow, alphabetically.
 _STAGE_ORDER = (
-    "load_model", "plan", "load_data", "evaluate_baseline", "apply", "calibrate",
-    "latency_check", "evaluate_compressed", "finetune", "evaluate_finetuned", "export_onnx",
+    "load_model", "plan", "load_data", "evaluate_baseline", "compress", "apply", "calibrate",
+    "latency_check", "evaluate_compressed", "finetune", "evaluate_finetuned", "train",
+    "evaluate_trained", "export_onnx",
     "latency", "report", "total",
 )
 LAYER_COLUMNS = (

@@ -68,7 +68,7 @@ def test_verbose_and_quiet_flags(tiny_recipe: Path, capsys) -> None:
     assert info.value.code == 2
 
 
-STAGES = ["load_model", "plan", "load_data", "evaluate_baseline", "apply", "calibrate",
+STAGES = ["load_model", "plan", "load_data", "evaluate_baseline", "compress",
           "evaluate_compressed", "finetune", "evaluate_finetuned", "export_onnx"]
 
 
