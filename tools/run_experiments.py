@@ -70,7 +70,7 @@ def cpu_model() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
-def summarise(job: str, cmd: list[str], run_dir: Path, wall: float) -> dict:
+def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int) -> dict:
     rep = json.loads((run_dir / "report.json").read_text())
     stats = rep.get("finetune") or {}
     stage = rep.get("trained") or rep.get("finetuned") or {}
@@ -78,7 +78,7 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float) -> dict:
     return {
         "job": job, "command": " ".join(cmd), "date": time.strftime("%Y-%m-%d"),
         "commit": _git("rev-parse", "--short", "HEAD"), "machine": cpu_model(),
-        "threads": os.environ.get("OMP_NUM_THREADS"),
+        "threads": str(threads),
         "model": rep.get("model"), "top1": stage.get("top1"), "top5": stage.get("top5"),
         "agreement": stage.get("agreement"),
         "baseline_top1": (rep.get("baseline") or {}).get("top1"),
@@ -106,7 +106,7 @@ def run_job(job: str, out_root: Path, threads: int) -> Path:
     t0 = time.perf_counter()
     exe = [sys.executable, "-m", "compresscnn", *cmd[1:]] + (["--resume"] if resume else [])
     subprocess.run(exe, cwd=ROOT, env=env, check=True)
-    row = summarise(job, cmd, out, time.perf_counter() - t0)
+    row = summarise(job, cmd, out, time.perf_counter() - t0, threads)
     path = RESULTS / f"{job}.json"
     path.write_text(json.dumps(row, indent=1) + "\n")
     return path
