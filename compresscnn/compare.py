@@ -486,7 +486,8 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
     head += [f"{names[k]} b{b} (ms)" for b in bs for k in runtimes]
     head += ["Top-1 %", "Top-1 source", "Images", "Params vs first"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---:"]) + "|"]
+             "|" + "|".join("---" if h in ("Model", "Top-1 source") else "---:" for h in head)
+             + "|"]
     base = rows[0]["params"] if rows else None
     for r in rows:
         lat = r.get("latency_ms") or {}

@@ -62,21 +62,22 @@ class LineBar:
         self.total, self.desc, self.n, self.unit = total, desc, initial, unit
         self.first = initial
         self.start = self.shown = time.monotonic()
+        self.shown_n: int | None = None  # the count the last line showed
         self.postfix = ""
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
         if now - self.shown >= INTERVAL:
-            self.shown = now
+            self.shown, self.shown_n = now, self.n
             emit(self._line(now))
 
     def set_postfix(self, **kw: Any) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
 
     def close(self) -> None:
-        if self.shown != self.start:  # it spoke while running: say where it ended
-            emit(self._line(time.monotonic()) + ", done")
+        if self.shown_n is not None and self.shown_n != self.n:  # it spoke: say where it ended
+            emit(self._line(time.monotonic()))
 
     def _line(self, now: float) -> str:
         spent = now - self.start
@@ -116,11 +117,12 @@ class _Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(1.0, INTERVAL / 4)):
+        due = 0.9 * INTERVAL  # early enough that a busy machine's scheduling cannot make it late
+        while not self._stop.wait(max(0.01, min(0.5, _LAST[0] + due - time.monotonic()))):
             if getattr(tqdm, "_instances", None):  # a bar on the terminal shows progress
                 _touch()
             now = time.monotonic()
-            if now - _LAST[0] >= INTERVAL:
+            if now - _LAST[0] >= due:
                 emit(f"[{self.name}] still running, {fmt_seconds(now - self.start)}")
 
     def stop(self) -> None:
