@@ -422,22 +422,26 @@ def quantize_onnx_dynamic(
     includes Conv → ConvInteger and MatMul/Gemm → MatMulInteger). The result is loaded once in
     onnxruntime to prove it runs. Accuracy is not checked here: evaluate the quantized model.
     """
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    return _quantize_to(dst, lambda tmp: quantize_dynamic(
+        str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+        op_types_to_quantize=list(op_types) if op_types is not None else None))
+
+
+def _quantize_to(dst: str | os.PathLike, quantize: Callable[[Path], Any]) -> int:
+    """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``) with the root
+    logger's warnings silenced (onnxruntime.quantization warns through it), check that the
+    result loads in onnxruntime, and move it to ``dst`` atomically; its size in bytes."""
+    import onnxruntime as ort
+
     dst = Path(dst)
-    qlog = logging.getLogger()  # onnxruntime.quantization warns via the root logger
+    qlog = logging.getLogger()
     with atomic_path(dst, suffix=".onnx") as tmp:
         old_level = qlog.level
         qlog.setLevel(max(old_level, logging.ERROR))
         try:
-            quantize_dynamic(
-                str(src),
-                str(tmp),
-                weight_type=QuantType.QInt8,
-                per_channel=per_channel,
-                op_types_to_quantize=list(op_types) if op_types is not None else None,
-            )
+            quantize(tmp)
         finally:
             qlog.setLevel(old_level)
         so = ort.SessionOptions()
@@ -473,21 +477,9 @@ def quantize_onnx_static(
             x = next(self.it, None)
             return None if x is None else {name: x.detach().cpu().float().numpy()}
 
-    dst = Path(dst)
-    qlog = logging.getLogger()  # onnxruntime.quantization warns via the root logger
-    with atomic_path(dst, suffix=".onnx") as tmp:
-        old_level = qlog.level
-        qlog.setLevel(max(old_level, logging.ERROR))
-        try:
-            quantize_static(str(src), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8)
-        finally:
-            qlog.setLevel(old_level)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
-    return int(dst.stat().st_size)
+    return _quantize_to(dst, lambda tmp: quantize_static(
+        str(src), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8))
 
 
 class OnnxModule(torch.nn.Module):
