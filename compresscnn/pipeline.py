@@ -356,7 +356,9 @@ def _run(recipe: dict[str, Any], *, out: str | Path | None, dry_run: bool, resum
             report["bn_recalibrated_layers"] = refine(
                 model, compressed, p, batches, reconstruct=cal["reconstruct"],
                 steps=cal["steps"], lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
-                fit_through=cal["fit_through"], refit_dense=cal["refit_dense"])
+                fit_through=cal["fit_through"], refit_dense=cal["refit_dense"],
+                solver=cal["solver"])
+            report["calibration"] = p.calibration
     if p.latency_config is not None:
         from .latency import ensure_not_slower
 
