@@ -1,17 +1,26 @@
 """Calibration: what a few batches of training images do for a compressed model.
 
-``recalibrate_bn`` re-estimates BatchNorm running statistics (a cumulative average over
-the batches, as torch.optim.swa_utils.update_bn does) after layers were replaced: the
-decomposed layers' outputs differ slightly from the original ones, so the statistics the
-following BatchNorms hold no longer match what they see.
+``reconstruct_outputs`` fits each replaced layer to the original layer's output on the
+compressed model's own activations, walking both models over the batches once
+(:mod:`compresscnn.response` fits each layer). ``recalibrate_bn`` re-estimates BatchNorm
+running statistics (a cumulative average over the batches, as
+torch.optim.swa_utils.update_bn does) after layers were replaced: the decomposed layers'
+outputs differ slightly from the original ones, so the statistics the following
+BatchNorms hold no longer match what they see.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .response import Tail, fit_layer
 
 
 @torch.no_grad()
@@ -88,17 +97,13 @@ def execution_order(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) 
     return seen
 
 
-def following_ops(model: nn.Module, through: str = "activation"
-                  ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def following_ops(model: nn.Module, through: str = "activation") -> dict[str, Tail]:
     """``{layer name: tail}`` for every Conv/Linear whose output feeds, alone, a chain of a
     BatchNorm (``through="bn"``) and/or a ReLU/ReLU6 (``"activation"``, Zhang et al. 2015's
-    nonlinear response reconstruction), found on a ``torch.fx`` trace. ``tail`` applies that
-    chain (BatchNorm with its running statistics, as in eval mode). Layers whose output goes
-    anywhere else (a residual sum, two consumers) get no entry; models fx cannot trace give
-    ``{}``."""
-    import torch.nn.functional as F
-    from torch import fx
-
+    nonlinear response reconstruction), found on a ``torch.fx`` trace. ``tail`` (a
+    :class:`~compresscnn.response.Tail`) applies that chain (BatchNorm with its running
+    statistics, as in eval mode). Layers whose output goes anywhere else (a residual sum,
+    two consumers) get no entry; models fx cannot trace give ``{}``."""
     if through == "layer":
         return {}
     try:
@@ -106,28 +111,25 @@ def following_ops(model: nn.Module, through: str = "activation"
     except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no tails
         return {}
     mods = dict(gm.named_modules())
-    acts = {F.relu: torch.relu, torch.relu: torch.relu, F.relu6: F.relu6}
+    relu, relu6 = (0.0, math.inf), (0.0, 6.0)
+    acts = {F.relu: relu, torch.relu: relu, F.relu6: relu6}
 
-    def step(node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def step(node) -> nn.Module | tuple[float, float] | None:
         if node.op == "call_module":
             m = mods.get(node.target)
             if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                     and len(node.args) == 1):
-                bn = model.get_submodule(node.target)
-                return lambda t: F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight,
-                                              bn.bias, False, 0.0, bn.eps)
-            if through == "activation" and isinstance(m, nn.ReLU):
-                return torch.relu
-            if through == "activation" and isinstance(m, nn.ReLU6):
-                return F.relu6
+                return model.get_submodule(node.target)
+            if through == "activation" and isinstance(m, (nn.ReLU, nn.ReLU6)):
+                return relu6 if isinstance(m, nn.ReLU6) else relu
         elif (through == "activation" and node.op == "call_function"
               and node.target in acts and len(node.args) == 1):
             return acts[node.target]
         elif through == "activation" and node.op == "call_method" and node.target == "relu":
-            return torch.relu
+            return relu
         return None
 
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    out: dict[str, Tail] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target),
                                                       (nn.Conv2d, nn.Linear)):
@@ -141,86 +143,187 @@ def following_ops(model: nn.Module, through: str = "activation"
             chain.append(f)
             cur = nxt
         if chain:
-            out[node.target] = _compose(chain)
+            out[node.target] = Tail(chain)
     return out
 
 
-def _compose(fs: list[Callable[[torch.Tensor], torch.Tensor]]
-             ) -> Callable[[torch.Tensor], torch.Tensor]:
-    def tail(t: torch.Tensor) -> torch.Tensor:
-        for f in fs:
-            t = f(t)
-        return t
-    return tail
+@dataclass
+class Reconstruction:
+    """What :func:`reconstruct_outputs` did: per layer ``before``/``after`` (relative output
+    errors after the tail), ``seconds``, ``solver``, ``iters``; in all, the wall time and
+    the forward passes of a whole model over the calibration batches it took (a pass cut
+    short after the last layer it needed counts as one)."""
+
+    layers: dict[str, dict[str, Any]]
+    forward_passes: int
+    seconds: float
+    solver: str
+    walk: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"solver": self.solver, "seconds": self.seconds,
+                "forward_passes": self.forward_passes, "walk": self.walk,
+                "layers": len(self.layers)}
 
 
+class _Lockstep:
+    """Both models' activations on every calibration batch, advanced together node by node
+    of the original's fx graph (the compressed model has the same graph: its replacements
+    sit at the original layers' paths). Segment by segment: every batch is run up to the
+    next layer to fit, which gives its inputs (compressed model) and targets (the original
+    layer on the original model's input); once fitted, the layer's output is computed and
+    the walk goes on. One pass of each model in all."""
+
+    walk = "lockstep"
+
+    def __init__(self, original: nn.Module, compressed: nn.Module, names: list[str],
+                 batches: list[torch.Tensor]) -> None:
+        graph = fx.symbolic_trace(original).graph
+        self.nodes = list(graph.nodes)
+        self.at = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module" and n.target in names and n.target not in self.at:
+                self.at[n.target] = i
+        missing = [n for n in names if n not in self.at]
+        if missing:
+            raise LookupError(f"not called as modules in the trace: {missing}")
+        self.last_use = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                self.last_use[a] = i
+        self.roots = (original, compressed)
+        self.envs = [({}, {}) for _ in batches]
+        self.batches = batches
+        self.pos = 0
+        self.forward_passes = 2
+
+    def order(self, names: list[str]) -> list[str]:
+        return sorted(names, key=self.at.__getitem__)
+
+    def collect(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        k = self.at[name]
+        xs, ys = [], []
+        for b, envs in enumerate(self.envs):
+            for i in range(self.pos, k):
+                for root, env in zip(self.roots, envs):
+                    self._run(i, root, env, self.batches[b])
+            node = self.nodes[k]
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), envs[0].__getitem__)
+            xs.append(envs[1][node.args[0]])
+            ys.append(self.roots[0].get_submodule(name)(*args, **kwargs))
+        self.pos = k
+        self._ys = ys
+        return xs, ys
+
+    def advance(self, name: str) -> None:
+        """Record the fitted layer's output (and the original's) and step past it."""
+        k = self.at[name]
+        node = self.nodes[k]
+        mod = self.roots[1].get_submodule(name)
+        for (env_o, env_c), y in zip(self.envs, self._ys):
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env_c.__getitem__)
+            env_c[node] = mod(*args, **kwargs)
+            env_o[node] = y
+            for env in (env_o, env_c):
+                self._free(k, node, env)
+        self.pos = k + 1
+        self._ys = []
+
+    def _run(self, i: int, root: nn.Module, env: dict, batch: torch.Tensor) -> None:
+        node = self.nodes[i]
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        if node.op == "placeholder":  # the batch; any further input takes its default
+            env[node] = batch if node is self.nodes[0] else (args[0] if args else None)
+        elif node.op == "get_attr":
+            env[node] = _fetch(root, node.target)
+        elif node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        elif node.op == "call_module":
+            env[node] = root.get_submodule(node.target)(*args, **kwargs)
+        self._free(i, node, env)
+
+    def _free(self, i: int, node, env: dict) -> None:
+        for a in node.all_input_nodes:
+            if self.last_use.get(a) == i:
+                env.pop(a, None)
+        if not node.users:
+            env.pop(node, None)
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _PerLayer:
+    """For models fx cannot trace: each layer's inputs and targets captured by running
+    both models up to that layer (two passes, cut short, per layer)."""
+
+    walk = "per layer"
+
+    def __init__(self, original: nn.Module, compressed: nn.Module,
+                 batches: list[torch.Tensor]) -> None:
+        self.original, self.compressed, self.batches = original, compressed, batches
+        self.forward_passes = 0
+
+    def order(self, names: list[str]) -> list[str]:
+        return list(names)
+
+    def collect(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self.forward_passes += 2
+        return (_capture(self.compressed, name, self.batches, "in"),
+                _capture(self.original, name, self.batches, "out"))
+
+    def advance(self, name: str) -> None:
+        pass
+
+
+@torch.no_grad()
 def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[str],
-                        batches: list[torch.Tensor], *, steps: int = 200, lr: float = 1e-3,
-                        tails: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                        ) -> dict[str, dict[str, float]]:
+                        batches: list[torch.Tensor], *, solver: str = "closed_form",
+                        steps: int = 300, lr: float = 3e-3,
+                        tails: dict[str, Tail] | None = None) -> Reconstruction:
     """Data-aware refinement: fit each replaced layer to the original layer's *output*.
 
-    Layer by layer in model order, the replacement's parameters are fitted (Adam on the
-    mean squared error) so that, on the compressed model's own input to that layer, it
-    reproduces what the original layer outputs on the original model's input. Using the
-    compressed model's inputs but the original model's outputs is the "asymmetric"
-    reconstruction of Zhang et al. (2015, "Accelerating very deep convolutional networks
-    for classification and detection", sec. 3.3): each layer also corrects the error that
-    the layers before it left. It optimises the same objective as their closed form (the
-    layer's response error) and works for every method, Fire's ReLU included.
+    Layer by layer in model order, the replacement is fitted so that, on the compressed
+    model's own input to that layer, it reproduces what the original layer outputs on the
+    original model's input. Using the compressed model's inputs but the original model's
+    outputs is the "asymmetric" reconstruction of Zhang et al. (2015, "Accelerating very
+    deep convolutional networks for classification and detection", sec. 3.3): each layer
+    also corrects the error that the layers before it left.
 
-    ``tails`` (``{name: f}``, see :func:`following_ops`) fits ``f(layer(x))`` to ``f(y)``
-    instead: the output after the BatchNorm (an error in a channel the BatchNorm divides by a
-    small running std is amplified) and the ReLU (an error where both are negative does not
-    matter) that follow the layer, which is what the rest of the network sees.
+    ``solver``: ``"closed_form"`` (least squares, with Zhang et al.'s alternation where the
+    tail is non-linear) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer); see
+    :mod:`compresscnn.response`. ``tails`` (``{name: tail}``, see :func:`following_ops`)
+    fits ``tail(layer(x))`` to ``tail(y)`` instead: the output after the BatchNorm (an error
+    in a channel the BatchNorm divides by a small running std is amplified) and the ReLU (an
+    error where both are negative does not matter) that follow the layer, which is what the
+    rest of the network sees.
 
-    Returns, per layer, the relative output error ``||f(x) - y|| / ||y||`` (after the tail,
-    when one is given) before and after. Both models are left in eval mode.
+    The activations are advanced through both models together (one pass of each; models
+    fx cannot trace are run up to each layer instead). Both models are left in eval mode.
     """
     original.eval()
     compressed.eval()
-    out: dict[str, dict[str, float]] = {}
-    for name in names:
-        xs = _capture(compressed, name, batches, "in")
-        ys = _capture(original, name, batches, "out")
-        mod = compressed.get_submodule(name)
-        params = [p for p in mod.parameters() if p.is_floating_point()]
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-
-        tail = (tails or {}).get(name) or (lambda t: t)
-        with torch.no_grad():
-            ys = [tail(y) for y in ys]
-
-        def rel_error() -> float:
-            with torch.no_grad():
-                num = sum(float((tail(mod(x)) - y).square().sum()) for x, y in zip(xs, ys))
-                den = sum(float(y.square().sum()) for y in ys)
-            return (num / max(den, 1e-30)) ** 0.5
-
-        before = rel_error()
-        best = (before, {k: v.clone() for k, v in mod.state_dict().items()})
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        scale = [float(y.square().mean()) + 1e-12 for y in ys]
-        with torch.enable_grad():
-            for step in range(steps):
-                i = step % len(xs)
-                loss = (tail(mod(xs[i])) - ys[i]).square().mean() / scale[i]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        after = rel_error()
-        if not after < best[0]:  # never make a layer worse than its data-free init
-            mod.load_state_dict(best[1])
-            after = best[0]
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-            p.grad = None
-        out[name] = {"before": before, "after": after}
-    return out
+    t0 = time.perf_counter()
+    try:
+        walker: _Lockstep | _PerLayer = _Lockstep(original, compressed, names, batches)
+    except Exception:  # noqa: BLE001 - fx cannot trace it: run each layer's prefix
+        walker = _PerLayer(original, compressed, batches)
+    layers: dict[str, dict[str, Any]] = {}
+    for name in walker.order(names):
+        xs, ys = walker.collect(name)
+        layers[name] = fit_layer(compressed.get_submodule(name), xs, ys,
+                                 (tails or {}).get(name),
+                                 reference=original.get_submodule(name), solver=solver,
+                                 steps=steps, lr=lr, name=name)
+        walker.advance(name)
+    return Reconstruction(layers, walker.forward_passes, time.perf_counter() - t0, solver,
+                          walker.walk)
 
 
 @torch.no_grad()

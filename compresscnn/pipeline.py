@@ -165,7 +165,8 @@ def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
     if cal:
         opts.update(reconstruct=cal["reconstruct"], reconstruct_steps=cal["steps"],
                     reconstruct_lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
-                    fit_through=cal["fit_through"], refit_dense=cal["refit_dense"])
+                    fit_through=cal["fit_through"], refit_dense=cal["refit_dense"],
+                    solver=cal["solver"])
     return opts
 
 
@@ -517,6 +518,8 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
             compressed, p = compress(model, recipe["rules"], input_size, calibration=batches,
                                      planned=p, **opts)
         report["bn_recalibrated_layers"] = p.bn_recalibrated
+        if p.calibration is not None:
+            report["calibration"] = p.calibration
         if p.latency_check is not None:
             chk = p.latency_check
             _log(f"[latency_check] {p.latency_config.runtime}: original "

@@ -534,6 +534,8 @@ RULE_KEYS: tuple[str, ...] = tuple(RULE_FIELDS)
 POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
 #: what data-aware reconstruction matches (``calibration.following_ops``)
 FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
+#: how data-aware reconstruction fits each layer (``compresscnn.response``)
+SOLVERS: tuple[str, ...] = ("closed_form", "adam")
 TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
 
 def _training_fields(*, lr: float, epochs: int, what: str) -> dict[str, Field]:
@@ -702,8 +704,20 @@ SCHEMA = Section("The recipe.", {
                              "Fit each replacement to the original layer's output on the "
                              "compressed model's own input (asymmetric response "
                              "reconstruction, Zhang et al. 2015), layer by layer."),
-        "steps": Field(Int(1), 300, "Adam steps per layer for `reconstruct`."),
-        "lr": Field(Float(0.0, lo_open=True), 3e-3, "Adam learning rate for `reconstruct`."),
+        "solver": Field(Enum(*SOLVERS), "closed_form",
+                        "How `reconstruct` fits a layer. `closed_form`: from the second "
+                        "moments of the layer's input patches, accumulated in one pass: the "
+                        "last factor of each decomposition (a dense layer or an SVD pair as "
+                        "a whole) by least squares, then all its factors jointly on the same "
+                        "quadratic form (L-BFGS, no further passes over the data), and where "
+                        "a ReLU follows, Zhang et al. 2015's alternation on a sample of "
+                        "positions; each stops once its loss changes by less than 0.1%. "
+                        "`adam`: `steps` Adam steps per layer on all its factors, one batch "
+                        "per step (the earlier fit). Fire modules use `adam` either way."),
+        "steps": Field(Int(1), 300, "Adam steps per layer for `reconstruct` with "
+                                    "`solver: adam`."),
+        "lr": Field(Float(0.0, lo_open=True), 3e-3,
+                    "Adam learning rate for `reconstruct` with `solver: adam`."),
         "fit_through": Field(Enum(*FIT_THROUGH), "activation",
                              "What `reconstruct` matches: `layer`: the layer's own output; "
                              "`bn`: the output after the BatchNorm that alone consumes it; "

@@ -10,8 +10,10 @@ left out): ``baseline``/``compressed``/``finetuned`` (each ``top1``, ``top5``, `
 ``params``, ``macs``, ``loss``), ``onnx`` (``path``, ``bytes``, ``max_abs_diff``, ...),
 ``layers`` (rows with ``name, type, method, rank, params_before, params_after, macs_before,
 macs_after, rel_error, skipped``), ``timings`` (stage → seconds), ``versions``, ``latency``,
-``recipe``, ``finetune`` (stats from :func:`compresscnn.finetune.finetune`), ``date``,
-``machine``, ``warnings`` (lines shown first: what makes a number not mean what it seems).
+``recipe``, ``finetune`` (stats from :func:`compresscnn.finetune.finetune`),
+``calibration`` (the data-aware fit: ``solver``, ``seconds``, ``forward_passes``,
+``dense_refitted``; per layer in ``layers[].fit``), ``date``, ``machine``, ``warnings``
+(lines shown first: what makes a number not mean what it seems).
 
 Plots use matplotlib's object API (``matplotlib.figure.Figure`` renders through the Agg canvas
 by itself), so no backend is switched and no pyplot state is touched, at import or ever.
@@ -405,6 +407,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         )
         lines += [""]
 
+    lines += _fit_section(r.get("calibration"), layers)
+
     # Fine-tuning -------------------------------------------------------------------------
     ft = r.get("finetune")
     if ft:
@@ -429,6 +433,28 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["## Machine", ""] + _kv_table(r["machine"]) + [""]
 
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
+    """"Data-aware fit": solver, wall time and forward passes, then per fitted layer its
+    relative output error data-free and after the fit, and the fit's seconds."""
+    if not cal:
+        return []
+    lines = ["## Data-aware fit", "",
+             f"Solver `{cal.get('solver')}`: {_fmt_seconds(cal.get('seconds'))} s in all, "
+             f"{_cell(cal.get('forward_passes'))} forward passes of a whole model over the "
+             f"calibration batches ({_cell(cal.get('walk'))}).", ""]
+    rows = [(row.get("name"), row.get("fit") or {}) for row in layers]
+    rows += sorted((cal.get("dense_refitted") or {}).items())
+    rows = [(n, f) for n, f in rows if f.get("output_error") is not None]
+    lines += _table(
+        ["Layer", "Error data-free", "Error fitted", "Seconds", "Solver", "Iterations"],
+        ([f"`{n}`", _fmt_float(f.get("output_error_data_free")),
+          _fmt_float(f.get("output_error")), _fmt_seconds(f.get("fit_seconds")),
+          _cell(f.get("fit_solver")), _cell(f.get("fit_iters"))] for n, f in rows),
+        ["l", "r", "r", "r", "l", "r"],
+    )
+    return lines + [""]
 
 
 def _fmt_seconds(v: Any) -> str:

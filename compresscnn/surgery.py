@@ -20,9 +20,10 @@ from torch import nn
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
 from .decomposers.base import check_weights, layer_cost
-from .errors import RankError, RecipeError
+from .errors import DataError, RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
-from .recipe import FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, validate_rules, validate_target
+from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, validate_rules,
+                     validate_target)
 
 #: how a global target is spread over layers (see ``plan``)
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
@@ -69,6 +70,8 @@ class Plan:
     #: whole-model not-slower check of latency-aware planning
     bn_recalibrated: int = 0
     latency_check: dict[str, Any] | None = None
+    #: solver, wall time, forward passes and the dense layers refitted, after a data-aware fit
+    calibration: dict[str, Any] | None = None
 
     @property
     def params_after(self) -> int:
@@ -443,8 +446,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              bn_recalibrate: bool = False, objective: str = "macs",
              latency: Any = None, allocation: str = "spectral",
              fit_through: str = "activation", refit_dense: bool = False,
-             reconstruct: bool = True, planned: Plan | None = None
-             ) -> tuple[nn.Module, Plan]:
+             reconstruct: bool = True, planned: Plan | None = None,
+             solver: str = "closed_form") -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
     The one orchestrator: ``compresscnn run``, ``compare`` and the benchmarks all compress
     through it (sensitivity -> plan -> apply -> data-aware fit -> not-slower check).
@@ -455,8 +458,9 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     batches), each replaced layer is then fitted to the original layer's output
     (``compresscnn.calibration.reconstruct_outputs``; ``reconstruct=False`` skips that fit,
     ``bn_recalibrate=True`` re-estimates BatchNorm statistics); the measured output errors go
-    into each plan row's ``fit`` (``fit_through``, ``refit_dense``, ``bn_recalibrate``: see
-    :func:`refine`). ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
+    into each plan row's ``fit`` (``fit_through``, ``refit_dense``, ``bn_recalibrate``,
+    ``solver``: see :func:`refine`; ``reconstruct_steps`` and ``reconstruct_lr`` are those of
+    ``solver="adam"``). ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
     weighs each layer's error in the budget by its measured effect on the model's output
     (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone;
     ``allocation="energy"`` keeps the product of the layers' retained energies highest.
@@ -478,7 +482,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
         p.bn_recalibrated = refine(
             model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
             lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-            refit_dense=refit_dense)
+            refit_dense=refit_dense, solver=solver)
     if p.latency_config is not None:
         from .latency import ensure_not_slower
 
@@ -489,7 +493,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
 def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
            calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
            lr: float = 3e-3, bn_recalibrate: bool = False, fit_through: str = "activation",
-           refit_dense: bool = False) -> int:
+           refit_dense: bool = False, solver: str = "closed_form") -> int:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
     ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
@@ -500,15 +504,24 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     error before them). ``bn_recalibrate`` re-estimates BatchNorm statistics on the same
     batches; off by default, since after the fit the original statistics are the right
     ones and a few batches' estimate is noisier (ResNet-20, CP at 2x: 80.51 zero-shot
-    without, 78.78 with; BENCHMARKS.md). Records the measured output errors in each plan
-    row's ``fit``; returns the number of BatchNorm layers re-estimated."""
+    without, 78.78 with; BENCHMARKS.md). ``solver``: ``"closed_form"`` (least squares,
+    iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
+    the earlier fit); see :mod:`compresscnn.response`. Records the measured output errors
+    and each layer's fit time in its plan row's ``fit``, and the solver, total time and
+    forward passes in ``plan_.calibration``; returns the number of BatchNorm layers
+    re-estimated."""
     from .calibration import (execution_order, following_ops, recalibrate_bn,
                               reconstruct_outputs)
 
     if fit_through not in FIT_THROUGH:
         raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
                           f"got {fit_through!r}")
+    if solver not in SOLVERS:
+        raise RecipeError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+    for i, b in enumerate(batches):
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+            raise DataError(f"calibration batch {i}: holds NaN or Inf values")
     if reconstruct:
         tails = following_ops(original, fit_through)
         names = list(plan_.ranks())
@@ -518,12 +531,17 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
             names += [n for n in order[first:] if n not in names and any(
                 p.requires_grad for p in get_module(compressed, n).parameters())]
             names.sort(key=lambda n: order.index(n) if n in order else -1)
-        fits = reconstruct_outputs(original, compressed, names, batches,
+        done = reconstruct_outputs(original, compressed, names, batches, solver=solver,
                                    steps=steps, lr=lr, tails=tails)
-        for rep in plan_.replacements:
-            if rep.name in fits:
-                rep.fit["output_error_data_free"] = fits[rep.name]["before"]
-                rep.fit["output_error"] = fits[rep.name]["after"]
+        rows = {rep.name: rep for rep in plan_.replacements}
+        fits = {name: {"output_error_data_free": f["before"], "output_error": f["after"],
+                       "fit_seconds": f["seconds"], "fit_solver": f["solver"],
+                       "fit_iters": f["iters"]} for name, f in done.layers.items()}
+        for name, f in fits.items():
+            if name in rows:
+                rows[name].fit.update(f)
+        plan_.calibration = {**done.summary(), "dense_refitted": {
+            n: f for n, f in fits.items() if n not in rows}}
     n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
     compressed.eval()
     return n

@@ -163,7 +163,7 @@ def test_fit_through_activation_fits_what_follows_the_relu():
             den = sum(float(torch.relu(b).square().sum()) for b in ys)
         errs[through] = (num / den) ** 0.5
         if through == "activation":
-            assert fit["3"]["after"] == pytest.approx(errs[through], rel=1e-5)
+            assert fit.layers["3"]["after"] == pytest.approx(errs[through], rel=1e-5)
     assert errs["activation"] < errs["layer"]
 
 
@@ -185,3 +185,103 @@ def test_execution_order_and_refit_dense_layers_after_a_replaced_one():
         with torch.no_grad():
             outs[refit] = float((c(x[0]) - m(x[0])).norm())
     assert outs[True] < outs[False]
+
+
+def _count_calls(model: nn.Module, name: str) -> list[int]:
+    calls = [0]
+    model.get_submodule(name).register_forward_pre_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_one_forward_pass_of_each_model():
+    """The fit walks both models over the batches once: the first layer of each runs once
+    per batch, whatever the number of layers fitted."""
+    from compresscnn.calibration import reconstruct_outputs
+    from compresscnn.surgery import apply, plan
+
+    m = _net()
+    x = [torch.randn(8, 3, 12, 12) for _ in range(3)]
+    p = plan(m, [{"match": ["0", "3"], "method": "tucker2", "rank": [2, 2]},
+                 {"match": "7", "method": "svd", "rank": 2}], (3, 12, 12))
+    c = apply(copy.deepcopy(m), p)
+    first_o, first_c, last_o = _count_calls(m, "0"), _count_calls(c, "0.0"), _count_calls(m, "7")
+    rec = reconstruct_outputs(m, c, ["0", "3", "7"], x)
+    assert rec.walk == "lockstep" and rec.forward_passes == 2
+    assert first_o == [3] and first_c == [3] and last_o == [3]
+    assert set(rec.layers) == {"0", "3", "7"}
+    assert all(f["after"] <= f["before"] and f["seconds"] >= 0 for f in rec.layers.values())
+
+
+class _TwoConvsUntraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > -1e9:          # fx cannot trace this
+            return self.b(torch.relu(self.a(x)))
+        return x
+
+
+def test_untraceable_model_is_run_up_to_each_layer():
+    from compresscnn.calibration import reconstruct_outputs
+    from compresscnn.surgery import apply, plan
+
+    torch.manual_seed(0)
+    m = _TwoConvsUntraceable().eval()
+    x = [torch.randn(4, 3, 10, 10) for _ in range(2)]
+    p = plan(m, [{"match": "*", "method": "tucker2", "rank": [2, 2]}], (3, 10, 10))
+    c = apply(copy.deepcopy(m), p)
+    rec = reconstruct_outputs(m, c, ["a", "b"], x)
+    assert rec.walk == "per layer" and rec.forward_passes == 4
+    assert all(f["after"] < f["before"] for f in rec.layers.values())
+
+
+def test_closed_form_is_never_worse_than_data_free_on_a_small_net():
+    from compresscnn import compress
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+    rules = [{"match": "0", "method": "cp", "rank": 3},
+             {"match": "3", "method": "spatial", "rank": 3},
+             {"match": "7", "method": "svd", "rank": 2}]
+    free, _ = compress(m, rules, (3, 12, 12))
+    for through in ("layer", "bn", "activation"):
+        aware, p = compress(m, rules, (3, 12, 12), calibration=x, fit_through=through)
+        assert p.calibration["solver"] == "closed_form" and p.calibration["forward_passes"] == 2
+        for row in p.replacements:
+            assert row.fit["fit_solver"] == "closed_form"
+            assert row.fit["output_error"] <= row.fit["output_error_data_free"]
+        with torch.no_grad():
+            assert (aware(x[0]) - m(x[0])).norm() < (free(x[0]) - m(x[0])).norm()
+
+
+def test_non_finite_calibration_batch_is_a_one_line_error():
+    from compresscnn import compress
+    from compresscnn.errors import DataError
+
+    m = _net()
+    x = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    x[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"^calibration batch 1: holds NaN or Inf values$"):
+        compress(m, [{"match": "3", "method": "tucker2", "rank": [2, 2]}], (3, 12, 12),
+                 calibration=x)
+
+
+def test_solver_adam_is_the_iterative_fit():
+    from compresscnn.surgery import apply, plan, refine
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(2)]
+    p = plan(m, [{"match": "3", "method": "tucker2", "rank": [2, 2]}], (3, 12, 12))
+    c = apply(copy.deepcopy(m), p)
+    refine(m, c, p, x, steps=15, solver="adam")
+    fit = p.replacements[0].fit
+    assert fit["fit_solver"] == "adam" and fit["fit_iters"] == 15
+    assert fit["output_error"] <= fit["output_error_data_free"]
+    assert p.calibration["solver"] == "adam"
+    from compresscnn.errors import RecipeError
+    with pytest.raises(RecipeError, match="solver must be one of closed_form, adam"):
+        refine(m, c, p, x, solver="sgd")

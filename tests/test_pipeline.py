@@ -44,6 +44,11 @@ def test_run_resnet20_end_to_end(resnet20_recipe, shared_data, tmp_path, monkeyp
     assert {"path", "bytes", "max_abs_diff"} <= set(rep["onnx"])
     assert any(r["method"] == "tucker2" and r["rank"] for r in rep["layers"])
     assert rep["bn_recalibrated_layers"] == 19
+    assert rep["calibration"]["solver"] == "closed_form"
+    assert rep["calibration"]["forward_passes"] == 2   # one pass of each model
+    assert all(r["fit"]["output_error"] <= r["fit"]["output_error_data_free"]
+               for r in rep["layers"] if r["rank"])
+    assert "## Data-aware fit" in (out / "report.md").read_text()
     for stage in ("load_model", "plan", "compress", "finetune", "export_onnx"):
         assert stage in rep["timings"]
     assert (out / "report.md").read_text().count("|") > 20

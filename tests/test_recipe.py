@@ -266,6 +266,7 @@ BAD = [
      "required because calibration is on"),
     ("fit-through-unknown", GOOD + "calibration: {fit_through: relu}\n",
      "calibration.fit_through", "relu"),
+    ("solver-unknown", GOOD + "calibration: {solver: sgd}\n", "calibration.solver", "sgd"),
     ("env-unset", GOOD.replace("dataset: cifar10", "dataset: cifar10\n  root: ${CC_TEST_UNSET}"),
      "data.root", "environment variable 'CC_TEST_UNSET' is not set"),
     ("env-unsupported", GOOD.replace("dataset: cifar10",
@@ -594,7 +595,8 @@ def test_overrides_apply(tmp_path, _cwd):
     assert r["rules"][0]["rank"] == [8, 16] and r["rules"][0]["hooi"] is True
     assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": False,
                                 "reconstruct": True, "steps": 300, "lr": 3e-3,
-                                "fit_through": "activation", "refit_dense": False}
+                                "fit_through": "activation", "refit_dense": False,
+                                "solver": "closed_form"}
     assert r["target"] == {"macs": 0.5} and r["finetune"]["distill"]["alpha"] == 0.5
     assert r["output"] == str(_cwd / "elsewhere")
 

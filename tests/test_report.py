@@ -127,3 +127,21 @@ def test_utils_timer_and_atomic_write(tmp_path):
             1 / 0
     assert (tmp_path / "x.txt").read_text() == "hello"
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_data_aware_fit_section():
+    fit = {"output_error_data_free": 0.25, "output_error": 0.125, "fit_seconds": 0.5,
+           "fit_solver": "closed_form", "fit_iters": 100}
+    rep = {"layers": [{"name": "layer1.0.conv1", "rank": [8], "fit": fit},
+                      {"name": "layer1.0.conv2", "rank": None, "fit": {}}],
+           "calibration": {"solver": "closed_form", "seconds": 3.25, "forward_passes": 2,
+                           "walk": "lockstep", "layers": 2,
+                           "dense_refitted": {"linear": {**fit, "fit_iters": 0}}}}
+    md = render_markdown(rep)
+    assert "## Data-aware fit" in md
+    assert "3.25 s in all, 2 forward passes" in md
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    fitted = [r for r in rows if "closed_form" in r]
+    assert [r.split("|")[1].strip() for r in fitted] == ["`layer1.0.conv1`", "`linear`"]
+    assert "| 0.25 | 0.125 | 0.50 |" in fitted[0]
+    assert "## Data-aware fit" not in render_markdown({"layers": rep["layers"]})

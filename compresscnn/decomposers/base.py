@@ -280,6 +280,11 @@ def check_options(dec: Decomposer, options: dict[str, Any]) -> None:
             raise MethodError(f"{dec.name} option {key}={value!r}: expected {names}")
 
 
+#: ``F.pad`` mode for each ``nn.Conv2d`` padding_mode
+F_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+               "circular": "circular"}
+
+
 def padding_pairs(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     """Per axis ``(before, after)`` zero/replica padding the layer applies (resolves
     ``'same'`` the way PyTorch does: the odd extra element goes after)."""

@@ -47,12 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _numerics as num
-from .base import (ConvSpec, Decomposer, Rank, check_options, fit_info, padding_pairs,
-                   register_decomposer, work_weight)
+from .base import (F_PAD_MODES, ConvSpec, Decomposer, Rank, check_options, fit_info,
+                   padding_pairs, register_decomposer, work_weight)
 from ..errors import MethodError
-
-_F_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
-          "circular": "circular"}
 
 
 class FireModule(nn.Module):
@@ -232,6 +229,6 @@ class Fire(Decomposer):
         if not torch.equal(cat3 if expand3_first else cat1, ident):
             perm = torch.argsort(cat1).to(layer.weight.device)
         module = FireModule(squeeze, ex1, ex3, relu, perm, expand3_first, shift,
-                            _F_PAD[layer.padding_mode])
+                            F_PAD_MODES[layer.padding_mode])
         module.fit_info = fit_info(w, num.mode_dot(approx, u, 1))
         return module
