@@ -86,7 +86,7 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int
         "params": zero.get("params"), "macs": zero.get("macs"),
         "baseline_params": (rep.get("baseline") or {}).get("params"),
         "baseline_macs": (rep.get("baseline") or {}).get("macs"),
-        "timings": rep.get("timings"),
+        "timings": rep.get("timings"), "calibration": rep.get("calibration"),
         "epochs": stats.get("epochs"), "train_seconds": stats.get("seconds"),
         "images_per_s": stats.get("images_per_s"), "amp": stats.get("amp"),
         "memory_format": stats.get("memory_format"), "wall_seconds": wall,
@@ -95,18 +95,26 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int
     }
 
 
-def run_job(job: str, out_root: Path, threads: int) -> Path:
-    recipe, sets = JOBS[job]
+def run_recipe(job: str, recipe: str, sets: list[str], out_root: Path, threads: int) -> dict:
+    """``compresscnn run recipe --set ...`` into ``out_root/job`` (resumed when an interrupted
+    run left a checkpoint), and its report summarised."""
     out = out_root / job
     cmd = ["compresscnn", "run", recipe, "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     resume = (out_root / f"{job}.partial" / "checkpoints" / "last.pt").is_file()
+    if not resume and out.exists():
+        cmd.append("--overwrite")  # a finished run of the same job: measured again
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     exe = [sys.executable, "-m", "compresscnn", *cmd[1:]] + (["--resume"] if resume else [])
     subprocess.run(exe, cwd=ROOT, env=env, check=True)
-    row = summarise(job, cmd, out, time.perf_counter() - t0, threads)
+    return summarise(job, cmd, out, time.perf_counter() - t0, threads)
+
+
+def run_job(job: str, out_root: Path, threads: int) -> Path:
+    recipe, sets = JOBS[job]
+    row = run_recipe(job, recipe, sets, out_root, threads)
     path = RESULTS / f"{job}.json"
     path.write_text(json.dumps(row, indent=1) + "\n")
     return path
