@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from run_experiments import ROOT, run_recipe
+from run_experiments import add_compress_options, compress_overrides, run_recipe
 
 RECIPES = {"resnet20": "recipes/resnet20_cifar10_2x.yaml",
            "resnet56": "recipes/resnet56_cifar10_2x.yaml"}
@@ -29,14 +29,7 @@ def overrides(args: argparse.Namespace, method: str) -> list[str]:
         sets += [f"rules.0.macs={args.macs}", "target=null"]
     else:
         sets += [f"target.macs={args.macs}"]
-    if args.calibrate:
-        sets += [f"calibration.batches={args.calibrate}", f"calibration.solver={args.solver}",
-                 f"calibration.fit_through={args.fit_through}",
-                 f"calibration.refit_dense={str(args.refit_dense).lower()}",
-                 f"calibration.bn_recalibrate={str(args.bn_recalibrate).lower()}"]
-    else:
-        sets += ["calibration=null"]
-    sets += [f"allocation={args.allocation}"]
+    sets += compress_overrides(args)
     if args.epochs:
         sets += [f"finetune.epochs={args.epochs}",
                  f"finetune.distill.enabled={str(args.distill).lower()}"]
@@ -55,18 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="uniform per-layer MAC fraction instead of the global budget")
     ap.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: zero-shot)")
     ap.add_argument("--distill", action="store_true", help="distil from the original")
-    ap.add_argument("--calibrate", type=int, default=8, metavar="BATCHES",
-                    help="calibration batches of the data-aware fit (0: data-free)")
-    ap.add_argument("--solver", choices=["closed_form", "adam"], default="closed_form")
-    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
-                    default="activation")
-    ap.add_argument("--refit-dense", action="store_true")
-    ap.add_argument("--bn-recalibrate", action="store_true")
-    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
-                    default="spectral")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_cifar_resnet")
-    ap.add_argument("--json", type=Path, required=True)
+    add_compress_options(ap, "bench_cifar_resnet")
     args = ap.parse_args(argv)
     rows = json.loads(args.json.read_text()) if args.json.exists() else []
     for method in args.configs:

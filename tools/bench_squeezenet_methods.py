@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from run_experiments import ROOT, run_recipe
+from run_experiments import add_compress_options, compress_overrides, run_recipe
 
 RECIPE = "recipes/squeezenet1_1_val500.yaml"
 
@@ -25,31 +25,16 @@ def overrides(args: argparse.Namespace, method: str) -> list[str]:
     rules = f"rules.0.method={method}"
     if args.svd_1x1:  # the 1x1 convs the method refuses (classifier included) get SVD
         rules = f'rules=[{{match: "features.*", method: {method}}}, {{match: "*", method: svd}}]'
-    sets = [rules, f"target.macs={args.macs}", f"allocation={args.allocation}"]
-    if args.calibrate:
-        return sets + [f"calibration.batches={args.calibrate}",
-                       f"calibration.solver={args.solver}",
-                       f"calibration.fit_through={args.fit_through}",
-                       f"calibration.refit_dense={str(args.refit_dense).lower()}"]
-    return sets + ["calibration=null"]
+    return [rules, f"target.macs={args.macs}", *compress_overrides(args)]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=["tucker2", "cp", "spatial", "fire"])
     ap.add_argument("--macs", type=float, default=0.667)
-    ap.add_argument("--calibrate", type=int, default=8, metavar="BATCHES",
-                    help="calibration batches of 32 training images (0: data-free)")
-    ap.add_argument("--solver", choices=["closed_form", "adam"], default="closed_form")
-    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
-                    default="activation")
-    ap.add_argument("--refit-dense", action="store_true")
-    ap.add_argument("--svd-1x1", action="store_true")
-    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
-                    default="spectral")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_squeezenet")
-    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--svd-1x1", action="store_true",
+                    help="also let the budget cut the 1x1 convs (classifier included) by SVD")
+    add_compress_options(ap, "bench_squeezenet")
     args = ap.parse_args(argv)
     rows = []
     for method in args.methods:

@@ -95,6 +95,35 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int
     }
 
 
+def add_compress_options(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options the recipe-looping benchmarks share: the data-aware fit, the budget's
+    allocation, threads and where runs and results go."""
+    ap.add_argument("--calibrate", type=int, default=8, metavar="BATCHES",
+                    help="calibration batches of the data-aware fit (0: data-free)")
+    ap.add_argument("--solver", choices=["closed_form", "adam"], default="closed_form")
+    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
+                    default="activation")
+    ap.add_argument("--refit-dense", action="store_true")
+    ap.add_argument("--bn-recalibrate", action="store_true")
+    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
+                    default="spectral")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / out)
+    ap.add_argument("--json", type=Path, required=True)
+
+
+def compress_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides for :func:`add_compress_options`' options."""
+    sets = [f"allocation={args.allocation}"]
+    if not args.calibrate:
+        return sets + ["calibration=null"]
+    flag = {True: "true", False: "false"}
+    return sets + [f"calibration.batches={args.calibrate}", f"calibration.solver={args.solver}",
+                   f"calibration.fit_through={args.fit_through}",
+                   f"calibration.refit_dense={flag[args.refit_dense]}",
+                   f"calibration.bn_recalibrate={flag[args.bn_recalibrate]}"]
+
+
 def run_recipe(job: str, recipe: str, sets: list[str], out_root: Path, threads: int) -> dict:
     """``compresscnn run recipe --set ...`` into ``out_root/job`` (resumed when an interrupted
     run left a checkpoint), and its report summarised."""
