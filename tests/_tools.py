@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:  # the scripts import each other, as when run from tools/
+    sys.path.insert(0, str(TOOLS))
 
 
 def load_tool(name: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""Realised speed vs MAC reduction (issue 5a): MAC-planned vs latency-planned Tucker-2.
+"""Realised speed vs MAC reduction: MAC-planned vs latency-planned Tucker-2.
 
 For each model (torchvision, random weights: latency does not depend on the weights' values;
 the ranks a MAC budget picks do, through the spectra, so read the MAC-planned ranks as
@@ -6,10 +6,13 @@ those of an untrained net) and each MAC fraction kept:
 
 - ``uniform``: every matched layer keeps the same fraction of its MACs (how most tools
   are used; the stem and classifier stay dense, so the model-level ratio is smaller);
-- ``macs``: the global MAC budget over every 3x3 conv but the stem (``compresscnn.plan``);
+- ``macs``: the global MAC budget over every 3x3 conv but the stem;
 - ``latency``: the same budget with ``objective="latency"``: candidate ranks timed on
   onnxruntime at the serving batch, slower-than-dense candidates dropped, and the whole model
-  checked not slower than the original (``compresscnn.compress``).
+  checked not slower than the original.
+
+Each model is compressed by ``compresscnn.compress`` (the orchestrator ``compresscnn run``
+uses), data-free.
 
 Then the original and both compressed models are exported to ONNX and timed against each
 other, interleaved round by round (``compresscnn.latency.time_modules``), on the CPU
@@ -23,7 +26,6 @@ the MAC ratio; ``--json`` keeps everything.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compresscnn.counting import count  # noqa: E402
 from compresscnn.latency import LatencyConfig, model_input, time_modules  # noqa: E402
-from compresscnn.surgery import apply, compress, plan  # noqa: E402
+from compresscnn.surgery import compress  # noqa: E402
 
 RULES = {
     "resnet18": [{"match": "layer*.conv*", "method": "tucker2"}],
@@ -75,20 +77,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 models, info = [original], {}
                 for how in args.plans:
                     t0 = time.time()
+                    rules, kw = RULES[name], {"target": {"macs": frac}}
                     if how == "uniform":  # every matched layer keeps the same MAC share
-                        rules = [{**r, "macs": frac} for r in RULES[name]]
-                        p = plan(original, rules, input_size)
-                        m = apply(copy.deepcopy(original), p)
-                    elif how == "macs":
-                        p = plan(original, RULES[name], input_size, target={"macs": frac})
-                        m = apply(copy.deepcopy(original), p)
-                    else:
-                        pcfg = LatencyConfig(runtime="onnxruntime", threads=args.threads,
-                                             batch=batch, rounds=args.plan_rounds,
-                                             per_round=1, max_candidates=6)
-                        m, p = compress(original, RULES[name], input_size,
-                                        target={"macs": frac}, objective="latency",
-                                        latency=pcfg)
+                        rules, kw = [{**r, "macs": frac} for r in rules], {}
+                    elif how == "latency":
+                        kw["objective"] = "latency"
+                        kw["latency"] = LatencyConfig(
+                            runtime="onnxruntime", threads=args.threads, batch=batch,
+                            rounds=args.plan_rounds, per_round=1, max_candidates=6)
+                    m, p = compress(original, rules, input_size, **kw)
                     c = count(m, input_size)
                     info[how] = {"plan_seconds": round(time.time() - t0, 1),
                                  "macs_ratio": base["macs"] / c["macs"],

@@ -86,7 +86,7 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int
         "params": zero.get("params"), "macs": zero.get("macs"),
         "baseline_params": (rep.get("baseline") or {}).get("params"),
         "baseline_macs": (rep.get("baseline") or {}).get("macs"),
-        "timings": rep.get("timings"),
+        "timings": rep.get("timings"), "calibration": rep.get("calibration"),
         "epochs": stats.get("epochs"), "train_seconds": stats.get("seconds"),
         "images_per_s": stats.get("images_per_s"), "amp": stats.get("amp"),
         "memory_format": stats.get("memory_format"), "wall_seconds": wall,
@@ -95,18 +95,55 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int
     }
 
 
-def run_job(job: str, out_root: Path, threads: int) -> Path:
-    recipe, sets = JOBS[job]
+def add_compress_options(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options the recipe-looping benchmarks share: the data-aware fit, the budget's
+    allocation, threads and where runs and results go."""
+    ap.add_argument("--calibrate", type=int, default=8, metavar="BATCHES",
+                    help="calibration batches of the data-aware fit (0: data-free)")
+    ap.add_argument("--solver", choices=["closed_form", "adam"], default="closed_form")
+    ap.add_argument("--fit-through", choices=["layer", "bn", "activation"],
+                    default="activation")
+    ap.add_argument("--refit-dense", action="store_true")
+    ap.add_argument("--bn-recalibrate", action="store_true")
+    ap.add_argument("--allocation", choices=["spectral", "energy", "sensitivity"],
+                    default="spectral")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / out)
+    ap.add_argument("--json", type=Path, required=True)
+
+
+def compress_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides for :func:`add_compress_options`' options."""
+    sets = [f"allocation={args.allocation}"]
+    if not args.calibrate:
+        return sets + ["calibration=null"]
+    flag = {True: "true", False: "false"}
+    return sets + [f"calibration.batches={args.calibrate}", f"calibration.solver={args.solver}",
+                   f"calibration.fit_through={args.fit_through}",
+                   f"calibration.refit_dense={flag[args.refit_dense]}",
+                   f"calibration.bn_recalibrate={flag[args.bn_recalibrate]}"]
+
+
+def run_recipe(job: str, recipe: str, sets: list[str], out_root: Path, threads: int) -> dict:
+    """``compresscnn run recipe --set ...`` into ``out_root/job`` (resumed when an interrupted
+    run left a checkpoint), and its report summarised."""
     out = out_root / job
     cmd = ["compresscnn", "run", recipe, "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     resume = (out_root / f"{job}.partial" / "checkpoints" / "last.pt").is_file()
+    if not resume and out.exists():
+        cmd.append("--overwrite")  # a finished run of the same job: measured again
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     exe = [sys.executable, "-m", "compresscnn", *cmd[1:]] + (["--resume"] if resume else [])
     subprocess.run(exe, cwd=ROOT, env=env, check=True)
-    row = summarise(job, cmd, out, time.perf_counter() - t0, threads)
+    return summarise(job, cmd, out, time.perf_counter() - t0, threads)
+
+
+def run_job(job: str, out_root: Path, threads: int) -> Path:
+    recipe, sets = JOBS[job]
+    row = run_recipe(job, recipe, sets, out_root, threads)
     path = RESULTS / f"{job}.json"
     path.write_text(json.dumps(row, indent=1) + "\n")
     return path

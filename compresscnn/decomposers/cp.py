@@ -111,7 +111,9 @@ class CP(Decomposer):
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
         """Singular values of the per-tap construction (``max_rank`` of them, descending):
         the error of keeping R terms of it is the norm of the rest."""
-        return [self._tap_terms(work_weight(layer))[1].to(layer.weight.dtype)]
+        w = work_weight(layer)
+        sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)  # no vectors needed
+        return [torch.sort(sv, descending=True, stable=True).values.to(layer.weight.dtype)]
 
     def _hosvd_init(self, w: torch.Tensor, r: int, seed: int) -> list[torch.Tensor]:
         gen = torch.Generator(device=w.device).manual_seed(seed)
