@@ -16,6 +16,9 @@ Run directory::
     model.safetensors                    the compressed weights (tensors only)
     model.onnx                           the ONNX export, checked in onnxruntime
     checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log
+    checkpoints/switch.json              with ``train.switch``: the stable ranks and the switch;
+    checkpoints/factorized/last.pt       checkpoints/last.pt and train_log_dense.csv are then
+                                         the dense phase's, these the factorized phase's
     .compresscnn-run                     marker: the run's id and the recipe keys --resume
                                          must match (compresscnn.rundir)
     tb/                                  TensorBoard scalars (only with the ``tensorboard``
@@ -346,6 +349,13 @@ def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
     rep["dense"] = {k: dense[k] for k in ("steps", "seconds", "images_per_s",
                                           "resumed_from_step")}
     rep["dense"]["log_csv"] = "train_log_dense.csv"
+    kept = sum(not r.applied for r in p.replacements)
+    rep["warnings"] = []
+    if kept:
+        rep["warnings"].append(f"train.switch: {kept} of the {len(p.replacements)} layer(s) the "
+                               f"rules take stay dense: at their stable ranks after epoch "
+                               f"{point.epoch} the factorized layer would be no smaller (see "
+                               f"the layer table)")
     return model, p, stats, rep
 
 
@@ -638,6 +648,7 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                     progress=progress, distributed=distributed, input_size=input_size)
                 comp_count = count(compressed, input_size)
                 report["compressed"] = {**comp_count, "top1": None, "top5": None}
+                report["warnings"] = report["warnings"] + report["switch"].pop("warnings")
             else:
                 ft_stats = _train_stage(recipe, section, compressed,
                                         None if train_cfg is not None else model, p,

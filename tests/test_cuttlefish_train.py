@@ -4,14 +4,11 @@ epochs, resume across the switch, and the refused combinations."""
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -20,6 +17,8 @@ from compresscnn.cli import main
 from compresscnn.data import CIFAR10_CLASSES
 from compresscnn.errors import CheckpointError
 from compresscnn.pipeline import load_compressed
+
+from test_data import make_cifar_zip
 
 # cifar:resnet20 from random weights on 8 training images of 32x32 (two classes) in batches of
 # 4: two steps an epoch, three epochs; one dense epoch, then two factorized ones. The
@@ -32,7 +31,8 @@ data: {{dataset: cifar10, root: {root}, batch_size: 4, eval_batch_size: 4, augme
 rules:
   - {{match: "layer1.*.conv*", method: spatial, rank: 0.5}}
   - {{match: linear, method: svd, rank: 0.5}}
-train: {{epochs: 3, lr: 0.2, lr_batch: 4, amp: "off", log_every: 1, switch: {{max_epochs: 1, window: 2}}}}
+train: {{epochs: 3, lr: 0.2, lr_batch: 4, amp: "off", log_every: 1,
+        switch: {{max_epochs: 1, window: 2}}}}
 export: {{onnx: false}}
 report: {{latency: false, plots: false}}
 """
@@ -41,15 +41,7 @@ report: {{latency: false, plots: false}}
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cuttlefish")
-    rng = torch.Generator().manual_seed(0)
-    with zipfile.ZipFile(d / "c.zip", "w") as zf:
-        for split in ("train", "test"):
-            for c in CIFAR10_CLASSES[:2]:
-                for i in range(4):
-                    arr = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8)
-                    buf = io.BytesIO()
-                    Image.fromarray(arr.numpy()).save(buf, format="PNG")
-                    zf.writestr(f"{split}/{c}/{i}.png", buf.getvalue())
+    make_cifar_zip(d / "c.zip", {c: 4 for c in CIFAR10_CLASSES[:2]})
     r = d / "r.yaml"
     r.write_text(RECIPE.format(root=d / "c.zip"))
     return r
@@ -90,8 +82,12 @@ def test_switch_job_trains_dense_then_factorized(reference):
     assert rep["trained"]["params"] < rep["baseline"]["params"]
     model = load_compressed(out)
     assert isinstance(model.linear, nn.Sequential)
-    for n in names[:-1]:  # dense where the factorization would not be smaller
-        assert rows[n]["skipped"] is None or isinstance(model.get_submodule(n), nn.Conv2d)
+    dense = [n for n in names if rows[n]["skipped"] is not None]
+    for n in dense:  # where the factorization would not be smaller
+        assert isinstance(model.get_submodule(n), nn.Conv2d)
+        assert rows[n]["skipped"].startswith("no smaller than dense at stable rank")
+    assert any(f"{len(dense)} of the 7 layer(s) the rules take stay dense" in w
+               for w in rep["warnings"]) == bool(dense)
     for f in ("train_log.csv", "train_log_dense.csv", "checkpoints/switch.json",
               "checkpoints/last.pt", "checkpoints/factorized/last.pt"):
         assert (out / f).is_file(), f
