@@ -25,7 +25,10 @@ start has exactly the architecture of a pretrained model compressed at that plan
 from __future__ import annotations
 
 import copy
+import json
 import math
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,10 +36,10 @@ import torch
 from torch import nn
 
 from .decomposers import get_decomposer
-from .errors import MethodError, RecipeError
+from .errors import CheckpointError, MethodError, RecipeError
 from .recipe import POLICY_KEYS
 from .surgery import Plan, apply, get_module, plan, set_module
-from .utils import unwrap_model
+from .utils import atomic_write_text, unwrap_model
 
 #: what ``factorize(init=...)`` accepts
 INITS = ("kaiming", "spectral")
@@ -570,6 +573,14 @@ class StableRankMonitor:
                                f"{self.full[rep.name]}")
         return apply(copy.deepcopy(net), p), p
 
+    def rewind(self, epoch: int) -> None:
+        """Forget the measurements of ``epoch`` and later (a resumed run redoes them)."""
+        keep = sum(e < epoch for e in self.epochs)
+        self.epochs = self.epochs[:keep]
+        self.trace = {n: t[:keep] for n, t in self.trace.items()}
+        self.settled = {n: (e if e is not None and e < epoch else None)
+                        for n, e in self.settled.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """What :meth:`load_state_dict` needs to resume (plain lists and numbers)."""
         return {"epochs": list(self.epochs), "initial": dict(self.initial),
@@ -584,3 +595,81 @@ class StableRankMonitor:
         self.initial = {n: float(v) for n, v in state["initial"].items()}
         self.trace = {n: [float(x) for x in t] for n, t in state["trace"].items()}
         self.settled = {n: (None if e is None else int(e)) for n, e in state["settled"].items()}
+
+
+class SwitchPoint:
+    """When a Cuttlefish run switches from dense to factorized training, as a training-loop
+    callback (``on_epoch_end``), and the wall time of every epoch of both phases.
+
+    In the dense phase each epoch end updates ``monitor`` and stops the run once every
+    watched layer has settled, or at the end of epoch ``max_epochs`` at the latest
+    (``epoch`` and ``reason``, ``"settled"`` or ``"max_epochs"``, then say which). After
+    :meth:`start_factorized` it only times the epochs of the factorized phase. With ``path``
+    the state (the monitor's, the switch, the epoch times) is written there as JSON after
+    every epoch (when ``write``) and read back when the file exists, so a resumed run
+    continues where the interrupted one was; an epoch redone after a resume replaces its
+    measurements. An epoch's time runs from the previous epoch end (or the start of the
+    phase) to its end, without the stable-rank measurements.
+    """
+
+    def __init__(self, monitor: StableRankMonitor, max_epochs: int,
+                 path: str | Path | None = None, write: bool = True) -> None:
+        self.monitor, self.max_epochs = monitor, int(max_epochs)
+        self.path, self.write = (Path(path) if path is not None else None), write
+        self.epoch: int | None = None
+        self.reason: str | None = None
+        self.phase = "dense"
+        self.seconds: dict[str, dict[int, float]] = {"dense": {}, "factorized": {}}
+        if self.path is not None and self.path.is_file():
+            self._load()
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> bool:
+        self.seconds[self.phase][int(epoch)] = time.perf_counter() - self._t
+        stop = False
+        if self.phase == "dense":
+            self.monitor.rewind(epoch)
+            settled = self.monitor.update(epoch)
+            if settled or epoch >= self.max_epochs:
+                self.epoch, self.reason = int(epoch), "settled" if settled else "max_epochs"
+                stop = True
+        self.save()
+        self._t = time.perf_counter()
+        return stop
+
+    def start_factorized(self) -> None:
+        """From now on, time the epochs of the factorized phase."""
+        self.phase = "factorized"
+        self._t = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state_dict(), "epoch": self.epoch,
+                "reason": self.reason, "max_epochs": self.max_epochs,
+                "seconds": {k: {str(e): s for e, s in v.items()}
+                            for k, v in self.seconds.items()}}
+
+    def save(self) -> None:
+        if self.path is not None and self.write:
+            atomic_write_text(self.path, json.dumps(self.state_dict(), indent=1) + "\n")
+
+    def _load(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+            self.monitor.load_state_dict(state["monitor"])
+            self.epoch, self.reason = state["epoch"], state["reason"]
+            self.seconds = {k: {int(e): float(s) for e, s in state["seconds"][k].items()}
+                            for k in ("dense", "factorized")}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable stable-rank switch state "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def report(self) -> dict[str, Any]:
+        """The switch as the run report records it."""
+        m = self.monitor
+        return {"epoch": self.epoch, "reason": self.reason, "max_epochs": self.max_epochs,
+                "window": m.window, "tol": m.tol, "min_fraction": m.min_fraction,
+                "ranks": m.ranks(), "full_ranks": dict(m.full),
+                "stable_ranks": {n: (t[-1] if t else None) for n, t in m.trace.items()},
+                "initial_stable_ranks": dict(m.initial), "settled": dict(m.settled),
+                "seconds_per_epoch": {k: [v[e] for e in sorted(v)]
+                                      for k, v in self.seconds.items()}}

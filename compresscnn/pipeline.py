@@ -16,6 +16,9 @@ Run directory::
     model.safetensors                    the compressed weights (tensors only)
     model.onnx                           the ONNX export, checked in onnxruntime
     checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log
+    checkpoints/switch.json              with ``train.switch``: the stable ranks and the switch;
+    checkpoints/factorized/last.pt       checkpoints/last.pt and train_log_dense.csv are then
+                                         the dense phase's, these the factorized phase's
     .compresscnn-run                     marker: the run's id and the recipe keys --resume
                                          must match (compresscnn.rundir)
     tb/                                  TensorBoard scalars (only with the ``tensorboard``
@@ -32,7 +35,7 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -272,6 +275,9 @@ def _build_untrained(recipe: dict[str, Any], model: nn.Module,
     """The model a ``train`` job trains: the dense architecture, or (with rules) its layers
     factorized before training (``compresscnn.lowrank.factorize``)."""
     student = copy.deepcopy(model)
+    if recipe["train"].get("switch"):
+        _check_switch(recipe)
+        return student, None  # dense until the switch (_switch_train)
     if not recipe["rules"]:
         return student, None
     from .lowrank import factorize
@@ -279,6 +285,90 @@ def _build_untrained(recipe: dict[str, Any], model: nn.Module,
     tr = recipe["train"]
     return factorize(student, recipe["rules"], input_size, target=recipe.get("target"),
                      init=tr["init"], seed=int(recipe.get("seed", 0)))
+
+
+def _check_switch(recipe: dict[str, Any]) -> None:
+    """``train.switch`` needs rules (the layers it factorizes) and an epoch budget that leaves
+    the factorized model at least one epoch; it has no use for a factorized initialisation."""
+    tr = recipe["train"]
+    sw = tr["switch"]
+    if not recipe["rules"]:
+        raise RecipeError("train.switch: needs rules (they choose the layers to factorize at "
+                          "the switch, and their methods); with rules: [] the model trains dense")
+    if tr.get("max_steps"):
+        raise RecipeError("train.switch: give the budget as train.epochs, not train.max_steps "
+                          "(the switch happens at an epoch end)")
+    if tr["init"] != "kaiming":
+        raise RecipeError(f"train.init: {tr['init']} initialises factorized layers; with "
+                          f"train.switch the layers start dense and are factorized from their "
+                          f"trained weights (remove train.init)")
+    last = tr["epochs"] - 1
+    if sw["max_epochs"] is not None and sw["max_epochs"] > last:
+        raise RecipeError(f"train.switch.max_epochs: {sw['max_epochs']} leaves no epoch of "
+                          f"train.epochs: {tr['epochs']} to train the factorized model (at most "
+                          f"{last})")
+    if last < 1:
+        raise RecipeError(f"train.epochs: {tr['epochs']} with train.switch: needs at least 2 "
+                          f"(a dense epoch, then a factorized one)")
+
+
+def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
+                  pcfg: dict[str, Any], staging: Path, *, resume: bool, progress: bool,
+                  distributed: bool, input_size: tuple[int, ...]
+                  ) -> tuple[nn.Module, Plan, dict[str, Any], dict[str, Any]]:
+    """Cuttlefish (``train.switch``): train the dense ``student`` on the schedule of the whole
+    ``train.epochs`` budget until the stable ranks of the layers the rules take settle (or
+    to ``max_epochs``), factorize its trained weights at the scaled stable ranks, and train
+    the factorized model for the remaining epochs with the same settings and a fresh
+    schedule. Dense phase: ``checkpoints/last.pt``, ``train_log_dense.csv`` and the monitor
+    in ``checkpoints/switch.json``; factorized phase: ``checkpoints/factorized/last.pt``,
+    ``train_log.csv``. A resumed run that had switched does not train the dense phase again.
+    Returns ``(model, plan, the factorized phase's stats, the report's switch entry)``."""
+    from .lowrank import StableRankMonitor, SwitchPoint, planned_layers
+
+    tr, sw = recipe["train"], recipe["train"]["switch"]
+    ckpts = staging / "checkpoints"
+    monitor = StableRankMonitor(student, planned_layers(student, recipe["rules"], input_size),
+                                tol=sw["tol"], window=sw["window"],
+                                min_fraction=sw["min_fraction"])
+    point = SwitchPoint(monitor, sw["max_epochs"] or tr["epochs"] - 1, ckpts / "switch.json",
+                        write=_rank() == 0)
+    kw = dict(pcfg=pcfg, progress=progress, distributed=distributed, input_size=input_size)
+    dense = _train_stage({**recipe, "train": {**tr, "keep": "last"}}, "train", student, None,
+                         None, loader, staging=staging, resume=resume, extra=[point],
+                         log=staging / "train_log_dense.csv", **kw)
+    if point.epoch is None:
+        raise RuntimeError("the dense phase ended without reaching its switch epoch")
+    model, p = monitor.switch(student.cpu().eval(), recipe["rules"], input_size)
+    point.start_factorized()
+    fdir = ckpts / "factorized"
+    stats = _train_stage({**recipe, "train": {**tr, "epochs": tr["epochs"] - point.epoch}},
+                         "train", model, None, p, loader, staging=staging, ckpt=fdir,
+                         resume=resume and (fdir / "last.pt").is_file(), extra=[point], **kw)
+    rep = point.report()
+    rep["dense"] = {k: dense[k] for k in ("steps", "seconds", "images_per_s",
+                                          "resumed_from_step")}
+    rep["dense"]["log_csv"] = "train_log_dense.csv"
+    kept = sum(not r.applied for r in p.replacements)
+    rep["warnings"] = []
+    if kept:
+        rep["warnings"].append(f"train.switch: {kept} of the {len(p.replacements)} layer(s) the "
+                               f"rules take stay dense: at their stable ranks after epoch "
+                               f"{point.epoch} the factorized layer would be no smaller (see "
+                               f"the layer table)")
+    return model, p, stats, rep
+
+
+def _dense_summary(recipe: dict[str, Any], model: nn.Module,
+                   input_size: tuple[int, ...]) -> str:
+    """What a run without a plan prints in place of one."""
+    if not (recipe.get("train") or {}).get("switch"):
+        return "dense model: no layer factorized"
+    from .lowrank import planned_layers
+
+    names = planned_layers(model, recipe["rules"], input_size)
+    return (f"dense training until the stable ranks settle, then {len(names)} layer(s) "
+            f"factorized at their stable ranks: {', '.join(names)}")
 
 
 def _train_callbacks(tr: dict[str, Any], model: nn.Module, p: Plan | None) -> list[Any]:
@@ -326,10 +416,13 @@ def _split_holdout(recipe: dict[str, Any], pcfg: dict[str, Any], loader: Any, n:
 def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
                  teacher: nn.Module | None, p: Plan | None, loader: Any, pcfg: dict[str, Any],
                  staging: Path, *, resume: bool, progress: bool, distributed: bool,
-                 input_size: tuple[int, ...]) -> dict[str, Any]:
+                 input_size: tuple[int, ...], extra: Sequence[Any] = (),
+                 ckpt: Path | None = None, log: Path | None = None) -> dict[str, Any]:
     """Fine-tune (``section="finetune"``, distilled from ``teacher``) or train from scratch
     (``"train"``) with the recipe's section; the learning rate is scaled linearly from
-    ``lr_batch`` to the global batch."""
+    ``lr_batch`` to the global batch. ``extra``: more training-loop callbacks; ``ckpt`` /
+    ``log``: the checkpoint folder and CSV log (default ``checkpoints/``, ``train_log.csv``
+    in ``staging``)."""
     from .evaluate import evaluate
     from .finetune import finetune
     from .utils import get_world_size
@@ -350,10 +443,10 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
         memory_format=ft["memory_format"], compile=ft["compile"],
         label_smoothing=ft["label_smoothing"], clip_grad_norm=ft["clip_grad_norm"],
         mixup=ft["mixup"], cutout=ft["cutout"],
-        callbacks=_train_callbacks(ft, student, p) if section == "train" else (),
-        evaluator=evaluator, keep=ft["keep"], checkpoint_dir=staging / "checkpoints",
+        callbacks=[*(_train_callbacks(ft, student, p) if section == "train" else ()), *extra],
+        evaluator=evaluator, keep=ft["keep"], checkpoint_dir=ckpt or staging / "checkpoints",
         checkpoint_every=ft.get("checkpoint_every"), resume=resume, log_every=ft["log_every"],
-        log_path=staging / "train_log.csv", seed=int(recipe.get("seed", 0)),
+        log_path=log or staging / "train_log.csv", seed=int(recipe.get("seed", 0)),
         progress=progress, section=section)
     stats["world_size"] = get_world_size()
     stats["lr"] = ft["lr"] * global_batch / ft["lr_batch"]
@@ -455,7 +548,7 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                                      allocation=opts["allocation"])
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{where}{e}") from None
-    summary = p.summary() if p is not None else "dense model: no layer factorized"
+    summary = p.summary() if p is not None else _dense_summary(recipe, model, input_size)
     if dry_run:
         if _rank() == 0:
             print(summary, flush=True)
@@ -549,10 +642,19 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                    f"{'steps' if ft.get('max_steps') else 'epochs'}"
                    + (f" on {get_world_size()} processes" if distributed else "")
                    + (" (resuming)" if resume else ""), quiet=quiet):
-            ft_stats = _train_stage(recipe, section, compressed,
-                                    None if train_cfg is not None else model, p, train_loader,
-                                    pcfg, staging, resume=resume, progress=progress,
-                                    distributed=distributed, input_size=input_size)
+            if train_cfg is not None and train_cfg.get("switch"):
+                compressed, p, ft_stats, report["switch"] = _switch_train(
+                    recipe, compressed, train_loader, pcfg, staging, resume=resume,
+                    progress=progress, distributed=distributed, input_size=input_size)
+                comp_count = count(compressed, input_size)
+                report["compressed"] = {**comp_count, "top1": None, "top5": None}
+                report["warnings"] = report["warnings"] + report["switch"].pop("warnings")
+            else:
+                ft_stats = _train_stage(recipe, section, compressed,
+                                        None if train_cfg is not None else model, p,
+                                        train_loader, pcfg, staging, resume=resume,
+                                        progress=progress, distributed=distributed,
+                                        input_size=input_size)
         if distributed:  # DDP syncs gradients, not BatchNorm running stats: take rank 0's,
             import torch.distributed as dist  # the ones it saves, so all ranks agree
 

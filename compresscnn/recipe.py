@@ -791,6 +791,29 @@ SCHEMA = Section("The recipe.", {
         "frobenius_decay": Field(Float(0.0), 0.0,
                                  "Weight of the Frobenius norm of each factorized layer's "
                                  "product (Khodak et al. 2021) added to the loss; 0: off."),
+        "switch": Section(
+            "Cuttlefish (Wang et al. 2023): train the model *dense*, measure the stable rank "
+            "of every layer the `rules` take after each epoch, and once they have all settled "
+            "(or at the end of `max_epochs`) factorize the trained weights at the scaled "
+            "stable ranks and train the factorized model for the rest of `epochs`. The rules "
+            "choose layers, methods and options; their rank policies and `target` are not "
+            "used. The dense phase follows the schedule of the whole `epochs` budget up to the "
+            "switch; the factorized phase restarts the schedule (warm-up included) over the "
+            "remaining epochs, with the same optimizer settings. Needs `epochs` >= 2; not "
+            "with `max_steps` or `init: spectral`. null or absent: off.", {
+                "window": Field(Int(2), 15,
+                                "A layer has settled when the slope of its smoothed stable-rank "
+                                "trace, averaged over the last `window` epochs, is at most "
+                                "`tol` (never before `window` + 1 epochs)."),
+                "tol": Field(Float(0.0, lo_open=True), 0.1,
+                             "Largest mean slope (rank units per epoch) of a settled layer."),
+                "max_epochs": Field(Nullable(Int(1)), None,
+                                    "Switch at the end of this epoch at the latest, settled or "
+                                    "not (short budgets); null: `epochs` - 1."),
+                "min_fraction": Field(Float(0.0, 1.0), 0.0,
+                                      "Lower bound of each rank as a fraction of the layer's "
+                                      "full rank (Cuttlefish's ImageNet runs: 0.2)."),
+            }, presence="optional"),
     }, presence="optional"),
     "evaluate": Section("Accuracy (and agreement with the original model) on the test split. "
                         "Evaluation is on when `baseline` or `zero_shot` is true; the "

@@ -44,6 +44,8 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_resnet20_spatial_kaiming": (LOWRANK, []),
     "scratch_resnet20_spatial_spectral": (LOWRANK, ["train.init=spectral"]),
     "scratch_resnet20_spatial_semiorth": (LOWRANK, ["train.semi_orthogonal=4"]),
+    # Cuttlefish: one dense epoch, then factorized at the stable ranks for the other three
+    "scratch_resnet20_spatial_cuttlefish": (LOWRANK, ["train.switch.max_epochs=1"]),
     # the shared pretrained weights decomposed (data-aware) and fine-tuned for as many epochs
     "pretrained_resnet20_spatial_ft": (R20, ["rules.0.method=spatial", "finetune.epochs=4"]),
     # headline: pretrained ResNets at 2x fewer MACs, data-aware (zero-shot and one epoch)
@@ -92,6 +94,7 @@ def summarise(job: str, cmd: list[str], run_dir: Path, wall: float, threads: int
         "memory_format": stats.get("memory_format"), "wall_seconds": wall,
         "resumed_from_step": stats.get("resumed_from_step"),
         "latency": rep.get("latency"), "onnx_bytes": (rep.get("onnx") or {}).get("bytes"),
+        "switch": rep.get("switch"),
     }
 
 
