@@ -484,9 +484,9 @@ def doc(text: str, default: Any = ..., default_doc: str | None = None, **kw: Any
     return Field(default, description=" ".join(text.split()), json_schema_extra=extra, **kw)
 
 
-def section(cls: type, text: str | None = None) -> Any:
-    """A section that is all defaults when absent."""
-    return Field(default_factory=dict, description=text)
+def section() -> Any:
+    """A section that is all defaults when absent (its docs are the model's docstring)."""
+    return Field(default_factory=dict)
 
 
 def section_of(annotation: Any) -> type["Closed"] | None:
@@ -502,8 +502,7 @@ class Closed(BaseModel):
     """A mapping with a fixed set of keys: anything else is an error naming the key, with a
     suggestion for a misspelling; a missing required key is named too."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True,
-                              arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     @classmethod
     def not_mapping(cls, v: Any) -> str:
@@ -729,9 +728,9 @@ class _DataBase(Closed):
         "Folder (or archive) of every source that names no root of its own (a *path*): a "
         "source reads its split's sub-folder when the root has split folders, else the whole "
         "root. null: `download_dir`.", None)
-    train: TrainSource = section(TrainSource)
-    calibration: CalibrationSource = section(CalibrationSource)
-    eval: EvalSource = section(EvalSource)
+    train: TrainSource = section()
+    calibration: CalibrationSource = section()
+    eval: EvalSource = section()
     allow_eval_overlap: Bool = doc(
         "Let fine-tuning and calibration use images of the `eval` source. The report then says "
         "so in its first lines: its accuracies are not held-out measurements.", False)
@@ -889,7 +888,7 @@ Finetune = create_model(
     __doc__="Fine-tuning of the compressed model, distilled from the original.",
     enabled=(Bool, doc("Fine-tune after decomposition.", True)),
     **_training_fields(lr=0.01, epochs=1, what="fine-tuning"),
-    distill=(Distill, section(Distill)))
+    distill=(Distill, section()))
 
 Train = create_model(
     "Train", __base__=Closed,

@@ -45,7 +45,8 @@ from .config import (ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS, MODEL_SOURCES, 
                      Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency, MethodOptions,
                      ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
                      Where, bad, doc, expand_env, first_error, fmt_path, one_line,
-                     resolve_path, section, section_of, show, spec_of, suggest, unknown_key)
+                     resolve_path, section, section_of, show, spec_of, suggest, unknown_key,
+                     where_of)
 from .decomposers import base as _decomposers
 from .errors import RecipeError
 from .utils import atomic_write_text
@@ -284,12 +285,12 @@ class Recipe(Closed):
         "keep (Zhang et al. 2015: no layer is cut to nothing); `sensitivity` (needs "
         "`calibration`) weighs each layer's error by the measured change of the model's output "
         "when that layer alone is decomposed (first 4 calibration batches).", "spectral")
-    latency: Latency = section(Latency)
-    finetune: Finetune = section(Finetune)
+    latency: Latency = section()
+    finetune: Finetune = section()
     train: Optional[Train] = doc(Train.__doc__, None)
-    evaluate: Evaluate = section(Evaluate)
-    export: Export = section(Export)
-    report: Report = section(Report)
+    evaluate: Evaluate = section()
+    export: Export = section()
+    report: Report = section()
 
     @classmethod
     def not_mapping(cls, v: Any) -> str:
@@ -298,7 +299,7 @@ class Recipe(Closed):
 
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> "Recipe":
-        where = info.context["where"] if info.context else Where()
+        where = where_of(info)
         if not (self.train is not None and self.rules == []):  # a dense train job
             self.rules = _parse_rules(self.rules, self.target is not None, where)
         if self.train is not None:
