@@ -34,7 +34,7 @@ An entry is one of
   before (or without) running it.
 
 The recipe form (``compresscnn compare --recipe FILE``) is a small YAML whose schema lives
-here (:data:`RECIPE_KEYS`)::
+here (:class:`CompareRecipe`, the same typed models as compression recipes)::
 
     title: SqueezeNet vs AlexNet (ImageNet)
     compare: [torchvision:alexnet, {model: torchvision:squeezenet1_1, weights: ...}, ...]
@@ -52,14 +52,18 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from pydantic import BeforeValidator, ValidationError
+
+from .config import (Bool, Closed, Int, ListOf, Nullable, Str, Where, bad, doc, expand_env,
+                     show)
 from .errors import CompressError
 from .progress import timed
-from .recipe import load_yaml
+from .recipe import load_yaml, yaml_lines
 
 __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
            "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
@@ -616,30 +620,47 @@ def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
 # --------------------------------------------------------------------------- recipe form
 
 #: the compare recipe's keys: name -> (check, default, meaning)
-RECIPE_KEYS: dict[str, tuple[str, Any, str]] = {
-    "title": ("str", None, "Title of the table and plot (default: the file's stem)."),
-    "compare": ("list", None, "Required. Entries: model specs, run directories, "
-                "{model, weights, label, data, input_size}, {run, label} or {recipe, weights, label}."),
-    "data": ("mapping or null", None, "A data section, or {dataset: section or path}: data for "
-             "the entries with weights."),
-    "input_size": ("[C, H, W] or null", None, "One input size for every entry (default: each model's)."),
-    "latency_batches": ("list of int > 0", [1, 32], "Batch sizes timed."),
-    "threads": ("int > 0", 2, "CPU threads while timing."),
-    "repeats": ("int > 0", 20, "Timed runs per measurement (the median is reported)."),
-    "quantize": ("bool", True, "Also write and measure the int8 ONNX file."),
-    "onnx": ("bool", True, "Export fp32 ONNX (file size, onnxruntime latency)."),
-    "latency": ("bool", True, "Measure latency."),
-    "default_weights": ("str or null", None, "Weights of spec entries that give none (e.g. "
-                        "DEFAULT: download the published weights)."),
-    "output": ("path", None, "Output folder (default runs/<file stem>), relative to the cwd."),
-}
+def _entries(v: Any) -> list:
+    if not isinstance(v, list) or not v:
+        raise bad(f"expected a non-empty list of entries (model specs, run directories or "
+                  f"mappings), got {show(v)}")
+    return v
+
+
+class CompareRecipe(Closed):
+    """A compare recipe (``compresscnn compare --recipe FILE``)."""
+
+    title: Nullable(Str()) = doc("Title of the table and plot (default: the file's stem).", None)
+    compare: Annotated[list[Any], BeforeValidator(_entries)] = doc(
+        "Entries: model specs, run directories, {model, weights, label, data, input_size}, "
+        "{run, label} or {recipe, weights, label}.")
+    data: Any = doc("A data section, or {dataset: section or path}: data for the entries with "
+                    "weights.", None)
+    input_size: Nullable(ListOf(Int(1), length=3, what="[C, H, W], three ints > 0")) = doc(
+        "One input size for every entry (default: each model's).", None)
+    latency_batches: ListOf(Int(1), min_len=1) = doc("Batch sizes timed.", [1, 32])
+    threads: Int(1) = doc("CPU threads while timing.", 2)
+    repeats: Int(1) = doc("Timed runs per measurement (the median is reported).", 20)
+    quantize: Bool = doc("Also write and measure the int8 ONNX file.", True)
+    onnx: Bool = doc("Export fp32 ONNX (file size, onnxruntime latency).", True)
+    latency: Bool = doc("Measure latency.", True)
+    default_weights: Nullable(Str()) = doc(
+        "Weights of spec entries that give none (e.g. DEFAULT: download the published "
+        "weights).", None)
+    output: Nullable(Str()) = doc("Output folder (default runs/<file stem>), relative to the "
+                                  "cwd.", None)
+
+    @classmethod
+    def not_mapping(cls, v: Any) -> str:
+        return f"expected a mapping with keys {', '.join(cls.model_fields)}, got {show(v)}"
+
+
+RECIPE_KEYS: tuple[str, ...] = tuple(CompareRecipe.model_fields)
 
 
 def _expand(text: str, base: Path | None) -> str:
     """``${VAR}``/``${VAR:-default}`` expanded (compresscnn.recipe's rules), ``~`` expanded; a
     relative path is taken in the recipe's folder if it exists there, else in the cwd."""
-    from .recipe import expand_env
-
     s = os.path.expanduser(expand_env(text))
     if base is not None and not os.path.isabs(s) and (base / s).exists():
         return str((base / s).resolve())
@@ -655,28 +676,18 @@ def load_compare_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise CompareError(f"compare recipe not found: {p}")
     try:
-        _, data = load_yaml(p.read_text(encoding="utf-8"), str(p))
+        node, data = load_yaml(p.read_text(encoding="utf-8"), str(p))
     except yaml.YAMLError as exc:
         raise CompareError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CompareError(f"{p}: cannot read ({exc})") from None
 
-    def fail(key: str, msg: str) -> CompareError:
-        return CompareError(f"{p}: {key}: {msg}")
-
-    if not isinstance(data, dict):
-        raise CompareError(f"{p}: expected a mapping with keys {', '.join(RECIPE_KEYS)}")
-    for k in data:
-        if k not in RECIPE_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(k), RECIPE_KEYS, n=1)
-            raise fail(str(k), "unknown key" + (f" (did you mean {close[0]!r}?)" if close else
-                                                f" (known: {', '.join(RECIPE_KEYS)})"))
-    out = {k: data.get(k, default) for k, (_, default, _) in RECIPE_KEYS.items()}
+    where = Where(source=str(p), lines=yaml_lines(node), kind=CompareError)
+    try:
+        out = CompareRecipe.model_validate(data, context={"where": where}).model_dump()
+    except ValidationError as exc:
+        raise where.error(exc) from None
     base = p.resolve().parent
-    if not isinstance(out["compare"], list) or not out["compare"]:
-        raise fail("compare", "required: a non-empty list of entries")
     entries: list[Any] = []
     for i, e in enumerate(out["compare"]):
         if isinstance(e, str):
@@ -691,7 +702,8 @@ def load_compare_recipe(path: str | os.PathLike) -> dict[str, Any]:
                 e["data"] = {**e["data"], "root": _expand(e["data"]["root"], base)}
             entries.append(e)
         else:
-            raise fail(f"compare[{i}]", f"expected a spec, a path or a mapping, got {e!r}")
+            raise where.fail(("compare", i), "expected a spec, a path or a mapping, got "
+                                             f"{show(e)}")
         try:
             _normalize(entries[-1], i)
         except CompareError as exc:
@@ -705,24 +717,6 @@ def load_compare_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if isinstance(sec.get("root"), str):
             sec["root"] = _expand(sec["root"], base)
     out["data"] = dmap or None
-    for key in ("threads", "repeats"):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise fail(key, f"expected an int > 0, got {v!r}")
-    lb = out["latency_batches"]
-    if not isinstance(lb, list) or not lb or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in lb):
-        raise fail("latency_batches", f"expected a non-empty list of ints > 0, got {lb!r}")
-    for key in ("quantize", "onnx", "latency"):
-        if not isinstance(out[key], bool):
-            raise fail(key, f"expected true or false, got {out[key]!r}")
-    for key in ("title", "default_weights", "output"):
-        if out[key] is not None and not isinstance(out[key], str):
-            raise fail(key, f"expected a string or null, got {out[key]!r}")
-    s = out["input_size"]
-    if s is not None and not (isinstance(s, list) and len(s) == 3 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)):
-        raise fail("input_size", f"expected [C, H, W] (three ints > 0) or null, got {s!r}")
     out["title"] = out["title"] or p.stem
     out["output"] = os.path.expanduser(out["output"] or f"runs/{p.stem}")
     return out

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MEMORY_FORMATS, OPTIMIZERS, SCHEDULES
 from .errors import CheckpointError, CompressError, DataError
 from .models.loaders import check_state_dict, load_torch_file
 from .utils import (
@@ -82,9 +83,6 @@ BEST_NAME = "best.pt"
 LOG_NAME = "finetune_log.csv"
 CHECKPOINT_FORMAT = "compresscnn.finetune/1"
 LOG_COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "lr", "images_per_s")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "linear", "step", "constant")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 # --------------------------------------------------------------------------- loss

@@ -22,8 +22,8 @@ from .decomposers import get_decomposer
 from .decomposers.base import check_weights, layer_cost
 from .errors import DataError, RankError, RecipeError
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
-from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, validate_rules,
-                     validate_target)
+from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, validate_compress,
+                     validate_rules, validate_target)
 
 #: how a global target is spread over layers (see ``plan``)
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
@@ -471,7 +471,16 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     (see :func:`plan` and ``compresscnn.latency``; ``latency`` configures the runtime), and
     the result is checked against the original on that runtime: layers are put back until
     the compressed model is not slower (``plan.latency`` holds the measurements).
+
+    ``rules`` and ``target`` may be dicts or the typed models (``compresscnn.recipe.rule_model``,
+    ``compresscnn.config.Target``); they and the other arguments a recipe also has are
+    validated first, with the recipe's messages.
     """
+    rules, target = validate_compress(
+        rules, target, objective=objective, allocation=allocation, reconstruct=reconstruct,
+        reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
+        fit_through=fit_through, solver=solver, refit_dense=refit_dense,
+        bn_recalibrate=bn_recalibrate)
     if calibration is not None:
         calibration = list(calibration)
     p = planned if planned is not None else plan_compression(

@@ -20,6 +20,7 @@ import compresscnn.decomposers as D
 from compresscnn.decomposers import _numerics as num
 from compresscnn.decomposers import base
 from compresscnn.decomposers.fire import FireModule
+from compresscnn.config import MethodOptions
 from compresscnn.errors import MethodError, RankError
 
 T_GRID = (0.25, 0.5, 0.75, 1.0)
@@ -485,7 +486,7 @@ def test_options_validated():
         D.decompose(layer, "tucker2", 2, hooi="2")
     for name in D.list_decomposers():
         dec = D.get_decomposer(name)
-        assert isinstance(dec.options, dict) and len(dec.rank_names) >= 1
+        assert issubclass(dec.Options, MethodOptions) and len(dec.rank_names) >= 1
 
 
 def test_dtype_device_and_spectra():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compresscnn import config as C
 from compresscnn import recipe as R
 from compresscnn.decomposers import base
 from compresscnn.errors import CompressError, RecipeError
@@ -26,28 +27,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 class _FakeTucker2(base.Decomposer):
     rank_names = ("r_out", "r_in")
-    options = {"hooi": bool}
+
+    class Options(C.MethodOptions):
+        hooi: C.Bool = False
 
 
 class _FakeSVD(base.Decomposer):
     layer_types = ()
     rank_names = ("r",)
-    options = {}
 
 
 class _FakeCP(base.Decomposer):
     rank_names = ("r",)
-    options = {"n_iter": int}
+
+    class Options(C.MethodOptions):
+        n_iter: C.Int() = 10
 
 
 class _FakeSpatial(base.Decomposer):
     rank_names = ("r",)
-    options = {}
 
 
 class _FakeFire(base.Decomposer):
     rank_names = ("s",)
-    options = {"squeeze_ratio": float, "pct3x3": float, "relu": bool}
+
+    class Options(C.MethodOptions):
+        squeeze_ratio: C.Float() = 0.5
+        pct3x3: C.Float() = 0.5
+        relu: C.Bool = False
 
 
 @pytest.fixture(autouse=True)
@@ -659,11 +666,12 @@ def test_validate_rules_for_the_python_api():
 
 def test_options_follow_the_live_registry(fake_registry):
     class _Opt(base.Decomposer):
-        options = {"mode": (str, type(None))}
+        class Options(C.MethodOptions):
+            mode: C.Nullable(C.Str()) = None
     fake_registry["custom"] = _Opt()
     rule = {"match": "*", "method": "custom", "rank": 2, "mode": None}
     assert R.validate_rules([rule])[0]["mode"] is None
-    with pytest.raises(RecipeError, match=r"rules\[0\]\.mode: expected a string or null, got 3"):
+    with pytest.raises(RecipeError, match=r"rules\[0\]\.mode: expected a string, got 3"):
         R.validate_rules([dict(rule, mode=3)])
 
 
@@ -672,13 +680,14 @@ def test_options_follow_the_live_registry(fake_registry):
 def test_reference_mentions_every_key():
     md = R.reference_markdown()
 
-    def walk(sec, prefix=""):
-        for k, f in sec.fields.items():
+    def walk(model, prefix=""):
+        for k, f in model.model_fields.items():
             yield prefix + k
-            if isinstance(f, R.Section):
-                yield from walk(f, prefix + k + ".")
+            sub = C.section_of(f.annotation)
+            if sub is not None and k != "target":
+                yield from walk(sub, prefix + k + ".")
 
-    for key in walk(R.SCHEMA):
+    for key in walk(R.Recipe):
         assert f"`{key}`" in md, key
     for key in R.RULE_KEYS:
         assert f"`{key}`" in md, key

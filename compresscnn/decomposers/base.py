@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from ..config import MethodOptions, first_error, fmt_path
 from ..errors import MethodError, ModelError, RankError
 
 Rank = tuple[int, ...]
@@ -44,8 +46,9 @@ class Decomposer:
     layer_types: tuple[type, ...] = (nn.Conv2d,)
     #: names of the rank components, in order (e.g. ``("r_in", "r_out")``), for messages
     rank_names: tuple[str, ...] = ("r",)
-    #: options ``decompose`` accepts besides ``rank`` (validated by recipes)
-    options: dict[str, type | tuple[type, ...]] = {}
+    #: options ``decompose`` accepts besides ``rank``: their types, defaults and docs (the
+    #: model recipes, ``--set``, the Python API and ``decompose`` all validate them with)
+    Options: type[MethodOptions] = MethodOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         if not isinstance(layer, self.layer_types):
@@ -261,23 +264,14 @@ def check_weights(layer: nn.Module, label: str) -> None:
 # ``decompose`` read the same description and can never disagree.
 # ---------------------------------------------------------------------------------------
 
-def check_options(dec: Decomposer, options: dict[str, Any]) -> None:
-    """Raise :class:`MethodError` for an option ``dec`` does not take or of the wrong type."""
-    for key, value in options.items():
-        if key not in dec.options:
-            known = ", ".join(sorted(dec.options)) or "none"
-            raise MethodError(f"{dec.name} has no option {key!r}; its options: {known}")
-        types = dec.options[key]
-        types = types if isinstance(types, tuple) else (types,)
-        if isinstance(value, bool):
-            ok = bool in types                  # a bool is never an int here
-        elif isinstance(value, int) and float in types:
-            ok = True                           # an int is accepted where a float is
-        else:
-            ok = isinstance(value, types)
-        if not ok:
-            names = "/".join(t.__name__ for t in types)
-            raise MethodError(f"{dec.name} option {key}={value!r}: expected {names}")
+def parse_options(dec: Decomposer, options: dict[str, Any]) -> MethodOptions:
+    """``options`` as ``dec.Options`` (defaults filled); an option ``dec`` does not take or a
+    bad value is a :class:`MethodError` naming the option."""
+    try:
+        return dec.Options.model_validate(options)
+    except ValidationError as e:
+        path, msg = first_error(e)
+        raise MethodError(f"{dec.name} option {fmt_path(path)}: {msg}") from None
 
 
 #: ``F.pad`` mode for each ``nn.Conv2d`` padding_mode

@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options,
+from ..config import Float, Int, MethodOptions, doc
+from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options,
                    register_decomposer, split_axes, work_weight)
 
 
@@ -53,9 +54,18 @@ from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options,
 class CP(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r",)
-    options = {"iters": int, "tol": float, "ridge": (int, float),
-               "max_norm_ratio": (int, float), "seed": int}
-    defaults = {"iters": 100, "tol": 1e-6, "ridge": 1e-4, "max_norm_ratio": 2.0, "seed": 0}
+
+    class Options(MethodOptions):
+        """CP-ALS options."""
+
+        iters: Int(1) = doc("ALS sweeps (at most).", 100)
+        tol: Float(0.0) = doc("Relative change of the fit below which ALS stops.", 1e-6)
+        ridge: Float(0.0) = doc("Tikhonov weight on the unit-norm least-squares problems.",
+                                1e-4)
+        max_norm_ratio: Float(0.0, lo_open=True) = doc(
+            "Degeneracy bound: a fit whose terms' norm exceeds this multiple of the layer's is "
+            "refitted with a larger ridge.", 2.0)
+        seed: Int(0) = doc("Seed of the initialisation's random fill.", 0)
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -130,11 +140,8 @@ class CP(Decomposer):
         return out
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
-        """Options (defaults in ``CP.defaults``): ``iters`` ALS sweeps, ``tol`` relative
-        change to stop, ``ridge`` Tikhonov weight on the unit-norm problem,
-        ``max_norm_ratio`` degeneracy bound, ``seed`` for the init's random fill."""
-        check_options(self, options)
-        opt = {**self.defaults, **options}
+        """Options: :class:`CP.Options`."""
+        opt = parse_options(self, options)
         (r,) = rank
         w = work_weight(layer)
         wn = float(torch.linalg.vector_norm(w))
@@ -146,13 +153,13 @@ class CP(Decomposer):
                       "norm_ratio": float(kept.sqrt()) / wn if wn else 0.0})
         total_iters = 0
         if r < self.max_rank(layer)[0] and wn > 0:
-            ridge = float(opt["ridge"])
+            ridge = opt.ridge
             for _ in range(4):
-                factors, info = num.cp_als(w, self._hosvd_init(w, r, int(opt["seed"])),
-                                           iters=int(opt["iters"]), tol=float(opt["tol"]),
+                factors, info = num.cp_als(w, self._hosvd_init(w, r, opt.seed),
+                                           iters=opt.iters, tol=opt.tol,
                                            ridge=ridge)
                 total_iters += info["iters"]
-                if info["finite"] and info["norm_ratio"] <= float(opt["max_norm_ratio"]):
+                if info["finite"] and info["norm_ratio"] <= opt.max_norm_ratio:
                     if info["rel_error"] < best[1]["rel_error"]:
                         best = (factors, {"rel_error": info["rel_error"],
                                           "norm_ratio": info["norm_ratio"]})

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _numerics as num
-from .base import (F_PAD_MODES, ConvSpec, Decomposer, Rank, check_options, fit_info,
+from ..config import Bool, Float, MethodOptions, Nullable, doc
+from .base import (F_PAD_MODES, ConvSpec, Decomposer, Rank, parse_options, fit_info,
                    padding_pairs, register_decomposer, work_weight)
-from ..errors import MethodError
 
 
 class FireModule(nn.Module):
@@ -102,8 +102,14 @@ class FireModule(nn.Module):
 class Fire(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("s",)
-    options = {"squeeze_ratio": (int, float), "pct3x3": (int, float), "relu": bool}
-    defaults = {"pct3x3": 0.5, "relu": False}
+
+    class Options(MethodOptions):
+        """Fire module options."""
+
+        squeeze_ratio: Nullable(Float(0.0, lo_open=True)) = doc(
+            "Caps the squeeze channels at ceil(squeeze_ratio * C_out); null: no cap.", None)
+        pct3x3: Float(0.0, 1.0) = doc("Share of the expand channels in the 3x3 branch.", 0.5)
+        relu: Bool = doc("A ReLU after the squeeze conv (as in SqueezeNet; not exact).", False)
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -116,14 +122,8 @@ class Fire(Decomposer):
         return None
 
     def _check(self, options: dict[str, Any]) -> tuple[float, bool, float | None]:
-        check_options(self, options)
-        pct = float(options.get("pct3x3", self.defaults["pct3x3"]))
-        if not 0.0 <= pct <= 1.0:
-            raise MethodError(f"fire option pct3x3={pct!r}: must be in [0, 1]")
-        sr = options.get("squeeze_ratio")
-        if sr is not None and not (float(sr) > 0.0):
-            raise MethodError(f"fire option squeeze_ratio={sr!r}: must be > 0")
-        return pct, bool(options.get("relu", self.defaults["relu"])), sr
+        opt = parse_options(self, options)
+        return opt.pct3x3, opt.relu, opt.squeeze_ratio
 
     def max_rank(self, layer: nn.Module, **options: Any) -> Rank:
         _, _, sr = self._check(options)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options, fit_info,
+from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, split_axes, work_weight)
 
 
@@ -42,7 +42,6 @@ from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options, fit_in
 class Spatial(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r",)
-    options: dict = {}
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -92,7 +91,7 @@ class Spatial(Decomposer):
         return [s.square().sum(0).sqrt().to(layer.weight.dtype)]
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
-        check_options(self, options)
+        parse_options(self, options)
         (r,) = rank
         g = layer.groups
         co, ci, kh, kw = layer.weight.shape

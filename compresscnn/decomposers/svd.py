@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options, fit_info,
+from ..config import Bool, Int, MethodOptions, Nullable, doc
+from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, work_weight)
 
 #: above this smaller dimension a truncated rank uses the randomized SVD
@@ -36,7 +37,17 @@ RANDOMIZED_MIN_DIM = 1024
 class SVD(Decomposer):
     layer_types = (nn.Linear, nn.Conv2d)
     rank_names = ("r",)
-    options = {"randomized": bool, "power_iters": int, "oversample": int}
+
+    class Options(MethodOptions):
+        """Truncated SVD options."""
+
+        randomized: Nullable(Bool) = doc(
+            "Use the randomized range finder; null: when the matrix is large and the rank "
+            "small.", None)
+        power_iters: Nullable(Int(0)) = doc("Power iterations of the randomized path; null: "
+                                            "10.", None)
+        oversample: Nullable(Int(0)) = doc("Oversampling of the randomized path; null: "
+                                           "max(20, rank / 2).", None)
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -103,16 +114,15 @@ class SVD(Decomposer):
         return [ev.sqrt().to(layer.weight.dtype)]
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
-        """Options: ``randomized`` (bool; default: automatic), ``power_iters`` and
-        ``oversample`` (ints, for the randomized path)."""
-        check_options(self, options)
+        """Options: :class:`SVD.Options`."""
+        opt = parse_options(self, options)
         (r,) = rank
         a = self._matrix(layer)
         full = r >= min(a.shape)
         auto = min(a.shape) > RANDOMIZED_MIN_DIM and r + max(20, r // 2) < min(a.shape) // 2
-        if options.get("randomized", auto) and not full:
-            u, s, vh = num.randomized_svd(a, r, oversample=options.get("oversample"),
-                                          power_iters=options.get("power_iters"))
+        if (auto if opt.randomized is None else opt.randomized) and not full:
+            u, s, vh = num.randomized_svd(a, r, oversample=opt.oversample,
+                                          power_iters=opt.power_iters)
         else:
             u, s, vh = num.truncated_svd(a, r)
         root = s.sqrt()

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options, fit_info,
+from ..config import Int, MethodOptions, doc
+from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, work_weight)
 
 
@@ -41,7 +42,11 @@ from .base import (ConvSpec, Decomposer, Rank, chain_cost, check_options, fit_in
 class Tucker2(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r_in", "r_out")
-    options = {"hooi": int}
+
+    class Options(MethodOptions):
+        """Tucker-2 options."""
+
+        hooi: Int(0) = doc("At most this many HOOI sweeps from the HOSVD; 0: HOSVD only.", 0)
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -99,8 +104,7 @@ class Tucker2(Decomposer):
         float32 layer); they stop once a sweep gains less than 1e-5 of the captured energy
         and are skipped at full rank. 7 sweeps reach TensorLy's converged ``partial_tucker``
         fit on every VGG-16 conv, 5x faster (``tools/bench_tensorly.py --hooi 7``)."""
-        check_options(self, options)
-        hooi_iters = int(options.get("hooi", 0))
+        hooi_iters = parse_options(self, options).hooi
         r_in, r_out = rank
         full = rank == self.max_rank(layer)
         # HOOI's sweeps only choose subspaces: the layer's own precision is enough for them

@@ -1,0 +1,968 @@
+"""Typed configuration: every recipe section, rule and target as a pydantic v2 model.
+
+One validator for recipes, ``--set`` overrides, the Python API (``compress``, ``decompose``)
+and compare recipes: the models below declare each key's type, default and documentation
+(``recipes/README.md`` is generated from them), and every mapping is closed
+(``extra="forbid"``; an unknown key is an error with a ``difflib`` suggestion).
+
+Values are checked by the small annotated types of this module (:func:`Int`, :func:`Float`,
+:func:`Enum`...). They keep the recipe's conventions (a bool is never an int; a float field
+also reads the numeric strings PyYAML makes of ``5e-4``; non-finite numbers are refused) and
+raise one :class:`pydantic_core.PydanticCustomError` whose message reads after the key path
+(``expected an int > 0, got 0``); :func:`first_error` turns a ``ValidationError`` back into
+``(key path, message)`` for :class:`Where` to place in the file (``(line N)``).
+
+Paths and ``${VAR}`` are resolved while validating, relative to the :class:`Where` passed
+as the validation context (``Model.model_validate(data, context={"where": where})``).
+"""
+
+import difflib
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
+                      ValidationError, ValidationInfo, create_model, model_serializer,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+from .errors import CompressError, RecipeError
+from .models.loaders import SOURCES as MODEL_SOURCES
+
+KeyPath = tuple  # of str (mapping keys) and int (list indices)
+
+
+# --------------------------------------------------------------------------- messages
+
+def fmt_path(path: Sequence[Any]) -> str:
+    """("rules", 2, "rank") -> "rules[2].rank"; () -> "top level"."""
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "top level"
+
+
+def show(v: Any, limit: int = 60) -> str:
+    """A value as the user wrote it (YAML spelling for null/bools), short, on one line."""
+    if v is None:
+        s = "null"
+    elif isinstance(v, bool):
+        s = "true" if v else "false"
+    elif isinstance(v, dict):
+        s = "a mapping " + repr(v) if v else "an empty mapping"
+    elif isinstance(v, (list, tuple)):
+        s = repr(list(v)) if v else "an empty list"
+    else:
+        s = repr(v)
+    s = s.replace("\n", "\\n").replace("\r", "\\r")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def one_line(s: str) -> str:
+    return s.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def suggest(word: Any, choices: Iterable[str]) -> str | None:
+    if not isinstance(word, str):
+        return None
+    m = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def unknown_key(key: str, known: Sequence[str]) -> str:
+    s = suggest(key, known)
+    if s is not None:
+        return f"unknown key (did you mean {s!r}?)"
+    return f"unknown key (known keys: {', '.join(known)})"
+
+
+class Bad(Exception):
+    """Raised by value checks: what is wrong, and where below the checked value."""
+
+    def __init__(self, msg: str, suffix: KeyPath = ()):
+        super().__init__(msg)
+        self.msg = msg
+        self.suffix = tuple(suffix)
+
+
+def bad(msg: str, suffix: KeyPath = ()) -> PydanticCustomError:
+    """The one error type of these models: ``msg`` at the validated value's path + suffix."""
+    return PydanticCustomError("compresscnn", "{msg}", {"msg": msg, "suffix": tuple(suffix)})
+
+
+@dataclass
+class Where:
+    """Where a configuration came from: for messages (source, lines, overrides) and paths."""
+
+    source: str = "<recipe>"
+    base_dir: Path | None = None          # recipe file's folder (relative paths, if they exist)
+    cwd: Path = field(default_factory=Path.cwd)
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    overrides: dict[KeyPath, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    default_name: str = "recipe"
+    kind: type[CompressError] = RecipeError   # the error class a problem is reported as
+
+    def fail(self, path: Sequence[Any], what: str) -> CompressError:
+        path = tuple(path)
+        key = fmt_path(path)
+        suffix = ""
+        for opath, text in self.overrides.items():
+            n = min(len(opath), len(path))
+            if n and opath[:n] == path[:n]:
+                suffix = f" [from --set {text}]"
+                break
+        else:
+            for n in range(len(path), 0, -1):
+                if path[:n] in self.lines:
+                    suffix = f" (line {self.lines[path[:n]]})"
+                    break
+        err = self.kind(one_line(f"{self.source}: {key}: {what}{suffix}"))
+        err.source, err.key = self.source, key  # type: ignore[attr-defined]
+        return err
+
+    def error(self, exc: ValidationError, prefix: KeyPath = ()) -> CompressError:
+        """The first problem of a pydantic ``ValidationError`` as one :class:`RecipeError`."""
+        return self.fail(*first_error(exc, prefix))
+
+
+def where_of(info: ValidationInfo | None) -> Where:
+    ctx = getattr(info, "context", None) or {}
+    return ctx.get("where") or Where()
+
+
+_PYDANTIC_WORDS = {"int_type": "an int", "bool_type": "true or false", "float_type": "a number",
+                   "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+                   "model_type": "a mapping", "model_attributes_type": "a mapping"}
+
+
+def first_error(exc: ValidationError, prefix: KeyPath = ()) -> tuple[KeyPath, str]:
+    """``(key path, message)`` of the first error, below ``prefix``. The tag pydantic inserts
+    into the path of a discriminated union member (``rules[0].tucker2.rank``) is dropped."""
+    e = exc.errors(include_url=False)[0]
+    loc = list(prefix) + list(e["loc"])
+    if len(loc) >= 3 and loc[0] == "rules" and isinstance(loc[1], int):
+        del loc[2]
+    ctx = e.get("ctx") or {}
+    if e["type"] == "compresscnn":
+        return tuple(loc) + tuple(ctx.get("suffix", ())), ctx["msg"]
+    if e["type"] == "missing":
+        return tuple(loc), "required key missing"
+    if e["type"] == "extra_forbidden":
+        return tuple(loc), "unknown key"
+    word = _PYDANTIC_WORDS.get(e["type"])
+    what = f"expected {word}, got {show(e.get('input'))}" if word else e["msg"]
+    return tuple(loc), what
+
+
+# --------------------------------------------------------------------------- value types
+
+@dataclass(frozen=True)
+class Spec:
+    """How a value type reads: ``expected`` after "expected" in messages, ``doc`` in tables."""
+
+    expected: str
+    doc: str
+
+
+def spec_of(annotation: Any, metadata: Sequence[Any] = ()) -> Spec | None:
+    for m in list(metadata) + list(getattr(annotation, "__metadata__", ())):
+        if isinstance(m, Spec):
+            return m
+    return None
+
+
+def _value(py_type: Any, check: Callable[[Any, Where], Any], expected: str, doc: str) -> Any:
+    """An annotated type validated by ``check(value, where)``, which raises :class:`Bad`."""
+
+    def validate(v: Any, info: ValidationInfo) -> Any:
+        try:
+            return check(v, where_of(info))
+        except Bad as e:
+            raise bad(e.msg, e.suffix) from None
+
+    return Annotated[py_type, PlainValidator(validate), Spec(expected, doc)]
+
+
+def _expect(expected: str, v: Any) -> Bad:
+    return Bad(f"expected {expected}, got {show(v)}")
+
+
+_NUM_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def as_float(v: Any) -> float | None:
+    """int/float/numeric string (PyYAML reads ``5e-4`` as a string) -> float; else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Real):  # int, float, numpy scalars (Python API)
+        f = float(v)
+    elif isinstance(v, str) and _NUM_RE.match(v.strip()):
+        f = float(v.strip())
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _bound(lo: float | None, hi: float | None, lo_open: bool = False,
+           hi_open: bool = False) -> str:
+    """" in [0, 1)", " > 0", " >= 18" or ""."""
+    def num(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {num(lo)}"
+    return ""
+
+
+def Int(lo: int | None = None, hi: int | None = None) -> Any:
+    """An int (never a bool) in [lo, hi]."""
+    bound = " > 0" if lo == 1 and hi is None else _bound(lo, hi)
+    expected = f"an int{bound}"
+
+    def check(v: Any, where: Where) -> int:
+        if isinstance(v, bool):
+            raise Bad(f"expected {expected}, got {show(v)} (a boolean)")
+        if not isinstance(v, numbers.Integral) or (lo is not None and v < lo) or (
+                hi is not None and v > hi):
+            raise _expect(expected, v)
+        return int(v)
+
+    return _value(int, check, expected, f"int{bound}")
+
+
+def Float(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+          hi_open: bool = False) -> Any:
+    """A finite real number in a range; ints and numeric strings become floats."""
+    bound = _bound(lo, hi, lo_open, hi_open)
+    expected = f"a number{bound}"
+
+    def check(v: Any, where: Where) -> float:
+        f = as_float(v)
+        if f is None or (lo is not None and (f < lo or (lo_open and f == lo))) or (
+                hi is not None and (f > hi or (hi_open and f == hi))):
+            raise _expect(expected, v)
+        return f
+
+    return _value(float, check, expected, f"float{bound}")
+
+
+def _bool(v: Any, where: Where) -> bool:
+    if not isinstance(v, bool):
+        raise _expect("true or false", v)
+    return v
+
+
+Bool = _value(bool, _bool, "true or false", "bool")
+FRACTION = Float(0.0, 1.0, lo_open=True)
+
+
+def Str(pattern: str | None = None, what: str = "a string", doc: str = "str") -> Any:
+    """A non-blank string, optionally matching ``pattern``."""
+    rx = re.compile(pattern) if pattern else None
+
+    def check(v: Any, where: Where) -> str:
+        if not isinstance(v, str) or not v.strip() or (rx is not None and not rx.match(v)):
+            raise _expect(what, v)
+        return v
+
+    return _value(str, check, what, doc)
+
+
+def Enum(*choices: str, aliases: Mapping[Any, str] | None = None) -> Any:
+    """One of ``choices`` (a near miss is suggested); ``aliases`` map other values to one."""
+    expected = "one of " + ", ".join(repr(c) for c in choices)
+    alias = dict(aliases or {})
+
+    def check(v: Any, where: Where) -> str:
+        for a, target in alias.items():
+            if v is a or (type(v) is type(a) and v == a):
+                return target
+        if isinstance(v, str) and v in choices:
+            return v
+        s = suggest(v, choices)
+        raise Bad(f"expected {expected}, got {show(v)}" + (f" (did you mean {s!r}?)" if s else ""))
+
+    return _value(str, check, expected, " or ".join(f"`{c}`" for c in choices))
+
+
+def Nullable(inner: Any) -> Any:
+    """``inner`` or null (messages are the inner type's)."""
+    s = spec_of(inner)
+    assert s is not None
+    return Annotated[Optional[inner], Spec(f"{s.expected} or null", f"{s.doc} or null")]
+
+
+def ListOf(inner: Any, min_len: int = 0, length: int | None = None,
+           what: str | None = None) -> Any:
+    """A list (a tuple is read as one) of ``inner`` values; an element's error names its index."""
+    s = spec_of(inner)
+    assert s is not None
+    n = f"{length} " if length else ("non-empty " if min_len else "")
+    expected = what or f"a {n}list of {s.doc}"
+
+    def shape(v: Any) -> list:
+        if not isinstance(v, (list, tuple)) or len(v) < min_len or (
+                length is not None and len(v) != length):
+            raise bad(f"expected {expected}, got {show(v)}")
+        return list(v)
+
+    doc = f"list of {length} {s.doc}" if length else f"list of {s.doc}"
+    return Annotated[list[inner], BeforeValidator(shape), Spec(expected, doc)]
+
+
+def _auto_or_int(v: Any, where: Where) -> Any:
+    if v is None or (isinstance(v, str) and v == "auto"):
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise _expect("'auto', null or an int > 0", v)
+    return int(v)
+
+
+AutoOrInt = _value(Any, _auto_or_int, "'auto', null or an int > 0", "`auto`, int > 0 or null")
+
+
+def Patterns(allow_empty: bool) -> Any:
+    """A glob or a list of globs (``fnmatch`` over dotted module names) -> list of str."""
+    expected = ("a glob string or a list of them" if allow_empty
+                else "a glob string or a non-empty list of them")
+
+    def check(v: Any, where: Where) -> list[str]:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or (not v and not allow_empty):
+            raise _expect(expected, v)
+        for i, p in enumerate(v):
+            if not isinstance(p, str) or not p:
+                raise Bad(f"expected a non-empty glob string, got {show(p)}", (i,))
+        return list(v)
+
+    return _value(list[str], check, expected, "str or list of str")
+
+
+# ---- environment variables and paths
+
+_ENV_RE = re.compile(r"\$\{([^}]*)\}")
+_ENV_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.S)
+
+
+def expand_env(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` (default when VAR is unset or empty).
+
+    Nothing else is interpreted (no ``$VAR``, no nesting, no command substitution): a
+    recipe is data, never code. An unset ``${VAR}`` without a default is an error.
+    """
+    env = os.environ if env is None else env
+
+    def sub(m: re.Match) -> str:
+        body = _ENV_BODY.match(m.group(1))
+        if body is None:
+            raise Bad(f"unsupported interpolation {m.group(0)!r} "
+                      "(only ${VAR} and ${VAR:-default} are expanded)")
+        name, default = body.group(1), body.group(2)
+        val = env.get(name)
+        if val:
+            return val
+        if default is not None:
+            return default
+        if val is None:
+            raise Bad(f"environment variable {name!r} is not set "
+                      f"(write ${{{name}:-default}} to give a default)")
+        return val
+
+    if "${" in _ENV_RE.sub("", text):
+        raise Bad(f"unterminated interpolation in {show(text)} "
+                  "(only ${VAR} and ${VAR:-default} are expanded)")
+    return _ENV_RE.sub(sub, text)
+
+
+def resolve_path(text: str, where: Where, recipe_relative: bool) -> str:
+    """Expand env vars and ``~``; make absolute. A relative path is taken relative to the
+    recipe's folder when ``recipe_relative`` and it exists there, else to the cwd."""
+    p = Path(os.path.expanduser(expand_env(text, where.env)))
+    if not p.is_absolute():
+        if recipe_relative and where.base_dir is not None and (where.base_dir / p).exists():
+            p = where.base_dir / p
+        else:
+            p = where.cwd / p
+    return os.path.abspath(p)
+
+
+def PathStr(recipe_relative: bool) -> Any:
+    def check(v: Any, where: Where) -> str:
+        if not isinstance(v, str) or not v.strip():
+            raise _expect("a path string", v)
+        return resolve_path(v, where, recipe_relative)
+
+    return _value(str, check, "a path string", "path")
+
+
+_WEIGHT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar", ".npz", ".onnx")
+_WEIGHTS_EXPECTED = "a weights name like 'DEFAULT' or a path to a weights file"
+
+
+def _weights(v: Any, where: Where) -> str:
+    """A weights enum name (``DEFAULT``, ``IMAGENET1K_V2``...) kept as is, or a path."""
+    if not isinstance(v, str) or not v.strip():
+        raise _expect(_WEIGHTS_EXPECTED, v)
+    text = expand_env(v, where.env)
+    looks_like_path = (
+        "/" in text or "\\" in text or text.startswith((".", "~"))
+        or text.lower().endswith(_WEIGHT_EXTS)
+        or (where.base_dir is not None and (where.base_dir / text).is_file())
+        or (where.cwd / text).is_file()
+    )
+    return resolve_path(text, where, recipe_relative=True) if looks_like_path else text
+
+
+Weights = _value(str, _weights, _WEIGHTS_EXPECTED, "str (name or path)")
+_SPEC_EXPECTED = "a model spec '<source>:<name>' like 'torchvision:resnet18'"
+
+
+def _model_spec(v: Any, where: Where) -> str:
+    """``<source>:<name>`` with a source the model loader has (``compresscnn.models``)."""
+    if not isinstance(v, str) or ":" not in v:
+        raise _expect(_SPEC_EXPECTED, v)
+    src, _, name = v.partition(":")
+    if not name.strip():
+        raise _expect(_SPEC_EXPECTED, v)
+    if src not in MODEL_SOURCES:
+        s = suggest(src, MODEL_SOURCES)
+        hint = f"; did you mean {s!r}?" if s else ""
+        raise Bad(f"unknown model source {src!r} in {v!r} "
+                  f"(known: {', '.join(MODEL_SOURCES)}){hint}")
+    return v
+
+
+ModelSpec = _value(str, _model_spec, _SPEC_EXPECTED,
+                   "str (" + ", ".join(f"`{s}:<n>`" for s in MODEL_SOURCES) + ")")
+_RANK_EXPECTED = "int, list of int, float in (0, 1], 'full' or 'evbmf'"
+
+
+def _rank(v: Any, where: Where) -> Any:
+    if isinstance(v, bool):
+        raise _expect(_RANK_EXPECTED, v)
+    if isinstance(v, str) and v in ("full", "evbmf"):
+        return v
+    if isinstance(v, numbers.Integral):
+        if v < 1:
+            raise Bad(f"expected {_RANK_EXPECTED}, got {v} (an int rank must be >= 1)")
+        return int(v)
+    if isinstance(v, (list, tuple)):
+        if not v:
+            raise _expect(_RANK_EXPECTED, v)
+        for i, r in enumerate(v):
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+                raise Bad(f"expected an int >= 1 in a rank list, got {show(r)}", (i,))
+        return [int(r) for r in v]
+    f = as_float(v)
+    if f is not None and not (isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v)):
+        if 0.0 < f <= 1.0:
+            return f
+        raise Bad(f"expected {_RANK_EXPECTED}, got {show(v)} (a fraction must be in (0, 1])")
+    raise _expect(_RANK_EXPECTED, v)
+
+
+Rank = _value(Any, _rank, _RANK_EXPECTED,
+              "int > 0, list of int > 0, float in (0, 1], `full` or `evbmf`")
+
+
+# --------------------------------------------------------------------------- closed mappings
+
+def doc(text: str, default: Any = ..., default_doc: str | None = None, **kw: Any) -> Any:
+    """A field with its reference text (and how its default reads there, if not plainly)."""
+    extra = {"default_doc": default_doc} if default_doc is not None else None
+    return Field(default, description=" ".join(text.split()), json_schema_extra=extra, **kw)
+
+
+def section() -> Any:
+    """A section that is all defaults when absent (its docs are the model's docstring)."""
+    return Field(default_factory=dict)
+
+
+def section_of(annotation: Any) -> type["Closed"] | None:
+    """The :class:`Closed` model a field holds (through ``Optional``), else None."""
+    args = getattr(annotation, "__args__", None)
+    for t in (annotation, *(args or ())):
+        if isinstance(t, type) and issubclass(t, Closed):
+            return t
+    return None
+
+
+class Closed(BaseModel):
+    """A mapping with a fixed set of keys: anything else is an error naming the key, with a
+    suggestion for a misspelling; a missing required key is named too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @classmethod
+    def not_mapping(cls, v: Any) -> str:
+        keys = ", ".join(cls.model_fields)
+        hint = (" (to turn it off, set its 'enabled: false')"
+                if v is None and "enabled" in cls.model_fields else "")
+        return f"expected a mapping with keys {keys}, got {show(v)}{hint}"
+
+    @classmethod
+    def check_mapping(cls, v: dict, info: ValidationInfo) -> dict:
+        """Further checks on the raw mapping, once its keys are known to be valid."""
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _closed(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, cls):
+            return v
+        if not isinstance(v, dict):
+            raise bad(cls.not_mapping(v))
+        known = list(cls.model_fields)
+        for k in v:
+            if not isinstance(k, str):
+                raise bad(f"key {show(k)}: keys must be strings")
+            if k not in known:
+                raise bad(unknown_key(k, known), (k,))
+        for k, f in cls.model_fields.items():
+            if f.is_required() and k not in v:
+                sub = section_of(f.annotation)
+                raise bad("required key missing" if sub is None else
+                          f"required section missing (it needs {sub.required_keys()})", (k,))
+        return cls.check_mapping(v, info)
+
+    @classmethod
+    def required_keys(cls) -> str:
+        req = [k for k, f in cls.model_fields.items() if f.is_required()]
+        return ", ".join(repr(k) for k in req) or "a mapping"
+
+
+# --------------------------------------------------------------------------- methods, rules
+
+class MethodOptions(Closed):
+    """The options a decomposition method takes besides its rank (written flat in a rule).
+    Each decomposer declares its own subclass as ``Decomposer.Options``."""
+
+
+#: at most one of these per rule (none only when a global ``target`` is set)
+POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
+
+
+class RuleBase(Closed):
+    """Which layers get which method and rank; the method's options sit flat beside these
+    keys (each method's rule model adds its ``Options``)."""
+
+    #: the method's rank components (set on each method's rule model)
+    rank_names: ClassVar[tuple[str, ...]] = ()
+
+    match: Patterns(allow_empty=False) = doc(
+        "Layers to factorize: `fnmatch` glob(s) over dotted module names "
+        "(`layer*.*.conv2`, `features.*`).")
+    exclude: Patterns(allow_empty=True) = doc("Glob(s) of module names this rule leaves alone.",
+                                              [])
+    method: Str() = doc("A registered decomposition method: `tucker2`, `cp`, `spatial`, `svd` "
+                        "(Linear), `fire`.")
+    rank: Nullable(Rank) = doc(
+        "An int: the same rank for every component; a list: one int per component (as many "
+        "as the method has, in its order, e.g. `[r_in, r_out]` for tucker2); a float: the "
+        "fraction of the layer's parameters kept (`1` is rank 1, `1.0` keeps everything); "
+        "`full`: exact; `evbmf`: chosen by EVBMF.", None)
+    energy: Nullable(FRACTION) = doc(
+        "Keep the smallest rank whose singular values hold this fraction of the squared "
+        "spectrum.", None)
+    macs: Nullable(FRACTION) = doc("Fraction of this layer's MACs to keep.", None)
+    params: Nullable(FRACTION) = doc(
+        "Fraction of this layer's parameters to keep (same as a float `rank`).", None)
+    round_to: Int(1) = doc("Round ranks to multiples of this where it costs little "
+                           "(hardware-friendly channel counts); 1 turns rounding off.", 8)
+    objective: Nullable(Enum("macs", "latency")) = doc(
+        "`latency`: time this rule's layers and candidate ranks on the `latency` section's "
+        "runtime and keep only decompositions measurably faster than the dense layer (a layer "
+        "where none is stays dense); null/`macs`: plan on MAC counts. A `latency` target "
+        "implies it.", None)
+
+    @model_validator(mode="after")
+    def _policy(self, info: ValidationInfo) -> "RuleBase":
+        given = [k for k in POLICY_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise bad(f"give at most one of {', '.join(POLICY_KEYS)} "
+                      f"(got {' and '.join(given)})")
+        # a rule built directly (no context) may leave its policy to a target given later
+        if not given and info.context is not None and not info.context.get("has_target"):
+            raise bad(f"give one of {', '.join(POLICY_KEYS)} "
+                      "(or a global 'target' to let the budget choose)")
+        names = self.rank_names
+        if isinstance(self.rank, list) and names and len(self.rank) != len(names):
+            raise bad(f"method {self.method} takes {len(names)} rank(s) ({', '.join(names)}), "
+                      f"got {len(self.rank)}: {self.rank}", ("rank",))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """Every rule key, then the method options that were given (in that order)."""
+        d = handler(self)
+        out = {k: d[k] for k in RuleBase.model_fields}
+        out.update({k: d[k] for k in d if k not in out and k in self.model_fields_set})
+        return out
+
+    def options(self) -> dict[str, Any]:
+        """The method options that were given."""
+        return {k: v for k, v in self.model_dump().items() if k not in RuleBase.model_fields}
+
+
+RULE_KEYS: tuple[str, ...] = tuple(RuleBase.model_fields)
+TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
+
+
+class Target(Closed):
+    """Global budget: exactly one of `macs`, `params`, `latency`, the fraction (in (0, 1]) of
+    the whole model's cost to keep."""
+
+    macs: Nullable(FRACTION) = doc("multiply-accumulates of one forward pass", None)
+    params: Nullable(FRACTION) = doc("parameters", None)
+    latency: Nullable(FRACTION) = doc("measured latency on the `latency` section's runtime", None)
+
+    @classmethod
+    def not_mapping(cls, v: Any) -> str:
+        return ("expected null or a mapping with one of macs, params, latency "
+                f"(e.g. {{macs: 0.5}}), got {show(v)}")
+
+    @classmethod
+    def check_mapping(cls, v: dict, info: ValidationInfo) -> dict:
+        if len(v) != 1:
+            got = " and ".join(v) if v else "none"
+            raise bad(f"give exactly one of macs, params, latency (got {got})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, float]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+# --------------------------------------------------------------------------- sections
+
+#: what data-aware reconstruction matches (``calibration.following_ops``)
+FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
+#: how data-aware reconstruction fits each layer (``compresscnn.response``)
+SOLVERS: tuple[str, ...] = ("closed_form", "adam")
+#: learning-rate schedules of the training loop (``compresscnn.finetune``)
+SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "linear", "constant", "step")
+#: optimizers and memory formats of the training loop
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
+ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity")
+_NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
+            doc="str")
+
+
+class ModelSection(Closed):
+    """The pretrained model to compress."""
+
+    spec: ModelSpec = doc("Which model: `<source>:<name>`.")
+    weights: Nullable(Weights) = doc(
+        "Pretrained weights: an enum name such as `DEFAULT` or `IMAGENET1K_V2` (the source's "
+        "published weights), or a path to a weights file (a *path*). null: random "
+        "initialisation (no weights; what a `train` job starts from).", None)
+    input_size: Nullable(ListOf(Int(1), length=3, what="[C, H, W], three ints > 0")) = doc(
+        "`[C, H, W]` of one input; null: from the model's `pretrained_cfg` / dataset. The data "
+        "is fed at this size.", None)
+    num_classes: Nullable(Int(1)) = doc(
+        "Replace the model's classifier head by a new, randomly initialised one with this many "
+        "classes when the model has another number (e.g. 10 to fine-tune an ImageNet model on "
+        "CIFAR-10; then `finetune.distill.enabled: false`, as the original's new head is "
+        "untrained). A model whose classes differ from the data's is refused without it.", None)
+
+
+def _source_model(name: str, text: str, split: str) -> type[Closed]:
+    """A ``data`` source with its own root, split and subset (``train``, ``eval``)."""
+    return create_model(
+        name, __base__=Closed, __doc__=text,
+        root=(Nullable(PathStr(recipe_relative=True)),
+              doc("Folder or archive (a *path*); null: `data.root`.", None)),
+        split=(Str(), doc("Split sub-folder to read (a root without split folders is read "
+                          "whole).", split)),
+        subset=(Nullable(Int(1)), doc("Use only this many images (class-stratified, seeded).",
+                                      None)))
+
+
+TrainSource = _source_model("TrainSource", "The fine-tuning source.", "train")
+EvalSource = _source_model("EvalSource", "The evaluation source (baseline, zero-shot and "
+                                         "fine-tuned accuracy).", "test")
+
+
+class CalibrationSource(Closed):
+    """The source of the calibration batches (the top-level `calibration` section)."""
+
+    root: Nullable(PathStr(recipe_relative=True)) = doc(
+        "Folder or archive (a *path*); null: the `train` source's.", None)
+    split: Nullable(Str()) = doc("Split sub-folder; null: the `train` source's.", None)
+
+
+#: old flat ``data`` keys -> (source, key) of the new spelling; read and folded into it
+LEGACY_DATA_KEYS: dict[str, tuple[str, str]] = {
+    "train_root": ("train", "root"), "test_root": ("eval", "root"),
+    "train_split": ("train", "split"), "test_split": ("eval", "split"),
+    "train_subset": ("train", "subset"), "test_subset": ("eval", "subset"),
+}
+_LEGACY_TYPES = {"root": Nullable(PathStr(recipe_relative=True)), "split": Nullable(Str()),
+                 "subset": Nullable(Int(1))}
+
+
+class _DataBase(Closed):
+    """Where the images come from and how they reach the model. Three sources: `train`
+    (fine-tuning), `calibration` (data-aware decomposition; by default the `train` source)
+    and `eval` (every accuracy in the report). A run never trains or calibrates on the images
+    it evaluates on: when a source shares images with `eval` (e.g. one archive without split
+    folders serves both), fine-tuning and calibration are refused unless
+    `allow_eval_overlap` is true. Required when `finetune.enabled`, `evaluate.baseline` or
+    `evaluate.zero_shot` is true or `calibration` is set."""
+
+    dataset: Enum("cifar10", "imagenet", "fashion_mnist") = doc(
+        "Which dataset format (and label space: 10, 1000 and 10 classes).")
+    root: Nullable(PathStr(recipe_relative=True)) = doc(
+        "Folder (or archive) of every source that names no root of its own (a *path*): a "
+        "source reads its split's sub-folder when the root has split folders, else the whole "
+        "root. null: `download_dir`.", None)
+    train: TrainSource = section()
+    calibration: CalibrationSource = section()
+    eval: EvalSource = section()
+    allow_eval_overlap: Bool = doc(
+        "Let fine-tuning and calibration use images of the `eval` source. The report then says "
+        "so in its first lines: its accuracies are not held-out measurements.", False)
+    download: Bool = doc("Download the dataset if it is missing (CIFAR-10 and Fashion-MNIST "
+                         "only).", False)
+    download_dir: PathStr(recipe_relative=False) = doc(
+        "Where downloads go; `~` and `${VAR}` are expanded, a relative path is relative to the "
+        "current working directory.", "~/.cache/compresscnn")
+    batch_size: Int(1) = doc("Training batch size.", 128)
+    eval_batch_size: Int(1) = doc("Evaluation batch size.", 256)
+    workers: Int(0) = doc("DataLoader worker processes (0: load in the main process).", 0)
+    augment: Bool = doc("Random crop/flip augmentation while fine-tuning.", True)
+    resize: AutoOrInt = doc(
+        "`auto`: an image already at the model's input size is fed as it is; a larger one is "
+        "scaled to cover the input size times the model's resize/crop ratio (256/224 for "
+        "torchvision's ImageNet models), then cropped; a smaller one is refused (give an int "
+        "to upsample). An int: resize the shorter side to it. null: no resize.", "auto")
+    crop: AutoOrInt = doc(
+        "Center (eval) / random (train) crop size; `auto`: the model's input size "
+        "(`model.input_size`, else the model's own); null: no crop. Whatever resize and crop "
+        "say, an image that would reach the model at another size than its input size is "
+        "refused.", "auto")
+
+    @model_validator(mode="after")
+    def _fold_legacy(self) -> "_DataBase":
+        """Move the old flat keys (``test_split``...) into their source sections, so the
+        resolved recipe has one spelling; giving both spellings of one key is an error."""
+        for old, (role, key) in LEGACY_DATA_KEYS.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            src = getattr(self, role)
+            if key in src.model_fields_set:
+                raise bad(f"give data.{role}.{key} or its old spelling data.{old}, not both",
+                          (old,))
+            setattr(src, key, value)
+            setattr(self, old, None)
+        return self
+
+
+Data = create_model("Data", __base__=_DataBase, __doc__=_DataBase.__doc__, **{
+    old: (_LEGACY_TYPES[key], doc(f"Old spelling of `data.{role}.{key}`: still read, written "
+                                  "back as the new key.", None, exclude=True))
+    for old, (role, key) in LEGACY_DATA_KEYS.items()})
+
+
+class Calibration(Closed):
+    """Data-aware decomposition: calibration batches from the `data.calibration` source (no
+    augmentation) on which each replaced layer is fitted to the original layer's output
+    (and, optionally, BatchNorm statistics are re-estimated). null or absent: off
+    (data-free); `{}`: on with the defaults."""
+
+    batches: Int(1) = doc("Number of calibration batches.", 8)
+    batch_size: Int(1) = doc("Calibration batch size.", 64)
+    reconstruct: Bool = doc(
+        "Fit each replacement to the original layer's output on the compressed model's own "
+        "input (asymmetric response reconstruction, Zhang et al. 2015), layer by layer.", True)
+    solver: Enum(*SOLVERS) = doc(
+        "How `reconstruct` fits a layer. `closed_form`: from the second moments of the layer's "
+        "input patches, accumulated in one pass: the last factor of each decomposition (a "
+        "dense layer or an SVD pair as a whole) by least squares, then all its factors jointly "
+        "on the same quadratic form (L-BFGS, no further passes over the data), and where a "
+        "ReLU follows, Zhang et al. 2015's alternation on a sample of positions; each stops "
+        "once its loss changes by less than 0.1%. `adam`: `steps` Adam steps per layer on all "
+        "its factors, one batch per step (the earlier fit). Fire modules use `adam` either "
+        "way.", "closed_form")
+    steps: Int(1) = doc("Adam steps per layer for `reconstruct` with `solver: adam`.", 300)
+    lr: Float(0.0, lo_open=True) = doc(
+        "Adam learning rate for `reconstruct` with `solver: adam`.", 3e-3)
+    fit_through: Enum(*FIT_THROUGH) = doc(
+        "What `reconstruct` matches: `layer`: the layer's own output; `bn`: the output after "
+        "the BatchNorm that alone consumes it; `activation`: after that BatchNorm and/or ReLU "
+        "(Zhang et al. 2015's nonlinear reconstruction). Found on a torch.fx trace; a layer "
+        "followed by anything else is fitted on its own output.", "activation")
+    refit_dense: Bool = doc(
+        "Also fit the Conv/Linear layers left dense that run after a replaced one (same "
+        "objective, in execution order): they see the compressed model's inputs and absorb "
+        "part of the error.", False)
+    bn_recalibrate: Bool = doc(
+        "Re-estimate BatchNorm running statistics on the calibration batches after the layers "
+        "are replaced. Off by default: after `reconstruct` the layers already reproduce the "
+        "outputs the original statistics were estimated on, and re-estimating them from a few "
+        "batches cost ResNet-20 1.7 points (BENCHMARKS.md); useful with `reconstruct: false`.",
+        False)
+
+
+class Latency(Closed):
+    """How latency-aware planning (`objective: latency` rules, a `latency` target) times
+    layers, and the runtime the result must not be slower on."""
+
+    runtime: Enum("onnxruntime", "torch") = doc(
+        "Runtime to plan for: onnxruntime CPU, or PyTorch eager.", "onnxruntime")
+    threads: Int(1) = doc("Intra-op threads while timing.", 1)
+    batch: Int(1) = doc("Batch size the model will serve.", 1)
+    rounds: Int(1) = doc("Interleaved timing rounds per layer.", 5)
+    margin: Float(0.0, 1.0, hi_open=True) = doc(
+        "A candidate must be at least this fraction faster than the dense layer to be used.",
+        0.03)
+    max_candidates: Int(1) = doc("Candidate ranks timed per layer.", 8)
+
+
+def _training_fields(*, lr: float, epochs: int, what: str) -> dict[str, Any]:
+    """The optimisation keys ``finetune`` and ``train`` share (the same training loop)."""
+    return {
+        "epochs": (Int(0), doc("Epochs over the training split.", epochs)),
+        "max_steps": (Nullable(Int(1)), doc("Stop after this many optimizer steps (short runs, "
+                                            "tests).", None)),
+        "optimizer": (Enum(*OPTIMIZERS), doc("Optimizer.", "sgd")),
+        "lr": (Float(0.0, lo_open=True), doc(
+            f"Peak learning rate of {what} at `lr_batch` images per step; scaled linearly to "
+            "the real (global) batch size.", lr)),
+        "lr_batch": (Int(1), doc("The batch size `lr` is given for.", 128)),
+        "momentum": (Float(0.0), doc("SGD momentum (AdamW: beta1).", 0.9)),
+        "weight_decay": (Float(0.0), doc("Weight decay (not on biases and norms).", 5.0e-4)),
+        "schedule": (Enum(*SCHEDULES), doc(
+            "Learning-rate schedule after warm-up (`onecycle`: linear up to the peak at 30% of "
+            "the steps, then down to 0).", "cosine")),
+        "warmup_steps": (Int(0), doc("Linear warm-up steps.", 0)),
+        "label_smoothing": (Float(0.0, 1.0), doc("Label smoothing of the cross-entropy.", 0.0)),
+        "mixup": (Float(0.0), doc("mixup Beta(a, a) parameter; 0: off.", 0.0)),
+        "cutout": (Int(0), doc("Cutout square side in pixels; 0: off.", 0)),
+        "clip_grad_norm": (Nullable(Float(0.0, lo_open=True)), doc(
+            "Clip the gradients' global L2 norm to this; null: off.", None)),
+        "keep": (Enum("last", "best"), doc(
+            "Weights to keep: `last`, or `best` by top-1 on `holdout` training images scored "
+            "after every epoch (never on the test split).", "last")),
+        "holdout": (Int(0), doc("Training images held out of training to score epochs (`keep: "
+                                "best`); 0: none.", 0)),
+        "device": (Enum("auto", "cpu", "cuda"), doc("`auto`: CUDA when available, else CPU.",
+                                                    "auto")),
+        "amp": (Enum("auto", "off", "bf16", "fp16", aliases={False: "off"}), doc(
+            "Mixed precision; `auto`: bf16 on GPUs that support it and on CPUs that compute "
+            "bf16 in hardware (AVX512-BF16 or AMX, as torch reports), fp16 on older GPUs, off "
+            "elsewhere. YAML reads a bare `off` as false, which is accepted as `off`.", "auto")),
+        "memory_format": (Enum(*MEMORY_FORMATS), doc(
+            "`auto`: channels_last for conv nets.", "auto")),
+        "compile": (Bool, doc("Run the forward pass through `torch.compile`.", False)),
+        "checkpoint_every": (Nullable(Int(1)), doc(
+            "Also checkpoint every this many steps (a checkpoint is always written at the end "
+            "of each epoch).", None)),
+        "log_every": (Int(1), doc("Log the loss every this many steps.", 50)),
+    }
+
+
+class Distill(Closed):
+    """Knowledge distillation from the original model."""
+
+    enabled: Bool = doc("Distil from the uncompressed model.", True)
+    temperature: Float(0.0, lo_open=True) = doc("Softmax temperature.", 4.0)
+    alpha: Float(0.0, 1.0) = doc("Weight of the KD term; `1 - alpha` weighs cross-entropy.", 0.9)
+
+
+Finetune = create_model(
+    "Finetune", __base__=Closed,
+    __doc__="Fine-tuning of the compressed model, distilled from the original.",
+    enabled=(Bool, doc("Fine-tune after decomposition.", True)),
+    **_training_fields(lr=0.01, epochs=1, what="fine-tuning"),
+    distill=(Distill, section()))
+
+class Switch(Closed):
+    """Cuttlefish (Wang et al. 2023): train the model *dense*, measure the stable rank of
+    every layer the `rules` take after each epoch, and once they have all settled (or at the
+    end of `max_epochs`) factorize the trained weights at the scaled stable ranks and train
+    the factorized model for the rest of `epochs`. The rules choose layers, methods and
+    options; their rank policies and `target` are not used. The dense phase follows the
+    schedule of the whole `epochs` budget up to the switch; the factorized phase restarts the
+    schedule (warm-up included) over the remaining epochs, with the same optimizer settings.
+    Needs `epochs` >= 2; not with `max_steps` or `init: spectral`. null or absent: off."""
+
+    window: Int(2) = doc(
+        "A layer has settled when the slope of its smoothed stable-rank trace, averaged over "
+        "the last `window` epochs, is at most `tol` (never before `window` + 1 epochs).", 15)
+    tol: Float(0.0, lo_open=True) = doc(
+        "Largest mean slope (rank units per epoch) of a settled layer.", 0.1)
+    max_epochs: Nullable(Int(1)) = doc(
+        "Switch at the end of this epoch at the latest, settled or not (short budgets); "
+        "null: `epochs` - 1.", None)
+    min_fraction: Float(0.0, 1.0) = doc(
+        "Lower bound of each rank as a fraction of the layer's full rank (Cuttlefish's "
+        "ImageNet runs: 0.2).", 0.0)
+
+
+Train = create_model(
+    "Train", __base__=Closed,
+    __doc__="Training from random initialisation instead of compressing pretrained weights "
+            "(`model.weights` must be null). With `rules`, the matched layers are factorized "
+            "*before* training (ranks from the rules / `target`, module structures of the "
+            "decomposers); `rules: []` trains the dense model. null or absent: compress a "
+            "pretrained model.",
+    **_training_fields(lr=0.1, epochs=30, what="training"),
+    init=(Enum("kaiming", "spectral"), doc(
+        "Initialisation of factorized layers: `kaiming`: every factor Kaiming-normal, scaled "
+        "so the chain's output variance matches a dense Kaiming layer; `spectral`: the best "
+        "low-rank approximation of a dense Kaiming init (Khodak et al. 2021).", "kaiming")),
+    semi_orthogonal=(Nullable(Int(1)), doc(
+        "Every this many steps, pull one factor of each factorized layer towards a scaled "
+        "semi-orthogonal matrix (Povey et al. 2018); null: off.", None)),
+    frobenius_decay=(Float(0.0), doc(
+        "Weight of the Frobenius norm of each factorized layer's product (Khodak et al. 2021) "
+        "added to the loss; 0: off.", 0.0)),
+    switch=(Optional[Switch], doc(Switch.__doc__, None)))
+
+
+class Evaluate(Closed):
+    """Accuracy (and agreement with the original model) on the test split. Evaluation is on
+    when `baseline` or `zero_shot` is true; the fine-tuned model is evaluated whenever it is
+    fine-tuned."""
+
+    baseline: Bool = doc("Evaluate the original model.", True)
+    zero_shot: Bool = doc("Evaluate right after decomposition, before fine-tuning.", True)
+    max_batches: Nullable(Int(1)) = doc("Evaluate on at most this many batches.", None)
+
+
+class Export(Closed):
+    """ONNX export of the compressed model."""
+
+    onnx: Bool = doc("Export to ONNX and check it in onnxruntime.", True)
+    opset: Int(18) = doc("ONNX opset (the dynamo exporter needs >= 18).", 18)
+    dynamic_batch: Bool = doc("Make the batch dimension dynamic.", True)
+    atol: Float(0.0, lo_open=True) = doc(
+        "Largest allowed max-abs difference between onnxruntime and PyTorch outputs.", 1.0e-3)
+    verify: ListOf(Enum("onnxruntime", "openvino", "opencv"), min_len=1) = doc(
+        "Runtimes that run the exported file (CPU, float32) on the same random inputs as "
+        "PyTorch; each must agree within `atol`, and each one's max abs difference goes into "
+        "the report. onnxruntime always runs; `openvino` and `opencv` (OpenCV DNN) need the "
+        "`runtimes` extra (`pip install 'compresscnn[runtimes]'`).", ["onnxruntime"])
+
+
+class Report(Closed):
+    """report.json / report.md / plots."""
+
+    latency: Bool = doc("Measure latency (PyTorch and onnxruntime).", True)
+    latency_batch: ListOf(Int(1), min_len=1) = doc("Batch sizes to time.", [1, 8])
+    threads: Int(1) = doc("CPU threads while timing.", 1)
+    plots: Bool = doc("Write plots (matplotlib).", True)
