@@ -495,6 +495,20 @@ def run(recipe: dict[str, Any], *, out: str | Path | None = None, dry_run: bool 
         rundir.release()
 
 
+def _compress_stage(recipe: dict[str, Any], model: nn.Module, p: Plan, batches: Any,
+                    pcfg: dict[str, Any], input_size: tuple[int, ...],
+                    timings: dict[str, float], quiet: bool) -> tuple[nn.Module, Plan]:
+    """The planned compression, fitted on the recipe's calibration batches."""
+    if batches is None:
+        batches = _calibration(recipe, pcfg)
+    n_fit = sum(1 for r in p.replacements if r.applied)
+    with timed(timings, "compress", f"{n_fit} layers"
+               + (f", fitted on {len(batches)} calibration batches" if batches else ""),
+               quiet=quiet):
+        return compress(model, recipe["rules"], input_size, calibration=batches, planned=p,
+                        **_compress_options(recipe))
+
+
 def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
          overwrite: bool, quiet: bool, recipe_path: str | None,
          distributed: bool) -> dict[str, Any]:
@@ -536,9 +550,10 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                                   "processes would measure different plans. Run it once "
                                   "without torchrun, then fine-tune its run directory's "
                                   "recipe.yaml (exact ranks) with torchrun")
+            batches, p = None, None
             if train_cfg is not None:
                 student, p = _build_untrained(recipe, model, input_size)
-            else:
+            elif recipe["rules"]:
                 # sensitivity allocation measures layers on calibration batches to plan
                 batches = (_calibration(recipe, pcfg)
                            if recipe.get("allocation") == "sensitivity" else None)
@@ -602,18 +617,15 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
             stage("baseline", model, base_count, None)
         else:
             report["baseline"] = {**base_count, "top1": None, "top5": None}
-        if batches is None:
-            batches = _calibration(recipe, pcfg)
-        n_fit = sum(1 for r in p.replacements if r.applied)
-        with timed(timings, "compress", f"{n_fit} layers"
-                   + (f", fitted on {len(batches)} calibration batches" if batches else ""),
-                   quiet=quiet):
-            compressed, p = compress(model, recipe["rules"], input_size, calibration=batches,
-                                     planned=p, **opts)
-        report["bn_recalibrated_layers"] = p.bn_recalibrated
-        if p.calibration is not None:
+        if p is None:  # `rules: []`: the dense model, fine-tuned as a compressed one would be
+            compressed = copy.deepcopy(model)
+        else:
+            compressed, p = _compress_stage(recipe, model, p, batches, pcfg, input_size,
+                                            timings, quiet)
+            report["bn_recalibrated_layers"] = p.bn_recalibrated
+        if p is not None and p.calibration is not None:
             report["calibration"] = p.calibration
-        if p.latency_check is not None:
+        if p is not None and p.latency_check is not None:
             chk = p.latency_check
             _log(f"[latency_check] {p.latency_config.runtime}: original "
                  f"{chk['original_ms']:.3g} ms, compressed {chk['compressed_ms']:.3g} ms"

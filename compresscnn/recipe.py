@@ -300,7 +300,7 @@ class Recipe(Closed):
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> "Recipe":
         where = where_of(info)
-        if not (self.train is not None and self.rules == []):  # a dense train job
+        if not (self.rules == [] and self._dense_job()):
             self.rules = _parse_rules(self.rules, self.target is not None, where)
         if self.train is not None:
             self._check_train_job()
@@ -318,6 +318,13 @@ class Recipe(Closed):
                     raise bad(f"required because {fmt_path(key)} is on (add a data section, "
                               f"or {how})", ("data",))
         return self
+
+    def _dense_job(self) -> bool:
+        """``rules: []``: a train job training the dense model, or the dense model fine-tuned
+        the same way as a compressed one would be (the reference for "after fine-tuning")."""
+        if self.train is not None:
+            return True
+        return (self.finetune.enabled and self.target is None and self.calibration is None)
 
     def _check_train_job(self) -> None:
         """A ``train`` job starts from random weights and has no teacher or calibration."""

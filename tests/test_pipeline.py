@@ -90,3 +90,36 @@ def test_demo_recipe_dry_run(capsys):
         pytest.skip("Fashion-MNIST (Debian's dataset-fashion-mnist) is not installed")
     assert main(["run", str(REPO / "recipes" / "demo.yaml"), "--dry-run"]) == 0
     assert "fc1" in capsys.readouterr().out
+
+
+@pytest.mark.shared
+def test_dense_reference_is_fine_tuned_like_a_compressed_model(resnet20_recipe, shared_data,
+                                                               tmp_path, monkeypatch):
+    """`rules: []` (no target, no calibration): the uncompressed model given the same
+    fine-tuning, the fair reference for "after fine-tuning" figures."""
+    monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
+    out = tmp_path / "dense"
+    assert main(["run", str(resnet20_recipe), "--out", str(out), "--quiet",
+                 "--set", "rules=[]", "--set", "target=null", "--set", "calibration=null",
+                 "--set", "data.test_subset=500", "--set", "data.train_subset=256",
+                 "--set", "finetune.max_steps=2", "--set", "report.latency=false",
+                 "--set", "export.onnx=false"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["layers"] == [] and rep["compressed"]["params"] == rep["baseline"]["params"]
+    assert rep["compressed"]["agreement"] == 100.0 and rep["finetuned"]["top1"] is not None
+    assert load_compressed(out) is not None
+
+
+@pytest.mark.parametrize("extra", [["--set", "target.macs=0.5"],
+                                   ["--set", "calibration={batches: 2}"],
+                                   ["--set", "finetune.enabled=false"]])
+def test_empty_rules_need_a_dense_job(tmp_path, capsys, extra):
+    """`rules: []` only where nothing would be compressed: a budget, a calibration section or
+    no fine-tuning make it a one-line error."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {spec: 'cifar:resnet20', weights: null}\n"
+                      "data: {dataset: cifar10, root: .}\nrules: []\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "o"), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rules" in err[0] and "at least one rule" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

@@ -232,7 +232,8 @@ BAD = [
      "rules[0]", "give at most one of rank, energy, macs, params (got rank and energy)"),
     ("no-policy-no-target", RULE_HEAD + "  - {match: '*', method: svd}\n", "rules[0]",
      "give one of rank, energy, macs, params (or a global 'target'"),
-    ("empty-rules", "model: {spec: 'cifar:resnet20'}\ndata: {dataset: cifar10}\nrules: []\n",
+    ("empty-rules", "model: {spec: 'cifar:resnet20'}\ndata: {dataset: cifar10}\nrules: []\n"
+                    "finetune: {enabled: false}\n",
      "rules", "expected at least one rule"),
     ("rules-mapping", "model: {spec: 'cifar:resnet20'}\ndata: {dataset: cifar10}\n"
                       "rules: {match: '*'}\n", "rules", "expected a list of rules"),

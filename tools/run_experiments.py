@@ -54,6 +54,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_spatial_2x": (R20, ["rules.0.method=spatial", "finetune.enabled=false"]),
     "resnet20_tucker2_2x": (R20, ["rules.0.method=tucker2", "finetune.enabled=false"]),
     "resnet56_cp_2x": (R56, []),
+    "resnet20_dense_1ep": (R20, ["rules=[]", "target=null", "calibration=null"]),
+    "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
+    "demo": ("recipes/demo.yaml", []),
 }
 
 
