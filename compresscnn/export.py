@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import CompressError
 from .folding import fold_for_export
+from .nn_utils import eval_mode, example_input
 from .utils import atomic_path
 
 __all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
@@ -50,20 +51,17 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-def _cpu_float_model(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The model on CPU in float32, copied only when it is not already there.
-
-    Returns ``(model, copied)``. The caller's model is never moved or cast.
-    """
+def _cpu_float_model(model: nn.Module) -> nn.Module:
+    """The model on CPU in float32, copied only when it is not already there (the caller's
+    model is never moved or cast)."""
     tensors = list(model.parameters()) + list(model.buffers())
     needs_copy = any(
         t.device.type != "cpu" or (t.is_floating_point() and t.dtype != torch.float32)
         for t in tensors
     )
     if not needs_copy:
-        return model, False
-    clone = copy.deepcopy(model)
-    return clone.to(device="cpu", dtype=torch.float32), True
+        return model
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
 
 
 def _flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -317,16 +315,14 @@ def export_onnx(
     runtimes = list(dict.fromkeys(["onnxruntime", *([verify] if isinstance(verify, str)
                                                     else verify)]))
     check_runtimes(runtimes)
-    cpu_model, copied = _cpu_float_model(model)
-    was_training = cpu_model.training
-    cpu_model.eval()
-    try:
+    cpu_model = _cpu_float_model(model)
+    with eval_mode(cpu_model):
         folded, done = (fold_for_export(cpu_model) if fold
                         else (cpu_model, {"batchnorms": [], "gathers": []}))
         # A batch of 2 as the example: torch.export specialises sizes 0 and 1, so an example
         # of batch 1 could not carry a dynamic batch dimension.
         ex_batch = 2 if dynamic_batch else check_batch[0]
-        example = torch.randn((ex_batch, *input_shape), generator=torch.Generator().manual_seed(seed))
+        example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
             exporter, fallback_reason = _write_onnx(folded, example, tmp, opset, dynamic_batch)
             stray = _external_data_files(tmp)
@@ -343,9 +339,6 @@ def export_onnx(
                         f"{res['diffs']}; exporter {exporter}, opset {opset})")
             actual_opset = _default_opset(tmp)
         nbytes = path.stat().st_size
-    finally:
-        if not copied:
-            cpu_model.train(was_training)
     return {
         "path": str(path),
         "bytes": int(nbytes),
