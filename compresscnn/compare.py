@@ -4,12 +4,12 @@ For each entry: parameters, MACs (:func:`compresscnn.counting.count`), the size 
 ONNX file (:func:`compresscnn.export.export_onnx`, checked in onnxruntime) and of its int8
 version (onnxruntime dynamic quantization, QInt8 weights, per-tensor:
 :func:`compresscnn.export.quantize_onnx_dynamic`), latency at each batch size in PyTorch and
-onnxruntime (:func:`compresscnn.evaluate.measure_latency`: the median of ``repeats`` runs with
+onnxruntime (:func:`compresscnn.evaluation.measure_latency`: the median of ``repeats`` runs with
 ``threads`` CPU threads, stated in the output), and top-1 accuracy:
 
 * ``measured`` (here) when the entry has weights and data are given: the same loader
   (:func:`compresscnn.data.make_loaders`, at the entry's input size) and the same
-  :func:`compresscnn.evaluate.evaluate` as ``compresscnn run``, so a model scores the same
+  :func:`compresscnn.evaluation.evaluate` as ``compresscnn run``, so a model scores the same
   in both;
 * ``run report`` for a run directory whose ``report.json`` holds a measured top-1
   (fine-tuned, else zero-shot), on the images that run evaluated;
@@ -259,7 +259,7 @@ def _measure_accuracy(model: nn.Module, data_cfg: dict[str, Any], size: Sequence
                       progress: bool) -> dict[str, Any]:
     """Top-1/top-5 on the data's eval source, exactly as ``compresscnn run`` measures it."""
     from .data import check_classes, make_loaders
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     check_classes(data_cfg, pcfg.get("num_classes"), pcfg.get("spec") or type(model).__name__)
@@ -367,7 +367,7 @@ def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], la
 def _latencies(row: dict[str, Any], model: nn.Module, size: tuple[int, ...],
                onnx_path: Path | None, o: dict[str, Any]) -> None:
     """Median latency at each batch in PyTorch, onnxruntime and onnxruntime int8."""
-    from .evaluate import measure_latency
+    from .evaluation import measure_latency
 
     runs: list[tuple[str, Any]] = [("torch", model)]
     if onnx_path is not None:

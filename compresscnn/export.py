@@ -477,7 +477,7 @@ def quantize_onnx_static(
 
 class OnnxModule(torch.nn.Module):
     """An ONNX file run in onnxruntime (CPU) behind the ``nn.Module`` call interface, so that
-    :func:`compresscnn.evaluate.evaluate` scores an exported (or quantized) file exactly as
+    :func:`compresscnn.evaluation.evaluate` scores an exported (or quantized) file exactly as
     it scores a PyTorch model."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:

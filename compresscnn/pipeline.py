@@ -178,7 +178,7 @@ def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
     layer, dense vs decomposed, timed against each other at the first batch."""
     import tempfile
 
-    from .evaluate import measure_latency
+    from .evaluation import measure_latency
     from .export import export_onnx
     from .latency import layer_latency_table
 
@@ -330,8 +330,8 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
     """Fine-tune (``section="finetune"``, distilled from ``teacher``) or train from scratch
     (``"train"``) with the recipe's section; the learning rate is scaled linearly from
     ``lr_batch`` to the global batch."""
-    from .evaluate import evaluate
-    from .finetune import finetune
+    from .evaluation import evaluate
+    from .training import finetune
     from .utils import get_world_size
 
     ft = recipe[section]
@@ -406,7 +406,7 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
          overwrite: bool, quiet: bool, recipe_path: str | None,
          distributed: bool) -> dict[str, Any]:
     from . import data as data_mod
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .export import export_onnx
     from .models import load_model
     from .recipe import dump_resolved

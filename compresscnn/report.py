@@ -10,7 +10,7 @@ left out): ``baseline``/``compressed``/``finetuned`` (each ``top1``, ``top5``, `
 ``params``, ``macs``, ``loss``), ``onnx`` (``path``, ``bytes``, ``max_abs_diff``, ...),
 ``layers`` (rows with ``name, type, method, rank, params_before, params_after, macs_before,
 macs_after, rel_error, skipped``), ``timings`` (stage → seconds), ``versions``, ``latency``,
-``recipe``, ``finetune`` (stats from :func:`compresscnn.finetune.finetune`),
+``recipe``, ``finetune`` (stats from :func:`compresscnn.training.finetune`),
 ``calibration`` (the data-aware fit: ``solver``, ``seconds``, ``forward_passes``,
 ``dense_refitted``; per layer in ``layers[].fit``), ``date``, ``machine``, ``warnings``
 (lines shown first: what makes a number not mean what it seems).

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compresscnn.errors import DataError
-from compresscnn.evaluate import evaluate, evaluate_predictions, measure_latency
+from compresscnn.evaluation import evaluate, evaluate_predictions, measure_latency
 
 
 class FixedLogits(nn.Module):

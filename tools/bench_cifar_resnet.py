@@ -27,8 +27,8 @@ import torch
 
 from compresscnn.counting import count
 from compresscnn.data import calibration_batches, make_loaders
-from compresscnn.evaluate import evaluate
-from compresscnn.finetune import finetune
+from compresscnn.evaluation import evaluate
+from compresscnn.training import finetune
 from compresscnn.models import load_model
 from compresscnn.recipe import FIT_THROUGH
 from compresscnn.surgery import ALLOCATIONS, compress

@@ -20,7 +20,7 @@ import torch
 from compresscnn.counting import count
 from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.errors import CompressError
-from compresscnn.evaluate import evaluate
+from compresscnn.evaluation import evaluate
 from compresscnn.models import load_model
 from compresscnn.recipe import FIT_THROUGH
 from compresscnn.surgery import ALLOCATIONS, compress

@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, CompressError, DataError
-from .evaluate import split_batch
+from .evaluation import split_batch
 from .models.loaders import check_state_dict, load_torch_file
 from .utils import (
     atomic_torch_save,
