@@ -125,7 +125,7 @@ Runner = Callable[[np.ndarray], list]
 
 
 def _onnxruntime_runner(path: Path) -> Runner:
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only when used
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -135,7 +135,7 @@ def _onnxruntime_runner(path: Path) -> Runner:
 
 
 def _openvino_runner(path: Path) -> Runner:
-    import openvino as ov
+    import openvino as ov  # optional: loaded only when used
 
     # f32 throughout: on CPUs with bf16 units OpenVINO otherwise computes in bf16
     compiled = ov.Core().compile_model(str(path), "CPU", {
@@ -144,7 +144,7 @@ def _openvino_runner(path: Path) -> Runner:
 
 
 def _opencv_runner(path: Path) -> Runner:
-    import cv2
+    import cv2  # optional: loaded only when used
 
     net = cv2.dnn.readNetFromONNX(str(path))
     names = list(net.getUnconnectedOutLayersNames())
@@ -302,7 +302,7 @@ def export_onnx(
     or when a runtime disagrees with PyTorch by more than ``atol``; a runtime in ``verify``
     whose package is missing is a :class:`CompressError`. ``path`` is then left as it was.
     """
-    import onnx
+    import onnx  # heavy: loaded only when used
 
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
@@ -377,7 +377,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
 
 
 def _default_opset(path: Path) -> int | None:
-    import onnx
+    import onnx  # heavy: loaded only when used
 
     m = onnx.load(str(path), load_external_data=False)
     for imp in m.opset_import:
@@ -388,8 +388,8 @@ def _default_opset(path: Path) -> int | None:
 
 def _external_data_files(path: Path) -> list[str]:
     """Locations of tensors stored outside ``path`` (should be none)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
+    import onnx  # heavy: loaded only when used
+    from onnx.external_data_helper import uses_external_data  # heavy: loaded only when used
 
     m = onnx.load(str(path), load_external_data=False)
     locs = set()
@@ -415,7 +415,7 @@ def quantize_onnx_dynamic(
     includes Conv → ConvInteger and MatMul/Gemm → MatMulInteger). The result is loaded once in
     onnxruntime to prove it runs. Accuracy is not checked here: evaluate the quantized model.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: loaded only when used
 
     return _quantize_to(dst, lambda tmp: quantize_dynamic(
         str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
@@ -426,7 +426,7 @@ def _quantize_to(dst: str | os.PathLike, quantize: Callable[[Path], Any]) -> int
     """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``) with the root
     logger's warnings silenced (onnxruntime.quantization warns through it), check that the
     result loads in onnxruntime, and move it to ``dst`` atomically; its size in bytes."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only when used
 
     dst = Path(dst)
     qlog = logging.getLogger()
@@ -454,7 +454,7 @@ def quantize_onnx_static(
     QInt8 (per output channel by default), activations QUInt8 with ranges calibrated (min-max)
     on ``batches`` of inputs, e.g. a few hundred training images. Written atomically; loaded
     once in onnxruntime to prove it runs. Returns the size of ``dst`` in bytes."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only when used
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -482,7 +482,7 @@ class OnnxModule(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only when used
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
