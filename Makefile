@@ -33,8 +33,10 @@ fashion-mnist:
 demo: $(STAMP) fashion-mnist
 	$(BIN)/compresscnn run recipes/demo.yaml --overwrite
 
+# the import layers of pyproject.toml's [tool.importlinter] first (ARCHITECTURE.md), then the suite
 test: $(STAMP) fashion-mnist
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .import_linter_cache

@@ -11,6 +11,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it. No submodule may share a public name: importing
+#: ``compresscnn.<name>`` binds the submodule on the package and would hide the function.
 _EXPORTS = {
     "decompose": "compresscnn.decomposers",
     "register_decomposer": "compresscnn.decomposers",
@@ -35,8 +37,8 @@ _EXPORTS = {
     "MethodOptions": "compresscnn.config",
     "run": "compresscnn.pipeline",
     "load_compressed": "compresscnn.pipeline",
-    "evaluate": "compresscnn.evaluate",
-    "finetune": "compresscnn.finetune",
+    "evaluate": "compresscnn.evaluation",
+    "finetune": "compresscnn.training",
     "export_onnx": "compresscnn.export",
     "CompressError": "compresscnn.errors",
 }

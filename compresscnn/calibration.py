@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .decomposers import get_decomposer
+from .nn_utils import eval_mode, get_module, hooks, module_mode, set_module
+from .ranks import tail_error
 from .response import Tail, fit_layer
 
 
@@ -38,39 +41,32 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
-    was_training = model.training
-    model.train()
     device = next(model.parameters()).device
     try:
-        for x in batches:
-            model(x.to(device))
+        with module_mode(model, training=True):
+            for x in batches:
+                model(x.to(device))
     finally:
         for m in bns:
             m.momentum = momenta[m]
-        model.train(was_training)
     return len(bns)
 
 
 def _capture(model: nn.Module, name: str, batches: list[torch.Tensor], what: str
              ) -> list[torch.Tensor]:
     """The input (``what="in"``) or output (``"out"``) of submodule ``name`` per batch."""
-    mod = model.get_submodule(name)
     got: list[torch.Tensor] = []
 
-    def hook(_m, inputs, output):
+    def keep(_name, _m, inputs, output):
         got.append((inputs[0] if what == "in" else output).detach())
         raise _Stop  # nothing after this layer is needed
 
-    h = mod.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for x in batches:
-                try:
-                    model(x)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
+    with hooks([(name, get_module(model, name))], keep), torch.no_grad():
+        for x in batches:
+            try:
+                model(x)
+            except _Stop:
+                pass
     return got
 
 
@@ -83,17 +79,14 @@ def execution_order(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) 
     """Names of ``model``'s submodules of ``types`` in the order one forward pass on ``x``
     first calls them."""
     seen: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n) if n not in seen
-                                         else None)
-             for n, m in model.named_modules() if isinstance(m, types)]
-    was = model.training
-    model.eval()
-    try:
+
+    def note(name, _m, _args):
+        if name not in seen:
+            seen.append(name)
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    with hooks(layers, note, pre=True), eval_mode(model):
         model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
     return seen
 
 
@@ -327,34 +320,29 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, rules, input_size, batches: Iterable[torch.Tensor], *,
+def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], *,
                       fraction: float = 0.5, max_batches: int = 4) -> dict[str, float]:
     """Data-driven weights for the global budget (``plan(..., sensitivity=)``).
 
     The budget trades each layer's *weight* error (its spectral tail) per MAC saved; but a
-    relative error of 0.3 in one layer can cost the network far more than in another. For
-    every layer a budgeted rule (no rank policy) matches, this replaces that layer alone by
-    its decomposition at ``fraction`` of its rank, measures the relative change of the
-    model's output on up to ``max_batches`` calibration batches,
+    relative error of 0.3 in one layer can cost the network far more than in another.
+    ``probe`` is the plan of the rules under a budget that keeps everything
+    (``plan(model, rules, input_size, target={"macs": 1.0})``): its rows kept dense by the
+    budget are the layers a budgeted rule (no rank policy) matches. For each, this replaces
+    that layer alone by its decomposition at ``fraction`` of its rank, measures the
+    relative change of the model's output on up to ``max_batches`` calibration batches,
     ``E = ||f'(x) - f(x)||^2 / ||f(x)||^2``, and returns ``E / e^2`` with ``e`` the
     spectral error at that rank: the factor that turns the layer's weight error into output
     error. The allocation then minimises the summed (first-order, additive) output error.
     """
-    from .decomposers import get_decomposer
-    from .ranks import tail_error
-    from .surgery import get_module, plan, set_module
-
-    p = plan(model, rules, input_size, target={"macs": 1.0})
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches][:max_batches]
     if not xs:
         raise ValueError("layer_sensitivity needs at least one calibration batch")
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ys = [model(x) for x in xs]
         den = sum(float(y.float().square().sum()) for y in ys)
         weights: dict[str, float] = {}
-        for rep in p.replacements:
+        for rep in probe.replacements:
             if rep.skipped != "kept dense by the budget":
                 continue  # refused by its method, or ranked by its own rule
             layer = get_module(model, rep.name)
@@ -368,6 +356,4 @@ def layer_sensitivity(model: nn.Module, rules, input_size, batches: Iterable[tor
             finally:
                 set_module(model, rep.name, layer)
             weights[rep.name] = (num / max(den, 1e-30)) / max(e * e, 1e-12)
-    finally:
-        model.train(was)
     return weights

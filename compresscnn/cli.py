@@ -27,6 +27,9 @@ from typing import Sequence
 from . import __version__
 from .errors import CompressError
 
+# torch and the modules of each subcommand are imported inside the function that runs the
+# subcommand (they take seconds to load), so that --help and usage errors answer at once
+
 
 def _init_distributed(device: str) -> bool:
     """Initialise the default process group when launched by ``torchrun`` (``RANK`` and

@@ -4,12 +4,12 @@ For each entry: parameters, MACs (:func:`compresscnn.counting.count`), the size 
 ONNX file (:func:`compresscnn.export.export_onnx`, checked in onnxruntime) and of its int8
 version (onnxruntime dynamic quantization, QInt8 weights, per-tensor:
 :func:`compresscnn.export.quantize_onnx_dynamic`), latency at each batch size in PyTorch and
-onnxruntime (:func:`compresscnn.evaluate.measure_latency`: the median of ``repeats`` runs with
+onnxruntime (:func:`compresscnn.evaluation.measure_latency`: the median of ``repeats`` runs with
 ``threads`` CPU threads, stated in the output), and top-1 accuracy:
 
 * ``measured`` (here) when the entry has weights and data are given: the same loader
   (:func:`compresscnn.data.make_loaders`, at the entry's input size) and the same
-  :func:`compresscnn.evaluate.evaluate` as ``compresscnn run``, so a model scores the same
+  :func:`compresscnn.evaluation.evaluate` as ``compresscnn run``, so a model scores the same
   in both;
 * ``run report`` for a run directory whose ``report.json`` holds a measured top-1
   (fine-tuned, else zero-shot), on the images that run evaluated;
@@ -61,9 +61,17 @@ from pydantic import BeforeValidator, ValidationError
 
 from .config import (Bool, Closed, Int, ListOf, Nullable, Str, Where, bad, doc, expand_env,
                      show)
+from .counting import count
+from .data import check_classes, make_loaders
 from .errors import CompressError
+from .evaluation import evaluate, measure_latency
+from .export import export_onnx, quantize_onnx_dynamic
+from .models import load_model, replace_head
+from .pipeline import load_compressed
 from .progress import timed
 from .recipe import load_yaml, yaml_lines
+from .surgery import compress
+from .utils import atomic_path, atomic_write_text
 
 __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
            "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
@@ -180,8 +188,6 @@ def _dataset_for(model: nn.Module) -> str:
 
 def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The model of an entry and what is known about it (label, weights, run report...)."""
-    from .models import load_model, replace_head
-
     info: dict[str, Any] = {"kind": e["kind"], "weights": e.get("weights"), "notes": []}
     if e["kind"] == "spec":
         model = load_model(e["model"], e.get("weights"))
@@ -194,7 +200,6 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         return model, info
     if e["kind"] == "recipe":
         from .recipe import load_recipe
-        from .surgery import compress
 
         recipe = load_recipe(e["recipe"])
         out = Path(recipe["output"])
@@ -215,8 +220,6 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
                              f"`compresscnn run {e['recipe']}` for its accuracy")
         return model.eval(), info
     # a run directory
-    from .pipeline import load_compressed
-
     run = Path(e["run"]).expanduser()
     model = load_compressed(run)
     info.update(run=str(run), label=e.get("label") or run.name,
@@ -262,9 +265,6 @@ def _published(model: nn.Module, kind: str) -> dict[str, Any]:
 def _measure_accuracy(model: nn.Module, data_cfg: dict[str, Any], size: Sequence[int],
                       progress: bool) -> dict[str, Any]:
     """Top-1/top-5 on the data's eval source, exactly as ``compresscnn run`` measures it."""
-    from .data import check_classes, make_loaders
-    from .evaluate import evaluate
-
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     check_classes(data_cfg, pcfg.get("num_classes"), pcfg.get("spec") or type(model).__name__)
     _, loader = make_loaders(data_cfg, pcfg, train=False, test=True, input_size=size)
@@ -314,8 +314,6 @@ def _accuracy(e: dict[str, Any], info: dict[str, Any], model: nn.Module,
 
 def _entry_row(e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
     """One entry's row: build it, count it, its accuracy, its ONNX sizes and latencies."""
-    from .counting import count
-
     model, info = _build(e)
     model.eval()
     pc = getattr(model, "pretrained_cfg", {}) or {}
@@ -342,8 +340,6 @@ def _entry_row(e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
 def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], label: str,
                 o: dict[str, Any]) -> Path | None:
     """fp32 and int8 ONNX file sizes into ``row``; the fp32 file's path (None if it failed)."""
-    from .export import export_onnx, quantize_onnx_dynamic
-
     stem = _slug(label)
     while stem in o["used"]:
         stem += "_"
@@ -371,8 +367,6 @@ def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], la
 def _latencies(row: dict[str, Any], model: nn.Module, size: tuple[int, ...],
                onnx_path: Path | None, o: dict[str, Any]) -> None:
     """Median latency at each batch in PyTorch, onnxruntime and onnxruntime int8."""
-    from .evaluate import measure_latency
-
     runs: list[tuple[str, Any]] = [("torch", model)]
     if onnx_path is not None:
         runs.append(("ort", onnx_path))
@@ -555,7 +549,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                  title: str = "Accuracy vs model size") -> Path:
     """Top-1 against model size (log x), one labelled point per model with an accuracy;
     filled circles measured here, squares from run reports, open triangles published."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when a plot is drawn
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -590,8 +584,6 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
         ax.legend(loc="best")
     fig.tight_layout()
     path = Path(path)
-    from .utils import atomic_path
-
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -603,8 +595,6 @@ def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
                   stem: str = "compare") -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.json`` (the list of rows) and ``<stem>.png`` (accuracy vs
     size, log x) in ``out_dir``; also the JSON at ``json_path`` when given. Returns the paths."""
-    from .utils import atomic_write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(list(rows), indent=2, default=str)

@@ -31,7 +31,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
 from pydantic_core import PydanticCustomError
 
 from .errors import CompressError, RecipeError
-from .models.loaders import SOURCES as MODEL_SOURCES
+
+#: the ``model.spec`` sources ``compresscnn.models`` loads (``<source>:<name>``)
+MODEL_SOURCES = ("torchvision", "timm", "cifar", "fmnist")
 
 KeyPath = tuple  # of str (mapping keys) and int (list indices)
 

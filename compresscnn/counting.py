@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ModelError
+from .nn_utils import eval_mode, hooks
 
 
 #: inputs larger than this many values (4 GiB of float32) are refused before allocation
@@ -58,14 +59,9 @@ def count(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
 
     The model is run once in eval mode (its train/eval state is restored).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as fc:
-            _run_once(model, input_size)
-        flops = fc.get_total_flops()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), FlopCounterMode(display=False) as fc:
+        _run_once(model, input_size)
+    flops = fc.get_total_flops()
     return {"params": count_params(model), "macs": int(flops // 2)}
 
 
@@ -108,26 +104,15 @@ def trace_layers(model: nn.Module, input_size: Sequence[int],
     than once keeps its first call's shapes.
     """
     infos: dict[str, LayerInfo] = {}
-    handles = []
 
-    def hook(name: str):
-        def fn(mod, inputs, output):
-            if name not in infos and inputs and isinstance(inputs[0], torch.Tensor):
-                infos[name] = LayerInfo(name, mod, tuple(inputs[0].shape[1:]),
-                                        tuple(output.shape[1:]))
-        return fn
+    def keep(name: str, mod: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if name not in infos and inputs and isinstance(inputs[0], torch.Tensor):
+            infos[name] = LayerInfo(name, mod, tuple(inputs[0].shape[1:]),
+                                    tuple(output.shape[1:]))
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, types):
-            handles.append(mod.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    with hooks(layers, keep), eval_mode(model):
         _run_once(model, input_size)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
     # keep the model's module order, not the call order
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return dict(sorted(infos.items(), key=lambda kv: order[kv[0]]))

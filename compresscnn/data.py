@@ -33,6 +33,7 @@ Every problem a user can fix is a :class:`~compresscnn.errors.DataError` naming 
 from __future__ import annotations
 
 import gzip
+import importlib.resources
 import io
 import logging
 import os
@@ -43,8 +44,13 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
 from compresscnn.errors import DataError
 from compresscnn.recipe import LEGACY_DATA_KEYS
@@ -261,8 +267,6 @@ def _split_members(src: _Source, split: str) -> list[tuple[str, str]]:
 
 
 def _decode(data: bytes, name: str, src: _Source, mode: str) -> Any:
-    from PIL import Image
-
     try:
         img = Image.open(io.BytesIO(data))
         return img.convert(mode)
@@ -290,8 +294,6 @@ def _cache_key(path: Path, split: str, kind: str) -> tuple[Any, ...]:
 
 def _cifar_from_source(src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image of ``split`` into uint8 N x H x W x 3 + int64 labels."""
-    import numpy as np
-
     members = _split_members(src, split)
     if not members:
         raise DataError(f"{src.path}: split '{split}' has no images")
@@ -326,9 +328,6 @@ def _cifar_from_source(src: _Source, split: str) -> tuple[torch.Tensor, torch.Te
 
 
 def _torchvision_arrays(dataset: str, root: Path, split: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    import numpy as np
-    import torchvision
-
     train = split == "train"
     try:
         if dataset == "cifar10":
@@ -469,8 +468,6 @@ def imagenet_wnids() -> list[str]:
     global _WNIDS
     if _WNIDS is None:
         try:
-            import importlib.resources
-
             text = (importlib.resources.files("timm") / "data" / "_info" / "imagenet_synsets.txt").read_text()
         except Exception as exc:
             raise DataError(f"cannot read the ImageNet wnid list from timm ({exc})") from None
@@ -497,8 +494,6 @@ class ImageFolderDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import numpy as np
-
         name, label = self.items[self.indices[i]]
         img = _decode(self.src.read(name), name, self.src, self.mode)
         arr = np.asarray(img)
@@ -546,8 +541,6 @@ def _imagenet_items(src: _Source, split: str) -> list[tuple[str, int]]:
 
 
 def _interp(name: str) -> Any:
-    from torchvision.transforms import InterpolationMode
-
     try:
         return InterpolationMode(str(name).lower())
     except ValueError:
@@ -599,8 +592,6 @@ class _AutoResize(torch.nn.Module):
         self.geo, self.size = geo, size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as TF
-
         h, w = x.shape[-2:]
         th, tw = self.size
         if (h, w) == (th, tw):
@@ -633,8 +624,6 @@ class _CheckSize(torch.nn.Module):
 
 def _geometry_ops(geo: _Geometry, *, augment: bool, lazy: bool) -> list[Any]:
     """Resize / crop (and train-time augmentation) on uint8 C x H x W tensors."""
-    from torchvision.transforms import v2
-
     size = geo.crop or geo.target
     if augment and lazy and size is not None:  # natural images: Inception-style crops
         return [v2.RandomResizedCrop(size, interpolation=geo.interp, antialias=True),
@@ -657,8 +646,6 @@ def _geometry_ops(geo: _Geometry, *, augment: bool, lazy: bool) -> list[Any]:
 
 def _build_transform(cfg: dict[str, Any], pcfg: dict[str, Any], *, augment: bool, lazy: bool,
                      where: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from torchvision.transforms import v2
-
     in_ch = int(tuple(pcfg.get("input_size", (3,)))[0])
     mean = tuple(float(m) for m in pcfg.get("mean", _IMAGENET_MEAN))
     std = tuple(float(s) for s in pcfg.get("std", _IMAGENET_STD))

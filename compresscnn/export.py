@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import CompressError
 from .folding import fold_for_export
+from .nn_utils import eval_mode, example_input
 from .utils import atomic_path
 
 __all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
@@ -50,20 +51,17 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-def _cpu_float_model(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The model on CPU in float32, copied only when it is not already there.
-
-    Returns ``(model, copied)``. The caller's model is never moved or cast.
-    """
+def _cpu_float_model(model: nn.Module) -> nn.Module:
+    """The model on CPU in float32, copied only when it is not already there (the caller's
+    model is never moved or cast)."""
     tensors = list(model.parameters()) + list(model.buffers())
     needs_copy = any(
         t.device.type != "cpu" or (t.is_floating_point() and t.dtype != torch.float32)
         for t in tensors
     )
     if not needs_copy:
-        return model, False
-    clone = copy.deepcopy(model)
-    return clone.to(device="cpu", dtype=torch.float32), True
+        return model
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
 
 
 def _flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -127,7 +125,7 @@ Runner = Callable[[np.ndarray], list]
 
 
 def _onnxruntime_runner(path: Path) -> Runner:
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only when used
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -137,7 +135,7 @@ def _onnxruntime_runner(path: Path) -> Runner:
 
 
 def _openvino_runner(path: Path) -> Runner:
-    import openvino as ov
+    import openvino as ov  # optional: loaded only when used
 
     # f32 throughout: on CPUs with bf16 units OpenVINO otherwise computes in bf16
     compiled = ov.Core().compile_model(str(path), "CPU", {
@@ -146,7 +144,7 @@ def _openvino_runner(path: Path) -> Runner:
 
 
 def _opencv_runner(path: Path) -> Runner:
-    import cv2
+    import cv2  # optional: loaded only when used
 
     net = cv2.dnn.readNetFromONNX(str(path))
     names = list(net.getUnconnectedOutLayersNames())
@@ -304,7 +302,7 @@ def export_onnx(
     or when a runtime disagrees with PyTorch by more than ``atol``; a runtime in ``verify``
     whose package is missing is a :class:`CompressError`. ``path`` is then left as it was.
     """
-    import onnx
+    import onnx  # heavy: loaded only when used
 
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
@@ -317,16 +315,14 @@ def export_onnx(
     runtimes = list(dict.fromkeys(["onnxruntime", *([verify] if isinstance(verify, str)
                                                     else verify)]))
     check_runtimes(runtimes)
-    cpu_model, copied = _cpu_float_model(model)
-    was_training = cpu_model.training
-    cpu_model.eval()
-    try:
+    cpu_model = _cpu_float_model(model)
+    with eval_mode(cpu_model):
         folded, done = (fold_for_export(cpu_model) if fold
                         else (cpu_model, {"batchnorms": [], "gathers": []}))
         # A batch of 2 as the example: torch.export specialises sizes 0 and 1, so an example
         # of batch 1 could not carry a dynamic batch dimension.
         ex_batch = 2 if dynamic_batch else check_batch[0]
-        example = torch.randn((ex_batch, *input_shape), generator=torch.Generator().manual_seed(seed))
+        example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
             exporter, fallback_reason = _write_onnx(folded, example, tmp, opset, dynamic_batch)
             stray = _external_data_files(tmp)
@@ -343,9 +339,6 @@ def export_onnx(
                         f"{res['diffs']}; exporter {exporter}, opset {opset})")
             actual_opset = _default_opset(tmp)
         nbytes = path.stat().st_size
-    finally:
-        if not copied:
-            cpu_model.train(was_training)
     return {
         "path": str(path),
         "bytes": int(nbytes),
@@ -384,7 +377,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
 
 
 def _default_opset(path: Path) -> int | None:
-    import onnx
+    import onnx  # heavy: loaded only when used
 
     m = onnx.load(str(path), load_external_data=False)
     for imp in m.opset_import:
@@ -395,8 +388,8 @@ def _default_opset(path: Path) -> int | None:
 
 def _external_data_files(path: Path) -> list[str]:
     """Locations of tensors stored outside ``path`` (should be none)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
+    import onnx  # heavy: loaded only when used
+    from onnx.external_data_helper import uses_external_data  # heavy: loaded only when used
 
     m = onnx.load(str(path), load_external_data=False)
     locs = set()
@@ -422,7 +415,7 @@ def quantize_onnx_dynamic(
     includes Conv → ConvInteger and MatMul/Gemm → MatMulInteger). The result is loaded once in
     onnxruntime to prove it runs. Accuracy is not checked here: evaluate the quantized model.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: loaded only when used
 
     return _quantize_to(dst, lambda tmp: quantize_dynamic(
         str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
@@ -433,7 +426,7 @@ def _quantize_to(dst: str | os.PathLike, quantize: Callable[[Path], Any]) -> int
     """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``) with the root
     logger's warnings silenced (onnxruntime.quantization warns through it), check that the
     result loads in onnxruntime, and move it to ``dst`` atomically; its size in bytes."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only when used
 
     dst = Path(dst)
     qlog = logging.getLogger()
@@ -461,7 +454,7 @@ def quantize_onnx_static(
     QInt8 (per output channel by default), activations QUInt8 with ranges calibrated (min-max)
     on ``batches`` of inputs, e.g. a few hundred training images. Written atomically; loaded
     once in onnxruntime to prove it runs. Returns the size of ``dst`` in bytes."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only when used
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -484,12 +477,12 @@ def quantize_onnx_static(
 
 class OnnxModule(torch.nn.Module):
     """An ONNX file run in onnxruntime (CPU) behind the ``nn.Module`` call interface, so that
-    :func:`compresscnn.evaluate.evaluate` scores an exported (or quantized) file exactly as
+    :func:`compresscnn.evaluation.evaluate` scores an exported (or quantized) file exactly as
     it scores a PyTorch model."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only when used
 
         so = ort.SessionOptions()
         so.log_severity_level = 3

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .decomposers.fire import FireModule
-from .surgery import set_module
+from .nn_utils import set_module
 
 __all__ = ["fold_for_export", "foldable_batchnorms", "foldable_gathers"]
 

@@ -15,6 +15,8 @@ from torch import nn
 from .counting import count, trace_layers
 from .decomposers import get_decomposer, list_decomposers
 from .decomposers.base import layer_cost
+from .errors import CompressError
+from .models import load_model
 from .ranks import energy_rank
 
 
@@ -56,9 +58,6 @@ def inspect_model(spec: str, weights: str | None = None,
                   input_size: Sequence[int] | None = None,
                   energies: Sequence[float] = (0.9, 0.95, 0.99)) -> str:
     """The per-layer table as text."""
-    from .errors import CompressError
-    from .models import load_model
-
     model = load_model(spec, weights).eval()
     if input_size is None:
         input_size = getattr(model, "pretrained_cfg", {}).get("input_size")

@@ -27,10 +27,6 @@ module lives there).
 from __future__ import annotations
 
 import copy
-import io
-import statistics
-import time
-import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
@@ -38,8 +34,8 @@ import torch
 from torch import nn
 
 from .errors import RecipeError
-
-RUNTIMES = ("onnxruntime", "torch")
+from .nn_utils import eval_mode, example_input, get_module, num_threads, record_inputs, set_module
+from .timing import RUNTIMES, median_ms, module_runner, time_interleaved
 
 
 @dataclass
@@ -85,121 +81,20 @@ class LatencyConfig:
         return d
 
 
-# ----------------------------------------------------------------------------- runners
-
-
-def ort_session_options(threads: int):
-    """CPU onnxruntime session options used for every latency figure: ``threads`` intra-op
-    threads, one inter-op thread, sequential execution, all graph optimisations."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return so
-
-
-def _onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
-    """A static-shape ONNX model of ``module`` on input ``x`` (timing only)."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17,
-                              input_names=["x"], output_names=["y"])
-            return buf.getvalue()
-        except Exception:  # a torch without the TorchScript exporter: use dynamo
-            import tempfile
-            from pathlib import Path
-
-            with tempfile.TemporaryDirectory(prefix="compresscnn-lat-") as d:
-                path = Path(d) / "m.onnx"
-                torch.onnx.export(module, (x,), str(path), dynamo=True, external_data=False,
-                                  opset_version=18)
-                return path.read_bytes()
-
-
-def _runner(module: nn.Module, x: torch.Tensor, cfg: LatencyConfig) -> Callable[[], Any]:
-    if cfg.runtime == "torch":
-        dev = next((p.device for p in module.parameters()), torch.device("cpu"))
-        xd = x.to(dev)
-        if dev.type == "cuda":
-            def run() -> Any:
-                module(xd)
-                torch.cuda.synchronize()
-            return run
-        return lambda: module(xd)
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(_onnx_bytes(module, x), ort_session_options(cfg.threads),
-                                providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
-    return lambda: sess.run(None, feed)
-
-
-def time_interleaved(fns: Sequence[Callable[[], Any]], cfg: LatencyConfig) -> list[float]:
-    """Median milliseconds of each function, timed round-robin: every round runs each
-    function ``per_round`` times, so a slow spell of the machine hits all of them."""
-    for f in fns:
-        for _ in range(cfg.warmup):
-            f()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(cfg.rounds):
-        for i, f in enumerate(fns):
-            for _ in range(cfg.per_round):
-                t0 = time.perf_counter()
-                f()
-                samples[i].append(time.perf_counter() - t0)
-    return [statistics.median(s) * 1e3 for s in samples]
+# ----------------------------------------------------------------------------- timing
 
 
 def time_modules(modules: Sequence[nn.Module], x: torch.Tensor,
                  cfg: LatencyConfig) -> list[float]:
-    """Median latency (ms) of each module on input ``x`` on ``cfg.runtime``."""
+    """Median latency (ms) of each module on input ``x`` on ``cfg.runtime``, the modules
+    timed against each other (:func:`compresscnn.timing.time_interleaved`)."""
     if cfg.timer is not None:
         return [float(cfg.timer(m, x)) for m in modules]
-    from .evaluate import _eval_mode, num_threads
-
-    with num_threads(cfg.threads), _eval_mode(*modules), torch.inference_mode():
-        fns = [_runner(m, x, cfg) for m in modules]
-        return time_interleaved(fns, cfg)
-
-
-def record_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
-                  ) -> dict[str, torch.Tensor]:
-    """The first tensor input each named submodule receives in one forward pass on ``x``."""
-    mods = dict(model.named_modules())
-    missing = [n for n in names if n not in mods]
-    if missing:
-        raise KeyError(f"no submodule(s) {missing} in {type(model).__name__}")
-    recorded: dict[str, torch.Tensor] = {}
-    handles = []
-    for n in names:
-        def hook(mod, args, _n=n):
-            if _n not in recorded and args and isinstance(args[0], torch.Tensor):
-                recorded[_n] = args[0].detach().clone()
-        handles.append(mods[n].register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    not_called = [n for n in names if n not in recorded]
-    if not_called:
-        raise RuntimeError(f"submodule(s) {not_called} were not called in the forward pass")
-    return recorded
-
-
-def model_input(input_size: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn((int(batch), *[int(s) for s in input_size]),
-                       generator=torch.Generator().manual_seed(seed))
+    with num_threads(cfg.threads), eval_mode(*modules), torch.inference_mode():
+        fns = [module_runner(m, x, cfg.runtime, cfg.threads) for m in modules]
+        samples = time_interleaved(fns, warmup=cfg.warmup, rounds=cfg.rounds,
+                                   per_round=cfg.per_round)
+    return [median_ms(s) for s in samples]
 
 
 # ----------------------------------------------------------------------------- planning
@@ -230,9 +125,7 @@ def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: La
     compressed one is slower, put back the original layers whose measured gain was smallest
     (several per round on large plans). Updates ``plan_`` (reverted rows are skipped with
     the reason) and ``compressed`` in place; returns the measurements."""
-    from .surgery import get_module, set_module
-
-    x = model_input(plan_.input_size, cfg.batch)
+    x = example_input(plan_.input_size, cfg.batch)
     t_o, t_c = time_modules([original, compressed], x, cfg)
     first = (t_o, t_c)
     reverted: list[str] = []
@@ -274,9 +167,7 @@ def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Seque
     """Per replaced layer: the dense layer (from ``original``) and its decomposition (from
     ``compressed``) timed against each other on the input the original layer sees, on each
     runtime. Rows: ``layer, runtime, threads, batch, dense_ms, decomposed_ms, speedup``."""
-    from .surgery import get_module
-
-    x = model_input(input_size, batch)
+    x = example_input(input_size, batch)
     ins = record_inputs(original, list(names), x)
     rows = []
     for rt in runtimes:

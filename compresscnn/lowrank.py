@@ -38,7 +38,8 @@ from torch import nn
 from .decomposers import get_decomposer
 from .errors import CheckpointError, MethodError, RecipeError
 from .recipe import POLICY_KEYS
-from .surgery import Plan, apply, get_module, plan, set_module
+from .nn_utils import get_module, set_module
+from .surgery import Plan, apply, plan
 from .utils import atomic_write_text, unwrap_model
 
 #: what ``factorize(init=...)`` accepts

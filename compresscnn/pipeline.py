@@ -32,19 +32,37 @@ fine-tunes (DistributedSampler + DDP); only rank 0 creates and writes the run di
 from __future__ import annotations
 
 import copy
+import csv
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import safetensors.torch
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+# data, evaluation and report are called through their modules, so that a test (or a
+# wrapper such as the DDP test's) can replace one of their functions for the whole run
+from . import data as data_mod, evaluation, report as report_mod
 from .counting import count
-from .errors import CompressError, MethodError, ModelError, RankError, RecipeError
+from .errors import CompressError, DataError, MethodError, ModelError, RankError, RecipeError
+from .evaluation import measure_latency
+from .export import export_onnx
+from .latency import layer_latency_table
+from .lowrank import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor, SwitchPoint, factorize,
+                      planned_layers)
+from .models import load_model, replace_head
+from .models.loaders import load_weights
 from .progress import emit, timed
+from .recipe import dump_resolved, load_recipe
 from .rundir import RunDir
 from .surgery import Plan, apply, compress, plan, plan_compression
+from .training import finetune
+from .utils import atomic_path, get_rank, get_world_size, seed_everything
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -53,15 +71,11 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def _rank() -> int:
-    from .utils import get_rank
-
     return get_rank()
 
 
 def _barrier(distributed: bool) -> None:
     if distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -82,8 +96,6 @@ def _data_cfg(recipe: dict[str, Any]) -> dict[str, Any]:
 def _calibration_batches(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list:
     """The calibration batches from ``data.calibration``, at the model's input size (in
     ``pcfg``)."""
-    from . import data as data_mod
-
     cal = recipe["calibration"]
     return data_mod.calibration_batches(_data_cfg(recipe), pcfg, cal["batches"],
                                         batch_size=cal["batch_size"])
@@ -95,8 +107,6 @@ def _check_data(recipe: dict[str, Any], pcfg: dict[str, Any], *,
     nor calibration reads the images accuracy is measured on. Returns the warnings the
     report starts with (an allowed overlap, a replaced head) and whether a source overlaps
     the eval images (``data.allow_eval_overlap``)."""
-    from . import data as data_mod
-
     if not recipe.get("data"):
         return [], False
     cfg = _data_cfg(recipe)
@@ -116,8 +126,6 @@ def _check_data(recipe: dict[str, Any], pcfg: dict[str, Any], *,
 
 def _data_report(recipe: dict[str, Any], train_loader: Any, test_loader: Any) -> dict | None:
     """Which images each source read (root, split, count) and how they were fed."""
-    from . import data as data_mod
-
     if not recipe.get("data"):
         return None
     cfg = data_mod.resolve_data_cfg(_data_cfg(recipe))
@@ -134,8 +142,6 @@ def _data_report(recipe: dict[str, Any], train_loader: Any, test_loader: Any) ->
 def _replace_head(recipe: dict[str, Any], model: nn.Module) -> None:
     """``model.num_classes``: a new head; distilling from the original (whose head is now
     untrained too) is refused."""
-    from .models import replace_head
-
     n = recipe["model"].get("num_classes")
     if not n or not replace_head(model, n, seed=int(recipe.get("seed", 0))):
         return
@@ -179,12 +185,6 @@ def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
     """Whole-model latency of the original and compressed models in PyTorch and (when the
     run exported ONNX) onnxruntime at every ``report.latency_batch``; and each replaced
     layer, dense vs decomposed, timed against each other at the first batch."""
-    import tempfile
-
-    from .evaluate import measure_latency
-    from .export import export_onnx
-    from .latency import layer_latency_table
-
     thr = recipe["report"]["threads"]
     batches = recipe["report"]["latency_batch"]
     runtimes = ["torch"] + (["onnxruntime"] if onnx else [])
@@ -230,10 +230,6 @@ def _input_size(recipe: dict[str, Any], model: nn.Module) -> tuple[int, ...]:
 def _shard_eval_loader(loader: Any, max_batches: int | None) -> Any:
     """Under DDP, each rank evaluates every ``world``-th image of the (first ``max_batches``
     batches of the) test set, without padding, so the all-reduced counts are exact."""
-    from torch.utils.data import DataLoader
-
-    from .utils import get_rank, get_world_size
-
     world, rank = get_world_size(), get_rank()
     n = len(loader.dataset)
     if max_batches is not None:
@@ -251,14 +247,12 @@ def _write_tensorboard(csv_path: Path, tb_dir: Path, quiet: bool) -> None:
     if os.environ.get("COMPRESSCNN_TENSORBOARD", "") not in ("1", "true", "yes") \
             or not csv_path.is_file():
         return
-    try:
+    try:  # optional package: imported only when asked for
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         _log("[tensorboard] COMPRESSCNN_TENSORBOARD=1 but the tensorboard package is not "
              "installed; skipped", quiet)
         return
-    import csv
-
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
         with csv_path.open(newline="") as f:
@@ -280,8 +274,6 @@ def _build_untrained(recipe: dict[str, Any], model: nn.Module,
         return student, None  # dense until the switch (_switch_train)
     if not recipe["rules"]:
         return student, None
-    from .lowrank import factorize
-
     tr = recipe["train"]
     return factorize(student, recipe["rules"], input_size, target=recipe.get("target"),
                      init=tr["init"], seed=int(recipe.get("seed", 0)))
@@ -324,7 +316,6 @@ def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
     in ``checkpoints/switch.json``; factorized phase: ``checkpoints/factorized/last.pt``,
     ``train_log.csv``. A resumed run that had switched does not train the dense phase again.
     Returns ``(model, plan, the factorized phase's stats, the report's switch entry)``."""
-    from .lowrank import StableRankMonitor, SwitchPoint, planned_layers
 
     tr, sw = recipe["train"], recipe["train"]["switch"]
     ckpts = staging / "checkpoints"
@@ -364,7 +355,6 @@ def _dense_summary(recipe: dict[str, Any], model: nn.Module,
     """What a run without a plan prints in place of one."""
     if not (recipe.get("train") or {}).get("switch"):
         return "dense model: no layer factorized"
-    from .lowrank import planned_layers
 
     names = planned_layers(model, recipe["rules"], input_size)
     return (f"dense training until the stable ranks settle, then {len(names)} layer(s) "
@@ -375,8 +365,6 @@ def _train_callbacks(tr: dict[str, Any], model: nn.Module, p: Plan | None) -> li
     """Semi-orthogonal steps and Frobenius decay of factorized layers (``train`` jobs)."""
     if p is None or not (tr.get("semi_orthogonal") or tr.get("frobenius_decay")):
         return []
-    from .lowrank import FrobeniusDecay, SemiOrthogonal
-
     names = [r.name for r in p.replacements if r.applied]
     out: list[Any] = []
     if tr.get("semi_orthogonal"):
@@ -390,11 +378,6 @@ def _split_holdout(recipe: dict[str, Any], pcfg: dict[str, Any], loader: Any, n:
                    distributed: bool) -> tuple[Any, Any]:
     """``n`` training images (seeded choice, no augmentation) held out of ``loader`` to score
     epochs; the loader over the rest."""
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
-
-    from . import data as data_mod
-    from .errors import DataError
-
     full = loader.dataset
     if n >= len(full):
         raise DataError(f"holdout: {n} images asked, the training split has {len(full)}")
@@ -423,15 +406,11 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
     ``lr_batch`` to the global batch. ``extra``: more training-loop callbacks; ``ckpt`` /
     ``log``: the checkpoint folder and CSV log (default ``checkpoints/``, ``train_log.csv``
     in ``staging``)."""
-    from .evaluate import evaluate
-    from .finetune import finetune
-    from .utils import get_world_size
-
     ft = recipe[section]
     evaluator = None
     if ft["holdout"]:
         loader, held = _split_holdout(recipe, pcfg, loader, ft["holdout"], distributed)
-        evaluator = lambda m: evaluate(m, held, progress=False)["top1"]  # noqa: E731
+        evaluator = lambda m: evaluation.evaluate(m, held, progress=False)["top1"]  # noqa: E731
     distill = ft.get("distill") if teacher is not None else None
     global_batch = int(loader.batch_size) * get_world_size()
     stats = finetune(
@@ -512,14 +491,6 @@ def _compress_stage(recipe: dict[str, Any], model: nn.Module, p: Plan, batches: 
 def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
          overwrite: bool, quiet: bool, recipe_path: str | None,
          distributed: bool) -> dict[str, Any]:
-    from . import data as data_mod
-    from .evaluate import evaluate
-    from .export import export_onnx
-    from .models import load_model
-    from .recipe import dump_resolved
-    from .report import collect_versions, write_report
-    from .utils import atomic_path, get_world_size, seed_everything
-
     timings: dict[str, float] = {}
     where = f"{recipe_path}: " if recipe_path else ""
     train_cfg = recipe.get("train")
@@ -602,7 +573,7 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
         if test_loader is not None:
             with timed(timings, f"evaluate_{key}", f"{len(test_loader.dataset)} images",
                        quiet=quiet):
-                r = evaluate(m, test_loader, reference=reference, max_batches=maxb,
+                r = evaluation.evaluate(m, test_loader, reference=reference, max_batches=maxb,
                              progress=progress)
             row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement", "loss")})
             _log(f"[evaluate_{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
@@ -668,10 +639,8 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                                         progress=progress, distributed=distributed,
                                         input_size=input_size)
         if distributed:  # DDP syncs gradients, not BatchNorm running stats: take rank 0's,
-            import torch.distributed as dist  # the ones it saves, so all ranks agree
-
             for buf in compressed.buffers():
-                dist.broadcast(buf, 0)
+                dist.broadcast(buf, 0)  # the ones it saves, so all ranks agree
         _log(f"[{section}] {ft_stats['steps']} steps, final loss {ft_stats['final_loss']}, "
              f"{ft_stats['images_per_s']:.1f} images/s ({ft_stats['amp'] or 'fp32'}, "
              f"{ft_stats['memory_format']})", quiet)
@@ -690,10 +659,9 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
     _write_tensorboard(staging / "train_log.csv", staging / "tb", quiet)
 
     # save weights and the exact recipe before exporting: they are what load_compressed needs
-    from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in compressed.state_dict().items()}
     with atomic_path(staging / "model.safetensors", suffix=".safetensors") as tmp:
-        save_file(state, str(tmp))
+        safetensors.torch.save_file(state, str(tmp))
     resolved = copy.deepcopy(recipe)
     resolved["rules"] = exact_rules(p) if p is not None else []
     resolved["target"] = None
@@ -727,9 +695,9 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
     report["plan"] = {"params_before": base_count["params"], "params_after": comp_count["params"],
                       "macs_before": base_count["macs"], "macs_after": comp_count["macs"]}
     report["timings"] = timings
-    report["versions"] = collect_versions()
+    report["versions"] = report_mod.collect_versions()
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    write_report(staging, report, plots=recipe["report"]["plots"])
+    report_mod.write_report(staging, report, plots=recipe["report"]["plots"])
     rundir.commit()
     if main:
         print(f"wrote {out}", flush=True)
@@ -745,10 +713,6 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     checked (names, shapes, dtypes, finite values: a recipe.yaml whose ranks were edited is
     a one-line error) and loaded strictly. No module is unpickled.
     """
-    from .models import load_model, replace_head
-    from .models.loaders import load_weights
-    from .recipe import load_recipe
-
     run_dir = Path(run_dir)
     for f in ("recipe.yaml", "model.safetensors"):
         if not (run_dir / f).is_file():

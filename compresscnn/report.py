@@ -10,7 +10,7 @@ left out): ``baseline``/``compressed``/``finetuned`` (each ``top1``, ``top5``, `
 ``params``, ``macs``, ``loss``), ``onnx`` (``path``, ``bytes``, ``max_abs_diff``, ...),
 ``layers`` (rows with ``name, type, method, rank, params_before, params_after, macs_before,
 macs_after, rel_error, skipped``), ``timings`` (stage → seconds), ``versions``, ``latency``,
-``recipe``, ``finetune`` (stats from :func:`compresscnn.finetune.finetune`),
+``recipe``, ``finetune`` (stats from :func:`compresscnn.training.finetune`),
 ``calibration`` (the data-aware fit: ``solver``, ``seconds``, ``forward_passes``,
 ``dense_refitted``; per layer in ``layers[].fit``), ``date``, ``machine``, ``warnings``
 (lines shown first: what makes a number not mean what it seems).
@@ -32,6 +32,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
+
+from . import __version__
 from .utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -73,8 +76,6 @@ def collect_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     if out.get("compresscnn") is None:
-        from . import __version__
-
         out["compresscnn"] = __version__
     try:
         out["numpy"] = metadata.version("numpy")
@@ -85,8 +86,6 @@ def collect_versions() -> dict[str, str | None]:
 
 def collect_machine() -> dict[str, Any]:
     """Platform, CPU count, torch's thread count and CUDA device (if any)."""
-    import torch
-
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -467,7 +466,7 @@ def _plot_layers(layers: list[Mapping[str, Any]]) -> bytes | None:
     rows = [l for l in layers if _num(l.get("params_before")) is not None]
     if not rows:
         return None
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
 
     names = [str(l.get("name")) for l in rows]
     n = len(rows)
@@ -503,7 +502,7 @@ def _plot_latency(rows: list[tuple[str, Mapping[str, Any]]]) -> bytes | None:
     rows = [(n, v) for n, v in rows if _num(v.get("median_ms")) is not None]
     if not rows:
         return None
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
 
     fig = Figure(figsize=(7, max(2.5, 0.4 * len(rows) + 1.2)), dpi=100)
     ax = fig.subplots()

@@ -17,13 +17,17 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .calibration import (execution_order, following_ops, layer_sensitivity, recalibrate_bn,
+                          reconstruct_outputs)
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
 from .decomposers.base import check_weights, layer_cost
 from .errors import DataError, RankError, RecipeError
+from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
+from .nn_utils import example_input, get_module, record_inputs, set_module
 from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
-from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, validate_compress,
-                     validate_rules, validate_target)
+from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
+                     validate_compress, validate_rules, validate_target)
 
 #: how a global target is spread over layers (see ``plan``)
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
@@ -141,20 +145,6 @@ class Plan:
 # ---------------------------------------------------------------------------- helpers
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` (works inside Sequential/ModuleList)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
-        parent[int(child)] = new
-    else:
-        setattr(parent, child, new)
-
-
 def _as_list(x: Any) -> list[str]:
     if x is None:
         return []
@@ -179,8 +169,6 @@ def _validate(rules: Sequence[dict[str, Any]], target: Any
 
 
 def _method_options(rule: dict[str, Any]) -> dict[str, Any]:
-    from .recipe import rule_options
-
     return dict(rule_options(rule))
 
 
@@ -264,10 +252,8 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     inputs: dict[str, torch.Tensor] = {}
     timed_names = [n for n, i in owner.items() if timed(rules[i])]
     if timed_names:
-        from .latency import LatencyConfig, model_input, record_inputs
-
         lat_cfg = LatencyConfig.from_any(latency)
-        x_lat = model_input(input_size, lat_cfg.batch)
+        x_lat = example_input(input_size, lat_cfg.batch)
         # a latency target is a fraction of the summed latency of every Conv2d/Linear
         inputs = record_inputs(model, list(layers) if tkey == "latency" else timed_names,
                                x_lat)
@@ -313,8 +299,6 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         rep.params_after, rep.macs_after = p1, m1 * info.tokens
         rep.rel_error = tail_error(dec.spectra(info.module, **opts), r)
         if lat_cfg is not None and timed(rule):
-            from .latency import time_candidates
-
             dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, inputs[name],
                                               lat_cfg)
             rep.latency_before, rep.latency_after = dense_ms, ms
@@ -326,8 +310,6 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     if lat_cfg is not None:
         layer_ms = {r.name: r.latency_before for r in reps if r.latency_before is not None}
         if tkey == "latency":  # the layers no rule decomposes count at their dense time
-            from .latency import time_modules
-
             for name in layers:
                 if name not in layer_ms:
                     layer_ms[name] = time_modules([copy.deepcopy(layers[name].module)],
@@ -381,8 +363,6 @@ def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
                       x: torch.Tensor, cfg, rep: Replacement) -> list:
     """Time the dense layer and up to ``cfg.max_candidates`` of its candidate ranks; keep
     dense plus the candidates at least ``cfg.margin`` faster than it."""
-    from .latency import spread, time_candidates
-
     pick = [cands[j] for j in spread(len(cands), cfg.max_candidates)]
     dense_ms, times = time_candidates(dec, layer, [c.rank for c in pick], opts, x, cfg)
     cands[0].latency = dense_ms
@@ -432,9 +412,8 @@ def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
     if allocation == "sensitivity" and calibration is None:
         raise RecipeError("allocation: sensitivity needs calibration batches")
     if allocation == "sensitivity" and target:
-        from .calibration import layer_sensitivity
-
-        weights = layer_sensitivity(model, rules, input_size, calibration)
+        probe = plan(model, rules, input_size, target={"macs": 1.0})
+        weights = layer_sensitivity(model, probe, calibration)
     return plan(model, rules, input_size, target=target, objective=objective, latency=latency,
                 sensitivity=weights, allocation=allocation)
 
@@ -493,8 +472,6 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
             lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
             refit_dense=refit_dense, solver=solver)
     if p.latency_config is not None:
-        from .latency import ensure_not_slower
-
         p.latency_check = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
@@ -519,9 +496,6 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     and each layer's fit time in its plan row's ``fit``, and the solver, total time and
     forward passes in ``plan_.calibration``; returns the number of BatchNorm layers
     re-estimated."""
-    from .calibration import (execution_order, following_ops, recalibrate_bn,
-                              reconstruct_outputs)
-
     if fit_through not in FIT_THROUGH:
         raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
                           f"got {fit_through!r}")

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from .errors import CompressError, NoSpaceError
 
@@ -144,12 +146,7 @@ def seed_everything(seed: int) -> None:
     """
     seed = int(seed)
     random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device (lazily)
 
 
@@ -247,16 +244,12 @@ def cpu_bf16_native() -> bool:
 # --------------------------------------------------------------------------- distributed
 def is_dist() -> bool:
     """True when ``torch.distributed`` is available *and* a process group is initialised."""
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
     """This process's global rank; 0 when not distributed."""
     if is_dist():
-        import torch.distributed as dist
-
         return dist.get_rank()
     return 0
 
@@ -264,8 +257,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes in the default group; 1 when not distributed."""
     if is_dist():
-        import torch.distributed as dist
-
         return dist.get_world_size()
     return 1
 

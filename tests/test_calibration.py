@@ -67,12 +67,15 @@ class _TwoBranch(nn.Module):
 
 def test_layer_sensitivity_weighs_what_the_output_feels():
     from compresscnn.calibration import layer_sensitivity
+    from compresscnn.surgery import plan
 
     torch.manual_seed(0)
     m = _TwoBranch().eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     xs = [torch.randn(16, 3, 10, 10) for _ in range(2)]
-    w = layer_sensitivity(m, [{"match": ["a", "b"], "method": "tucker2"}], (3, 10, 10), xs)
+    probe = plan(m, [{"match": ["a", "b"], "method": "tucker2"}], (3, 10, 10),
+                 target={"macs": 1.0})
+    w = layer_sensitivity(m, probe, xs)
     assert set(w) == {"a", "b"} and all(v >= 0 for v in w.values())
     assert w["b"] < 1e-3 * w["a"]
     assert isinstance(m.a, nn.Conv2d) and isinstance(m.b, nn.Conv2d)

@@ -78,7 +78,7 @@ def test_stage_lines_plan_and_progress(tiny_recipe: Path, tmp_path: Path, capsys
     every progress.INTERVAL seconds; each stage announces itself when it starts, so the lines
     come in execution order; the plan goes to stdout as in a dry run."""
     monkeypatch.setattr(progress, "INTERVAL", 0.05)
-    import compresscnn.evaluate as E
+    import compresscnn.evaluation as E
 
     real = E.evaluate
 

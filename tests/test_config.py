@@ -12,7 +12,7 @@ from torch import nn
 
 import compresscnn as cc
 from compresscnn import config as C
-from compresscnn import finetune, recipe as R
+from compresscnn import recipe as R, training as finetune
 from compresscnn.decomposers import decompose, get_decomposer
 from compresscnn.errors import MethodError, RecipeError
 from compresscnn.models.loaders import SOURCES

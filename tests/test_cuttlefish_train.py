@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from compresscnn import finetune as ft_mod
+from compresscnn import training as ft_mod
 from compresscnn.cli import main
 from compresscnn.data import CIFAR10_CLASSES
 from compresscnn.errors import CheckpointError

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compresscnn.errors import DataError
-from compresscnn.evaluate import evaluate, evaluate_predictions, layer_latency, measure_latency
+from compresscnn.evaluation import evaluate, evaluate_predictions, measure_latency
 
 
 class FixedLogits(nn.Module):
@@ -114,9 +114,3 @@ def test_latency_full_shape_and_caller_model_untouched():
     with pytest.raises(ValueError):
         measure_latency(net, (4, 3, 8, 8), batch=2)
 
-
-def test_layer_latency():
-    net = _tiny_cnn()
-    res = layer_latency(net, (3, 8, 8), ["0", "4"], warmup=1, repeats=3)
-    assert res["0"]["input_shape"] == [1, 3, 8, 8] and res["4"]["input_shape"] == [1, 4]
-    assert all(r["median_ms"] > 0 for r in res.values())

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from compresscnn.errors import CheckpointError
-from compresscnn.finetune import distillation_loss, finetune, lr_factor
+from compresscnn.training import distillation_loss, finetune, lr_factor
 
 
 def _tiny_cnn(classes: int = 3, seed: int = 0, dropout: float = 0.0) -> nn.Module:

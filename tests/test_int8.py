@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compresscnn.evaluate import evaluate
+from compresscnn.evaluation import evaluate
 from compresscnn.export import OnnxModule, export_onnx, quantize_onnx_static
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from compresscnn.counting import count
 from compresscnn.decomposers import get_decomposer
 from compresscnn.errors import RankError, RecipeError
-from compresscnn.latency import LatencyConfig, record_inputs, spread, time_modules
+from compresscnn.latency import LatencyConfig, spread, time_modules
+from compresscnn.nn_utils import record_inputs
 from compresscnn.recipe import validate
 from compresscnn.surgery import compress, plan
 

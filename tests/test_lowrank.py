@@ -18,7 +18,7 @@ from compresscnn.lowrank import (FrobeniusDecay, SemiOrthogonal, StableRankMonit
                                  semi_orthogonal_deviation, semi_orthogonal_update,
                                  stable_rank)
 from compresscnn.models.cifar_resnet import cifar_resnet
-from compresscnn.surgery import set_module
+from compresscnn.nn_utils import set_module
 
 IN = (3, 32, 32)
 

@@ -49,7 +49,7 @@ def _recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 def test_data_is_fed_at_model_input_size(tmp_path: Path, monkeypatch) -> None:
     """torchvision:resnet18 at model.input_size [3, 32, 32] on 32x32 images is evaluated at
     32x32, not resized to 256 and cropped to 224 by its default preprocessing."""
-    import compresscnn.evaluate as E
+    import compresscnn.evaluation as E
 
     wn = imagenet_wnids()
     z = _zip(tmp_path / "inet.zip", [wn[1], wn[2]])

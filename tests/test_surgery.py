@@ -10,7 +10,8 @@ from torch import nn
 from compresscnn import compress
 from compresscnn.counting import count
 from compresscnn.errors import CompressError
-from compresscnn.surgery import apply, plan, set_module
+from compresscnn.nn_utils import set_module
+from compresscnn.surgery import apply, plan
 
 
 def small_net():

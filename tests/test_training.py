@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compresscnn import finetune as ft_mod
+import compresscnn.training as ft_mod
 from compresscnn.cli import main
 from compresscnn.errors import CompressError, RecipeError
-from compresscnn.finetune import _cutout, _mixup, _resolve_amp, finetune, resolve_memory_format
+from compresscnn.training import _cutout, _mixup, _resolve_amp, finetune, resolve_memory_format
 from compresscnn.recipe import validate
 
 

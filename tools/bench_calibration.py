@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from compresscnn import compress, load_model
-from compresscnn.evaluate import evaluate
+from compresscnn.evaluation import evaluate
 from compresscnn.data import calibration_batches, make_loaders
 from compresscnn.recipe import SOLVERS
 

@@ -22,7 +22,7 @@ import torch
 
 import compresscnn as cc
 from compresscnn import data as data_mod
-from compresscnn.evaluate import evaluate
+from compresscnn.evaluation import evaluate
 from compresscnn.export import OnnxModule, quantize_onnx_static
 from compresscnn.recipe import load_recipe
 

@@ -39,7 +39,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compresscnn.counting import count  # noqa: E402
-from compresscnn.latency import LatencyConfig, model_input, time_modules  # noqa: E402
+from compresscnn.latency import LatencyConfig, time_modules  # noqa: E402
+from compresscnn.nn_utils import example_input  # noqa: E402
 from compresscnn.surgery import compress  # noqa: E402
 
 RULES = {
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "ranks": p.ranks(),
                                  "latency_plan": p.latency}
                     models.append(m.eval())
-                times = time_modules(models, model_input(input_size, batch), cfg)
+                times = time_modules(models, example_input(input_size, batch), cfg)
                 for how, ms in zip(args.plans, times[1:]):
                     row = {"model": name, "target_macs": frac, "plan": how, "batch": batch,
                            "threads": args.threads, "runtime": "onnxruntime",

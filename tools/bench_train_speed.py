@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the training loop in fp32 vs bf16 autocast, NCHW vs
 channels_last (and optionally torch.compile), for the CIFAR nets of the from-scratch
 experiments and ResNet-20 compressed to 2x fewer MACs. Every configuration runs through
-``compresscnn.finetune`` (the loop ``compresscnn run`` uses) on random 32x32 batches, and the
+``compresscnn.training.finetune`` (the loop ``compresscnn run`` uses) on random 32x32 batches, and the
 configurations of a model are interleaved round by round so that machine noise hits all of
 them alike; the result is the median over rounds of each step's images/s (first two steps of
 every round dropped: kernel selection).
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import compresscnn as cc
-from compresscnn.finetune import finetune
+from compresscnn.training import finetune
 from compresscnn.utils import cpu_bf16_native
 
 MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "alexnet", "squeezenet1_0",

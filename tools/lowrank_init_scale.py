@@ -29,6 +29,7 @@ from torch import nn
 from compresscnn.counting import count
 from compresscnn.lowrank import factorize, factorized_layers
 from compresscnn.models import load_model
+from compresscnn.nn_utils import hooks
 
 INITS = ("kaiming", "spectral", "relu_every")
 
@@ -36,14 +37,12 @@ INITS = ("kaiming", "spectral", "relu_every")
 def layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each named layer of ``model`` sees on ``x``."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach())) for n in names]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def keep(name: str, _mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+        seen[name] = args[0].detach()
+
+    with hooks([(n, model.get_submodule(n)) for n in names], keep), torch.no_grad():
+        model(x)
     return seen
 
 

@@ -7,7 +7,9 @@ Hyperparameters go after a ``?`` as ``key=value`` pairs joined by ``&`` (for swe
 
 These nets have no published CIFAR weights: ``weights`` is None (random init) or a local
 file. ``pretrained_cfg``: 3x32x32 input, the mean/std the ``cifar:resnet*`` specs use
-(ImageNet's, as akamaster's CIFAR ResNets), 10 classes, no resize/crop.
+(ImageNet's, as akamaster's CIFAR ResNets), 10 classes, no resize/crop. This module names
+the nets and parses their hyperparameters; :mod:`compresscnn.models.loaders` builds them
+and loads their weights.
 """
 
 from __future__ import annotations
@@ -17,23 +19,20 @@ from typing import Any, Callable
 from torch import nn
 
 from compresscnn.errors import ModelError
+from compresscnn.models.alexnet_cifar import AlexNetCIFAR
+from compresscnn.models.squeezenet import SqueezeNet
 
-__all__ = ["CIFAR_ZOO", "build_cifar_squeezenet", "build_cifar_alexnet", "build_cifar_zoo",
-           "parse_hparams"]
+__all__ = ["CIFAR_ZOO", "build_cifar_squeezenet", "build_cifar_alexnet", "parse_hparams"]
 
 
 def build_cifar_squeezenet(version: str = "1.0", *, num_classes: int = 10, **hparams: Any) -> nn.Module:
     """SqueezeNet-CIFAR (see :mod:`compresscnn.models.squeezenet`); ``hparams``: ``sr``,
     ``pct3x3``, ``base_e``, ``incr_e``, ``freq`` (defaults: the paper's)."""
-    from compresscnn.models.squeezenet import SqueezeNet
-
     return SqueezeNet(version, num_classes, cifar=True, **hparams)
 
 
 def build_cifar_alexnet(*, num_classes: int = 10, hidden: int = 2048) -> nn.Module:
     """AlexNet-CIFAR (see :mod:`compresscnn.models.alexnet_cifar`)."""
-    from compresscnn.models.alexnet_cifar import AlexNetCIFAR
-
     return AlexNetCIFAR(num_classes, hidden=hidden)
 
 
@@ -66,25 +65,3 @@ def parse_hparams(name: str) -> tuple[str, dict[str, Any]]:
             raise ModelError(f"cifar:{name}: {key} must be {types[key].__name__}, got "
                              f"{val.strip()!r}") from None
     return base, out
-
-
-def build_cifar_zoo(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Builder for ``loaders.load_model``: ``(model, pretrained_cfg)``."""
-    from compresscnn.models.loaders import _cfg, _published_from_file, load_weights
-
-    base, hp = parse_hparams(name)
-    spec = f"cifar:{name}"
-    try:
-        model = CIFAR_ZOO[base][0](**hp)
-    except ValueError as exc:
-        raise ModelError(f"{spec}: {exc}") from None
-    cfg = _cfg(input_size=(3, 32, 32), num_classes=10, resize=None, crop=None, spec=spec,
-               hparams=dict(getattr(model, "hparams", hp)))
-    if weights is not None:
-        if weights.lower() in ("default", "pretrained"):
-            raise ModelError(f"{spec} has no published weights; train it (recipes/"
-                             "cifar10_scratch.yaml) and pass its model.safetensors")
-        ckpt = load_weights(model, weights, spec=spec)
-        cfg["weights"] = str(ckpt.path)
-        cfg["published"] = _published_from_file(ckpt)
-    return model, cfg

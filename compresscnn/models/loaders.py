@@ -32,9 +32,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from compresscnn.config import MODEL_SOURCES
 from compresscnn.errors import CheckpointError, ModelError
+from compresscnn.models.cifar_resnet import cifar_resnet
+from compresscnn.models.cifar_zoo import CIFAR_ZOO, parse_hparams
+from compresscnn.models.small import FMNIST_MEAN, FMNIST_STD, FashionCNN
 
 __all__ = [
     "load_model",
@@ -54,7 +60,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors")
-SOURCES = ("torchvision", "timm", "cifar", "fmnist")
+SOURCES = MODEL_SOURCES
 
 # akamaster/pytorch_resnet_cifar10 (BSD-2-Clause): claimed top-1 on the original CIFAR-10
 # test set (also stored as ``best_prec1`` inside each checkpoint), download URL and sha256.
@@ -110,13 +116,13 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def _torchvision_names() -> list[str]:
-    import torchvision
+    import torchvision  # heavy: imported only when torchvision models are asked for
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _timm_names() -> list[str]:
-    import timm
+    import timm  # heavy: imported only when timm models are asked for
 
     return sorted(timm.list_models())
 
@@ -258,9 +264,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     metadata: dict[str, Any] = {}
     if p.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         try:
             obj: Any = load_file(str(p), device="cpu")
             with safe_open(str(p), framework="pt") as f:
@@ -446,7 +449,7 @@ def _tv_meta(weights_enum: Any) -> dict[str, Any]:
 
 
 def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    import torchvision
+    import torchvision  # heavy: imported only when a torchvision model is asked for
     from torchvision.models import get_model, get_model_weights
 
     known = _torchvision_names()
@@ -489,7 +492,7 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, dict[
 
 
 def _build_timm(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    import timm
+    import timm  # heavy: imported only when a timm model is asked for
 
     if not timm.is_model(name):
         raise _unknown_name("timm", name, _timm_names())
@@ -550,12 +553,29 @@ def _download_akamaster(depth: int) -> Path:
     return dest
 
 
-def _build_cifar(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    from compresscnn.models.cifar_resnet import cifar_resnet
-    from compresscnn.models.cifar_zoo import CIFAR_ZOO, build_cifar_zoo
+def _build_cifar_zoo(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The own CIFAR nets of :mod:`compresscnn.models.cifar_zoo` (``"?k=v&..."`` hparams)."""
+    base, hp = parse_hparams(name)
+    spec = f"cifar:{name}"
+    try:
+        model = CIFAR_ZOO[base][0](**hp)
+    except ValueError as exc:
+        raise ModelError(f"{spec}: {exc}") from None
+    cfg = _cfg(input_size=(3, 32, 32), num_classes=10, resize=None, crop=None, spec=spec,
+               hparams=dict(getattr(model, "hparams", hp)))
+    if weights is not None:
+        if weights.lower() in ("default", "pretrained"):
+            raise ModelError(f"{spec} has no published weights; train it (recipes/"
+                             "cifar10_scratch.yaml) and pass its model.safetensors")
+        ckpt = load_weights(model, weights, spec=spec)
+        cfg["weights"] = str(ckpt.path)
+        cfg["published"] = _published_from_file(ckpt)
+    return model, cfg
 
+
+def _build_cifar(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
     if name.partition("?")[0].strip() in CIFAR_ZOO:  # own CIFAR nets, "?k=v&..." hparams
-        return build_cifar_zoo(name, weights)
+        return _build_cifar_zoo(name, weights)
     known = _cifar_names()
     if name not in known:
         raise _unknown_name("cifar", name, known)
@@ -586,8 +606,6 @@ def _build_cifar(name: str, weights: str | None) -> tuple[nn.Module, dict[str, A
 
 
 def _build_fmnist(name: str, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    from compresscnn.models.small import FMNIST_MEAN, FMNIST_STD, FashionCNN
-
     if name != "cnn":
         raise _unknown_name("fmnist", name, ["cnn"])
     spec = "fmnist:cnn"

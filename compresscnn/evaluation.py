@@ -5,9 +5,8 @@
   no labels and is the most sensitive single number for "did compression change the function"
   (two models can both be 76 % accurate while disagreeing on 10 % of the images).
 * :func:`measure_latency` — median / p10 / p90 wall time of one forward pass, with an explicit
-  thread count (latency numbers without one are not comparable across machines).
-* :func:`layer_latency` — the same for chosen submodules, each fed the input it received in a
-  real forward pass of the whole model (recorded by forward hooks).
+  thread count (latency numbers without one are not comparable across machines), timed by
+  :mod:`compresscnn.timing`.
 
 Counts are accumulated on the model's device and read back once at the end, so evaluation on a
 GPU does not synchronise after every batch.
@@ -16,26 +15,31 @@ GPU does not synchronise after every batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import DataError
+from .export import export_onnx
+from .nn_utils import eval_mode, example_input, module_device, num_threads
 from .progress import bar as progress_bar
+from .timing import ort_runner, summarize, time_interleaved, torch_runner
 from .utils import get_world_size, is_dist, resolve_device
 
-__all__ = ["evaluate", "evaluate_predictions", "measure_latency", "layer_latency", "num_threads"]
+__all__ = ["evaluate", "evaluate_predictions", "measure_latency", "split_batch"]
 
 
 # --------------------------------------------------------------------------- accuracy
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, labels)`` of a batch: a pair, or a dict with ``image``/``label``,
+    ``input``/``target`` or ``x``/``y``."""
     if isinstance(batch, dict):
         for xk, yk in (("image", "label"), ("input", "target"), ("x", "y")):
             if xk in batch and yk in batch:
@@ -118,26 +122,6 @@ def evaluate_predictions(
     return _finish(sums, tuple(topk), int(logits.shape[1]))
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
-    modes = [(m, m.training) for m in models if m is not None]
-    try:
-        for m, _ in modes:
-            m.eval()
-        yield
-    finally:
-        for m, was in modes:
-            m.train(was)
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
-
-
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -163,9 +147,9 @@ def evaluate(
     """
     topk = tuple(int(k) for k in topk)
     dev = resolve_device(device)
-    if _model_device(model) != dev:
+    if module_device(model) != dev:
         model.to(dev)
-    if reference is not None and _model_device(reference) != dev:
+    if reference is not None and module_device(reference) != dev:
         reference.to(dev)
     sums: dict[str, torch.Tensor] = {}
     num_classes: int | None = None
@@ -175,11 +159,11 @@ def evaluate(
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
     bar = progress_bar(total, "eval", enabled=progress, unit="batches")
-    with _eval_mode(model, reference), torch.inference_mode():
+    with eval_mode(model, reference), torch.inference_mode():
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = _split_batch(batch)
+            x, y = split_batch(batch)
             x = x.to(dev, non_blocking=True)
             logits = model(x)
             ref = reference(x) if reference is not None else None
@@ -198,8 +182,6 @@ def evaluate(
 
 
 def _all_reduce_sums(sums: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
-    import torch.distributed as dist
-
     keys = sorted(sums)
     vec = torch.stack([sums[k].double().to(dev) for k in keys])
     dist.all_reduce(vec)
@@ -207,53 +189,6 @@ def _all_reduce_sums(sums: dict[str, torch.Tensor], dev: torch.device) -> dict[s
 
 
 # --------------------------------------------------------------------------- latency
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the duration of the block, then the old value back."""
-    old = torch.get_num_threads()
-    if n is not None and n > 0:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _summary(times_s: list[float]) -> dict[str, float]:
-    ms = sorted(t * 1e3 for t in times_s)
-
-    def pct(p: float) -> float:  # linear interpolation, like numpy's default
-        if len(ms) == 1:
-            return ms[0]
-        pos = p / 100 * (len(ms) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(ms) - 1)
-        return ms[lo] + (ms[hi] - ms[lo]) * (pos - lo)
-
-    return {
-        "median_ms": statistics.median(ms),
-        "p10_ms": pct(10),
-        "p90_ms": pct(90),
-        "mean_ms": statistics.fmean(ms),
-        "min_ms": ms[0],
-    }
-
-
-def _time_calls(fn, warmup: int, repeats: int, sync=None) -> list[float]:
-    for _ in range(max(warmup, 0)):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(max(repeats, 1)):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def measure_latency(
     model_or_onnx_path: nn.Module | str | os.PathLike,
     input_shape: Sequence[int],
@@ -294,8 +229,7 @@ def measure_latency(
             raise ValueError(f"batch={batch} contradicts the full input shape {input_shape}")
         batch, input_shape = input_shape[0], input_shape[1:]
     batch = 1 if batch is None else int(batch)
-    shape = (batch, *input_shape)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = example_input(input_shape, batch, seed)
     info: dict[str, Any] = {
         "repeats": int(max(repeats, 1)),
         "warmup": int(max(warmup, 0)),
@@ -309,23 +243,16 @@ def measure_latency(
             raise TypeError("runtime='torch' needs an nn.Module, not a path")
         model = model_or_onnx_path
         dev = resolve_device(device)
-        if _model_device(model) not in (None, dev):
-            import copy
-
+        if module_device(model) not in (None, dev):
             model = copy.deepcopy(model).to(dev)
-        x = x.to(dev)
-        sync = torch.cuda.synchronize if dev.type == "cuda" else None
-        with num_threads(threads), _eval_mode(model), torch.inference_mode():
-            times = _time_calls(lambda: model(x), warmup, repeats, sync)
+        with num_threads(threads), eval_mode(model), torch.inference_mode():
+            run = torch_runner(model, x.to(dev))
+            times = time_interleaved([run], warmup=warmup, rounds=repeats)[0]
         info["device"] = str(dev)
-        return {**_summary(times), **info}
-
-    import onnxruntime as ort
+        return {**summarize(times), **info}
 
     with contextlib.ExitStack() as stack:
         if isinstance(model_or_onnx_path, nn.Module):
-            from .export import export_onnx
-
             tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="compresscnn-lat-"))
             path = Path(tmpdir) / "model.onnx"
             export_onnx(model_or_onnx_path, path, input_shape, check_batch=(int(batch),))
@@ -333,49 +260,7 @@ def measure_latency(
             path = Path(model_or_onnx_path)
             if not path.is_file():
                 raise FileNotFoundError(f"ONNX file not found: {path}")
-        from .latency import ort_session_options
-
-        sess = ort.InferenceSession(str(path), ort_session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        times = _time_calls(lambda: sess.run(None, feed), warmup, repeats)
+        times = time_interleaved([ort_runner(path, x, threads)], warmup=warmup,
+                                 rounds=repeats)[0]
     info["device"] = "cpu"
-    return {**_summary(times), **info}
-
-
-def layer_latency(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    names: Sequence[str],
-    *,
-    threads: int = 1,
-    warmup: int = 3,
-    repeats: int = 20,
-    batch: int = 1,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """Latency of the named submodules (dotted paths), each on the input it receives in a
-    forward pass of ``model`` on a random ``(batch, *input_shape)`` input.
-
-    Returns ``{name: {"median_ms", ..., "input_shape"}}``. Only the first positional tensor
-    input of each module is recorded (true for Conv/Linear/Sequential blocks).
-    """
-    from .latency import model_input, record_inputs
-
-    mods = dict(model.named_modules())
-    dev = _model_device(model) or torch.device("cpu")
-    x = model_input(input_shape, batch, seed).to(dev)
-    recorded = record_inputs(model, names, x)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    out: dict[str, dict[str, Any]] = {}
-    with num_threads(threads), _eval_mode(model), torch.inference_mode():
-        for n in names:
-            inp = recorded[n]
-            times = _time_calls(lambda: mods[n](inp), warmup, repeats, sync)
-            out[n] = {
-                **_summary(times),
-                "repeats": int(max(repeats, 1)),
-                "threads": int(threads),
-                "input_shape": list(inp.shape),
-            }
-    return out
+    return {**summarize(times), **info}

@@ -45,12 +45,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from .config import MEMORY_FORMATS, OPTIMIZERS, SCHEDULES
 from .errors import CheckpointError, CompressError, DataError
+from .evaluation import split_batch
 from .models.loaders import check_state_dict, load_torch_file
 from .utils import (
     atomic_torch_save,
@@ -212,8 +217,6 @@ def _resolve_amp(amp: Any, dev: torch.device) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------- RNG state
 def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
@@ -233,8 +236,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state(
@@ -265,12 +266,6 @@ def _seed_loader(loader: Any, seed: int, epoch: int) -> None:
         # The DataLoader draws its workers' base seed from this generator (or from the global
         # torch RNG when it is None) each time an iterator is created.
         loader.generator = torch.Generator().manual_seed((seed + epoch) * 7919 + 104729)
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    from .evaluate import _split_batch as split
-
-    return split(batch)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -613,14 +608,10 @@ def finetune(
 
     sync_bn = None
     if distributed and dev.type == "cuda":
-        import torch.distributed as dist
-
         if dist.get_backend() == "nccl":
             sync_bn = _SyncBNReverter(student)
     model: nn.Module = student
     if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         model = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
     forward = torch.compile(model) if compile else model
 
@@ -675,8 +666,6 @@ def finetune(
                 ckpt_path,
             )
         if ckpt_path is not None and distributed:
-            import torch.distributed as dist
-
             dist.barrier()
         last_saved = step
 
@@ -692,8 +681,6 @@ def finetune(
 
     bar = None
     if progress and main:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total_steps, initial=step, desc=section, disable=None, dynamic_ncols=True)
 
     after_step = _callbacks(callbacks, "after_step")
@@ -721,7 +708,7 @@ def finetune(
             fetched = False
             for batch in it:
                 fetched = True
-                x, y = _split_batch(batch)
+                x, y = split_batch(batch)
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
                 if cutout:

@@ -1,0 +1,136 @@
+"""Leaf helpers on ``nn.Module``: dotted-path get/set, a mode for the length of a block,
+forward hooks for the length of a block, the inputs submodules receive, seeded example
+inputs and torch's thread count for a block.
+
+This module imports only torch and the standard library, so every other module of the
+package may use it and it never takes part in an import cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["get_module", "set_module", "module_mode", "eval_mode", "hooks", "record_inputs",
+           "module_device", "example_input", "num_threads"]
+
+
+# ----------------------------------------------------------------------- dotted paths
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted path ``name`` (``"layer1.0.conv1"``, ``"features.3"``)."""
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (works inside Sequential/ModuleList)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+# ----------------------------------------------------------------------- modes and hooks
+@contextlib.contextmanager
+def module_mode(*models: nn.Module | None, training: bool) -> Iterator[None]:
+    """Put ``models`` (``None`` entries are skipped) in train (``training=True``) or eval
+    mode for the block; each gets the mode it had back afterwards, also on an error."""
+    modes = [(m, m.training) for m in models if m is not None]
+    try:
+        for m, _ in modes:
+            m.train(training)
+        yield
+    finally:
+        for m, was in modes:
+            m.train(was)
+
+
+def eval_mode(*models: nn.Module | None) -> contextlib.AbstractContextManager[None]:
+    """``module_mode(*models, training=False)``."""
+    return module_mode(*models, training=False)
+
+
+@contextlib.contextmanager
+def hooks(modules: Iterable[tuple[str, nn.Module]], fn: Callable[..., Any], *,
+          pre: bool = False) -> Iterator[None]:
+    """Call ``fn(name, module, args, output)`` after every call of each ``(name, module)``
+    during the block (``pre=True``: ``fn(name, module, args)`` before it); the hooks are
+    removed afterwards, also on an error. What ``fn`` returns is ignored, so a hook never
+    changes the inputs or outputs it sees; it may raise to cut a forward pass short."""
+    handles = []
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def call(mod: nn.Module, args: tuple) -> None:
+            fn(name, mod, args)
+        return call
+
+    def post_hook(name: str) -> Callable[..., None]:
+        def call(mod: nn.Module, args: tuple, out: Any) -> None:
+            fn(name, mod, args, out)
+        return call
+
+    try:
+        for name, mod in modules:
+            handles.append(mod.register_forward_pre_hook(pre_hook(name)) if pre
+                           else mod.register_forward_hook(post_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """The first tensor input each named submodule receives in one eval-mode forward pass
+    of ``model`` on ``x`` (copies, outside autograd)."""
+    mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise KeyError(f"no submodule(s) {missing} in {type(model).__name__}")
+    recorded: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, _mod: nn.Module, args: tuple) -> None:
+        if name not in recorded and args and isinstance(args[0], torch.Tensor):
+            recorded[name] = args[0].detach().clone()
+
+    with hooks([(n, mods[n]) for n in names], keep, pre=True), eval_mode(model), \
+            torch.inference_mode():
+        model(x)
+    not_called = [n for n in names if n not in recorded]
+    if not_called:
+        raise RuntimeError(f"submodule(s) {not_called} were not called in the forward pass")
+    return recorded
+
+
+# ----------------------------------------------------------------------- inputs, threads
+def module_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (else buffer); ``None`` when it has none."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def example_input(input_size: Sequence[int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A standard-normal float32 CPU tensor ``(batch, *input_size)``, the same for the same
+    ``seed`` (what latency figures and export checks feed a model)."""
+    return torch.randn((int(batch), *[int(s) for s in input_size]),
+                       generator=torch.Generator().manual_seed(int(seed)))
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the duration of the block, then the old value back
+    (``None`` or 0 leaves it as it is)."""
+    old = torch.get_num_threads()
+    if n is not None and n > 0:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

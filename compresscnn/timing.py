@@ -1,0 +1,140 @@
+"""The one timing engine behind every latency figure of the package.
+
+A *runner* is a no-argument callable that runs one forward pass: :func:`torch_runner`
+(eager PyTorch, synchronised on CUDA) or :func:`ort_runner` (onnxruntime's CPU provider
+with :func:`ort_session_options`); :func:`module_runner` builds either for a module.
+:func:`time_interleaved` times several runners round-robin, so that a slow spell of a
+shared machine hits all of them alike, and returns the raw samples; :func:`median_ms` and
+:func:`summarize` turn samples into the figures reports carry.
+
+Whole-model figures (``compresscnn.evaluation.measure_latency``) time one runner;
+latency-aware planning (``compresscnn.latency``) times a dense layer against its candidate
+decompositions. Thread counts are the caller's: ``nn_utils.num_threads`` for PyTorch,
+``threads`` here for onnxruntime.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .nn_utils import module_device
+
+__all__ = ["RUNTIMES", "ort_session_options", "ort_runner", "torch_runner", "onnx_bytes",
+           "module_runner", "time_interleaved", "median_ms", "summarize"]
+
+RUNTIMES = ("onnxruntime", "torch")
+
+Runner = Callable[[], Any]
+
+
+# ----------------------------------------------------------------------------- runners
+def ort_session_options(threads: int) -> Any:
+    """CPU onnxruntime session options used for every latency figure: ``threads`` intra-op
+    threads, one inter-op thread, sequential execution, all graph optimisations."""
+    import onnxruntime as ort  # heavy: loaded only when an onnxruntime figure is asked for
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def ort_runner(model: bytes | str | os.PathLike, x: torch.Tensor, threads: int) -> Runner:
+    """One onnxruntime (CPU) run of ``model`` (serialized bytes or a file path) on ``x``."""
+    import onnxruntime as ort  # heavy: loaded only when an onnxruntime figure is asked for
+
+    src = model if isinstance(model, bytes) else str(model)
+    sess = ort.InferenceSession(src, ort_session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def torch_runner(module: nn.Module, x: torch.Tensor) -> Runner:
+    """One eager call ``module(x)`` (``x`` where the caller put it); on CUDA each call waits
+    for the device, so the time is the work's and not the launch's."""
+    if x.device.type == "cuda":
+        def run() -> Any:
+            module(x)
+            torch.cuda.synchronize()
+        return run
+    return lambda: module(x)
+
+
+def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
+    """A static-shape ONNX model of ``module`` on input ``x``, for timing only (the
+    TorchScript-based exporter takes ~0.1 s for one layer against ~1 s for dynamo)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17,
+                              input_names=["x"], output_names=["y"])
+            return buf.getvalue()
+        except Exception:  # a torch without the TorchScript exporter: use dynamo
+            with tempfile.TemporaryDirectory(prefix="compresscnn-lat-") as d:
+                path = Path(d) / "m.onnx"
+                torch.onnx.export(module, (x,), str(path), dynamo=True, external_data=False,
+                                  opset_version=18)
+                return path.read_bytes()
+
+
+def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Runner:
+    """A runner of ``module`` on ``x`` on ``runtime``: ``"torch"`` on the module's device,
+    ``"onnxruntime"`` on a timing export of it (:func:`onnx_bytes`)."""
+    if runtime == "torch":
+        return torch_runner(module, x.to(module_device(module) or torch.device("cpu")))
+    return ort_runner(onnx_bytes(module, x), x, threads)
+
+
+# ----------------------------------------------------------------------------- timing
+def time_interleaved(fns: Sequence[Runner], *, warmup: int, rounds: int,
+                     per_round: int = 1) -> list[list[float]]:
+    """Seconds per call of each runner, timed round-robin: ``warmup`` untimed calls each,
+    then ``rounds`` rounds in which every runner is called ``per_round`` times in turn."""
+    for f in fns:
+        for _ in range(max(int(warmup), 0)):
+            f()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(int(rounds), 1)):
+        for i, f in enumerate(fns):
+            for _ in range(max(int(per_round), 1)):
+                t0 = time.perf_counter()
+                f()
+                samples[i].append(time.perf_counter() - t0)
+    return samples
+
+
+def median_ms(samples_s: Sequence[float]) -> float:
+    """The median of samples in seconds, in milliseconds."""
+    return statistics.median(samples_s) * 1e3
+
+
+def summarize(samples_s: Sequence[float]) -> dict[str, float]:
+    """``{"median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms"}`` of samples in seconds
+    (percentiles by linear interpolation, like numpy's default)."""
+    ms = sorted(t * 1e3 for t in samples_s)
+
+    def pct(p: float) -> float:
+        if len(ms) == 1:
+            return ms[0]
+        pos = p / 100 * (len(ms) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ms) - 1)
+        return ms[lo] + (ms[hi] - ms[lo]) * (pos - lo)
+
+    return {"median_ms": statistics.median(ms), "p10_ms": pct(10), "p90_ms": pct(90),
+            "mean_ms": statistics.fmean(ms), "min_ms": ms[0]}
