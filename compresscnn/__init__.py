@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it. No submodule may share a public name: importing
 #: ``compresscnn.<name>`` binds the submodule on the package and would hide the function.
 _EXPORTS = {
-    "decompose": "compresscnn.decomposers",
+    "decompose": "compresscnn.ranks",
     "register_decomposer": "compresscnn.decomposers",
     "get_decomposer": "compresscnn.decomposers",
     "list_decomposers": "compresscnn.decomposers",

@@ -13,7 +13,8 @@ from torch import nn
 import compresscnn as cc
 from compresscnn import config as C
 from compresscnn import recipe as R, training as finetune
-from compresscnn.decomposers import decompose, get_decomposer
+from compresscnn.decomposers import get_decomposer
+from compresscnn.ranks import decompose
 from compresscnn.errors import MethodError, RecipeError
 from compresscnn.models.loaders import SOURCES
 

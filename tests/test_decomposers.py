@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import compresscnn.decomposers as D
+import compresscnn.ranks as RK
 from compresscnn.decomposers import _numerics as num
 from compresscnn.decomposers import base
 from compresscnn.decomposers.fire import FireModule
@@ -157,7 +158,7 @@ def _check_layer(method: str, g: dict, options: dict) -> None:
     if reason is not None:
         assert isinstance(reason, str) and reason
         with pytest.raises(MethodError):
-            D.decompose(layer, method, "full", **options)
+            RK.decompose(layer, method, "full", **options)
         return
     torch.manual_seed(1)
     x = torch.randn(2, g["cin"], *g["hw"], dtype=torch.float64)
@@ -168,7 +169,7 @@ def _check_layer(method: str, g: dict, options: dict) -> None:
     exact = method != "fire" or (options.get("pct3x3", 0.5) == 1.0 and linear)
 
     full = dec.max_rank(layer, **options)
-    assert D.resolve_rank(dec, layer, "full", **options) == full
+    assert RK.resolve_rank(dec, layer, "full", **options) == full
     errs = []
     ranks = [dec.scale_rank(layer, t, **options) for t in T_GRID]
     assert ranks[-1] == full
@@ -280,13 +281,13 @@ def test_svd_randomized_close_to_exact():
     layer = nn.Linear(n, m, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_((u * s) @ v.mT)
-    mod = D.decompose(layer, "svd", r)
+    mod = RK.decompose(layer, "svd", r)
     exact = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
     assert abs(mod.fit_info["rel_error"] - exact) <= 1e-3 * exact
     # flat spectrum (Gaussian matrix): the hard case for a randomized range finder
     with torch.no_grad():
         layer.weight.copy_(torch.randn(m, n, dtype=torch.float64))
-    mod = D.decompose(layer, "svd", r)
+    mod = RK.decompose(layer, "svd", r)
     s = torch.linalg.svdvals(layer.weight.detach())
     exact = float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
     assert abs(mod.fit_info["rel_error"] - exact) <= 1e-3 * exact
@@ -316,7 +317,7 @@ def test_refusals_have_reasons(method, kwargs, fragment):
     reason = D.get_decomposer(method).supports(layer)
     assert reason is not None and fragment in reason
     with pytest.raises(MethodError, match=fragment):
-        D.decompose(layer, method)
+        RK.decompose(layer, method)
 
 
 def test_layer_type_refused():
@@ -352,7 +353,7 @@ def test_fire_channel_order_and_geometry():
             keep = layer.weight[o, :, 1, 1].clone()
             layer.weight[o] = 0
             layer.weight[o, :, 1, 1] = keep
-    mod = D.decompose(layer, "fire", "full", pct3x3=5 / 8)
+    mod = RK.decompose(layer, "fire", "full", pct3x3=5 / 8)
     assert mod.expand1x1.out_channels == 3 and mod.perm is not None
     assert "perm" in mod.state_dict()
     x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
@@ -365,7 +366,7 @@ def test_fire_channel_order_and_geometry():
         keep = layer.weight[5:, :, 1, 1].clone()
         layer.weight[5:] = 0
         layer.weight[5:, :, 1, 1] = keep
-    mod = D.decompose(layer, "fire", "full", pct3x3=5 / 8)
+    mod = RK.decompose(layer, "fire", "full", pct3x3=5 / 8)
     assert mod.perm is None and mod.expand3x3_first
     with torch.no_grad():
         assert float((mod(x) - layer(x)).abs().max()) < 1e-12
@@ -386,7 +387,7 @@ def test_fire_squeeze_ratio_caps_rank():
 
 def test_cp_hard_random_case_bounded():
     layer = _conv(64, 64, 3, padding=1)
-    mod = D.decompose(layer, "cp", 16)
+    mod = RK.decompose(layer, "cp", 16)
     info = mod.fit_info
     assert all(torch.isfinite(p).all() for p in mod.parameters())
     assert info["norm_ratio"] <= 2.0
@@ -427,7 +428,7 @@ def test_cp_never_nan_on_zero_and_huge_weights():
         with torch.no_grad():
             layer.weight.fill_(fill)
             layer.weight[0, 0, 0, 0] += 1.0
-        mod = D.decompose(layer, "cp", 3)
+        mod = RK.decompose(layer, "cp", 3)
         assert all(torch.isfinite(p).all() for p in mod.parameters())
         assert math.isfinite(mod.fit_info["rel_error"])
 
@@ -439,19 +440,19 @@ def test_cp_never_nan_on_zero_and_huge_weights():
 def test_rank_parsing():
     layer = _conv(8, 16, 3, padding=1)
     dec = D.get_decomposer("tucker2")
-    assert D.resolve_rank(dec, layer, 3) == (3, 3)
-    assert D.resolve_rank(dec, layer, (2, 5)) == (2, 5)
-    assert D.resolve_rank(dec, layer, [2, 5]) == (2, 5)
-    assert D.resolve_rank(dec, layer, "full") == (8, 16)
+    assert RK.resolve_rank(dec, layer, 3) == (3, 3)
+    assert RK.resolve_rank(dec, layer, (2, 5)) == (2, 5)
+    assert RK.resolve_rank(dec, layer, [2, 5]) == (2, 5)
+    assert RK.resolve_rank(dec, layer, "full") == (8, 16)
     for frac in (0.1, 0.3, 0.5, 1.0):
-        r = D.resolve_rank(dec, layer, frac, in_hw=(9, 9))
+        r = RK.resolve_rank(dec, layer, frac, in_hw=(9, 9))
         kept = dec.cost(layer, r, (9, 9))[0]
         assert kept <= frac * D.layer_cost(layer, (9, 9))[0] or r == dec.scale_rank(layer, 1e-9)
     for bad in (0, -1, 17, (1, 2, 3), (2,), True, float("nan"), 1.5, "half", 0.0, (2, 0),
                 (2.0, 3), None):
         with pytest.raises(RankError, match=r"Conv2d\(8->16"):
-            D.resolve_rank(dec, layer, bad)
-    mod = D.decompose(layer, "tucker2", 0.5)
+            RK.resolve_rank(dec, layer, bad)
+    mod = RK.decompose(layer, "tucker2", 0.5)
     assert sum(p.numel() for p in mod.parameters()) <= 0.5 * D.layer_cost(layer, (9, 9))[0]
 
 
@@ -481,9 +482,9 @@ def test_duplicate_registration_raises():
 def test_options_validated():
     layer = _conv(4, 4, 3)
     with pytest.raises(MethodError, match="hooi"):
-        D.decompose(layer, "tucker2", 2, hoi=2)
+        RK.decompose(layer, "tucker2", 2, hoi=2)
     with pytest.raises(MethodError, match="expected"):
-        D.decompose(layer, "tucker2", 2, hooi="2")
+        RK.decompose(layer, "tucker2", 2, hooi="2")
     for name in D.list_decomposers():
         dec = D.get_decomposer(name)
         assert issubclass(dec.Options, MethodOptions) and len(dec.rank_names) >= 1

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscnn import response as R
-from compresscnn.decomposers import decompose
+from compresscnn.ranks import decompose
 from compresscnn.errors import CompressError, DataError
 from compresscnn.response import Tail, fit_layer
 

@@ -2,14 +2,15 @@
 
 Methods: ``tucker2`` (Kim et al. 2016), ``cp`` (Lebedev et al. 2015), ``spatial``
 (Jaderberg et al. 2014 / Tai et al. 2016), ``svd`` (Sainath et al. 2013), ``fire``
-(Iandola et al. 2016). See :mod:`compresscnn.decomposers.base` for the contract.
+(Iandola et al. 2016). See :mod:`compresscnn.decomposers.base` for the contract, and
+:mod:`compresscnn.ranks` for what a rank means (``compresscnn.decompose`` lives there).
 """
 
 from __future__ import annotations
 
-from .base import (Decomposer, conv_out_hw, decompose, get_decomposer, layer_cost,
-                   list_decomposers, rank_for_fraction, register_decomposer, resolve_rank)
+from .base import (Decomposer, get_decomposer, layer_cost, list_decomposers,
+                   register_decomposer)
 from . import cp, fire, spatial, svd, tucker2  # noqa: F401  (registration side effect)
 
-__all__ = ["Decomposer", "conv_out_hw", "decompose", "get_decomposer", "layer_cost",
-           "list_decomposers", "rank_for_fraction", "register_decomposer", "resolve_rank"]
+__all__ = ["Decomposer", "get_decomposer", "layer_cost", "list_decomposers",
+           "register_decomposer"]

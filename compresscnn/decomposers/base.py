@@ -16,10 +16,9 @@ through this interface:
   (descending), used by energy and EVBMF rank selection and to estimate error;
 * ``decompose(layer, rank, **options)`` -> ``nn.Module``.
 
-Ranks are always tuples of ints once resolved. :func:`resolve_rank` turns what a user writes
-(an int, a tuple, ``"full"`` or a float in (0, 1] meaning the fraction of the layer's
-parameters to keep) into such a tuple, with a :class:`RankError` naming the layer and the
-limit when it is impossible.
+Ranks are always tuples of ints once resolved; what a rank a user writes means (an int, a
+tuple, ``"full"``, a fraction of parameters or MACs, energy, EVBMF, a budget) lives in
+:mod:`compresscnn.ranks`.
 """
 
 from __future__ import annotations
@@ -131,117 +130,8 @@ def layer_cost(layer: nn.Module, in_hw: tuple[int, int] | None) -> tuple[int, in
         return params, layer.in_features * layer.out_features
     if isinstance(layer, nn.Conv2d):
         assert in_hw is not None, "a Conv2d needs its input size"
-        oh, ow = conv_out_hw(layer, in_hw)
-        kh, kw = layer.kernel_size
-        macs = oh * ow * layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
-        return params, macs
+        return params, ConvSpec.of(layer).macs(in_hw)
     raise TypeError(type(layer).__name__)
-
-
-def conv_out_hw(layer: nn.Conv2d, in_hw: tuple[int, int]) -> tuple[int, int]:
-    """Output spatial size of ``layer`` for input size ``in_hw`` (handles padding='same')."""
-    out = []
-    for ax in range(2):
-        k, s, d = layer.kernel_size[ax], layer.stride[ax], layer.dilation[ax]
-        if isinstance(layer.padding, str):
-            if layer.padding == "same":
-                out.append(in_hw[ax])  # 'same' requires stride 1
-                continue
-            p = 0  # 'valid'
-        else:
-            p = layer.padding[ax]
-        out.append((in_hw[ax] + 2 * p - d * (k - 1) - 1) // s + 1)
-    return out[0], out[1]
-
-
-def _layer_label(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Conv2d):
-        return (f"Conv2d({layer.in_channels}->{layer.out_channels}, "
-                f"k={tuple(layer.kernel_size)}, groups={layer.groups})")
-    if isinstance(layer, nn.Linear):
-        return f"Linear({layer.in_features}->{layer.out_features})"
-    return type(layer).__name__
-
-
-def resolve_rank(dec: Decomposer, layer: nn.Module, rank: Any,
-                 in_hw: tuple[int, int] | None = None, **options: Any) -> Rank:
-    """Turn a user's rank (int, tuple/list, "full", float in (0, 1]) into a rank tuple.
-
-    A float is the fraction of the layer's parameters to keep: the largest rank of the
-    method's ``scale_rank`` family whose parameter count does not exceed it (at least the
-    smallest rank of the family).
-    """
-    reason = dec.supports(layer)
-    if reason is not None:
-        raise MethodError(reason)
-    full = dec.max_rank(layer, **options)
-    label = _layer_label(layer)
-    if isinstance(rank, str):
-        if rank == "full":
-            return full
-        raise RankError(f"rank {rank!r} for {label}: expected an int, a list of ints, "
-                        f"a float in (0, 1] or 'full'")
-    if isinstance(rank, bool):
-        raise RankError(f"rank {rank!r} for {label}: expected a number, not a boolean")
-    if isinstance(rank, int):
-        rank = (rank,) * len(full)
-    if isinstance(rank, (tuple, list)):
-        if len(rank) != len(full) or not all(isinstance(r, int) and not isinstance(r, bool)
-                                             for r in rank):
-            raise RankError(f"rank {list(rank)!r} for {label}: {dec.name} takes "
-                            f"{len(full)} int(s) ({', '.join(dec.rank_names)})")
-        for r, m, n in zip(rank, full, dec.rank_names):
-            if r < 1:
-                raise RankError(f"rank {list(rank)!r} for {label}: {n}={r} must be >= 1")
-            if r > m:
-                raise RankError(f"rank {list(rank)!r} for {label}: {n}={r} exceeds the "
-                                f"full rank {m} of this layer")
-        return tuple(int(r) for r in rank)
-    if isinstance(rank, float):
-        if not (0.0 < rank <= 1.0) or math.isnan(rank):
-            raise RankError(f"rank {rank!r} for {label}: a fraction must be in (0, 1]")
-        return rank_for_fraction(dec, layer, rank, in_hw, key="params", **options)
-    raise RankError(f"rank {rank!r} for {label}: expected an int, a list of ints, "
-                    f"a float in (0, 1] or 'full'")
-
-
-def rank_for_fraction(dec: Decomposer, layer: nn.Module, fraction: float,
-                      in_hw: tuple[int, int] | None, key: str = "params",
-                      **options: Any) -> Rank:
-    """Largest rank in ``dec.scale_rank``'s family keeping at most ``fraction`` of
-    the layer's params (``key="params"``) or MACs (``key="macs"``)."""
-    idx = 0 if key == "params" else 1
-    if key == "macs" and in_hw is None and isinstance(layer, nn.Conv2d):
-        raise RankError("a MAC fraction needs the layer's input size")
-    budget = fraction * layer_cost(layer, in_hw if isinstance(layer, nn.Conv2d) else None)[idx]
-
-    def spend(t: float) -> int:
-        return dec.cost(layer, dec.scale_rank(layer, t, **options), in_hw, **options)[idx]
-
-    lo, hi = 0.0, 1.0
-    if spend(hi) <= budget:
-        return dec.scale_rank(layer, hi, **options)
-    for _ in range(40):  # bisection on the monotone family
-        mid = (lo + hi) / 2
-        if spend(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return dec.scale_rank(layer, max(lo, 1e-9), **options)
-
-
-def decompose(layer: nn.Module, method: str, rank: Any = "full", **options: Any) -> nn.Module:
-    """Decompose one layer: ``decompose(conv, "tucker2", 0.5)``.
-
-    Returns plain ``nn.Conv2d``/``nn.Linear`` modules (in an ``nn.Sequential``, or a small
-    module of them for Fire), on the layer's device and dtype. For a float rank on a Conv2d
-    the fraction refers to parameters, which does not depend on input size.
-    """
-    dec = get_decomposer(method)
-    check_weights(layer, type(layer).__name__)
-    r = resolve_rank(dec, layer, rank, in_hw=(32, 32) if isinstance(layer, nn.Conv2d) else None,
-                     **options)
-    return dec.decompose(layer, r, **options)
 
 
 def check_weights(layer: nn.Module, label: str) -> None:
@@ -310,7 +200,16 @@ class ConvSpec:
     bias: bool = False
     padding_mode: str = "zeros"
 
+    @classmethod
+    def of(cls, layer: nn.Conv2d) -> "ConvSpec":
+        """The geometry of an existing ``layer``."""
+        return cls(layer.in_channels, layer.out_channels, tuple(layer.kernel_size),
+                   tuple(layer.stride), layer.padding if isinstance(layer.padding, str)
+                   else tuple(layer.padding), tuple(layer.dilation), layer.groups,
+                   layer.bias is not None, layer.padding_mode)
+
     def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output spatial size for input size ``in_hw`` (``'same'`` keeps it)."""
         out = []
         for ax in range(2):
             k, s, d = self.kernel_size[ax], self.stride[ax], self.dilation[ax]
