@@ -157,7 +157,7 @@ def test_train_recipe_validation():
     bad = [({"model": {"spec": "cifar:resnet20", "weights": "x.th"}}, "model.weights"),
            ({"finetune": {"epochs": 1}}, "finetune"),
            ({"calibration": {}}, "calibration"),
-           ({"train": None}, "rules")]
+           ({"train": None, "target": {"macs": 0.5}}, "rules")]  # compressing with no rule
     for change, where in bad:
         with pytest.raises(RecipeError) as e:
             validate({**_TRAIN, **change})
