@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -244,135 +244,171 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     totals = count(model, input_size)
     owner = _match(rules, layers)
     tkey = next(iter(target)) if target else None
-
-    def timed(rule: dict[str, Any]) -> bool:
-        return tkey == "latency" or (rule.get("objective") or objective) == "latency"
-
-    lat_cfg = x_lat = None
-    inputs: dict[str, torch.Tensor] = {}
-    timed_names = [n for n, i in owner.items() if timed(rules[i])]
-    if timed_names:
-        lat_cfg = LatencyConfig.from_any(latency)
-        x_lat = example_input(input_size, lat_cfg.batch)
-        # a latency target is a fraction of the summed latency of every Conv2d/Linear
-        inputs = record_inputs(model, list(layers) if tkey == "latency" else timed_names,
-                               x_lat)
+    timed = [n for n, i in owner.items()
+             if tkey == "latency" or (rules[i].get("objective") or objective) == "latency"]
+    lat_cfg, inputs = _latency_inputs(model, layers, timed, tkey, input_size, latency)
 
     reps: list[Replacement] = []
-    budget_items: list[tuple[BudgetItem, Replacement]] = []
+    items: dict[str, BudgetItem] = {}
     for name, info in layers.items():
         if name not in owner:
             continue
-        i = owner[name]
-        rule = rules[i]
-        dec = get_decomposer(rule["method"])
-        opts = _method_options(rule)
-        p0, m0 = layer_cost(info.module, info.in_hw)
-        m0 *= info.tokens
-        rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
-                          p0, m0, p0, m0, rule=i)
+        w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
+        rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
+                            weight=w, lat_cfg=lat_cfg,
+                            x=inputs[name] if name in timed else None)
         reps.append(rep)
-        reason = dec.supports(info.module)
-        if reason is not None:
-            rep.skipped = reason
-            continue
-        check_weights(info.module, f"rules[{i}] ({name})")
-        has_policy = any(rule.get(k) is not None for k in _RANK_KEYS)
-        if not has_policy:
-            if not target:
-                raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
-                                  f"global target to choose ranks")
-            cands = candidates_for(dec, info.module, info.in_hw, opts,
-                                   round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
-            if lat_cfg is not None and timed(rule):
-                cands = _timed_candidates(dec, info.module, cands, opts, inputs[name],
-                                          lat_cfg, rep)
-            w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
-            budget_items.append((BudgetItem(name, cands, weight=w), rep))
-            continue
-        try:
-            r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
-        except RankError as e:  # name the rule and the layer, not only the layer's shape
-            raise RankError(f"rules[{i}] ({name}): {e}") from None
-        p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
-        rep.rank, rep.policy = list(r), how
-        rep.params_after, rep.macs_after = p1, m1 * info.tokens
-        rep.rel_error = tail_error(dec.spectra(info.module, **opts), r)
-        if lat_cfg is not None and timed(rule):
-            dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, inputs[name],
-                                              lat_cfg)
-            rep.latency_before, rep.latency_after = dense_ms, ms
-            if ms >= dense_ms * (1.0 - lat_cfg.margin):
-                rep.skipped = (f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
-                               f"{dense_ms:.3g} ms dense")
-
-    layer_ms: dict[str, float] = {}
-    if lat_cfg is not None:
-        layer_ms = {r.name: r.latency_before for r in reps if r.latency_before is not None}
-        if tkey == "latency":  # the layers no rule decomposes count at their dense time
-            for name in layers:
-                if name not in layer_ms:
-                    layer_ms[name] = time_modules([copy.deepcopy(layers[name].module)],
-                                                  inputs[name], lat_cfg)[0]
+        if item is not None:
+            items[name] = item
+    layer_ms = _layer_times(reps, layers, inputs, lat_cfg, tkey)
     if target:
-        (key, frac), = target.items()
-        if key == "latency":
-            total: float = sum(layer_ms.values())
-            fmt = lambda v: f"{v:.3g} ms"  # noqa: E731
-        else:
-            total = totals[key]
-            fmt = lambda v: f"{int(v):,} {key}"  # noqa: E731
-        fixed = total
-        for rep in reps:
-            if rep.applied:
-                fixed += getattr(rep, f"{key}_after") - getattr(rep, f"{key}_before")
-        for item, rep in budget_items:
-            fixed -= getattr(rep, f"{key}_before")
-        allowed = frac * total if key == "latency" else int(frac * total)
-        budget = allowed - fixed
-        if budget <= 0:
-            raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
-                            f"cannot touch (matched by no budgeted rule, or refused by its "
-                            f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
-        allocate([it for it, _ in budget_items], key, budget,
-                 penalty="log_energy" if allocation == "energy" else "squared")
-        for item, rep in budget_items:
-            c = item.candidates[item.choice]
-            rep.policy = f"budget {key} {frac:g}"
-            if c.rank is None:
-                rep.skipped = "kept dense by the budget" if len(item.candidates) > 1 else (
-                    f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}"
-                    if lat_cfg is not None and rep.latency_before is not None
-                    else "kept dense by the budget")
-                continue
-            rep.rank = list(c.rank)
-            rep.params_after, rep.macs_after, rep.rel_error = c.params, c.macs, c.error
-            rep.latency_after = c.latency
-    lat_info = None
-    if lat_cfg is not None:
-        delta = sum((r.latency_after - r.latency_before) for r in reps
-                    if r.applied and r.latency_before is not None and r.latency_after is not None)
-        dense_ms = sum(layer_ms.values())
-        lat_info = {**lat_cfg.describe(), "layers_timed": len(layer_ms),
-                    "layers_dense_ms": dense_ms, "layers_planned_ms": dense_ms + delta}
+        reps = _allocate(target, totals, reps, items, layer_ms, allocation, lat_cfg)
     return Plan(reps, input_size, totals["params"], totals["macs"],
-                dict(target) if target else None, latency=lat_info, latency_config=lat_cfg)
+                dict(target) if target else None, latency=_latency_info(reps, layer_ms, lat_cfg),
+                latency_config=lat_cfg)
+
+
+def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[str],
+                    tkey: str | None, input_size: tuple[int, ...], latency: Any
+                    ) -> tuple[LatencyConfig | None, dict[str, torch.Tensor]]:
+    """The latency configuration and the input each layer to time receives (none when no
+    layer is timed)."""
+    if not timed:
+        return None, {}
+    lat_cfg = LatencyConfig.from_any(latency)
+    x_lat = example_input(input_size, lat_cfg.batch)
+    # a latency target is a fraction of the summed latency of every Conv2d/Linear
+    return lat_cfg, record_inputs(model, list(layers) if tkey == "latency" else timed, x_lat)
+
+
+def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
+            target: dict[str, float] | None, weight: float, lat_cfg: LatencyConfig | None,
+            x: torch.Tensor | None) -> tuple[Replacement, BudgetItem | None]:
+    """One layer's row: refused by its method, ranked by its rule's policy (and, when timed
+    on ``x``, kept dense unless faster), or left to the budget (its :class:`BudgetItem`)."""
+    dec = get_decomposer(rule["method"])
+    opts = _method_options(rule)
+    p0, m0 = layer_cost(info.module, info.in_hw)
+    m0 *= info.tokens
+    rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
+                      p0, m0, p0, m0, rule=i)
+    reason = dec.supports(info.module)
+    if reason is not None:
+        return replace(rep, skipped=reason), None
+    check_weights(info.module, f"rules[{i}] ({name})")
+    if not any(rule.get(k) is not None for k in _RANK_KEYS):
+        if not target:
+            raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
+                              f"global target to choose ranks")
+        cands = candidates_for(dec, info.module, info.in_hw, opts,
+                               round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
+        if x is not None:
+            cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
+            rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
+        return rep, BudgetItem(name, cands, weight=weight)
+    try:
+        r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
+    except RankError as e:  # name the rule and the layer, not only the layer's shape
+        raise RankError(f"rules[{i}] ({name}): {e}") from None
+    p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
+    rep = replace(rep, rank=list(r), policy=how, params_after=p1, macs_after=m1 * info.tokens,
+                  rel_error=tail_error(dec.spectra(info.module, **opts), r))
+    if x is None:
+        return rep, None
+    dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, x, lat_cfg)
+    rep = replace(rep, latency_before=dense_ms, latency_after=ms)
+    if ms >= dense_ms * (1.0 - lat_cfg.margin):
+        rep = replace(rep, skipped=f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
+                              f"{dense_ms:.3g} ms dense")
+    return rep, None
+
+
+def _layer_times(reps: Sequence[Replacement], layers: dict[str, LayerInfo],
+                 inputs: dict[str, torch.Tensor], lat_cfg: LatencyConfig | None,
+                 tkey: str | None) -> dict[str, float]:
+    """Measured dense ms of every timed layer (with a latency target, of every layer)."""
+    if lat_cfg is None:
+        return {}
+    layer_ms = {r.name: r.latency_before for r in reps if r.latency_before is not None}
+    if tkey == "latency":  # the layers no rule decomposes count at their dense time
+        for name in layers:
+            if name not in layer_ms:
+                layer_ms[name] = time_modules([copy.deepcopy(layers[name].module)],
+                                              inputs[name], lat_cfg)[0]
+    return layer_ms
+
+
+def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Replacement],
+              items: dict[str, BudgetItem], layer_ms: dict[str, float], allocation: str,
+              lat_cfg: LatencyConfig | None) -> list[Replacement]:
+    """Share the whole-model budget among the budgeted layers (``items``); the rows with the
+    ranks chosen, or kept dense."""
+    (key, frac), = target.items()
+    if key == "latency":
+        total: float = sum(layer_ms.values())
+        fmt = lambda v: f"{v:.3g} ms"  # noqa: E731
+    else:
+        total = totals[key]
+        fmt = lambda v: f"{int(v):,} {key}"  # noqa: E731
+    fixed = total
+    for rep in reps:
+        if rep.applied:
+            fixed += getattr(rep, f"{key}_after") - getattr(rep, f"{key}_before")
+        elif rep.name in items:
+            fixed -= getattr(rep, f"{key}_before")
+    allowed = frac * total if key == "latency" else int(frac * total)
+    budget = allowed - fixed
+    if budget <= 0:
+        raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
+                        f"cannot touch (matched by no budgeted rule, or refused by its "
+                        f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
+    allocate(list(items.values()), key, budget,
+             penalty="log_energy" if allocation == "energy" else "squared")
+    out = []
+    for rep in reps:
+        item = items.get(rep.name)
+        if item is None:
+            out.append(rep)
+            continue
+        c = item.candidates[item.choice]
+        rep = replace(rep, policy=f"budget {key} {frac:g}")
+        if c.rank is not None:
+            out.append(replace(rep, rank=list(c.rank), params_after=c.params,
+                               macs_after=c.macs, rel_error=c.error, latency_after=c.latency))
+        elif len(item.candidates) == 1 and lat_cfg is not None and rep.latency_before is not None:
+            out.append(replace(rep, skipped=(
+                f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}")))
+        else:
+            out.append(replace(rep, skipped="kept dense by the budget"))
+    return out
+
+
+def _latency_info(reps: Sequence[Replacement], layer_ms: dict[str, float],
+                  lat_cfg: LatencyConfig | None) -> dict[str, Any] | None:
+    """What the plan's latency line reports: the layers timed, dense and planned ms."""
+    if lat_cfg is None:
+        return None
+    delta = sum((r.latency_after - r.latency_before) for r in reps
+                if r.applied and r.latency_before is not None and r.latency_after is not None)
+    dense_ms = sum(layer_ms.values())
+    return {**lat_cfg.describe(), "layers_timed": len(layer_ms),
+            "layers_dense_ms": dense_ms, "layers_planned_ms": dense_ms + delta}
 
 
 def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
-                      x: torch.Tensor, cfg, rep: Replacement) -> list:
+                      x: torch.Tensor, cfg) -> tuple[list, float]:
     """Time the dense layer and up to ``cfg.max_candidates`` of its candidate ranks; keep
-    dense plus the candidates at least ``cfg.margin`` faster than it."""
+    dense plus the candidates at least ``cfg.margin`` faster than it. Returns the kept
+    candidates and the dense layer's ms."""
     pick = [cands[j] for j in spread(len(cands), cfg.max_candidates)]
     dense_ms, times = time_candidates(dec, layer, [c.rank for c in pick], opts, x, cfg)
     cands[0].latency = dense_ms
-    rep.latency_before = rep.latency_after = dense_ms
     kept = [cands[0]]
     for c, t in zip(pick, times):
         c.latency = t
         if t < dense_ms * (1.0 - cfg.margin):
             kept.append(c)
-    return kept
+    return kept, dense_ms
 
 
 # ---------------------------------------------------------------------------- apply
