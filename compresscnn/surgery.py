@@ -25,7 +25,7 @@ from .decomposers.base import check_weights, layer_cost
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
 from .nn_utils import example_input, get_module, record_inputs, set_module
-from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
+from .ranks import BudgetItem, Skip, allocate, candidates_for, select_rank, tail_error
 from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
                      validate_compress, validate_rules, validate_target)
 
@@ -33,9 +33,11 @@ from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_optio
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Replacement:
-    """One row of a plan: a layer and what happens to it."""
+    """One row of a plan: a layer and what happens to it. Rows are not edited: a step that
+    measures or changes something (apply, the data-aware fit, the latency check) makes a new
+    row with :func:`dataclasses.replace`."""
 
     name: str
     type: str
@@ -50,6 +52,7 @@ class Replacement:
     macs_after: int
     rel_error: float | None = None     # estimated from spectra in plan, measured by apply
     skipped: str | None = None          # the reason a layer matched but is left dense
+    skip: Skip | None = None            # the same reason as a kind (not in the report rows)
     rule: int = 0
     fit: dict[str, Any] = field(default_factory=dict)
     latency_before: float | None = None  # measured ms of the dense layer (objective latency)
@@ -60,9 +63,12 @@ class Replacement:
         return self.skipped is None and self.rank is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    replacements: list[Replacement]
+    """What :func:`plan` decided, and what the later steps of :func:`compress` measured;
+    each of those steps returns a new plan (``dataclasses.replace``), none edits one."""
+
+    replacements: tuple[Replacement, ...]
     input_size: tuple[int, ...]
     total_params: int
     total_macs: int
@@ -76,6 +82,9 @@ class Plan:
     latency_check: dict[str, Any] | None = None
     #: solver, wall time, forward passes and the dense layers refitted, after a data-aware fit
     calibration: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replacements", tuple(self.replacements))
 
     @property
     def params_after(self) -> int:
@@ -92,7 +101,11 @@ class Plan:
         return {r.name: list(r.rank) for r in self.replacements if r.applied}
 
     def to_rows(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.replacements]
+        """The rows of the report's layer table (``skip`` is said by ``skipped``)."""
+        rows = [asdict(r) for r in self.replacements]
+        for row in rows:
+            del row["skip"]
+        return rows
 
     def summary(self) -> str:
         """A table a person reads (what ``--dry-run`` prints)."""
@@ -294,7 +307,7 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
                       p0, m0, p0, m0, rule=i)
     reason = dec.supports(info.module)
     if reason is not None:
-        return replace(rep, skipped=reason), None
+        return replace(rep, skipped=reason, skip=Skip.REFUSED), None
     check_weights(info.module, f"rules[{i}] ({name})")
     if not any(rule.get(k) is not None for k in _RANK_KEYS):
         if not target:
@@ -318,7 +331,8 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
     dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, x, lat_cfg)
     rep = replace(rep, latency_before=dense_ms, latency_after=ms)
     if ms >= dense_ms * (1.0 - lat_cfg.margin):
-        rep = replace(rep, skipped=f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
+        rep = replace(rep, skip=Skip.NOT_FASTER,
+                      skipped=f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
                               f"{dense_ms:.3g} ms dense")
     return rep, None
 
@@ -376,10 +390,10 @@ def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Repla
             out.append(replace(rep, rank=list(c.rank), params_after=c.params,
                                macs_after=c.macs, rel_error=c.error, latency_after=c.latency))
         elif len(item.candidates) == 1 and lat_cfg is not None and rep.latency_before is not None:
-            out.append(replace(rep, skipped=(
+            out.append(replace(rep, skip=Skip.NOT_FASTER, skipped=(
                 f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}")))
         else:
-            out.append(replace(rep, skipped="kept dense by the budget"))
+            out.append(replace(rep, skip=Skip.BUDGET, skipped="kept dense by the budget"))
     return out
 
 
@@ -418,7 +432,7 @@ def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
 def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     """Swap every planned layer of ``model`` (in place) for its decomposition; return it.
 
-    Records each decomposition's measured fit (``fit_info`` of the new module) in the plan.
+    The plan is not changed: :func:`measured` reads each decomposition's fit back.
     """
     for rep in plan_.replacements:
         if not rep.applied:
@@ -427,13 +441,23 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
         dec = get_decomposer(rep.method)
         check_weights(layer, rep.name)
         new = dec.decompose(layer, tuple(rep.rank), **rep.options)
-        fit = dict(getattr(new, "fit_info", {}) or {})
-        if "rel_error" in fit:
-            rep.rel_error = float(fit["rel_error"])
-        rep.fit = fit
         new.train(layer.training)
         set_module(model, rep.name, new)
     return model
+
+
+def measured(plan_: Plan, model: nn.Module) -> Plan:
+    """``plan_`` with each applied row's measured decomposition fit (the ``fit_info`` that
+    :func:`apply` left on its module in ``model``): ``fit``, and ``rel_error`` when the
+    decomposition measured one."""
+    rows = []
+    for rep in plan_.replacements:
+        if rep.applied:
+            fit = dict(getattr(get_module(model, rep.name), "fit_info", {}) or {})
+            rel = float(fit["rel_error"]) if "rel_error" in fit else rep.rel_error
+            rep = replace(rep, fit=fit, rel_error=rel)
+        rows.append(rep)
+    return replace(plan_, replacements=tuple(rows))
 
 
 def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
@@ -502,20 +526,20 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
         model, rules, input_size, target, calibration, objective=objective, latency=latency,
         allocation=allocation)
     new = apply(copy.deepcopy(model), p)
+    p = measured(p, new)
     if calibration is not None and (reconstruct or bn_recalibrate):
-        p.bn_recalibrated = refine(
-            model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
-            lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-            refit_dense=refit_dense, solver=solver)
+        p = refine(model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
+                   lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
+                   refit_dense=refit_dense, solver=solver)
     if p.latency_config is not None:
-        p.latency_check = ensure_not_slower(model, new, p, p.latency_config)
+        p = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
 
 def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
            calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
            lr: float = 3e-3, bn_recalibrate: bool = False, fit_through: str = "activation",
-           refit_dense: bool = False, solver: str = "closed_form") -> int:
+           refit_dense: bool = False, solver: str = "closed_form") -> Plan:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
     ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
@@ -528,10 +552,10 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     ones and a few batches' estimate is noisier (ResNet-20, CP at 2x: 80.51 zero-shot
     without, 78.78 with; BENCHMARKS.md). ``solver``: ``"closed_form"`` (least squares,
     iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
-    the earlier fit); see :mod:`compresscnn.response`. Records the measured output errors
-    and each layer's fit time in its plan row's ``fit``, and the solver, total time and
-    forward passes in ``plan_.calibration``; returns the number of BatchNorm layers
-    re-estimated."""
+    the earlier fit); see :mod:`compresscnn.response`. Returns a new plan: the measured
+    output errors and each layer's fit time added to its row's ``fit``, the solver, total
+    time and forward passes in ``calibration``, and the number of BatchNorm layers
+    re-estimated in ``bn_recalibrated``."""
     if fit_through not in FIT_THROUGH:
         raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
                           f"got {fit_through!r}")
@@ -552,15 +576,15 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
             names.sort(key=lambda n: order.index(n) if n in order else -1)
         done = reconstruct_outputs(original, compressed, names, batches, solver=solver,
                                    steps=steps, lr=lr, tails=tails)
-        rows = {rep.name: rep for rep in plan_.replacements}
         fits = {name: {"output_error_data_free": f["before"], "output_error": f["after"],
                        "fit_seconds": f["seconds"], "fit_solver": f["solver"],
                        "fit_iters": f["iters"]} for name, f in done.layers.items()}
-        for name, f in fits.items():
-            if name in rows:
-                rows[name].fit.update(f)
-        plan_.calibration = {**done.summary(), "dense_refitted": {
-            n: f for n, f in fits.items() if n not in rows}}
+        rows = tuple(replace(rep, fit={**rep.fit, **fits[rep.name]}) if rep.name in fits
+                     else rep for rep in plan_.replacements)
+        names = {rep.name for rep in rows}
+        plan_ = replace(plan_, replacements=rows, calibration={
+            **done.summary(), "dense_refitted": {n: f for n, f in fits.items()
+                                                 if n not in names}})
     n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
     compressed.eval()
-    return n
+    return replace(plan_, bn_recalibrated=n)
