@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import __version__
-from .utils import atomic_write_bytes, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text, fmt_quantity
 
 __all__ = [
     "write_report",
@@ -150,24 +150,12 @@ def _num(v: Any) -> float | None:
 
 
 def _fmt_count(v: Any) -> str:
-    """1234 → ``1.23 K``; 25_557_032 → ``25.56 M``; 4.1e9 → ``4.10 G``."""
-    x = _num(v)
-    if x is None:
-        return _DASH
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f}"
+    """1234 → ``1.23 k``; 25_557_032 → ``25.56 M``; 4.1e9 → ``4.10 G``."""
+    return fmt_quantity(v, missing=_DASH)
 
 
 def _fmt_bytes(v: Any) -> str:
-    x = _num(v)
-    if x is None:
-        return _DASH
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f} B"
+    return fmt_quantity(v, "B", missing=_DASH)
 
 
 def _fmt_pct(v: Any) -> str:
