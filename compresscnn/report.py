@@ -278,8 +278,6 @@ def _header_section(r: Mapping[str, Any]) -> list[str]:
         meta.append(f"- Input size: {_fmt_rank(r['input_size'])}")
     if meta:
         lines += meta + [""]
-    for w in r.get("warnings") or []:
-        lines += [f"> **Warning:** {w}", ""]
     return lines
 
 
