@@ -1,7 +1,7 @@
 """compresscnn: make pretrained CNNs smaller and faster by low-rank factorization.
 
 The public API is re-exported here lazily (importing ``compresscnn`` does not import torch
-models, tensorly or onnx until a name is used, and sets no global state).
+models or onnx until a name is used, and sets no global state).
 """
 
 from __future__ import annotations

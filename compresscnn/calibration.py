@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .decomposers import get_decomposer
 from .nn_utils import eval_mode, get_module, hooks, module_mode, set_module
-from .ranks import tail_error
+from .ranks import Skip, tail_error
 from .response import Tail, fit_layer
 
 
@@ -343,7 +343,7 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
         den = sum(float(y.float().square().sum()) for y in ys)
         weights: dict[str, float] = {}
         for rep in probe.replacements:
-            if rep.skipped != "kept dense by the budget":
+            if rep.skip is not Skip.BUDGET:
                 continue  # refused by its method, or ranked by its own rule
             layer = get_module(model, rep.name)
             dec = get_decomposer(rep.method)

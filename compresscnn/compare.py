@@ -71,7 +71,7 @@ from .pipeline import load_compressed
 from .progress import timed
 from .recipe import load_yaml, yaml_lines
 from .surgery import compress
-from .utils import atomic_path, atomic_write_text
+from .utils import atomic_path, atomic_write_text, fmt_quantity
 
 __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
            "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
@@ -447,25 +447,6 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
 
 # --------------------------------------------------------------------------- output
 
-def _fmt_count(v: Any) -> str:
-    if v is None:
-        return "-"
-    v = float(v)
-    for unit, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= unit:
-            return f"{v / unit:.3g}{s}" if v / unit < 100 else f"{v / unit:.1f}{s}"
-    return f"{int(v)}"
-
-
-def _fmt_bytes(v: Any) -> str:
-    if v is None:
-        return "-"
-    v = float(v)
-    if v >= 1e6:
-        return f"{v / 1e6:.1f} MB" if v < 1e8 else f"{v / 1e6:.0f} MB"
-    return f"{v / 1e3:.0f} kB"
-
-
 def _fmt_ms(v: Any) -> str:
     return "-" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
 
@@ -489,8 +470,9 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
     base = rows[0]["params"] if rows else None
     for r in rows:
         lat = r.get("latency_ms") or {}
-        cells = [str(r["model"]).replace("|", "/"), _fmt_count(r["params"]), _fmt_count(r["macs"]),
-                 _fmt_bytes(r.get("onnx_bytes")), _fmt_bytes(r.get("onnx_int8_bytes"))]
+        cells = [str(r["model"]).replace("|", "/"), fmt_quantity(r["params"]),
+                 fmt_quantity(r["macs"]), fmt_quantity(r.get("onnx_bytes"), "B"),
+                 fmt_quantity(r.get("onnx_int8_bytes"), "B")]
         cells += [_fmt_ms(lat.get(f"{k}_b{b}")) for b in bs for k in runtimes]
         top1, n = r.get("top1"), r.get("top1_images")
         cells.append("-" if top1 is None else f"{top1:.2f}")

@@ -287,14 +287,14 @@ def export_onnx(
     (dynamic when ``dynamic_batch``, else fixed to ``check_batch[0]``). The exported graph has
     one input named ``"input"`` and one output ``"output"``.
 
-    With ``fold_bn`` the file is exported from a copy of the model whose BatchNorms are
+    With ``fold`` the file is exported from a copy of the model whose BatchNorms are
     folded into the convs that produce their input (:mod:`compresscnn.folding`), also
     through the channel Concat/Gather of a Fire module; every check compares the file with
     ``model`` itself. The file is run in onnxruntime and in each runtime of ``verify``
     (:data:`RUNTIMES`).
 
     Returns ``{"path", "bytes", "max_abs_diff" and "diffs" (onnxruntime's, per check batch),
-    "verify" ({runtime: {"max_abs_diff", "rel_l2", "diffs"}}), "bn_folded" (how many),
+    "verify" ({runtime: {"max_abs_diff", "rel_l2", "diffs"}}), "folded" (how many of each),
     "opset", "exporter" ("dynamo" or "torchscript"), "fallback_reason" (or None),
     "dynamic_batch", "input_shape", "atol"}``.
 
@@ -302,8 +302,6 @@ def export_onnx(
     or when a runtime disagrees with PyTorch by more than ``atol``; a runtime in ``verify``
     whose package is missing is a :class:`CompressError`. ``path`` is then left as it was.
     """
-    import onnx  # heavy: loaded only when used
-
     path = Path(path)
     input_shape = tuple(int(s) for s in input_shape)
     check_batch = tuple(int(b) for b in check_batch) or (1,)
@@ -325,18 +323,9 @@ def export_onnx(
         example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
             exporter, fallback_reason = _write_onnx(folded, example, tmp, opset, dynamic_batch)
-            stray = _external_data_files(tmp)
-            if stray:
-                raise RuntimeError(f"ONNX export wrote external data files {stray}; expected one file")
-            onnx.checker.check_model(str(tmp), full_check=True)
-            checked = verify_onnx(cpu_model, tmp, input_shape, runtimes, check_batch,
-                                  seed=seed + 1)
-            for rt, res in checked.items():
-                if not res["max_abs_diff"] <= atol:  # also catches NaN/inf
-                    raise RuntimeError(
-                        f"ONNX parity check failed for {path}: max |{rt} - torch| = "
-                        f"{res['max_abs_diff']:.3g} > atol {atol:g} (per batch: "
-                        f"{res['diffs']}; exporter {exporter}, opset {opset})")
+            checked = _check_file(cpu_model, tmp, input_shape, runtimes, check_batch,
+                                  seed=seed + 1, atol=atol,
+                                  what=f"{path}", how=f"exporter {exporter}, opset {opset}")
             actual_opset = _default_opset(tmp)
         nbytes = path.stat().st_size
     return {
@@ -353,6 +342,28 @@ def export_onnx(
         "input_shape": list(input_shape),
         "atol": float(atol),
     }
+
+
+def _check_file(model: nn.Module, file: Path, input_shape: tuple[int, ...],
+                runtimes: Sequence[str], check_batch: Sequence[int], *, seed: int,
+                atol: float, what: str, how: str) -> dict[str, dict[str, Any]]:
+    """One self-contained file that ``onnx.checker`` accepts and that every runtime runs
+    within ``atol`` of ``model``; returns :func:`verify_onnx`'s result. ``what``/``how``
+    (the final path, the exporter and opset) go into the parity message."""
+    import onnx  # heavy: loaded only when used
+
+    stray = _external_data_files(file)
+    if stray:
+        raise RuntimeError(f"ONNX export wrote external data files {stray}; expected one file")
+    onnx.checker.check_model(str(file), full_check=True)
+    checked = verify_onnx(model, file, input_shape, runtimes, check_batch, seed=seed)
+    for rt, res in checked.items():
+        if not res["max_abs_diff"] <= atol:  # also catches NaN/inf
+            raise RuntimeError(
+                f"ONNX parity check failed for {what}: max |{rt} - torch| = "
+                f"{res['max_abs_diff']:.3g} > atol {atol:g} (per batch: "
+                f"{res['diffs']}; {how})")
+    return checked
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,

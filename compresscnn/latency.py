@@ -27,7 +27,7 @@ module lives there).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 
 from .errors import RecipeError
 from .nn_utils import eval_mode, example_input, get_module, num_threads, record_inputs, set_module
+from .ranks import Skip
 from .timing import RUNTIMES, median_ms, module_runner, time_interleaved
 
 
@@ -120,23 +121,24 @@ def time_candidates(dec, layer: nn.Module, ranks: Sequence[tuple[int, ...]],
 
 
 def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: LatencyConfig,
-                      max_rounds: int = 8) -> dict[str, Any]:
+                      max_rounds: int = 8):
     """Time the whole original and compressed models against each other; while the
     compressed one is slower, put back the original layers whose measured gain was smallest
-    (several per round on large plans). Updates ``plan_`` (reverted rows are skipped with
-    the reason) and ``compressed`` in place; returns the measurements."""
+    (several per round on large plans). ``compressed`` is changed in place; returns a new
+    plan (``dataclasses.replace`` of ``plan_``): the put-back rows skipped with the reason
+    (kind :attr:`Skip.PUT_BACK <compresscnn.ranks.Skip>`), the measurements in
+    ``latency_check`` and merged into ``latency``."""
     x = example_input(plan_.input_size, cfg.batch)
     t_o, t_c = time_modules([original, compressed], x, cfg)
     first = (t_o, t_c)
-    reverted: list[str] = []
+    reasons: dict[str, str] = {}
     rows = [r for r in plan_.replacements if r.applied]
     rows.sort(key=lambda r: ((r.latency_before or 0.0) - (r.latency_after or 0.0)))
 
     def put_back(reps, reason: str) -> None:
         for rep in reps:
             set_module(compressed, rep.name, copy.deepcopy(get_module(original, rep.name)))
-            rep.skipped = reason
-            reverted.append(rep.name)
+            reasons[rep.name] = reason
 
     rounds = 0
     while t_c > t_o and rows and rounds < max_rounds:
@@ -152,12 +154,14 @@ def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: La
         put_back(rows, "put back: the compressed model was not faster")
         rows = []
         t_o, t_c = time_modules([original, compressed], x, cfg)
-    if not any(r.applied for r in plan_.replacements):
+    new_rows = tuple(replace(r, skipped=reasons[r.name], skip=Skip.PUT_BACK)
+                     if r.name in reasons else r for r in plan_.replacements)
+    if not any(r.applied for r in new_rows):
         t_c = t_o  # every layer put back: the two models are the same network
     info = {"original_ms": t_o, "compressed_ms": t_c, "speedup": t_o / t_c if t_c else None,
-            "first_check_ms": list(first), "reverted": reverted}
-    plan_.latency = {**(plan_.latency or {}), **info}
-    return info
+            "first_check_ms": list(first), "reverted": list(reasons)}
+    return replace(plan_, replacements=new_rows, latency={**(plan_.latency or {}), **info},
+                   latency_check=info)
 
 
 def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Sequence[str],

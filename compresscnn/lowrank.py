@@ -28,6 +28,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +40,7 @@ from .decomposers import get_decomposer
 from .errors import CheckpointError, MethodError, RecipeError
 from .recipe import POLICY_KEYS
 from .nn_utils import get_module, set_module
-from .surgery import Plan, apply, plan
+from .surgery import Plan, Skip, apply, measured, plan
 from .utils import atomic_write_text, unwrap_model
 
 #: what ``factorize(init=...)`` accepts
@@ -162,25 +163,28 @@ def factorize(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Seq
     p = plan(model, rules, input_size, target=target)
     new = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(int(seed))
+    rows = []
     for rep in p.replacements:
         if not rep.applied:
+            rows.append(rep)
             continue
         layer = get_module(new, rep.name)
         dec = get_decomposer(rep.method)
         if init == "kaiming":
             mod = _kaiming_chain(dec.skeleton(layer, tuple(rep.rank), **rep.options),
                                  rep.name, gen)
-            rep.rel_error, rep.fit = None, {"init": init}
+            rep = replace(rep, rel_error=None, fit={"init": init})
         else:
             dense = copy.deepcopy(layer)
             _kaiming_(dense, gen, "relu")
             mod = dec.decompose(dense, tuple(rep.rank), **rep.options)
             _chain(mod, rep.name)
             fit = dict(getattr(mod, "fit_info", {}) or {})
-            rep.rel_error, rep.fit = fit.get("rel_error"), {"init": init, **fit}
+            rep = replace(rep, rel_error=fit.get("rel_error"), fit={"init": init, **fit})
         mod.train(layer.training)
         set_module(new, rep.name, mod)
-    return new, p
+        rows.append(rep)
+    return new, replace(p, replacements=tuple(rows))
 
 
 # ---------------------------------------------------------------------------- semi-orthogonal
@@ -567,12 +571,17 @@ class StableRankMonitor:
             explicit.append({"match": rep.name, "method": rep.method, "rank": list(r),
                              **rep.options})
         p = plan(net, explicit, input_size)
+        rows = []
         for rep in p.replacements:
-            rep.policy = f"stable rank {ranks[rep.name]} of {self.full[rep.name]}"
+            rep = replace(rep, policy=f"stable rank {ranks[rep.name]} of {self.full[rep.name]}")
             if rep.applied and rep.params_after >= rep.params_before:
-                rep.skipped = (f"no smaller than dense at stable rank {ranks[rep.name]} of "
-                               f"{self.full[rep.name]}")
-        return apply(copy.deepcopy(net), p), p
+                rep = replace(rep, skip=Skip.NO_SMALLER, skipped=(
+                    f"no smaller than dense at stable rank {ranks[rep.name]} of "
+                    f"{self.full[rep.name]}"))
+            rows.append(rep)
+        p = replace(p, replacements=tuple(rows))
+        new = apply(copy.deepcopy(net), p)
+        return new, measured(p, new)
 
     def rewind(self, epoch: int) -> None:
         """Forget the measurements of ``epoch`` and later (a resumed run redoes them)."""

@@ -36,6 +36,7 @@ import csv
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -488,221 +489,330 @@ def _compress_stage(recipe: dict[str, Any], model: nn.Module, p: Plan, batches: 
                         **_compress_options(recipe))
 
 
+@dataclass(eq=False)
+class _RunContext:
+    """One ``compresscnn run``: its options, and what each stage leaves for the next."""
+
+    recipe: dict[str, Any]
+    rundir: RunDir
+    resume: bool
+    quiet: bool
+    recipe_path: str | None
+    distributed: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    model: Any = None                      # the original, in eval mode
+    input_size: tuple[int, ...] = ()
+    pcfg: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    overlap: bool = False
+    batches: list | None = None            # calibration batches the plan measured on
+    plan: Plan | None = None
+    compressed: Any = None                 # the model a train job trains, then the result
+    staging: Path | None = None
+    train_loader: Any = None
+    test_loader: Any = None
+    max_batches: int | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    base_count: dict[str, int] = field(default_factory=dict)
+    comp_count: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.recipe_path}: " if self.recipe_path else ""
+
+    @property
+    def train_cfg(self) -> dict[str, Any] | None:
+        return self.recipe.get("train")
+
+    @property
+    def section(self) -> str:
+        return "train" if self.train_cfg is not None else "finetune"
+
+    @property
+    def ft(self) -> dict[str, Any]:
+        return self.recipe[self.section]
+
+    @property
+    def need_train(self) -> bool:
+        ft = self.ft
+        return bool(self.train_cfg is not None or ft["enabled"]) and bool(
+            ft["epochs"] > 0 or ft.get("max_steps"))
+
+    @property
+    def ev(self) -> dict[str, Any]:
+        if self.train_cfg is not None:  # untrained weights: nothing to score
+            return {**self.recipe["evaluate"], "baseline": False, "zero_shot": False}
+        return self.recipe["evaluate"]
+
+
 def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
          overwrite: bool, quiet: bool, recipe_path: str | None,
          distributed: bool) -> dict[str, Any]:
-    timings: dict[str, float] = {}
-    where = f"{recipe_path}: " if recipe_path else ""
-    train_cfg = recipe.get("train")
+    ctx = _RunContext(recipe, rundir, resume, quiet, recipe_path, distributed)
     seed_everything(int(recipe.get("seed", 0)))
-    ev = recipe["evaluate"]
-    ft = train_cfg if train_cfg is not None else recipe["finetune"]
-    need_train = bool(train_cfg is not None or ft["enabled"]) and bool(
-        ft["epochs"] > 0 or ft.get("max_steps"))
-    if train_cfg is not None:
-        ev = {**ev, "baseline": False, "zero_shot": False}  # untrained weights: nothing to score
-    with timed(timings, "load_model", recipe["model"]["spec"], quiet=quiet):
+    _load_stage(ctx)
+    _plan_stage(ctx)
+    summary = (ctx.plan.summary() if ctx.plan is not None
+               else _dense_summary(recipe, ctx.model, ctx.input_size))
+    if dry_run:
+        if _rank() == 0:
+            print(summary, flush=True)
+        return {"plan": ctx.plan}
+    _open_stage(ctx, overwrite=overwrite)
+    if _rank() == 0:  # the run's first result, on stdout as in a dry run, once every input is checked
+        print(summary, flush=True)
+    _start_report(ctx)
+    _compress_and_score(ctx)
+    _train_and_score(ctx)
+    if _rank() != 0:  # rank 0 writes the run; the others wait for it
+        _barrier(distributed)
+        return ctx.report
+    _write_tensorboard(ctx.staging / "train_log.csv", ctx.staging / "tb", quiet)
+    _save_stage(ctx)
+    _export_stage(ctx)
+    _report_stage(ctx)
+    _barrier(distributed)
+    return ctx.report
+
+
+def _load_stage(ctx: _RunContext) -> None:
+    """The model (head replaced when asked), its input size, and the data checks."""
+    recipe = ctx.recipe
+    with timed(ctx.timings, "load_model", recipe["model"]["spec"], quiet=ctx.quiet):
         try:
             model = load_model(recipe["model"]["spec"], recipe["model"].get("weights"))
         except ModelError as e:  # the spec or named weights (a file's errors name the file)
-            raise ModelError(f"{where}model: {e}") from None
+            raise ModelError(f"{ctx.where}model: {e}") from None
         _replace_head(recipe, model)
         model.eval()
-    input_size = _input_size(recipe, model)
+    ctx.model = model
+    ctx.input_size = _input_size(recipe, model)
     # the data is fed at the size the plan, MACs, latency and ONNX file describe
-    pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": input_size}
-    warnings, overlap = _check_data(recipe, pcfg, train=need_train)
+    ctx.pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": ctx.input_size}
+    ctx.warnings, ctx.overlap = _check_data(recipe, ctx.pcfg, train=ctx.need_train)
 
-    with timed(timings, "plan", quiet=quiet):
+
+def _plan_stage(ctx: _RunContext) -> None:
+    """The plan (and, for a train job, the model it trains); nothing is written yet."""
+    recipe = ctx.recipe
+    with timed(ctx.timings, "plan", quiet=ctx.quiet):
         try:
-            if distributed and _latency_planned(recipe):
+            if ctx.distributed and _latency_planned(recipe):
                 raise RecipeError("latency-aware planning (objective: latency / target: "
                                   "latency) times layers on one process; under torchrun the "
                                   "processes would measure different plans. Run it once "
                                   "without torchrun, then fine-tune its run directory's "
                                   "recipe.yaml (exact ranks) with torchrun")
-            batches, p = None, None
-            if train_cfg is not None:
-                student, p = _build_untrained(recipe, model, input_size)
+            if ctx.train_cfg is not None:
+                ctx.compressed, ctx.plan = _build_untrained(recipe, ctx.model, ctx.input_size)
             elif recipe["rules"]:
                 # sensitivity allocation measures layers on calibration batches to plan
-                batches = (_calibration(recipe, pcfg)
-                           if recipe.get("allocation") == "sensitivity" else None)
+                ctx.batches = (_calibration(recipe, ctx.pcfg)
+                               if recipe.get("allocation") == "sensitivity" else None)
                 opts = _compress_options(recipe)
-                p = plan_compression(model, recipe["rules"], input_size, opts["target"],
-                                     batches, latency=opts["latency"],
-                                     allocation=opts["allocation"])
+                ctx.plan = plan_compression(ctx.model, recipe["rules"], ctx.input_size,
+                                            opts["target"], ctx.batches,
+                                            latency=opts["latency"],
+                                            allocation=opts["allocation"])
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
-            raise type(e)(f"{where}{e}") from None
-    summary = p.summary() if p is not None else _dense_summary(recipe, model, input_size)
-    if dry_run:
-        if _rank() == 0:
-            print(summary, flush=True)
-        return {"plan": p}
+            raise type(e)(f"{ctx.where}{e}") from None
 
-    main = _rank() == 0
-    out = rundir.out
-    staging = rundir.prepare(recipe, exact_rules(p) if p is not None else [],
-                             resume=resume, overwrite=overwrite,
-                             main=main)
 
-    need_test = bool(ev["baseline"] or ev["zero_shot"] or need_train)
-    train_loader = test_loader = None
-    if recipe.get("data") and (need_train or need_test):
-        with timed(timings, "load_data", quiet=quiet):
-            train_loader, test_loader = data_mod.make_loaders(
-                _data_cfg(recipe), pcfg, train=need_train, test=need_test,
-                distributed=distributed)
-    if main:  # the run's first result, on stdout as in a dry run, once every input is checked
-        print(summary, flush=True)
-    progress = not quiet
-    maxb = ev.get("max_batches")
-    if distributed and test_loader is not None:
-        test_loader, maxb = _shard_eval_loader(test_loader, maxb), None
-    report: dict[str, Any] = {"name": recipe.get("name"), "recipe": recipe_path,
-                              "model": recipe["model"]["spec"], "input_size": list(input_size),
-                              "target": recipe.get("target"), "rules": recipe["rules"],
-                              "warnings": warnings,
-                              "eval_overlap": overlap,
-                              "data": _data_report(recipe, train_loader, test_loader)}
-    base_count = count(model, input_size)
+def _open_stage(ctx: _RunContext, *, overwrite: bool) -> None:
+    """The staging directory (``<out>.partial``) and the data loaders."""
+    p = ctx.plan
+    ctx.staging = ctx.rundir.prepare(ctx.recipe, exact_rules(p) if p is not None else [],
+                                     resume=ctx.resume, overwrite=overwrite,
+                                     main=_rank() == 0)
+    ev = ctx.ev
+    need_test = bool(ev["baseline"] or ev["zero_shot"] or ctx.need_train)
+    if ctx.recipe.get("data") and (ctx.need_train or need_test):
+        with timed(ctx.timings, "load_data", quiet=ctx.quiet):
+            ctx.train_loader, ctx.test_loader = data_mod.make_loaders(
+                _data_cfg(ctx.recipe), ctx.pcfg, train=ctx.need_train, test=need_test,
+                distributed=ctx.distributed)
+    ctx.max_batches = ev.get("max_batches")
+    if ctx.distributed and ctx.test_loader is not None:
+        ctx.test_loader, ctx.max_batches = _shard_eval_loader(ctx.test_loader,
+                                                              ctx.max_batches), None
 
-    def stage(key: str, m: nn.Module, counts: dict[str, int], reference: nn.Module | None):
-        row: dict[str, Any] = {"params": counts["params"], "macs": counts["macs"],
-                               "top1": None, "top5": None}
-        if test_loader is not None:
-            with timed(timings, f"evaluate_{key}", f"{len(test_loader.dataset)} images",
-                       quiet=quiet):
-                r = evaluation.evaluate(m, test_loader, reference=reference, max_batches=maxb,
-                             progress=progress)
-            row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement", "loss")})
-            _log(f"[evaluate_{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
-                 f"agreement {r.get('agreement')}", quiet)
-        report[key] = row
 
-    if train_cfg is not None:  # the dense architecture's counts, for the ratios
-        report["baseline"] = {**base_count, "top1": None, "top5": None}
-        compressed = student
+def _start_report(ctx: _RunContext) -> None:
+    recipe = ctx.recipe
+    ctx.report = {"name": recipe.get("name"), "recipe": ctx.recipe_path,
+                  "model": recipe["model"]["spec"], "input_size": list(ctx.input_size),
+                  "target": recipe.get("target"), "rules": recipe["rules"],
+                  "warnings": ctx.warnings, "eval_overlap": ctx.overlap,
+                  "data": _data_report(recipe, ctx.train_loader, ctx.test_loader)}
+    ctx.base_count = count(ctx.model, ctx.input_size)
+
+
+def _evaluate_stage(ctx: _RunContext, key: str, m: nn.Module, counts: dict[str, int],
+                    reference: nn.Module | None) -> None:
+    """``report[key]``: ``m``'s counts, and its accuracy (and agreement with ``reference``)
+    on the test set when the run has one."""
+    row: dict[str, Any] = {"params": counts["params"], "macs": counts["macs"],
+                           "top1": None, "top5": None}
+    loader = ctx.test_loader
+    if loader is not None:
+        with timed(ctx.timings, f"evaluate_{key}", f"{len(loader.dataset)} images",
+                   quiet=ctx.quiet):
+            r = evaluation.evaluate(m, loader, reference=reference, max_batches=ctx.max_batches,
+                                    progress=not ctx.quiet)
+        row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement", "loss")})
+        _log(f"[evaluate_{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
+             f"agreement {r.get('agreement')}", ctx.quiet)
+    ctx.report[key] = row
+
+
+def _compress_and_score(ctx: _RunContext) -> None:
+    """Baseline accuracy, the compression (fitted), the planned cost checked against the
+    counted one, and zero-shot accuracy."""
+    report, ev, model = ctx.report, ctx.ev, ctx.model
+    if ctx.train_cfg is not None:  # the dense architecture's counts, for the ratios
+        report["baseline"] = {**ctx.base_count, "top1": None, "top5": None}
     else:
         if ev["baseline"]:
-            stage("baseline", model, base_count, None)
+            _evaluate_stage(ctx, "baseline", model, ctx.base_count, None)
         else:
-            report["baseline"] = {**base_count, "top1": None, "top5": None}
-        if p is None:  # `rules: []`: the dense model, fine-tuned as a compressed one would be
-            compressed = copy.deepcopy(model)
+            report["baseline"] = {**ctx.base_count, "top1": None, "top5": None}
+        if ctx.plan is None:  # `rules: []`: the dense model, fine-tuned as a compressed one would be
+            ctx.compressed = copy.deepcopy(model)
         else:
-            compressed, p = _compress_stage(recipe, model, p, batches, pcfg, input_size,
-                                            timings, quiet)
-            report["bn_recalibrated_layers"] = p.bn_recalibrated
-        if p is not None and p.calibration is not None:
-            report["calibration"] = p.calibration
-        if p is not None and p.latency_check is not None:
-            chk = p.latency_check
-            _log(f"[latency_check] {p.latency_config.runtime}: original "
-                 f"{chk['original_ms']:.3g} ms, compressed {chk['compressed_ms']:.3g} ms"
-                 + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
-                 quiet)
-            report["latency_plan"] = p.latency
-    comp_count = count(compressed, input_size)
-    if p is not None and (comp_count["macs"] != p.macs_after
-                          or comp_count["params"] != p.params_after):
+            ctx.compressed, ctx.plan = _compress_stage(
+                ctx.recipe, model, ctx.plan, ctx.batches, ctx.pcfg, ctx.input_size,
+                ctx.timings, ctx.quiet)
+            _fit_report(ctx.plan, report, ctx.quiet)
+    p = ctx.plan
+    ctx.comp_count = comp = count(ctx.compressed, ctx.input_size)
+    if p is not None and (comp["macs"] != p.macs_after or comp["params"] != p.params_after):
         raise RuntimeError(f"planned cost {p.params_after}/{p.macs_after} differs from the "
-                           f"counted {comp_count['params']}/{comp_count['macs']}")
+                           f"counted {comp['params']}/{comp['macs']}")
     if ev["zero_shot"]:
-        stage("compressed", compressed, comp_count, model)
+        _evaluate_stage(ctx, "compressed", ctx.compressed, comp, model)
     else:
-        report["compressed"] = {**comp_count, "top1": None, "top5": None}
+        report["compressed"] = {**comp, "top1": None, "top5": None}
 
-    if main:
+
+def _fit_report(p: Plan, report: dict[str, Any], quiet: bool) -> None:
+    """What the data-aware fit and the not-slower check of :func:`surgery.compress` found."""
+    report["bn_recalibrated_layers"] = p.bn_recalibrated
+    if p.calibration is not None:
+        report["calibration"] = p.calibration
+    if p.latency_check is not None:
+        chk = p.latency_check
+        _log(f"[latency_check] {p.latency_config.runtime}: original "
+             f"{chk['original_ms']:.3g} ms, compressed {chk['compressed_ms']:.3g} ms"
+             + (f"; put back {len(chk['reverted'])} layer(s)" if chk["reverted"] else ""),
+             quiet)
+        report["latency_plan"] = p.latency
+
+
+def _train_and_score(ctx: _RunContext) -> None:
+    """Fine-tune (distilled from the original) or train, then score the result."""
+    report, staging = ctx.report, ctx.staging
+    if _rank() == 0:
         staging.mkdir(parents=True, exist_ok=True)
-    _barrier(distributed)
+    _barrier(ctx.distributed)
+    train_job = ctx.train_cfg is not None
+    key = "trained" if train_job else "finetuned"
+    report["finetuned" if train_job else "trained"] = None
     ft_stats = None
-    key = "trained" if train_cfg is not None else "finetuned"
-    report["trained" if key == "finetuned" else "finetuned"] = None
-    if need_train and train_loader is not None:
-        section = "train" if train_cfg is not None else "finetune"
-        with timed(timings, section, f"{ft.get('max_steps') or ft['epochs']} "
-                   f"{'steps' if ft.get('max_steps') else 'epochs'}"
-                   + (f" on {get_world_size()} processes" if distributed else "")
-                   + (" (resuming)" if resume else ""), quiet=quiet):
-            if train_cfg is not None and train_cfg.get("switch"):
-                compressed, p, ft_stats, report["switch"] = _switch_train(
-                    recipe, compressed, train_loader, pcfg, staging, resume=resume,
-                    progress=progress, distributed=distributed, input_size=input_size)
-                comp_count = count(compressed, input_size)
-                report["compressed"] = {**comp_count, "top1": None, "top5": None}
-                report["warnings"] = report["warnings"] + report["switch"].pop("warnings")
-            else:
-                ft_stats = _train_stage(recipe, section, compressed,
-                                        None if train_cfg is not None else model, p,
-                                        train_loader, pcfg, staging, resume=resume,
-                                        progress=progress, distributed=distributed,
-                                        input_size=input_size)
-        if distributed:  # DDP syncs gradients, not BatchNorm running stats: take rank 0's,
-            for buf in compressed.buffers():
-                dist.broadcast(buf, 0)  # the ones it saves, so all ranks agree
-        _log(f"[{section}] {ft_stats['steps']} steps, final loss {ft_stats['final_loss']}, "
-             f"{ft_stats['images_per_s']:.1f} images/s ({ft_stats['amp'] or 'fp32'}, "
-             f"{ft_stats['memory_format']})", quiet)
-        compressed = compressed.cpu().eval()
-        stage(key, compressed, comp_count, model if train_cfg is None else None)
-        report["warnings"] = report["warnings"] + _training_warnings(report, ft_stats, section)
+    if ctx.need_train and ctx.train_loader is not None:
+        ft_stats = _training(ctx)
+        ctx.compressed = ctx.compressed.cpu().eval()
+        _evaluate_stage(ctx, key, ctx.compressed, ctx.comp_count,
+                        None if train_job else ctx.model)
+        report["warnings"] = report["warnings"] + _training_warnings(report, ft_stats,
+                                                                     ctx.section)
     else:
         report[key] = None
     if ft_stats:  # paths relative to the run directory (staging is renamed at the end)
         ft_stats = {k: (os.path.relpath(v, staging) if isinstance(v, str)
                         and v.startswith(str(staging)) else v) for k, v in ft_stats.items()}
     report["finetune"] = ft_stats
-    if not main:  # rank 0 writes the run; the others wait for it
-        _barrier(distributed)
-        return report
-    _write_tensorboard(staging / "train_log.csv", staging / "tb", quiet)
 
-    # save weights and the exact recipe before exporting: they are what load_compressed needs
-    state = {k: v.detach().cpu().contiguous() for k, v in compressed.state_dict().items()}
+
+def _training(ctx: _RunContext) -> dict[str, Any]:
+    """The training loop of the recipe's ``finetune`` or ``train`` section (with
+    ``train.switch``: dense, then factorized); returns its statistics."""
+    ft, section, report = ctx.ft, ctx.section, ctx.report
+    kw = dict(resume=ctx.resume, progress=not ctx.quiet, distributed=ctx.distributed,
+              input_size=ctx.input_size)
+    with timed(ctx.timings, section, f"{ft.get('max_steps') or ft['epochs']} "
+               f"{'steps' if ft.get('max_steps') else 'epochs'}"
+               + (f" on {get_world_size()} processes" if ctx.distributed else "")
+               + (" (resuming)" if ctx.resume else ""), quiet=ctx.quiet):
+        if ctx.train_cfg is not None and ctx.train_cfg.get("switch"):
+            ctx.compressed, ctx.plan, ft_stats, report["switch"] = _switch_train(
+                ctx.recipe, ctx.compressed, ctx.train_loader, ctx.pcfg, ctx.staging, **kw)
+            ctx.comp_count = count(ctx.compressed, ctx.input_size)
+            report["compressed"] = {**ctx.comp_count, "top1": None, "top5": None}
+            report["warnings"] = report["warnings"] + report["switch"].pop("warnings")
+        else:
+            ft_stats = _train_stage(ctx.recipe, section, ctx.compressed,
+                                    None if ctx.train_cfg is not None else ctx.model, ctx.plan,
+                                    ctx.train_loader, ctx.pcfg, ctx.staging, **kw)
+    if ctx.distributed:  # DDP syncs gradients, not BatchNorm running stats: take rank 0's,
+        for buf in ctx.compressed.buffers():
+            dist.broadcast(buf, 0)  # the ones it saves, so all ranks agree
+    _log(f"[{section}] {ft_stats['steps']} steps, final loss {ft_stats['final_loss']}, "
+         f"{ft_stats['images_per_s']:.1f} images/s ({ft_stats['amp'] or 'fp32'}, "
+         f"{ft_stats['memory_format']})", ctx.quiet)
+    return ft_stats
+
+
+def _save_stage(ctx: _RunContext) -> None:
+    """The weights and the exact recipe, before exporting: what load_compressed needs."""
+    staging = ctx.staging
+    state = {k: v.detach().cpu().contiguous() for k, v in ctx.compressed.state_dict().items()}
     with atomic_path(staging / "model.safetensors", suffix=".safetensors") as tmp:
         safetensors.torch.save_file(state, str(tmp))
-    resolved = copy.deepcopy(recipe)
-    resolved["rules"] = exact_rules(p) if p is not None else []
+    resolved = copy.deepcopy(ctx.recipe)
+    resolved["rules"] = exact_rules(ctx.plan) if ctx.plan is not None else []
     resolved["target"] = None
-    resolved["output"] = str(out)
-    if train_cfg is not None:  # sections a train job has no use for
+    resolved["output"] = str(ctx.rundir.out)
+    if ctx.train_cfg is not None:  # sections a train job has no use for
         resolved.pop("finetune", None)
         resolved.pop("calibration", None)
     dump_resolved(resolved, staging / "recipe.yaml")
 
-    if recipe["export"]["onnx"]:
-        with timed(timings, "export_onnx", quiet=quiet):
-            onnx = export_onnx(compressed, staging / "model.onnx", input_size,
-                               opset=recipe["export"]["opset"],
-                               dynamic_batch=recipe["export"]["dynamic_batch"],
-                               atol=recipe["export"]["atol"],
-                               verify=recipe["export"]["verify"])
-        onnx["path"] = "model.onnx"
-        report["onnx"] = onnx
-        _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
-            f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), quiet)
-    else:
-        report["onnx"] = None
 
+def _export_stage(ctx: _RunContext) -> None:
+    exp = ctx.recipe["export"]
+    if not exp["onnx"]:
+        ctx.report["onnx"] = None
+        return
+    with timed(ctx.timings, "export_onnx", quiet=ctx.quiet):
+        onnx = export_onnx(ctx.compressed, ctx.staging / "model.onnx", ctx.input_size,
+                           opset=exp["opset"], dynamic_batch=exp["dynamic_batch"],
+                           atol=exp["atol"], verify=exp["verify"])
+    onnx["path"] = "model.onnx"
+    ctx.report["onnx"] = onnx
+    _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
+        f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), ctx.quiet)
+
+
+def _report_stage(ctx: _RunContext) -> None:
+    """Latency (when asked), the layer table and totals, the report files; then the
+    staging directory becomes the run directory."""
+    report, recipe = ctx.report, ctx.recipe
     if recipe["report"]["latency"]:
-        with timed(timings, "latency", "timing the original and the compressed model",
-                   quiet=quiet):
+        with timed(ctx.timings, "latency", "timing the original and the compressed model",
+                   quiet=ctx.quiet):
             report["latency"], report["layer_latency"] = _measure_latency(
-                model, compressed, p, input_size, recipe, staging, report.get("onnx"))
-
-    report["layers"] = p.to_rows() if p is not None else []
-    report["plan"] = {"params_before": base_count["params"], "params_after": comp_count["params"],
-                      "macs_before": base_count["macs"], "macs_after": comp_count["macs"]}
-    report["timings"] = timings
+                ctx.model, ctx.compressed, ctx.plan, ctx.input_size, recipe, ctx.staging,
+                report.get("onnx"))
+    base, comp = ctx.base_count, ctx.comp_count
+    report["layers"] = ctx.plan.to_rows() if ctx.plan is not None else []
+    report["plan"] = {"params_before": base["params"], "params_after": comp["params"],
+                      "macs_before": base["macs"], "macs_after": comp["macs"]}
+    report["timings"] = ctx.timings
     report["versions"] = report_mod.collect_versions()
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    report_mod.write_report(staging, report, plots=recipe["report"]["plots"])
-    rundir.commit()
-    if main:
-        print(f"wrote {out}", flush=True)
-    _barrier(distributed)
-    return report
+    report_mod.write_report(ctx.staging, report, plots=recipe["report"]["plots"])
+    ctx.rundir.commit()
+    print(f"wrote {ctx.rundir.out}", flush=True)
 
 
 def load_compressed(run_dir: str | Path) -> nn.Module:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Sequence
 
 import torch
@@ -293,6 +294,18 @@ def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------- global budget
+
+
+class Skip(Enum):
+    """Why a layer a rule matched is left dense (a plan row's ``skip``; its ``skipped``
+    says it in words)."""
+
+    REFUSED = "refused"          # the method cannot take the layer (its geometry, groups)
+    BUDGET = "budget"            # the global budget kept the layer dense
+    NOT_FASTER = "not faster"    # measured: no decomposition is faster than the dense layer
+    PUT_BACK = "put back"        # the whole compressed model was slower: layer restored
+    NO_SMALLER = "no smaller"    # at its stable rank the factorized layer is no smaller
+
 
 
 @dataclass

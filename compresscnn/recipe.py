@@ -782,7 +782,14 @@ def _section_rows(model: type[Closed], prefix: str) -> tuple[list, list[tuple[st
 
 def reference_markdown() -> str:
     """The recipe reference (recipes/README.md), generated from the models."""
-    L: list[str] = [
+    L = (_reference_intro() + _reference_sections() + _reference_rules()
+         + _reference_target() + list(_REFERENCE_TAIL))
+    return "\n".join(L)
+
+
+def _reference_intro() -> list[str]:
+    """Title, how recipes are read, and the conventions every key follows."""
+    return [
         "# Recipe reference",
         "",
         "<!-- Generated from compresscnn/config.py and compresscnn/recipe.py; do not edit by",
@@ -829,6 +836,11 @@ def reference_markdown() -> str:
         "  change: " + ", ".join(f"`{k}`" for k in RESUME_FREE) + ".",
         "",
     ]
+
+
+def _reference_sections() -> list[str]:
+    """The top level and every nested section, one table each, in schema order."""
+    L: list[str] = []
     rows, subs = _section_rows(Recipe, "")
     L += ["## Top level", ""] + _md_table(rows) + [""]
     queue = list(subs)
@@ -837,7 +849,12 @@ def reference_markdown() -> str:
         rows, more = _section_rows(sec, name + ".")
         L += [f"## `{name}`", "", _text(sec.__doc__), ""] + _md_table(rows) + [""]
         queue = more + queue
-    L += [
+    return L
+
+
+def _reference_rules() -> list[str]:
+    """The ``rules`` section: the keys every rule has, rank policies, method options."""
+    L = [
         "## `rules`",
         "",
         "A non-empty list. Each rule is a mapping:",
@@ -855,6 +872,13 @@ def reference_markdown() -> str:
         "  `python -m compresscnn.recipe --methods` lists the registered methods, their",
         "  rank components and options.",
         "",
+    ]
+    return L
+
+
+def _reference_target() -> list[str]:
+    """The ``target`` section: one row per budget kind."""
+    L = [
         "## `target`",
         "",
         "`null`, or a mapping with exactly one key, the fraction of the whole model kept:",
@@ -864,7 +888,11 @@ def reference_markdown() -> str:
     ]
     L += [f"| `{k}` | {_md_cell(_inner_doc(f))} | {_md_cell(f.description or '')} |"
           for k, f in Target.model_fields.items()]
-    L += [
+    return L
+
+
+#: the end of the recipe reference: the cross-checks between sections, and an example
+_REFERENCE_TAIL = (
         "",
         "## Cross-checks",
         "",
@@ -898,8 +926,7 @@ def reference_markdown() -> str:
         "  lr: 1e-2",
         "```",
         "",
-    ]
-    return "\n".join(L)
+)
 
 
 def _methods_text() -> str:

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import __version__
-from .utils import atomic_write_bytes, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text, fmt_quantity
 
 __all__ = [
     "write_report",
@@ -150,24 +150,12 @@ def _num(v: Any) -> float | None:
 
 
 def _fmt_count(v: Any) -> str:
-    """1234 → ``1.23 K``; 25_557_032 → ``25.56 M``; 4.1e9 → ``4.10 G``."""
-    x = _num(v)
-    if x is None:
-        return _DASH
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f}"
+    """1234 → ``1.23 k``; 25_557_032 → ``25.56 M``; 4.1e9 → ``4.10 G``."""
+    return fmt_quantity(v, missing=_DASH)
 
 
 def _fmt_bytes(v: Any) -> str:
-    x = _num(v)
-    if x is None:
-        return _DASH
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f} B"
+    return fmt_quantity(v, "B", missing=_DASH)
 
 
 def _fmt_pct(v: Any) -> str:
@@ -267,9 +255,17 @@ def _ordered_stages(timings: Mapping[str, Any]) -> list[str]:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``report.md`` for ``report`` (the same for the dict and for ``report.json`` read back)."""
     r: dict[str, Any] = json.loads(to_json(report))
+    lines: list[str] = []
+    for section in _SECTIONS:
+        lines += section(r)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _header_section(r: Mapping[str, Any]) -> list[str]:
+    """Title, the warnings (what makes a number below not mean what it seems), run facts."""
     title = f"# compresscnn report: {r['name']}" if r.get("name") else "# compresscnn report"
     lines: list[str] = [title, ""]
-    for w in r.get("warnings") or []:  # what makes a number below not mean what it seems
+    for w in r.get("warnings") or []:
         lines += [f"> **Warning:** {w}", ""]
     meta = []
     if r.get("date"):
@@ -282,10 +278,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         meta.append(f"- Input size: {_fmt_rank(r['input_size'])}")
     if meta:
         lines += meta + [""]
-    for w in r.get("warnings") or []:
-        lines += [f"> **Warning:** {w}", ""]
+    return lines
 
-    # Summary -----------------------------------------------------------------------------
+
+def _summary_section(r: Mapping[str, Any]) -> list[str]:
+    """Accuracy, agreement, size and cost of every stage, with ratios to the baseline."""
     base = r.get("baseline") or {}
     rows = []
     for stage in STAGES:
@@ -306,42 +303,46 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             _fmt_ratio(base.get("macs"), st.get("macs")),
             _fmt_float(st.get("loss")),
         ])
-    lines += ["## Summary", ""]
+    lines = ["## Summary", ""]
     lines += _table(
         ["Stage", "Top-1 %", "Top-5 %", "Agreement %", "Params", "MACs", "Params ratio", "MACs ratio", "Loss"],
         rows,
         ["l", "r", "r", "r", "r", "r", "r", "r", "r"],
     )
-    lines += [
+    return lines + [
         "",
         "Ratios are baseline ÷ stage (2.00× = half the parameters or MACs). Agreement is the "
         "share of images whose top-1 class equals the baseline model's.",
         "",
     ]
 
-    # ONNX --------------------------------------------------------------------------------
-    onnx = r.get("onnx")
-    if onnx:
-        lines += ["## ONNX", ""]
-        lines += _table(
-            ["File", "Size", "Max abs diff", "Opset", "Exporter"],
-            [[
-                f"`{onnx['path']}`" if onnx.get("path") else _DASH,
-                _fmt_bytes(onnx.get("bytes")),
-                _fmt_float(onnx.get("max_abs_diff"), 3),
-                _cell(onnx.get("opset")),
-                _cell(onnx.get("exporter")),
-            ]],
-            ["l", "r", "r", "r", "l"],
-        )
-        lines += _runtime_lines(onnx)
-        extra = {k: v for k, v in onnx.items() if k not in ("path", "bytes", "max_abs_diff", "opset", "exporter")}
-        if extra.get("quantized"):
-            q = extra["quantized"]
-            lines += ["", f"Dynamic int8 copy: `{q.get('path')}` ({_fmt_bytes(q.get('bytes'))})."]
-        lines += [""]
 
-    # Latency -----------------------------------------------------------------------------
+def _onnx_section(r: Mapping[str, Any]) -> list[str]:
+    onnx = r.get("onnx")
+    if not onnx:
+        return []
+    lines = ["## ONNX", ""]
+    lines += _table(
+        ["File", "Size", "Max abs diff", "Opset", "Exporter"],
+        [[
+            f"`{onnx['path']}`" if onnx.get("path") else _DASH,
+            _fmt_bytes(onnx.get("bytes")),
+            _fmt_float(onnx.get("max_abs_diff"), 3),
+            _cell(onnx.get("opset")),
+            _cell(onnx.get("exporter")),
+        ]],
+        ["l", "r", "r", "r", "l"],
+    )
+    lines += _runtime_lines(onnx)
+    if onnx.get("quantized"):
+        q = onnx["quantized"]
+        lines += ["", f"Dynamic int8 copy: `{q.get('path')}` ({_fmt_bytes(q.get('bytes'))})."]
+    return lines + [""]
+
+
+def _latency_section(r: Mapping[str, Any]) -> list[str]:
+    """Whole-model latency, then each replaced layer dense vs decomposed."""
+    lines: list[str] = []
     lat_rows = _latency_rows(r.get("latency"))
     if lat_rows:
         lines += ["## Latency", ""]
@@ -354,7 +355,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ["l", "l", "r", "r", "r", "r", "r"],
         )
         lines += [""]
-
     layer_lat = r.get("layer_latency") or []
     if layer_lat:
         lines += ["### Per layer: dense vs decomposed", ""]
@@ -369,69 +369,81 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ["l", "l", "r", "r", "r", "r", "r"],
         )
         lines += [""]
+    return lines
 
-    # Layers ------------------------------------------------------------------------------
+
+def _layers_section(r: Mapping[str, Any]) -> list[str]:
+    """One row per planned layer, and the totals."""
     layers = r.get("layers") or []
-    if layers:
-        lines += ["## Layers", ""]
-        rows = []
-        tot = {"params_before": 0.0, "params_after": 0.0, "macs_before": 0.0, "macs_after": 0.0}
-        for row in layers:
-            for k in tot:
-                x = _num(row.get(k))
-                if x is not None:
-                    tot[k] += x
-            rows.append([
-                f"`{row.get('name')}`",
-                _cell(row.get("type")),
-                _cell(row.get("method")),
-                _cell(_fmt_rank(row.get("rank"))),
-                _fmt_count(row.get("params_before")),
-                _fmt_count(row.get("params_after")),
-                _fmt_count(row.get("macs_before")),
-                _fmt_count(row.get("macs_after")),
-                _fmt_float(row.get("rel_error"), 3),
-                _cell(row.get("skipped")),
-            ])
+    if not layers:
+        return []
+    rows = []
+    tot = {"params_before": 0.0, "params_after": 0.0, "macs_before": 0.0, "macs_after": 0.0}
+    for row in layers:
+        for k in tot:
+            x = _num(row.get(k))
+            if x is not None:
+                tot[k] += x
         rows.append([
-            "**total**", "", "", "",
-            _fmt_count(tot["params_before"]), _fmt_count(tot["params_after"]),
-            _fmt_count(tot["macs_before"]), _fmt_count(tot["macs_after"]), "", "",
+            f"`{row.get('name')}`",
+            _cell(row.get("type")),
+            _cell(row.get("method")),
+            _cell(_fmt_rank(row.get("rank"))),
+            _fmt_count(row.get("params_before")),
+            _fmt_count(row.get("params_after")),
+            _fmt_count(row.get("macs_before")),
+            _fmt_count(row.get("macs_after")),
+            _fmt_float(row.get("rel_error"), 3),
+            _cell(row.get("skipped")),
         ])
-        lines += _table(
-            ["Layer", "Type", "Method", "Rank", "Params before", "Params after", "MACs before",
-             "MACs after", "Rel. error", "Skipped"],
-            rows,
-            ["l", "l", "l", "l", "r", "r", "r", "r", "r", "l"],
-        )
-        lines += [""]
+    rows.append([
+        "**total**", "", "", "",
+        _fmt_count(tot["params_before"]), _fmt_count(tot["params_after"]),
+        _fmt_count(tot["macs_before"]), _fmt_count(tot["macs_after"]), "", "",
+    ])
+    lines = ["## Layers", ""]
+    lines += _table(
+        ["Layer", "Type", "Method", "Rank", "Params before", "Params after", "MACs before",
+         "MACs after", "Rel. error", "Skipped"],
+        rows,
+        ["l", "l", "l", "l", "r", "r", "r", "r", "r", "l"],
+    )
+    return lines + [""]
 
-    lines += _fit_section(r.get("calibration"), layers)
 
-    # Fine-tuning -------------------------------------------------------------------------
+def _calibration_section(r: Mapping[str, Any]) -> list[str]:
+    return _fit_section(r.get("calibration"), r.get("layers") or [])
+
+
+def _training_section(r: Mapping[str, Any]) -> list[str]:
     ft = r.get("finetune")
-    if ft:
-        title = "## Training" if r.get("trained") else "## Fine-tuning"
-        lines += [title, ""] + _kv_table(ft, "Statistic") + [""]
+    if not ft:
+        return []
+    title = "## Training" if r.get("trained") else "## Fine-tuning"
+    return [title, ""] + _kv_table(ft, "Statistic") + [""]
 
-    # Timings -----------------------------------------------------------------------------
+
+def _timings_section(r: Mapping[str, Any]) -> list[str]:
     timings = r.get("timings") or {}
-    if timings:
-        lines += ["## Stage timings", ""]
-        lines += _table(
-            ["Stage", "Seconds"],
-            ([_cell(k), _fmt_seconds(timings[k])] for k in _ordered_stages(timings)),
-            ["l", "r"],
-        )
-        lines += [""]
+    if not timings:
+        return []
+    lines = ["## Stage timings", ""]
+    lines += _table(
+        ["Stage", "Seconds"],
+        ([_cell(k), _fmt_seconds(timings[k])] for k in _ordered_stages(timings)),
+        ["l", "r"],
+    )
+    return lines + [""]
 
-    # Versions and machine -----------------------------------------------------------------
+
+def _environment_section(r: Mapping[str, Any]) -> list[str]:
+    """Package versions and the machine."""
+    lines: list[str] = []
     if r.get("versions"):
         lines += ["## Versions", ""] + _kv_table(r["versions"], "Package", "Version") + [""]
     if r.get("machine"):
         lines += ["## Machine", ""] + _kv_table(r["machine"]) + [""]
-
-    return "\n".join(lines).rstrip("\n") + "\n"
+    return lines
 
 
 def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
@@ -455,6 +467,12 @@ def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
     )
     return lines + [""]
 
+
+
+#: the sections of ``report.md``, in order
+_SECTIONS = (_header_section, _summary_section, _onnx_section, _latency_section,
+             _layers_section, _calibration_section, _training_section, _timings_section,
+             _environment_section)
 
 def _fmt_seconds(v: Any) -> str:
     x = _num(v)

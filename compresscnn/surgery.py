@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -25,7 +25,7 @@ from .decomposers.base import check_weights, layer_cost
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
 from .nn_utils import example_input, get_module, record_inputs, set_module
-from .ranks import BudgetItem, allocate, candidates_for, select_rank, tail_error
+from .ranks import BudgetItem, Skip, allocate, candidates_for, select_rank, tail_error
 from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
                      validate_compress, validate_rules, validate_target)
 
@@ -33,9 +33,11 @@ from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_optio
 ALLOCATIONS = ("spectral", "energy", "sensitivity")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Replacement:
-    """One row of a plan: a layer and what happens to it."""
+    """One row of a plan: a layer and what happens to it. Rows are not edited: a step that
+    measures or changes something (apply, the data-aware fit, the latency check) makes a new
+    row with :func:`dataclasses.replace`."""
 
     name: str
     type: str
@@ -50,6 +52,7 @@ class Replacement:
     macs_after: int
     rel_error: float | None = None     # estimated from spectra in plan, measured by apply
     skipped: str | None = None          # the reason a layer matched but is left dense
+    skip: Skip | None = None            # the same reason as a kind (not in the report rows)
     rule: int = 0
     fit: dict[str, Any] = field(default_factory=dict)
     latency_before: float | None = None  # measured ms of the dense layer (objective latency)
@@ -60,9 +63,12 @@ class Replacement:
         return self.skipped is None and self.rank is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    replacements: list[Replacement]
+    """What :func:`plan` decided, and what the later steps of :func:`compress` measured;
+    each of those steps returns a new plan (``dataclasses.replace``), none edits one."""
+
+    replacements: tuple[Replacement, ...]
     input_size: tuple[int, ...]
     total_params: int
     total_macs: int
@@ -76,6 +82,9 @@ class Plan:
     latency_check: dict[str, Any] | None = None
     #: solver, wall time, forward passes and the dense layers refitted, after a data-aware fit
     calibration: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replacements", tuple(self.replacements))
 
     @property
     def params_after(self) -> int:
@@ -92,7 +101,11 @@ class Plan:
         return {r.name: list(r.rank) for r in self.replacements if r.applied}
 
     def to_rows(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.replacements]
+        """The rows of the report's layer table (``skip`` is said by ``skipped``)."""
+        rows = [asdict(r) for r in self.replacements]
+        for row in rows:
+            del row["skip"]
+        return rows
 
     def summary(self) -> str:
         """A table a person reads (what ``--dry-run`` prints)."""
@@ -244,135 +257,172 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     totals = count(model, input_size)
     owner = _match(rules, layers)
     tkey = next(iter(target)) if target else None
-
-    def timed(rule: dict[str, Any]) -> bool:
-        return tkey == "latency" or (rule.get("objective") or objective) == "latency"
-
-    lat_cfg = x_lat = None
-    inputs: dict[str, torch.Tensor] = {}
-    timed_names = [n for n, i in owner.items() if timed(rules[i])]
-    if timed_names:
-        lat_cfg = LatencyConfig.from_any(latency)
-        x_lat = example_input(input_size, lat_cfg.batch)
-        # a latency target is a fraction of the summed latency of every Conv2d/Linear
-        inputs = record_inputs(model, list(layers) if tkey == "latency" else timed_names,
-                               x_lat)
+    timed = [n for n, i in owner.items()
+             if tkey == "latency" or (rules[i].get("objective") or objective) == "latency"]
+    lat_cfg, inputs = _latency_inputs(model, layers, timed, tkey, input_size, latency)
 
     reps: list[Replacement] = []
-    budget_items: list[tuple[BudgetItem, Replacement]] = []
+    items: dict[str, BudgetItem] = {}
     for name, info in layers.items():
         if name not in owner:
             continue
-        i = owner[name]
-        rule = rules[i]
-        dec = get_decomposer(rule["method"])
-        opts = _method_options(rule)
-        p0, m0 = layer_cost(info.module, info.in_hw)
-        m0 *= info.tokens
-        rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
-                          p0, m0, p0, m0, rule=i)
+        w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
+        rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
+                            weight=w, lat_cfg=lat_cfg,
+                            x=inputs[name] if name in timed else None)
         reps.append(rep)
-        reason = dec.supports(info.module)
-        if reason is not None:
-            rep.skipped = reason
-            continue
-        check_weights(info.module, f"rules[{i}] ({name})")
-        has_policy = any(rule.get(k) is not None for k in _RANK_KEYS)
-        if not has_policy:
-            if not target:
-                raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
-                                  f"global target to choose ranks")
-            cands = candidates_for(dec, info.module, info.in_hw, opts,
-                                   round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
-            if lat_cfg is not None and timed(rule):
-                cands = _timed_candidates(dec, info.module, cands, opts, inputs[name],
-                                          lat_cfg, rep)
-            w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
-            budget_items.append((BudgetItem(name, cands, weight=w), rep))
-            continue
-        try:
-            r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
-        except RankError as e:  # name the rule and the layer, not only the layer's shape
-            raise RankError(f"rules[{i}] ({name}): {e}") from None
-        p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
-        rep.rank, rep.policy = list(r), how
-        rep.params_after, rep.macs_after = p1, m1 * info.tokens
-        rep.rel_error = tail_error(dec.spectra(info.module, **opts), r)
-        if lat_cfg is not None and timed(rule):
-            dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, inputs[name],
-                                              lat_cfg)
-            rep.latency_before, rep.latency_after = dense_ms, ms
-            if ms >= dense_ms * (1.0 - lat_cfg.margin):
-                rep.skipped = (f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
-                               f"{dense_ms:.3g} ms dense")
-
-    layer_ms: dict[str, float] = {}
-    if lat_cfg is not None:
-        layer_ms = {r.name: r.latency_before for r in reps if r.latency_before is not None}
-        if tkey == "latency":  # the layers no rule decomposes count at their dense time
-            for name in layers:
-                if name not in layer_ms:
-                    layer_ms[name] = time_modules([copy.deepcopy(layers[name].module)],
-                                                  inputs[name], lat_cfg)[0]
+        if item is not None:
+            items[name] = item
+    layer_ms = _layer_times(reps, layers, inputs, lat_cfg, tkey)
     if target:
-        (key, frac), = target.items()
-        if key == "latency":
-            total: float = sum(layer_ms.values())
-            fmt = lambda v: f"{v:.3g} ms"  # noqa: E731
-        else:
-            total = totals[key]
-            fmt = lambda v: f"{int(v):,} {key}"  # noqa: E731
-        fixed = total
-        for rep in reps:
-            if rep.applied:
-                fixed += getattr(rep, f"{key}_after") - getattr(rep, f"{key}_before")
-        for item, rep in budget_items:
-            fixed -= getattr(rep, f"{key}_before")
-        allowed = frac * total if key == "latency" else int(frac * total)
-        budget = allowed - fixed
-        if budget <= 0:
-            raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
-                            f"cannot touch (matched by no budgeted rule, or refused by its "
-                            f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
-        allocate([it for it, _ in budget_items], key, budget,
-                 penalty="log_energy" if allocation == "energy" else "squared")
-        for item, rep in budget_items:
-            c = item.candidates[item.choice]
-            rep.policy = f"budget {key} {frac:g}"
-            if c.rank is None:
-                rep.skipped = "kept dense by the budget" if len(item.candidates) > 1 else (
-                    f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}"
-                    if lat_cfg is not None and rep.latency_before is not None
-                    else "kept dense by the budget")
-                continue
-            rep.rank = list(c.rank)
-            rep.params_after, rep.macs_after, rep.rel_error = c.params, c.macs, c.error
-            rep.latency_after = c.latency
-    lat_info = None
-    if lat_cfg is not None:
-        delta = sum((r.latency_after - r.latency_before) for r in reps
-                    if r.applied and r.latency_before is not None and r.latency_after is not None)
-        dense_ms = sum(layer_ms.values())
-        lat_info = {**lat_cfg.describe(), "layers_timed": len(layer_ms),
-                    "layers_dense_ms": dense_ms, "layers_planned_ms": dense_ms + delta}
+        reps = _allocate(target, totals, reps, items, layer_ms, allocation, lat_cfg)
     return Plan(reps, input_size, totals["params"], totals["macs"],
-                dict(target) if target else None, latency=lat_info, latency_config=lat_cfg)
+                dict(target) if target else None, latency=_latency_info(reps, layer_ms, lat_cfg),
+                latency_config=lat_cfg)
+
+
+def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[str],
+                    tkey: str | None, input_size: tuple[int, ...], latency: Any
+                    ) -> tuple[LatencyConfig | None, dict[str, torch.Tensor]]:
+    """The latency configuration and the input each layer to time receives (none when no
+    layer is timed)."""
+    if not timed:
+        return None, {}
+    lat_cfg = LatencyConfig.from_any(latency)
+    x_lat = example_input(input_size, lat_cfg.batch)
+    # a latency target is a fraction of the summed latency of every Conv2d/Linear
+    return lat_cfg, record_inputs(model, list(layers) if tkey == "latency" else timed, x_lat)
+
+
+def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
+            target: dict[str, float] | None, weight: float, lat_cfg: LatencyConfig | None,
+            x: torch.Tensor | None) -> tuple[Replacement, BudgetItem | None]:
+    """One layer's row: refused by its method, ranked by its rule's policy (and, when timed
+    on ``x``, kept dense unless faster), or left to the budget (its :class:`BudgetItem`)."""
+    dec = get_decomposer(rule["method"])
+    opts = _method_options(rule)
+    p0, m0 = layer_cost(info.module, info.in_hw)
+    m0 *= info.tokens
+    rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
+                      p0, m0, p0, m0, rule=i)
+    reason = dec.supports(info.module)
+    if reason is not None:
+        return replace(rep, skipped=reason, skip=Skip.REFUSED), None
+    check_weights(info.module, f"rules[{i}] ({name})")
+    if not any(rule.get(k) is not None for k in _RANK_KEYS):
+        if not target:
+            raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
+                              f"global target to choose ranks")
+        cands = candidates_for(dec, info.module, info.in_hw, opts,
+                               round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
+        if x is not None:
+            cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
+            rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
+        return rep, BudgetItem(name, cands, weight=weight)
+    try:
+        r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
+    except RankError as e:  # name the rule and the layer, not only the layer's shape
+        raise RankError(f"rules[{i}] ({name}): {e}") from None
+    p1, m1 = dec.cost(info.module, r, info.in_hw, **opts)
+    rep = replace(rep, rank=list(r), policy=how, params_after=p1, macs_after=m1 * info.tokens,
+                  rel_error=tail_error(dec.spectra(info.module, **opts), r))
+    if x is None:
+        return rep, None
+    dense_ms, (ms,) = time_candidates(dec, info.module, [r], opts, x, lat_cfg)
+    rep = replace(rep, latency_before=dense_ms, latency_after=ms)
+    if ms >= dense_ms * (1.0 - lat_cfg.margin):
+        rep = replace(rep, skip=Skip.NOT_FASTER,
+                      skipped=f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
+                              f"{dense_ms:.3g} ms dense")
+    return rep, None
+
+
+def _layer_times(reps: Sequence[Replacement], layers: dict[str, LayerInfo],
+                 inputs: dict[str, torch.Tensor], lat_cfg: LatencyConfig | None,
+                 tkey: str | None) -> dict[str, float]:
+    """Measured dense ms of every timed layer (with a latency target, of every layer)."""
+    if lat_cfg is None:
+        return {}
+    layer_ms = {r.name: r.latency_before for r in reps if r.latency_before is not None}
+    if tkey == "latency":  # the layers no rule decomposes count at their dense time
+        for name in layers:
+            if name not in layer_ms:
+                layer_ms[name] = time_modules([copy.deepcopy(layers[name].module)],
+                                              inputs[name], lat_cfg)[0]
+    return layer_ms
+
+
+def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Replacement],
+              items: dict[str, BudgetItem], layer_ms: dict[str, float], allocation: str,
+              lat_cfg: LatencyConfig | None) -> list[Replacement]:
+    """Share the whole-model budget among the budgeted layers (``items``); the rows with the
+    ranks chosen, or kept dense."""
+    (key, frac), = target.items()
+    if key == "latency":
+        total: float = sum(layer_ms.values())
+        fmt = lambda v: f"{v:.3g} ms"  # noqa: E731
+    else:
+        total = totals[key]
+        fmt = lambda v: f"{int(v):,} {key}"  # noqa: E731
+    fixed = total
+    for rep in reps:
+        if rep.applied:
+            fixed += getattr(rep, f"{key}_after") - getattr(rep, f"{key}_before")
+        elif rep.name in items:
+            fixed -= getattr(rep, f"{key}_before")
+    allowed = frac * total if key == "latency" else int(frac * total)
+    budget = allowed - fixed
+    if budget <= 0:
+        raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
+                        f"cannot touch (matched by no budgeted rule, or refused by its "
+                        f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
+    allocate(list(items.values()), key, budget,
+             penalty="log_energy" if allocation == "energy" else "squared")
+    out = []
+    for rep in reps:
+        item = items.get(rep.name)
+        if item is None:
+            out.append(rep)
+            continue
+        c = item.candidates[item.choice]
+        rep = replace(rep, policy=f"budget {key} {frac:g}")
+        if c.rank is not None:
+            out.append(replace(rep, rank=list(c.rank), params_after=c.params,
+                               macs_after=c.macs, rel_error=c.error, latency_after=c.latency))
+        elif len(item.candidates) == 1 and lat_cfg is not None and rep.latency_before is not None:
+            out.append(replace(rep, skip=Skip.NOT_FASTER, skipped=(
+                f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}")))
+        else:
+            out.append(replace(rep, skip=Skip.BUDGET, skipped="kept dense by the budget"))
+    return out
+
+
+def _latency_info(reps: Sequence[Replacement], layer_ms: dict[str, float],
+                  lat_cfg: LatencyConfig | None) -> dict[str, Any] | None:
+    """What the plan's latency line reports: the layers timed, dense and planned ms."""
+    if lat_cfg is None:
+        return None
+    delta = sum((r.latency_after - r.latency_before) for r in reps
+                if r.applied and r.latency_before is not None and r.latency_after is not None)
+    dense_ms = sum(layer_ms.values())
+    return {**lat_cfg.describe(), "layers_timed": len(layer_ms),
+            "layers_dense_ms": dense_ms, "layers_planned_ms": dense_ms + delta}
 
 
 def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
-                      x: torch.Tensor, cfg, rep: Replacement) -> list:
+                      x: torch.Tensor, cfg) -> tuple[list, float]:
     """Time the dense layer and up to ``cfg.max_candidates`` of its candidate ranks; keep
-    dense plus the candidates at least ``cfg.margin`` faster than it."""
+    dense plus the candidates at least ``cfg.margin`` faster than it. Returns the kept
+    candidates and the dense layer's ms."""
     pick = [cands[j] for j in spread(len(cands), cfg.max_candidates)]
     dense_ms, times = time_candidates(dec, layer, [c.rank for c in pick], opts, x, cfg)
     cands[0].latency = dense_ms
-    rep.latency_before = rep.latency_after = dense_ms
     kept = [cands[0]]
     for c, t in zip(pick, times):
         c.latency = t
         if t < dense_ms * (1.0 - cfg.margin):
             kept.append(c)
-    return kept
+    return kept, dense_ms
 
 
 # ---------------------------------------------------------------------------- apply
@@ -382,7 +432,7 @@ def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
 def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     """Swap every planned layer of ``model`` (in place) for its decomposition; return it.
 
-    Records each decomposition's measured fit (``fit_info`` of the new module) in the plan.
+    The plan is not changed: :func:`measured` reads each decomposition's fit back.
     """
     for rep in plan_.replacements:
         if not rep.applied:
@@ -391,13 +441,23 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
         dec = get_decomposer(rep.method)
         check_weights(layer, rep.name)
         new = dec.decompose(layer, tuple(rep.rank), **rep.options)
-        fit = dict(getattr(new, "fit_info", {}) or {})
-        if "rel_error" in fit:
-            rep.rel_error = float(fit["rel_error"])
-        rep.fit = fit
         new.train(layer.training)
         set_module(model, rep.name, new)
     return model
+
+
+def measured(plan_: Plan, model: nn.Module) -> Plan:
+    """``plan_`` with each applied row's measured decomposition fit (the ``fit_info`` that
+    :func:`apply` left on its module in ``model``): ``fit``, and ``rel_error`` when the
+    decomposition measured one."""
+    rows = []
+    for rep in plan_.replacements:
+        if rep.applied:
+            fit = dict(getattr(get_module(model, rep.name), "fit_info", {}) or {})
+            rel = float(fit["rel_error"]) if "rel_error" in fit else rep.rel_error
+            rep = replace(rep, fit=fit, rel_error=rel)
+        rows.append(rep)
+    return replace(plan_, replacements=tuple(rows))
 
 
 def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
@@ -466,20 +526,20 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
         model, rules, input_size, target, calibration, objective=objective, latency=latency,
         allocation=allocation)
     new = apply(copy.deepcopy(model), p)
+    p = measured(p, new)
     if calibration is not None and (reconstruct or bn_recalibrate):
-        p.bn_recalibrated = refine(
-            model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
-            lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-            refit_dense=refit_dense, solver=solver)
+        p = refine(model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
+                   lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
+                   refit_dense=refit_dense, solver=solver)
     if p.latency_config is not None:
-        p.latency_check = ensure_not_slower(model, new, p, p.latency_config)
+        p = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
 
 def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
            calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
            lr: float = 3e-3, bn_recalibrate: bool = False, fit_through: str = "activation",
-           refit_dense: bool = False, solver: str = "closed_form") -> int:
+           refit_dense: bool = False, solver: str = "closed_form") -> Plan:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
     ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
@@ -492,10 +552,10 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     ones and a few batches' estimate is noisier (ResNet-20, CP at 2x: 80.51 zero-shot
     without, 78.78 with; BENCHMARKS.md). ``solver``: ``"closed_form"`` (least squares,
     iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
-    the earlier fit); see :mod:`compresscnn.response`. Records the measured output errors
-    and each layer's fit time in its plan row's ``fit``, and the solver, total time and
-    forward passes in ``plan_.calibration``; returns the number of BatchNorm layers
-    re-estimated."""
+    the earlier fit); see :mod:`compresscnn.response`. Returns a new plan: the measured
+    output errors and each layer's fit time added to its row's ``fit``, the solver, total
+    time and forward passes in ``calibration``, and the number of BatchNorm layers
+    re-estimated in ``bn_recalibrated``."""
     if fit_through not in FIT_THROUGH:
         raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
                           f"got {fit_through!r}")
@@ -516,15 +576,15 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
             names.sort(key=lambda n: order.index(n) if n in order else -1)
         done = reconstruct_outputs(original, compressed, names, batches, solver=solver,
                                    steps=steps, lr=lr, tails=tails)
-        rows = {rep.name: rep for rep in plan_.replacements}
         fits = {name: {"output_error_data_free": f["before"], "output_error": f["after"],
                        "fit_seconds": f["seconds"], "fit_solver": f["solver"],
                        "fit_iters": f["iters"]} for name, f in done.layers.items()}
-        for name, f in fits.items():
-            if name in rows:
-                rows[name].fit.update(f)
-        plan_.calibration = {**done.summary(), "dense_refitted": {
-            n: f for n, f in fits.items() if n not in rows}}
+        rows = tuple(replace(rep, fit={**rep.fit, **fits[rep.name]}) if rep.name in fits
+                     else rep for rep in plan_.replacements)
+        names = {rep.name for rep in rows}
+        plan_ = replace(plan_, replacements=rows, calibration={
+            **done.summary(), "dense_refitted": {n: f for n, f in fits.items()
+                                                 if n not in names}})
     n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
     compressed.eval()
-    return n
+    return replace(plan_, bn_recalibrated=n)

@@ -42,6 +42,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -474,37 +475,17 @@ def _callbacks(callbacks: Sequence[Any], name: str) -> list[Callable[..., Any]]:
 
 # --------------------------------------------------------------------------- training
 def finetune(
-    student: nn.Module,
-    train_loader: Iterable,
-    *,
-    teacher: nn.Module | None = None,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    optimizer: str = "sgd",
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    distill: Mapping[str, Any] | bool | None = DEFAULT_DISTILL,
-    device: str | torch.device = "auto",
-    amp: str | bool | None = "auto",
-    memory_format: str = "auto",
-    compile: bool = False,
-    label_smoothing: float = 0.0,
-    clip_grad_norm: float | None = None,
-    mixup: float = 0.0,
-    cutout: int = 0,
-    callbacks: Sequence[Any] = (),
-    evaluator: Callable[[nn.Module], float] | None = None,
-    keep: str = "last",
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    log_every: int = 50,
-    log_path: str | Path | None = None,
-    seed: int = 0,
-    progress: bool = True,
+    student: nn.Module, train_loader: Iterable, *, teacher: nn.Module | None = None,
+    epochs: int = 1, max_steps: int | None = None, optimizer: str = "sgd", lr: float = 0.01,
+    momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "cosine",
+    warmup_steps: int = 0, distill: Mapping[str, Any] | bool | None = DEFAULT_DISTILL,
+    device: str | torch.device = "auto", amp: str | bool | None = "auto",
+    memory_format: str = "auto", compile: bool = False, label_smoothing: float = 0.0,
+    clip_grad_norm: float | None = None, mixup: float = 0.0, cutout: int = 0,
+    callbacks: Sequence[Any] = (), evaluator: Callable[[nn.Module], float] | None = None,
+    keep: str = "last", checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None, resume: bool = False, log_every: int = 50,
+    log_path: str | Path | None = None, seed: int = 0, progress: bool = True,
     section: str = "finetune",
 ) -> dict[str, Any]:
     """Train ``student`` in place on ``train_loader`` (batches of ``(images, labels)``),
@@ -544,10 +525,71 @@ def finetune(
     "stopped_early"}``; ``steps`` is the global step reached (including steps done before a
     resume), ``images``/``seconds`` count this call only (all ranks).
     """
+    s = _settings(student, train_loader, teacher, epochs=epochs, max_steps=max_steps,
+                  schedule=schedule, distill=distill, device=device, amp=amp,
+                  memory_format=memory_format, keep=keep, evaluator=evaluator,
+                  checkpoint_every=checkpoint_every, section=section)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
+    if resume and ckpt_path is None:
+        raise CheckpointError("finetune: resume=True needs a checkpoint_dir")
+    csv_path = Path(log_path) if log_path is not None else (ckpt_dir / LOG_NAME if ckpt_dir else None)
+    ck, config, forward, sync_bn = _prepare(student, teacher, s, ckpt_path, resume=resume,
+                                            optimizer=optimizer, seed=seed, compile=compile)
+    opt, sched, scaler = _build_schedule(student, s, optimizer, lr=lr, momentum=momentum,
+                                        weight_decay=weight_decay, warmup_steps=warmup_steps)
+    loop = _Loop(student=student, forward=forward,
+                 teacher=teacher if s.use_kd else None, loader=train_loader, opt=opt,
+                 sched=sched, scaler=scaler, s=s, ckpt_path=ckpt_path, config=config,
+                 best=_Best(ckpt_dir / BEST_NAME if ckpt_dir is not None else None,
+                            ck.get("best") if ck is not None else None),
+                 callbacks=callbacks, evaluator=evaluator, seed=seed, section=section,
+                 checkpoint_every=checkpoint_every, label_smoothing=label_smoothing,
+                 clip_grad_norm=clip_grad_norm, mixup=mixup, cutout=cutout)
+    if ck is not None:
+        loop.resume(ck)
+    loop.open_log(csv_path, log_every, progress)
+    t0 = time.perf_counter()
+    try:
+        loop.run()
+    finally:
+        if loop.bar is not None:
+            loop.bar.close()
+        if sync_bn is not None:
+            sync_bn.revert()
+        student.to(memory_format=torch.contiguous_format)
+        if s.use_kd:
+            teacher.to(memory_format=torch.contiguous_format)  # type: ignore[union-attr]
+    if keep == "best" and loop.best.weights is not None:
+        student.load_state_dict(loop.best.weights)
+    return _result(loop, time.perf_counter() - t0, keep=keep, compile=compile,
+                   csv_path=csv_path)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of :func:`finetune` that the loop reads."""
+
+    dev: torch.device
+    amp_dtype: torch.dtype | None
+    kd_cfg: dict[str, Any]
+    use_kd: bool
+    schedule: str
+    mem: torch.memory_format
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _settings(student: nn.Module, train_loader: Iterable, teacher: nn.Module | None, *,
+              epochs: int, max_steps: int | None, schedule: str,
+              distill: Mapping[str, Any] | bool | None, device: str | torch.device,
+              amp: str | bool | None, memory_format: str, keep: str,
+              evaluator: Callable[[nn.Module], float] | None, checkpoint_every: int | None,
+              section: str) -> _Settings:
+    """Check :func:`finetune`'s arguments (one-line errors naming ``section``'s keys)."""
     dev = resolve_device(device)
     amp_dtype = _resolve_amp(amp, dev)
     kd_cfg = _distill_config(distill)
-    use_kd = bool(kd_cfg["enabled"] and teacher is not None)
     schedule = str(schedule).lower()
     if schedule not in SCHEDULES:
         raise CompressError(f"schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
@@ -567,242 +609,311 @@ def finetune(
         raise CompressError(f"{section}: nothing to train (epochs={epochs}, max_steps={max_steps})")
     if checkpoint_every is not None and checkpoint_every <= 0:
         raise CompressError(f"checkpoint_every: must be a positive number of steps, got {checkpoint_every}")
+    return _Settings(dev, amp_dtype, kd_cfg, bool(kd_cfg["enabled"] and teacher is not None),
+                     schedule, mem, steps_per_epoch, total_steps)
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ckpt_path = ckpt_dir / CHECKPOINT_NAME if ckpt_dir is not None else None
-    if resume and ckpt_path is None:
-        raise CheckpointError("finetune: resume=True needs a checkpoint_dir")
-    csv_path = Path(log_path) if log_path is not None else (ckpt_dir / LOG_NAME if ckpt_dir else None)
-    main = is_main_process()
-    world = get_world_size()
-    distributed = is_dist()
 
+def _prepare(student: nn.Module, teacher: nn.Module | None, s: _Settings,
+             ckpt_path: Path | None, *, resume: bool, optimizer: str, seed: int,
+             compile: bool) -> tuple[dict[str, Any] | None, dict[str, Any], Callable, Any]:
+    """Seed, move the models to the device and memory format, read the checkpoint to resume
+    from (its weights loaded into ``student``), and wrap ``student`` for DDP / compile.
+    Returns ``(checkpoint or None, the run's config a checkpoint must match, the forward
+    callable, the SyncBatchNorm reverter or None)``."""
     seed_everything(seed)
-    student.to(dev)
-    student.to(memory_format=mem)
-    if use_kd:
+    student.to(s.dev)
+    student.to(memory_format=s.mem)
+    if s.use_kd:
         assert teacher is not None
-        teacher.to(dev).eval()
-        teacher.to(memory_format=mem)
-
+        teacher.to(s.dev).eval()
+        teacher.to(memory_format=s.mem)
     ck = load_checkpoint(ckpt_path) if resume and ckpt_path is not None else None
-    config = {
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "optimizer": str(optimizer).lower(),
-        "world_size": world,
-    }
+    config = {"total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch,
+              "optimizer": str(optimizer).lower(), "world_size": get_world_size()}
     if ck is not None:
-        assert ckpt_path is not None
-        for key, value in config.items():
-            if ck.get("config", {}).get(key) != value:
-                raise CheckpointError(
-                    f"{ckpt_path}: checkpoint was written with {key}={ck.get('config', {}).get(key)!r}, "
-                    f"this run has {key}={value!r}"
-                )
-        check_state_dict(ck["model"], student.state_dict(), f"checkpoint {ckpt_path}")
-        try:
-            student.load_state_dict(ck["model"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{ckpt_path}: weights do not fit the model ({_one_line(exc)})") from exc
-
-    sync_bn = None
-    if distributed and dev.type == "cuda":
-        if dist.get_backend() == "nccl":
-            sync_bn = _SyncBNReverter(student)
+        _resume_model(ck, ckpt_path, student, config)
+    distributed = is_dist()
+    sync_bn = _SyncBNReverter(student) if (
+        distributed and s.dev.type == "cuda" and dist.get_backend() == "nccl") else None
     model: nn.Module = student
     if distributed:
-        model = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
-    forward = torch.compile(model) if compile else model
+        model = DDP(student, device_ids=[s.dev.index] if s.dev.type == "cuda" else None)
+    return ck, config, (torch.compile(model) if compile else model), sync_bn
 
+
+def _build_schedule(student: nn.Module, s: _Settings, optimizer: str, *, lr: float,
+                   momentum: float, weight_decay: float, warmup_steps: int
+                   ) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """The optimizer, its per-step LR schedule over ``s.total_steps`` and the grad scaler
+    (active for fp16 autocast only)."""
     opt = build_optimizer(student, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, warmup_steps=warmup_steps, schedule=schedule)
+        opt, lambda k: lr_factor(k, s.total_steps, warmup_steps=warmup_steps, schedule=s.schedule)
     )
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(s.dev.type, enabled=s.amp_dtype == torch.float16)
+    return opt, sched, scaler
 
-    step, epoch, pos = 0, 0, 0
-    rng_to_restore: Mapping[str, Any] | None = None
-    if ck is not None:
-        try:
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            if ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{ckpt_path}: optimizer state does not fit ({_one_line(exc)})") from exc
-        step, epoch, pos = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
-        rng_to_restore = ck["rng"]
-        log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, pos)
-    resumed_from = step if ck is not None else None
-    best = _Best(ckpt_dir / BEST_NAME if ckpt_dir is not None else None,
-                 ck.get("best") if ck is not None else None)
-    stopped = bool(ck.get("stopped")) if ck is not None else False
 
-    logger = _CsvLog(csv_path if main else None, log_every, resume_step=resumed_from)
-    logger.section, logger.clip = section, clip_grad_norm
-    logger.amp = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else None
-    last_saved = step if ck is not None else -1
-
-    def save(next_epoch: int, next_pos: int) -> None:
-        nonlocal last_saved
-        logger.flush()
-        if ckpt_path is not None and main:
-            atomic_torch_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "model": student.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "epoch": next_epoch,
-                    "batch_in_epoch": next_pos,
-                    "config": config,
-                    "rng": _rng_state(),
-                    "best": best.state(),
-                    "stopped": stopped,
-                },
-                ckpt_path,
+# --------------------------------------------------------------------------- checkpoint I/O
+def _resume_model(ck: Mapping[str, Any], ckpt_path: Path | None, student: nn.Module,
+                  config: Mapping[str, Any]) -> None:
+    """Check that ``ck`` was written by a run of the same length and world size, and load its
+    weights into ``student``."""
+    for key, value in config.items():
+        if ck.get("config", {}).get(key) != value:
+            raise CheckpointError(
+                f"{ckpt_path}: checkpoint was written with {key}={ck.get('config', {}).get(key)!r}, "
+                f"this run has {key}={value!r}"
             )
-        if ckpt_path is not None and distributed:
-            dist.barrier()
-        last_saved = step
-
-    def end_of_epoch(done_epoch: int) -> None:
-        nonlocal stopped
-        if evaluator is not None:
-            score = float(evaluator(student))
-            best.update(done_epoch, score, student, main)
-            student.train()
-            log.info("%s: epoch %d held-out score %.3f", section, done_epoch, score)
-        for hook in _callbacks(callbacks, "on_epoch_end"):
-            stopped = bool(hook(done_epoch, student)) or stopped
-
-    bar = None
-    if progress and main:
-        bar = tqdm(total=total_steps, initial=step, desc=section, disable=None, dynamic_ncols=True)
-
-    after_step = _callbacks(callbacks, "after_step")
-    penalties = _callbacks(callbacks, "penalty")
-    student.train()
-    nan = torch.tensor(float("nan"), device=dev)
-    images = 0
-    t0 = time.perf_counter()
+    check_state_dict(ck["model"], student.state_dict(), f"checkpoint {ckpt_path}")
     try:
-        while step < total_steps and not stopped:
-            _seed_loader(train_loader, seed, epoch)
-            if rng_to_restore is not None and pos == 0:
-                _set_rng_state(rng_to_restore)
-                rng_to_restore = None
-            it = iter(train_loader)
-            skipped = sum(1 for _ in zip(range(pos), it))  # batches done before the interruption
-            if skipped < pos:
-                raise DataError(
-                    f"{section}: cannot resume at batch {pos} of epoch {epoch}: the loader now "
-                    f"yields only {skipped} batches"
-                )
-            if rng_to_restore is not None:
-                _set_rng_state(rng_to_restore)
-                rng_to_restore = None
-            fetched = False
-            for batch in it:
-                fetched = True
-                x, y = split_batch(batch)
-                x = x.to(dev, non_blocking=True)
-                y = y.to(dev, non_blocking=True)
-                if cutout:
-                    x = _cutout(x, cutout)
-                y2, lam = y, 1.0
-                if mixup:
-                    x, y, y2, lam = _mixup(x, y, mixup)
-                if x.dim() == 4:
-                    x = x.contiguous(memory_format=mem)
-                cur_lr = opt.param_groups[0]["lr"]
-                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    s_logits = forward(x)
-                    if use_kd:
-                        with torch.no_grad():
-                            t_logits = teacher(x)  # type: ignore[misc]
-                ce = F.cross_entropy(s_logits.float(), y, label_smoothing=label_smoothing)
-                if lam != 1.0:
-                    ce = lam * ce + (1.0 - lam) * F.cross_entropy(
-                        s_logits.float(), y2, label_smoothing=label_smoothing)
-                if use_kd:
-                    loss, kd, _ = distillation_loss(
-                        s_logits, t_logits, y, temperature=kd_cfg["temperature"], alpha=kd_cfg["alpha"]
-                    )
-                    loss = kd_cfg["alpha"] * kd + (1.0 - kd_cfg["alpha"]) * ce
-                else:
-                    loss, kd = ce, nan
-                for pen in penalties:
-                    loss = loss + pen()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if clip_grad_norm:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                step += 1
-                pos += 1
-                for hook in after_step:
-                    hook(step)
-                images += int(x.shape[0]) * world
-                if logger.add(step, epoch, cur_lr, torch.stack([loss.detach(), kd.detach(), ce.detach()]), int(x.shape[0]) * world):
-                    logger.flush()
-                    if bar is not None and logger.last:
-                        bar.set_postfix(loss=f"{logger.last['loss']:.4f}", lr=f"{cur_lr:.3g}")
-                if bar is not None:
-                    bar.update(1)
-                epoch_done = pos >= steps_per_epoch
-                if epoch_done:
-                    logger.flush()  # a non-finite loss stops the run before it is scored
-                    end_of_epoch(epoch + 1)
-                if (checkpoint_every and step % checkpoint_every == 0) or epoch_done or step >= total_steps:
-                    save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else pos)
-                if step >= total_steps or epoch_done:
-                    break
-            if not fetched and step < total_steps:
-                raise DataError(f"{section}: the training loader produced no batches in epoch {epoch}")
-            if step < total_steps or pos >= steps_per_epoch:
-                if last_saved != step:  # loader shorter than its len(): still an epoch end
-                    end_of_epoch(epoch + 1)
-                    save(epoch + 1, 0)
-                epoch, pos = epoch + 1, 0
-        logger.flush()
-    finally:
-        if bar is not None:
-            bar.close()
-        if sync_bn is not None:
-            sync_bn.revert()
-        student.to(memory_format=torch.contiguous_format)
-        if use_kd:
-            teacher.to(memory_format=torch.contiguous_format)  # type: ignore[union-attr]
-    if keep == "best" and best.weights is not None:
-        student.load_state_dict(best.weights)
-    seconds = time.perf_counter() - t0
-    final_loss = logger.last.get("loss") if logger.last else None
+        student.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the model ({_one_line(exc)})") from exc
+
+
+def _resume_optimization(ck: Mapping[str, Any], ckpt_path: Path | None, opt: Any, sched: Any,
+                         scaler: Any) -> None:
+    try:
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt_path}: optimizer state does not fit ({_one_line(exc)})") from exc
+
+
+# --------------------------------------------------------------------------- epoch loop
+@dataclass(eq=False)
+class _Loop:
+    """One fine-tuning run: what it trains with, and the position a checkpoint stores
+    (global step, epoch, batch within it, RNG state to restore, early stop)."""
+
+    student: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    teacher: nn.Module | None
+    loader: Iterable
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+    s: _Settings
+    ckpt_path: Path | None
+    config: dict[str, Any]
+    best: _Best
+    callbacks: Sequence[Any]
+    evaluator: Callable[[nn.Module], float] | None
+    seed: int
+    section: str
+    checkpoint_every: int | None
+    label_smoothing: float
+    clip_grad_norm: float | None
+    mixup: float
+    cutout: int
+    logger: Any = None
+    bar: Any = None
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    images: int = 0
+    stopped: bool = False
+    last_saved: int = -1
+    resumed_from: int | None = None
+    rng_to_restore: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.main, self.world, self.distributed = is_main_process(), get_world_size(), is_dist()
+        self.after_step = _callbacks(self.callbacks, "after_step")
+        self.penalties = _callbacks(self.callbacks, "penalty")
+        self.nan = torch.tensor(float("nan"), device=self.s.dev)
+
+    def resume(self, ck: Mapping[str, Any]) -> None:
+        """Continue from checkpoint ``ck`` (its model weights are already loaded)."""
+        _resume_optimization(ck, self.ckpt_path, self.opt, self.sched, self.scaler)
+        self.step, self.epoch, self.pos = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
+        self.rng_to_restore = ck["rng"]
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", self.ckpt_path, self.step,
+                 self.epoch, self.pos)
+        self.resumed_from = self.last_saved = self.step
+        self.stopped = bool(ck.get("stopped"))
+
+    def open_log(self, csv_path: Path | None, log_every: int, progress: bool) -> None:
+        """The CSV log (rank 0; rows after a resumed step dropped) and the progress bar."""
+        self.logger = _CsvLog(csv_path if self.main else None, log_every,
+                              resume_step=self.resumed_from)
+        self.logger.section, self.logger.clip = self.section, self.clip_grad_norm
+        amp = self.s.amp_dtype
+        self.logger.amp = str(amp).replace("torch.", "") if amp is not None else None
+        if progress and self.main:
+            self.bar = tqdm(total=self.s.total_steps, initial=self.step, desc=self.section,
+                            disable=None, dynamic_ncols=True)
+
+    def checkpoint(self, next_epoch: int, next_pos: int) -> dict[str, Any]:
+        """What ``last.pt`` holds (tensors and plain containers only)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.student.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": next_epoch,
+            "batch_in_epoch": next_pos,
+            "config": self.config,
+            "rng": _rng_state(),
+            "best": self.best.state(),
+            "stopped": self.stopped,
+        }
+
+    def save(self, next_epoch: int, next_pos: int) -> None:
+        self.logger.flush()
+        if self.ckpt_path is not None and self.main:
+            atomic_torch_save(self.checkpoint(next_epoch, next_pos), self.ckpt_path)
+        if self.ckpt_path is not None and self.distributed:
+            dist.barrier()
+        self.last_saved = self.step
+
+    def end_of_epoch(self, done_epoch: int) -> None:
+        if self.evaluator is not None:
+            score = float(self.evaluator(self.student))
+            self.best.update(done_epoch, score, self.student, self.main)
+            self.student.train()
+            log.info("%s: epoch %d held-out score %.3f", self.section, done_epoch, score)
+        for hook in _callbacks(self.callbacks, "on_epoch_end"):
+            self.stopped = bool(hook(done_epoch, self.student)) or self.stopped
+
+    def run(self) -> None:
+        self.student.train()
+        while self.step < self.s.total_steps and not self.stopped:
+            self.run_epoch()
+        self.logger.flush()
+
+    def run_epoch(self) -> None:
+        """The rest of epoch ``self.epoch`` from batch ``self.pos`` (the batches before it
+        are drawn and discarded, then the saved RNG state is restored)."""
+        _seed_loader(self.loader, self.seed, self.epoch)
+        if self.rng_to_restore is not None and self.pos == 0:
+            _set_rng_state(self.rng_to_restore)
+            self.rng_to_restore = None
+        it = iter(self.loader)
+        skipped = sum(1 for _ in zip(range(self.pos), it))  # batches done before the interruption
+        if skipped < self.pos:
+            raise DataError(
+                f"{self.section}: cannot resume at batch {self.pos} of epoch {self.epoch}: the "
+                f"loader now yields only {skipped} batches"
+            )
+        if self.rng_to_restore is not None:
+            _set_rng_state(self.rng_to_restore)
+            self.rng_to_restore = None
+        fetched = False
+        for batch in it:
+            fetched = True
+            if self.train_step(batch):
+                break
+        if not fetched and self.step < self.s.total_steps:
+            raise DataError(f"{self.section}: the training loader produced no batches in epoch {self.epoch}")
+        if self.step < self.s.total_steps or self.pos >= self.s.steps_per_epoch:
+            if self.last_saved != self.step:  # loader shorter than its len(): still an epoch end
+                self.end_of_epoch(self.epoch + 1)
+                self.save(self.epoch + 1, 0)
+            self.epoch, self.pos = self.epoch + 1, 0
+
+    def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        x, y = split_batch(batch)
+        x = x.to(self.s.dev, non_blocking=True)
+        y = y.to(self.s.dev, non_blocking=True)
+        if self.cutout:
+            x = _cutout(x, self.cutout)
+        y2, lam = y, 1.0
+        if self.mixup:
+            x, y, y2, lam = _mixup(x, y, self.mixup)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.s.mem)
+        return x, y, y2, lam
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.s
+        with torch.autocast(s.dev.type, dtype=s.amp_dtype or torch.float32,
+                            enabled=s.amp_dtype is not None):
+            s_logits = self.forward(x)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+        ce = F.cross_entropy(s_logits.float(), y, label_smoothing=self.label_smoothing)
+        if lam != 1.0:
+            ce = lam * ce + (1.0 - lam) * F.cross_entropy(
+                s_logits.float(), y2, label_smoothing=self.label_smoothing)
+        if self.teacher is not None:
+            alpha = s.kd_cfg["alpha"]
+            _, kd, _ = distillation_loss(s_logits, t_logits, y,
+                                         temperature=s.kd_cfg["temperature"], alpha=alpha)
+            loss = alpha * kd + (1.0 - alpha) * ce
+        else:
+            loss, kd = ce, self.nan
+        for pen in self.penalties:
+            loss = loss + pen()
+        return loss, kd, ce
+
+    def train_step(self, batch: Any) -> bool:
+        """One optimizer step on ``batch``, its log row and the checkpoint or epoch end that
+        falls on it; True when the epoch or the run ends with it."""
+        x, y, y2, lam = self._inputs(batch)
+        cur_lr = self.opt.param_groups[0]["lr"]
+        loss, kd, ce = self._loss(x, y, y2, lam)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad_norm:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        self.pos += 1
+        for hook in self.after_step:
+            hook(self.step)
+        n = int(x.shape[0]) * self.world
+        self.images += n
+        if self.logger.add(self.step, self.epoch, cur_lr,
+                           torch.stack([loss.detach(), kd.detach(), ce.detach()]), n):
+            self.logger.flush()
+            if self.bar is not None and self.logger.last:
+                self.bar.set_postfix(loss=f"{self.logger.last['loss']:.4f}", lr=f"{cur_lr:.3g}")
+        if self.bar is not None:
+            self.bar.update(1)
+        epoch_done = self.pos >= self.s.steps_per_epoch
+        if epoch_done:
+            self.logger.flush()  # a non-finite loss stops the run before it is scored
+            self.end_of_epoch(self.epoch + 1)
+        ended = self.step >= self.s.total_steps
+        if (self.checkpoint_every and self.step % self.checkpoint_every == 0) or epoch_done or ended:
+            self.save(self.epoch + 1 if epoch_done else self.epoch, 0 if epoch_done else self.pos)
+        return ended or epoch_done
+
+
+def _result(loop: _Loop, seconds: float, *, keep: str, compile: bool,
+            csv_path: Path | None) -> dict[str, Any]:
+    """:func:`finetune`'s return value."""
+    s, best = loop.s, loop.best
     return {
-        "steps": step,
-        "epochs": step / steps_per_epoch,
-        "images": images,
+        "steps": loop.step,
+        "epochs": loop.step / s.steps_per_epoch,
+        "images": loop.images,
         "seconds": seconds,
-        "images_per_s": images / seconds if seconds > 0 and images else 0.0,
-        "final_loss": final_loss,
+        "images_per_s": loop.images / seconds if seconds > 0 and loop.images else 0.0,
+        "final_loss": loop.logger.last.get("loss") if loop.logger.last else None,
         "log_csv": str(csv_path) if csv_path is not None else None,
-        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-        "resumed_from_step": resumed_from,
-        "total_steps": total_steps,
-        "amp": logger.amp,
-        "memory_format": "channels_last" if mem == torch.channels_last else "contiguous",
+        "checkpoint": str(loop.ckpt_path) if loop.ckpt_path is not None else None,
+        "resumed_from_step": loop.resumed_from,
+        "total_steps": s.total_steps,
+        "amp": loop.logger.amp,
+        "memory_format": "channels_last" if s.mem == torch.channels_last else "contiguous",
         "compile": bool(compile),
-        "device": str(dev),
-        "distill": kd_cfg if use_kd else None,
+        "device": str(s.dev),
+        "distill": s.kd_cfg if s.use_kd else None,
         "history": best.history,
         "best_epoch": best.epoch,
         "best_score": best.score,
         "kept": keep if best.weights is not None else "last",
-        "stopped_early": stopped and step < total_steps,
+        "stopped_early": loop.stopped and loop.step < s.total_steps,
     }

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, seeding, timing, devices, distributed rank.
+"""Small shared helpers: atomic writes, seeding, timing, devices, distributed rank, and the
+one format of counts and sizes in tables.
 
 Nothing here touches global state at import time. Every writer goes through a temporary file
 in the *same directory* as the target followed by :func:`os.replace`, which is atomic on POSIX
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
+import numbers
 import os
 import shutil
 import random
@@ -135,6 +138,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- formatting
+def fmt_quantity(value: Any, unit: str = "", *, missing: str = "-") -> str:
+    """A count or a size with a decimal SI prefix, as every table of the project writes it:
+    ``fmt_quantity(25_557_032)`` is ``25.56 M``, ``fmt_quantity(4.1e9)`` is ``4.10 G``,
+    ``fmt_quantity(1_234_567, "B")`` is ``1.23 MB``, ``fmt_quantity(512, "B")`` is ``512 B``.
+    ``missing`` for None, a boolean or a non-finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        return missing
+    x = float(value)
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
 
 
 # --------------------------------------------------------------------------- seeding

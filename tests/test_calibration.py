@@ -280,11 +280,12 @@ def test_solver_adam_is_the_iterative_fit():
     x = [torch.randn(16, 3, 12, 12) for _ in range(2)]
     p = plan(m, [{"match": "3", "method": "tucker2", "rank": [2, 2]}], (3, 12, 12))
     c = apply(copy.deepcopy(m), p)
-    refine(m, c, p, x, steps=15, solver="adam")
-    fit = p.replacements[0].fit
+    fitted = refine(m, c, p, x, steps=15, solver="adam")
+    assert p.calibration is None and p.replacements[0].fit == {}  # p is not edited
+    fit = fitted.replacements[0].fit
     assert fit["fit_solver"] == "adam" and fit["fit_iters"] == 15
     assert fit["output_error"] <= fit["output_error_data_free"]
-    assert p.calibration["solver"] == "adam"
+    assert fitted.calibration["solver"] == "adam"
     from compresscnn.errors import RecipeError
     with pytest.raises(RecipeError, match="solver must be one of closed_form, adam"):
         refine(m, c, p, x, solver="sgd")

@@ -145,3 +145,11 @@ def test_data_aware_fit_section():
     assert [r.split("|")[1].strip() for r in fitted] == ["`layer1.0.conv1`", "`linear`"]
     assert "| 0.25 | 0.125 | 0.50 |" in fitted[0]
     assert "## Data-aware fit" not in render_markdown({"layers": rep["layers"]})
+
+
+def test_each_warning_is_written_once_before_the_run_facts():
+    rep = {**_report(), "warnings": ["the fine-tuned model is worse"]}
+    lines = render_markdown(rep).splitlines()
+    hits = [i for i, line in enumerate(lines) if line.startswith("> **Warning:**")]
+    assert len(hits) == 1 and hits[0] == 2
+    assert lines.index(next(x for x in lines if x.startswith("- Date:"))) > hits[0]

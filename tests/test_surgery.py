@@ -1,6 +1,7 @@
 """plan/apply/compress: matching, skipping, budgets, and that the input model is untouched."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from compresscnn import compress
 from compresscnn.counting import count
 from compresscnn.errors import CompressError
 from compresscnn.nn_utils import set_module
-from compresscnn.surgery import apply, plan
+from compresscnn.ranks import Skip
+from compresscnn.surgery import apply, measured, plan
 
 
 def small_net():
@@ -78,5 +80,32 @@ def test_first_matching_rule_wins_and_set_module():
 def test_apply_records_measured_fit():
     m = small_net()
     p = plan(m, [{"match": "4", "method": "tucker2", "rank": [4, 4]}], (3, 16, 16))
-    apply(m, p)
-    assert p.replacements[0].rel_error is not None and 0 < p.replacements[0].rel_error < 1
+    fitted = measured(p, apply(m, p))
+    assert p.replacements[0].fit == {} and fitted.replacements[0].fit  # p is not edited
+    assert fitted.replacements[0].rel_error is not None
+    assert 0 < fitted.replacements[0].rel_error < 1
+
+
+def test_plan_is_frozen_and_later_steps_return_new_plans():
+    m = small_net()
+    rules = [{"match": ["4", "6"], "method": "tucker2", "rank": [4, 4]}]
+    p = plan(m, rules, (3, 16, 16))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.replacements[0].rank = [2, 2]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.calibration = {}
+    before = copy.deepcopy(p)
+    _, q = compress(m, rules, (3, 16, 16), planned=p, calibration=[torch.randn(4, 3, 16, 16)])
+    assert p == before and q is not p
+    assert q.calibration is not None and all("output_error" in r.fit for r in q.replacements)
+
+
+def test_skip_kinds():
+    m = small_net()
+    p = plan(m, [{"match": "*", "method": "tucker2"}], (3, 16, 16), target={"macs": 1.0})
+    kinds = {r.name: r.skip for r in p.replacements}
+    assert kinds["2"] is Skip.REFUSED  # depthwise: tucker2 cannot take it
+    assert {kinds[n] for n in ("0", "4", "6")} == {Skip.BUDGET}
+    assert all(r.skipped == "kept dense by the budget" for r in p.replacements
+               if r.skip is Skip.BUDGET)
+    assert all("skip" not in row for row in p.to_rows())

@@ -34,11 +34,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import tensorly as tl
 import torch
 import torchvision
-from tensorly.decomposition import parafac, partial_tucker
 from torch import nn
+
+try:  # not a dependency of the package: the bench (and dev) extra installs it
+    import tensorly as tl
+    from tensorly.decomposition import parafac, partial_tucker
+except ImportError:
+    sys.exit("tools/bench_tensorly.py needs TensorLy: pip install -e '.[bench]'")
 
 from compresscnn.decomposers import get_decomposer
 
