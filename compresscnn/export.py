@@ -23,13 +23,10 @@ which one produced the file and why the first failed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import io
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,15 +37,13 @@ from torch import nn
 from .errors import CompressError
 from .folding import fold_for_export
 from .nn_utils import eval_mode, example_input
+from .onnx_writer import INPUT_NAME, OUTPUT_NAME, first_line as _first_line, write_onnx
 from .utils import atomic_path
 
 __all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
            "quantize_onnx_dynamic", "quantize_onnx_static", "OnnxModule", "RUNTIMES"]
 
-log = logging.getLogger(__name__)
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
 
 
 def _cpu_float_model(model: nn.Module) -> nn.Module:
@@ -72,48 +67,6 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for v in out for t in _flatten_outputs(v)]
     raise TypeError(f"cannot compare model output of type {type(out).__name__}")
-
-
-def _export_dynamo(
-    model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool
-) -> None:
-    kwargs: dict[str, Any] = {}
-    if dynamic_batch:
-        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
-    # The dynamo exporter prints progress lines to stdout; keep the caller's stdout clean.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=True,
-            external_data=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            verbose=False,
-            **kwargs,
-        )
-
-
-def _export_legacy(
-    model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool
-) -> None:
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter warns that it is deprecated
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
-        )
 
 
 #: runtimes :func:`verify_onnx` can run an exported file in, and the package each needs
@@ -180,11 +133,6 @@ def _runner(runtime: str, path: Path) -> Runner:
         return _RUNNERS[runtime](path)
     except Exception as exc:  # noqa: BLE001 - each runtime raises its own error types
         raise RuntimeError(f"{runtime} cannot load {path.name}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
 def _parity(model: nn.Module, run: Runner, label: str, input_shape: Sequence[int],
@@ -322,7 +270,7 @@ def export_onnx(
         ex_batch = 2 if dynamic_batch else check_batch[0]
         example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
-            exporter, fallback_reason = _write_onnx(folded, example, tmp, opset, dynamic_batch)
+            exporter, fallback_reason = write_onnx(folded, example, tmp, opset, dynamic_batch)
             checked = _check_file(cpu_model, tmp, input_shape, runtimes, check_batch,
                                   seed=seed + 1, atol=atol,
                                   what=f"{path}", how=f"exporter {exporter}, opset {opset}")
@@ -364,27 +312,6 @@ def _check_file(model: nn.Module, file: Path, input_shape: tuple[int, ...],
                 f"{res['max_abs_diff']:.3g} > atol {atol:g} (per batch: "
                 f"{res['diffs']}; {how})")
     return checked
-
-
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
-                dynamic_batch: bool) -> tuple[str, str | None]:
-    """Export with dynamo, else with the legacy exporter; returns ``(exporter, why the
-    first failed or None)``."""
-    try:
-        _export_dynamo(model, example, path, opset, dynamic_batch)
-        return "dynamo", None
-    except Exception as exc:  # noqa: BLE001 - any exporter failure -> fallback
-        reason = _first_line(exc)
-    log.warning("dynamo ONNX export failed (%s); trying the legacy exporter", reason)
-    with contextlib.suppress(OSError):
-        path.unlink()
-    try:
-        _export_legacy(model, example, path, opset, dynamic_batch)
-    except Exception as exc2:
-        raise RuntimeError(
-            f"ONNX export of {type(model).__name__} failed with both exporters: "
-            f"dynamo: {reason}; torchscript: {type(exc2).__name__}: {exc2}") from exc2
-    return "torchscript", reason
 
 
 def _default_opset(path: Path) -> int | None:

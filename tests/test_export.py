@@ -74,12 +74,12 @@ def test_export_parity_failure_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_export_falls_back_to_legacy_exporter(tmp_path, monkeypatch):
-    import compresscnn.export as ex
+    import compresscnn.onnx_writer as ow
 
     def boom(*a, **k):
         raise RuntimeError("cannot trace\nmore lines")
 
-    monkeypatch.setattr(ex, "_export_dynamo", boom)
+    monkeypatch.setattr(ow, "export_dynamo", boom)
     info = export_onnx(_tiny_net(), tmp_path / "m.onnx", (3, 8, 8), atol=1e-4)
     assert info["exporter"] == "torchscript"
     assert info["fallback_reason"] == "RuntimeError: cannot trace"
