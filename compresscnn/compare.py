@@ -69,7 +69,7 @@ from .export import export_onnx, quantize_onnx_dynamic
 from .models import load_model, replace_head
 from .pipeline import load_compressed
 from .progress import timed
-from .recipe import load_yaml, yaml_lines
+from .recipe import load_recipe, load_yaml, yaml_lines
 from .surgery import compress
 from .utils import atomic_path, atomic_write_text, fmt_quantity
 
@@ -199,8 +199,6 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         info["label"] = e.get("label") or label
         return model, info
     if e["kind"] == "recipe":
-        from .recipe import load_recipe
-
         recipe = load_recipe(e["recipe"])
         out = Path(recipe["output"])
         info["recipe"] = str(e["recipe"])
