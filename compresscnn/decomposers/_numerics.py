@@ -186,6 +186,28 @@ def cp_reconstruct(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     return (factors[0] @ rest.reshape(-1, factors[0].shape[1]).mT).reshape(shape)
 
 
+def _mttkrp4(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:
+    """:func:`mttkrp` of an ``(O, I, h, w)`` tensor: the large modes by a matrix product
+    with the Khatri-Rao product of the other large mode and the small spatial ones (at most
+    ``max(O, I) * h * w`` rows); the spatial modes by contracting ``O`` with a matrix product
+    and the rest elementwise (``R x I x h x w`` at most)."""
+    a_o, a_i, a_h, a_w = factors
+    o, i, h, w = t.shape
+    r = a_o.shape[1]
+    hw = (a_h[:, None, :] * a_w[None, :, :]).reshape(h * w, r)  # KR of the spatial modes
+    if mode == 0:
+        kr = (a_i[:, None, :] * hw[None, :, :]).reshape(i * h * w, r)
+        return t.reshape(o, i * h * w) @ kr
+    if mode == 1:
+        kr = (a_o[:, None, :] * hw[None, :, :]).reshape(o * h * w, r)
+        return t.transpose(0, 1).reshape(i, o * h * w) @ kr
+    y = (a_o.mT @ t.reshape(o, i * h * w)).reshape(r, i, h, w)  # O contracted
+    z = torch.einsum("rihw,ir->rhw", y, a_i)
+    if mode == 2:
+        return torch.einsum("rhw,wr->hr", z, a_w)
+    return torch.einsum("rhw,hr->wr", z, a_h)
+
+
 def cp_term_norms(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Frobenius norm of each rank-1 term: ``prod_n ||a_n[:, r]||`` (shape ``R``)."""
     out = torch.ones_like(factors[0][0])
@@ -196,7 +218,11 @@ def cp_term_norms(factors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def mttkrp(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:
     """Matricised tensor times Khatri-Rao product ``T_(n) (KR of the other factors)``
-    (``I_n x R``), as one einsum: the Khatri-Rao matrix is never formed."""
+    (``I_n x R``); the Khatri-Rao matrix of the two large modes is never formed. A 4-way
+    conv kernel ``(O, I, kh, kw)`` goes through one matrix product with the first large
+    mode contracted (:func:`_mttkrp4`); other orders through one einsum."""
+    if t.ndim == 4:
+        return _mttkrp4(t, factors, mode)
     letters = "abcdefgh"[: t.ndim]
     ops = [f"{letters[m]}r" for m in range(t.ndim) if m != mode]
     expr = letters + "," + ",".join(ops) + f"->{letters[mode]}r"
