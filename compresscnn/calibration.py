@@ -6,7 +6,9 @@ compressed model's own activations, walking both models over the batches once
 running statistics (a cumulative average over the batches, as
 torch.optim.swa_utils.update_bn does) after layers were replaced: the decomposed layers'
 outputs differ slightly from the original ones, so the statistics the following
-BatchNorms hold no longer match what they see.
+BatchNorms hold no longer match what they see. ``distill_outputs`` then trains the whole
+compressed model to reproduce the original model's outputs on the same batches
+(knowledge distillation without labels).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .decomposers import get_decomposer
-from .nn_utils import eval_mode, get_module, hooks, module_mode, set_module
+from .nn_utils import eval_mode, get_module, hooks, kd_divergence, module_mode, set_module
 from .ranks import Skip, tail_error
 from .response import Tail, fit_layer
+from .utils import cpu_bf16_native
 
 
 @torch.no_grad()
@@ -357,3 +360,77 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
                 set_module(model, rep.name, layer)
             weights[rep.name] = (num / max(den, 1e-30)) / max(e * e, 1e-12)
     return weights
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """End-to-end distillation on the calibration batches (:func:`distill_outputs`)."""
+
+    epochs: int = 4
+    lr: float = 1e-3
+    temperature: float = 1.0
+    flip: bool = True
+    amp: bool | None = None  # None: bf16 autocast where the CPU computes bf16 natively
+
+
+def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor],
+                temperature: float) -> tuple[float, float]:
+    """Mean distillation loss and agreement of ``student`` with the teacher's logits ``ts``."""
+    with torch.no_grad(), eval_mode(student):
+        loss = agree = n = 0.0
+        for x, t in zip(xs, ts):
+            s = student(x).float()
+            loss += float(kd_divergence(s, t, temperature)) * len(x)
+            agree += float((s.argmax(1) == t.argmax(1)).sum())
+            n += len(x)
+    return loss / max(n, 1.0), 100.0 * agree / max(n, 1.0)
+
+
+def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[torch.Tensor],
+                    settings: DistillSettings = DistillSettings(), *, seed: int = 0
+                    ) -> dict[str, Any]:
+    """Train every parameter of ``compressed`` to reproduce ``original``'s outputs on the
+    calibration ``batches`` (no labels): ``settings.epochs`` passes of Adam at
+    ``settings.lr`` with a cosine decay, loss ``T^2 KL(p_original || p_compressed)`` at
+    ``settings.temperature``, each batch mirrored left-right with probability 1/2 when
+    ``settings.flip``. Both models stay in eval mode, so BatchNorm running statistics are
+    not re-estimated from the few batches (their affine parameters are trained). Where the
+    layer-wise fit makes each layer match on its own, this lets the layers correct one
+    another's errors (the end-to-end stage of layer-wise-then-global schemes such as
+    Zhang et al. 2015's). Returns the loss and agreement on the batches before and after,
+    the steps and the seconds."""
+    if not batches:
+        raise ValueError("distill_outputs needs at least one calibration batch")
+    t0 = time.perf_counter()
+    T = float(settings.temperature)
+    amp = cpu_bf16_native() if settings.amp is None else bool(settings.amp)
+    with torch.no_grad(), eval_mode(original):
+        teacher = [original(x).float() for x in batches]
+        mirrored = [original(x.flip(-1)).float() for x in batches] if settings.flip else None
+    before = _logits_gap(compressed, batches, teacher, T)
+    params = [p for p in compressed.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=float(settings.lr))
+    steps = int(settings.epochs) * len(batches)
+    gen = torch.Generator().manual_seed(int(seed))
+    step = 0
+    with eval_mode(compressed):
+        for _ in range(int(settings.epochs)):
+            for i in torch.randperm(len(batches), generator=gen).tolist():
+                x, t = batches[i], teacher[i]
+                if mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
+                    x, t = x.flip(-1), mirrored[i]
+                for g in opt.param_groups:
+                    g["lr"] = float(settings.lr) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                with torch.autocast("cpu", torch.bfloat16, enabled=amp and x.device.type == "cpu"):
+                    out = compressed(x)
+                loss = kd_divergence(out, t, T)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+    after = _logits_gap(compressed, batches, teacher, T)
+    return {"epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
+            "temperature": T, "flip": bool(settings.flip), "amp": "bf16" if amp else "off",
+            "loss_before": before[0], "loss_after": after[0],
+            "agreement_before": before[1], "agreement_after": after[1],
+            "seconds": time.perf_counter() - t0}

@@ -779,6 +779,19 @@ Data = create_model("Data", __base__=_DataBase, __doc__=_DataBase.__doc__, **{
     for old, (role, key) in LEGACY_DATA_KEYS.items()})
 
 
+class CalibrationDistill(Closed):
+    """After the layer-wise fit, train the whole compressed model to reproduce the original
+    model's outputs on the calibration batches: knowledge distillation without labels
+    (Adam, cosine decay, BatchNorm statistics kept). Each pass costs about three forward
+    passes of the compressed model and one of the original per batch. null or absent: off."""
+
+    epochs: Int(1) = doc("Passes over the calibration batches.", 4)
+    lr: Float(0.0, lo_open=True) = doc("Adam learning rate at the start (cosine to 0).", 1e-3)
+    temperature: Float(0.0, lo_open=True) = doc("Softmax temperature of the KL loss.", 1.0)
+    flip: Bool = doc("Mirror each batch left-right with probability 1/2 (the original's "
+                     "outputs on the mirrored images are computed too).", True)
+
+
 class Calibration(Closed):
     """Data-aware decomposition: calibration batches from the `data.calibration` source (no
     augmentation) on which each replaced layer is fitted to the original layer's output
@@ -817,6 +830,7 @@ class Calibration(Closed):
         "outputs the original statistics were estimated on, and re-estimating them from a few "
         "batches cost ResNet-20 1.7 points (BENCHMARKS.md); useful with `reconstruct: false`.",
         False)
+    distill: Optional[CalibrationDistill] = doc(CalibrationDistill.__doc__, None)
 
 
 class Latency(Closed):

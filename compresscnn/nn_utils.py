@@ -12,10 +12,11 @@ import contextlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["get_module", "set_module", "module_mode", "eval_mode", "hooks", "record_inputs",
-           "module_device", "example_input", "num_threads"]
+           "module_device", "example_input", "num_threads", "kd_divergence"]
 
 
 # ----------------------------------------------------------------------- dotted paths
@@ -134,3 +135,19 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------- distillation
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float = 4.0) -> torch.Tensor:
+    """``T^2 * KL(p_t || p_s)`` of the softmaxes at temperature ``T`` (Hinton et al. 2015),
+    averaged over the batch (``batchmean``, the true mean of per-sample KL). Computed in
+    float32 whatever the autocast dtype of the logits (a softmax at T=4 in bf16 loses most of
+    the soft targets' information); the teacher's logits are detached."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1),
+                    F.log_softmax(teacher_logits.detach().float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)

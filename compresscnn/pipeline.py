@@ -114,6 +114,7 @@ def _check_data(recipe: dict[str, Any], pcfg: dict[str, Any], *,
     data_mod.check_classes(cfg, pcfg.get("num_classes"), recipe["model"]["spec"])
     cal = recipe.get("calibration")
     calibrate = bool(cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")
+                              or cal.get("distill") is not None
                               or recipe.get("allocation") == "sensitivity"))
     overlap = data_mod.check_sources(cfg, train=train, calibrate=calibrate)
     notes = list(overlap)
@@ -163,7 +164,7 @@ def _calibration(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list | None:
     if not cal:
         return None
     needed = (cal.get("reconstruct") or cal.get("bn_recalibrate")
-              or recipe.get("allocation") == "sensitivity")
+              or cal.get("distill") is not None or recipe.get("allocation") == "sensitivity")
     return _calibration_batches(recipe, pcfg) if needed else None
 
 
@@ -176,7 +177,7 @@ def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
         opts.update(reconstruct=cal["reconstruct"], reconstruct_steps=cal["steps"],
                     reconstruct_lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
                     fit_through=cal["fit_through"], refit_dense=cal["refit_dense"],
-                    solver=cal["solver"])
+                    solver=cal["solver"], distill=cal.get("distill"))
     return opts
 
 

@@ -216,7 +216,7 @@ def validate_target(target: Any, source: str = "target", *, _ctx: Where | None =
 def _same(model: type[Closed], key: str) -> Any:
     """The type of ``model``'s field ``key``, for a field of another name."""
     f = model.model_fields[key]
-    return Annotated[(f.annotation, *f.metadata)]
+    return Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
 
 
 class CompressArgs(Closed):
@@ -231,6 +231,7 @@ class CompressArgs(Closed):
     solver: _same(Calibration, "solver")
     refit_dense: _same(Calibration, "refit_dense")
     bn_recalibrate: _same(Calibration, "bn_recalibrate")
+    distill: _same(Calibration, "distill")
 
 
 def validate_compress(rules: Any, target: Any, source: str = "compress()",

@@ -451,10 +451,20 @@ def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
     relative output error data-free and after the fit, and the fit's seconds."""
     if not cal:
         return []
-    lines = ["## Data-aware fit", "",
-             f"Solver `{cal.get('solver')}`: {_fmt_seconds(cal.get('seconds'))} s in all, "
-             f"{_cell(cal.get('forward_passes'))} forward passes of a whole model over the "
-             f"calibration batches ({_cell(cal.get('walk'))}).", ""]
+    lines = ["## Data-aware fit", ""]
+    if cal.get("solver"):
+        lines += [f"Solver `{cal.get('solver')}`: {_fmt_seconds(cal.get('seconds'))} s in all, "
+                  f"{_cell(cal.get('forward_passes'))} forward passes of a whole model over "
+                  f"the calibration batches ({_cell(cal.get('walk'))}).", ""]
+    kd = cal.get("distill")
+    if kd:
+        lines += [f"Then distilled end to end on the same batches: {_cell(kd.get('epochs'))} "
+                  f"passes ({_cell(kd.get('steps'))} Adam steps at lr {_cell(kd.get('lr'))}, "
+                  f"T={_cell(kd.get('temperature'))}, {_cell(kd.get('amp'))}) in "
+                  f"{_fmt_seconds(kd.get('seconds'))} s; loss {_fmt_float(kd.get('loss_before'))}"
+                  f" -> {_fmt_float(kd.get('loss_after'))}, agreement with the original on "
+                  f"those batches {_fmt_float(kd.get('agreement_before'))}% -> "
+                  f"{_fmt_float(kd.get('agreement_after'))}%.", ""]
     rows = [(row.get("name"), row.get("fit") or {}) for row in layers]
     rows += sorted((cal.get("dense_refitted") or {}).items())
     rows = [(n, f) for n, f in rows if f.get("output_error") is not None]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .calibration import (execution_order, following_ops, layer_sensitivity, recalibrate_bn,
+from .calibration import (DistillSettings, distill_outputs, execution_order, following_ops, layer_sensitivity, recalibrate_bn,
                           reconstruct_outputs)
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
@@ -432,7 +433,8 @@ def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
 def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     """Swap every planned layer of ``model`` (in place) for its decomposition; return it.
 
-    The plan is not changed: :func:`measured` reads each decomposition's fit back.
+    The plan is not changed: :func:`measured` reads each decomposition's fit back (with the
+    seconds it took, ``decompose_seconds``).
     """
     for rep in plan_.replacements:
         if not rep.applied:
@@ -440,7 +442,11 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
         layer = get_module(model, rep.name)
         dec = get_decomposer(rep.method)
         check_weights(layer, rep.name)
+        t0 = time.perf_counter()
         new = dec.decompose(layer, tuple(rep.rank), **rep.options)
+        info = getattr(new, "fit_info", None)
+        if isinstance(info, dict):
+            info["decompose_seconds"] = time.perf_counter() - t0
         new.train(layer.training)
         set_module(model, rep.name, new)
     return model
@@ -486,7 +492,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              latency: Any = None, allocation: str = "spectral",
              fit_through: str = "activation", refit_dense: bool = False,
              reconstruct: bool = True, planned: Plan | None = None,
-             solver: str = "closed_form") -> tuple[nn.Module, Plan]:
+             solver: str = "closed_form",
+             distill: dict[str, Any] | None = None) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
     The one orchestrator: ``compresscnn run``, ``compare`` and the benchmarks all compress
     through it (sensitivity -> plan -> apply -> data-aware fit -> not-slower check).
@@ -499,7 +506,11 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     ``bn_recalibrate=True`` re-estimates BatchNorm statistics); the measured output errors go
     into each plan row's ``fit`` (``fit_through``, ``refit_dense``, ``bn_recalibrate``,
     ``solver``: see :func:`refine`; ``reconstruct_steps`` and ``reconstruct_lr`` are those of
-    ``solver="adam"``). ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
+    ``solver="adam"``). ``distill`` (the recipe's ``calibration.distill`` keys, or ``{}``
+    for the defaults) then trains the whole compressed model on the same batches to
+    reproduce the original's outputs (:func:`compresscnn.calibration.distill_outputs`; its
+    losses and agreement before and after go into ``plan.calibration["distill"]``).
+    ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
     weighs each layer's error in the budget by its measured effect on the model's output
     (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone;
     ``allocation="energy"`` keeps the product of the layers' retained energies highest.
@@ -519,7 +530,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
         rules, target, objective=objective, allocation=allocation, reconstruct=reconstruct,
         reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
         fit_through=fit_through, solver=solver, refit_dense=refit_dense,
-        bn_recalibrate=bn_recalibrate)
+        bn_recalibrate=bn_recalibrate, distill=distill)
     if calibration is not None:
         calibration = list(calibration)
     p = planned if planned is not None else plan_compression(
@@ -527,10 +538,10 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
         allocation=allocation)
     new = apply(copy.deepcopy(model), p)
     p = measured(p, new)
-    if calibration is not None and (reconstruct or bn_recalibrate):
+    if calibration is not None and (reconstruct or bn_recalibrate or distill is not None):
         p = refine(model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
                    lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-                   refit_dense=refit_dense, solver=solver)
+                   refit_dense=refit_dense, solver=solver, distill=distill)
     if p.latency_config is not None:
         p = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
@@ -539,7 +550,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
 def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
            calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
            lr: float = 3e-3, bn_recalibrate: bool = False, fit_through: str = "activation",
-           refit_dense: bool = False, solver: str = "closed_form") -> Plan:
+           refit_dense: bool = False, solver: str = "closed_form",
+           distill: dict[str, Any] | None = None) -> Plan:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
     ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
@@ -552,10 +564,12 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     ones and a few batches' estimate is noisier (ResNet-20, CP at 2x: 80.51 zero-shot
     without, 78.78 with; BENCHMARKS.md). ``solver``: ``"closed_form"`` (least squares,
     iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
-    the earlier fit); see :mod:`compresscnn.response`. Returns a new plan: the measured
-    output errors and each layer's fit time added to its row's ``fit``, the solver, total
-    time and forward passes in ``calibration``, and the number of BatchNorm layers
-    re-estimated in ``bn_recalibrated``."""
+    the earlier fit); see :mod:`compresscnn.response`. ``distill``: afterwards, end-to-end
+    distillation on the same batches (:class:`~compresscnn.calibration.DistillSettings`
+    keys). Returns a new plan: the measured output errors and each layer's fit time added to
+    its row's ``fit``, the solver, total time and forward passes in ``calibration`` (and the
+    distillation's figures in ``calibration["distill"]``), and the number of BatchNorm
+    layers re-estimated in ``bn_recalibrated``."""
     if fit_through not in FIT_THROUGH:
         raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
                           f"got {fit_through!r}")
@@ -586,5 +600,10 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
             **done.summary(), "dense_refitted": {n: f for n, f in fits.items()
                                                  if n not in names}})
     n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
+    if distill is not None and batches:
+        keys = DistillSettings.__dataclass_fields__
+        stats = distill_outputs(original, compressed, batches, DistillSettings(
+            **{k: v for k, v in dict(distill).items() if k in keys}))
+        plan_ = replace(plan_, calibration={**(plan_.calibration or {}), "distill": stats})
     compressed.eval()
     return replace(plan_, bn_recalibrated=n)

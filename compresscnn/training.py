@@ -58,6 +58,7 @@ from .config import MEMORY_FORMATS, OPTIMIZERS, SCHEDULES
 from .errors import CheckpointError, CompressError, DataError
 from .evaluation import split_batch
 from .models.loaders import check_state_dict, load_torch_file
+from .nn_utils import kd_divergence
 from .utils import (
     atomic_torch_save,
     cpu_bf16_native,
@@ -100,24 +101,10 @@ def distillation_loss(
     temperature: float = 4.0,
     alpha: float = 0.9,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, kd, ce)``: ``loss = alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)``.
-
-    Computed in float32 whatever the autocast dtype of the logits (a softmax at T=4 in bf16
-    loses most of the soft targets' information). KL is averaged over the batch
-    (``reduction="batchmean"``, the mathematically correct mean of per-sample KL).
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape"
-        )
-    s = student_logits.float()
-    t = teacher_logits.detach().float()
-    T = float(temperature)
-    kd = F.kl_div(
-        F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True
-    ) * (T * T)
-    ce = F.cross_entropy(s, targets)
+    """``(loss, kd, ce)``: ``loss = alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)``
+    (:func:`compresscnn.nn_utils.kd_divergence`, in float32 whatever the autocast dtype)."""
+    kd = kd_divergence(student_logits, teacher_logits, temperature)
+    ce = F.cross_entropy(student_logits.float(), targets)
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 

@@ -289,3 +289,55 @@ def test_solver_adam_is_the_iterative_fit():
     from compresscnn.errors import RecipeError
     with pytest.raises(RecipeError, match="solver must be one of closed_form, adam"):
         refine(m, c, p, x, solver="sgd")
+
+
+def test_distill_outputs_moves_the_compressed_model_towards_the_original():
+    from compresscnn.calibration import DistillSettings, distill_outputs
+
+    m = _net()
+    x = [torch.randn(32, 3, 12, 12) for _ in range(4)]
+    student = copy.deepcopy(m)
+    with torch.no_grad():
+        student[3].weight.mul_(0.3)  # a damaged layer the others cannot see
+    bn_mean = student[1].running_mean.clone()
+    out = distill_outputs(m, student, x, DistillSettings(epochs=20, lr=3e-3, amp=False))
+    assert out["steps"] == 80 and out["amp"] == "off"
+    assert out["loss_after"] < 0.5 * out["loss_before"]
+    assert out["agreement_after"] >= out["agreement_before"]
+    assert not student.training
+    torch.testing.assert_close(student[1].running_mean, bn_mean)  # statistics kept
+    assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in student.parameters())
+
+
+def test_distill_outputs_needs_batches():
+    from compresscnn.calibration import distill_outputs
+
+    with pytest.raises(ValueError, match="at least one"):
+        distill_outputs(_net(), _net(), [])
+
+
+def test_compress_with_distill_records_it_in_the_plan():
+    from compresscnn import compress
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+    rules = [{"match": "3", "method": "tucker2", "rank": [2, 2]}]
+    plain, p0 = compress(m, rules, (3, 12, 12), calibration=x)
+    kd, p1 = compress(m, rules, (3, 12, 12), calibration=x,
+                      distill={"epochs": 10, "lr": 3e-3, "flip": False})
+    d = p1.calibration["distill"]
+    assert d["steps"] == 30 and d["flip"] is False
+    assert "distill" not in p0.calibration
+    assert d["loss_after"] < d["loss_before"]
+    with torch.no_grad():
+        y = m(torch.cat(x))
+        assert (kd(torch.cat(x)) - y).norm() < (plain(torch.cat(x)) - y).norm()
+
+
+def test_distill_settings_are_validated_like_the_recipe():
+    from compresscnn import compress
+    from compresscnn.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="distill.epochs"):
+        compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12),
+                 calibration=[torch.randn(4, 3, 12, 12)], distill={"epochs": 0})

@@ -604,7 +604,7 @@ def test_overrides_apply(tmp_path, _cwd):
     assert r["calibration"] == {"batches": 2, "batch_size": 64, "bn_recalibrate": False,
                                 "reconstruct": True, "steps": 300, "lr": 3e-3,
                                 "fit_through": "activation", "refit_dense": False,
-                                "solver": "closed_form"}
+                                "solver": "closed_form", "distill": None}
     assert r["target"] == {"macs": 0.5} and r["finetune"]["distill"]["alpha"] == 0.5
     assert r["output"] == str(_cwd / "elsewhere")
 

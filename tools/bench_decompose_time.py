@@ -6,6 +6,14 @@ thread, rank about C/4: Tucker-2 (C_in/4, C_out/4), every other method min(C_in,
 layer averaged.
 
     python tools/bench_decompose_time.py --json results/decompose_time.json
+
+With ``--target-macs F``: the whole of ``compresscnn.compress`` (plan at a global MAC
+budget, then every decomposition) on the convolutions ``--match`` selects, as a recipe's
+``rules: [{match: ..., method: ...}]`` with ``target: {macs: F}`` runs it; the plan's and
+the decompositions' seconds, and per layer its rank, seconds and relative error:
+
+    python tools/bench_decompose_time.py --models resnet18 --methods cp --target-macs 0.5 \
+        --threads 2 --json tools/results/decompose_time_resnet18_cp.json
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 import torchvision
 from torch import nn
 
+from compresscnn.surgery import compress, plan_compression
 from compresscnn.decomposers import get_decomposer
 
 
@@ -40,9 +49,16 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["tucker2", "cp", "spatial", "fire"])
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target-macs", type=float, default=None,
+                    help="compress at this global MAC budget instead (see the module doc)")
+    ap.add_argument("--match", default="layer*.conv*",
+                    help="with --target-macs: the layers the rule takes (default: the 3x3 "
+                         "convs of torchvision's ResNet blocks)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.target_macs is not None:
+        return budgeted(args)
     rows = []
     for name in args.models:
         torch.manual_seed(0)
@@ -64,6 +80,43 @@ def main() -> None:
             print(row, flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores, torch threads {args.threads}", "fraction": args.fraction}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def budgeted(args: argparse.Namespace) -> None:
+    """``compress`` at ``--target-macs`` per model and method: planning and decomposition
+    timed apart (planning timed alone first, then the whole call), per-layer rows."""
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        for method in args.methods:
+            rules = [{"match": args.match, "method": method}]
+            target = {"macs": args.target_macs}
+            t0 = time.perf_counter()
+            plan_compression(model, rules, (3, 224, 224), target)
+            t_plan = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _, p = compress(model, rules, (3, 224, 224), target)
+            total = time.perf_counter() - t0
+            layers = [{"name": r.name, "rank": r.rank, "rel_error": round(r.rel_error, 4),
+                       "seconds": round(r.fit.get("decompose_seconds", float("nan")), 3),
+                       "iters": r.fit.get("iters")}
+                      for r in p.replacements if r.applied]
+            row = {"model": name, "method": method, "target_macs": args.target_macs,
+                   "macs_kept": round(p.macs_after / p.total_macs, 4),
+                   "layers": len(layers), "compress_seconds": round(total, 2),
+                   "plan_seconds": round(t_plan, 2),
+                   "decompose_seconds": round(sum(x["seconds"] for x in layers), 2),
+                   "mean_rel_error": round(sum(x["rel_error"] for x in layers)
+                                           / max(1, len(layers)), 4),
+                   "per_layer": layers}
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "per_layer"}, flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} "
+            f"{os.cpu_count()} cores, torch threads {args.threads}",
+            "target_macs": args.target_macs, "match": args.match}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
