@@ -55,6 +55,14 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_tucker2_2x": (R20, ["rules.0.method=tucker2", "finetune.enabled=false"]),
     "resnet56_cp_2x": (R56, []),
     "resnet20_dense_1ep": (R20, ["rules=[]", "target=null", "calibration=null"]),
+    # 3x and 5x fewer MACs: layer-wise fit on 4,096 images, then distilled on them (no
+    # labels), then one epoch of fine-tuning
+    "resnet20_cp_3x": ("recipes/resnet20_cifar10_3x.yaml", []),
+    "resnet20_cp_5x": ("recipes/resnet20_cifar10_3x.yaml", [
+        "target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]),
+    "resnet56_cp_3x": ("recipes/resnet56_cifar10_3x.yaml", []),
+    "resnet56_cp_5x": ("recipes/resnet56_cifar10_3x.yaml", [
+        "target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
     "demo": ("recipes/demo.yaml", []),
 }
