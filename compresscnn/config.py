@@ -837,8 +837,10 @@ class Latency(Closed):
     """How latency-aware planning (`objective: latency` rules, a `latency` target) times
     layers, and the runtime the result must not be slower on."""
 
-    runtime: Enum("onnxruntime", "torch") = doc(
-        "Runtime to plan for: onnxruntime CPU, or PyTorch eager.", "onnxruntime")
+    runtime: Enum("onnxruntime", "torch", "torch_bf16") = doc(
+        "Runtime to plan for: onnxruntime CPU, PyTorch eager, or PyTorch CPU inference in "
+        "bf16 autocast with channels_last (for CPUs that compute bf16 natively).",
+        "onnxruntime")
     threads: Int(1) = doc("Intra-op threads while timing.", 1)
     batch: Int(1) = doc("Batch size the model will serve.", 1)
     rounds: Int(1) = doc("Interleaved timing rounds per layer.", 5)

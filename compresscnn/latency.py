@@ -20,8 +20,9 @@ memory-bound. So with ``objective: latency`` the planner does not trust the MAC 
 
 Runtimes: ``onnxruntime`` (CPU provider, ``intra_op_num_threads = threads``; each module is
 exported with the TorchScript-based exporter, which takes ~0.1 s for one layer against
-~1 s for dynamo) and ``torch`` (eager, ``torch.set_num_threads(threads)``, CUDA when the
-module lives there).
+~1 s for dynamo), ``torch`` (eager, ``torch.set_num_threads(threads)``, CUDA when the
+module lives there) and ``torch_bf16`` (eager CPU inference in bf16 autocast with
+channels_last, for CPUs that compute bf16 natively).
 """
 
 from __future__ import annotations

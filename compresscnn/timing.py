@@ -1,8 +1,9 @@
 """The one timing engine behind every latency figure of the package.
 
 A *runner* is a no-argument callable that runs one forward pass: :func:`torch_runner`
-(eager PyTorch, synchronised on CUDA) or :func:`ort_runner` (onnxruntime's CPU provider
-with :func:`ort_session_options`); :func:`module_runner` builds either for a module.
+(eager PyTorch, synchronised on CUDA), :func:`torch_bf16_runner` (eager PyTorch CPU
+inference in bfloat16 autocast, channels_last) or :func:`ort_runner` (onnxruntime's CPU
+provider with :func:`ort_session_options`); :func:`module_runner` builds one for a module.
 :func:`time_interleaved` times several runners round-robin, so that a slow spell of a
 shared machine hits all of them alike, and returns the raw samples; :func:`median_ms` and
 :func:`summarize` turn samples into the figures reports carry.
@@ -15,6 +16,7 @@ decompositions. Thread counts are the caller's: ``nn_utils.num_threads`` for PyT
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -29,10 +31,11 @@ from torch import nn
 from .nn_utils import module_device
 from .onnx_writer import write_onnx
 
-__all__ = ["RUNTIMES", "ort_session_options", "ort_runner", "torch_runner", "onnx_bytes",
+__all__ = ["RUNTIMES", "ort_session_options", "ort_runner", "torch_runner", "torch_bf16_runner",
+           "onnx_bytes",
            "module_runner", "time_interleaved", "median_ms", "summarize"]
 
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "torch_bf16")
 
 Runner = Callable[[], Any]
 
@@ -74,6 +77,22 @@ def torch_runner(module: nn.Module, x: torch.Tensor) -> Runner:
     return lambda: module(x)
 
 
+def torch_bf16_runner(module: nn.Module, x: torch.Tensor) -> Runner:
+    """One eager CPU call of a channels_last copy of ``module`` (the caller's module is left
+    as it is) on a channels_last ``x`` under ``torch.autocast("cpu", torch.bfloat16)`` and
+    ``torch.inference_mode``: how a CPU that computes bf16 natively (AVX512-BF16, AMX; see
+    ``compresscnn.utils.cpu_bf16_native``) serves a conv net fastest in PyTorch. Elsewhere
+    bf16 is emulated and slower than float32."""
+    fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    m = copy.deepcopy(module).cpu().eval().to(memory_format=fmt)
+    xc = x.detach().cpu().contiguous(memory_format=fmt)
+
+    def run() -> Any:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            return m(xc)
+    return run
+
+
 def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
     """A static-shape ONNX model of ``module`` on input ``x``, for timing only (the
     TorchScript-based exporter first: ~0.1 s for one layer against ~1 s for dynamo)."""
@@ -88,9 +107,12 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
 
 def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Runner:
     """A runner of ``module`` on ``x`` on ``runtime``: ``"torch"`` on the module's device,
+    ``"torch_bf16"`` on the CPU in bf16 autocast (:func:`torch_bf16_runner`),
     ``"onnxruntime"`` on a timing export of it (:func:`onnx_bytes`)."""
     if runtime == "torch":
         return torch_runner(module, x.to(module_device(module) or torch.device("cpu")))
+    if runtime == "torch_bf16":
+        return torch_bf16_runner(module, x)
     return ort_runner(onnx_bytes(module, x), x, threads)
 
 

@@ -198,3 +198,17 @@ def test_recipe_run_with_a_latency_target(tmp_path, capsys):
     assert "Per layer: dense vs decomposed" in (out / "report.md").read_text()
     model = load_compressed(out)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_torch_bf16_runtime_times_a_channels_last_copy_and_leaves_the_module():
+    from compresscnn.timing import RUNTIMES, module_runner
+
+    assert "torch_bf16" in RUNTIMES
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 10, 10)
+    out = module_runner(m, x, "torch_bf16", 1)()
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 8, 8)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert m[0].weight.is_contiguous()  # the caller's module untouched
+    with torch.no_grad():
+        torch.testing.assert_close(out.float(), m(x), atol=0.1, rtol=0.05)

@@ -16,7 +16,8 @@ uses), data-free.
 
 Then the original and both compressed models are exported to ONNX and timed against each
 other, interleaved round by round (``compresscnn.latency.time_modules``), on the CPU
-provider at each batch and thread count. Prints original/compressed latency ratios beside
+provider at each batch and thread count (``--runtime torch`` / ``torch_bf16``: in PyTorch
+eager, float32 / bf16 autocast with channels_last, instead). Prints original/compressed latency ratios beside
 the MAC ratio; ``--json`` keeps everything.
 
     python tools/bench_latency.py --models resnet18 vgg16 --macs 0.5 0.333 --batches 1 8 \\
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="timing rounds per layer while latency-planning")
     ap.add_argument("--plans", nargs="+", default=["uniform", "macs", "latency"],
                     choices=["uniform", "macs", "latency"])
+    ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch",
+                                                                  "torch_bf16"],
+                    help="what the whole models are timed on (latency planning too)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = count(original, input_size)
         for frac in args.macs:
             for batch in args.batches:
-                cfg = LatencyConfig(runtime="onnxruntime", threads=args.threads, batch=batch,
+                cfg = LatencyConfig(runtime=args.runtime, threads=args.threads, batch=batch,
                                     rounds=args.rounds, per_round=1, warmup=2)
                 models, info = [original], {}
                 for how in args.plans:
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     elif how == "latency":
                         kw["objective"] = "latency"
                         kw["latency"] = LatencyConfig(
-                            runtime="onnxruntime", threads=args.threads, batch=batch,
+                            runtime=args.runtime, threads=args.threads, batch=batch,
                             rounds=args.plan_rounds, per_round=1, max_candidates=6)
                     m, p = compress(original, rules, input_size, **kw)
                     c = count(m, input_size)
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times = time_modules(models, example_input(input_size, batch), cfg)
                 for how, ms in zip(args.plans, times[1:]):
                     row = {"model": name, "target_macs": frac, "plan": how, "batch": batch,
-                           "threads": args.threads, "runtime": "onnxruntime",
+                           "threads": args.threads, "runtime": args.runtime,
                            "original_ms": times[0], "compressed_ms": ms,
                            "speedup": times[0] / ms, **info[how]}
                     row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
