@@ -656,3 +656,21 @@ def test_tucker2_hooi_float32_layer():
     assert refined.fit_info["rel_error"] < plain and refined.fit_info["iters"] >= 1
     x = torch.randn(2, 16, 8, 8)
     assert refined(x).shape == layer(x).shape
+
+
+def test_mttkrp_of_a_conv_kernel_matches_the_unfolding_with_and_without_the_cache():
+    from compresscnn.decomposers import _numerics as num
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(7, 5, 3, 2, generator=g, dtype=torch.float64)
+    fs = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in t.shape]
+    cache: dict = {}
+    for mode in range(4):
+        others = [fs[m] for m in range(4) if m != mode]
+        kr = others[0]
+        for f in others[1:]:  # Khatri-Rao, first factor varying slowest (C-order unfolding)
+            kr = (kr[:, None, :] * f[None, :, :]).reshape(-1, 4)
+        want = num.unfold(t, mode) @ kr
+        torch.testing.assert_close(num.mttkrp(t, fs, mode), want)
+        torch.testing.assert_close(num.mttkrp(t, fs, mode, cache), want)
+    assert set(cache) == {"y"}  # one O-contraction shared by modes 1-3

@@ -186,11 +186,16 @@ def cp_reconstruct(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     return (factors[0] @ rest.reshape(-1, factors[0].shape[1]).mT).reshape(shape)
 
 
-def _mttkrp4(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:
-    """:func:`mttkrp` of an ``(O, I, h, w)`` tensor: the large modes by a matrix product
-    with the Khatri-Rao product of the other large mode and the small spatial ones (at most
-    ``max(O, I) * h * w`` rows); the spatial modes by contracting ``O`` with a matrix product
-    and the rest elementwise (``R x I x h x w`` at most)."""
+def _mttkrp4(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int,
+             cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`mttkrp` of an ``(O, I, h, w)`` tensor. Mode ``O``: one matrix product with the
+    Khatri-Rao product of the input mode and the small spatial ones (``I * h * w`` rows).
+    The other modes from ``Y = A_O^T T_(O)`` (``R x I x h x w``, one matrix product), then
+    elementwise contractions: ``I`` against the spatial Khatri-Rao product, the spatial modes
+    after contracting ``I``. ``cache``: a dict that keeps ``Y`` between calls while ``A_O``
+    does not change (an ALS sweep updates ``O`` first, so the sweep's other three modes share
+    one ``Y``: two large matrix products per sweep instead of four); the caller empties it
+    when ``A_O`` changes."""
     a_o, a_i, a_h, a_w = factors
     o, i, h, w = t.shape
     r = a_o.shape[1]
@@ -198,11 +203,14 @@ def _mttkrp4(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> tor
     if mode == 0:
         kr = (a_i[:, None, :] * hw[None, :, :]).reshape(i * h * w, r)
         return t.reshape(o, i * h * w) @ kr
+    y = None if cache is None else cache.get("y")
+    if y is None:
+        y = (a_o.mT @ t.reshape(o, i * h * w)).reshape(r, i, h * w)  # O contracted
+        if cache is not None:
+            cache["y"] = y
     if mode == 1:
-        kr = (a_o[:, None, :] * hw[None, :, :]).reshape(o * h * w, r)
-        return t.transpose(0, 1).reshape(i, o * h * w) @ kr
-    y = (a_o.mT @ t.reshape(o, i * h * w)).reshape(r, i, h, w)  # O contracted
-    z = torch.einsum("rihw,ir->rhw", y, a_i)
+        return torch.einsum("rik,kr->ir", y, hw)
+    z = torch.einsum("rik,ir->rk", y, a_i).reshape(r, h, w)
     if mode == 2:
         return torch.einsum("rhw,wr->hr", z, a_w)
     return torch.einsum("rhw,hr->wr", z, a_h)
@@ -216,13 +224,15 @@ def cp_term_norms(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def mttkrp(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:
+def mttkrp(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int,
+           cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Matricised tensor times Khatri-Rao product ``T_(n) (KR of the other factors)``
     (``I_n x R``); the Khatri-Rao matrix of the two large modes is never formed. A 4-way
     conv kernel ``(O, I, kh, kw)`` goes through one matrix product with the first large
-    mode contracted (:func:`_mttkrp4`); other orders through one einsum."""
+    mode contracted (:func:`_mttkrp4`, which may keep that product in ``cache``); other
+    orders through one einsum."""
     if t.ndim == 4:
-        return _mttkrp4(t, factors, mode)
+        return _mttkrp4(t, factors, mode, cache)
     letters = "abcdefgh"[: t.ndim]
     ops = [f"{letters[m]}r" for m in range(t.ndim) if m != mode]
     expr = letters + "," + ",".join(ops) + f"->{letters[mode]}r"
@@ -262,13 +272,16 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     rel = math.inf
     done = 0
     finite = True
+    cache: dict[str, torch.Tensor] = {}
     for it in range(iters):
         for n in range(n_modes):
             v = torch.ones_like(grams[0])
             for m in range(n_modes):
                 if m != n:
                     v = v * grams[m]
-            mk = mttkrp(x, a, n)
+            if n == 0:
+                cache.clear()  # what it holds was computed from the first factor
+            mk = mttkrp(x, a, n, cache)
             lam = ridge
             chol, info = torch.linalg.cholesky_ex(v + lam * eye)
             if int(info) != 0:
@@ -285,8 +298,7 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
         if not all(bool(torch.isfinite(f).all()) for f in a) or not math.isfinite(rel):
             finite = False
             break
-        _balance(a)
-        grams = [f.mT @ f for f in a]
+        grams = [g * d[:, None] * d[None, :] for g, d in zip(grams, _balance(a))]
         if math.isfinite(prev) and abs(prev - rel) < tol * max(prev, 1e-12):
             break
         prev = rel
@@ -301,14 +313,18 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite}
 
 
-def _balance(factors: list[torch.Tensor]) -> None:
+def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Rescale columns in place so every factor's r-th column has norm
-    ``||term_r|| ** (1/N)`` (the product, i.e. the CP model, is unchanged)."""
+    ``||term_r|| ** (1/N)`` (the product, i.e. the CP model, is unchanged). Returns each
+    factor's column scales (a Gram matrix ``G`` becomes ``d G d^T``)."""
     norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
     total = torch.ones_like(norms[0])
     for nv in norms:
         total = total * nv
     target = total.clamp_min(0) ** (1.0 / len(factors))
+    scales = []
     for i, (f, nv) in enumerate(zip(factors, norms)):
         safe = torch.where(nv > 0, nv, torch.ones_like(nv))
-        factors[i] = f * (target / safe)
+        scales.append(target / safe)
+        factors[i] = f * scales[-1]
+    return scales
