@@ -160,12 +160,14 @@ class CP(Decomposer):
         (r,) = rank
         w = work_weight(layer)
         wn = float(torch.linalg.vector_norm(w))
-        taps, sv = self._tap_terms(w)
-        tap = [f[:, :r] for f in taps]
-        # the tap terms are orthogonal: errors and term energy follow from the spectrum
+        # the tap terms are orthogonal: their errors and term energy follow from the
+        # spectrum alone; their vectors are computed only if they are kept (below)
+        sv = torch.sort(torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1),
+                        descending=True, stable=True).values
         kept, dropped = sv[:r].square().sum(), sv[r:].square().sum()
-        best = (tap, {"rel_error": float(dropped.sqrt()) / wn if wn else 0.0,
-                      "norm_ratio": float(kept.sqrt()) / wn if wn else 0.0})
+        best: tuple[list[torch.Tensor] | None, dict[str, float]] = (
+            None, {"rel_error": float(dropped.sqrt()) / wn if wn else 0.0,
+                   "norm_ratio": float(kept.sqrt()) / wn if wn else 0.0})
         total_iters = 0
         if r < self.max_rank(layer)[0] and wn > 0:
             ridge = opt.ridge
@@ -182,7 +184,10 @@ class CP(Decomposer):
                                           "norm_ratio": info["norm_ratio"]})
                     break
                 ridge = ridge * 10 if ridge > 0 else 1e-4
-        a_out, a_in, a_h, a_w = best[0]
+        factors = best[0]
+        if factors is None:  # the per-tap construction is kept
+            factors = [f[:, :r] for f in self._tap_terms(w)[0]]
+        a_out, a_in, a_h, a_w = factors
         specs = self._specs(layer, r)
         bias = layer.bias.detach() if layer.bias is not None else None
         kh, kw = layer.kernel_size
