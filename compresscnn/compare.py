@@ -527,42 +527,45 @@ def _size_mb(r: Mapping[str, Any]) -> tuple[float, bool]:
 
 def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                  title: str = "Accuracy vs model size") -> Path:
-    """Top-1 against model size (log x), one labelled point per model with an accuracy;
-    filled circles measured here, squares from run reports, open triangles published."""
+    """Top-1 against model size and against MACs (two panels, log x), one labelled point per
+    model with an accuracy; filled circles measured here, squares from run reports, open
+    triangles published."""
     import matplotlib  # heavy: imported only when a plot is drawn
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(12, 5), dpi=120, sharey=True)
     pts = [r for r in rows if r.get("top1") is not None]
     from_onnx = all(_size_mb(r)[1] for r in pts) if pts else False
-    for src, marker, face in (("measured", "o", None), ("run report", "s", None),
-                              ("published", "^", "none")):
-        sel = [r for r in pts if r.get("top1_source") == src]
-        if sel:
-            xs = [_size_mb(r)[0] for r in sel]
-            ys = [float(r["top1"]) for r in sel]
-            kw = {"facecolors": face} if face else {}
-            ax.scatter(xs, ys, marker=marker, s=55, label=_SOURCE_LABELS[src],
-                       edgecolors="C0" if face else None,
-                       **kw)
-            for r, x, y in zip(sel, xs, ys):
-                ax.annotate(str(r["model"]), (x, y), textcoords="offset points", xytext=(5, 4),
-                            fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("model size, MB (" + ("fp32 ONNX file" if from_onnx
-                                        else "fp32 ONNX file, or 4 bytes/parameter") + "; log)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    axes = ((ax_size, lambda r: _size_mb(r)[0],
+             "model size, MB (" + ("fp32 ONNX file" if from_onnx
+                                   else "fp32 ONNX file, or 4 bytes/parameter") + "; log)"),
+            (ax_macs, lambda r: float(r["macs"]) / 1e6, "MACs per image, millions (log)"))
+    for ax, x_of, xlabel in axes:
+        for src, marker, face in (("measured", "o", None), ("run report", "s", None),
+                                  ("published", "^", "none")):
+            sel = [r for r in pts if r.get("top1_source") == src]
+            if sel:
+                xs = [x_of(r) for r in sel]
+                ys = [float(r["top1"]) for r in sel]
+                kw = {"facecolors": face} if face else {}
+                ax.scatter(xs, ys, marker=marker, s=55, label=_SOURCE_LABELS[src],
+                           edgecolors="C0" if face else None, **kw)
+                for r, x, y in zip(sel, xs, ys):
+                    ax.annotate(str(r["model"]), (x, y), textcoords="offset points",
+                                xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_size.set_ylabel("top-1 accuracy (%)")
+    fig.suptitle(title)
     missing = [str(r["model"]) for r in rows if r.get("top1") is None]
     if missing:
-        ax.text(0.01, 0.01, "no accuracy: " + ", ".join(missing)[:150], transform=ax.transAxes,
-                fontsize=7, alpha=0.7)
+        fig.text(0.01, 0.01, "no accuracy: " + ", ".join(missing)[:220], fontsize=7, alpha=0.7)
     if pts:
-        ax.legend(loc="best")
-    fig.tight_layout()
+        ax_size.legend(loc="best")
+    fig.tight_layout(rect=(0, 0.04 if missing else 0, 1, 1))
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
@@ -574,7 +577,7 @@ def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
                   title: str = "Model comparison", json_path: str | os.PathLike | None = None,
                   stem: str = "compare") -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.json`` (the list of rows) and ``<stem>.png`` (accuracy vs
-    size, log x) in ``out_dir``; also the JSON at ``json_path`` when given. Returns the paths."""
+    size and vs MACs, log x) in ``out_dir``; also the JSON at ``json_path`` when given. Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(list(rows), indent=2, default=str)
