@@ -55,6 +55,8 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_tucker2_2x": (R20, ["rules.0.method=tucker2", "finetune.enabled=false"]),
     "resnet56_cp_2x": (R56, []),
     "resnet20_dense_1ep": (R20, ["rules=[]", "target=null", "calibration=null"]),
+    "resnet56_dense_1ep": (R56, ["rules=[]", "target=null", "calibration=null",
+                                 "finetune.enabled=true"]),
     # 3x and 5x fewer MACs: layer-wise fit on 4,096 images, then distilled on them (no
     # labels), then one epoch of fine-tuning
     "resnet20_cp_3x": ("recipes/resnet20_cifar10_3x.yaml", []),
