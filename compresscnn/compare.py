@@ -236,10 +236,11 @@ _PUBLISHED_IMAGES = {"imagenet-1k": 50_000, "cifar-10": 10_000}
 
 
 def _run_accuracy(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The measured top-1 of a run: fine-tuned if it was, else zero-shot."""
+    """The measured top-1 of a run: trained from scratch (a `train:` run), fine-tuned if it
+    was, else zero-shot."""
     if not report:
         return None
-    for stage in ("finetuned", "compressed"):
+    for stage in ("trained", "finetuned", "compressed"):
         r = report.get(stage)
         if isinstance(r, Mapping) and r.get("top1") is not None:
             return {"top1": float(r["top1"]), "top5": r.get("top5"), "n": r.get("n"),

@@ -161,3 +161,14 @@ def test_cli_compare(tmp_path: Path, capsys) -> None:
     rows = json.loads((tmp_path / "c.json").read_text())
     assert rows[0]["params"] == 727_626 and rows[0]["onnx_bytes"] is None
     assert (tmp_path / "o" / "compare.md").is_file() and (tmp_path / "o" / "compare.png").is_file()
+
+
+def test_run_accuracy_of_a_training_run_is_its_trained_top1():
+    from compresscnn.compare import _run_accuracy
+
+    rep = {"baseline": {"top1": None}, "compressed": {"top1": None},
+           "trained": {"top1": 54.27, "top5": 94.63, "n": 10000}}
+    assert _run_accuracy(rep)["top1"] == 54.27 and _run_accuracy(rep)["stage"] == "trained"
+    rep = {"compressed": {"top1": 63.12}, "finetuned": {"top1": 63.03}}
+    assert _run_accuracy(rep)["stage"] == "finetuned"
+    assert _run_accuracy({"compressed": {"top1": None}}) is None
