@@ -112,11 +112,7 @@ def _check_data(recipe: dict[str, Any], pcfg: dict[str, Any], *,
         return [], False
     cfg = _data_cfg(recipe)
     data_mod.check_classes(cfg, pcfg.get("num_classes"), recipe["model"]["spec"])
-    cal = recipe.get("calibration")
-    calibrate = bool(cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")
-                              or cal.get("distill") is not None
-                              or recipe.get("allocation") == "sensitivity"))
-    overlap = data_mod.check_sources(cfg, train=train, calibrate=calibrate)
+    overlap = data_mod.check_sources(cfg, train=train, calibrate=_calibrates(recipe))
     notes = list(overlap)
     head = pcfg.get("head_replaced")
     if head:
@@ -155,17 +151,21 @@ def _replace_head(recipe: dict[str, Any], model: nn.Module) -> None:
 
 
 def _calibration(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list | None:
-    """The calibration batches when the recipe needs them (data-aware fit, BatchNorm
-    re-estimation or sensitivity allocation), else None."""
+    """The calibration batches when the recipe needs them (:func:`_calibrates`), else None."""
     cal = recipe.get("calibration")
     if recipe.get("allocation") == "sensitivity" and recipe.get("target") and not cal:
         raise RecipeError("allocation: sensitivity needs a calibration section (the layers' "
                           "effect on the output is measured on calibration batches)")
-    if not cal:
-        return None
-    needed = (cal.get("reconstruct") or cal.get("bn_recalibrate")
-              or cal.get("distill") is not None or recipe.get("allocation") == "sensitivity")
-    return _calibration_batches(recipe, pcfg) if needed else None
+    return _calibration_batches(recipe, pcfg) if _calibrates(recipe) else None
+
+
+def _calibrates(recipe: dict[str, Any]) -> bool:
+    """Whether the run reads calibration batches: a data-aware fit, BatchNorm re-estimation,
+    calibration distillation or sensitivity allocation."""
+    cal = recipe.get("calibration")
+    return bool(cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")
+                         or cal.get("distill") is not None
+                         or recipe.get("allocation") == "sensitivity"))
 
 
 def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .calibration import (DistillSettings, distill_outputs, execution_order, following_ops, layer_sensitivity, recalibrate_bn,
-                          reconstruct_outputs)
+from .calibration import (DistillSettings, distill_outputs, execution_order, following_ops,
+                          layer_sensitivity, recalibrate_bn, reconstruct_outputs)
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
 from .decomposers.base import check_weights, layer_cost
