@@ -306,7 +306,6 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
     assert out["agreement_after"] >= out["agreement_before"]
     assert not student.training
     torch.testing.assert_close(student[1].running_mean, bn_mean)  # statistics kept
-    assert all(p.grad is None or p.grad.abs().sum() >= 0 for p in student.parameters())
 
 
 def test_distill_outputs_needs_batches():
