@@ -40,6 +40,16 @@ JOBS: dict[str, tuple[str, list[str]]] = {
         "{match: [features.3, features.6, features.8, features.10], method: cp}]",
         "target.params=0.0484"]),
     # ResNet-20 at 2x fewer MACs: dense vs factorized from the start
+    "scratch_alexnet_factorized_spectral": (SCRATCH, [
+        'rules=[{match: "classifier.*", method: svd}, '
+        "{match: [features.3, features.6, features.8, features.10], method: cp}]",
+        "target.params=0.0484", "train.init=spectral"]),
+    "scratch_alexnet_factorized_semiorth": (SCRATCH, [
+        'rules=[{match: "classifier.*", method: svd}, '
+        "{match: [features.3, features.6, features.8, features.10], method: cp}]",
+        "target.params=0.0484", "train.semi_orthogonal=4"]),
+    # the second seed of the rows whose gap is smallest (dense vs compressed AlexNet)
+    "scratch_alexnet_seed1": (SCRATCH, ["model.spec=cifar:alexnet", "seed=1"]),
     "scratch_resnet20_dense": (LOWRANK, ["rules=[]", "target=null"]),
     "scratch_resnet20_spatial_kaiming": (LOWRANK, []),
     "scratch_resnet20_spatial_spectral": (LOWRANK, ["train.init=spectral"]),
@@ -65,6 +75,11 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet56_cp_3x": ("recipes/resnet56_cifar10_3x.yaml", []),
     "resnet56_cp_5x": ("recipes/resnet56_cifar10_3x.yaml", [
         "target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]),
+    # the fine-tuning epoch at 3x: learning rate, and distillation mixed with the labels
+    "resnet20_cp_3x_lr005": ("recipes/resnet20_cifar10_3x.yaml", ["finetune.lr=0.005"]),
+    "resnet20_cp_3x_lr02": ("recipes/resnet20_cifar10_3x.yaml", ["finetune.lr=0.02"]),
+    "resnet20_cp_3x_kd05": ("recipes/resnet20_cifar10_3x.yaml", [
+        "finetune.distill.enabled=true", "finetune.distill.alpha=0.5"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
     "demo": ("recipes/demo.yaml", []),
 }
