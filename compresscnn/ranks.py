@@ -34,6 +34,7 @@ from torch import nn
 
 from .decomposers.base import Decomposer, Rank, check_weights, get_decomposer, layer_cost
 from .errors import MethodError, RankError
+from .nn_utils import cpu_channel_block
 
 # ---------------------------------------------------------------------------- rounding
 
@@ -127,6 +128,14 @@ def decompose(layer: nn.Module, method: str, rank: Any = "full", **options: Any)
     r = resolve_rank(dec, layer, rank, in_hw=(32, 32) if isinstance(layer, nn.Conv2d) else None,
                      **options)
     return dec.decompose(layer, r, **options)
+
+
+def rank_multiple(round_to: int | str | None) -> int:
+    """A rule's ``round_to`` as a number: ``"auto"`` is this CPU's channel block
+    (:func:`compresscnn.nn_utils.cpu_channel_block`), None or 0 is 1 (no rounding)."""
+    if round_to == "auto":
+        return cpu_channel_block()
+    return int(round_to or 1)
 
 
 def round_rank(rank: Rank, full: Rank, multiple: int) -> Rank:
@@ -260,7 +269,7 @@ def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
     the recipe schema); ``round_to`` rounds ranks chosen by a policy (never an explicit int).
     """
     full = dec.max_rank(layer, **options)
-    multiple = int(rule.get("round_to") or 1)
+    multiple = rank_multiple(rule.get("round_to"))
     rank = rule.get("rank")
     if rule.get("energy") is not None:
         e = float(rule["energy"])

@@ -118,15 +118,26 @@ def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int
 
 # ----------------------------------------------------------------------------- timing
 def time_interleaved(fns: Sequence[Runner], *, warmup: int, rounds: int,
-                     per_round: int = 1) -> list[list[float]]:
+                     per_round: int = 1, settle: int = 1) -> list[list[float]]:
     """Seconds per call of each runner, timed round-robin: ``warmup`` untimed calls each,
-    then ``rounds`` rounds in which every runner is called ``per_round`` times in turn."""
+    then ``rounds`` rounds in which every runner is called ``settle`` times untimed and then
+    ``per_round`` times timed, in turn.
+
+    The untimed ``settle`` calls (only when there are several runners) give each timed call
+    what a server running one model sees: its weights back in cache and its runtime's
+    worker threads awake after the other runners' turns. Without them the first call of
+    each turn pays those costs: a nearly fixed overhead that is a large share of a small
+    model's batch-1 time (torchvision ResNet-18 on onnxruntime, 2 threads: 39 ms instead of
+    19 ms), which pulls every measured speed-up towards 1 (BENCHMARKS.md, "Speed")."""
     for f in fns:
         for _ in range(max(int(warmup), 0)):
             f()
     samples: list[list[float]] = [[] for _ in fns]
+    settle = max(int(settle), 0) if len(fns) > 1 else 0
     for _ in range(max(int(rounds), 1)):
         for i, f in enumerate(fns):
+            for _ in range(settle):
+                f()
             for _ in range(max(int(per_round), 1)):
                 t0 = time.perf_counter()
                 f()

@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds of the whole models")
+    ap.add_argument("--per-round", type=int, default=5,
+                    help="timed consecutive calls per model per round (after one untimed call)")
+    ap.add_argument("--round-to", default=None,
+                    help="the rules' round_to (an int, or auto: this CPU's channel block); "
+                         "default: the rules' default")
     ap.add_argument("--plan-rounds", type=int, default=3,
                     help="timing rounds per layer while latency-planning")
     ap.add_argument("--plans", nargs="+", default=["uniform", "macs", "latency"],
@@ -78,11 +83,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for frac in args.macs:
             for batch in args.batches:
                 cfg = LatencyConfig(runtime=args.runtime, threads=args.threads, batch=batch,
-                                    rounds=args.rounds, per_round=1, warmup=2)
+                                    rounds=args.rounds, per_round=args.per_round, warmup=2)
                 models, info = [original], {}
                 for how in args.plans:
                     t0 = time.time()
                     rules, kw = RULES[name], {"target": {"macs": frac}}
+                    if args.round_to is not None:
+                        rt = args.round_to if args.round_to == "auto" else int(args.round_to)
+                        rules = [{**r, "round_to": rt} for r in rules]
                     if how == "uniform":  # every matched layer keeps the same MAC share
                         rules, kw = [{**r, "macs": frac} for r in rules], {}
                     elif how == "latency":
