@@ -118,17 +118,18 @@ def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int
 
 # ----------------------------------------------------------------------------- timing
 def time_interleaved(fns: Sequence[Runner], *, warmup: int, rounds: int,
-                     per_round: int = 1, settle: int = 1) -> list[list[float]]:
+                     per_round: int = 1, settle: int = 3) -> list[list[float]]:
     """Seconds per call of each runner, timed round-robin: ``warmup`` untimed calls each,
     then ``rounds`` rounds in which every runner is called ``settle`` times untimed and then
     ``per_round`` times timed, in turn.
 
     The untimed ``settle`` calls (only when there are several runners) give each timed call
-    what a server running one model sees: its weights back in cache and its runtime's
-    worker threads awake after the other runners' turns. Without them the first call of
-    each turn pays those costs: a nearly fixed overhead that is a large share of a small
-    model's batch-1 time (torchvision ResNet-18 on onnxruntime, 2 threads: 39 ms instead of
-    19 ms), which pulls every measured speed-up towards 1 (BENCHMARKS.md, "Speed")."""
+    what a server running one model sees: its weights back in cache, its runtime's threads
+    awake and no other session's threads still spinning. Without them the first calls of
+    each turn pay those costs: on onnxruntime, 2 threads, batch 1, torchvision ResNet-18's
+    first three calls of a turn took 40, 37 and 25 ms and the rest 20 ms (a 2x-fewer-MAC
+    Tucker-2 of it: 22, 21, 16, then 11-12 ms), a nearly fixed overhead that pulls every
+    measured speed-up towards 1 (BENCHMARKS.md, "Speed")."""
     for f in fns:
         for _ in range(max(int(warmup), 0)):
             f()
