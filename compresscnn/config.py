@@ -477,19 +477,6 @@ def _rank(v: Any, where: Where) -> Any:
 Rank = _value(Any, _rank, _RANK_EXPECTED,
               "int > 0, list of int > 0, float in (0, 1], `full` or `evbmf`")
 
-_ROUND_TO_EXPECTED = "an int > 0 or 'auto'"
-
-
-def _round_to(v: Any, where: Where) -> int | str:
-    if v == "auto":
-        return v
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1:
-        return int(v)
-    raise _expect(_ROUND_TO_EXPECTED, v)
-
-
-RoundTo = _value(Any, _round_to, _ROUND_TO_EXPECTED, "int > 0 or `auto`")
-
 
 # --------------------------------------------------------------------------- closed mappings
 
@@ -593,12 +580,8 @@ class RuleBase(Closed):
     macs: Nullable(FRACTION) = doc("Fraction of this layer's MACs to keep.", None)
     params: Nullable(FRACTION) = doc(
         "Fraction of this layer's parameters to keep (same as a float `rank`).", None)
-    round_to: RoundTo = doc(
-        "Round ranks to multiples of this where it costs little (hardware-friendly channel "
-        "counts); 1 turns rounding off; `auto`: the channel block of the CPU that plans (16 "
-        "on AVX-512, else 8: onnxruntime runs a conv in its fast blocked layout only when its "
-        "input channels are a multiple of it). `auto` makes the ranks depend on the planning "
-        "CPU; give the number to plan for another machine.", 8)
+    round_to: Int(1) = doc("Round ranks to multiples of this where it costs little "
+                           "(hardware-friendly channel counts); 1 turns rounding off.", 8)
     objective: Nullable(Enum("macs", "latency")) = doc(
         "`latency`: time this rule's layers and candidate ranks on the `latency` section's "
         "runtime and keep only decompositions measurably faster than the dense layer (a layer "

@@ -137,20 +137,6 @@ def num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def cpu_channel_block() -> int:
-    """The channel block a CPU runtime's convolutions prefer on this CPU, from the vector
-    width torch reports (``torch.backends.cpu.get_cpu_capability()``): 16 float32 lanes on
-    AVX-512, else 8 (AVX2, 256-bit SVE; also a safe multiple for NEON's 4). onnxruntime's
-    CPU provider runs a conv in its blocked NCHWc layout only when the conv's input channels
-    are a multiple of this block (MLAS's ``MlasNchwcGetBlockSize``); other convs fall back to
-    NCHW behind layout reorders."""
-    try:
-        cap = str(torch.backends.cpu.get_cpu_capability())
-    except (AttributeError, RuntimeError):  # pragma: no cover - very old or unusual builds
-        return 8
-    return 16 if "AVX512" in cap.upper() else 8
-
-
 # ----------------------------------------------------------------------- distillation
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   temperature: float = 4.0) -> torch.Tensor:

@@ -34,7 +34,6 @@ from torch import nn
 
 from .decomposers.base import Decomposer, Rank, check_weights, get_decomposer, layer_cost
 from .errors import MethodError, RankError
-from .nn_utils import cpu_channel_block
 
 # ---------------------------------------------------------------------------- rounding
 
@@ -128,14 +127,6 @@ def decompose(layer: nn.Module, method: str, rank: Any = "full", **options: Any)
     r = resolve_rank(dec, layer, rank, in_hw=(32, 32) if isinstance(layer, nn.Conv2d) else None,
                      **options)
     return dec.decompose(layer, r, **options)
-
-
-def rank_multiple(round_to: int | str | None) -> int:
-    """A rule's ``round_to`` as a number: ``"auto"`` is this CPU's channel block
-    (:func:`compresscnn.nn_utils.cpu_channel_block`), None or 0 is 1 (no rounding)."""
-    if round_to == "auto":
-        return cpu_channel_block()
-    return int(round_to or 1)
 
 
 def round_rank(rank: Rank, full: Rank, multiple: int) -> Rank:
@@ -269,7 +260,7 @@ def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
     the recipe schema); ``round_to`` rounds ranks chosen by a policy (never an explicit int).
     """
     full = dec.max_rank(layer, **options)
-    multiple = rank_multiple(rule.get("round_to"))
+    multiple = int(rule.get("round_to") or 1)
     rank = rule.get("rank")
     if rule.get("energy") is not None:
         e = float(rule["energy"])

@@ -26,8 +26,7 @@ from .decomposers.base import check_weights, layer_cost
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
 from .nn_utils import example_input, get_module, record_inputs, set_module
-from .ranks import (BudgetItem, Skip, allocate, candidates_for, rank_multiple, select_rank,
-                    tail_error)
+from .ranks import BudgetItem, Skip, allocate, candidates_for, select_rank, tail_error
 from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
                      validate_compress, validate_rules, validate_target)
 
@@ -316,7 +315,7 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
             raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
                               f"global target to choose ranks")
         cands = candidates_for(dec, info.module, info.in_hw, opts,
-                               round_to=rank_multiple(rule.get("round_to")), tokens=info.tokens)
+                               round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
         if x is not None:
             cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
             rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)

@@ -24,5 +24,9 @@ def test_bench_latency_runs_every_plan(tmp_path):
     for r in rows:
         assert r["original_ms"] > 0 and r["compressed_ms"] > 0 and r["macs_ratio"] > 1.0
     assert abs(rows[1]["macs_ratio"] - 2.0) < 0.1
+    assert all(r["round_to"] == 8 for r in rows)
+    for r in rows:  # the optimised graphs' op counts (e.g. layout reorders) are kept
+        assert sum(v for k, v in r["ort_ops"].items() if "Conv" in k) > \
+            sum(v for k, v in r["original_ort_ops"].items() if "Conv" in k) > 0
     lat = rows[2]["latency_plan"]
     assert lat["runtime"] == "onnxruntime" and lat["compressed_ms"] <= lat["original_ms"]

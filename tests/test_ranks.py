@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 
-from compresscnn.errors import RankError, RecipeError
-from compresscnn.surgery import compress
+from compresscnn.errors import RankError
 from compresscnn.ranks import (BudgetItem, Candidate, allocate, energy_rank, evbmf_rank,
                                round_rank, tail_error)
 
@@ -98,25 +96,3 @@ def test_squared_errors_above_one_still_rank_candidates():
              BudgetItem("b", [Candidate(None, 100, 100, 0.0), Candidate((1, 1), 50, 50, 1.1)])]
     allocate(items, "macs", 150)
     assert [it.choice for it in items] == [0, 1]
-
-
-def test_round_to_auto_is_the_cpu_channel_block(monkeypatch):
-    from compresscnn import nn_utils
-    from compresscnn.ranks import rank_multiple
-
-    assert nn_utils.cpu_channel_block() in (8, 16)
-    assert rank_multiple(None) == 1 and rank_multiple(4) == 4
-    assert rank_multiple("auto") == nn_utils.cpu_channel_block()
-    for cap, block in (("AVX512", 16), ("AVX2", 8), ("DEFAULT", 8), ("SVE256", 8)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cap: c)
-        assert nn_utils.cpu_channel_block() == block
-    # a rule with round_to auto plans ranks that are multiples of the block where it rounds
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3))
-    _, plan_ = compress(net, [{"match": "*", "method": "tucker2", "round_to": "auto",
-                               "macs": 0.37}], (64, 16, 16))
-    assert all(r % 16 == 0 for rank in plan_.ranks().values() for r in rank)
-    with pytest.raises(RecipeError, match="round_to"):
-        compress(net, [{"match": "*", "method": "tucker2", "round_to": "fast", "macs": 0.5}],
-                 (64, 16, 16))

@@ -223,7 +223,7 @@ BAD = [
     ("macs-oversized", RULE_HEAD + "  - {match: '*', method: svd, macs: 2}\n",
      "rules[0].macs", "expected a number in (0, 1], got 2"),
     ("round-to-zero", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, round_to: 0}\n",
-     "rules[0].round_to", "expected an int > 0 or 'auto', got 0"),
+     "rules[0].round_to", "expected an int > 0, got 0"),
     ("objective", RULE_HEAD + "  - {match: '*', method: svd, rank: 4, objective: speed}\n",
      "rules[0].objective", "speed"),
     ("latency-runtime", GOOD + "latency: {runtime: tensorrt}\n", "latency.runtime", "tensorrt"),

@@ -43,12 +43,19 @@ from compresscnn.counting import count  # noqa: E402
 from compresscnn.latency import LatencyConfig, time_modules  # noqa: E402
 from compresscnn.nn_utils import example_input  # noqa: E402
 from compresscnn.surgery import compress  # noqa: E402
+from compresscnn.timing import onnx_bytes, ort_optimized_ops  # noqa: E402
 
 RULES = {
     "resnet18": [{"match": "layer*.conv*", "method": "tucker2"}],
     "resnet50": [{"match": "layer*.conv2", "method": "tucker2"}],
     "vgg16": [{"match": "features.*", "exclude": "features.0", "method": "tucker2"}],
 }
+
+
+def _unblocked_convs(ops: dict[str, int]) -> int:
+    """Convs that onnxruntime's optimiser left outside its blocked NCHWc layout (plain
+    ``Conv``/``FusedConv``; see ``compresscnn.timing.ort_optimized_ops``)."""
+    return ops.get("Conv", 0) + ops.get("com.microsoft.FusedConv", 0)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -60,10 +67,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds of the whole models")
     ap.add_argument("--per-round", type=int, default=5,
-                    help="timed consecutive calls per model per round (after one untimed call)")
-    ap.add_argument("--round-to", default=None,
-                    help="the rules' round_to (an int, or auto: this CPU's channel block); "
-                         "default: the rules' default")
+                    help="timed consecutive calls per model per round (after three untimed "
+                         "ones)")
+    ap.add_argument("--round-to", nargs="+", type=int, default=[8],
+                    help="the rules' round_to (rank rounding); several values: each plan once "
+                         "per value, all timed in the same interleaved run")
     ap.add_argument("--plan-rounds", type=int, default=3,
                     help="timing rounds per layer while latency-planning")
     ap.add_argument("--plans", nargs="+", default=["uniform", "macs", "latency"],
@@ -85,12 +93,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cfg = LatencyConfig(runtime=args.runtime, threads=args.threads, batch=batch,
                                     rounds=args.rounds, per_round=args.per_round, warmup=2)
                 models, info = [original], {}
-                for how in args.plans:
+                variants = [(how, rt) for rt in args.round_to for how in args.plans]
+                for how, rt in variants:
                     t0 = time.time()
                     rules, kw = RULES[name], {"target": {"macs": frac}}
-                    if args.round_to is not None:
-                        rt = args.round_to if args.round_to == "auto" else int(args.round_to)
-                        rules = [{**r, "round_to": rt} for r in rules]
+                    rules = [{**r, "round_to": rt} for r in rules]
                     if how == "uniform":  # every matched layer keeps the same MAC share
                         rules, kw = [{**r, "macs": frac} for r in rules], {}
                     elif how == "latency":
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             rounds=args.plan_rounds, per_round=1, max_candidates=6)
                     m, p = compress(original, rules, input_size, **kw)
                     c = count(m, input_size)
-                    info[how] = {"plan_seconds": round(time.time() - t0, 1),
+                    info[how, rt] = {"round_to": rt, "plan_seconds": round(time.time() - t0, 1),
                                  "macs_ratio": base["macs"] / c["macs"],
                                  "params_ratio": base["params"] / c["params"],
                                  "layers_decomposed": len(p.ranks()),
@@ -108,19 +115,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "ranks": p.ranks(),
                                  "latency_plan": p.latency}
                     models.append(m.eval())
-                times = time_modules(models, example_input(input_size, batch), cfg)
-                for how, ms in zip(args.plans, times[1:]):
+                x = example_input(input_size, batch)
+                times = time_modules(models, x, cfg)
+                ops = ([ort_optimized_ops(onnx_bytes(m, x), args.threads) for m in models]
+                       if args.runtime == "onnxruntime" else [None] * len(models))
+                for i, ((how, rt), ms) in enumerate(zip(variants, times[1:])):
                     row = {"model": name, "target_macs": frac, "plan": how, "batch": batch,
                            "threads": args.threads, "runtime": args.runtime,
                            "original_ms": times[0], "compressed_ms": ms,
-                           "speedup": times[0] / ms, **info[how]}
+                           "speedup": times[0] / ms, **info[how, rt],
+                           "original_ort_ops": ops[0], "ort_ops": ops[1 + i]}
                     row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
                     rows.append(row)
-                    print(f"{name} macs {frac:g} batch {batch} {how:7s}: MACs x"
+                    print(f"{name} macs {frac:g} batch {batch} {how:7s} round_to {rt}: MACs x"
                           f"{row['macs_ratio']:.2f}  latency {times[0]:.1f} -> {ms:.1f} ms "
                           f"(x{row['speedup']:.2f}, {row['speedup_over_mac_ratio']:.2f} of the "
                           f"MAC ratio), {row['layers_decomposed']}/{row['layers_matched']} "
-                          f"layers decomposed", flush=True)
+                          f"layers decomposed"
+                          + (f", {_unblocked_convs(row['ort_ops'])} convs outside onnxruntime's "
+                             f"blocked layout (original {_unblocked_convs(ops[0])})"
+                             if ops[0] else ""),
+                          flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "torch": torch.__version__, "input_size": list(input_size)}
@@ -132,13 +147,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pass
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print("\n| model | MACs kept | plan | batch | MAC ratio | original ms | compressed ms | "
-          "speed-up | speed-up / MAC ratio |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | MACs kept | plan | round_to | batch | MAC ratio | original ms | "
+          "compressed ms | speed-up | speed-up / MAC ratio | unblocked convs |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['target_macs']:g} | {r['plan']} | {r['batch']} | "
-              f"{r['macs_ratio']:.2f}x | {r['original_ms']:.1f} | {r['compressed_ms']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['speedup_over_mac_ratio']:.2f} |")
+        unblocked = _unblocked_convs(r["ort_ops"]) if r["ort_ops"] else "-"
+        print(f"| {r['model']} | {r['target_macs']:g} | {r['plan']} | {r['round_to']} | "
+              f"{r['batch']} | {r['macs_ratio']:.2f}x | {r['original_ms']:.1f} | "
+              f"{r['compressed_ms']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['speedup_over_mac_ratio']:.2f} | {unblocked} |")
     return rows
 
 
