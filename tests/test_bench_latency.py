@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
-from _tools import load_tool
+from _tools import TOOLS, load_tool
 
 
 def test_bench_latency_runs_every_plan(tmp_path):
@@ -30,3 +30,19 @@ def test_bench_latency_runs_every_plan(tmp_path):
             sum(v for k, v in r["original_ort_ops"].items() if "Conv" in k) > 0
     lat = rows[2]["latency_plan"]
     assert lat["runtime"] == "onnxruntime" and lat["compressed_ms"] <= lat["original_ms"]
+
+
+def test_bench_latency_plans_a_shipped_recipe(tmp_path):
+    mod = load_tool("bench_latency")
+    threads = torch.get_num_threads()
+    recipe = TOOLS.parent / "recipes" / "resnet18_imagenet_2x_batch1.yaml"
+    try:
+        rows = mod.main(["--recipe", str(recipe), "--size", "32", "--rounds", "1",
+                         "--per-round", "1", "--json", str(tmp_path / "lat.json")])
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = rows
+    assert row["plan"] == "recipe" and row["batch"] == 1 and row["threads"] == 2
+    assert row["round_to"] == [8] and row["latency_plan"]["runtime"] == "onnxruntime"
+    assert row["macs_ratio"] > 1.0 and row["compressed_ms"] > 0
+    assert all(r % 8 == 0 for rank in row["ranks"].values() for r in rank)

@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compresscnn.counting import count  # noqa: E402
 from compresscnn.latency import LatencyConfig, time_modules  # noqa: E402
 from compresscnn.nn_utils import example_input  # noqa: E402
+from compresscnn.models import load_model  # noqa: E402
+from compresscnn.recipe import load_recipe  # noqa: E402
 from compresscnn.surgery import compress  # noqa: E402
 from compresscnn.timing import onnx_bytes, ort_optimized_ops  # noqa: E402
 
@@ -56,6 +58,42 @@ def _unblocked_convs(ops: dict[str, int]) -> int:
     """Convs that onnxruntime's optimiser left outside its blocked NCHWc layout (plain
     ``Conv``/``FusedConv``; see ``compresscnn.timing.ort_optimized_ops``)."""
     return ops.get("Conv", 0) + ops.get("com.microsoft.FusedConv", 0)
+
+
+def _recipe_row(path: Path, args: argparse.Namespace) -> dict:
+    """One recipe planned as ``compresscnn run`` plans it (``compress()`` with the recipe's
+    rules, target and latency section), the model randomly initialised (nothing is
+    downloaded; latency does not depend on the weights' values, the ranks a budget picks do,
+    through the spectra), timed against the original on the recipe's runtime."""
+    recipe = load_recipe(path)
+    torch.manual_seed(0)
+    original = load_model(recipe["model"]["spec"], None).eval()
+    size = tuple(recipe["model"].get("input_size") or (3, args.size, args.size))
+    lat = dict(recipe["latency"])
+    t0 = time.time()
+    m, p = compress(original, recipe["rules"], size, target=recipe["target"], latency=lat)
+    plan_seconds = round(time.time() - t0, 1)
+    base, c = count(original, size), count(m.eval(), size)
+    cfg = LatencyConfig(runtime=lat["runtime"], threads=lat["threads"], batch=lat["batch"],
+                        rounds=args.rounds, per_round=args.per_round, warmup=2)
+    x = example_input(size, lat["batch"])
+    times = time_modules([original, m], x, cfg)
+    ops = ([ort_optimized_ops(onnx_bytes(mod, x), lat["threads"]) for mod in (original, m)]
+           if lat["runtime"] == "onnxruntime" else [None, None])
+    row = {"model": recipe["model"]["spec"], "recipe": str(path), "target_macs":
+           (recipe["target"] or {}).get("macs"), "plan": "recipe", "batch": lat["batch"],
+           "threads": lat["threads"], "runtime": lat["runtime"], "round_to": sorted(
+               {r.get("round_to") for r in recipe["rules"]}),
+           "original_ms": times[0], "compressed_ms": times[1], "speedup": times[0] / times[1],
+           "plan_seconds": plan_seconds, "macs_ratio": base["macs"] / c["macs"],
+           "params_ratio": base["params"] / c["params"], "layers_decomposed": len(p.ranks()),
+           "layers_matched": len(p.replacements), "ranks": p.ranks(),
+           "latency_plan": p.latency, "original_ort_ops": ops[0], "ort_ops": ops[1]}
+    row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
+    print(f"{path}: MACs x{row['macs_ratio']:.2f}  latency {times[0]:.1f} -> {times[1]:.1f} ms "
+          f"(x{row['speedup']:.2f}, {row['speedup_over_mac_ratio']:.2f} of the MAC ratio)",
+          flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -79,12 +117,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch",
                                                                   "torch_bf16"],
                     help="what the whole models are timed on (latency planning too)")
+    ap.add_argument("--recipe", nargs="+", type=Path, default=None,
+                    help="instead of --models/--macs/--plans: plan each recipe's model (random "
+                         "weights) with its rules, target and latency section through "
+                         "compress(), and time it against the original at the recipe's "
+                         "latency batch and threads")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     input_size = (3, args.size, args.size)
-    rows = []
-    for name in args.models:
+    rows = [] if args.recipe is None else [_recipe_row(r, args) for r in args.recipe]
+    for name in ([] if args.recipe else args.models):
         torch.manual_seed(0)
         original = getattr(torchvision.models, name)(weights=None).eval()
         base = count(original, input_size)
