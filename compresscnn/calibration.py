@@ -370,7 +370,39 @@ class DistillSettings:
     lr: float = 1e-3
     temperature: float = 1.0
     flip: bool = True
+    mix: str = "none"  # "mixup" / "cutmix": mixed pairs of images, teacher run on them
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
     amp: bool | None = None  # None: bf16 autocast where the CPU computes bf16 natively
+
+
+MIXES = ("none", "mixup", "cutmix")
+
+
+def mix_batch(x: torch.Tensor, how: str, alpha: float, gen: torch.Generator) -> torch.Tensor:
+    """``x`` mixed with a shuffled copy of itself: ``"mixup"`` (Zhang et al. 2018) blends
+    every image with another at a weight drawn from Beta(alpha, alpha); ``"cutmix"`` (Yun et
+    al. 2019) pastes a box of another image, of area fraction 1 - that weight. Only inputs
+    are mixed: the caller labels the result with the teacher's outputs on it, so the
+    student sees images no calibration batch holds (more of the teacher's function to
+    match than the batches alone), not mixed targets."""
+    if how == "none" or len(x) < 2:
+        return x
+    perm = torch.randperm(len(x), generator=gen)
+    seed = int(torch.randint(2**31 - 1, (), generator=gen))
+    with torch.random.fork_rng(devices=[]):  # Beta sampling takes no generator
+        torch.manual_seed(seed)
+        lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
+    if how == "mixup":
+        return lam * x + (1.0 - lam) * x[perm]
+    h, w = x.shape[-2:]
+    ch, cw = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
+    cy = int(torch.randint(h, (), generator=gen))
+    cx = int(torch.randint(w, (), generator=gen))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + (ch + 1) // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + (cw + 1) // 2, w)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return out
 
 
 def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor],
@@ -393,7 +425,9 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     calibration ``batches`` (no labels): ``settings.epochs`` passes of Adam at
     ``settings.lr`` with a cosine decay, loss ``T^2 KL(p_original || p_compressed)`` at
     ``settings.temperature``, each batch mirrored left-right with probability 1/2 when
-    ``settings.flip``. Both models stay in eval mode, so BatchNorm running statistics are
+    ``settings.flip``, and with ``settings.mix`` mixed within itself (:func:`mix_batch`,
+    the original's outputs on the mixed images computed at each step: one more forward pass
+    of the original per step). Both models stay in eval mode, so BatchNorm running statistics are
     not re-estimated from the few batches (their affine parameters are trained). Where the
     layer-wise fit makes each layer match on its own, this lets the layers correct one
     another's errors (the end-to-end stage of layer-wise-then-global schemes such as
@@ -404,9 +438,13 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     t0 = time.perf_counter()
     T = float(settings.temperature)
     amp = cpu_bf16_native() if settings.amp is None else bool(settings.amp)
+    if settings.mix not in MIXES:
+        raise ValueError(f"distill mix: {settings.mix!r} is not one of {', '.join(MIXES)}")
+    mixing = settings.mix != "none"
     with torch.no_grad(), eval_mode(original):
         teacher = [original(x).float() for x in batches]
-        mirrored = [original(x.flip(-1)).float() for x in batches] if settings.flip else None
+        mirrored = ([original(x.flip(-1)).float() for x in batches]
+                    if settings.flip and not mixing else None)
     before = _logits_gap(compressed, batches, teacher, T)
     params = [p for p in compressed.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(settings.lr))
@@ -417,7 +455,13 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
         for _ in range(int(settings.epochs)):
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 x, t = batches[i], teacher[i]
-                if mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
+                if mixing:  # new inputs every step: the teacher labels them now
+                    if settings.flip and bool(torch.rand((), generator=gen) < 0.5):
+                        x = x.flip(-1)
+                    x = mix_batch(x, settings.mix, settings.mix_alpha, gen)
+                    with torch.no_grad(), eval_mode(original):
+                        t = original(x).float()
+                elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
                     x, t = x.flip(-1), mirrored[i]
                 for g in opt.param_groups:
                     g["lr"] = float(settings.lr) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
@@ -430,7 +474,8 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
                 step += 1
     after = _logits_gap(compressed, batches, teacher, T)
     return {"epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
-            "temperature": T, "flip": bool(settings.flip), "amp": "bf16" if amp else "off",
+            "temperature": T, "flip": bool(settings.flip), "mix": settings.mix,
+            "mix_alpha": float(settings.mix_alpha), "amp": "bf16" if amp else "off",
             "loss_before": before[0], "loss_after": after[0],
             "agreement_before": before[1], "agreement_after": after[1],
             "seconds": time.perf_counter() - t0}

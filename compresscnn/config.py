@@ -790,6 +790,13 @@ class CalibrationDistill(Closed):
     temperature: Float(0.0, lo_open=True) = doc("Softmax temperature of the KL loss.", 1.0)
     flip: Bool = doc("Mirror each batch left-right with probability 1/2 (the original's "
                      "outputs on the mirrored images are computed too).", True)
+    mix: Enum("none", "mixup", "cutmix") = doc(
+        "Mix each batch within itself at every step (`mixup`: blended pairs; `cutmix`: a box "
+        "of another image pasted in), the original's outputs on the mixed images as the "
+        "targets: new inputs at every step, for when the calibration images are few (e.g. "
+        "one per class). Costs one more forward pass of the original per step.", "none")
+    mix_alpha: Float(0.0, lo_open=True) = doc(
+        "Beta(alpha, alpha) distribution of the mixing weight.", 1.0)
 
 
 class Calibration(Closed):

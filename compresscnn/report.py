@@ -460,7 +460,9 @@ def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
     if kd:
         lines += [f"Then distilled end to end on the same batches: {_cell(kd.get('epochs'))} "
                   f"passes ({_cell(kd.get('steps'))} Adam steps at lr {_cell(kd.get('lr'))}, "
-                  f"T={_cell(kd.get('temperature'))}, {_cell(kd.get('amp'))}) in "
+                  f"T={_cell(kd.get('temperature'))}, {_cell(kd.get('amp'))}"
+                  + (f", inputs mixed by {kd['mix']}" if kd.get("mix") not in (None, "none")
+                     else "") + ") in "
                   f"{_fmt_seconds(kd.get('seconds'))} s; loss {_fmt_float(kd.get('loss_before'))}"
                   f" -> {_fmt_float(kd.get('loss_after'))}, agreement with the original on "
                   f"those batches {_fmt_float(kd.get('agreement_before'))}% -> "

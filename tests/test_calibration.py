@@ -340,3 +340,37 @@ def test_distill_settings_are_validated_like_the_recipe():
     with pytest.raises(RecipeError, match="distill.epochs"):
         compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12),
                  calibration=[torch.randn(4, 3, 12, 12)], distill={"epochs": 0})
+
+
+def test_mix_batch_mixes_within_the_batch_reproducibly():
+    from compresscnn.calibration import mix_batch
+
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(6)])
+    assert mix_batch(x, "none", 1.0, torch.Generator()) is x
+    a = mix_batch(x, "mixup", 1.0, torch.Generator().manual_seed(1))
+    b = mix_batch(x, "mixup", 1.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    # each mixup image is a convex blend of two images of the batch: constant, within range
+    assert torch.all(a.amax((1, 2, 3)) == a.amin((1, 2, 3))) and not torch.equal(a, x)
+    assert a.min() >= 0 and a.max() <= 5
+    c = mix_batch(x, "cutmix", 1.0, torch.Generator().manual_seed(3))
+    # cutmix pastes a box: every pixel comes from some image of the batch, unchanged
+    assert set(c.unique().tolist()) <= set(range(6))
+    assert c.shape == x.shape and (c != x).any()
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_distill_outputs_with_mixed_inputs(mix):
+    from compresscnn.calibration import DistillSettings, distill_outputs
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+    student = copy.deepcopy(m)
+    with torch.no_grad():
+        student[3].weight.mul_(0.3)
+    out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
+                                                         mix=mix))
+    assert out["mix"] == mix and out["steps"] == 30
+    assert out["loss_after"] < out["loss_before"]
+    with pytest.raises(ValueError, match="mix"):
+        distill_outputs(m, student, x, DistillSettings(mix="blend"))

@@ -81,6 +81,10 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_cp_3x_kd05": ("recipes/resnet20_cifar10_3x.yaml", [
         "finetune.distill.enabled=true", "finetune.distill.alpha=0.5"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
+    # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
+    "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+        "calibration.batches=31",
+        "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
     "demo": ("recipes/demo.yaml", []),
 }
 
