@@ -2,8 +2,8 @@
 channels_last (and optionally torch.compile), for the CIFAR nets of the from-scratch
 experiments and ResNet-20 compressed to 2x fewer MACs. Every configuration runs through
 ``compresscnn.training.finetune`` (the loop ``compresscnn run`` uses) on random 32x32 batches, and the
-configurations of a model are interleaved round by round so that machine noise hits all of
-them alike; the result is the median over rounds of each step's images/s (first two steps of
+models and configurations are interleaved round by round so that machine noise hits all of
+them alike (ratios between models, too, come from one interleaved run); the result is the median over rounds of each step's images/s (first two steps of
 every round dropped: kernel selection).
 
     python tools/bench_train_speed.py --threads 2 --rounds 3 --json tools/results/train_speed.json
@@ -27,8 +27,8 @@ import compresscnn as cc
 from compresscnn.training import finetune
 from compresscnn.utils import cpu_bf16_native
 
-MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "alexnet", "squeezenet1_0",
-          "squeezenet1_1"]
+MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "resnet20_spatial", "alexnet",
+          "squeezenet1_0", "squeezenet1_1"]
 CONFIGS = {"fp32": ("off", "contiguous", False), "fp32_cl": ("off", "channels_last", False),
            "bf16_cl": ("bf16", "channels_last", False)}
 
@@ -66,21 +66,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also bf16 + channels_last + compile")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help=f"only these configurations (of {', '.join(CONFIGS)}, "
+                         "bf16_cl_compile); default: all")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     configs = dict(CONFIGS)
     if a.compile:
         configs["bf16_cl_compile"] = ("bf16", "channels_last", True)
-    rows = []
-    for name in a.models:
-        model = build(name)
-        rates: dict[str, list[float]] = {k: [] for k in configs}
-        for _ in range(a.rounds):
+    if a.configs:
+        unknown = sorted(set(a.configs) - set(configs))
+        if unknown:
+            ap.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(configs)})")
+        configs = {k: configs[k] for k in a.configs}
+    models = {name: build(name) for name in a.models}
+    rates: dict[tuple[str, str], list[float]] = {
+        (n, k): [] for n in models for k in configs}
+    for _ in range(a.rounds):  # every model and configuration in turn, round by round
+        for name, model in models.items():
             for key, cfg in configs.items():
-                rates[key] += step_rates(model, cfg, a.batch, a.steps)
-        row = {"model": name, **{k: statistics.median(v) for k, v in rates.items()}}
-        row["speedup_bf16_cl"] = row["bf16_cl"] / row["fp32"]
+                rates[name, key] += step_rates(model, cfg, a.batch, a.steps)
+    rows = []
+    for name in models:
+        row = {"model": name, **{k: statistics.median(rates[name, k]) for k in configs}}
+        if "bf16_cl" in row and "fp32" in row:
+            row["speedup_bf16_cl"] = row["bf16_cl"] / row["fp32"]
         rows.append(row)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)
