@@ -80,6 +80,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_cp_3x_lr02": ("recipes/resnet20_cifar10_3x.yaml", ["finetune.lr=0.02"]),
     "resnet20_cp_3x_kd05": ("recipes/resnet20_cifar10_3x.yaml", [
         "finetune.distill.enabled=true", "finetune.distill.alpha=0.5"]),
+    # the lower fine-tuning rate, compressed and dense alike
+    "resnet56_cp_3x_lr005": ("recipes/resnet56_cifar10_3x.yaml", ["finetune.lr=0.005"]),
+    "resnet56_dense_1ep_lr005": (R56, ["rules=[]", "target=null", "calibration=null",
+                                       "finetune.enabled=true", "finetune.lr=0.005"]),
+    "resnet20_dense_1ep_lr005": (R20, ["rules=[]", "target=null", "calibration=null",
+                                       "finetune.lr=0.005"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
     # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
     "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
