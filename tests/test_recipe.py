@@ -714,3 +714,17 @@ def test_numpy_scalars_from_the_python_api_become_plain():
                               {"match": "*", "method": "svd", "energy": np.float32(0.5)}])
     assert rules[0]["rank"] == [4, 8] and type(rules[0]["rank"][0]) is int
     assert type(rules[0]["round_to"]) is int and type(rules[1]["energy"]) is float
+
+
+def test_every_shipped_compression_recipe_validates():
+    """Each recipes/*.yaml (the compare recipes aside) passes the schema as shipped."""
+    import yaml
+
+    checked = 0
+    for f in sorted((REPO / "recipes").glob("*.yaml")):
+        if "compare" in (yaml.safe_load(f.read_text()) or {}):
+            continue
+        r = R.load_recipe(f)
+        assert r["name"] and r["model"]["spec"], f
+        checked += 1
+    assert checked >= 15
