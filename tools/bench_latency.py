@@ -22,6 +22,12 @@ the MAC ratio; ``--json`` keeps everything.
 
     python tools/bench_latency.py --models resnet18 vgg16 --macs 0.5 0.333 --batches 1 8 \\
         --threads 2 --json tools/results/latency_ort.json
+
+``--recipe FILE...`` instead plans each shipped recipe as ``compresscnn run`` does (its
+rules, target and latency section; random weights) and times it at the recipe's batch:
+
+    python tools/bench_latency.py --recipe recipes/resnet18_imagenet_2x_batch1.yaml \\
+        recipes/vgg16_imagenet_2x_batch1.yaml --rounds 7 --json lat.json
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Training throughput (images/s) of the training loop in fp32 vs bf16 autocast, NCHW vs
 channels_last (and optionally torch.compile), for the CIFAR nets of the from-scratch
 experiments and ResNet-20 compressed to 2x fewer MACs. Every configuration runs through
-``compresscnn.training.finetune`` (the loop ``compresscnn run`` uses) on random 32x32 batches, and the
-models and configurations are interleaved round by round so that machine noise hits all of
-them alike (ratios between models, too, come from one interleaved run); the result is the median over rounds of each step's images/s (first two steps of
-every round dropped: kernel selection).
+``compresscnn.training.finetune`` (the loop ``compresscnn run`` uses) on random 32x32
+batches, and the models and configurations are interleaved round by round so that machine
+noise hits all of them alike (ratios between models, too, come from one interleaved run);
+the result is the median over rounds of each step's images/s (first two steps of every
+round dropped: kernel selection).
 
     python tools/bench_train_speed.py --threads 2 --rounds 3 --json tools/results/train_speed.json
 """
