@@ -535,6 +535,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
     fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(12, 5), dpi=120, sharey=True)
     pts = [r for r in rows if r.get("top1") is not None]
@@ -557,6 +558,9 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                     ax.annotate(str(r["model"]), (x, y), textcoords="offset points",
                                 xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
+        # plain numbers ("3", "40"), not "3x10^0", which overlap on narrow ranges
+        ax.xaxis.set_major_formatter(LogFormatter())
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_size.set_ylabel("top-1 accuracy (%)")
