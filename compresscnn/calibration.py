@@ -25,6 +25,7 @@ from torch import fx, nn
 from .decomposers import get_decomposer
 from .nn_utils import eval_mode, get_module, hooks, kd_divergence, module_mode, set_module
 from .ranks import Skip, tail_error
+from .recipe import MIXES
 from .response import Tail, fit_layer
 from .utils import cpu_bf16_native
 
@@ -375,8 +376,6 @@ class DistillSettings:
     amp: bool | None = None  # None: bf16 autocast where the CPU computes bf16 natively
 
 
-MIXES = ("none", "mixup", "cutmix")
-
 
 def mix_batch(x: torch.Tensor, how: str, alpha: float, gen: torch.Generator) -> torch.Tensor:
     """``x`` mixed with a shuffled copy of itself: ``"mixup"`` (Zhang et al. 2018) blends
@@ -451,7 +450,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     steps = int(settings.epochs) * len(batches)
     gen = torch.Generator().manual_seed(int(seed))
     step = 0
-    with eval_mode(compressed):
+    with eval_mode(compressed, original):
         for _ in range(int(settings.epochs)):
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 x, t = batches[i], teacher[i]
@@ -459,7 +458,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
                     if settings.flip and bool(torch.rand((), generator=gen) < 0.5):
                         x = x.flip(-1)
                     x = mix_batch(x, settings.mix, settings.mix_alpha, gen)
-                    with torch.no_grad(), eval_mode(original):
+                    with torch.no_grad():
                         t = original(x).float()
                 elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
                     x, t = x.flip(-1), mirrored[i]

@@ -582,7 +582,8 @@ def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
                   title: str = "Model comparison", json_path: str | os.PathLike | None = None,
                   stem: str = "compare") -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.json`` (the list of rows) and ``<stem>.png`` (accuracy vs
-    size and vs MACs, log x) in ``out_dir``; also the JSON at ``json_path`` when given. Returns the paths."""
+    size and vs MACs, log x) in ``out_dir``; also the JSON at ``json_path`` when given.
+    Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(list(rows), indent=2, default=str)

@@ -652,6 +652,8 @@ class Target(Closed):
 FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
 #: how data-aware reconstruction fits each layer (``compresscnn.response``)
 SOLVERS: tuple[str, ...] = ("closed_form", "adam")
+#: how calibration distillation mixes its images (``calibration.mix_batch``)
+MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")
 #: learning-rate schedules of the training loop (``compresscnn.finetune``)
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "linear", "constant", "step")
 #: optimizers and memory formats of the training loop
@@ -790,7 +792,7 @@ class CalibrationDistill(Closed):
     temperature: Float(0.0, lo_open=True) = doc("Softmax temperature of the KL loss.", 1.0)
     flip: Bool = doc("Mirror each batch left-right with probability 1/2 (the original's "
                      "outputs on the mirrored images are computed too).", True)
-    mix: Enum("none", "mixup", "cutmix") = doc(
+    mix: Enum(*MIXES) = doc(
         "Mix each batch within itself at every step (`mixup`: blended pairs; `cutmix`: a box "
         "of another image pasted in), the original's outputs on the mixed images as the "
         "targets: new inputs at every step, for when the calibration images are few (e.g. "

@@ -41,7 +41,7 @@ from pydantic import create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from .config import (ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS, MODEL_SOURCES, POLICY_KEYS,
-                     RULE_KEYS, SCHEDULES, SOLVERS, TARGET_KEYS, Calibration, Closed, Data,
+                     MIXES, RULE_KEYS, SCHEDULES, SOLVERS, TARGET_KEYS, Calibration, Closed, Data,
                      Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency, MethodOptions,
                      ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
                      Where, bad, doc, expand_env, first_error, fmt_path, one_line,
@@ -55,7 +55,7 @@ __all__ = [
     "load_recipe", "validate", "validate_rules", "validate_target", "validate_compress",
     "rule_options", "parse_recipe", "rule_model", "Recipe", "parse_override", "apply_overrides",
     "dump_resolved", "reference_markdown", "expand_env", "RULE_KEYS", "POLICY_KEYS",
-    "TARGET_KEYS", "TOP_KEYS", "MODEL_SOURCES", "SCHEDULES", "FIT_THROUGH", "SOLVERS",
+    "TARGET_KEYS", "TOP_KEYS", "MODEL_SOURCES", "SCHEDULES", "FIT_THROUGH", "SOLVERS", "MIXES",
     "LEGACY_DATA_KEYS", "load_yaml", "yaml_lines", "RESUME_FREE",
 ]
 

@@ -149,10 +149,10 @@ def time_interleaved(fns: Sequence[Runner], *, warmup: int, rounds: int,
     The untimed ``settle`` calls (only when there are several runners) give each timed call
     what a server running one model sees: its weights back in cache, its runtime's threads
     awake and no other model's onnxruntime threads still spinning. Without them the first
-    calls of each turn pay those costs: on onnxruntime, 2 threads, batch 1, torchvision ResNet-18's
-    first three calls of a turn took 40, 37 and 25 ms and the rest 20 ms (a 2x-fewer-MAC
-    Tucker-2 of it: 22, 21, 16, then 11-12 ms), a nearly fixed overhead that pulls every
-    measured speed-up towards 1 (BENCHMARKS.md, "Speed")."""
+    calls of each turn pay those costs: on onnxruntime, 2 threads, batch 1, torchvision
+    ResNet-18's first three calls of a turn took 40, 37 and 25 ms and the rest 20 ms (a
+    2x-fewer-MAC Tucker-2 of it: 22, 21, 16, then 11-12 ms), a nearly fixed overhead that
+    pulls every measured speed-up towards 1 (BENCHMARKS.md, "Speed")."""
     for f in fns:
         for _ in range(max(int(warmup), 0)):
             f()

@@ -66,6 +66,31 @@ def _unblocked_convs(ops: dict[str, int]) -> int:
     return ops.get("Conv", 0) + ops.get("com.microsoft.FusedConv", 0)
 
 
+def _plan_info(p, base: dict, compressed: dict, plan_seconds: float) -> dict:
+    """What a row keeps of one plan: its ratios to the original's counts, ranks, latency."""
+    return {"plan_seconds": round(plan_seconds, 1),
+            "macs_ratio": base["macs"] / compressed["macs"],
+            "params_ratio": base["params"] / compressed["params"],
+            "layers_decomposed": len(p.ranks()), "layers_matched": len(p.replacements),
+            "ranks": p.ranks(), "latency_plan": p.latency}
+
+
+def _ort_ops(models: list, x: torch.Tensor, runtime: str, threads: int) -> list:
+    """Each model's onnxruntime-optimised op counts (None each off onnxruntime)."""
+    if runtime != "onnxruntime":
+        return [None] * len(models)
+    return [ort_optimized_ops(onnx_bytes(m, x), threads) for m in models]
+
+
+def _row(common: dict, original_ms: float, ms: float, info: dict, original_ops, ops) -> dict:
+    """One timed comparison: original against a compressed model."""
+    row = {**common, "original_ms": original_ms, "compressed_ms": ms,
+           "speedup": original_ms / ms, **info, "original_ort_ops": original_ops,
+           "ort_ops": ops}
+    row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
+    return row
+
+
 def _recipe_row(path: Path, args: argparse.Namespace) -> dict:
     """One recipe planned as ``compresscnn run`` plans it (``compress()`` with the recipe's
     rules, target and latency section), the model randomly initialised (nothing is
@@ -78,24 +103,17 @@ def _recipe_row(path: Path, args: argparse.Namespace) -> dict:
     lat = dict(recipe["latency"])
     t0 = time.time()
     m, p = compress(original, recipe["rules"], size, target=recipe["target"], latency=lat)
-    plan_seconds = round(time.time() - t0, 1)
-    base, c = count(original, size), count(m.eval(), size)
+    info = _plan_info(p, count(original, size), count(m.eval(), size), time.time() - t0)
     cfg = LatencyConfig(runtime=lat["runtime"], threads=lat["threads"], batch=lat["batch"],
                         rounds=args.rounds, per_round=args.per_round, warmup=2)
     x = example_input(size, lat["batch"])
     times = time_modules([original, m], x, cfg)
-    ops = ([ort_optimized_ops(onnx_bytes(mod, x), lat["threads"]) for mod in (original, m)]
-           if lat["runtime"] == "onnxruntime" else [None, None])
-    row = {"model": recipe["model"]["spec"], "recipe": str(path), "target_macs":
-           (recipe["target"] or {}).get("macs"), "plan": "recipe", "batch": lat["batch"],
-           "threads": lat["threads"], "runtime": lat["runtime"], "round_to": sorted(
-               {r.get("round_to") for r in recipe["rules"]}),
-           "original_ms": times[0], "compressed_ms": times[1], "speedup": times[0] / times[1],
-           "plan_seconds": plan_seconds, "macs_ratio": base["macs"] / c["macs"],
-           "params_ratio": base["params"] / c["params"], "layers_decomposed": len(p.ranks()),
-           "layers_matched": len(p.replacements), "ranks": p.ranks(),
-           "latency_plan": p.latency, "original_ort_ops": ops[0], "ort_ops": ops[1]}
-    row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
+    ops = _ort_ops([original, m], x, lat["runtime"], lat["threads"])
+    common = {"model": recipe["model"]["spec"], "recipe": str(path),
+              "target_macs": (recipe["target"] or {}).get("macs"), "plan": "recipe",
+              "batch": lat["batch"], "threads": lat["threads"], "runtime": lat["runtime"],
+              "round_to": sorted({r.get("round_to") for r in recipe["rules"]})}
+    row = _row(common, times[0], times[1], info, ops[0], ops[1])
     print(f"{path}: MACs x{row['macs_ratio']:.2f}  latency {times[0]:.1f} -> {times[1]:.1f} ms "
           f"(x{row['speedup']:.2f}, {row['speedup_over_mac_ratio']:.2f} of the MAC ratio)",
           flush=True)
@@ -155,26 +173,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             runtime=args.runtime, threads=args.threads, batch=batch,
                             rounds=args.plan_rounds, per_round=1, max_candidates=6)
                     m, p = compress(original, rules, input_size, **kw)
-                    c = count(m, input_size)
-                    info[how, rt] = {"round_to": rt, "plan_seconds": round(time.time() - t0, 1),
-                                 "macs_ratio": base["macs"] / c["macs"],
-                                 "params_ratio": base["params"] / c["params"],
-                                 "layers_decomposed": len(p.ranks()),
-                                 "layers_matched": len(p.replacements),
-                                 "ranks": p.ranks(),
-                                 "latency_plan": p.latency}
+                    info[how, rt] = {"round_to": rt, **_plan_info(
+                        p, base, count(m, input_size), time.time() - t0)}
                     models.append(m.eval())
                 x = example_input(input_size, batch)
                 times = time_modules(models, x, cfg)
-                ops = ([ort_optimized_ops(onnx_bytes(m, x), args.threads) for m in models]
-                       if args.runtime == "onnxruntime" else [None] * len(models))
+                ops = _ort_ops(models, x, args.runtime, args.threads)
                 for i, ((how, rt), ms) in enumerate(zip(variants, times[1:])):
-                    row = {"model": name, "target_macs": frac, "plan": how, "batch": batch,
-                           "threads": args.threads, "runtime": args.runtime,
-                           "original_ms": times[0], "compressed_ms": ms,
-                           "speedup": times[0] / ms, **info[how, rt],
-                           "original_ort_ops": ops[0], "ort_ops": ops[1 + i]}
-                    row["speedup_over_mac_ratio"] = row["speedup"] / row["macs_ratio"]
+                    common = {"model": name, "target_macs": frac, "plan": how, "batch": batch,
+                              "threads": args.threads, "runtime": args.runtime}
+                    row = _row(common, times[0], ms, info[how, rt], ops[0], ops[1 + i])
                     rows.append(row)
                     print(f"{name} macs {frac:g} batch {batch} {how:7s} round_to {rt}: MACs x"
                           f"{row['macs_ratio']:.2f}  latency {times[0]:.1f} -> {ms:.1f} ms "
