@@ -302,7 +302,10 @@ class Recipe(Closed):
     def _resolve(self, info: ValidationInfo) -> "Recipe":
         where = where_of(info)
         if not (self.rules == [] and self._dense_job()):
-            self.rules = _parse_rules(self.rules, self.target is not None, where)
+            # a Cuttlefish switch chooses the ranks itself, like a target
+            ranked = self.target is not None or (self.train is not None
+                                                 and self.train.switch is not None)
+            self.rules = _parse_rules(self.rules, ranked, where)
         if self.train is not None:
             self._check_train_job()
         if self.name is None:

@@ -165,3 +165,18 @@ def test_switch_point_state_survives_a_restart(tmp_path):
     path.write_text("{")
     with pytest.raises(CheckpointError, match="switch.json"):
         SwitchPoint(StableRankMonitor(net, ["0", "2"]), 3, path)
+
+
+def test_switch_rules_need_no_rank_policy(recipe):
+    """The switch chooses ranks (stable ranks), so its rules may give no policy, as with a
+    target; without the switch such a rule is refused."""
+    from compresscnn.recipe import load_recipe
+    from compresscnn.errors import RecipeError
+    text = recipe.read_text().replace(", rank: 0.5}", "}")
+    path = recipe.with_name("nopolicy.yaml")
+    path.write_text(text)
+    rules = load_recipe(path)["rules"]
+    assert [r["rank"] for r in rules] == [None, None]
+    path.write_text(text.replace("switch: {max_epochs: 1, window: 2}", "switch: null"))
+    with pytest.raises(RecipeError, match="give one of rank"):
+        load_recipe(path)

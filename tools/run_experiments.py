@@ -25,6 +25,9 @@ SCRATCH = "recipes/cifar10_scratch.yaml"
 LOWRANK = "recipes/cifar10_scratch_lowrank.yaml"
 R20 = "recipes/resnet20_cifar10_2x.yaml"
 R56 = "recipes/resnet56_cifar10_2x.yaml"
+#: AlexNet-CIFAR factorized as recipes/cifar10_alexnet_to_squeezenet_size.yaml does it
+ALEXNET_RULES = ('rules=[{match: "classifier.*", method: svd}, '
+                 "{match: [features.3, features.6, features.8, features.10], method: cp}]")
 
 #: job -> (recipe, --set overrides). One schedule per experiment (see the recipes).
 JOBS: dict[str, tuple[str, list[str]]] = {
@@ -35,21 +38,21 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # the trained AlexNet-CIFAR compressed to SqueezeNet 1.0's size (after scratch_alexnet),
     # and the same factorized architecture trained from scratch
     "alexnet_to_squeezenet_size": ("recipes/cifar10_alexnet_to_squeezenet_size.yaml", []),
-    "scratch_alexnet_factorized": (SCRATCH, [
-        'rules=[{match: "classifier.*", method: svd}, '
-        "{match: [features.3, features.6, features.8, features.10], method: cp}]",
-        "target.params=0.0484"]),
-    # ResNet-20 at 2x fewer MACs: dense vs factorized from the start
+    "scratch_alexnet_factorized": (SCRATCH, [ALEXNET_RULES, "target.params=0.0484"]),
     "scratch_alexnet_factorized_spectral": (SCRATCH, [
-        'rules=[{match: "classifier.*", method: svd}, '
-        "{match: [features.3, features.6, features.8, features.10], method: cp}]",
-        "target.params=0.0484", "train.init=spectral"]),
+        ALEXNET_RULES, "target.params=0.0484", "train.init=spectral"]),
     "scratch_alexnet_factorized_semiorth": (SCRATCH, [
-        'rules=[{match: "classifier.*", method: svd}, '
-        "{match: [features.3, features.6, features.8, features.10], method: cp}]",
-        "target.params=0.0484", "train.semi_orthogonal=4"]),
+        ALEXNET_RULES, "target.params=0.0484", "train.semi_orthogonal=4"]),
     # the second seed of the rows whose gap is smallest (dense vs compressed AlexNet)
     "scratch_alexnet_seed1": (SCRATCH, ["model.spec=cifar:alexnet", "seed=1"]),
+    "alexnet_to_squeezenet_size_seed1": ("recipes/cifar10_alexnet_to_squeezenet_size.yaml", [
+        "model.weights=runs/experiments/scratch_alexnet_seed1/model.safetensors", "seed=1"]),
+    "scratch_alexnet_factorized_seed1": (SCRATCH, [
+        ALEXNET_RULES, "target.params=0.0484", "seed=1"]),
+    # Cuttlefish on AlexNet: two dense epochs (its loss leaves ln 10 only at the end of the
+    # first), then the same layers factorized at their stable ranks for the other three
+    "scratch_alexnet_cuttlefish": (SCRATCH, [ALEXNET_RULES, "train.switch.max_epochs=2"]),
+    # ResNet-20 at 2x fewer MACs: dense vs factorized from the start
     "scratch_resnet20_dense": (LOWRANK, ["rules=[]", "target=null"]),
     "scratch_resnet20_spatial_kaiming": (LOWRANK, []),
     "scratch_resnet20_spatial_spectral": (LOWRANK, ["train.init=spectral"]),
