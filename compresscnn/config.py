@@ -568,7 +568,11 @@ class RuleBase(Closed):
     exclude: Patterns(allow_empty=True) = doc("Glob(s) of module names this rule leaves alone.",
                                               [])
     method: Str() = doc("A registered decomposition method: `tucker2`, `cp`, `spatial`, `svd` "
-                        "(Linear), `fire`.")
+                        "(Linear), `fire`; or `auto`: per layer, the method (of its option "
+                        "`methods`, default cp, spatial, tucker2, svd) and rank with the lowest "
+                        "measured error at the budget (a global `target`, or a `macs`/`params` "
+                        "policy), each candidate decomposed to measure it (`ranks` per method, "
+                        "default 12).")
     rank: Nullable(Rank) = doc(
         "An int: the same rank for every component; a list: one int per component (as many "
         "as the method has, in its order, e.g. `[r_in, r_out]` for tucker2); a float: the "

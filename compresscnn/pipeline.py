@@ -289,6 +289,11 @@ def _check_switch(recipe: dict[str, Any]) -> None:
     if not recipe["rules"]:
         raise RecipeError("train.switch: needs rules (they choose the layers to factorize at "
                           "the switch, and their methods); with rules: [] the model trains dense")
+    for i, rule in enumerate(recipe["rules"]):
+        if rule["method"] == "auto":
+            raise RecipeError(f"rules[{i}].method: auto chooses methods by measured error at a "
+                              f"budget; train.switch factorizes at stable ranks and needs a "
+                              f"concrete method (cp, spatial, tucker2, svd)")
     if tr.get("max_steps"):
         raise RecipeError("train.switch: give the budget as train.epochs, not train.max_steps "
                           "(the switch happens at an epoch end)")

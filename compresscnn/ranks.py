@@ -315,6 +315,7 @@ class Candidate:
     macs: int
     error: float
     latency: float | None = None   # measured ms (latency-aware planning only)
+    method: str | None = None      # set by mixed-method planning (``auto``): the method
 
 
 @dataclass
@@ -350,6 +351,30 @@ def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | N
         p, m = dec.cost(layer, r, in_hw, **options)
         cands.append(Candidate(r, p, m * tokens, tail_error(spectra, r)))
     return cands
+
+
+def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | None,
+                        options: dict[str, Any], round_to: int = 1, steps: int = 12,
+                        tokens: int = 1) -> list[Candidate]:
+    """One method's candidates for mixed-method planning (``method: auto``): the ranks
+    keeping ``k / steps`` of the dense layer's MACs for k = steps-1 .. 1 (rounded to
+    ``round_to``; none that costs the dense layer's parameters and MACs or more), each
+    *decomposed* with ``options`` and its measured relative error kept, tagged with the
+    method. No dense candidate (the caller adds one for all methods)."""
+    dense_p, dense_m = layer_cost(layer, in_hw)
+    full = dec.max_rank(layer, **options)
+    seen: set[Rank] = set()
+    out = []
+    for k in range(steps - 1, 0, -1):
+        r = round_rank(rank_for_fraction(dec, layer, k / steps, in_hw, key="macs", **options),
+                       full, round_to)
+        p, m = dec.cost(layer, r, in_hw, **options)
+        if r in seen or (p >= dense_p and m >= dense_m):
+            continue
+        seen.add(r)
+        err = float(dec.decompose(layer, r, **options).fit_info["rel_error"])
+        out.append(Candidate(r, p, m * tokens, err, method=dec.name))
+    return out
 
 
 PENALTIES = ("squared", "log_energy")

@@ -940,7 +940,9 @@ def _methods_text() -> str:
         d = reg[name]
         o = ", ".join(f"{k}: {_type_doc(f)} (default {_md_default(f).strip('`')})"
                       for k, f in _options(d).model_fields.items()) or "no options"
-        lines.append(f"{name}: ranks ({', '.join(getattr(d, 'rank_names', ()))}); {o}")
+        names = ", ".join(getattr(d, "rank_names", ()))
+        ranks = f"ranks ({names})" if names else "method and ranks chosen per layer"
+        lines.append(f"{name}: {ranks}; {o}")
     return "\n".join(lines)
 
 

@@ -22,11 +22,13 @@ from .calibration import (DistillSettings, distill_outputs, execution_order, fol
                           layer_sensitivity, recalibrate_bn, reconstruct_outputs)
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
-from .decomposers.base import check_weights, layer_cost
+from .decomposers.auto import Auto
+from .decomposers.base import check_weights, layer_cost, parse_options
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
 from .nn_utils import example_input, get_module, record_inputs, set_module
-from .ranks import BudgetItem, Skip, allocate, candidates_for, select_rank, tail_error
+from .ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, measured_candidates,
+                    select_rank, tail_error)
 from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
                      validate_compress, validate_rules, validate_target)
 
@@ -310,6 +312,9 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
     if reason is not None:
         return replace(rep, skipped=reason, skip=Skip.REFUSED), None
     check_weights(info.module, f"rules[{i}] ({name})")
+    if isinstance(dec, Auto):
+        return _select_mixed(name, info, i, rule, rep, dec, opts, target=target, weight=weight,
+                             lat_cfg=lat_cfg, x=x)
     if not any(rule.get(k) is not None for k in _RANK_KEYS):
         if not target:
             raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
@@ -336,6 +341,53 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
                       skipped=f"not faster on {lat_cfg.runtime}: {ms:.3g} ms vs "
                               f"{dense_ms:.3g} ms dense")
     return rep, None
+
+
+def _select_mixed(name: str, info: LayerInfo, i: int, rule: dict[str, Any], rep: Replacement,
+                  dec: Auto, opts: dict[str, Any], *, target: dict[str, float] | None,
+                  weight: float, lat_cfg: LatencyConfig | None, x: torch.Tensor | None
+                  ) -> tuple[Replacement, BudgetItem | None]:
+    """``method: auto``: every member method's candidates, decomposed and their errors
+    measured (:func:`~compresscnn.ranks.measured_candidates`; when timed on ``x``, only
+    those faster than the dense layer). A global target chooses among them (the row's
+    :class:`BudgetItem`); a ``macs``/``params`` policy takes the lowest error within it."""
+    o = parse_options(dec, opts)
+    round_to = int(rule.get("round_to") or 1)
+    cands = [Candidate(None, rep.params_before, rep.macs_before, 0.0)]
+    for m in dec.members(info.module, **opts):
+        mine = measured_candidates(m, info.module, info.in_hw, {}, round_to=round_to,
+                                   steps=o.ranks, tokens=info.tokens)
+        if x is not None:
+            mine, dense_ms = _timed_candidates(m, info.module, [cands[0], *mine], {}, x,
+                                               lat_cfg)
+            mine = mine[1:]
+            rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
+        cands += mine
+    key = "macs" if rule.get("macs") is not None else "params"
+    if rule.get(key) is None:
+        if not target:
+            raise RecipeError(f"rules[{i}]: method auto needs a macs or params policy or a "
+                              f"global target")
+        return rep, BudgetItem(name, cands, weight=weight)
+    frac = float(rule[key])
+    fits = [c for c in cands[1:] if getattr(c, key) <= frac * getattr(rep, f"{key}_before")]
+    if not fits:
+        if x is not None:
+            return replace(rep, skip=Skip.NOT_FASTER, skipped=(
+                f"no candidate within {key} {frac:g} is faster than the dense layer on "
+                f"{lat_cfg.runtime}")), None
+        raise RankError(f"rules[{i}] ({name}): no candidate of {', '.join(o.methods)} keeps "
+                        f"at most {frac:g} of its {key}")
+    return _chosen(replace(rep, policy=f"{key} {frac:g}"), min(fits, key=lambda c: c.error)
+                   ), None
+
+
+def _chosen(rep: Replacement, c: Candidate) -> Replacement:
+    """``rep`` decomposed as candidate ``c`` says (its method, when it names one)."""
+    if c.method is not None and c.method != rep.method:
+        rep = replace(rep, method=c.method, options={})
+    return replace(rep, rank=list(c.rank), params_after=c.params, macs_after=c.macs,
+                   rel_error=c.error, latency_after=c.latency)
 
 
 def _layer_times(reps: Sequence[Replacement], layers: dict[str, LayerInfo],
@@ -388,8 +440,7 @@ def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Repla
         c = item.candidates[item.choice]
         rep = replace(rep, policy=f"budget {key} {frac:g}")
         if c.rank is not None:
-            out.append(replace(rep, rank=list(c.rank), params_after=c.params,
-                               macs_after=c.macs, rel_error=c.error, latency_after=c.latency))
+            out.append(_chosen(rep, c))
         elif len(item.candidates) == 1 and lat_cfg is not None and rep.latency_before is not None:
             out.append(replace(rep, skip=Skip.NOT_FASTER, skipped=(
                 f"no candidate rank is faster than the dense layer on {lat_cfg.runtime}")))

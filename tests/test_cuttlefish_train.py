@@ -133,6 +133,7 @@ def test_resume_in_the_factorized_phase(recipe, reference, tmp_path, monkeypatch
     (["train.max_steps=5"], "train.max_steps"),
     (["train.init=spectral"], "train.init"),
     (["rules=[]"], "needs rules"),
+    (['rules=[{match: "layer1.*.conv*", method: auto}]'], "rules[0].method"),
 ])
 def test_bad_switch_options_are_one_line_errors(recipe, tmp_path, capsys, sets, says):
     out = tmp_path / "run"

@@ -89,6 +89,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                        "finetune.enabled=true", "finetune.lr=0.005"]),
     "resnet20_dense_1ep_lr005": (R20, ["rules=[]", "target=null", "calibration=null",
                                        "finetune.lr=0.005"]),
+    # mixed methods per layer: method and rank chosen by measured error per MAC
+    "resnet20_auto_3x": ("recipes/resnet20_cifar10_3x.yaml", ["rules.0.method=auto"]),
+    "resnet56_auto_3x": ("recipes/resnet56_cifar10_3x.yaml", ["rules.0.method=auto"]),
+    "resnet20_auto_5x": ("recipes/resnet20_cifar10_3x.yaml", [
+        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
+        "calibration.distill.epochs=8"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
     # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
     "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [

@@ -2,7 +2,8 @@
 
 Methods: ``tucker2`` (Kim et al. 2016), ``cp`` (Lebedev et al. 2015), ``spatial``
 (Jaderberg et al. 2014 / Tai et al. 2016), ``svd`` (Sainath et al. 2013), ``fire``
-(Iandola et al. 2016). See :mod:`compresscnn.decomposers.base` for the contract, and
+(Iandola et al. 2016); ``auto`` chooses among the low-rank ones per layer, by measured
+error per MAC. See :mod:`compresscnn.decomposers.base` for the contract, and
 :mod:`compresscnn.ranks` for what a rank means (``compresscnn.decompose`` lives there).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from .base import (Decomposer, get_decomposer, layer_cost, list_decomposers,
                    register_decomposer)
-from . import cp, fire, spatial, svd, tucker2  # noqa: F401  (registration side effect)
+from . import auto, cp, fire, spatial, svd, tucker2  # noqa: F401  (registration side effect)
 
 __all__ = ["Decomposer", "get_decomposer", "layer_cost", "list_decomposers",
            "register_decomposer"]
