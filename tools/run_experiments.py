@@ -96,6 +96,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
+    "squeezenet1_1_auto_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=31",
+        "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
     # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
     "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
