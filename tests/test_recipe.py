@@ -18,6 +18,7 @@ import yaml
 from compresscnn import config as C
 from compresscnn import recipe as R
 from compresscnn.decomposers import base
+from compresscnn.decomposers.auto import Auto  # the real chooser: only its options matter here
 from compresscnn.errors import CompressError, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ class _FakeFire(base.Decomposer):
 def fake_registry(monkeypatch):
     reg = {}
     for name, cls in [("tucker2", _FakeTucker2), ("svd", _FakeSVD), ("cp", _FakeCP),
-                      ("spatial", _FakeSpatial), ("fire", _FakeFire)]:
+                      ("spatial", _FakeSpatial), ("fire", _FakeFire), ("auto", Auto)]:
         d = cls()
         d.name = name
         reg[name] = d
@@ -245,10 +246,10 @@ BAD = [
     ("rule-empty-match", RULE_HEAD + "  - {match: [], method: svd, rank: 4}\n",
      "rules[0].match", "non-empty list"),
     ("rule-missing-method", RULE_HEAD + "  - {match: '*', rank: 4}\n", "rules[0].method",
-     "required key missing (known methods: cp, fire, spatial, svd, tucker2)"),
+     "required key missing (known methods: auto, cp, fire, spatial, svd, tucker2)"),
     ("unknown-method", RULE_HEAD + "  - {match: '*', method: svd, rank: 4}\n"
                                    "  - {match: '*', method: tuker2, rank: 4}\n",
-     "rules[1].method", "unknown method 'tuker2' (known: cp, fire, spatial, svd, tucker2); "
+     "rules[1].method", "unknown method 'tuker2' (known: auto, cp, fire, spatial, svd, tucker2); "
                         "did you mean 'tucker2'?"),
     ("option-of-other-method", RULE_HEAD + "  - {match: '*', method: tucker2, rank: 4, "
                                            "squeeze_ratio: 0.5}\n",

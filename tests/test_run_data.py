@@ -189,6 +189,7 @@ def test_compare_and_run_measure_the_same(shared_data: Path, tmp_path: Path, mon
     out = tmp_path / "run"
     assert main(["run", str(REPO / "recipes" / "squeezenet1_1_val500.yaml"), "--out", str(out),
                  "--quiet", "--set", "calibration=null", "--set", "evaluate.zero_shot=false",
+                 "--set", "rules.0.method=cp",  # the baseline is what is compared
                  "--set", "export.onnx=false", "--set", "report.latency=false",
                  "--set", "report.plots=false"]) == 0
     base = json.loads((out / "report.json").read_text())["baseline"]

@@ -99,10 +99,10 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_auto_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
-    "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", []),
+    "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=cp"]),
     # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
     "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
-        "calibration.batches=31",
+        "rules.0.method=cp", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
     "demo": ("recipes/demo.yaml", []),
 }
