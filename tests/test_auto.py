@@ -98,3 +98,35 @@ def test_auto_refuses_rank_and_energy_and_direct_use():
         decompose(nn.Conv2d(8, 8, 3), "auto", 4)
     with pytest.raises(CompressError, match="give one of rank"):  # nor a target
         validate_rules([{"match": "4", "method": "auto"}])
+
+
+def test_auto_with_objective_latency_keeps_only_faster_candidates():
+    """Latency-aware planning times each method's candidates; only those faster than the
+    dense layer compete, and a layer where none is stays dense with the reason."""
+    from test_latency import _macs_timer, _net
+    timer = _macs_timer(overhead_ms=0.5)
+    rules = [{"match": ["2", "8"], "method": "auto", "methods": ["spatial", "tucker2"],
+              "ranks": 4, "objective": "latency"}]
+    p = plan(_net(), rules, (3, 16, 16), target={"macs": 0.8}, latency={"timer": timer})
+    rows = {r.name: r for r in p.replacements}
+    assert rows["2"].applied and rows["2"].method in ("spatial", "tucker2")
+    assert rows["2"].latency_after < rows["2"].latency_before
+    assert not rows["8"].applied  # 4 -> 4 channels: every chain pays more launches than MACs
+    assert "faster" in rows["8"].skipped
+    p = plan(_net(), [dict(rules[0], macs=0.9)], (3, 16, 16), latency={"timer": timer})
+    rows = {r.name: r for r in p.replacements}
+    assert rows["2"].applied and rows["2"].latency_after < rows["2"].latency_before
+    assert "no candidate within macs 0.9 is faster" in rows["8"].skipped
+
+
+def test_a_recipe_giving_auto_a_rank_is_a_one_line_error(tmp_path, capsys):
+    from pathlib import Path
+    from compresscnn.cli import main
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "resnet20_cifar10_2x.yaml"
+    out = tmp_path / "run"
+    code = main(["run", str(recipe), "--out", str(out), "--set", "rules.0.method=auto",
+                 "--set", "rules.0.rank=8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "rules[0].rank" in err and "method auto takes a global target" in err
+    assert not out.exists()
