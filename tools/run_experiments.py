@@ -92,6 +92,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # mixed methods per layer: method and rank chosen by measured error per MAC
     "resnet20_auto_3x": ("recipes/resnet20_cifar10_3x.yaml", ["rules.0.method=auto"]),
     "resnet56_auto_3x": ("recipes/resnet56_cifar10_3x.yaml", ["rules.0.method=auto"]),
+    "resnet56_auto_5x": ("recipes/resnet56_cifar10_3x.yaml", [
+        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
+        "calibration.distill.epochs=8"]),
     "resnet20_auto_5x": ("recipes/resnet20_cifar10_3x.yaml", [
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8"]),
