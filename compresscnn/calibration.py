@@ -350,10 +350,12 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
             if rep.skip is not Skip.BUDGET:
                 continue  # refused by its method, or ranked by its own rule
             layer = get_module(model, rep.name)
-            dec = get_decomposer(rep.method)
-            r = dec.scale_rank(layer, fraction, **rep.options)
-            e = tail_error(dec.spectra(layer, **rep.options), r)
-            new = dec.decompose(layer, r, **rep.options).eval()
+            dec, opts = get_decomposer(rep.method), rep.options
+            if hasattr(dec, "members"):  # auto: probe with the first method that takes it
+                dec, opts = dec.members(layer, **opts)[0], {}
+            r = dec.scale_rank(layer, fraction, **opts)
+            e = tail_error(dec.spectra(layer, **opts), r)
+            new = dec.decompose(layer, r, **opts).eval()
             set_module(model, rep.name, new)
             try:
                 num = sum(float((model(x) - y).float().square().sum()) for x, y in zip(xs, ys))
