@@ -351,7 +351,7 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
                 continue  # refused by its method, or ranked by its own rule
             layer = get_module(model, rep.name)
             dec, opts = get_decomposer(rep.method), rep.options
-            if hasattr(dec, "members"):  # auto: probe with the first method that takes it
+            if dec.chooses:  # auto: probe with the first method that takes the layer
                 dec, opts = dec.members(layer, **opts)[0], {}
             r = dec.scale_rank(layer, fraction, **opts)
             e = tail_error(dec.spectra(layer, **opts), r)

@@ -33,8 +33,8 @@ def inspect_rows(model: nn.Module, input_size: Sequence[int],
     for name, info in trace_layers(model, input_size).items():
         mod = info.module
         params, macs = layer_cost(mod, info.in_hw)
-        methods = [m for m in list_decomposers()  # auto chooses among these, per layer
-                   if m != "auto" and get_decomposer(m).supports(mod) is None]
+        methods = [m for m in list_decomposers()  # not auto: it chooses among these
+                   if not get_decomposer(m).chooses and get_decomposer(m).supports(mod) is None]
         default = _default_method(mod)
         cands = {}
         if default is not None:

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 # wrapper such as the DDP test's) can replace one of their functions for the whole run
 from . import data as data_mod, evaluation, report as report_mod
 from .counting import count
+from .decomposers import get_decomposer
 from .errors import CompressError, DataError, MethodError, ModelError, RankError, RecipeError
 from .evaluation import measure_latency
 from .export import export_onnx
@@ -290,10 +291,10 @@ def _check_switch(recipe: dict[str, Any]) -> None:
         raise RecipeError("train.switch: needs rules (they choose the layers to factorize at "
                           "the switch, and their methods); with rules: [] the model trains dense")
     for i, rule in enumerate(recipe["rules"]):
-        if rule["method"] == "auto":
-            raise RecipeError(f"rules[{i}].method: auto chooses methods by measured error at a "
-                              f"budget; train.switch factorizes at stable ranks and needs a "
-                              f"concrete method (cp, spatial, tucker2, svd)")
+        if get_decomposer(rule["method"]).chooses:
+            raise RecipeError(f"rules[{i}].method: {rule['method']} chooses methods by measured "
+                              f"error at a budget; train.switch factorizes at stable ranks and "
+                              f"needs a concrete method (cp, spatial, tucker2, svd)")
     if tr.get("max_steps"):
         raise RecipeError("train.switch: give the budget as train.epochs, not train.max_steps "
                           "(the switch happens at an epoch end)")

@@ -22,8 +22,7 @@ from .calibration import (DistillSettings, distill_outputs, execution_order, fol
                           layer_sensitivity, recalibrate_bn, reconstruct_outputs)
 from .counting import LayerInfo, count, trace_layers
 from .decomposers import get_decomposer
-from .decomposers.auto import Auto
-from .decomposers.base import check_weights, layer_cost, parse_options
+from .decomposers.base import Decomposer, check_weights, layer_cost, parse_options
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
 from .nn_utils import example_input, get_module, record_inputs, set_module
@@ -312,7 +311,7 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
     if reason is not None:
         return replace(rep, skipped=reason, skip=Skip.REFUSED), None
     check_weights(info.module, f"rules[{i}] ({name})")
-    if isinstance(dec, Auto):
+    if dec.chooses:
         return _select_mixed(name, info, i, rule, rep, dec, opts, target=target, weight=weight,
                              lat_cfg=lat_cfg, x=x)
     if not any(rule.get(k) is not None for k in _RANK_KEYS):
@@ -344,7 +343,7 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
 
 
 def _select_mixed(name: str, info: LayerInfo, i: int, rule: dict[str, Any], rep: Replacement,
-                  dec: Auto, opts: dict[str, Any], *, target: dict[str, float] | None,
+                  dec: Decomposer, opts: dict[str, Any], *, target: dict[str, float] | None,
                   weight: float, lat_cfg: LatencyConfig | None, x: torch.Tensor | None
                   ) -> tuple[Replacement, BudgetItem | None]:
     """``method: auto``: every member method's candidates, decomposed and their errors

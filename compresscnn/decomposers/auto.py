@@ -40,6 +40,7 @@ CHOICES = ("cp", "spatial", "tucker2", "svd")
 class Auto(Decomposer):
     layer_types = (nn.Conv2d, nn.Linear)
     rank_names = ()
+    chooses = True
 
     class Options(MethodOptions):
         """Mixed methods: the candidates the planner measures per layer."""

@@ -48,6 +48,9 @@ class Decomposer:
     #: options ``decompose`` accepts besides ``rank``: their types, defaults and docs (the
     #: model recipes, ``--set``, the Python API and ``decompose`` all validate them with)
     Options: type[MethodOptions] = MethodOptions
+    #: True for a method that picks another method per layer while planning (``auto``): it
+    #: has ``members(layer, **options)``, the methods it picks among, and decomposes nothing
+    chooses: bool = False
 
     def supports(self, layer: nn.Module) -> str | None:
         if not isinstance(layer, self.layer_types):
