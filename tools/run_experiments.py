@@ -61,6 +61,15 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_resnet20_spatial_cuttlefish": (LOWRANK, ["train.switch.max_epochs=1"]),
     # the shared pretrained weights decomposed (data-aware) and fine-tuned for as many epochs
     "pretrained_resnet20_spatial_ft": (R20, ["rules.0.method=spatial", "finetune.epochs=4"]),
+    # ResNet-56, the same comparison: dense and factorized from the start, and the shared
+    # pretrained weights decomposed and fine-tuned for as many epochs
+    "scratch_resnet56_dense": (LOWRANK, ["model.spec=cifar:resnet56", "rules=[]",
+                                         "target=null"]),
+    "scratch_resnet56_spatial_kaiming": (LOWRANK, ["model.spec=cifar:resnet56"]),
+    "scratch_resnet56_spatial_spectral": (LOWRANK, ["model.spec=cifar:resnet56",
+                                                    "train.init=spectral"]),
+    "pretrained_resnet56_spatial_ft": (R56, ["rules.0.method=spatial", "finetune.enabled=true",
+                                             "finetune.epochs=4"]),
     # headline: pretrained ResNets at 2x fewer MACs, data-aware (zero-shot and one epoch)
     "resnet20_cp_2x": (R20, []),
     "resnet20_cp_2x_fp32": (R20, ["finetune.amp=off"]),
@@ -98,6 +107,11 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_auto_5x": ("recipes/resnet20_cifar10_3x.yaml", [
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8"]),
+    # a second seed of the closest after-one-epoch comparison (ResNet-56 at 3x)
+    "resnet56_dense_1ep_seed1": (R56, ["rules=[]", "target=null", "calibration=null",
+                                       "finetune.enabled=true", "seed=1"]),
+    "resnet56_auto_3x_seed1": ("recipes/resnet56_cifar10_3x.yaml", ["rules.0.method=auto",
+                                                                    "seed=1"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31"]),
