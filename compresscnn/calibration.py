@@ -376,6 +376,7 @@ class DistillSettings:
     mix: str = "none"  # "mixup" / "cutmix": mixed pairs of images, teacher run on them
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
     amp: bool | None = None  # None: bf16 autocast where the CPU computes bf16 natively
+    features: float = 0.0  # weight of the replaced layers' output matching (0: logits only)
 
 
 
@@ -419,9 +420,18 @@ def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tenso
     return loss / max(n, 1.0), 100.0 * agree / max(n, 1.0)
 
 
+def _feature_gap(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Mean over layers of ``||s - t||^2 / ||t||^2``: each layer's output error relative to
+    the original layer's output, so layers of every scale weigh alike."""
+    terms = [(student[n].float() - t).square().sum() / t.square().sum().clamp_min(1e-12)
+             for n, t in teacher.items()]
+    return torch.stack(terms).mean()
+
+
 def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[torch.Tensor],
-                    settings: DistillSettings = DistillSettings(), *, seed: int = 0
-                    ) -> dict[str, Any]:
+                    settings: DistillSettings = DistillSettings(), *, seed: int = 0,
+                    layers: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Train every parameter of ``compressed`` to reproduce ``original``'s outputs on the
     calibration ``batches`` (no labels): ``settings.epochs`` passes of Adam at
     ``settings.lr`` with a cosine decay, loss ``T^2 KL(p_original || p_compressed)`` at
@@ -432,8 +442,12 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     not re-estimated from the few batches (their affine parameters are trained). Where the
     layer-wise fit makes each layer match on its own, this lets the layers correct one
     another's errors (the end-to-end stage of layer-wise-then-global schemes such as
-    Zhang et al. 2015's). Returns the loss and agreement on the batches before and after,
-    the steps and the seconds."""
+    Zhang et al. 2015's). ``settings.features`` > 0 adds, at that weight, the replaced
+    ``layers``' output errors (each relative to the original layer's output, averaged over
+    the layers; the original's outputs computed at each step): many more targets per image
+    than the logits alone, a layer-wise distillation for when the images are few (the
+    cross-distillation of Bai et al. 2020 without its mixing of the two networks). Returns
+    the loss and agreement on the batches before and after, the steps and the seconds."""
     if not batches:
         raise ValueError("distill_outputs needs at least one calibration batch")
     t0 = time.perf_counter()
@@ -442,6 +456,20 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     if settings.mix not in MIXES:
         raise ValueError(f"distill mix: {settings.mix!r} is not one of {', '.join(MIXES)}")
     mixing = settings.mix != "none"
+    beta = float(settings.features)
+    if beta < 0 or not math.isfinite(beta):
+        raise ValueError(f"distill features: must be a finite weight >= 0, got {beta!r}")
+    names = list(layers) if beta > 0 else []
+    if beta > 0 and not names:
+        raise ValueError("distill features: needs the names of the replaced layers to match")
+    target: dict[str, torch.Tensor] = {}  # this step's layer outputs, original and compressed
+    got: dict[str, torch.Tensor] = {}
+
+    def into(store: dict[str, torch.Tensor]):
+        def keep(name: str, _mod: nn.Module, _args: tuple, out: Any) -> None:
+            store[name] = out.float().clone()  # a copy: an in-place activation may follow
+        return keep
+
     with torch.no_grad(), eval_mode(original):
         teacher = [original(x).float() for x in batches]
         mirrored = ([original(x.flip(-1)).float() for x in batches]
@@ -452,7 +480,9 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     steps = int(settings.epochs) * len(batches)
     gen = torch.Generator().manual_seed(int(seed))
     step = 0
-    with eval_mode(compressed, original):
+    with eval_mode(compressed, original), \
+            hooks([(n, get_module(original, n)) for n in names], into(target)), \
+            hooks([(n, get_module(compressed, n)) for n in names], into(got)):
         for _ in range(int(settings.epochs)):
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 x, t = batches[i], teacher[i]
@@ -460,15 +490,18 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
                     if settings.flip and bool(torch.rand((), generator=gen) < 0.5):
                         x = x.flip(-1)
                     x = mix_batch(x, settings.mix, settings.mix_alpha, gen)
-                    with torch.no_grad():
-                        t = original(x).float()
                 elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
                     x, t = x.flip(-1), mirrored[i]
+                if mixing or names:  # the original's outputs on this very input
+                    with torch.no_grad():
+                        t = original(x).float()
                 for g in opt.param_groups:
                     g["lr"] = float(settings.lr) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 with torch.autocast("cpu", torch.bfloat16, enabled=amp and x.device.type == "cpu"):
                     out = compressed(x)
                 loss = kd_divergence(out, t, T)
+                if names:
+                    loss = loss + beta * _feature_gap(got, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -477,6 +510,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     return {"epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
             "temperature": T, "flip": bool(settings.flip), "mix": settings.mix,
             "mix_alpha": float(settings.mix_alpha), "amp": "bf16" if amp else "off",
+            "features": beta, "feature_layers": len(names),
             "loss_before": before[0], "loss_after": after[0],
             "agreement_before": before[1], "agreement_after": after[1],
             "seconds": time.perf_counter() - t0}

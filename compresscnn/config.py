@@ -803,6 +803,11 @@ class CalibrationDistill(Closed):
         "one per class). Costs one more forward pass of the original per step.", "none")
     mix_alpha: Float(0.0, lo_open=True) = doc(
         "Beta(alpha, alpha) distribution of the mixing weight.", 1.0)
+    features: Float(0.0) = doc(
+        "Weight of a layer-wise term added to the KL loss: each replaced layer's output "
+        "error relative to the original layer's output on the same images, averaged over the "
+        "layers (many more targets per image than the logits). 0: logits only. Costs one "
+        "forward pass of the original per step.", 0.0)
 
 
 class Calibration(Closed):

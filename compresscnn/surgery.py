@@ -653,7 +653,8 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     if distill is not None and batches:
         keys = DistillSettings.__dataclass_fields__
         stats = distill_outputs(original, compressed, batches, DistillSettings(
-            **{k: v for k, v in dict(distill).items() if k in keys}))
+            **{k: v for k, v in dict(distill).items() if k in keys}),
+            layers=[n for n in plan_.ranks()])
         plan_ = replace(plan_, calibration={**(plan_.calibration or {}), "distill": stats})
     compressed.eval()
     return replace(plan_, bn_recalibrated=n)

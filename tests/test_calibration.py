@@ -308,6 +308,40 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
     torch.testing.assert_close(student[1].running_mean, bn_mean)  # statistics kept
 
 
+def test_distill_outputs_with_layer_outputs_matches_the_replaced_layers():
+    from compresscnn.calibration import DistillSettings, distill_outputs
+
+    m = _net()
+    m[4] = nn.ReLU(inplace=True)  # the hooked output is overwritten right after the layer
+    x = [torch.randn(32, 3, 12, 12) for _ in range(4)]
+    xs = torch.cat(x)
+
+    def damaged():
+        s = copy.deepcopy(m)
+        with torch.no_grad():
+            s[3].weight.mul_(0.3)
+        return s
+
+    def layer_error(s):
+        with torch.no_grad():
+            a, b = s[:4](xs), m[:4](xs)
+        return float((a - b).norm() / b.norm())
+
+    plain, feat = damaged(), damaged()
+    start = layer_error(plain)
+    kw = dict(epochs=10, lr=3e-3, amp=False)
+    p = distill_outputs(m, plain, x, DistillSettings(**kw), layers=["3"])
+    f = distill_outputs(m, feat, x, DistillSettings(**kw, features=1.0), layers=["3"])
+    assert (p["features"], p["feature_layers"]) == (0.0, 0)
+    assert (f["features"], f["feature_layers"]) == (1.0, 1)
+    assert layer_error(feat) < 0.5 * start and layer_error(feat) < layer_error(plain)
+    assert f["loss_after"] < f["loss_before"]
+    with pytest.raises(ValueError, match="names of the replaced layers"):
+        distill_outputs(m, damaged(), x, DistillSettings(features=1.0))
+    with pytest.raises(ValueError, match="finite weight"):
+        distill_outputs(m, damaged(), x, DistillSettings(features=-1.0), layers=["3"])
+
+
 def test_distill_outputs_needs_batches():
     from compresscnn.calibration import distill_outputs
 
@@ -328,6 +362,10 @@ def test_compress_with_distill_records_it_in_the_plan():
     assert d["steps"] == 30 and d["flip"] is False
     assert "distill" not in p0.calibration
     assert d["loss_after"] < d["loss_before"]
+    _, p2 = compress(m, rules, (3, 12, 12), calibration=x,
+                     distill={"epochs": 2, "features": 0.5})  # the plan's layers matched
+    assert (p2.calibration["distill"]["features"], p2.calibration["distill"]["feature_layers"]) \
+        == (0.5, 1)
     with torch.no_grad():
         y = m(torch.cat(x))
         assert (kd(torch.cat(x)) - y).norm() < (plain(torch.cat(x)) - y).norm()

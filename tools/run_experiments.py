@@ -118,6 +118,13 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_auto_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
+    # the same distillation with the replaced layers' outputs matched too (layer-wise)
+    "squeezenet1_1_auto_1.5x_feat": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=31",
+        "calibration.distill={epochs: 4, lr: 1.0e-4, features: 1.0}"]),
+    "squeezenet1_1_auto_1.5x_feat_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=31",
+        "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup, features: 1.0}"]),
     "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=cp"]),
     # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
     "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
