@@ -104,6 +104,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet56_auto_5x": ("recipes/resnet56_cifar10_3x.yaml", [
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8"]),
+    # the calibration distillation with the replaced layers' outputs matched too
+    "resnet20_auto_3x_feat": ("recipes/resnet20_cifar10_3x.yaml", [
+        "rules.0.method=auto", "calibration.distill.features=1.0"]),
     "resnet20_auto_5x": ("recipes/resnet20_cifar10_3x.yaml", [
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8"]),
