@@ -57,6 +57,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_resnet20_spatial_kaiming": (LOWRANK, []),
     "scratch_resnet20_spatial_spectral": (LOWRANK, ["train.init=spectral"]),
     "scratch_resnet20_spatial_semiorth": (LOWRANK, ["train.semi_orthogonal=4"]),
+    # the second seed of the dense start and of the closest factorized one
+    "scratch_resnet20_dense_seed1": (LOWRANK, ["rules=[]", "target=null", "seed=1"]),
+    "scratch_resnet20_spatial_spectral_seed1": (LOWRANK, ["train.init=spectral", "seed=1"]),
     # Cuttlefish: one dense epoch, then factorized at the stable ranks for the other three
     "scratch_resnet20_spatial_cuttlefish": (LOWRANK, ["train.switch.max_epochs=1"]),
     # the shared pretrained weights decomposed (data-aware) and fine-tuned for as many epochs
