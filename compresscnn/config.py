@@ -987,7 +987,9 @@ class Export(Closed):
     opset: Int(18) = doc("ONNX opset (the dynamo exporter needs >= 18).", 18)
     dynamic_batch: Bool = doc("Make the batch dimension dynamic.", True)
     atol: Float(0.0, lo_open=True) = doc(
-        "Largest allowed max-abs difference between onnxruntime and PyTorch outputs.", 1.0e-3)
+        "Largest allowed max-abs difference between onnxruntime and PyTorch outputs, times "
+        "the largest |output| where that exceeds 1 (float32 rounding grows with the values).",
+        1.0e-3)
     verify: ListOf(Enum("onnxruntime", "openvino", "opencv"), min_len=1) = doc(
         "Runtimes that run the exported file (CPU, float32) on the same random inputs as "
         "PyTorch; each must agree within `atol`, and each one's max abs difference goes into "

@@ -197,7 +197,8 @@ def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
         if onnx:
             files["baseline"] = Path(tmp) / "baseline.onnx"
             export_onnx(model, files["baseline"], input_size,
-                        dynamic_batch=recipe["export"]["dynamic_batch"], check_batch=(1,))
+                        dynamic_batch=recipe["export"]["dynamic_batch"], check_batch=(1,),
+                        atol=recipe["export"]["atol"])
             files["compressed"] = staging / onnx["path"]
         for b in batches:
             for rt in runtimes:

@@ -253,13 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         for job, (recipe, sets) in JOBS.items():
             print(f"{job}: compresscnn run {recipe} " + " ".join(f"--set {s}" for s in sets))
         return 0
+    failed = []
     for job in a.jobs:
         if (RESULTS / f"{job}.json").is_file():
             print(f"[{job}] done already ({RESULTS / f'{job}.json'})")
             continue
         print(f"[{job}] running", flush=True)
-        print(f"[{job}] wrote {run_job(job, a.out, a.threads)}", flush=True)
-    return 0
+        try:
+            print(f"[{job}] wrote {run_job(job, a.out, a.threads)}", flush=True)
+        except subprocess.CalledProcessError as exc:  # the next jobs still run
+            failed.append(job)
+            print(f"[{job}] failed (exit {exc.returncode}); rerunning the job resumes it",
+                  flush=True)
+    if failed:
+        print(f"failed: {' '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
