@@ -117,6 +117,11 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_auto_5x_lr0025": ("recipes/resnet20_cifar10_3x.yaml", [
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8", "finetune.lr=0.0025"]),
+    "resnet56_auto_5x_lr0025": ("recipes/resnet56_cifar10_3x.yaml", [
+        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
+        "calibration.distill.epochs=8", "finetune.lr=0.0025"]),
+    "resnet20_dense_1ep_lr0025": (R20, ["rules=[]", "target=null", "calibration=null",
+                                        "finetune.lr=0.0025"]),
     "resnet20_auto_5x": ("recipes/resnet20_cifar10_3x.yaml", [
         "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
         "calibration.distill.epochs=8"]),
