@@ -173,7 +173,8 @@ def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's keys as :func:`compresscnn.surgery.compress` arguments."""
     cal = recipe.get("calibration") or {}
     opts: dict[str, Any] = {"target": recipe.get("target"), "latency": recipe.get("latency"),
-                            "allocation": recipe.get("allocation", "spectral")}
+                            "allocation": recipe.get("allocation", "spectral"),
+                            "seed": int(recipe.get("seed", 0))}
     if cal:
         opts.update(reconstruct=cal["reconstruct"], reconstruct_steps=cal["steps"],
                     reconstruct_lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],

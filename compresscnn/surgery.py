@@ -543,7 +543,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              fit_through: str = "activation", refit_dense: bool = False,
              reconstruct: bool = True, planned: Plan | None = None,
              solver: str = "closed_form",
-             distill: dict[str, Any] | None = None) -> tuple[nn.Module, Plan]:
+             distill: dict[str, Any] | None = None, seed: int = 0) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
     The one orchestrator: ``compresscnn run``, ``compare`` and the benchmarks all compress
     through it (sensitivity -> plan -> apply -> data-aware fit -> not-slower check).
@@ -559,7 +559,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     ``solver="adam"``). ``distill`` (the recipe's ``calibration.distill`` keys, or ``{}``
     for the defaults) then trains the whole compressed model on the same batches to
     reproduce the original's outputs (:func:`compresscnn.calibration.distill_outputs`; its
-    losses and agreement before and after go into ``plan.calibration["distill"]``).
+    losses and agreement before and after go into ``plan.calibration["distill"]``; ``seed``
+    draws its batch order, flips and mixes).
     ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
     weighs each layer's error in the budget by its measured effect on the model's output
     (``compresscnn.calibration.layer_sensitivity``) instead of the weight error alone;
@@ -591,7 +592,7 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     if calibration is not None and (reconstruct or bn_recalibrate or distill is not None):
         p = refine(model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
                    lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-                   refit_dense=refit_dense, solver=solver, distill=distill)
+                   refit_dense=refit_dense, solver=solver, distill=distill, seed=seed)
     if p.latency_config is not None:
         p = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
@@ -601,7 +602,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
            calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
            lr: float = 3e-3, bn_recalibrate: bool = False, fit_through: str = "activation",
            refit_dense: bool = False, solver: str = "closed_form",
-           distill: dict[str, Any] | None = None) -> Plan:
+           distill: dict[str, Any] | None = None, seed: int = 0) -> Plan:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
     ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
@@ -616,7 +617,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
     the earlier fit); see :mod:`compresscnn.response`. ``distill``: afterwards, end-to-end
     distillation on the same batches (:class:`~compresscnn.calibration.DistillSettings`
-    keys). Returns a new plan: the measured output errors and each layer's fit time added to
+    keys; ``seed`` draws its batch order, flips and mixes). Returns a new plan: the measured output errors and each layer's fit time added to
     its row's ``fit``, the solver, total time and forward passes in ``calibration`` (and the
     distillation's figures in ``calibration["distill"]``), and the number of BatchNorm
     layers re-estimated in ``bn_recalibrated``."""
@@ -654,7 +655,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
         keys = DistillSettings.__dataclass_fields__
         stats = distill_outputs(original, compressed, batches, DistillSettings(
             **{k: v for k, v in dict(distill).items() if k in keys}),
-            layers=[n for n in plan_.ranks()])
+            layers=[n for n in plan_.ranks()], seed=int(seed))
         plan_ = replace(plan_, calibration={**(plan_.calibration or {}), "distill": stats})
     compressed.eval()
     return replace(plan_, bn_recalibrated=n)

@@ -371,6 +371,22 @@ def test_compress_with_distill_records_it_in_the_plan():
         assert (kd(torch.cat(x)) - y).norm() < (plain(torch.cat(x)) - y).norm()
 
 
+def test_compress_seed_draws_the_distillation():
+    from compresscnn import compress
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+    rules = [{"match": "3", "method": "tucker2", "rank": [2, 2]}]
+    kw = dict(calibration=x, distill={"epochs": 3, "lr": 3e-3})
+    a, _ = compress(m, rules, (3, 12, 12), seed=0, **kw)
+    b, _ = compress(m, rules, (3, 12, 12), seed=0, **kw)
+    c, _ = compress(m, rules, (3, 12, 12), seed=1, **kw)
+    with torch.no_grad():
+        ya, yb, yc = (net(torch.cat(x)) for net in (a, b, c))
+    torch.testing.assert_close(ya, yb)  # the same seed: the same model
+    assert not torch.allclose(ya, yc)  # another order of batches and flips
+
+
 def test_distill_settings_are_validated_like_the_recipe():
     from compresscnn import compress
     from compresscnn.errors import RecipeError
