@@ -71,6 +71,8 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_resnet56_spatial_kaiming": (LOWRANK, ["model.spec=cifar:resnet56"]),
     "scratch_resnet56_spatial_spectral": (LOWRANK, ["model.spec=cifar:resnet56",
                                                     "train.init=spectral"]),
+    "scratch_resnet56_spatial_semiorth": (LOWRANK, ["model.spec=cifar:resnet56",
+                                                    "train.semi_orthogonal=4"]),
     "pretrained_resnet56_spatial_ft": (R56, ["rules.0.method=spatial", "finetune.enabled=true",
                                              "finetune.epochs=4"]),
     # headline: pretrained ResNets at 2x fewer MACs, data-aware (zero-shot and one epoch)
