@@ -470,10 +470,11 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
             store[name] = out.float().clone()  # a copy: an in-place activation may follow
         return keep
 
+    live = mixing or bool(names)  # the original runs on each step's input
     with torch.no_grad(), eval_mode(original):
         teacher = [original(x).float() for x in batches]
         mirrored = ([original(x.flip(-1)).float() for x in batches]
-                    if settings.flip and not mixing else None)
+                    if settings.flip and not live else None)
     before = _logits_gap(compressed, batches, teacher, T)
     params = [p for p in compressed.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(settings.lr))
@@ -486,15 +487,14 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
         for _ in range(int(settings.epochs)):
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 x, t = batches[i], teacher[i]
-                if mixing:  # new inputs every step: the teacher labels them now
+                if live:  # the original's outputs (and layer outputs) on this very input
                     if settings.flip and bool(torch.rand((), generator=gen) < 0.5):
                         x = x.flip(-1)
                     x = mix_batch(x, settings.mix, settings.mix_alpha, gen)
-                elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
-                    x, t = x.flip(-1), mirrored[i]
-                if mixing or names:  # the original's outputs on this very input
                     with torch.no_grad():
                         t = original(x).float()
+                elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
+                    x, t = x.flip(-1), mirrored[i]
                 for g in opt.param_groups:
                     g["lr"] = float(settings.lr) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 with torch.autocast("cpu", torch.bfloat16, enabled=amp and x.device.type == "cpu"):

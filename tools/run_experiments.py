@@ -25,6 +25,12 @@ SCRATCH = "recipes/cifar10_scratch.yaml"
 LOWRANK = "recipes/cifar10_scratch_lowrank.yaml"
 R20 = "recipes/resnet20_cifar10_2x.yaml"
 R56 = "recipes/resnet56_cifar10_2x.yaml"
+R20_3X = "recipes/resnet20_cifar10_3x.yaml"
+R56_3X = "recipes/resnet56_cifar10_3x.yaml"
+#: the 3x recipes' overrides for 5x fewer MACs (more calibration images, longer distillation)
+FIVE_X = ["target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]
+#: the 2x recipes' overrides for the dense model given the same fine-tuning
+DENSE = ["rules=[]", "target=null", "calibration=null"]
 #: AlexNet-CIFAR factorized as recipes/cifar10_alexnet_to_squeezenet_size.yaml does it
 ALEXNET_RULES = ('rules=[{match: "classifier.*", method: svd}, '
                  "{match: [features.3, features.6, features.8, features.10], method: cp}]")
@@ -81,57 +87,42 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_spatial_2x": (R20, ["rules.0.method=spatial", "finetune.enabled=false"]),
     "resnet20_tucker2_2x": (R20, ["rules.0.method=tucker2", "finetune.enabled=false"]),
     "resnet56_cp_2x": (R56, []),
-    "resnet20_dense_1ep": (R20, ["rules=[]", "target=null", "calibration=null"]),
-    "resnet56_dense_1ep": (R56, ["rules=[]", "target=null", "calibration=null",
-                                 "finetune.enabled=true"]),
+    "resnet20_dense_1ep": (R20, DENSE),
+    "resnet56_dense_1ep": (R56, [*DENSE, "finetune.enabled=true"]),
     # 3x and 5x fewer MACs: layer-wise fit on 4,096 images, then distilled on them (no
     # labels), then one epoch of fine-tuning
-    "resnet20_cp_3x": ("recipes/resnet20_cifar10_3x.yaml", []),
-    "resnet20_cp_5x": ("recipes/resnet20_cifar10_3x.yaml", [
-        "target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]),
-    "resnet56_cp_3x": ("recipes/resnet56_cifar10_3x.yaml", []),
-    "resnet56_cp_5x": ("recipes/resnet56_cifar10_3x.yaml", [
-        "target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]),
+    "resnet20_cp_3x": (R20_3X, []),
+    "resnet20_cp_5x": (R20_3X, FIVE_X),
+    "resnet56_cp_3x": (R56_3X, []),
+    "resnet56_cp_5x": (R56_3X, FIVE_X),
     # the fine-tuning epoch at 3x: learning rate, and distillation mixed with the labels
-    "resnet20_cp_3x_lr005": ("recipes/resnet20_cifar10_3x.yaml", ["finetune.lr=0.005"]),
-    "resnet20_cp_3x_lr02": ("recipes/resnet20_cifar10_3x.yaml", ["finetune.lr=0.02"]),
-    "resnet20_cp_3x_kd05": ("recipes/resnet20_cifar10_3x.yaml", [
+    "resnet20_cp_3x_lr005": (R20_3X, ["finetune.lr=0.005"]),
+    "resnet20_cp_3x_lr02": (R20_3X, ["finetune.lr=0.02"]),
+    "resnet20_cp_3x_kd05": (R20_3X, [
         "finetune.distill.enabled=true", "finetune.distill.alpha=0.5"]),
     # the lower fine-tuning rate, compressed and dense alike
-    "resnet56_cp_3x_lr005": ("recipes/resnet56_cifar10_3x.yaml", ["finetune.lr=0.005"]),
-    "resnet56_dense_1ep_lr005": (R56, ["rules=[]", "target=null", "calibration=null",
-                                       "finetune.enabled=true", "finetune.lr=0.005"]),
-    "resnet20_dense_1ep_lr005": (R20, ["rules=[]", "target=null", "calibration=null",
-                                       "finetune.lr=0.005"]),
+    "resnet56_cp_3x_lr005": (R56_3X, ["finetune.lr=0.005"]),
+    "resnet56_dense_1ep_lr005": (R56, [*DENSE, "finetune.enabled=true", "finetune.lr=0.005"]),
+    "resnet20_dense_1ep_lr005": (R20, [*DENSE, "finetune.lr=0.005"]),
     # mixed methods per layer: method and rank chosen by measured error per MAC
-    "resnet20_auto_3x": ("recipes/resnet20_cifar10_3x.yaml", ["rules.0.method=auto"]),
-    "resnet56_auto_3x": ("recipes/resnet56_cifar10_3x.yaml", ["rules.0.method=auto"]),
-    "resnet56_auto_5x": ("recipes/resnet56_cifar10_3x.yaml", [
-        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
-        "calibration.distill.epochs=8"]),
+    "resnet20_auto_3x": (R20_3X, ["rules.0.method=auto"]),
+    "resnet56_auto_3x": (R56_3X, ["rules.0.method=auto"]),
+    "resnet56_auto_5x": (R56_3X, ["rules.0.method=auto", *FIVE_X]),
     # the calibration distillation with the replaced layers' outputs matched too
-    "resnet20_auto_3x_feat": ("recipes/resnet20_cifar10_3x.yaml", [
+    "resnet20_auto_3x_feat": (R20_3X, [
         "rules.0.method=auto", "calibration.distill.features=1.0"]),
     # the epoch at a quarter of the rate: a factorized layer moves its kernel faster than
     # a dense one at the same rate, in the directions it can move
-    "resnet20_auto_3x_lr0025": ("recipes/resnet20_cifar10_3x.yaml", [
-        "rules.0.method=auto", "finetune.lr=0.0025"]),
-    "resnet20_auto_5x_lr0025": ("recipes/resnet20_cifar10_3x.yaml", [
-        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
-        "calibration.distill.epochs=8", "finetune.lr=0.0025"]),
-    "resnet56_auto_5x_lr0025": ("recipes/resnet56_cifar10_3x.yaml", [
-        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
-        "calibration.distill.epochs=8", "finetune.lr=0.0025"]),
-    "resnet20_dense_1ep_lr0025": (R20, ["rules=[]", "target=null", "calibration=null",
-                                        "finetune.lr=0.0025"]),
-    "resnet20_auto_5x": ("recipes/resnet20_cifar10_3x.yaml", [
-        "rules.0.method=auto", "target.macs=0.2", "calibration.batches=128",
-        "calibration.distill.epochs=8"]),
+    "resnet20_auto_3x_lr0025": (R20_3X, ["rules.0.method=auto", "finetune.lr=0.0025"]),
+    "resnet20_auto_5x_lr0025": (R20_3X, [
+        "rules.0.method=auto", *FIVE_X, "finetune.lr=0.0025"]),
+    "resnet56_auto_5x_lr0025": (R56_3X, [
+        "rules.0.method=auto", *FIVE_X, "finetune.lr=0.0025"]),
+    "resnet20_dense_1ep_lr0025": (R20, [*DENSE, "finetune.lr=0.0025"]),
+    "resnet20_auto_5x": (R20_3X, ["rules.0.method=auto", *FIVE_X]),
     # a second seed of the closest after-one-epoch comparison (ResNet-56 at 3x)
-    "resnet56_dense_1ep_seed1": (R56, ["rules=[]", "target=null", "calibration=null",
-                                       "finetune.enabled=true", "seed=1"]),
-    "resnet56_auto_3x_seed1": ("recipes/resnet56_cifar10_3x.yaml", ["rules.0.method=auto",
-                                                                    "seed=1"]),
+    "resnet56_dense_1ep_seed1": (R56, [*DENSE, "finetune.enabled=true", "seed=1"]),
+    "resnet56_auto_3x_seed1": (R56_3X, ["rules.0.method=auto", "seed=1"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31"]),
