@@ -70,6 +70,13 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "scratch_resnet20_spatial_cuttlefish": (LOWRANK, ["train.switch.max_epochs=1"]),
     # the shared pretrained weights decomposed (data-aware) and fine-tuned for as many epochs
     "pretrained_resnet20_spatial_ft": (R20, ["rules.0.method=spatial", "finetune.epochs=4"]),
+    # the same comparison at five times the budget (20 epochs): dense, the closest
+    # factorized start, per-factor Kaiming, and Cuttlefish switching after at most 5 epochs
+    "scratch_resnet20_dense_e20": (LOWRANK, ["rules=[]", "target=null", "train.epochs=20"]),
+    "scratch_resnet20_spatial_spectral_e20": (LOWRANK, ["train.init=spectral", "train.epochs=20"]),
+    "scratch_resnet20_spatial_kaiming_e20": (LOWRANK, ["train.epochs=20"]),
+    "scratch_resnet20_spatial_cuttlefish_e20": (LOWRANK, [
+        "train.epochs=20", "train.switch.max_epochs=5", "train.switch.window=2"]),
     # ResNet-56, the same comparison: dense and factorized from the start, and the shared
     # pretrained weights decomposed and fine-tuned for as many epochs
     "scratch_resnet56_dense": (LOWRANK, ["model.spec=cifar:resnet56", "rules=[]",
