@@ -8,6 +8,13 @@ the result is the median over rounds of each step's images/s (first two steps of
 round dropped: kernel selection).
 
     python tools/bench_train_speed.py --threads 2 --rounds 3 --json tools/results/train_speed.json
+
+``--profile`` says where a step's time goes instead: the same loop under ``torch.profiler``,
+each op's self CPU time summed into categories (convolution forward and backward,
+BatchNorm, ReLU and the residual adds, autocast casts and copies, optimizer, the rest), in
+ms per step, per model and configuration (median over interleaved rounds):
+
+    python tools/bench_train_speed.py --profile --models resnet20 resnet20_spatial --configs bf16_cl --threads 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -43,6 +50,40 @@ def build(name: str) -> torch.nn.Module:
     return model
 
 
+# op-name fragments -> category, first match wins (self CPU time, so nothing counts twice)
+CATEGORIES = [
+    ("conv backward", ("convolution_backward",)),
+    ("conv forward", ("convolution", "conv2d")),
+    ("batchnorm", ("batch_norm",)),
+    ("optimizer", ("_foreach", "sgd", "addcmul", "lerp")),
+    ("relu / add", ("relu", "threshold", "add", "hardtanh", "clamp")),
+    ("casts / copies", ("_to_copy", "aten::to", "copy_", "clone", "contiguous", "empty_like")),
+    ("loss / softmax", ("softmax", "nll_loss", "cross_entropy")),
+    ("linear / pooling", ("addmm", "mm", "linear", "pool", "mean")),
+]
+
+
+def category(op: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in op for k in keys):
+            return cat
+    return "other"
+
+
+def step_profile(model: torch.nn.Module, cfg: tuple[str, str, bool], batch: int, steps: int
+                 ) -> dict[str, float]:
+    """ms of self CPU time per training step in each category (``steps`` steps profiled
+    after two unprofiled warm-up steps)."""
+    step_rates(model, cfg, batch, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step_rates(model, cfg, batch, steps)
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        cat = category(ev.key)
+        out[cat] = out.get(cat, 0.0) + ev.self_cpu_time_total / 1e3 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def step_rates(model: torch.nn.Module, cfg: tuple[str, str, bool], batch: int, steps: int
                ) -> list[float]:
     amp, fmt, compiled = cfg
@@ -70,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=None,
                     help=f"only these configurations (of {', '.join(CONFIGS)}, "
                          "bf16_cl_compile); default: all")
+    ap.add_argument("--profile", action="store_true",
+                    help="ms per step by op category instead of images/s")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -82,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(configs)})")
         configs = {k: configs[k] for k in a.configs}
     models = {name: build(name) for name in a.models}
+    if a.profile:
+        return profile(models, configs, a)
     rates: dict[tuple[str, str], list[float]] = {
         (n, k): [] for n in models for k in configs}
     for _ in range(a.rounds):  # every model and configuration in turn, round by round
@@ -101,6 +146,31 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
             "cpu_bf16_native": cpu_bf16_native(), "torch": torch.__version__,
             "threads": a.threads, "batch": a.batch, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+def profile(models: dict[str, torch.nn.Module], configs: dict[str, tuple[str, str, bool]],
+            a: argparse.Namespace) -> int:
+    """Profiles interleaved like the rates: every model and configuration once per round;
+    each category's median over the rounds."""
+    per_round: dict[tuple[str, str], list[dict[str, float]]] = {
+        (n, k): [] for n in models for k in configs}
+    for _ in range(a.rounds):
+        for name, model in models.items():
+            for key, cfg in configs.items():
+                per_round[name, key].append(step_profile(model, cfg, a.batch, a.steps))
+    rows = []
+    for (name, key), runs in per_round.items():
+        cats = sorted({c for r in runs for c in r}, key=lambda c: -runs[0].get(c, 0.0))
+        ms = {c: statistics.median(r.get(c, 0.0) for r in runs) for c in cats}
+        rows.append({"model": name, "config": key, "total_ms": sum(ms.values()), "ms": ms})
+        print(f"{name} {key}: {rows[-1]['total_ms']:.1f} ms/step  " + "  ".join(
+            f"{k}={v:.1f}" for k, v in ms.items()), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
+            "torch": torch.__version__, "threads": a.threads, "batch": a.batch,
+            "steps": a.steps, "rounds": a.rounds, "profile": rows}, indent=1) + "\n")
     return 0
 
 
