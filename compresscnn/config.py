@@ -879,6 +879,12 @@ def _training_fields(*, lr: float, epochs: int, what: str) -> dict[str, Any]:
             f"Peak learning rate of {what} at `lr_batch` images per step; scaled linearly to "
             "the real (global) batch size.", lr)),
         "lr_batch": (Int(1), doc("The batch size `lr` is given for.", 128)),
+        "factor_lr": (Float(0.0, lo_open=True), doc(
+            "Multiplier of `lr` for the factors of the factorized layers (every chain of "
+            "Conv2d or Linear factors the decomposers build); 1: one rate for the whole "
+            "model. A factor chain moves its layer's kernel faster along the low-rank "
+            "directions than SGD moves a dense kernel, so fitted factors may want a lower rate.",
+            1.0)),
         "momentum": (Float(0.0), doc("SGD momentum (AdamW: beta1).", 0.9)),
         "weight_decay": (Float(0.0), doc("Weight decay (not on biases and norms).", 5.0e-4)),
         "schedule": (Enum(*SCHEDULES), doc(

@@ -56,7 +56,7 @@ from .evaluation import measure_latency
 from .export import export_onnx
 from .latency import layer_latency_table
 from .lowrank import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor, SwitchPoint, factorize,
-                      planned_layers)
+                      factorized_layers, planned_layers)
 from .models import load_model, replace_head
 from .models.loaders import load_weights
 from .progress import emit, timed
@@ -436,8 +436,11 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
         evaluator=evaluator, keep=ft["keep"], checkpoint_dir=ckpt or staging / "checkpoints",
         checkpoint_every=ft.get("checkpoint_every"), resume=resume, log_every=ft["log_every"],
         log_path=log or staging / "train_log.csv", seed=int(recipe.get("seed", 0)),
-        progress=progress, section=section)
+        progress=progress, section=section,
+        lr_scale={name: ft["factor_lr"] for name in factorized_layers(student)}
+        if ft["factor_lr"] != 1.0 else None)
     stats["world_size"] = get_world_size()
+    stats["factor_lr"] = ft["factor_lr"]
     stats["lr"] = ft["lr"] * global_batch / ft["lr_batch"]
     stats["holdout"] = ft["holdout"]
     return stats

@@ -129,32 +129,54 @@ def _distill_config(distill: Mapping[str, Any] | bool | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- optimiser
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weights that decay, and 1-D parameters (biases, BatchNorm/LayerNorm scales
-    and shifts) that do not — decaying a BN scale towards 0 only fights the normalisation
-    (the convention of timm's ``param_groups_weight_decay`` and of most ImageNet recipes)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float,
+                 lr_scale: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Weights that decay, and 1-D parameters (biases, BatchNorm/LayerNorm scales and
+    shifts) that do not — decaying a BN scale towards 0 only fights the normalisation (the
+    convention of timm's ``param_groups_weight_decay`` and of most ImageNet recipes).
+
+    ``lr_scale`` maps module names to a multiplier of the learning rate for the parameters
+    under them (e.g. the factors of decomposed layers); each distinct multiplier other than
+    1 gets its own pair of groups, with the multiplier under the key ``"lr_scale"``."""
+    scales = {str(k): float(v) for k, v in (lr_scale or {}).items()}
+    for name, mult in scales.items():
+        if not (math.isfinite(mult) and mult > 0):
+            raise CompressError(f"lr scale of {name!r}: must be a positive number, got {mult!r}")
+
+    def scale_of(param_name: str) -> float:
+        for prefix, mult in scales.items():
+            if param_name == prefix or param_name.startswith(prefix + "."):
+                return mult
+        return 1.0
+
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        buckets.setdefault((scale_of(name), p.ndim <= 1), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": float(weight_decay)})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for (mult, no_decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0])):
+        group: dict[str, Any] = {"params": params,
+                                 "weight_decay": 0.0 if no_decay else float(weight_decay)}
+        if mult != 1.0:
+            group["lr_scale"] = mult
+        groups.append(group)
     if not groups:
         raise CompressError("finetune: the model has no trainable parameters")
     return groups
 
 
 def build_optimizer(
-    model: nn.Module, name: str = "sgd", *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4
+    model: nn.Module, name: str = "sgd", *, lr: float = 0.01, momentum: float = 0.9,
+    weight_decay: float = 5e-4, lr_scale: Mapping[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """SGD (momentum, ``nesterov=False``) or AdamW (``betas=(momentum, 0.999)`` when
-    ``momentum`` is given as 0.9, i.e. the usual defaults), over :func:`param_groups`."""
+    ``momentum`` is given as 0.9, i.e. the usual defaults), over :func:`param_groups`; a
+    group with an ``lr_scale`` starts at ``lr`` times it (schedules scale every group alike)."""
     key = str(name).lower()
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr_scale)
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     if key == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
     if key == "adamw":
@@ -473,7 +495,7 @@ def finetune(
     keep: str = "last", checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None, resume: bool = False, log_every: int = 50,
     log_path: str | Path | None = None, seed: int = 0, progress: bool = True,
-    section: str = "finetune",
+    section: str = "finetune", lr_scale: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in place on ``train_loader`` (batches of ``(images, labels)``),
     distilling from ``teacher`` when given and ``distill["enabled"]``.
@@ -492,6 +514,9 @@ def finetune(
     Regularisation: ``label_smoothing`` (cross-entropy term), ``mixup`` (Beta(a, a) mixing of
     batch pairs, 0 = off), ``cutout`` (square side in pixels, 0 = off), ``clip_grad_norm``
     (global L2 norm of the gradients, None = off).
+
+    ``lr_scale``: module name -> multiplier of the learning rate of the parameters under it
+    (:func:`param_groups`); the schedule scales every group alike.
 
     ``callbacks``: objects with any of ``penalty() -> Tensor`` (added to the loss),
     ``after_step(step)`` (after each optimizer step, with the 1-based global step) and
@@ -524,7 +549,8 @@ def finetune(
     ck, config, forward, sync_bn = _prepare(student, teacher, s, ckpt_path, resume=resume,
                                             optimizer=optimizer, seed=seed, compile=compile)
     opt, sched, scaler = _build_schedule(student, s, optimizer, lr=lr, momentum=momentum,
-                                        weight_decay=weight_decay, warmup_steps=warmup_steps)
+                                        weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                        lr_scale=lr_scale)
     loop = _Loop(student=student, forward=forward,
                  teacher=teacher if s.use_kd else None, loader=train_loader, opt=opt,
                  sched=sched, scaler=scaler, s=s, ckpt_path=ckpt_path, config=config,
@@ -629,11 +655,13 @@ def _prepare(student: nn.Module, teacher: nn.Module | None, s: _Settings,
 
 
 def _build_schedule(student: nn.Module, s: _Settings, optimizer: str, *, lr: float,
-                   momentum: float, weight_decay: float, warmup_steps: int
+                   momentum: float, weight_decay: float, warmup_steps: int,
+                   lr_scale: Mapping[str, float] | None = None,
                    ) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
     """The optimizer, its per-step LR schedule over ``s.total_steps`` and the grad scaler
     (active for fp16 autocast only)."""
-    opt = build_optimizer(student, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = build_optimizer(student, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                          lr_scale=lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: lr_factor(k, s.total_steps, warmup_steps=warmup_steps, schedule=s.schedule)
     )
@@ -845,7 +873,8 @@ class _Loop:
         """One optimizer step on ``batch``, its log row and the checkpoint or epoch end that
         falls on it; True when the epoch or the run ends with it."""
         x, y, y2, lam = self._inputs(batch)
-        cur_lr = self.opt.param_groups[0]["lr"]
+        group = self.opt.param_groups[0]
+        cur_lr = group["lr"] / group.get("lr_scale", 1.0)  # the base rate, as scheduled
         loss, kd, ce = self._loss(x, y, y2, lam)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

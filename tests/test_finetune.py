@@ -186,3 +186,41 @@ def test_lr_schedule_shape():
     assert lr_factor(5, 10, schedule="constant") == 1.0
     f = [lr_factor(s, 10) for s in range(10)]
     assert all(a >= b for a, b in zip(f, f[1:]))
+
+
+def test_lr_scale_gives_named_modules_their_own_rate():
+    """`lr_scale`: the parameters under the named modules start at lr times the multiplier
+    (decay and no-decay groups kept apart); the schedule moves every group alike."""
+    from compresscnn.errors import CompressError
+    from compresscnn.training import build_optimizer, param_groups
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, (3, 1)), nn.Conv2d(2, 4, (1, 3))),
+                          nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4, lr_scale={"0": 0.25})
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_id[id(named["0.0.weight"])]["lr"] == pytest.approx(0.025)
+    assert by_id[id(named["0.1.bias"])]["lr"] == pytest.approx(0.025)
+    assert by_id[id(named["0.1.bias"])]["weight_decay"] == 0.0
+    assert by_id[id(named["0.1.weight"])]["weight_decay"] == 1e-4
+    assert by_id[id(named["1.weight"])]["lr"] == pytest.approx(0.1)
+    assert by_id[id(named["3.weight"])]["lr"] == pytest.approx(0.1)
+    assert "lr_scale" not in opt.param_groups[0]  # the unscaled groups come first
+    # a module name is a prefix of whole components only: "0" is not "00"
+    assert len(param_groups(model, 0.0, {"00": 0.5})) == 2
+    with pytest.raises(CompressError, match="lr scale of '0'"):
+        param_groups(model, 0.0, {"0": 0.0})
+
+    x, y = _separable_data(16, classes=3)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, (3, 1), padding=(1, 0)),
+                                        nn.Conv2d(2, 4, (1, 3), padding=(0, 1))),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    finetune(model, DataLoader(TensorDataset(x, y), batch_size=8), max_steps=2, lr=0.1,
+             distill=None, device="cpu", amp="off", memory_format="contiguous",
+             progress=False, lr_scale={"0": 1e-9})
+    moved = [not torch.allclose(b, p, atol=1e-6) for b, p in zip(before, model.parameters())]
+    assert moved[:4] == [False] * 4  # a tiny rate leaves the factors (nearly) still
+    assert all(moved[4:])            # BatchNorm and the classifier train at lr

@@ -123,3 +123,31 @@ def test_empty_rules_need_a_dense_job(tmp_path, capsys, extra):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rules" in err[0] and "at least one rule" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.shared
+def test_factor_lr_scales_the_factors_of_the_decomposed_layers(resnet20_recipe, shared_data,
+                                                              tmp_path, monkeypatch):
+    """`finetune.factor_lr`: every factor chain the decomposers built gets lr x factor_lr,
+    the rest of the model lr; the report records the multiplier."""
+    import compresscnn.pipeline as pipeline
+    from compresscnn.lowrank import factorized_layers
+
+    seen = {}
+    real = pipeline.finetune
+
+    def spy(student, loader, **kw):
+        seen["scale"], seen["layers"] = kw["lr_scale"], factorized_layers(student)
+        return real(student, loader, **kw)
+
+    monkeypatch.setattr(pipeline, "finetune", spy)
+    monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
+    out = tmp_path / "run"
+    assert main(["run", str(resnet20_recipe), "--out", str(out), "--quiet",
+                 "--set", "data.test_subset=200", "--set", "data.train_subset=128",
+                 "--set", "finetune.max_steps=1", "--set", "finetune.factor_lr=0.25",
+                 "--set", "calibration=null",
+                 "--set", "report.latency=false", "--set", "export.onnx=false"]) == 0
+    assert seen["layers"] and seen["scale"] == {name: 0.25 for name in seen["layers"]}
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["finetune"]["factor_lr"] == 0.25

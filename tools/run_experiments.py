@@ -127,6 +127,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
         "rules.0.method=auto", *FIVE_X, "finetune.lr=0.0025"]),
     "resnet20_dense_1ep_lr0025": (R20, [*DENSE, "finetune.lr=0.0025"]),
     "resnet20_auto_5x": (R20_3X, ["rules.0.method=auto", *FIVE_X]),
+    # the epoch with the factors alone at 0.3 of the rate (BatchNorm, stem and classifier
+    # at the full rate): the factors' own speed-up along the low-rank directions taken out
+    "resnet20_auto_3x_flr03": (R20_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
+    "resnet56_auto_3x_flr03": (R56_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
+    "resnet20_auto_5x_flr03": (R20_3X, [
+        "rules.0.method=auto", *FIVE_X, "finetune.factor_lr=0.3"]),
     # a second seed of the closest after-one-epoch comparison (ResNet-56 at 3x)
     "resnet56_dense_1ep_seed1": (R56, [*DENSE, "finetune.enabled=true", "seed=1"]),
     "resnet56_auto_3x_seed1": (R56_3X, ["rules.0.method=auto", "seed=1"]),
