@@ -131,6 +131,8 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # at the full rate): the factors' own speed-up along the low-rank directions taken out
     "resnet20_auto_3x_flr03": (R20_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
     "resnet56_auto_3x_flr03": (R56_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
+    "resnet56_auto_3x_flr03_seed1": (R56_3X, [
+        "rules.0.method=auto", "finetune.factor_lr=0.3", "seed=1"]),
     "resnet20_auto_5x_flr03": (R20_3X, [
         "rules.0.method=auto", *FIVE_X, "finetune.factor_lr=0.3"]),
     # a second seed of the closest after-one-epoch comparison (ResNet-56 at 3x)
