@@ -86,6 +86,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
                                                     "train.init=spectral"]),
     "scratch_resnet56_spatial_semiorth": (LOWRANK, ["model.spec=cifar:resnet56",
                                                     "train.semi_orthogonal=4"]),
+    # Cuttlefish at this budget: one dense epoch, then factorized at the stable ranks
+    "scratch_resnet56_spatial_cuttlefish": (LOWRANK, ["model.spec=cifar:resnet56",
+                                                      "train.switch.max_epochs=1"]),
     "pretrained_resnet56_spatial_ft": (R56, ["rules.0.method=spatial", "finetune.enabled=true",
                                              "finetune.epochs=4"]),
     # headline: pretrained ResNets at 2x fewer MACs, data-aware (zero-shot and one epoch)
