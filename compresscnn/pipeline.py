@@ -437,8 +437,7 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
         checkpoint_every=ft.get("checkpoint_every"), resume=resume, log_every=ft["log_every"],
         log_path=log or staging / "train_log.csv", seed=int(recipe.get("seed", 0)),
         progress=progress, section=section,
-        lr_scale={name: ft["factor_lr"] for name in factorized_layers(student)}
-        if ft["factor_lr"] != 1.0 else None)
+        lr_scale={name: ft["factor_lr"] for name in factorized_layers(student)})
     stats["world_size"] = get_world_size()
     stats["factor_lr"] = ft["factor_lr"]
     stats["lr"] = ft["lr"] * global_batch / ft["lr_batch"]

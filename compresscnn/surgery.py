@@ -655,7 +655,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
         keys = DistillSettings.__dataclass_fields__
         stats = distill_outputs(original, compressed, batches, DistillSettings(
             **{k: v for k, v in dict(distill).items() if k in keys}),
-            layers=[n for n in plan_.ranks()], seed=int(seed))
+            layers=list(plan_.ranks()), seed=int(seed))
         plan_ = replace(plan_, calibration={**(plan_.calibration or {}), "distill": stats})
     compressed.eval()
     return replace(plan_, bn_recalibrated=n)

@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -81,7 +82,7 @@ def step_profile(model: torch.nn.Module, cfg: tuple[str, str, bool], batch: int,
     for ev in prof.key_averages():
         cat = category(ev.key)
         out[cat] = out.get(cat, 0.0) + ev.self_cpu_time_total / 1e3 / steps
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def step_rates(model: torch.nn.Module, cfg: tuple[str, str, bool], batch: int, steps: int
@@ -126,52 +127,60 @@ def main(argv: list[str] | None = None) -> int:
         configs = {k: configs[k] for k in a.configs}
     models = {name: build(name) for name in a.models}
     if a.profile:
-        return profile(models, configs, a)
-    rates: dict[tuple[str, str], list[float]] = {
-        (n, k): [] for n in models for k in configs}
-    for _ in range(a.rounds):  # every model and configuration in turn, round by round
+        rows, extra = profile_rows(models, configs, a), {"steps": a.steps, "rounds": a.rounds}
+    else:
+        rows, extra = rate_rows(models, configs, a), {}
+    if a.json:
+        a.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
+            "cpu_bf16_native": cpu_bf16_native(), "torch": torch.__version__,
+            "threads": a.threads, "batch": a.batch, **extra,
+            ("profile" if a.profile else "rows"): rows}, indent=1) + "\n")
+    return 0
+
+
+def interleaved(models: dict[str, torch.nn.Module], configs: dict[str, tuple[str, str, bool]],
+                rounds: int, measure: Any) -> dict[tuple[str, str], list[Any]]:
+    """``measure(model, cfg)`` for every model and configuration in turn, round by round
+    (machine noise hits all of them alike); the results per (model, configuration)."""
+    out: dict[tuple[str, str], list[Any]] = {(n, k): [] for n in models for k in configs}
+    for _ in range(rounds):
         for name, model in models.items():
             for key, cfg in configs.items():
-                rates[name, key] += step_rates(model, cfg, a.batch, a.steps)
+                out[name, key].append(measure(model, cfg))
+    return out
+
+
+def rate_rows(models: dict[str, torch.nn.Module], configs: dict[str, tuple[str, str, bool]],
+              a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Median images/s over the rounds' steps, per model and configuration."""
+    rates = interleaved(models, configs, a.rounds,
+                        lambda m, cfg: step_rates(m, cfg, a.batch, a.steps))
     rows = []
     for name in models:
-        row = {"model": name, **{k: statistics.median(rates[name, k]) for k in configs}}
+        row = {"model": name, **{k: statistics.median(
+            [r for run in rates[name, k] for r in run]) for k in configs}}
         if "bf16_cl" in row and "fp32" in row:
             row["speedup_bf16_cl"] = row["bf16_cl"] / row["fp32"]
         rows.append(row)
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)
-    if a.json:
-        a.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
-            "cpu_bf16_native": cpu_bf16_native(), "torch": torch.__version__,
-            "threads": a.threads, "batch": a.batch, "rows": rows}, indent=1) + "\n")
-    return 0
+    return rows
 
 
-def profile(models: dict[str, torch.nn.Module], configs: dict[str, tuple[str, str, bool]],
-            a: argparse.Namespace) -> int:
-    """Profiles interleaved like the rates: every model and configuration once per round;
-    each category's median over the rounds."""
-    per_round: dict[tuple[str, str], list[dict[str, float]]] = {
-        (n, k): [] for n in models for k in configs}
-    for _ in range(a.rounds):
-        for name, model in models.items():
-            for key, cfg in configs.items():
-                per_round[name, key].append(step_profile(model, cfg, a.batch, a.steps))
+def profile_rows(models: dict[str, torch.nn.Module], configs: dict[str, tuple[str, str, bool]],
+                 a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each category's median ms per step over the rounds, per model and configuration."""
+    runs_of = interleaved(models, configs, a.rounds,
+                          lambda m, cfg: step_profile(m, cfg, a.batch, a.steps))
     rows = []
-    for (name, key), runs in per_round.items():
-        cats = sorted({c for r in runs for c in r}, key=lambda c: -runs[0].get(c, 0.0))
-        ms = {c: statistics.median(r.get(c, 0.0) for r in runs) for c in cats}
+    for (name, key), runs in runs_of.items():
+        ms = {c: statistics.median(r.get(c, 0.0) for r in runs) for c in {c for r in runs for c in r}}
+        ms = dict(sorted(ms.items(), key=lambda kv: -kv[1]))
         rows.append({"model": name, "config": key, "total_ms": sum(ms.values()), "ms": ms})
         print(f"{name} {key}: {rows[-1]['total_ms']:.1f} ms/step  " + "  ".join(
             f"{k}={v:.1f}" for k, v in ms.items()), flush=True)
-    if a.json:
-        a.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
-            "torch": torch.__version__, "threads": a.threads, "batch": a.batch,
-            "steps": a.steps, "rounds": a.rounds, "profile": rows}, indent=1) + "\n")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
