@@ -141,6 +141,18 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # a second seed of the closest after-one-epoch comparison (ResNet-56 at 3x)
     "resnet56_dense_1ep_seed1": (R56, [*DENSE, "finetune.enabled=true", "seed=1"]),
     "resnet56_auto_3x_seed1": (R56_3X, ["rules.0.method=auto", "seed=1"]),
+    # a third seed of it, with the factor rate of the two-seed comparison
+    "resnet56_dense_1ep_seed2": (R56, [*DENSE, "finetune.enabled=true", "seed=2"]),
+    "resnet56_auto_3x_flr03_seed2": (R56_3X, [
+        "rules.0.method=auto", "finetune.factor_lr=0.3", "seed=2"]),
+    # the epoch spent first: the dense model given the epoch, then compressed without labels
+    # (needs the dense job's run directory)
+    "resnet20_epoch_first_3x": (R20_3X, [
+        "model.weights=runs/experiments/resnet20_dense_1ep/model.safetensors",
+        "finetune.enabled=false"]),
+    "resnet56_epoch_first_3x": (R56_3X, [
+        "model.weights=runs/experiments/resnet56_dense_1ep/model.safetensors",
+        "finetune.enabled=false"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31"]),
