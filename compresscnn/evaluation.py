@@ -33,7 +33,8 @@ from .progress import bar as progress_bar
 from .timing import ort_runner, summarize, time_interleaved, torch_runner
 from .utils import get_world_size, is_dist, resolve_device
 
-__all__ = ["evaluate", "evaluate_predictions", "measure_latency", "split_batch"]
+__all__ = ["agreement_margins", "evaluate", "evaluate_predictions", "measure_latency",
+           "split_batch"]
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -179,6 +180,50 @@ def evaluate(
     if not sums:
         raise DataError("evaluation loader produced no batches")
     return _finish(sums, topk, num_classes)
+
+
+def agreement_margins(model: nn.Module, reference: nn.Module, loader: Iterable, *,
+                      thresholds: Sequence[float] = (0.05, 0.1, 0.2), mirror: bool = True,
+                      max_batches: int | None = None) -> dict[str, Any]:
+    """Where ``model`` and ``reference`` disagree, and how firm ``reference``'s decisions
+    are there: what an agreement figure can and cannot reach.
+
+    Returns ``agreement`` (percent of images with the same argmax), ``n``,
+    ``disagreements``; for each threshold ``m`` in ``thresholds``, ``margin_below[m]``: the
+    percentage of the disagreements, and ``margin_below_all[m]`` of all images, on which
+    ``reference``'s two largest softmax probabilities differ by less than ``m`` (a near tie,
+    which any perturbation of the weights may flip); with ``mirror``,
+    ``reference_mirror_agreement``: ``reference``'s agreement with itself on the images
+    mirrored left-right (a perturbation of the input that the training augmentation made
+    irrelevant to the label: how stable the reference's own decisions are)."""
+    thresholds = tuple(float(m) for m in thresholds)
+    same, margins, flips = [], [], []
+    with eval_mode(model, reference), torch.inference_mode():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, _ = split_batch(batch)
+            x = x.to(module_device(model))
+            ref = reference(x.to(module_device(reference))).float().cpu()
+            top2 = ref.softmax(1).topk(2, dim=1).values
+            margins.append(top2[:, 0] - top2[:, 1])
+            same.append(model(x).float().cpu().argmax(1) == ref.argmax(1))
+            if mirror:
+                mirrored = reference(x.flip(-1).to(module_device(reference))).float().cpu()
+                flips.append(mirrored.argmax(1) == ref.argmax(1))
+    if not same:
+        raise DataError("agreement_margins: the loader produced no batches")
+    agree, margin = torch.cat(same), torch.cat(margins)
+    off = margin[~agree]
+    out: dict[str, Any] = {
+        "n": int(agree.numel()), "agreement": 100.0 * float(agree.float().mean()),
+        "disagreements": int(off.numel()),
+        "margin_below": {m: (100.0 * float((off < m).float().mean()) if off.numel() else None)
+                         for m in thresholds},
+        "margin_below_all": {m: 100.0 * float((margin < m).float().mean()) for m in thresholds},
+        "reference_mirror_agreement": (100.0 * float(torch.cat(flips).float().mean())
+                                       if mirror else None)}
+    return out
 
 
 def _all_reduce_sums(sums: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
