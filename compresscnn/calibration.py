@@ -377,6 +377,7 @@ class DistillSettings:
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
     amp: bool | None = None  # None: bf16 autocast where the CPU computes bf16 natively
     features: float = 0.0  # weight of the replaced layers' output matching (0: logits only)
+    holdout: int = 0  # last batches kept out, scoring each pass; the best pass's weights kept
 
 
 
@@ -446,10 +447,20 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     ``layers``' output errors (each relative to the original layer's output, averaged over
     the layers; the original's outputs computed at each step): many more targets per image
     than the logits alone, a layer-wise distillation for when the images are few (the
-    cross-distillation of Bai et al. 2020 without its mixing of the two networks). Returns
-    the loss and agreement on the batches before and after, the steps and the seconds."""
+    cross-distillation of Bai et al. 2020 without its mixing of the two networks).
+    ``settings.holdout`` > 0 keeps the last that many batches out of training: the KL on
+    them is measured before training and after every pass, and the weights of the pass where
+    it was lowest are restored at the end (pass 0: no distillation). Returns the loss and
+    agreement on the batches before and after (the training batches; with a holdout also on
+    the held-out ones, per pass), the pass kept, the steps and the seconds."""
     if not batches:
         raise ValueError("distill_outputs needs at least one calibration batch")
+    n_held = int(settings.holdout)
+    if n_held < 0 or n_held >= len(batches):
+        raise ValueError(f"distill holdout: {n_held} leaves none of the {len(batches)} "
+                         "calibration batches to distil on")
+    if n_held:
+        batches, held = list(batches[:-n_held]), list(batches[-n_held:])
     t0 = time.perf_counter()
     T = float(settings.temperature)
     amp = cpu_bf16_native() if settings.amp is None else bool(settings.amp)
@@ -476,6 +487,12 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
         mirrored = ([original(x.flip(-1)).float() for x in batches]
                     if settings.flip and not live else None)
     before = _logits_gap(compressed, batches, teacher, T)
+    if n_held:
+        with torch.no_grad(), eval_mode(original):
+            held_teacher = [original(x).float() for x in held]
+        trace = [_logits_gap(compressed, held, held_teacher, T)]
+        best = {k: v.detach().clone() for k, v in compressed.state_dict().items()}
+        kept = 0
     params = [p for p in compressed.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(settings.lr))
     steps = int(settings.epochs) * len(batches)
@@ -506,8 +523,18 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
                 loss.backward()
                 opt.step()
                 step += 1
+            if n_held:
+                trace.append(_logits_gap(compressed, held, held_teacher, T))
+                if trace[-1][0] < trace[kept][0]:
+                    kept = len(trace) - 1
+                    best = {k: v.detach().clone() for k, v in compressed.state_dict().items()}
+    held_stats: dict[str, Any] = {"holdout": n_held}
+    if n_held:
+        compressed.load_state_dict(best)
+        held_stats.update(kept_pass=kept, holdout_loss=[t[0] for t in trace],
+                          holdout_agreement=[t[1] for t in trace])
     after = _logits_gap(compressed, batches, teacher, T)
-    return {"epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
+    return {**held_stats, "epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
             "temperature": T, "flip": bool(settings.flip), "mix": settings.mix,
             "mix_alpha": float(settings.mix_alpha), "amp": "bf16" if amp else "off",
             "features": beta, "feature_layers": len(names),

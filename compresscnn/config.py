@@ -808,6 +808,12 @@ class CalibrationDistill(Closed):
         "error relative to the original layer's output on the same images, averaged over the "
         "layers (many more targets per image than the logits). 0: logits only. Costs one "
         "forward pass of the original per step.", 0.0)
+    holdout: Int(0) = doc(
+        "Calibration batches (the last ones of the seeded random order) kept out of the "
+        "distillation to score it: after every pass the KL divergence on them is measured, "
+        "and the weights of the pass where it was lowest are kept (pass 0: the layer-wise "
+        "fit alone, so a distillation that does not generalise beyond its images is undone). "
+        "0: every batch trains, the last pass's weights are kept.", 0)
 
 
 class Calibration(Closed):
@@ -849,6 +855,13 @@ class Calibration(Closed):
         "batches cost ResNet-20 1.7 points (BENCHMARKS.md); useful with `reconstruct: false`.",
         False)
     distill: Optional[CalibrationDistill] = doc(CalibrationDistill.__doc__, None)
+
+    @model_validator(mode="after")
+    def _holdout(self) -> "Calibration":
+        if self.distill is not None and self.distill.holdout >= self.batches:
+            raise bad(f"holdout {self.distill.holdout} leaves none of the {self.batches} "
+                      "calibration batches to distil on", ("distill", "holdout"))
+        return self
 
 
 class Latency(Closed):

@@ -308,6 +308,33 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
     torch.testing.assert_close(student[1].running_mean, bn_mean)  # statistics kept
 
 
+def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches():
+    from compresscnn.calibration import DistillSettings, distill_outputs
+
+    m = _net()
+    x = [torch.randn(32, 3, 12, 12) for _ in range(5)]
+    student = copy.deepcopy(m)
+    with torch.no_grad():
+        student[3].weight.mul_(0.3)
+    good = distill_outputs(m, student, x, DistillSettings(epochs=6, lr=3e-3, amp=False,
+                                                          holdout=1))
+    assert good["steps"] == 24 and good["holdout"] == 1  # 4 batches train, 1 scores
+    assert len(good["holdout_loss"]) == len(good["holdout_agreement"]) == 7
+    assert good["kept_pass"] > 0
+    assert good["holdout_loss"][good["kept_pass"]] == min(good["holdout_loss"])
+    assert good["holdout_loss"][good["kept_pass"]] < 0.5 * good["holdout_loss"][0]
+    # a rate that wrecks the model: every pass scores worse than none, the fit is kept as is
+    start = copy.deepcopy(student.state_dict())
+    bad = distill_outputs(m, student, x, DistillSettings(epochs=3, lr=5.0, amp=False,
+                                                         holdout=2))
+    assert bad["kept_pass"] == 0 and bad["steps"] == 9
+    assert min(bad["holdout_loss"][1:]) > bad["holdout_loss"][0]
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, start[k])
+    with pytest.raises(ValueError, match="holdout: 5 leaves none of the 5"):
+        distill_outputs(m, student, x, DistillSettings(holdout=5))
+
+
 def test_distill_outputs_with_layer_outputs_matches_the_replaced_layers():
     from compresscnn.calibration import DistillSettings, distill_outputs
 
@@ -394,6 +421,20 @@ def test_distill_settings_are_validated_like_the_recipe():
     with pytest.raises(RecipeError, match="distill.epochs"):
         compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12),
                  calibration=[torch.randn(4, 3, 12, 12)], distill={"epochs": 0})
+
+
+def test_distill_holdout_must_leave_batches_to_train_on():
+    from compresscnn.errors import RecipeError
+    from compresscnn.recipe import validate
+
+    base = {"model": {"spec": "cifar:resnet20"}, "rules": [{"match": "layer1.*", "method": "cp",
+                                                             "rank": 4}],
+            "data": {"dataset": "cifar10", "root": "x.zip"}}
+    with pytest.raises(RecipeError, match=r"calibration\.distill\.holdout: holdout 4 leaves "
+                                          "none of the 4 calibration batches"):
+        validate({**base, "calibration": {"batches": 4, "distill": {"holdout": 4}}})
+    ok = validate({**base, "calibration": {"batches": 4, "distill": {"holdout": 1}}})
+    assert ok["calibration"]["distill"]["holdout"] == 1
 
 
 def test_mix_batch_mixes_within_the_batch_reproducibly():
