@@ -159,6 +159,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_auto_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
+    # the budget weighted by each layer's measured output sensitivity
+    "squeezenet1_1_auto_1.5x_sensitivity": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "allocation=sensitivity"]),
     # the mixup distillation scored on 6 held-out batches (192 images), its best pass kept
     "squeezenet1_1_auto_1.5x_mixup_holdout": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
