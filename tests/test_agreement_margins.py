@@ -3,14 +3,12 @@ and tools/agreement_margins.py end to end on a tiny run directory."""
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from _tools import load_tool
+from _tools import load_tool, write_fake_cifar
 from torch import nn
 
 from compresscnn.evaluation import agreement_margins, evaluate
@@ -56,30 +54,13 @@ def test_margins_count_the_near_ties_among_the_disagreements() -> None:
         evaluate(_Logits(3), loader, reference=_Logits(0), topk=(1,), progress=False)["agreement"])
 
 
-def _fake_cifar(path: Path) -> Path:
-    from PIL import Image
-
-    from compresscnn.data import CIFAR10_CLASSES
-
-    g = torch.Generator().manual_seed(0)
-    with zipfile.ZipFile(path, "w") as z:
-        for split in ("train", "test"):
-            for c in CIFAR10_CLASSES:
-                for i in range(3):
-                    arr = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
-                    b = io.BytesIO()
-                    Image.fromarray(arr.numpy()).save(b, "PNG")
-                    z.writestr(f"{split}/{c}/{i}.png", b.getvalue())
-    return path
-
-
 def test_tool_scores_a_run_directory_as_the_run_did(tmp_path: Path) -> None:
     from compresscnn.pipeline import run
     from compresscnn.recipe import validate
 
     from compresscnn.models import load_model
 
-    data = _fake_cifar(tmp_path / "cifar.zip")
+    data = write_fake_cifar(tmp_path / "cifar.zip", per_class=3)
     spec = "cifar:alexnet?hidden=16"
     torch.save(load_model(spec).state_dict(), tmp_path / "alex.pt")  # the original, on file
     out = tmp_path / "run"

@@ -291,14 +291,21 @@ def test_solver_adam_is_the_iterative_fit():
         refine(m, c, p, x, solver="sgd")
 
 
+def _damaged(n: int, batch: int = 32) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """:func:`_net`, a copy of it with one layer damaged (which the others cannot see), and
+    ``n`` random batches."""
+    m = _net()
+    x = [torch.randn(batch, 3, 12, 12) for _ in range(n)]
+    student = copy.deepcopy(m)
+    with torch.no_grad():
+        student[3].weight.mul_(0.3)
+    return m, student, x
+
+
 def test_distill_outputs_moves_the_compressed_model_towards_the_original():
     from compresscnn.calibration import DistillSettings, distill_outputs
 
-    m = _net()
-    x = [torch.randn(32, 3, 12, 12) for _ in range(4)]
-    student = copy.deepcopy(m)
-    with torch.no_grad():
-        student[3].weight.mul_(0.3)  # a damaged layer the others cannot see
+    m, student, x = _damaged(4)
     bn_mean = student[1].running_mean.clone()
     out = distill_outputs(m, student, x, DistillSettings(epochs=20, lr=3e-3, amp=False))
     assert out["steps"] == 80 and out["amp"] == "off"
@@ -311,11 +318,7 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
 def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches():
     from compresscnn.calibration import DistillSettings, distill_outputs
 
-    m = _net()
-    x = [torch.randn(32, 3, 12, 12) for _ in range(5)]
-    student = copy.deepcopy(m)
-    with torch.no_grad():
-        student[3].weight.mul_(0.3)
+    m, student, x = _damaged(5)
     good = distill_outputs(m, student, x, DistillSettings(epochs=6, lr=3e-3, amp=False,
                                                           holdout=1))
     assert good["steps"] == 24 and good["holdout"] == 1  # 4 batches train, 1 scores
@@ -458,11 +461,7 @@ def test_mix_batch_mixes_within_the_batch_reproducibly():
 def test_distill_outputs_with_mixed_inputs(mix):
     from compresscnn.calibration import DistillSettings, distill_outputs
 
-    m = _net()
-    x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
-    student = copy.deepcopy(m)
-    with torch.no_grad():
-        student[3].weight.mul_(0.3)
+    m, student, x = _damaged(3, batch=16)
     out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
                                                          mix=mix))
     assert out["mix"] == mix and out["steps"] == 30

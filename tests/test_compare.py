@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
-import torch
+from _tools import write_fake_cifar
 
 from compresscnn.cli import main as cli_main
 from compresscnn.compare import (CompareError, compare, load_compare_recipe, parse_data_arg,
@@ -20,21 +18,7 @@ REQUIRED = ("model", "params", "macs", "onnx_bytes", "top1", "top1_source")
 
 @pytest.fixture(scope="module")
 def fake_cifar(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    from compresscnn.data import CIFAR10_CLASSES
-
-    path = tmp_path_factory.mktemp("data") / "cifar.zip"
-    g = torch.Generator().manual_seed(0)
-    with zipfile.ZipFile(path, "w") as z:
-        for split in ("train", "test"):
-            for c in CIFAR10_CLASSES:
-                for i in range(2):
-                    arr = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
-                    b = io.BytesIO()
-                    Image.fromarray(arr.numpy()).save(b, "PNG")
-                    z.writestr(f"{split}/{c}/{i}.png", b.getvalue())
-    return path
+    return write_fake_cifar(tmp_path_factory.mktemp("data") / "cifar.zip")
 
 
 @pytest.fixture(scope="module")
