@@ -375,10 +375,14 @@ class DistillSettings:
     flip: bool = True
     mix: str = "none"  # "mixup" / "cutmix": mixed pairs of images, teacher run on them
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
-    amp: bool | None = None  # None: bf16 autocast where the CPU computes bf16 natively
+    amp: bool | str | None = None  # None/"auto": bf16 where the CPU computes it natively;
+    # False/"off": float32; True/"bf16": bf16 autocast
     features: float = 0.0  # weight of the replaced layers' output matching (0: logits only)
     holdout: int = 0  # last batches kept out, scoring each pass; the best pass's weights kept
 
+
+
+_AMP: dict[Any, bool | None] = {None: None, "auto": None, "off": False, "bf16": True}
 
 
 def mix_batch(x: torch.Tensor, how: str, alpha: float, gen: torch.Generator) -> torch.Tensor:
@@ -463,7 +467,11 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
         batches, held = list(batches[:-n_held]), list(batches[-n_held:])
     t0 = time.perf_counter()
     T = float(settings.temperature)
-    amp = cpu_bf16_native() if settings.amp is None else bool(settings.amp)
+    if not isinstance(settings.amp, bool) and settings.amp not in _AMP:
+        raise ValueError(f"distill amp: {settings.amp!r} is not one of auto, off, bf16")
+    amp = settings.amp if isinstance(settings.amp, bool) else _AMP[settings.amp]
+    if amp is None:
+        amp = cpu_bf16_native()
     if settings.mix not in MIXES:
         raise ValueError(f"distill mix: {settings.mix!r} is not one of {', '.join(MIXES)}")
     mixing = settings.mix != "none"

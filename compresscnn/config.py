@@ -808,6 +808,11 @@ class CalibrationDistill(Closed):
         "error relative to the original layer's output on the same images, averaged over the "
         "layers (many more targets per image than the logits). 0: logits only. Costs one "
         "forward pass of the original per step.", 0.0)
+    amp: Enum("auto", "off", "bf16", aliases={False: "off"}) = doc(
+        "Precision of the compressed model's forward pass while it is distilled (the "
+        "original's targets are float32): `auto`: bf16 autocast on CPUs that compute bf16 in "
+        "hardware, float32 elsewhere; `off`: float32, for a fit already so close that bf16's "
+        "rounding is of the size of what is left to learn.", "auto")
     holdout: Int(0) = doc(
         "Calibration batches (the last ones of the seeded random order) kept out of the "
         "distillation to score it: after every pass the KL divergence on them is measured, "

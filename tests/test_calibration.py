@@ -426,6 +426,24 @@ def test_distill_settings_are_validated_like_the_recipe():
                  calibration=[torch.randn(4, 3, 12, 12)], distill={"epochs": 0})
 
 
+def test_distill_precision_from_the_recipe_spelling():
+    from compresscnn import compress
+    from compresscnn.calibration import DistillSettings, distill_outputs
+    from compresscnn.utils import cpu_bf16_native
+
+    m, student, x = _damaged(2, batch=8)
+    kw = dict(epochs=1, lr=1e-4)
+    assert distill_outputs(m, student, x, DistillSettings(**kw, amp="off"))["amp"] == "off"
+    assert distill_outputs(m, student, x, DistillSettings(**kw, amp="bf16"))["amp"] == "bf16"
+    auto = distill_outputs(m, student, x, DistillSettings(**kw, amp="auto"))["amp"]
+    assert auto == ("bf16" if cpu_bf16_native() else "off")
+    with pytest.raises(ValueError, match="distill amp: 'fp16' is not one of auto, off, bf16"):
+        distill_outputs(m, student, x, DistillSettings(**kw, amp="fp16"))
+    _, p = compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12),
+                    calibration=x, distill={"epochs": 1, "amp": "off"})
+    assert p.calibration["distill"]["amp"] == "off"
+
+
 def test_distill_holdout_must_leave_batches_to_train_on():
     from compresscnn.errors import RecipeError
     from compresscnn.recipe import validate
