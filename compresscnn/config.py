@@ -815,7 +815,8 @@ class CalibrationDistill(Closed):
         "rounding is of the size of what is left to learn.", "auto")
     holdout: Int(0) = doc(
         "Calibration batches (the last ones of the seeded random order) kept out of the "
-        "distillation to score it: after every pass the KL divergence on them is measured, "
+        "layer-wise fit and the distillation to score the distillation: after every pass the "
+        "KL divergence on them is measured, "
         "and the weights of the pass where it was lowest are kept (pass 0: the layer-wise "
         "fit alone, so a distillation that does not generalise beyond its images is undone). "
         "0: every batch trains, the last pass's weights are kept.", 0)

@@ -617,7 +617,8 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
     the earlier fit); see :mod:`compresscnn.response`. ``distill``: afterwards, end-to-end
     distillation on the same batches (:class:`~compresscnn.calibration.DistillSettings`
-    keys; ``seed`` draws its batch order, flips and mixes). Returns a new plan: the measured output errors and each layer's fit time added to
+    keys; ``seed`` draws its batch order, flips and mixes; the batches its ``holdout`` keeps
+    out are kept out of the fit and of the BatchNorm estimate too). Returns a new plan: the measured output errors and each layer's fit time added to
     its row's ``fit``, the solver, total time and forward passes in ``calibration`` (and the
     distillation's figures in ``calibration["distill"]``), and the number of BatchNorm
     layers re-estimated in ``bn_recalibrated``."""
@@ -630,6 +631,13 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     for i, b in enumerate(batches):
         if b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise DataError(f"calibration batch {i}: holds NaN or Inf values")
+    # batches held out to score the distillation are held out of the fit too, so the score
+    # of "no distillation" (pass 0) is measured on images nothing was fitted to
+    held = int(dict(distill).get("holdout", 0)) if distill is not None else 0
+    if held and held >= len(batches):
+        raise RecipeError(f"distill.holdout: {held} leaves none of the {len(batches)} "
+                          "calibration batches to fit and distil on")
+    all_batches, batches = batches, batches[:len(batches) - held]
     if reconstruct:
         tails = following_ops(original, fit_through)
         names = list(plan_.ranks())
@@ -653,7 +661,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
     if distill is not None and batches:
         keys = DistillSettings.__dataclass_fields__
-        stats = distill_outputs(original, compressed, batches, DistillSettings(
+        stats = distill_outputs(original, compressed, all_batches, DistillSettings(
             **{k: v for k, v in dict(distill).items() if k in keys}),
             layers=list(plan_.ranks()), seed=int(seed))
         plan_ = replace(plan_, calibration={**(plan_.calibration or {}), "distill": stats})

@@ -444,6 +444,25 @@ def test_distill_precision_from_the_recipe_spelling():
     assert p.calibration["distill"]["amp"] == "off"
 
 
+def test_held_out_batches_are_kept_out_of_the_layer_wise_fit_too():
+    from compresscnn import compress
+    from compresscnn.errors import RecipeError
+
+    m = _net()
+    x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
+    rules = [{"match": "3", "method": "svd", "rank": 2}]
+    fit_only, _ = compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x[:2])
+    # a rate that wrecks every pass: the holdout keeps pass 0, the fit on the first 2 batches
+    held, p = compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x,
+                       distill={"epochs": 2, "lr": 5.0, "holdout": 1, "amp": "off"})
+    assert p.calibration["distill"]["kept_pass"] == 0
+    for k, v in fit_only.state_dict().items():
+        torch.testing.assert_close(held.state_dict()[k], v)
+    with pytest.raises(RecipeError, match="distill.holdout: 3 leaves none of the 3"):
+        compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x,
+                 distill={"epochs": 1, "holdout": 3})
+
+
 def test_distill_holdout_must_leave_batches_to_train_on():
     from compresscnn.errors import RecipeError
     from compresscnn.recipe import validate
