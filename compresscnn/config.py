@@ -815,11 +815,11 @@ class CalibrationDistill(Closed):
         "rounding is of the size of what is left to learn.", "auto")
     holdout: Int(0) = doc(
         "Calibration batches (the last ones of the seeded random order) kept out of the "
-        "layer-wise fit and the distillation to score the distillation: after every pass the "
-        "KL divergence on them is measured, "
-        "and the weights of the pass where it was lowest are kept (pass 0: the layer-wise "
-        "fit alone, so a distillation that does not generalise beyond its images is undone). "
-        "0: every batch trains, the last pass's weights are kept.", 0)
+        "layer-wise fit and the distillation, to score the distillation: after every pass the "
+        "KL divergence on them is measured, and the weights of the pass where it was lowest "
+        "are kept (pass 0: the layer-wise fit alone, so a distillation that does not "
+        "generalise beyond its images is undone). 0: every batch fits and trains, the last "
+        "pass's weights are kept.", 0)
 
 
 class Calibration(Closed):
@@ -866,7 +866,7 @@ class Calibration(Closed):
     def _holdout(self) -> "Calibration":
         if self.distill is not None and self.distill.holdout >= self.batches:
             raise bad(f"holdout {self.distill.holdout} leaves none of the {self.batches} "
-                      "calibration batches to distil on", ("distill", "holdout"))
+                      "calibration batches to fit and distil on", ("distill", "holdout"))
         return self
 
 
