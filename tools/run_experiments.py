@@ -170,6 +170,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_auto_1.5x_holdout_fp32": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 4, lr: 3.0e-6, mix: mixup, holdout: 6, amp: off}"]),
+    # its pass 0: the fit on the 25 batches that the holdout of 6 leaves (the same images)
+    "squeezenet1_1_auto_1.5x_b25": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=25"]),
+    "squeezenet1_1_auto_1.5x_holdout_fp32_e8": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=31",
+        "calibration.distill={epochs: 8, lr: 3.0e-6, mix: mixup, holdout: 6, amp: off}"]),
     # the same distillation with the replaced layers' outputs matched too (layer-wise)
     "squeezenet1_1_auto_1.5x_feat": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
