@@ -184,7 +184,7 @@ def evaluate(
 
 def agreement_margins(model: nn.Module, reference: nn.Module, loader: Iterable, *,
                       thresholds: Sequence[float] = (0.05, 0.1, 0.2), mirror: bool = True,
-                      max_batches: int | None = None) -> dict[str, Any]:
+                      bf16: bool = False, max_batches: int | None = None) -> dict[str, Any]:
     """Where ``model`` and ``reference`` disagree, and how firm ``reference``'s decisions
     are there: what an agreement figure can and cannot reach.
 
@@ -195,22 +195,29 @@ def agreement_margins(model: nn.Module, reference: nn.Module, loader: Iterable, 
     which any perturbation of the weights may flip); with ``mirror``,
     ``reference_mirror_agreement``: ``reference``'s agreement with itself on the images
     mirrored left-right (a perturbation of the input that the training augmentation made
-    irrelevant to the label: how stable the reference's own decisions are)."""
+    irrelevant to the label: how stable the reference's own decisions are); with ``bf16``,
+    ``reference_bf16_agreement``: ``reference`` under bf16 autocast against itself in its
+    own precision (what bf16 rounding alone changes)."""
     thresholds = tuple(float(m) for m in thresholds)
-    same, margins, flips = [], [], []
+    same, margins, flips, rounded = [], [], [], []
     with eval_mode(model, reference), torch.inference_mode():
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             x, _ = split_batch(batch)
             x = x.to(module_device(model))
-            ref = reference(x.to(module_device(reference))).float().cpu()
+            xr = x.to(module_device(reference))
+            ref = reference(xr).float().cpu()
             top2 = ref.softmax(1).topk(2, dim=1).values
             margins.append(top2[:, 0] - top2[:, 1])
             same.append(model(x).float().cpu().argmax(1) == ref.argmax(1))
             if mirror:
-                mirrored = reference(x.flip(-1).to(module_device(reference))).float().cpu()
+                mirrored = reference(xr.flip(-1)).float().cpu()
                 flips.append(mirrored.argmax(1) == ref.argmax(1))
+            if bf16:
+                with torch.autocast(xr.device.type, torch.bfloat16):
+                    low = reference(xr).float().cpu()
+                rounded.append(low.argmax(1) == ref.argmax(1))
     if not same:
         raise DataError("agreement_margins: the loader produced no batches")
     agree, margin = torch.cat(same), torch.cat(margins)
@@ -222,7 +229,9 @@ def agreement_margins(model: nn.Module, reference: nn.Module, loader: Iterable, 
                          for m in thresholds},
         "margin_below_all": {m: 100.0 * float((margin < m).float().mean()) for m in thresholds},
         "reference_mirror_agreement": (100.0 * float(torch.cat(flips).float().mean())
-                                       if mirror else None)}
+                                       if mirror else None),
+        "reference_bf16_agreement": (100.0 * float(torch.cat(rounded).float().mean())
+                                     if bf16 else None)}
     return out
 
 

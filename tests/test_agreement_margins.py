@@ -15,14 +15,15 @@ from compresscnn.evaluation import agreement_margins, evaluate
 
 
 class _Logits(nn.Module):
-    """Logits read from the input: channels ``c0:c0+3`` of pixel (0, 0)."""
+    """Logits read from the input: channels ``c0:c0+3`` of pixel (0, 0), through a matrix
+    product with the identity (which bf16 autocast rounds, as in a real layer)."""
 
     def __init__(self, c0: int) -> None:
         super().__init__()
         self.c0 = c0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, self.c0:self.c0 + 3, 0, 0]
+        return x[:, self.c0:self.c0 + 3, 0, 0] @ torch.eye(3, device=x.device)
 
 
 def _batch() -> torch.Tensor:
@@ -47,6 +48,14 @@ def test_margins_count_the_near_ties_among_the_disagreements() -> None:
     assert r["margin_below"] == {0.05: pytest.approx(50.0), 0.5: pytest.approx(50.0)}
     assert r["margin_below_all"] == {0.05: pytest.approx(25.0), 0.5: pytest.approx(25.0)}
     assert r["reference_mirror_agreement"] == pytest.approx(75.0)
+    assert r["reference_bf16_agreement"] is None
+    # bf16 rounds the near tie 1.0 / 0.98 to 1.0 / 0.98046875: the decision stands; a tie
+    # closer than bf16's resolution (1.0 / 1.001) becomes an exact tie, argmax to the first
+    x = _batch()
+    x[1, :3, 0, 0] = torch.tensor([1.0, 1.001, -10])
+    rounded = agreement_margins(_Logits(3), _Logits(0), [(x, torch.zeros(4))], bf16=True,
+                                mirror=False)
+    assert rounded["reference_bf16_agreement"] == pytest.approx(75.0)
     same = agreement_margins(_Logits(0), _Logits(0), loader, mirror=False)
     assert same["agreement"] == 100.0 and same["disagreements"] == 0
     assert same["margin_below"][0.05] is None and same["reference_mirror_agreement"] is None
@@ -79,6 +88,7 @@ def test_tool_scores_a_run_directory_as_the_run_did(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "m.json").read_text())
     assert r["n"] == 30 and r["agreement"] == pytest.approx(report["compressed"]["agreement"])
     assert r["disagreements"] == round(30 * (100 - r["agreement"]) / 100)
+    assert 0 <= r["reference_bf16_agreement"] <= 100
     assert 0 <= r["reference_mirror_agreement"] <= 100 and set(r["margin_below"]) == {
         "0.05", "0.1", "0.2"}
 

@@ -1,7 +1,8 @@
 """Where a run's compressed model disagrees with the original, and how firm the original's
 decisions are there (:func:`compresscnn.evaluation.agreement_margins`): the share of the
 disagreements on which the original's two largest softmax probabilities are a near tie, and
-the original's agreement with itself on the same images mirrored left-right. Both models
+the original's agreement with itself on the same images mirrored left-right and in bf16
+autocast (how stable its own decisions are under a perturbation). Both models
 and the images come from the run directory (``compresscnn.pipeline.load_compressed``, the
 recipe's model and weights, the recipe's ``data.eval`` source through ``compresscnn.data``,
 exactly as ``compresscnn run`` scored them). The original is rebuilt from the recipe's
@@ -30,7 +31,7 @@ from compresscnn.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(run_dir: Path, *, mirror: bool = True) -> dict:
+def measure(run_dir: Path, *, mirror: bool = True, bf16: bool = True) -> dict:
     """:func:`agreement_margins` of ``run_dir``'s compressed model against its original on
     the run's evaluation images."""
     if not (run_dir / "recipe.yaml").is_file():
@@ -47,7 +48,7 @@ def measure(run_dir: Path, *, mirror: bool = True) -> dict:
     if recipe["model"].get("input_size"):
         pcfg["input_size"] = tuple(recipe["model"]["input_size"])
     _, loader = data_mod.make_loaders(recipe["data"], pcfg, train=False, test=True)
-    out = agreement_margins(compressed, original, loader, mirror=mirror)
+    out = agreement_margins(compressed, original, loader, mirror=mirror, bf16=bf16)
     out["margin_below"] = {str(k): v for k, v in out["margin_below"].items()}
     out["margin_below_all"] = {str(k): v for k, v in out["margin_below_all"].items()}
     return {"run": str(run_dir), "model": recipe["model"]["spec"], **out}
@@ -58,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path, help="a run directory of `compresscnn run`")
     ap.add_argument("--no-mirror", action="store_true",
                     help="skip the original's agreement with itself on mirrored images")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip the original's agreement with itself under bf16 autocast")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
-        r = measure(a.run_dir, mirror=not a.no_mirror)
+        r = measure(a.run_dir, mirror=not a.no_mirror, bf16=not a.no_bf16)
     except CompressError as e:
         print(f"error: {e}")
         return 2
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if r["reference_mirror_agreement"] is not None:
         print(f"  original against itself on the mirrored images: "
               f"{r['reference_mirror_agreement']:.1f}% agreement")
+    if r["reference_bf16_agreement"] is not None:
+        print(f"  original against itself in bf16 autocast: "
+              f"{r['reference_bf16_agreement']:.1f}% agreement")
     if a.json:
         r["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip()
