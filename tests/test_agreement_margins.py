@@ -99,3 +99,18 @@ def test_tool_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None
     out = capsys.readouterr().out.strip()
     assert out.startswith("error: ") and "not a compresscnn run directory" in out
     assert "\n" not in out
+    from compresscnn.recipe import dump_resolved, validate
+
+    base = {"model": {"spec": "cifar:alexnet?hidden=16"}, "rules": [
+        {"match": "classifier.6", "method": "svd", "rank": 2}],
+        "data": {"dataset": "cifar10", "root": str(tmp_path / "none.zip")}}
+    for model, says in (({}, "model.weights is null"),
+                        ({"weights": str(tmp_path / "w.pt"), "num_classes": 7},
+                         "model.num_classes replaced the original's head")):
+        run = tmp_path / f"run{len(model)}"
+        run.mkdir()
+        dump_resolved(validate({**base, "model": {**base["model"], **model},
+                                "output": str(run)}), run / "recipe.yaml")
+        assert tool.main([str(run)]) == 2
+        out = capsys.readouterr().out.strip()
+        assert out.startswith("error: ") and says in out and "\n" not in out

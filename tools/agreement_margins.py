@@ -6,8 +6,8 @@ autocast (how stable its own decisions are under a perturbation). Both models
 and the images come from the run directory (``compresscnn.pipeline.load_compressed``, the
 recipe's model and weights, the recipe's ``data.eval`` source through ``compresscnn.data``,
 exactly as ``compresscnn run`` scored them). The original is rebuilt from the recipe's
-``model.spec`` and ``model.weights``: a run without a weights file is refused (its
-original is not on file).
+``model.spec`` and ``model.weights``: a run without a weights file, or one that replaced the
+classifier head (``model.num_classes``), is refused (its original is not on file).
 
     python tools/agreement_margins.py runs/experiments/squeezenet1_1_auto_1.5x_b31 --json tools/results/squeezenet1_1_auto_1.5x_margins.json
 """
@@ -42,6 +42,9 @@ def measure(run_dir: Path, *, mirror: bool = True, bf16: bool = True) -> dict:
     if not recipe["model"].get("weights"):
         raise CompressError(f"{run_dir / 'recipe.yaml'}: model.weights is null: the run's "
                             "original is not on file (a weights file is needed to rebuild it)")
+    if recipe["model"].get("num_classes"):
+        raise CompressError(f"{run_dir / 'recipe.yaml'}: model.num_classes replaced the "
+                            "original's head with a new one, which is not on file")
     compressed = load_compressed(run_dir)
     original = load_model(recipe["model"]["spec"], recipe["model"].get("weights")).eval()
     pcfg = dict(getattr(original, "pretrained_cfg", {}) or {})
