@@ -53,6 +53,11 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+#: a reference decision whose two largest softmax probabilities differ by less than this is
+#: a near tie (``disagreements_near_tie`` of :func:`evaluate`)
+NEAR_TIE = 0.05
+
+
 def _counts(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -82,7 +87,12 @@ def _counts(
     if reference_logits is not None:
         if reference_logits.shape[0] != n:
             raise ValueError("reference logits and logits differ in batch size")
-        out["agreement"] = logits.argmax(1).eq(reference_logits.to(logits.device).argmax(1)).sum()
+        ref = reference_logits.to(logits.device).float()
+        same = logits.argmax(1).eq(ref.argmax(1))
+        out["agreement"] = same.sum()
+        if num_classes >= 2:  # disagreements where the reference's top two are a near tie
+            top2 = ref.softmax(1).topk(2, dim=1).values
+            out["near_tie"] = (~same & (top2[:, 0] - top2[:, 1] < NEAR_TIE)).sum()
     out["n"] = torch.tensor(n, device=logits.device)
     return out
 
@@ -103,6 +113,9 @@ def _finish(sums: dict[str, torch.Tensor], topk: Sequence[int], num_classes: int
     res["loss"] = float(sums["loss"]) / n if n else None
     if "agreement" in sums:
         res["agreement"] = 100.0 * float(sums["agreement"]) / n if n else None
+        off = n - int(sums["agreement"])
+        res["disagreements_near_tie"] = (100.0 * float(sums["near_tie"]) / off
+                                         if off and "near_tie" in sums else None)
     res["num_classes"] = num_classes
     return res
 
@@ -138,7 +151,9 @@ def evaluate(
     Returns ``{"top1", "top5", ..., "n", "loss", "num_classes"}`` with accuracies in percent
     (``None`` when k exceeds the number of classes) and ``loss`` the mean cross-entropy; with
     ``reference`` also ``"agreement"``: the percentage of samples whose argmax equals the
-    reference model's. The model may have more classes than the labels use (an ImageNet head
+    reference model's, and ``"disagreements_near_tie"``: the percentage of the other samples
+    on which the reference's two largest softmax probabilities differ by less than
+    :data:`NEAR_TIE` (decisions the reference makes by a hair; None without disagreements). The model may have more classes than the labels use (an ImageNet head
     on a 10-class subset); a label outside the model's classes is a :class:`DataError`.
 
     ``model`` (and ``reference``) are moved to ``device`` and put in eval mode for the call

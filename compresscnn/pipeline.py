@@ -670,7 +670,8 @@ def _evaluate_stage(ctx: _RunContext, key: str, m: nn.Module, counts: dict[str, 
                    quiet=ctx.quiet):
             r = evaluation.evaluate(m, loader, reference=reference, max_batches=ctx.max_batches,
                                     progress=not ctx.quiet)
-        row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement", "loss")})
+        row.update({k: r.get(k) for k in ("top1", "top5", "n", "agreement",
+                                          "disagreements_near_tie", "loss")})
         _log(f"[evaluate_{key}] top1 {r['top1']:.2f}  top5 {r.get('top5')}  "
              f"agreement {r.get('agreement')}", ctx.quiet)
     ctx.report[key] = row

@@ -7,7 +7,7 @@ rules, so rendering the in-memory dict and rendering the file read back give the
 
 Expected top-level keys (all optional; a missing or ``None`` section renders as "—" or is
 left out): ``baseline``/``compressed``/``finetuned`` (each ``top1``, ``top5``, ``agreement``,
-``params``, ``macs``, ``loss``), ``onnx`` (``path``, ``bytes``, ``max_abs_diff``, ...),
+``disagreements_near_tie``, ``params``, ``macs``, ``loss``), ``onnx`` (``path``, ``bytes``, ``max_abs_diff``, ...),
 ``layers`` (rows with ``name, type, method, rank, params_before, params_after, macs_before,
 macs_after, rel_error, skipped``), ``timings`` (stage → seconds), ``versions``, ``latency``,
 ``recipe``, ``finetune`` (stats from :func:`compresscnn.training.finetune`),
@@ -309,10 +309,15 @@ def _summary_section(r: Mapping[str, Any]) -> list[str]:
         rows,
         ["l", "r", "r", "r", "r", "r", "r", "r", "r"],
     )
+    ties = [f"{stage} {_fmt_pct(r[stage]['disagreements_near_tie'])}%" for stage in STAGES
+            if (r.get(stage) or {}).get("disagreements_near_tie") is not None]
     return lines + [
         "",
         "Ratios are baseline ÷ stage (2.00× = half the parameters or MACs). Agreement is the "
-        "share of images whose top-1 class equals the baseline model's.",
+        "share of images whose top-1 class equals the baseline model's."
+        + (" Of the images where a stage disagrees with it, the share on which the baseline's "
+           "two largest probabilities are within 0.05 of each other (decisions it makes by a "
+           "hair, which small changes flip): " + ", ".join(ties) + "." if ties else ""),
         "",
     ]
 

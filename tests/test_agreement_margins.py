@@ -88,6 +88,9 @@ def test_tool_scores_a_run_directory_as_the_run_did(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "m.json").read_text())
     assert r["n"] == 30 and r["agreement"] == pytest.approx(report["compressed"]["agreement"])
     assert r["disagreements"] == round(30 * (100 - r["agreement"]) / 100)
+    # the run's report says the same of its near ties (evaluate's disagreements_near_tie)
+    near = report["compressed"]["disagreements_near_tie"]
+    assert near == (pytest.approx(r["margin_below"]["0.05"]) if r["disagreements"] else None)
     assert 0 <= r["reference_bf16_agreement"] <= 100
     assert 0 <= r["reference_mirror_agreement"] <= 100 and set(r["margin_below"]) == {
         "0.05", "0.1", "0.2"}

@@ -52,6 +52,21 @@ def test_evaluate_predictions_known_answers():
     assert res["loss"] == pytest.approx(expected_loss, rel=1e-6)
 
 
+def test_disagreements_near_tie_counts_the_references_close_calls():
+    logits, labels, ref = _known_case()
+    # s2 and s3 disagree; the reference decides s2 firmly (9 against 0) and s3 by a hair
+    ref[3] = torch.tensor([1.0, 0.99, 0, 0, 0, 0])
+    res = evaluate_predictions(logits, labels, reference_logits=ref)
+    assert res["agreement"] == pytest.approx(50.0)
+    assert res["disagreements_near_tie"] == pytest.approx(50.0)
+    ref[2] = torch.tensor([0, 0, 0, 0, 2.0, 2.01])  # now both are near ties
+    assert evaluate_predictions(logits, labels, reference_logits=ref)[
+        "disagreements_near_tie"] == pytest.approx(100.0)
+    same = evaluate_predictions(logits, labels, reference_logits=logits)
+    assert same["agreement"] == 100.0 and same["disagreements_near_tie"] is None
+    assert "disagreements_near_tie" not in evaluate_predictions(logits, labels)
+
+
 def test_evaluate_loader_matches_and_restores_mode():
     logits, labels, ref = _known_case()
     model, reference = FixedLogits(logits), FixedLogits(ref)

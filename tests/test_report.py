@@ -13,7 +13,8 @@ from compresscnn.report import collect_versions, render_markdown, to_json, write
 def _report() -> dict:
     return {
         "baseline": {"top1": 76.13, "top5": 92.862, "params": 25_557_032, "macs": 4_089_184_256},
-        "compressed": {"top1": 70.5, "top5": 89.0, "agreement": 81.25, "params": 12_000_000, "macs": 2_000_000_000},
+        "compressed": {"top1": 70.5, "top5": 89.0, "agreement": 81.25, "params": 12_000_000, "macs": 2_000_000_000,
+                       "disagreements_near_tie": 63.157},
         "finetuned": {"top1": 75.0, "top5": 92.0, "agreement": 90.5, "params": 12_000_000, "macs": 2_000_000_000},
         "onnx": {"path": Path("/runs/x/model.onnx"), "bytes": 48_000_000, "max_abs_diff": 2.3e-6,
                  "opset": 18, "exporter": "dynamo",
@@ -71,6 +72,9 @@ def test_markdown_tables_and_determinism(tmp_path):
     assert "| baseline | 76.13 | 92.86 | — | 25.56 M | 4.09 G | 1.00× | 1.00× |" in md
     assert "| finetuned | 75.00 | 92.00 | 90.50 | 12.00 M | 2.00 G | 2.13× | 2.04× |" in md
     assert "`layer1.0.conv2` | Conv2d | tucker2 | (16, 24) |" in md
+    assert ("the share on which the baseline's two largest probabilities are within 0.05 of each "
+            "other (decisions it makes by a hair, which small changes flip): compressed 63.16%."
+            ) in md  # only the stage that recorded it
     assert "excluded by rule \\| 3" in md  # pipes escaped
     assert ("Runtimes, max abs diff against PyTorch (relative L2 error): onnxruntime 2.3e-06 "
             "(1.1e-06), openvino 3.2e-06 (1.4e-06).") in md
@@ -85,6 +89,7 @@ def test_skipped_stages_render(tmp_path):
     rep = {"baseline": {"top1": 50.0, "top5": None, "params": 10, "macs": None}, "compressed": None}
     md = render_markdown(rep)
     assert "| compressed | — | — | — | — | — | — | — | — |" in md
+    assert "two largest probabilities" not in md  # nothing recorded, nothing said
     write_report(tmp_path, rep)
     data = json.loads((tmp_path / "report.json").read_text())
     assert {"date", "versions", "machine"} <= set(data)
