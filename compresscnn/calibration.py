@@ -27,7 +27,7 @@ from .nn_utils import eval_mode, get_module, hooks, kd_divergence, module_mode, 
 from .ranks import Skip, tail_error
 from .recipe import MIXES
 from .response import Tail, fit_layer
-from .utils import cpu_bf16_native
+from .utils import resolve_amp
 
 
 @torch.no_grad()
@@ -382,9 +382,6 @@ class DistillSettings:
 
 
 
-_AMP: dict[Any, bool | None] = {None: None, "auto": None, "off": False, "bf16": True}
-
-
 def mix_batch(x: torch.Tensor, how: str, alpha: float, gen: torch.Generator) -> torch.Tensor:
     """``x`` mixed with a shuffled copy of itself: ``"mixup"`` (Zhang et al. 2018) blends
     every image with another at a weight drawn from Beta(alpha, alpha); ``"cutmix"`` (Yun et
@@ -467,11 +464,10 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
         batches, held = list(batches[:-n_held]), list(batches[-n_held:])
     t0 = time.perf_counter()
     T = float(settings.temperature)
-    if not isinstance(settings.amp, bool) and settings.amp not in _AMP:
+    key = {None: "auto", True: "bf16", False: "off"}.get(settings.amp, settings.amp)
+    if key not in ("auto", "off", "bf16"):
         raise ValueError(f"distill amp: {settings.amp!r} is not one of auto, off, bf16")
-    amp = settings.amp if isinstance(settings.amp, bool) else _AMP[settings.amp]
-    if amp is None:
-        amp = cpu_bf16_native()
+    amp = resolve_amp(key, torch.device("cpu")) is not None
     if settings.mix not in MIXES:
         raise ValueError(f"distill mix: {settings.mix!r} is not one of {', '.join(MIXES)}")
     mixing = settings.mix != "none"

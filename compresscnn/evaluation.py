@@ -58,6 +58,12 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 NEAR_TIE = 0.05
 
 
+def _top2_gap(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest softmax probability minus the second largest."""
+    top2 = logits.float().softmax(1).topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
 def _counts(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -91,8 +97,7 @@ def _counts(
         same = logits.argmax(1).eq(ref.argmax(1))
         out["agreement"] = same.sum()
         if num_classes >= 2:  # disagreements where the reference's top two are a near tie
-            top2 = ref.softmax(1).topk(2, dim=1).values
-            out["near_tie"] = (~same & (top2[:, 0] - top2[:, 1] < NEAR_TIE)).sum()
+            out["near_tie"] = (~same & (_top2_gap(ref) < NEAR_TIE)).sum()
     out["n"] = torch.tensor(n, device=logits.device)
     return out
 
@@ -198,7 +203,7 @@ def evaluate(
 
 
 def agreement_margins(model: nn.Module, reference: nn.Module, loader: Iterable, *,
-                      thresholds: Sequence[float] = (0.05, 0.1, 0.2), mirror: bool = True,
+                      thresholds: Sequence[float] = (NEAR_TIE, 0.1, 0.2), mirror: bool = True,
                       bf16: bool = False, max_batches: int | None = None) -> dict[str, Any]:
     """Where ``model`` and ``reference`` disagree, and how firm ``reference``'s decisions
     are there: what an agreement figure can and cannot reach.
@@ -223,8 +228,7 @@ def agreement_margins(model: nn.Module, reference: nn.Module, loader: Iterable, 
             x = x.to(module_device(model))
             xr = x.to(module_device(reference))
             ref = reference(xr).float().cpu()
-            top2 = ref.softmax(1).topk(2, dim=1).values
-            margins.append(top2[:, 0] - top2[:, 1])
+            margins.append(_top2_gap(ref))
             same.append(model(x).float().cpu().argmax(1) == ref.argmax(1))
             if mirror:
                 mirrored = reference(xr.flip(-1)).float().cpu()

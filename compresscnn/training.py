@@ -61,11 +61,11 @@ from .models.loaders import check_state_dict, load_torch_file
 from .nn_utils import kd_divergence
 from .utils import (
     atomic_torch_save,
-    cpu_bf16_native,
     atomic_write_text,
     get_world_size,
     is_dist,
     is_main_process,
+    resolve_amp,
     resolve_device,
     seed_everything,
 )
@@ -204,25 +204,6 @@ def lr_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: s
     if schedule == "step":
         return 1.0 if progress < 0.5 else (0.1 if progress < 0.75 else 0.01)
     raise CompressError(f"schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
-
-
-def _resolve_amp(amp: Any, dev: torch.device) -> torch.dtype | None:
-    key = str(amp).lower() if amp is not None else "off"
-    if key in ("off", "none", "no", "false", "fp32", "float32"):
-        return None
-    if key in ("auto", "true", "on"):
-        if dev.type == "cpu":
-            return torch.bfloat16 if cpu_bf16_native() else None
-        if dev.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if key in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if key in ("fp16", "float16", "half"):
-        if dev.type != "cuda":
-            raise CompressError(f"amp: fp16 needs a CUDA device (device is {dev}); use 'bf16' or 'off'")
-        return torch.float16
-    raise CompressError(f"amp: unknown value {amp!r} (use 'auto', 'bf16', 'fp16' or 'off')")
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -601,7 +582,7 @@ def _settings(student: nn.Module, train_loader: Iterable, teacher: nn.Module | N
               section: str) -> _Settings:
     """Check :func:`finetune`'s arguments (one-line errors naming ``section``'s keys)."""
     dev = resolve_device(device)
-    amp_dtype = _resolve_amp(amp, dev)
+    amp_dtype = resolve_amp(amp, dev)
     kd_cfg = _distill_config(distill)
     schedule = str(schedule).lower()
     if schedule not in SCHEDULES:

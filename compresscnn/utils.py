@@ -36,6 +36,7 @@ __all__ = [
     "out_of_space",
     "seed_everything",
     "Timer",
+    "resolve_amp",
     "resolve_device",
     "is_dist",
     "get_rank",
@@ -258,6 +259,30 @@ def cpu_bf16_native() -> bool:
         return any(bool(getattr(cpu, name)()) for name in checks if hasattr(cpu, name))
     except RuntimeError:  # pragma: no cover - a build without the CPU feature probes
         return False
+
+
+def resolve_amp(amp: Any, dev: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting on device ``dev`` (None: float32): ``auto``
+    is bf16 on CPUs that compute it in hardware (:func:`cpu_bf16_native`) and on CUDA
+    devices that support it, fp16 on older CUDA devices, float32 elsewhere; ``off``,
+    ``bf16``, ``fp16`` (CUDA only) as named. The one reading of the setting for training and
+    for the calibration distillation."""
+    key = str(amp).lower() if amp is not None else "off"
+    if key in ("off", "none", "no", "false", "fp32", "float32"):
+        return None
+    if key in ("auto", "true", "on"):
+        if dev.type == "cpu":
+            return torch.bfloat16 if cpu_bf16_native() else None
+        if dev.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if key in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if key in ("fp16", "float16", "half"):
+        if dev.type != "cuda":
+            raise CompressError(f"amp: fp16 needs a CUDA device (device is {dev}); use 'bf16' or 'off'")
+        return torch.float16
+    raise CompressError(f"amp: unknown value {amp!r} (use 'auto', 'bf16', 'fp16' or 'off')")
 
 
 # --------------------------------------------------------------------------- distributed

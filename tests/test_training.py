@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import compresscnn.training as ft_mod
+import compresscnn.utils as utils_mod
 from compresscnn.cli import main
 from compresscnn.errors import CompressError, RecipeError
-from compresscnn.training import _cutout, _mixup, _resolve_amp, finetune, resolve_memory_format
+from compresscnn.training import _cutout, _mixup, finetune, resolve_memory_format
+from compresscnn.utils import resolve_amp as _resolve_amp
 from compresscnn.recipe import validate
 
 
@@ -35,7 +36,7 @@ def _loader(n: int = 48, seed: int = 0, batch: int = 8) -> DataLoader:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_auto_on_cpu_follows_the_hardware(monkeypatch, native):
-    monkeypatch.setattr(ft_mod, "cpu_bf16_native", lambda: native)
+    monkeypatch.setattr(utils_mod, "cpu_bf16_native", lambda: native)
     cpu = torch.device("cpu")
     assert _resolve_amp("auto", cpu) == (torch.bfloat16 if native else None)
     assert _resolve_amp("off", cpu) is None and _resolve_amp("bf16", cpu) == torch.bfloat16
