@@ -379,6 +379,8 @@ class DistillSettings:
     # False/"off": float32; True/"bf16": bf16 autocast
     features: float = 0.0  # weight of the replaced layers' output matching (0: logits only)
     holdout: int = 0  # last batches kept out, scoring each pass; the best pass's weights kept
+    warmup: float = 0.0  # fraction of the steps over which the rate rises linearly from 0
+    crop: float = 1.0  # smallest area fraction of a random resized crop (1: no cropping)
 
 
 
@@ -407,6 +409,34 @@ def mix_batch(x: torch.Tensor, how: str, alpha: float, gen: torch.Generator) -> 
     out = x.clone()
     out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
     return out
+
+
+def crop_batch(x: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Every image of ``x`` (N x C x H x W) cropped to its own random box, of area fraction
+    drawn uniformly from [``scale``, 1] and aspect ratio (log-uniformly) from [3/4, 4/3],
+    anywhere inside the image, and resized back to H x W (bilinear): Inception-style crops
+    on tensors already preprocessed. ``scale`` >= 1 returns ``x`` itself."""
+    if scale >= 1.0:
+        return x
+    n = len(x)
+    area = scale + (1.0 - scale) * torch.rand(n, generator=gen)
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=gen))
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # box width / image width
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (1.0 - sx) * (2.0 * torch.rand(n, generator=gen) - 1.0)  # box centre in [-1, 1]
+    ty = (1.0 - sy) * (2.0 * torch.rand(n, generator=gen) - 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _rate(lr: float, step: int, steps: int, warm: int) -> float:
+    """The rate at ``step`` of ``steps``: linear from 0 over the first ``warm`` steps, then a
+    cosine decay to 0 over the rest."""
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
 
 
 def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor],
@@ -449,6 +479,10 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     the layers; the original's outputs computed at each step): many more targets per image
     than the logits alone, a layer-wise distillation for when the images are few (the
     cross-distillation of Bai et al. 2020 without its mixing of the two networks).
+    ``settings.crop`` < 1 crops every image to a random box of at least that area fraction
+    (:func:`crop_batch`, before the mixing; the original's outputs computed on the crops) and
+    ``settings.warmup`` ramps the rate up over that fraction of the steps before the cosine
+    decay, so Adam's first, poorly estimated steps do not undo the layer-wise fit.
     ``settings.holdout`` > 0 keeps the last that many batches out of training: the KL on
     them is measured before training and after every pass, and the weights of the pass where
     it was lowest are restored at the end (pass 0: no distillation). Returns the loss and
@@ -471,6 +505,13 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     if settings.mix not in MIXES:
         raise ValueError(f"distill mix: {settings.mix!r} is not one of {', '.join(MIXES)}")
     mixing = settings.mix != "none"
+    cropping = float(settings.crop)
+    if not 0.0 < cropping <= 1.0:
+        raise ValueError(f"distill crop: must be an area fraction in (0, 1], got {cropping!r}")
+    warmup = float(settings.warmup)
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"distill warmup: must be a fraction of the steps in [0, 1), "
+                         f"got {warmup!r}")
     beta = float(settings.features)
     if beta < 0 or not math.isfinite(beta):
         raise ValueError(f"distill features: must be a finite weight >= 0, got {beta!r}")
@@ -485,7 +526,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
             store[name] = out.float().clone()  # a copy: an in-place activation may follow
         return keep
 
-    live = mixing or bool(names)  # the original runs on each step's input
+    live = mixing or bool(names) or cropping < 1.0  # the original runs on each step's input
     with torch.no_grad(), eval_mode(original):
         teacher = [original(x).float() for x in batches]
         mirrored = ([original(x.flip(-1)).float() for x in batches]
@@ -500,6 +541,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     params = [p for p in compressed.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(settings.lr))
     steps = int(settings.epochs) * len(batches)
+    warm = int(round(warmup * steps))
     gen = torch.Generator().manual_seed(int(seed))
     step = 0
     with eval_mode(compressed, original), \
@@ -511,13 +553,14 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
                 if live:  # the original's outputs (and layer outputs) on this very input
                     if settings.flip and bool(torch.rand((), generator=gen) < 0.5):
                         x = x.flip(-1)
+                    x = crop_batch(x, cropping, gen)
                     x = mix_batch(x, settings.mix, settings.mix_alpha, gen)
                     with torch.no_grad():
                         t = original(x).float()
                 elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
                     x, t = x.flip(-1), mirrored[i]
                 for g in opt.param_groups:
-                    g["lr"] = float(settings.lr) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                    g["lr"] = _rate(float(settings.lr), step, steps, warm)
                 with torch.autocast("cpu", torch.bfloat16, enabled=amp and x.device.type == "cpu"):
                     out = compressed(x)
                 loss = kd_divergence(out, t, T)
@@ -541,7 +584,8 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     return {**held_stats, "epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
             "temperature": T, "flip": bool(settings.flip), "mix": settings.mix,
             "mix_alpha": float(settings.mix_alpha), "amp": "bf16" if amp else "off",
-            "features": beta, "feature_layers": len(names),
+            "features": beta, "feature_layers": len(names), "crop": cropping,
+            "warmup": warmup,
             "loss_before": before[0], "loss_after": after[0],
             "agreement_before": before[1], "agreement_after": after[1],
             "seconds": time.perf_counter() - t0}

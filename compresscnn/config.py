@@ -820,6 +820,17 @@ class CalibrationDistill(Closed):
         "are kept (pass 0: the layer-wise fit alone, so a distillation that does not "
         "generalise beyond its images is undone). 0: every batch fits and trains, the last "
         "pass's weights are kept.", 0)
+    crop: FRACTION = doc(
+        "Crop every image to its own random box of area fraction between this and 1 (aspect "
+        "ratio 3/4 to 4/3, anywhere in the image) resized back to the batch's size, the "
+        "original's outputs on the crops as the targets: Inception-style crops on the "
+        "preprocessed calibration tensors, more of the original's function to match when "
+        "the images are few. Costs one more forward pass of the original per step. 1: no "
+        "cropping.", 1.0)
+    warmup: Float(0.0, 1.0, hi_open=True) = doc(
+        "Fraction of the steps over which the learning rate rises linearly from 0 to `lr` "
+        "before the cosine decay, so that Adam's first, poorly estimated steps do not undo "
+        "the layer-wise fit.", 0.0)
 
 
 class Calibration(Closed):

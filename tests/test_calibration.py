@@ -505,3 +505,57 @@ def test_distill_outputs_with_mixed_inputs(mix):
     assert out["loss_after"] < out["loss_before"]
     with pytest.raises(ValueError, match="mix"):
         distill_outputs(m, student, x, DistillSettings(mix="blend"))
+
+
+def test_crop_batch_crops_each_image_to_its_own_box_reproducibly():
+    from compresscnn.calibration import crop_batch
+
+    # every image a horizontal ramp 0..1: a crop resized back is a ramp over a sub-range
+    ramp = torch.linspace(0.0, 1.0, 32).expand(4, 3, 32, 32).contiguous()
+    assert crop_batch(ramp, 1.0, torch.Generator()) is ramp
+    a = crop_batch(ramp, 0.25, torch.Generator().manual_seed(0))
+    b = crop_batch(ramp, 0.25, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    assert a.shape == ramp.shape and not torch.allclose(a, ramp)
+    assert a.min() >= 0.0 and a.max() <= 1.0  # the box lies inside the image
+    assert bool((a.diff(dim=-1) >= -1e-6).all())  # still increasing along the width
+    spans = a[:, 0, 0, -1] - a[:, 0, 0, 0]  # the share of the width each box covers
+    assert bool((spans < 0.999).all()) and bool((spans > 0.25 * 0.75 - 0.05).all())
+    assert len(set(spans.round(decimals=4).tolist())) == 4  # a box per image
+
+
+def test_rate_warms_up_linearly_then_decays():
+    from compresscnn.calibration import _rate
+
+    rates = [_rate(1.0, s, 100, 10) for s in range(100)]
+    assert rates[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert rates[10] == pytest.approx(1.0) and rates[-1] < 0.01
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert [_rate(1.0, s, 100, 0) for s in (0, 50)] == pytest.approx([1.0, 0.5])
+
+
+def test_distill_outputs_with_crops_and_warmup():
+    from compresscnn.calibration import DistillSettings, distill_outputs
+
+    m, student, x = _damaged(3, batch=16)
+    out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
+                                                         crop=0.3, warmup=0.2))
+    assert out["crop"] == 0.3 and out["warmup"] == 0.2 and out["steps"] == 30
+    assert out["loss_after"] < out["loss_before"]
+    for bad in ({"crop": 0.0}, {"crop": 1.5}, {"warmup": 1.0}, {"warmup": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            distill_outputs(m, student, x, DistillSettings(**bad))
+
+
+def test_recipe_refuses_a_crop_or_warmup_out_of_range():
+    from compresscnn.errors import RecipeError
+    from compresscnn.recipe import validate
+
+    base = {"model": {"spec": "cifar:resnet20"}, "rules": [{"match": "layer1.*", "method": "cp",
+                                                             "rank": 4}],
+            "data": {"dataset": "cifar10", "root": "x.zip"}}
+    for key, value in (("crop", 0), ("crop", 1.2), ("warmup", 1.0)):
+        with pytest.raises(RecipeError, match=rf"calibration\.distill\.{key}"):
+            validate({**base, "calibration": {"distill": {key: value}}})
+    ok = validate({**base, "calibration": {"distill": {"crop": 0.35, "warmup": 0.1}}})
+    assert ok["calibration"]["distill"]["crop"] == 0.35

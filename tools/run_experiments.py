@@ -176,6 +176,14 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_auto_1.5x_holdout_fp32_e8": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 8, lr: 3.0e-6, mix: mixup, holdout: 6, amp: off}"]),
+    # the distillation with a warm-up and Inception-style crops (new views at every step)
+    "squeezenet1_1_auto_1.5x_crop_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=31",
+        "calibration.distill={epochs: 24, lr: 3.0e-5, warmup: 0.1, crop: 0.35, mix: mixup, "
+        "holdout: 6}"]),
+    "squeezenet1_1_auto_1.5x_crop": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "calibration.batches=31",
+        "calibration.distill={epochs: 24, lr: 3.0e-5, warmup: 0.1, crop: 0.35, holdout: 6}"]),
     # the same distillation with the replaced layers' outputs matched too (layer-wise)
     "squeezenet1_1_auto_1.5x_feat": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
