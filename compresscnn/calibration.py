@@ -27,7 +27,7 @@ from .nn_utils import eval_mode, get_module, hooks, kd_divergence, module_mode, 
 from .ranks import Skip, tail_error
 from .recipe import MIXES
 from .response import Tail, fit_layer
-from .utils import resolve_amp
+from .utils import lr_factor, resolve_amp
 
 
 @torch.no_grad()
@@ -431,14 +431,6 @@ def crop_batch(x: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Ten
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _rate(lr: float, step: int, steps: int, warm: int) -> float:
-    """The rate at ``step`` of ``steps``: linear from 0 over the first ``warm`` steps, then a
-    cosine decay to 0 over the rest."""
-    if step < warm:
-        return lr * (step + 1) / warm
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
-
-
 def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor],
                 temperature: float) -> tuple[float, float]:
     """Mean distillation loss and agreement of ``student`` with the teacher's logits ``ts``."""
@@ -560,7 +552,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
                 elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
                     x, t = x.flip(-1), mirrored[i]
                 for g in opt.param_groups:
-                    g["lr"] = _rate(float(settings.lr), step, steps, warm)
+                    g["lr"] = float(settings.lr) * lr_factor(step, steps, warmup_steps=warm)
                 with torch.autocast("cpu", torch.bfloat16, enabled=amp and x.device.type == "cpu"):
                     out = compressed(x)
                 loss = kd_divergence(out, t, T)

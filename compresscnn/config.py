@@ -31,6 +31,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
 from pydantic_core import PydanticCustomError
 
 from .errors import CompressError, RecipeError
+from .utils import SCHEDULES
 
 #: the ``model.spec`` sources ``compresscnn.models`` loads (``<source>:<name>``)
 MODEL_SOURCES = ("torchvision", "timm", "cifar", "fmnist")
@@ -659,7 +660,6 @@ SOLVERS: tuple[str, ...] = ("closed_form", "adam")
 #: how calibration distillation mixes its images (``calibration.mix_batch``)
 MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")
 #: learning-rate schedules of the training loop (``compresscnn.finetune``)
-SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "linear", "constant", "step")
 #: optimizers and memory formats of the training loop
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")

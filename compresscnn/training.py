@@ -60,6 +60,7 @@ from .evaluation import split_batch
 from .models.loaders import check_state_dict, load_torch_file
 from .nn_utils import kd_divergence
 from .utils import (
+    lr_factor,
     atomic_torch_save,
     atomic_write_text,
     get_world_size,
@@ -182,28 +183,6 @@ def build_optimizer(
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
     raise CompressError(f"optimizer: unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
-
-
-def lr_factor(step: int, total_steps: int, *, warmup_steps: int = 0, schedule: str = "cosine") -> float:
-    """Multiplier of the base LR for 0-based ``step``: linear warmup from ``1/warmup`` to 1
-    over ``warmup_steps``, then cosine (to 0 at ``total_steps``), linear decay to 0, step
-    decay (×0.1 at 50 % and again at 75 % of the post-warmup steps, the classic ResNet
-    schedule), or constant."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - warmup_steps)
-    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "onecycle":  # Smith & Topin 2019, linear: up to the peak at 30%, down to 0
-        return 0.04 + 0.96 * progress / 0.3 if progress < 0.3 else (1.0 - progress) / 0.7
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "step":
-        return 1.0 if progress < 0.5 else (0.1 if progress < 0.75 else 0.01)
-    raise CompressError(f"schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
 
 
 # --------------------------------------------------------------------------- RNG state

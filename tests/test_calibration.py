@@ -524,16 +524,6 @@ def test_crop_batch_crops_each_image_to_its_own_box_reproducibly():
     assert len(set(spans.round(decimals=4).tolist())) == 4  # a box per image
 
 
-def test_rate_warms_up_linearly_then_decays():
-    from compresscnn.calibration import _rate
-
-    rates = [_rate(1.0, s, 100, 10) for s in range(100)]
-    assert rates[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
-    assert rates[10] == pytest.approx(1.0) and rates[-1] < 0.01
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
-    assert [_rate(1.0, s, 100, 0) for s in (0, 50)] == pytest.approx([1.0, 0.5])
-
-
 def test_distill_outputs_with_crops_and_warmup():
     from compresscnn.calibration import DistillSettings, distill_outputs
 

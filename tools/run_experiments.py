@@ -134,6 +134,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # at the full rate): the factors' own speed-up along the low-rank directions taken out
     "resnet20_auto_3x_flr03": (R20_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
     "resnet56_auto_3x_flr03": (R56_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
+    # the epoch with a linear warm-up over its first fifth (78 of 391 steps), both models
+    "resnet20_auto_3x_warm": (R20_3X, ["rules.0.method=auto", "finetune.warmup_steps=78"]),
+    "resnet20_dense_1ep_warm": (R20, [*DENSE, "finetune.warmup_steps=78"]),
     "resnet56_auto_3x_flr03_seed1": (R56_3X, [
         "rules.0.method=auto", "finetune.factor_lr=0.3", "seed=1"]),
     "resnet20_auto_5x_flr03": (R20_3X, [
