@@ -659,11 +659,10 @@ FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
 SOLVERS: tuple[str, ...] = ("closed_form", "adam")
 #: how calibration distillation mixes its images (``calibration.mix_batch``)
 MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")
-#: learning-rate schedules of the training loop (``compresscnn.finetune``)
 #: optimizers and memory formats of the training loop
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
-ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity")
+ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity", "output")
 _NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
             doc="str")
 

@@ -154,19 +154,25 @@ def _replace_head(recipe: dict[str, Any], model: nn.Module) -> None:
 def _calibration(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list | None:
     """The calibration batches when the recipe needs them (:func:`_calibrates`), else None."""
     cal = recipe.get("calibration")
-    if recipe.get("allocation") == "sensitivity" and recipe.get("target") and not cal:
-        raise RecipeError("allocation: sensitivity needs a calibration section (the layers' "
-                          "effect on the output is measured on calibration batches)")
+    if _measures_to_plan(recipe) and not cal:
+        raise RecipeError(f"allocation: {recipe['allocation']} needs a calibration section "
+                          "(the layers' effect on the output is measured on calibration "
+                          "batches)")
     return _calibration_batches(recipe, pcfg) if _calibrates(recipe) else None
+
+
+def _measures_to_plan(recipe: dict[str, Any]) -> bool:
+    """Whether planning measures the model on calibration batches (``allocation:
+    sensitivity`` or ``output`` with a global target)."""
+    return bool(recipe.get("allocation") in ("sensitivity", "output") and recipe.get("target"))
 
 
 def _calibrates(recipe: dict[str, Any]) -> bool:
     """Whether the run reads calibration batches: a data-aware fit, BatchNorm re-estimation,
-    calibration distillation or sensitivity allocation."""
+    calibration distillation or an allocation measured on them."""
     cal = recipe.get("calibration")
     return bool(cal and (cal.get("reconstruct") or cal.get("bn_recalibrate")
-                         or cal.get("distill") is not None
-                         or recipe.get("allocation") == "sensitivity"))
+                         or cal.get("distill") is not None or _measures_to_plan(recipe)))
 
 
 def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -617,9 +623,9 @@ def _plan_stage(ctx: _RunContext) -> None:
             if ctx.train_cfg is not None:
                 ctx.compressed, ctx.plan = _build_untrained(recipe, ctx.model, ctx.input_size)
             elif recipe["rules"]:
-                # sensitivity allocation measures layers on calibration batches to plan
+                # sensitivity and output allocations measure layers on calibration batches
                 ctx.batches = (_calibration(recipe, ctx.pcfg)
-                               if recipe.get("allocation") == "sensitivity" else None)
+                               if _measures_to_plan(recipe) else None)
                 opts = _compress_options(recipe)
                 ctx.plan = plan_compression(ctx.model, recipe["rules"], ctx.input_size,
                                             opts["target"], ctx.batches,

@@ -12,7 +12,9 @@ budget on the moves that buy back the most error per MAC, so the result lands ju
 the target. The error of a layer at a rank is its relative weight reconstruction error
 estimated from the spectra (tail energy; for Tucker-2 the HOSVD bound over both modes),
 so the allocation needs no data; with calibration data, ``compresscnn.surgery`` weights it
-by each layer's measured output sensitivity.
+by each layer's measured output sensitivity (``allocation: sensitivity``), or replaces it by
+each decomposed candidate's relative error on the layer's outputs for calibration inputs
+(``allocation: output``, :func:`measured_candidates` with a ``probe``).
 
 The error a layer contributes is ``weight * e**2`` (``penalty="squared"``, the default:
 summed squared relative errors), or ``-weight * log(1 - e**2)`` (``penalty="log_energy"``:
@@ -353,14 +355,26 @@ def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | N
     return cands
 
 
+def output_error(layer: nn.Module, new: nn.Module, x: torch.Tensor) -> float:
+    """``||new(x) - layer(x)|| / ||layer(x)||``: the relative error of a replacement on the
+    inputs ``x`` the layer really receives (directions of the weights that the data never
+    excites cost nothing here, unlike in the weight error)."""
+    with torch.no_grad():
+        y = layer(x).float()
+        return float((new(x).float() - y).norm() / y.norm().clamp_min(1e-30))
+
+
 def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | None,
                         options: dict[str, Any], round_to: int = 1, steps: int = 12,
-                        tokens: int = 1) -> list[Candidate]:
+                        tokens: int = 1, probe: torch.Tensor | None = None
+                        ) -> list[Candidate]:
     """One method's candidates for mixed-method planning (``method: auto``): the ranks
     keeping ``k / steps`` of the dense layer's MACs for k = steps-1 .. 1 (rounded to
     ``round_to``; none that costs the dense layer's parameters and MACs or more), each
     *decomposed* with ``options`` and its measured relative error kept, tagged with the
-    method. No dense candidate (the caller adds one for all methods)."""
+    method. No dense candidate (the caller adds one for all methods). With ``probe`` (inputs
+    of the layer, e.g. from calibration images) the error kept is :func:`output_error` on
+    them instead of the weight error."""
     dense_p, dense_m = layer_cost(layer, in_hw)
     full = dec.max_rank(layer, **options)
     seen: set[Rank] = set()
@@ -372,7 +386,9 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
         if r in seen or (p >= dense_p and m >= dense_m):
             continue
         seen.add(r)
-        err = float(dec.decompose(layer, r, **options).fit_info["rel_error"])
+        new = dec.decompose(layer, r, **options)
+        err = (float(new.fit_info["rel_error"]) if probe is None
+               else output_error(layer, new.eval(), probe))
         out.append(Candidate(r, p, m * tokens, err, method=dec.name))
     return out
 

@@ -285,7 +285,10 @@ class Recipe(Closed):
         "relative weight errors; `energy` maximises the product of the energies the layers "
         "keep (Zhang et al. 2015: no layer is cut to nothing); `sensitivity` (needs "
         "`calibration`) weighs each layer's error by the measured change of the model's output "
-        "when that layer alone is decomposed (first 4 calibration batches).", "spectral")
+        "when that layer alone is decomposed (first 4 calibration batches); `output` (needs "
+        "`calibration`) decomposes every candidate rank of every budgeted layer (as `method: "
+        "auto` does) and minimises the summed squared relative errors of the layers' outputs "
+        "on the first calibration batch instead of their weights'.", "spectral")
     latency: Latency = section()
     finetune: Finetune = section()
     train: Optional[Train] = doc(Train.__doc__, None)

@@ -32,7 +32,7 @@ from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_optio
                      validate_compress, validate_rules, validate_target)
 
 #: how a global target is spread over layers (see ``plan``)
-ALLOCATIONS = ("spectral", "energy", "sensitivity")
+ALLOCATIONS = ("spectral", "energy", "sensitivity", "output")
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
          target: dict[str, float] | None = None,
          sensitivity: dict[str, float] | None = None,
          objective: str = "macs", latency: Any = None,
-         allocation: str = "spectral") -> Plan:
+         allocation: str = "spectral", probe: torch.Tensor | None = None) -> Plan:
     """Decide, for every layer a rule matches, the method and the exact rank.
 
     ``target`` ({"macs": f}, {"params": f} or {"latency": f}) is a whole-model budget: the
@@ -241,7 +241,11 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     ``allocation``: ``"spectral"`` (default) minimises the summed squared relative errors,
     ``"energy"`` maximises the product of the energies kept (Zhang et al. 2015), and
     ``"sensitivity"`` is ``"spectral"`` with ``sensitivity`` weights (``compress`` measures
-    them from calibration batches).
+    them from calibration batches), and ``"output"`` is ``"spectral"`` on errors measured on
+    the layers' outputs: every budgeted layer's candidates (``measured_candidates``, as
+    ``method: auto`` builds them) are decomposed and each is scored by its relative output
+    error on the inputs that layer receives when the model runs on ``probe`` (a batch of
+    calibration inputs), instead of by its weight error.
 
     ``objective="latency"`` (or a rule's own ``objective: latency``, or a latency target)
     times each layer's dense form and candidate decompositions on the runtime ``latency``
@@ -254,10 +258,15 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         raise RecipeError(f"allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if objective not in ("macs", "latency"):
         raise RecipeError(f"objective: {objective!r} is not one of macs, latency")
+    if allocation == "output" and target and probe is None:
+        raise RecipeError("allocation: output needs calibration batches (each candidate's "
+                          "error is measured on the layer's output for them)")
     input_size = tuple(int(x) for x in input_size)
     layers = trace_layers(model, input_size)
     totals = count(model, input_size)
     owner = _match(rules, layers)
+    probes = (record_inputs(model, list(owner), probe)
+              if allocation == "output" and target else {})
     tkey = next(iter(target)) if target else None
     timed = [n for n, i in owner.items()
              if tkey == "latency" or (rules[i].get("objective") or objective) == "latency"]
@@ -271,7 +280,8 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
         rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
                             weight=w, lat_cfg=lat_cfg,
-                            x=inputs[name] if name in timed else None)
+                            x=inputs[name] if name in timed else None,
+                            probe=probes.get(name))
         reps.append(rep)
         if item is not None:
             items[name] = item
@@ -298,9 +308,11 @@ def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[
 
 def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
             target: dict[str, float] | None, weight: float, lat_cfg: LatencyConfig | None,
-            x: torch.Tensor | None) -> tuple[Replacement, BudgetItem | None]:
+            x: torch.Tensor | None, probe: torch.Tensor | None = None
+            ) -> tuple[Replacement, BudgetItem | None]:
     """One layer's row: refused by its method, ranked by its rule's policy (and, when timed
-    on ``x``, kept dense unless faster), or left to the budget (its :class:`BudgetItem`)."""
+    on ``x``, kept dense unless faster), or left to the budget (its :class:`BudgetItem`;
+    with ``probe``, the layer's inputs, its candidates decomposed and scored on them)."""
     dec = get_decomposer(rule["method"])
     opts = _method_options(rule)
     p0, m0 = layer_cost(info.module, info.in_hw)
@@ -313,13 +325,17 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
     check_weights(info.module, f"rules[{i}] ({name})")
     if dec.chooses:
         return _select_mixed(name, info, i, rule, rep, dec, opts, target=target, weight=weight,
-                             lat_cfg=lat_cfg, x=x)
+                             lat_cfg=lat_cfg, x=x, probe=probe)
     if not any(rule.get(k) is not None for k in _RANK_KEYS):
         if not target:
             raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
                               f"global target to choose ranks")
-        cands = candidates_for(dec, info.module, info.in_hw, opts,
-                               round_to=int(rule.get("round_to") or 1), tokens=info.tokens)
+        round_to = int(rule.get("round_to") or 1)
+        cands = (candidates_for(dec, info.module, info.in_hw, opts, round_to=round_to,
+                                tokens=info.tokens) if probe is None else
+                 [Candidate(None, p0, m0, 0.0), *measured_candidates(
+                     dec, info.module, info.in_hw, opts, round_to=round_to,
+                     tokens=info.tokens, probe=probe)])
         if x is not None:
             cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
             rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
@@ -344,8 +360,8 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
 
 def _select_mixed(name: str, info: LayerInfo, i: int, rule: dict[str, Any], rep: Replacement,
                   dec: Decomposer, opts: dict[str, Any], *, target: dict[str, float] | None,
-                  weight: float, lat_cfg: LatencyConfig | None, x: torch.Tensor | None
-                  ) -> tuple[Replacement, BudgetItem | None]:
+                  weight: float, lat_cfg: LatencyConfig | None, x: torch.Tensor | None,
+                  probe: torch.Tensor | None = None) -> tuple[Replacement, BudgetItem | None]:
     """``method: auto``: every member method's candidates, decomposed and their errors
     measured (:func:`~compresscnn.ranks.measured_candidates`; when timed on ``x``, only
     those faster than the dense layer). A global target chooses among them (the row's
@@ -355,7 +371,7 @@ def _select_mixed(name: str, info: LayerInfo, i: int, rule: dict[str, Any], rep:
     cands = [Candidate(None, rep.params_before, rep.macs_before, 0.0)]
     for m in dec.members(info.module, **opts):
         mine = measured_candidates(m, info.module, info.in_hw, {}, round_to=round_to,
-                                   steps=o.ranks, tokens=info.tokens)
+                                   steps=o.ranks, tokens=info.tokens, probe=probe)
         if x is not None:
             mine, dense_ms = _timed_candidates(m, info.module, [cands[0], *mine], {}, x,
                                                lat_cfg)
@@ -522,16 +538,19 @@ def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
                      objective: str = "macs", latency: Any = None,
                      allocation: str = "spectral") -> Plan:
     """The planning half of :func:`compress`: with ``allocation="sensitivity"`` the layers'
-    effect on the output is measured on the first ``calibration`` batches, then :func:`plan`.
-    What ``compresscnn run --dry-run`` prints."""
+    effect on the output is measured on the first ``calibration`` batches, with
+    ``allocation="output"`` each candidate's output error on the first batch; then
+    :func:`plan`. What ``compresscnn run --dry-run`` prints."""
     weights = None
-    if allocation == "sensitivity" and calibration is None:
-        raise RecipeError("allocation: sensitivity needs calibration batches")
+    if allocation in ("sensitivity", "output") and not calibration:
+        raise RecipeError(f"allocation: {allocation} needs calibration batches")
     if allocation == "sensitivity" and target:
         probe = plan(model, rules, input_size, target={"macs": 1.0})
         weights = layer_sensitivity(model, probe, calibration)
+    first = calibration[0] if allocation == "output" else None
     return plan(model, rules, input_size, target=target, objective=objective, latency=latency,
-                sensitivity=weights, allocation=allocation)
+                sensitivity=weights, allocation=allocation,
+                probe=first[0] if isinstance(first, (tuple, list)) else first)
 
 
 def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],

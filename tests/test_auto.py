@@ -132,14 +132,16 @@ def test_a_recipe_giving_auto_a_rank_is_a_one_line_error(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_auto_with_sensitivity_allocation_and_calibration():
+@pytest.mark.parametrize("allocation", ["sensitivity", "output"])
+def test_auto_with_sensitivity_allocation_and_calibration(allocation):
     """``allocation: sensitivity`` probes each auto layer with the first method that takes
-    it; the data-aware fit then runs on the chosen methods' modules."""
+    it, ``output`` scores every candidate on the layer's outputs; the data-aware fit then
+    runs on the chosen methods' modules."""
     torch.manual_seed(0)
     batches = [torch.randn(4, *SIZE) for _ in range(2)]
     new, p = compress(small_net(), [{"match": ["4", "6"], "method": "auto",
                                      "methods": ["spatial", "tucker2"], "ranks": 4}], SIZE,
-                      target={"macs": 0.7}, calibration=batches, allocation="sensitivity")
+                      target={"macs": 0.7}, calibration=batches, allocation=allocation)
     applied = [r for r in p.replacements if r.applied]
     assert applied and all(r.method in ("spatial", "tucker2") for r in applied)
     assert all("output_error" in r.fit for r in applied)

@@ -151,3 +151,21 @@ def test_factor_lr_scales_the_factors_of_the_decomposed_layers(resnet20_recipe, 
     assert seen["layers"] and seen["scale"] == {name: 0.25 for name in seen["layers"]}
     rep = json.loads((out / "report.json").read_text())
     assert rep["finetune"]["factor_lr"] == 0.25
+
+
+@pytest.mark.shared
+def test_output_allocation_plans_on_the_calibration_images(resnet20_recipe, shared_data,
+                                                           tmp_path, monkeypatch, capsys):
+    """`allocation: output` reads the calibration batches to plan (even in a dry run), and
+    without a calibration section it is a one-line error naming the key."""
+    monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
+    out = tmp_path / "dry"
+    small = ["--set", "calibration.batches=1", "--set", "calibration.batch_size=16"]
+    assert main(["run", str(resnet20_recipe), "--out", str(out), "--dry-run",
+                 "--set", "allocation=output", *small]) == 0
+    assert "layer3.0.conv1" in capsys.readouterr().out and not out.exists()
+    assert main(["run", str(resnet20_recipe), "--out", str(out), "--dry-run", "--quiet",
+                 "--set", "allocation=output", "--set", "calibration=null"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "allocation: output needs a calibration section" in err[0]
+    assert not out.exists()

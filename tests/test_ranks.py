@@ -96,3 +96,60 @@ def test_squared_errors_above_one_still_rank_candidates():
              BudgetItem("b", [Candidate(None, 100, 100, 0.0), Candidate((1, 1), 50, 50, 1.1)])]
     allocate(items, "macs", 150)
     assert [it.choice for it in items] == [0, 1]
+
+
+def test_measured_candidates_score_on_the_layers_inputs_when_given_them():
+    from torch import nn
+
+    from compresscnn.decomposers import get_decomposer
+    from compresscnn.ranks import measured_candidates
+
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 24)
+    svd = get_decomposer("svd")
+    by_weight = measured_candidates(svd, layer, None, {}, steps=6)
+    # white inputs excite every direction alike: the output error is the weight error
+    white = measured_candidates(svd, layer, None, {}, steps=6, probe=torch.randn(4096, 32))
+    assert [c.rank for c in white] == [c.rank for c in by_weight]
+    for a, b in zip(white, by_weight):  # up to the bias, which no candidate changes
+        assert a.error <= b.error * 1.05
+    # inputs confined to the layer's top right-singular directions: a rank that keeps those
+    # directions reproduces the outputs exactly, whatever its weight error
+    u, sv, vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
+    narrow = torch.randn(512, 4) @ vh[:4]
+    on_data = measured_candidates(svd, layer, None, {}, steps=6, probe=narrow)
+    kept = [(c, w) for c, w in zip(on_data, by_weight) if c.rank[0] >= 4]
+    assert kept and all(c.error < 1e-4 < w.error for c, w in kept)
+
+
+def test_output_allocation_spends_the_budget_where_the_data_excites_the_weights():
+    from torch import nn
+
+    from compresscnn import plan
+    from compresscnn.errors import RecipeError
+
+    torch.manual_seed(0)
+
+    class Two(nn.Module):  # the first layer's inputs lie in its top 3 input directions
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(48, 48), nn.Linear(48, 48)
+            vh = torch.linalg.svd(self.a.weight.detach(), full_matrices=False)[2]
+            self.basis = nn.Parameter(vh[:3].clone(), requires_grad=False)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x[:, :3] @ self.basis)))
+
+    m = Two()
+    rules = [{"match": ["a", "b"], "method": "svd", "round_to": 1}]
+    probe = torch.randn(256, 48)
+    spectral = plan(m, rules, (48,), target={"params": 0.5})
+    output = plan(m, rules, (48,), target={"params": 0.5}, allocation="output", probe=probe)
+    ranks = lambda p: {r.name: (r.rank or [48])[0] for r in p.replacements}  # noqa: E731
+    assert ranks(output)["a"] < ranks(spectral)["a"]  # a rank that covers the 3 directions
+    assert ranks(output)["b"] > ranks(spectral)["b"]  # and the rest spent on b
+    assert output.params_after <= 0.5 * output.total_params
+    a = next(r for r in output.replacements if r.name == "a")
+    assert a.rel_error < 1e-4  # the error the plan records is the output error
+    with pytest.raises(RecipeError, match="allocation: output needs calibration batches"):
+        plan(m, rules, (48,), target={"params": 0.5}, allocation="output")

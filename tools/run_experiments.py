@@ -134,6 +134,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # at the full rate): the factors' own speed-up along the low-rank directions taken out
     "resnet20_auto_3x_flr03": (R20_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
     "resnet56_auto_3x_flr03": (R56_3X, ["rules.0.method=auto", "finetune.factor_lr=0.3"]),
+    "resnet20_auto_3x_output": (R20_3X, ["rules.0.method=auto", "allocation=output"]),
     # the epoch with a linear warm-up over its first fifth (78 of 391 steps), both models
     "resnet20_auto_3x_warm": (R20_3X, ["rules.0.method=auto", "finetune.warmup_steps=78"]),
     "resnet20_dense_1ep_warm": (R20, [*DENSE, "finetune.warmup_steps=78"]),
@@ -179,6 +180,10 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_auto_1.5x_holdout_fp32_e8": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 8, lr: 3.0e-6, mix: mixup, holdout: 6, amp: off}"]),
+    # the budget on each candidate's error on the layer's outputs for the first calibration
+    # batch (allocation: output) instead of its weight error
+    "squeezenet1_1_auto_1.5x_output": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "allocation=output"]),
     # the distillation with a warm-up and Inception-style crops (new views at every step)
     "squeezenet1_1_auto_1.5x_crop_mixup": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
