@@ -579,7 +579,7 @@ def test_numerics_shapes():
     assert num.mttkrp(t, fs, 2).shape == (3, 4)
     out, info = num.cp_als(t, fs, iters=5)
     assert [f.shape for f in out] == [f.shape for f in fs]
-    assert set(info) == {"iters", "rel_error", "norm_ratio", "finite"}
+    assert set(info) == {"iters", "rel_error", "norm_ratio", "finite", "revived"}
 
 
 def test_numerics_agree_with_tensorly():
@@ -692,3 +692,44 @@ def test_cp_precision_float32_matches_float64_on_a_large_layer():
     x = torch.randn(2, 96, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), atol=2e-3, rtol=1e-2)
+
+
+def test_cp_als_reseeds_dead_terms_from_the_residual():
+    """A term at zero in every mode is a fixed point of ALS (a dead channel once built);
+    ``revive`` re-seeds it from the residual, where it earns its place."""
+    t = _rand(12, 10, 3, 3, seed=4)
+    dec = D.get_decomposer("cp")
+    init = dec._hosvd_init(t, 6, 0)
+    for f in init:
+        f[:, 2] = 0.0  # one term dead from the start
+    kept, info0 = num.cp_als(t, [f.clone() for f in init], iters=50, ridge=1e-6, revive=0)
+    assert float(num.cp_term_norms(kept)[2]) == 0.0 and info0["revived"] == 0
+    out, info = num.cp_als(t, [f.clone() for f in init], iters=50, ridge=1e-6)
+    norms = num.cp_term_norms(out)
+    assert info["revived"] >= 1 and bool((norms > num.DEAD_TERM * norms.max()).all())
+    assert info["rel_error"] < info0["rel_error"] - 0.01
+    # an exactly low-rank tensor asked for more terms: the spare terms have nothing to take
+    # from the residual, and the re-seeding stops after its allowance, finite
+    low = num.cp_reconstruct([_rand(n, 2, seed=i) for i, n in enumerate(t.shape)])
+    _, info = num.cp_als(low, dec._hosvd_init(low, 5, 0), iters=60, ridge=1e-2)
+    assert info["finite"] and info["rel_error"] < 0.05
+
+
+def test_cp_layer_has_no_dead_terms_where_the_ridge_kills_them():
+    """At a ridge that shrinks most terms of a random 16-channel 3x3 conv to nothing (9 of 24
+    dead without re-seeding), every term of the built layer carries weight."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    w = conv.weight.detach().double()
+    dec = D.get_decomposer("cp")
+    plain, info0 = num.cp_als(w, dec._hosvd_init(w, 24, 0), iters=100, tol=1e-6, ridge=1e-2,
+                              revive=0)
+    norms0 = num.cp_term_norms(plain)
+    assert int((norms0 < num.DEAD_TERM * norms0.max()).sum()) >= 5
+    seq = dec.decompose(conv, (24,), ridge=1e-2)
+    norms = num.cp_term_norms([seq[3].weight.detach().reshape(16, -1),
+                               seq[0].weight.detach().reshape(24, -1).mT,
+                               seq[1].weight.detach().reshape(24, 3).mT,
+                               seq[2].weight.detach().reshape(24, 3).mT])
+    assert bool((norms > num.DEAD_TERM * norms.max()).all())
+    assert seq.fit_info["revived"] > 0 and seq.fit_info["rel_error"] < info0["rel_error"] - 0.05

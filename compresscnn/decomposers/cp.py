@@ -21,7 +21,9 @@ orthogonal terms and grows when terms cancel (the CP degeneracy that makes fine-
 collapse); if a fit exceeds ``max_norm_ratio`` (or goes non-finite) it is refitted with a
 10x stronger ridge, up to 4 times, and in the end the best admissible candidate among the
 ALS fits and the always-safe "tap" construction below is kept (lowest error). So the
-result never holds NaN/Inf and never has norm_ratio above the bound.
+result never holds NaN/Inf and never has norm_ratio above the bound. A stronger ridge can
+shrink terms to exactly zero (dead channels of the factorized layer); ALS re-seeds them from
+its residual (``_numerics.cp_als``; ``fit_info["revived"]`` counts them).
 
 Exact "full rank": ``max_rank = k_h k_w min(C_in, C_out)``. At that rank the module is
 built directly, without ALS: one group of terms per spatial tap ``(i, j)``, from the SVD of
@@ -181,7 +183,8 @@ class CP(Decomposer):
                 if info["finite"] and info["norm_ratio"] <= opt.max_norm_ratio:
                     if info["rel_error"] < best[1]["rel_error"]:
                         best = (factors, {"rel_error": info["rel_error"],
-                                          "norm_ratio": info["norm_ratio"]})
+                                          "norm_ratio": info["norm_ratio"],
+                                          "revived": info["revived"]})
                     break
                 ridge = ridge * 10 if ridge > 0 else 1e-4
         factors = best[0]
@@ -198,5 +201,6 @@ class CP(Decomposer):
             specs[3].build(a_out, bias, layer),
         )
         seq.fit_info = {"rel_error": float(best[1]["rel_error"]),
-                        "norm_ratio": float(best[1]["norm_ratio"]), "iters": total_iters}
+                        "norm_ratio": float(best[1]["norm_ratio"]), "iters": total_iters,
+                        "revived": int(best[1].get("revived", 0))}
         return seq
