@@ -145,6 +145,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # a second seed of the closest after-one-epoch comparison (ResNet-56 at 3x)
     "resnet56_dense_1ep_seed1": (R56, [*DENSE, "finetune.enabled=true", "seed=1"]),
     "resnet56_auto_3x_seed1": (R56_3X, ["rules.0.method=auto", "seed=1"]),
+    "resnet56_auto_3x_seed2": (R56_3X, ["rules.0.method=auto", "seed=2"]),
     # a third seed of it, with the factor rate of the two-seed comparison
     "resnet56_dense_1ep_seed2": (R56, [*DENSE, "finetune.enabled=true", "seed=2"]),
     "resnet56_auto_3x_flr03_seed2": (R56_3X, [
