@@ -31,6 +31,7 @@ R56_3X = "recipes/resnet56_cifar10_3x.yaml"
 FIVE_X = ["target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]
 #: the 2x recipes' overrides for the dense model given the same fine-tuning
 DENSE = ["rules=[]", "target=null", "calibration=null"]
+CP = ["rules.0.method=cp"]  # the 3x recipes' rule with CP ranks from spectral estimates
 #: AlexNet-CIFAR factorized as recipes/cifar10_alexnet_to_squeezenet_size.yaml does it
 ALEXNET_RULES = ('rules=[{match: "classifier.*", method: svd}, '
                  "{match: [features.3, features.6, features.8, features.10], method: cp}]")
@@ -101,17 +102,17 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet56_dense_1ep": (R56, [*DENSE, "finetune.enabled=true"]),
     # 3x and 5x fewer MACs: layer-wise fit on 4,096 images, then distilled on them (no
     # labels), then one epoch of fine-tuning
-    "resnet20_cp_3x": (R20_3X, []),
-    "resnet20_cp_5x": (R20_3X, FIVE_X),
-    "resnet56_cp_3x": (R56_3X, []),
-    "resnet56_cp_5x": (R56_3X, FIVE_X),
+    "resnet20_cp_3x": (R20_3X, CP),
+    "resnet20_cp_5x": (R20_3X, [*CP, *FIVE_X]),
+    "resnet56_cp_3x": (R56_3X, CP),
+    "resnet56_cp_5x": (R56_3X, [*CP, *FIVE_X]),
     # the fine-tuning epoch at 3x: learning rate, and distillation mixed with the labels
-    "resnet20_cp_3x_lr005": (R20_3X, ["finetune.lr=0.005"]),
-    "resnet20_cp_3x_lr02": (R20_3X, ["finetune.lr=0.02"]),
+    "resnet20_cp_3x_lr005": (R20_3X, [*CP, "finetune.lr=0.005"]),
+    "resnet20_cp_3x_lr02": (R20_3X, [*CP, "finetune.lr=0.02"]),
     "resnet20_cp_3x_kd05": (R20_3X, [
-        "finetune.distill.enabled=true", "finetune.distill.alpha=0.5"]),
+        *CP, "finetune.distill.enabled=true", "finetune.distill.alpha=0.5"]),
     # the lower fine-tuning rate, compressed and dense alike
-    "resnet56_cp_3x_lr005": (R56_3X, ["finetune.lr=0.005"]),
+    "resnet56_cp_3x_lr005": (R56_3X, [*CP, "finetune.lr=0.005"]),
     "resnet56_dense_1ep_lr005": (R56, [*DENSE, "finetune.enabled=true", "finetune.lr=0.005"]),
     "resnet20_dense_1ep_lr005": (R20, [*DENSE, "finetune.lr=0.005"]),
     # mixed methods per layer: method and rank chosen by measured error per MAC
@@ -153,10 +154,10 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # the epoch spent first: the dense model given the epoch, then compressed without labels
     # (needs the dense job's run directory)
     "resnet20_epoch_first_3x": (R20_3X, [
-        "model.weights=runs/experiments/resnet20_dense_1ep/model.safetensors",
+        *CP, "model.weights=runs/experiments/resnet20_dense_1ep/model.safetensors",
         "finetune.enabled=false"]),
     "resnet56_epoch_first_3x": (R56_3X, [
-        "model.weights=runs/experiments/resnet56_dense_1ep/model.safetensors",
+        *CP, "model.weights=runs/experiments/resnet56_dense_1ep/model.safetensors",
         "finetune.enabled=false"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
