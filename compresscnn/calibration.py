@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .decomposers import get_decomposer
-from .nn_utils import eval_mode, get_module, hooks, kd_divergence, module_mode, set_module
+from .nn_utils import (eval_mode, get_module, hooks, input_tensors, kd_divergence, module_mode,
+                       set_module)
 from .ranks import Skip, tail_error
 from .recipe import MIXES
 from .response import Tail, fit_layer
@@ -339,7 +340,7 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
     spectral error at that rank: the factor that turns the layer's weight error into output
     error. The allocation then minimises the summed (first-order, additive) output error.
     """
-    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches][:max_batches]
+    xs = input_tensors(batches)[:max_batches]
     if not xs:
         raise ValueError("layer_sensitivity needs at least one calibration batch")
     with eval_mode(model):

@@ -663,6 +663,8 @@ MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
 ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity", "output")
+#: the allocations that measure the model on calibration batches to plan
+CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("sensitivity", "output")
 _NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
             doc="str")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["get_module", "set_module", "module_mode", "eval_mode", "hooks", "record_inputs",
-           "module_device", "example_input", "num_threads", "kd_divergence"]
+           "input_tensors", "module_device", "example_input", "num_threads", "kd_divergence"]
 
 
 # ----------------------------------------------------------------------- dotted paths
@@ -105,6 +105,12 @@ def record_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor
     if not_called:
         raise RuntimeError(f"submodule(s) {not_called} were not called in the forward pass")
     return recorded
+
+
+def input_tensors(batches: Iterable[Any]) -> list[torch.Tensor]:
+    """The input tensor of every batch: the batch itself, or the first item of an
+    ``(input, label)`` pair."""
+    return [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
 
 
 # ----------------------------------------------------------------------- inputs, threads

@@ -60,7 +60,7 @@ from .lowrank import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor, SwitchP
 from .models import load_model, replace_head
 from .models.loaders import load_weights
 from .progress import emit, timed
-from .recipe import dump_resolved, load_recipe
+from .recipe import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
 from .rundir import RunDir
 from .surgery import Plan, apply, compress, plan, plan_compression
 from .training import finetune
@@ -164,7 +164,7 @@ def _calibration(recipe: dict[str, Any], pcfg: dict[str, Any]) -> list | None:
 def _measures_to_plan(recipe: dict[str, Any]) -> bool:
     """Whether planning measures the model on calibration batches (``allocation:
     sensitivity`` or ``output`` with a global target)."""
-    return bool(recipe.get("allocation") in ("sensitivity", "output") and recipe.get("target"))
+    return bool(recipe.get("allocation") in CALIBRATED_ALLOCATIONS and recipe.get("target"))
 
 
 def _calibrates(recipe: dict[str, Any]) -> bool:

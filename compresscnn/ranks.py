@@ -355,12 +355,11 @@ def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | N
     return cands
 
 
-def output_error(layer: nn.Module, new: nn.Module, x: torch.Tensor) -> float:
-    """``||new(x) - layer(x)|| / ||layer(x)||``: the relative error of a replacement on the
-    inputs ``x`` the layer really receives (directions of the weights that the data never
-    excites cost nothing here, unlike in the weight error)."""
+def output_error(new: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``||new(x) - y|| / ||y||`` with ``y`` the layer's own outputs on ``x``: the relative
+    error of a replacement on the inputs the layer really receives (directions of the
+    weights that the data never excites cost nothing here, unlike in the weight error)."""
     with torch.no_grad():
-        y = layer(x).float()
         return float((new(x).float() - y).norm() / y.norm().clamp_min(1e-30))
 
 
@@ -377,6 +376,9 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
     them instead of the weight error."""
     dense_p, dense_m = layer_cost(layer, in_hw)
     full = dec.max_rank(layer, **options)
+    if probe is not None:
+        with torch.no_grad():
+            dense_out = layer(probe).float()
     seen: set[Rank] = set()
     out = []
     for k in range(steps - 1, 0, -1):
@@ -388,7 +390,7 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
         seen.add(r)
         new = dec.decompose(layer, r, **options)
         err = (float(new.fit_info["rel_error"]) if probe is None
-               else output_error(layer, new.eval(), probe))
+               else output_error(new.eval(), probe, dense_out))
         out.append(Candidate(r, p, m * tokens, err, method=dec.name))
     return out
 

@@ -40,7 +40,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, Valid
 from pydantic import create_model, model_validator
 from pydantic_core import PydanticCustomError
 
-from .config import (ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS, MODEL_SOURCES, POLICY_KEYS,
+from .config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS, MODEL_SOURCES, POLICY_KEYS,
                      MIXES, RULE_KEYS, SCHEDULES, SOLVERS, TARGET_KEYS, Calibration, Closed, Data,
                      Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency, MethodOptions,
                      ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
@@ -56,7 +56,8 @@ __all__ = [
     "rule_options", "parse_recipe", "rule_model", "Recipe", "parse_override", "apply_overrides",
     "dump_resolved", "reference_markdown", "expand_env", "RULE_KEYS", "POLICY_KEYS",
     "TARGET_KEYS", "TOP_KEYS", "MODEL_SOURCES", "SCHEDULES", "FIT_THROUGH", "SOLVERS", "MIXES",
-    "LEGACY_DATA_KEYS", "load_yaml", "yaml_lines", "RESUME_FREE",
+    "LEGACY_DATA_KEYS", "load_yaml", "yaml_lines", "RESUME_FREE", "ALLOCATIONS",
+    "CALIBRATED_ALLOCATIONS",
 ]
 
 _fmt_path = fmt_path   # the key-path spelling other modules print

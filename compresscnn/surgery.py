@@ -25,14 +25,12 @@ from .decomposers import get_decomposer
 from .decomposers.base import Decomposer, check_weights, layer_cost, parse_options
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
-from .nn_utils import example_input, get_module, record_inputs, set_module
+from .nn_utils import example_input, get_module, input_tensors, record_inputs, set_module
 from .ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, measured_candidates,
                     select_rank, tail_error)
-from .recipe import (FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
+from .recipe import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
                      validate_compress, validate_rules, validate_target)
 
-#: how a global target is spread over layers (see ``plan``)
-ALLOCATIONS = ("spectral", "energy", "sensitivity", "output")
 
 
 @dataclass(frozen=True)
@@ -542,15 +540,14 @@ def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
     ``allocation="output"`` each candidate's output error on the first batch; then
     :func:`plan`. What ``compresscnn run --dry-run`` prints."""
     weights = None
-    if allocation in ("sensitivity", "output") and not calibration:
+    if allocation in CALIBRATED_ALLOCATIONS and not calibration:
         raise RecipeError(f"allocation: {allocation} needs calibration batches")
     if allocation == "sensitivity" and target:
         probe = plan(model, rules, input_size, target={"macs": 1.0})
         weights = layer_sensitivity(model, probe, calibration)
-    first = calibration[0] if allocation == "output" else None
     return plan(model, rules, input_size, target=target, objective=objective, latency=latency,
                 sensitivity=weights, allocation=allocation,
-                probe=first[0] if isinstance(first, (tuple, list)) else first)
+                probe=input_tensors(calibration[:1])[0] if allocation == "output" else None)
 
 
 def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
@@ -646,7 +643,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
                           f"got {fit_through!r}")
     if solver not in SOLVERS:
         raise RecipeError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+    batches = input_tensors(calibration)
     for i, b in enumerate(batches):
         if b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise DataError(f"calibration batch {i}: holds NaN or Inf values")

@@ -54,18 +54,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from .config import MEMORY_FORMATS, OPTIMIZERS, SCHEDULES
+from .config import MEMORY_FORMATS, OPTIMIZERS
 from .errors import CheckpointError, CompressError, DataError
 from .evaluation import split_batch
 from .models.loaders import check_state_dict, load_torch_file
 from .nn_utils import kd_divergence
 from .utils import (
-    lr_factor,
+    SCHEDULES,
     atomic_torch_save,
     atomic_write_text,
     get_world_size,
     is_dist,
     is_main_process,
+    lr_factor,
     resolve_amp,
     resolve_device,
     seed_everything,

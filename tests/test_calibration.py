@@ -463,13 +463,17 @@ def test_held_out_batches_are_kept_out_of_the_layer_wise_fit_too():
                  distill={"epochs": 1, "holdout": 3})
 
 
+#: the smallest valid recipe the calibration keys are checked against
+_RECIPE_BASE = {"model": {"spec": "cifar:resnet20"},
+                "rules": [{"match": "layer1.*", "method": "cp", "rank": 4}],
+                "data": {"dataset": "cifar10", "root": "x.zip"}}
+
+
 def test_distill_holdout_must_leave_batches_to_train_on():
     from compresscnn.errors import RecipeError
     from compresscnn.recipe import validate
 
-    base = {"model": {"spec": "cifar:resnet20"}, "rules": [{"match": "layer1.*", "method": "cp",
-                                                             "rank": 4}],
-            "data": {"dataset": "cifar10", "root": "x.zip"}}
+    base = _RECIPE_BASE
     with pytest.raises(RecipeError, match=r"calibration\.distill\.holdout: holdout 4 leaves "
                                           "none of the 4 calibration batches"):
         validate({**base, "calibration": {"batches": 4, "distill": {"holdout": 4}}})
@@ -541,9 +545,7 @@ def test_recipe_refuses_a_crop_or_warmup_out_of_range():
     from compresscnn.errors import RecipeError
     from compresscnn.recipe import validate
 
-    base = {"model": {"spec": "cifar:resnet20"}, "rules": [{"match": "layer1.*", "method": "cp",
-                                                             "rank": 4}],
-            "data": {"dataset": "cifar10", "root": "x.zip"}}
+    base = _RECIPE_BASE
     for key, value in (("crop", 0), ("crop", 1.2), ("warmup", 1.0)):
         with pytest.raises(RecipeError, match=rf"calibration\.distill\.{key}"):
             validate({**base, "calibration": {"distill": {key: value}}})

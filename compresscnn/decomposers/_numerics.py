@@ -318,8 +318,7 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
             break
         grams = [g * d[:, None] * d[None, :] for g, d in zip(grams, _balance(a))]
         if reseeds < revive:
-            norms = cp_term_norms(a)
-            dead = torch.nonzero(norms < DEAD_TERM * norms.max()).flatten()
+            dead = _dead_terms(a)
             if len(dead):
                 _reseed(x, a, dead)
                 grams = [f.mT @ f for f in a]
@@ -329,8 +328,7 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
             break
         prev = rel
     if finite and revive > 0:  # what the ridge killed after the last re-seeding: a final
-        norms = cp_term_norms(a)  # projection of the residual, which cannot raise the error
-        dead = torch.nonzero(norms < DEAD_TERM * norms.max()).flatten()
+        dead = _dead_terms(a)  # projection of the residual, which cannot raise the error
         if len(dead):
             _reseed(x, a, dead)
             revived += len(dead)
@@ -344,6 +342,12 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
         rel, ratio = math.inf, math.inf
     return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite,
                "revived": revived}
+
+
+def _dead_terms(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Indices of the terms whose norm is below ``DEAD_TERM`` of the largest term's."""
+    norms = cp_term_norms(factors)
+    return torch.nonzero(norms < DEAD_TERM * norms.max()).flatten()
 
 
 def _reseed(x: torch.Tensor, factors: list[torch.Tensor], dead: torch.Tensor) -> None:
