@@ -159,6 +159,12 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet56_epoch_first_3x": (R56_3X, [
         *CP, "model.weights=runs/experiments/resnet56_dense_1ep/model.safetensors",
         "finetune.enabled=false"]),
+    # the 3x budget with one method on every layer: which factorization the epoch trains best
+    "resnet20_spatial_3x": (R20_3X, ["rules.0.method=spatial"]),
+    "resnet20_tucker2_3x": (R20_3X, ["rules.0.method=tucker2"]),
+    # three epochs instead of one, compressed and dense: what the epochs close, and what not
+    "resnet20_auto_3x_3ep": (R20_3X, ["finetune.epochs=3"]),
+    "resnet20_dense_3ep": (R20, [*DENSE, "finetune.epochs=3"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31"]),
@@ -186,6 +192,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # batch (allocation: output) instead of its weight error
     "squeezenet1_1_auto_1.5x_output": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "allocation=output"]),
+    # the classifier (a 1x1 conv, a quarter of the MACs) among the budgeted layers too
+    "squeezenet1_1_auto_1.5x_all": ("recipes/squeezenet1_1_val500.yaml", [
+        "rules.0.method=auto", "rules.0.match=*"]),
     # the distillation with a warm-up and Inception-style crops (new views at every step)
     "squeezenet1_1_auto_1.5x_crop_mixup": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
