@@ -165,6 +165,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # three epochs instead of one, compressed and dense: what the epochs close, and what not
     "resnet20_auto_3x_3ep": (R20_3X, ["finetune.epochs=3"]),
     "resnet20_dense_3ep": (R20, [*DENSE, "finetune.epochs=3"]),
+    "resnet20_auto_5x_3ep": (R20_3X, [*FIVE_X, "finetune.epochs=3"]),
+    "resnet56_auto_5x_3ep": (R56_3X, [*FIVE_X, "finetune.epochs=3"]),
+    "resnet56_dense_3ep": (R56, [*DENSE, "finetune.enabled=true", "finetune.epochs=3"]),
     "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31"]),
