@@ -197,7 +197,7 @@ JOBS: dict[str, tuple[str, list[str]]] = {
         "rules.0.method=auto", "allocation=output"]),
     # the classifier (a 1x1 conv, a quarter of the MACs) among the budgeted layers too
     "squeezenet1_1_auto_1.5x_all": ("recipes/squeezenet1_1_val500.yaml", [
-        "rules.0.method=auto", "rules.0.match=*"]),
+        "rules.0.method=auto", "rules.0.match='*'"]),
     # the distillation with a warm-up and Inception-style crops (new views at every step)
     "squeezenet1_1_auto_1.5x_crop_mixup": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "calibration.batches=31",
