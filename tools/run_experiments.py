@@ -195,6 +195,9 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     # batch (allocation: output) instead of its weight error
     "squeezenet1_1_auto_1.5x_output": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "allocation=output"]),
+    # the recipe with other calibration images drawn (the seed draws the 256 fitted on)
+    "squeezenet1_1_auto_1.5x_seed1": ("recipes/squeezenet1_1_val500.yaml", ["seed=1"]),
+    "squeezenet1_1_auto_1.5x_seed2": ("recipes/squeezenet1_1_val500.yaml", ["seed=2"]),
     # the classifier (a 1x1 conv, a quarter of the MACs) among the budgeted layers too
     "squeezenet1_1_auto_1.5x_all": ("recipes/squeezenet1_1_val500.yaml", [
         "rules.0.method=auto", "rules.0.match='*'"]),
