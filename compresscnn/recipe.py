@@ -40,8 +40,9 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, Valid
 from pydantic import create_model, model_validator
 from pydantic_core import PydanticCustomError
 
-from .config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS, MODEL_SOURCES, POLICY_KEYS,
-                     MIXES, RULE_KEYS, SCHEDULES, SOLVERS, TARGET_KEYS, Calibration, Closed, Data,
+from .config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS,
+                     MODEL_SOURCES, POLICY_KEYS, MIXES, RULE_KEYS, SCHEDULES, SOLVERS,
+                     TARGET_KEYS, Calibration, Closed, Data,
                      Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency, MethodOptions,
                      ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
                      Where, bad, doc, expand_env, first_error, fmt_path, one_line,

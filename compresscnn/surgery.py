@@ -28,9 +28,8 @@ from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, 
 from .nn_utils import example_input, get_module, input_tensors, record_inputs, set_module
 from .ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, measured_candidates,
                     select_rank, tail_error)
-from .recipe import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS, rule_options,
-                     validate_compress, validate_rules, validate_target)
-
+from .recipe import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, POLICY_KEYS as _RANK_KEYS,
+                     SOLVERS, rule_options, validate_compress, validate_rules, validate_target)
 
 
 @dataclass(frozen=True)
@@ -634,8 +633,8 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     the earlier fit); see :mod:`compresscnn.response`. ``distill``: afterwards, end-to-end
     distillation on the same batches (:class:`~compresscnn.calibration.DistillSettings`
     keys; ``seed`` draws its batch order, flips and mixes; the batches its ``holdout`` keeps
-    out are kept out of the fit and of the BatchNorm estimate too). Returns a new plan: the measured output errors and each layer's fit time added to
-    its row's ``fit``, the solver, total time and forward passes in ``calibration`` (and the
+    out are kept out of the fit and of the BatchNorm estimate too). Returns a new plan: the
+    measured output errors and each layer's fit time added to its row's ``fit``, the solver, total time and forward passes in ``calibration`` (and the
     distillation's figures in ``calibration["distill"]``), and the number of BatchNorm
     layers re-estimated in ``bn_recalibrated``."""
     if fit_through not in FIT_THROUGH:

@@ -27,6 +27,7 @@ R20 = "recipes/resnet20_cifar10_2x.yaml"
 R56 = "recipes/resnet56_cifar10_2x.yaml"
 R20_3X = "recipes/resnet20_cifar10_3x.yaml"
 R56_3X = "recipes/resnet56_cifar10_3x.yaml"
+SQ = "recipes/squeezenet1_1_val500.yaml"
 #: the 3x recipes' overrides for 5x fewer MACs (more calibration images, longer distillation)
 FIVE_X = ["target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]
 #: the 2x recipes' overrides for the dense model given the same fine-tuning
@@ -168,57 +169,57 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_auto_5x_3ep": (R20_3X, [*FIVE_X, "finetune.epochs=3"]),
     "resnet56_auto_5x_3ep": (R56_3X, [*FIVE_X, "finetune.epochs=3"]),
     "resnet56_dense_3ep": (R56, [*DENSE, "finetune.enabled=true", "finetune.epochs=3"]),
-    "squeezenet1_1_auto_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=auto"]),
-    "squeezenet1_1_auto_1.5x_b31": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x": (SQ, ["rules.0.method=auto"]),
+    "squeezenet1_1_auto_1.5x_b31": (SQ, [
         "rules.0.method=auto", "calibration.batches=31"]),
-    "squeezenet1_1_auto_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_mixup": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
     # the budget weighted by each layer's measured output sensitivity
-    "squeezenet1_1_auto_1.5x_sensitivity": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_sensitivity": (SQ, [
         "rules.0.method=auto", "allocation=sensitivity"]),
     # the mixup distillation scored on 6 held-out batches (192 images), its best pass kept
-    "squeezenet1_1_auto_1.5x_mixup_holdout": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_mixup_holdout": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup, holdout: 6}"]),
     # the same scored distillation in float32 at a thirtieth of the rate, 4 passes
-    "squeezenet1_1_auto_1.5x_holdout_fp32": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_holdout_fp32": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 4, lr: 3.0e-6, mix: mixup, holdout: 6, amp: off}"]),
     # its pass 0: the fit on the 25 batches that the holdout of 6 leaves (the same images)
-    "squeezenet1_1_auto_1.5x_b25": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_b25": (SQ, [
         "rules.0.method=auto", "calibration.batches=25"]),
-    "squeezenet1_1_auto_1.5x_holdout_fp32_e8": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_holdout_fp32_e8": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 8, lr: 3.0e-6, mix: mixup, holdout: 6, amp: off}"]),
     # the budget on each candidate's error on the layer's outputs for the first calibration
     # batch (allocation: output) instead of its weight error
-    "squeezenet1_1_auto_1.5x_output": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_output": (SQ, [
         "rules.0.method=auto", "allocation=output"]),
     # the recipe with other calibration images drawn (the seed draws the 256 fitted on)
-    "squeezenet1_1_auto_1.5x_seed1": ("recipes/squeezenet1_1_val500.yaml", ["seed=1"]),
-    "squeezenet1_1_auto_1.5x_seed2": ("recipes/squeezenet1_1_val500.yaml", ["seed=2"]),
+    "squeezenet1_1_auto_1.5x_seed1": (SQ, ["seed=1"]),
+    "squeezenet1_1_auto_1.5x_seed2": (SQ, ["seed=2"]),
     # the classifier (a 1x1 conv, a quarter of the MACs) among the budgeted layers too
-    "squeezenet1_1_auto_1.5x_all": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_all": (SQ, [
         "rules.0.method=auto", "rules.0.match='*'"]),
     # the distillation with a warm-up and Inception-style crops (new views at every step)
-    "squeezenet1_1_auto_1.5x_crop_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_crop_mixup": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 24, lr: 3.0e-5, warmup: 0.1, crop: 0.35, mix: mixup, "
         "holdout: 6}"]),
-    "squeezenet1_1_auto_1.5x_crop": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_crop": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 24, lr: 3.0e-5, warmup: 0.1, crop: 0.35, holdout: 6}"]),
     # the same distillation with the replaced layers' outputs matched too (layer-wise)
-    "squeezenet1_1_auto_1.5x_feat": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_feat": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 4, lr: 1.0e-4, features: 1.0}"]),
-    "squeezenet1_1_auto_1.5x_feat_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_auto_1.5x_feat_mixup": (SQ, [
         "rules.0.method=auto", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup, features: 1.0}"]),
-    "squeezenet1_1_cp_1.5x": ("recipes/squeezenet1_1_val500.yaml", ["rules.0.method=cp"]),
+    "squeezenet1_1_cp_1.5x": (SQ, ["rules.0.method=cp"]),
     # distilled on the 1,000 unlabelled training images, mixed pairwise at every step
-    "squeezenet1_1_cp_1.5x_mixup": ("recipes/squeezenet1_1_val500.yaml", [
+    "squeezenet1_1_cp_1.5x_mixup": (SQ, [
         "rules.0.method=cp", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
     "demo": ("recipes/demo.yaml", []),
