@@ -24,8 +24,8 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .errors import CompressError
+from compresscnn import __version__
+from compresscnn.errors import CompressError
 
 # torch and the modules of each subcommand are imported inside the function that runs the
 # subcommand (they take seconds to load), so that --help and usage errors answer at once
@@ -39,7 +39,7 @@ def _init_distributed(device: str) -> bool:
     import torch
     import torch.distributed as dist
 
-    from .utils import resolve_device
+    from compresscnn.util.common import resolve_device
 
     if dist.is_initialized():
         return False
@@ -52,9 +52,9 @@ def _init_distributed(device: str) -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .recipe import load_recipe
-    from .utils import is_dist
+    from compresscnn.runs.pipeline import run
+    from compresscnn.recipe.schema import load_recipe
+    from compresscnn.util.common import is_dist
 
     recipe = load_recipe(args.recipe, args.set or [])
     owned = not args.dry_run and _init_distributed(recipe["finetune"]["device"])
@@ -89,7 +89,7 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_model
+    from compresscnn.measure.inspection import inspect_model
 
     print(inspect_model(args.model, args.weights, args.input_size,
                         energies=tuple(args.energy)))
@@ -97,7 +97,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareError, compare, parse_data_arg, run_compare_recipe, write_compare
+    from compresscnn.runs.compare import CompareError, compare, parse_data_arg, run_compare_recipe, write_compare
 
     def pairs(items: list[str] | None, flag: str) -> dict[str, str]:
         out = {}
@@ -117,7 +117,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
               input_size=args.input_size, latency_batches=args.latency_batches)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if args.recipe is not None:
-        from .compare import load_compare_recipe
+        from compresscnn.runs.compare import load_compare_recipe
         base = load_compare_recipe(args.recipe)["data"] or {}
         rows = run_compare_recipe(args.recipe, out=args.out, extra_entries=args.models,
                                   json_path=args.json, log=log, data={**base, **data} or None, **kw)

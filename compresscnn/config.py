@@ -30,10 +30,10 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from .errors import CompressError, RecipeError
-from .utils import SCHEDULES
+from compresscnn.errors import CompressError, RecipeError
+from compresscnn.util.common import SCHEDULES
 
-#: the ``model.spec`` sources ``compresscnn.models`` loads (``<source>:<name>``)
+#: the ``model.spec`` sources ``compresscnn.io.models`` loads (``<source>:<name>``)
 MODEL_SOURCES = ("torchvision", "timm", "cifar", "fmnist")
 
 KeyPath = tuple  # of str (mapping keys) and int (list indices)
@@ -432,7 +432,7 @@ _SPEC_EXPECTED = "a model spec '<source>:<name>' like 'torchvision:resnet18'"
 
 
 def _model_spec(v: Any, where: Where) -> str:
-    """``<source>:<name>`` with a source the model loader has (``compresscnn.models``)."""
+    """``<source>:<name>`` with a source the model loader has (``compresscnn.io.models``)."""
     if not isinstance(v, str) or ":" not in v:
         raise _expect(_SPEC_EXPECTED, v)
     src, _, name = v.partition(":")
@@ -655,7 +655,7 @@ class Target(Closed):
 
 #: what data-aware reconstruction matches (``calibration.following_ops``)
 FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
-#: how data-aware reconstruction fits each layer (``compresscnn.response``)
+#: how data-aware reconstruction fits each layer (``compresscnn.fit.response``)
 SOLVERS: tuple[str, ...] = ("closed_form", "adam")
 #: how calibration distillation mixes its images (``calibration.mix_batch``)
 MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")

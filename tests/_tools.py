@@ -30,7 +30,7 @@ def write_fake_cifar(path: Path, per_class: int = 2) -> Path:
     import torch
     from PIL import Image
 
-    from compresscnn.data import CIFAR10_CLASSES
+    from compresscnn.io.data import CIFAR10_CLASSES
 
     g = torch.Generator().manual_seed(0)
     with zipfile.ZipFile(path, "w") as z:

@@ -11,7 +11,7 @@ import torch
 from _tools import load_tool, write_fake_cifar
 from torch import nn
 
-from compresscnn.evaluation import agreement_margins, evaluate
+from compresscnn.measure.evaluation import agreement_margins, evaluate
 
 
 class _Logits(nn.Module):
@@ -64,10 +64,10 @@ def test_margins_count_the_near_ties_among_the_disagreements() -> None:
 
 
 def test_tool_scores_a_run_directory_as_the_run_did(tmp_path: Path) -> None:
-    from compresscnn.pipeline import run
-    from compresscnn.recipe import validate
+    from compresscnn.runs.pipeline import run
+    from compresscnn.recipe.schema import validate
 
-    from compresscnn.models import load_model
+    from compresscnn.io.models import load_model
 
     data = write_fake_cifar(tmp_path / "cifar.zip", per_class=3)
     spec = "cifar:alexnet?hidden=16"
@@ -102,7 +102,7 @@ def test_tool_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None
     out = capsys.readouterr().out.strip()
     assert out.startswith("error: ") and "not a compresscnn run directory" in out
     assert "\n" not in out
-    from compresscnn.recipe import dump_resolved, validate
+    from compresscnn.recipe.schema import dump_resolved, validate
 
     base = {"model": {"spec": "cifar:alexnet?hidden=16"}, "rules": [
         {"match": "classifier.6", "method": "svd", "rank": 2}],

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from compresscnn import compress, decompose
-from compresscnn.counting import count
+from compresscnn.measure.counting import count
 from compresscnn.errors import CompressError, MethodError
-from compresscnn.recipe import validate_rules
-from compresscnn.surgery import plan
+from compresscnn.recipe.schema import validate_rules
+from compresscnn.core.surgery import plan
 
 from test_surgery import small_net
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from _tools import load_tool
 
-from compresscnn.recipe import load_recipe
+from compresscnn.recipe.schema import load_recipe
 
 
 def _rows(tool: str, argv: list[str], tmp_path) -> list[tuple[str, str, list[str]]]:

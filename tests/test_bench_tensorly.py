@@ -69,7 +69,7 @@ def test_dense_kernel_fallback_matches_fit_info(bench) -> None:
     # the reconstruction used when a decomposer sets no fit_info agrees with fit_info
     from torch import nn
 
-    from compresscnn.decomposers import get_decomposer
+    from compresscnn.core.decomposers import get_decomposer
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from compresscnn.calibration import recalibrate_bn
+from compresscnn.fit.calibration import recalibrate_bn
 
 
 def test_recalibrate_bn_matches_batch_statistics():
@@ -33,7 +33,7 @@ def _net():
 
 def test_reconstruct_lowers_output_error_and_keeps_input_model():
     from compresscnn import compress
-    from compresscnn.calibration import _capture
+    from compresscnn.fit.calibration import _capture
 
     m = _net()
     x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
@@ -66,8 +66,8 @@ class _TwoBranch(nn.Module):
 
 
 def test_layer_sensitivity_weighs_what_the_output_feels():
-    from compresscnn.calibration import layer_sensitivity
-    from compresscnn.surgery import plan
+    from compresscnn.fit.calibration import layer_sensitivity
+    from compresscnn.core.surgery import plan
 
     torch.manual_seed(0)
     m = _TwoBranch().eval()
@@ -124,7 +124,7 @@ class _DataDependent(nn.Module):
 
 
 def test_following_ops_only_where_the_chain_alone_consumes_the_output():
-    from compresscnn.calibration import following_ops
+    from compresscnn.fit.calibration import following_ops
 
     m = _Residual().eval()
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_fit_through_activation_fits_what_follows_the_relu():
     """Fitting through the ReLU gets the post-ReLU output closer than fitting the raw
     output does, and the reported error is the post-ReLU one."""
     from compresscnn import compress
-    from compresscnn.calibration import _capture, following_ops, reconstruct_outputs
+    from compresscnn.fit.calibration import _capture, following_ops, reconstruct_outputs
 
     m = _net()
     x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
@@ -171,8 +171,8 @@ def test_fit_through_activation_fits_what_follows_the_relu():
 
 
 def test_execution_order_and_refit_dense_layers_after_a_replaced_one():
-    from compresscnn.calibration import execution_order
-    from compresscnn.surgery import apply, plan, refine
+    from compresscnn.fit.calibration import execution_order
+    from compresscnn.core.surgery import apply, plan, refine
 
     m = _net()
     x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
@@ -200,8 +200,8 @@ def _count_calls(model: nn.Module, name: str) -> list[int]:
 def test_one_forward_pass_of_each_model():
     """The fit walks both models over the batches once: the first layer of each runs once
     per batch, whatever the number of layers fitted."""
-    from compresscnn.calibration import reconstruct_outputs
-    from compresscnn.surgery import apply, plan
+    from compresscnn.fit.calibration import reconstruct_outputs
+    from compresscnn.core.surgery import apply, plan
 
     m = _net()
     x = [torch.randn(8, 3, 12, 12) for _ in range(3)]
@@ -229,8 +229,8 @@ class _TwoConvsUntraceable(nn.Module):
 
 
 def test_untraceable_model_is_run_up_to_each_layer():
-    from compresscnn.calibration import reconstruct_outputs
-    from compresscnn.surgery import apply, plan
+    from compresscnn.fit.calibration import reconstruct_outputs
+    from compresscnn.core.surgery import apply, plan
 
     torch.manual_seed(0)
     m = _TwoConvsUntraceable().eval()
@@ -274,7 +274,7 @@ def test_non_finite_calibration_batch_is_a_one_line_error():
 
 
 def test_solver_adam_is_the_iterative_fit():
-    from compresscnn.surgery import apply, plan, refine
+    from compresscnn.core.surgery import apply, plan, refine
 
     m = _net()
     x = [torch.randn(16, 3, 12, 12) for _ in range(2)]
@@ -303,7 +303,7 @@ def _damaged(n: int, batch: int = 32) -> tuple[nn.Module, nn.Module, list[torch.
 
 
 def test_distill_outputs_moves_the_compressed_model_towards_the_original():
-    from compresscnn.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import DistillSettings, distill_outputs
 
     m, student, x = _damaged(4)
     bn_mean = student[1].running_mean.clone()
@@ -316,7 +316,7 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
 
 
 def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches():
-    from compresscnn.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import DistillSettings, distill_outputs
 
     m, student, x = _damaged(5)
     good = distill_outputs(m, student, x, DistillSettings(epochs=6, lr=3e-3, amp=False,
@@ -339,7 +339,7 @@ def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches
 
 
 def test_distill_outputs_with_layer_outputs_matches_the_replaced_layers():
-    from compresscnn.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import DistillSettings, distill_outputs
 
     m = _net()
     m[4] = nn.ReLU(inplace=True)  # the hooked output is overwritten right after the layer
@@ -373,7 +373,7 @@ def test_distill_outputs_with_layer_outputs_matches_the_replaced_layers():
 
 
 def test_distill_outputs_needs_batches():
-    from compresscnn.calibration import distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
 
     with pytest.raises(ValueError, match="at least one"):
         distill_outputs(_net(), _net(), [])
@@ -428,8 +428,8 @@ def test_distill_settings_are_validated_like_the_recipe():
 
 def test_distill_precision_from_the_recipe_spelling():
     from compresscnn import compress
-    from compresscnn.calibration import DistillSettings, distill_outputs
-    from compresscnn.utils import cpu_bf16_native
+    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.util.common import cpu_bf16_native
 
     m, student, x = _damaged(2, batch=8)
     kw = dict(epochs=1, lr=1e-4)
@@ -471,7 +471,7 @@ _RECIPE_BASE = {"model": {"spec": "cifar:resnet20"},
 
 def test_distill_holdout_must_leave_batches_to_train_on():
     from compresscnn.errors import RecipeError
-    from compresscnn.recipe import validate
+    from compresscnn.recipe.schema import validate
 
     base = _RECIPE_BASE
     with pytest.raises(RecipeError, match=r"calibration\.distill\.holdout: holdout 4 leaves "
@@ -482,7 +482,7 @@ def test_distill_holdout_must_leave_batches_to_train_on():
 
 
 def test_mix_batch_mixes_within_the_batch_reproducibly():
-    from compresscnn.calibration import mix_batch
+    from compresscnn.fit.calibration import mix_batch
 
     x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(6)])
     assert mix_batch(x, "none", 1.0, torch.Generator()) is x
@@ -500,7 +500,7 @@ def test_mix_batch_mixes_within_the_batch_reproducibly():
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_distill_outputs_with_mixed_inputs(mix):
-    from compresscnn.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import DistillSettings, distill_outputs
 
     m, student, x = _damaged(3, batch=16)
     out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
@@ -512,7 +512,7 @@ def test_distill_outputs_with_mixed_inputs(mix):
 
 
 def test_crop_batch_crops_each_image_to_its_own_box_reproducibly():
-    from compresscnn.calibration import crop_batch
+    from compresscnn.fit.calibration import crop_batch
 
     # every image a horizontal ramp 0..1: a crop resized back is a ramp over a sub-range
     ramp = torch.linspace(0.0, 1.0, 32).expand(4, 3, 32, 32).contiguous()
@@ -529,7 +529,7 @@ def test_crop_batch_crops_each_image_to_its_own_box_reproducibly():
 
 
 def test_distill_outputs_with_crops_and_warmup():
-    from compresscnn.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import DistillSettings, distill_outputs
 
     m, student, x = _damaged(3, batch=16)
     out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
@@ -543,7 +543,7 @@ def test_distill_outputs_with_crops_and_warmup():
 
 def test_recipe_refuses_a_crop_or_warmup_out_of_range():
     from compresscnn.errors import RecipeError
-    from compresscnn.recipe import validate
+    from compresscnn.recipe.schema import validate
 
     base = _RECIPE_BASE
     for key, value in (("crop", 0), ("crop", 1.2), ("warmup", 1.0)):

@@ -7,9 +7,9 @@ import torch
 import torchvision
 
 from compresscnn.errors import ModelError
-from compresscnn.models import load_model
-from compresscnn.models.alexnet_cifar import AlexNetCIFAR, alexnet_cifar_param_count
-from compresscnn.models.squeezenet import SqueezeNet, fire_channels, squeezenet_param_count
+from compresscnn.io.models import load_model
+from compresscnn.io.models.alexnet_cifar import AlexNetCIFAR, alexnet_cifar_param_count
+from compresscnn.io.models.squeezenet import SqueezeNet, fire_channels, squeezenet_param_count
 
 
 def _n(m: torch.nn.Module) -> int:

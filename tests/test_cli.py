@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import compresscnn
-from compresscnn import progress
+from compresscnn.util import progress as progress
 from compresscnn.cli import main
-from compresscnn.data import CIFAR10_CLASSES
+from compresscnn.io.data import CIFAR10_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_stage_lines_plan_and_progress(tiny_recipe: Path, tmp_path: Path, capsys
     every progress.INTERVAL seconds; each stage announces itself when it starts, so the lines
     come in execution order; the plan goes to stdout as in a dry run."""
     monkeypatch.setattr(progress, "INTERVAL", 0.05)
-    import compresscnn.evaluation as E
+    import compresscnn.measure.evaluation as E
 
     real = E.evaluate
 
@@ -128,7 +128,7 @@ def test_heartbeat_in_a_silent_stage(monkeypatch, capsys) -> None:
 
 def test_ctrl_c_says_how_to_resume(tiny_recipe: Path, tmp_path: Path, capsys,
                                    monkeypatch) -> None:
-    import compresscnn.pipeline as P
+    import compresscnn.runs.pipeline as P
 
     out = tmp_path / "run"
 

@@ -9,7 +9,7 @@ import pytest
 from _tools import write_fake_cifar
 
 from compresscnn.cli import main as cli_main
-from compresscnn.compare import (CompareError, compare, load_compare_recipe, parse_data_arg,
+from compresscnn.runs.compare import (CompareError, compare, load_compare_recipe, parse_data_arg,
                                  write_compare)
 from compresscnn.errors import CompressError
 
@@ -26,10 +26,10 @@ def run_dir(tmp_path_factory) -> Path:
     """A minimal run directory as `compresscnn run` writes it (recipe.yaml, weights, report)."""
     from safetensors.torch import save_file
 
-    from compresscnn.models import load_model
-    from compresscnn.pipeline import exact_rules
-    from compresscnn.recipe import dump_resolved, validate
-    from compresscnn.surgery import compress
+    from compresscnn.io.models import load_model
+    from compresscnn.runs.pipeline import exact_rules
+    from compresscnn.recipe.schema import dump_resolved, validate
+    from compresscnn.core.surgery import compress
 
     d = tmp_path_factory.mktemp("runs") / "tiny_alex"
     d.mkdir()
@@ -50,7 +50,7 @@ def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_di
     from safetensors.torch import save_file
     from torchvision.models import get_model_weights
 
-    from compresscnn.models import load_model
+    from compresscnn.io.models import load_model
 
     w = tmp_path / "sq.safetensors"
     save_file({k: v.contiguous() for k, v in load_model("cifar:squeezenet1_1").state_dict().items()},
@@ -82,7 +82,7 @@ def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_di
     # a run report's number is labelled as such, with its image count
     assert run["top1_source"] == "run report" and run["top1"] == 42.5 and run["kind"] == "run"
     assert run["top1_images"] == 100
-    from compresscnn.models.alexnet_cifar import alexnet_cifar_param_count
+    from compresscnn.io.models.alexnet_cifar import alexnet_cifar_param_count
     assert run["params"] < alexnet_cifar_param_count(10, 16)
 
     out = write_compare(rows, tmp_path / "out", title="tiny", json_path=tmp_path / "x.json")
@@ -132,7 +132,7 @@ def test_shipped_recipes_validate() -> None:
     cfg = load_compare_recipe(root / "squeezenet_vs_alexnet_imagenet.yaml")
     assert cfg["latency_batches"] == [1, 32] and "imagenet" in cfg["data"]
     assert len(cfg["compare"]) >= 10
-    from compresscnn.recipe import load_recipe
+    from compresscnn.recipe.schema import load_recipe
 
     for f in sorted(root.glob("alexnet_imagenet_*.yaml")):
         assert load_recipe(f)["model"]["spec"] == "torchvision:alexnet"
@@ -148,7 +148,7 @@ def test_cli_compare(tmp_path: Path, capsys) -> None:
 
 
 def test_run_accuracy_of_a_training_run_is_its_trained_top1():
-    from compresscnn.compare import _run_accuracy
+    from compresscnn.runs.compare import _run_accuracy
 
     rep = {"baseline": {"top1": None}, "compressed": {"top1": None},
            "trained": {"top1": 54.27, "top5": 94.63, "n": 10000}}

@@ -12,11 +12,12 @@ from torch import nn
 
 import compresscnn as cc
 from compresscnn import config as C
-from compresscnn import recipe as R, training as finetune
-from compresscnn.decomposers import get_decomposer
-from compresscnn.ranks import decompose
+from compresscnn.recipe import schema as R
+from compresscnn.train import loop as finetune
+from compresscnn.core.decomposers import get_decomposer
+from compresscnn.core.ranks import decompose
 from compresscnn.errors import MethodError, RecipeError
-from compresscnn.models.loaders import SOURCES
+from compresscnn.io.models.loaders import SOURCES
 
 GOOD = """\
 model: {spec: 'cifar:resnet20'}
@@ -98,7 +99,7 @@ def test_compress_validates_target_and_arguments_first():
     with pytest.raises(RecipeError, match=r"^compress\(\): target: give exactly one of macs, "
                                           r"params, latency \(got macs and params\)$"):
         cc.compress(m, rules, (3, 8, 8), target={"macs": 0.5, "params": 0.5}, planned=planned)
-    with mock.patch("compresscnn.calibration.layer_sensitivity") as sens:
+    with mock.patch("compresscnn.fit.calibration.layer_sensitivity") as sens:
         with pytest.raises(RecipeError, match=r"^compress\(\): target\.flops: unknown key"):
             cc.compress(m, rules, (3, 8, 8), target={"flops": 0.5}, allocation="sensitivity",
                         calibration=[torch.randn(2, 3, 8, 8)])

@@ -6,8 +6,8 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from compresscnn.counting import count, trace_layers
-from compresscnn.decomposers.base import layer_cost
+from compresscnn.measure.counting import count, trace_layers
+from compresscnn.core.decomposers.base import layer_cost
 
 
 @pytest.mark.parametrize("name", ["resnet18", "alexnet"])

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from compresscnn import training as ft_mod
+from compresscnn.train import loop as ft_mod
 from compresscnn.cli import main
-from compresscnn.data import CIFAR10_CLASSES
+from compresscnn.io.data import CIFAR10_CLASSES
 from compresscnn.errors import CheckpointError
-from compresscnn.pipeline import load_compressed
+from compresscnn.runs.pipeline import load_compressed
 
 from test_data import make_cifar_zip
 
@@ -147,7 +147,7 @@ def test_bad_switch_options_are_one_line_errors(recipe, tmp_path, capsys, sets, 
 def test_switch_point_state_survives_a_restart(tmp_path):
     """The dense phase's state file: a restarted run reads it, and an epoch it redoes
     replaces that epoch's measurements instead of adding to them."""
-    from compresscnn.lowrank import StableRankMonitor, SwitchPoint
+    from compresscnn.train.scratch import StableRankMonitor, SwitchPoint
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
@@ -171,7 +171,7 @@ def test_switch_point_state_survives_a_restart(tmp_path):
 def test_switch_rules_need_no_rank_policy(recipe):
     """The switch chooses ranks (stable ranks), so its rules may give no policy, as with a
     target; without the switch such a rule is refused."""
-    from compresscnn.recipe import load_recipe
+    from compresscnn.recipe.schema import load_recipe
     from compresscnn.errors import RecipeError
     text = recipe.read_text().replace(", rank: 0.5}", "}")
     path = recipe.with_name("nopolicy.yaml")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from compresscnn import data as D
-from compresscnn.data import (
+from compresscnn.io import data as D
+from compresscnn.io.data import (
     CIFAR10_CLASSES,
     build_dataset,
     calibration_batches,

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import compresscnn.decomposers as D
-import compresscnn.ranks as RK
-from compresscnn.decomposers import _numerics as num
-from compresscnn.decomposers import base
-from compresscnn.decomposers.fire import FireModule
+import compresscnn.core.decomposers as D
+import compresscnn.core.ranks as RK
+from compresscnn.core.decomposers import _numerics as num
+from compresscnn.core.decomposers import base
+from compresscnn.core.decomposers.fire import FireModule
 from compresscnn.config import MethodOptions
 from compresscnn.errors import MethodError, RankError
 
@@ -660,7 +660,7 @@ def test_tucker2_hooi_float32_layer():
 
 
 def test_mttkrp_of_a_conv_kernel_matches_the_unfolding_with_and_without_the_cache():
-    from compresscnn.decomposers import _numerics as num
+    from compresscnn.core.decomposers import _numerics as num
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(7, 5, 3, 2, generator=g, dtype=torch.float64)
@@ -682,7 +682,7 @@ def test_cp_precision_float32_matches_float64_on_a_large_layer():
     layer = nn.Conv2d(96, 96, 3)
     dec = D.get_decomposer("cp")
     r = 120  # 96*96*9*120 = 9.95e6 entries x rank: below the auto threshold
-    from compresscnn.decomposers.cp import _single
+    from compresscnn.core.decomposers.cp import _single
     assert not _single("auto", dec_w := layer.weight.detach().double(), r)
     assert _single("auto", torch.zeros(256, 256, 3, 3, dtype=torch.float64), 432)
     assert _single("float32", dec_w, r) and not _single("float64", dec_w, 10**6)

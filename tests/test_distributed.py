@@ -51,7 +51,7 @@ report: {latency: false, plots: false}
 WRAPPER = """\
 import hashlib, os, runpy, sys
 from pathlib import Path
-import compresscnn.evaluation as ev
+import compresscnn.measure.evaluation as ev
 
 _evaluate = ev.evaluate
 

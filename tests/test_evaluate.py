@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compresscnn.errors import DataError
-from compresscnn.evaluation import evaluate, evaluate_predictions, measure_latency
+from compresscnn.measure.evaluation import evaluate, evaluate_predictions, measure_latency
 
 
 class FixedLogits(nn.Module):
@@ -111,7 +111,7 @@ def test_latency_sane(runtime, tmp_path):
     old_threads = torch.get_num_threads()
     target = net
     if runtime == "onnxruntime":
-        from compresscnn.export import export_onnx
+        from compresscnn.io.export import export_onnx
 
         target = export_onnx(net, tmp_path / "m.onnx", (3, 8, 8))["path"]
     res = measure_latency(target, (3, 8, 8), runtime=runtime, threads=1, warmup=1, repeats=5, batch=2)

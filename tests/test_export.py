@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compresscnn.export import export_onnx, quantize_onnx_dynamic
+from compresscnn.io.export import export_onnx, quantize_onnx_dynamic
 
 
 def _tiny_net() -> nn.Module:
@@ -63,7 +63,7 @@ def test_export_parity_failure_leaves_nothing(tmp_path, monkeypatch):
     net = _tiny_net()
     out = tmp_path / "model.onnx"
     out.write_bytes(b"old")  # an existing file must survive a failed export untouched
-    import compresscnn.export as ex
+    import compresscnn.io.export as ex
 
     monkeypatch.setattr(ex, "verify_onnx", lambda *a, **k: {"onnxruntime": {
         "max_abs_diff": 0.5, "rel_l2": 0.1, "max_abs_output": 0.9,
@@ -77,7 +77,7 @@ def test_export_parity_failure_leaves_nothing(tmp_path, monkeypatch):
 def test_export_parity_tolerance_scales_with_large_outputs(tmp_path, monkeypatch):
     """An untrained deep net's logits reach hundreds: float32 rounding differences between
     runtimes grow with them, so the tolerance is relative there (absolute within [-1, 1])."""
-    import compresscnn.export as ex
+    import compresscnn.io.export as ex
 
     assert ex.parity_limit(1e-3, 0.2) == 1e-3
     assert ex.parity_limit(1e-3, 300.0) == pytest.approx(0.3)
@@ -93,7 +93,7 @@ def test_export_parity_tolerance_scales_with_large_outputs(tmp_path, monkeypatch
 
 
 def test_verify_onnx_reports_the_output_scale(tmp_path):
-    from compresscnn.export import verify_onnx
+    from compresscnn.io.export import verify_onnx
 
     net = _tiny_net()
     path = tmp_path / "m.onnx"
@@ -105,7 +105,7 @@ def test_verify_onnx_reports_the_output_scale(tmp_path):
 
 
 def test_export_falls_back_to_legacy_exporter(tmp_path, monkeypatch):
-    import compresscnn.onnx_writer as ow
+    import compresscnn.io.onnx_writer as ow
 
     def boom(*a, **k):
         raise RuntimeError("cannot trace\nmore lines")

@@ -14,10 +14,10 @@ import torchvision
 import yaml
 
 import compresscnn as cc
-import compresscnn.export as ex
+import compresscnn.io.export as ex
 from compresscnn.cli import main
 from compresscnn.errors import CompressError
-from compresscnn.export import export_onnx, verify_onnx
+from compresscnn.io.export import export_onnx, verify_onnx
 
 from test_folding import random_bn
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from compresscnn.errors import CheckpointError
-from compresscnn.training import distillation_loss, finetune, lr_factor
+from compresscnn.train.loop import distillation_loss, finetune, lr_factor
 
 
 def _tiny_cnn(classes: int = 3, seed: int = 0, dropout: float = 0.0) -> nn.Module:
@@ -192,7 +192,7 @@ def test_lr_scale_gives_named_modules_their_own_rate():
     """`lr_scale`: the parameters under the named modules start at lr times the multiplier
     (decay and no-decay groups kept apart); the schedule moves every group alike."""
     from compresscnn.errors import CompressError
-    from compresscnn.training import build_optimizer, param_groups
+    from compresscnn.train.loop import build_optimizer, param_groups
 
     model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, (3, 1)), nn.Conv2d(2, 4, (1, 3))),
                           nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))

@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 import compresscnn as cc
-from compresscnn.decomposers import get_decomposer
-from compresscnn.decomposers.fire import FireModule
-from compresscnn.folding import fold_for_export, foldable_batchnorms, foldable_gathers
+from compresscnn.core.decomposers import get_decomposer
+from compresscnn.core.decomposers.fire import FireModule
+from compresscnn.core.folding import fold_for_export, foldable_batchnorms, foldable_gathers
 
 
 def random_bn(model: nn.Module, seed: int = 0) -> nn.Module:

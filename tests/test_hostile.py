@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 import compresscnn as cc
 from compresscnn.cli import main
 from compresscnn.errors import CompressError
-from compresscnn.rundir import MARKER, RunDir
+from compresscnn.runs.rundir import MARKER, RunDir
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 HAVE_FMNIST = (FMNIST / "t10k-images-idx3-ubyte.gz").is_file()
@@ -77,7 +77,7 @@ def train_recipe() -> dict[str, Any]:
 
 
 def fmnist_state() -> dict[str, torch.Tensor]:
-    from compresscnn.models import load_model
+    from compresscnn.io.models import load_model
 
     return {k: v.clone().contiguous()
             for k, v in load_model("fmnist:cnn", "DEFAULT").state_dict().items()}
@@ -125,7 +125,7 @@ def _made(kind: str) -> Path:
             _MADE[kind] = out
         else:  # interrupted after fine-tuning, before the report: the checkpoint stays
             recipe.write_text(yaml.safe_dump(train_recipe()))
-            with mock.patch("compresscnn.report.write_report", side_effect=KeyboardInterrupt):
+            with mock.patch("compresscnn.runs.report.write_report", side_effect=KeyboardInterrupt):
                 assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 130
             assert (root / "out.partial" / "checkpoints" / "last.pt").is_file()
             _MADE[kind] = root / "out.partial"
@@ -472,7 +472,7 @@ def _(t):
 @case("weights_other_architecture")
 def _(t):
     def make(t):
-        from compresscnn.models import load_model
+        from compresscnn.io.models import load_model
 
         torch.save(load_model("cifar:resnet20", None).state_dict(), t / "resnet20.th")
         return t / "resnet20.th"
@@ -928,7 +928,7 @@ def _no_free_space():
 @case("disk_full_checkpoint", needs_data=True)
 def _(t):
     patches = contextlib.ExitStack()
-    patches.enter_context(mock.patch("compresscnn.utils.torch.save", _full_torch_save))
+    patches.enter_context(mock.patch("compresscnn.util.common.torch.save", _full_torch_save))
     patches.enter_context(_no_free_space())
     return [], train_recipe(), ["no space left on", "out.partial/checkpoints",
                                 "last.pt"], patches
@@ -945,7 +945,7 @@ def _(t):
 def _(t):
     err = OSError(28, "No space left on device")
     return [], base_recipe(), ["no space left on", "out.partial"], \
-        mock.patch("compresscnn.report.atomic_write_text", side_effect=err)
+        mock.patch("compresscnn.runs.report.atomic_write_text", side_effect=err)
 
 
 # ---- resume: an interrupted run, and only with the recipe it was started with
@@ -1194,7 +1194,7 @@ def api_case(name: str):
 
 
 def _small() -> torch.nn.Module:
-    from compresscnn.models import load_model
+    from compresscnn.io.models import load_model
 
     return load_model("fmnist:cnn", None)
 
@@ -1427,7 +1427,7 @@ def test_corpus_size() -> None:
 
 # --------------------------------------------------------------------------- internal errors
 def test_internal_error_exit_1_traceback_only_with_debug(tmp_path, capsys, monkeypatch):
-    import compresscnn.pipeline as pipeline
+    import compresscnn.runs.pipeline as pipeline
 
     def boom(*a, **k):
         raise ZeroDivisionError("synthetic internal failure")
@@ -1453,7 +1453,7 @@ def test_internal_error_exit_1_traceback_only_with_debug(tmp_path, capsys, monke
 def test_internal_error_after_staging_leaves_nothing(tmp_path, capsys, monkeypatch):
     """A failure once ``<out>.partial`` exists (here: writing the report) removes it, since
     it holds no checkpoint to resume from, and the lock with it."""
-    import compresscnn.report as report
+    import compresscnn.runs.report as report
 
     def boom(*a, **k):
         raise OSError(5, "Input/output error")

@@ -3,7 +3,7 @@
 import torchvision
 
 from compresscnn.cli import main
-from compresscnn.inspection import inspect_rows
+from compresscnn.measure.inspection import inspect_rows
 
 
 def test_inspect_rows_methods_and_energy_ranks():

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compresscnn.evaluation import evaluate
-from compresscnn.export import OnnxModule, export_onnx, quantize_onnx_static
+from compresscnn.measure.evaluation import evaluate
+from compresscnn.io.export import OnnxModule, export_onnx, quantize_onnx_static
 
 
 def _net() -> nn.Module:

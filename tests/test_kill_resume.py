@@ -167,7 +167,7 @@ def test_overwrite_only_replaces_run_directories(tmp_path, capsys):
 
 
 def test_never_writes_over_the_input_weights(tmp_path, capsys):
-    from compresscnn.models import load_model
+    from compresscnn.io.models import load_model
 
     # the weights live in a previous run's directory, which --overwrite would replace
     prev = tmp_path / "prev"

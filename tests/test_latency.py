@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from compresscnn.counting import count
-from compresscnn.decomposers import get_decomposer
+from compresscnn.measure.counting import count
+from compresscnn.core.decomposers import get_decomposer
 from compresscnn.errors import RankError, RecipeError
-from compresscnn.latency import LatencyConfig, spread, time_modules
-from compresscnn.nn_utils import record_inputs
-from compresscnn.recipe import validate
-from compresscnn.surgery import compress, plan
+from compresscnn.measure.latency import LatencyConfig, spread, time_modules
+from compresscnn.util.modules import record_inputs
+from compresscnn.recipe.schema import validate
+from compresscnn.core.surgery import compress, plan
 
 
 @pytest.mark.parametrize("method,layer,rank", [
@@ -172,7 +172,7 @@ def test_recipe_run_with_a_latency_target(tmp_path, capsys):
     import json
 
     from compresscnn.cli import main
-    from compresscnn.pipeline import load_compressed
+    from compresscnn.runs.pipeline import load_compressed
 
     recipe = tmp_path / "lat.yaml"
     recipe.write_text(
@@ -201,7 +201,7 @@ def test_recipe_run_with_a_latency_target(tmp_path, capsys):
 
 
 def test_torch_bf16_runtime_times_a_channels_last_copy_and_leaves_the_module():
-    from compresscnn.timing import RUNTIMES, module_runner
+    from compresscnn.measure.timing import RUNTIMES, module_runner
 
     assert "torch_bf16" in RUNTIMES
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
@@ -215,7 +215,7 @@ def test_torch_bf16_runtime_times_a_channels_last_copy_and_leaves_the_module():
 
 
 def test_ort_optimized_ops_counts_the_convs_outside_the_blocked_layout():
-    from compresscnn.timing import onnx_bytes, ort_optimized_ops
+    from compresscnn.measure.timing import onnx_bytes, ort_optimized_ops
 
     class Bottleneck(nn.Module):  # a Tucker-2 chain with a residual, as in ResNet
         def __init__(self, mid):

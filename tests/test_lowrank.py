@@ -10,15 +10,15 @@ from _tools import load_tool
 from torch import nn
 
 from compresscnn import compress
-from compresscnn.counting import count
-from compresscnn.decomposers import get_decomposer
+from compresscnn.measure.counting import count
+from compresscnn.core.decomposers import get_decomposer
 from compresscnn.errors import CompressError, MethodError
-from compresscnn.lowrank import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
+from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
                                  dense_kernel, factorize, factorized_layers, planned_layers,
                                  semi_orthogonal_deviation, semi_orthogonal_update,
                                  stable_rank)
-from compresscnn.models.cifar_resnet import cifar_resnet
-from compresscnn.nn_utils import set_module
+from compresscnn.io.models.cifar_resnet import cifar_resnet
+from compresscnn.util.modules import set_module
 
 IN = (3, 32, 32)
 

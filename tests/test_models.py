@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from compresscnn.errors import CheckpointError, CompressError, ModelError
-from compresscnn.models import load_model, load_weights, model_names, parse_spec, read_checkpoint
-from compresscnn.models.cifar_resnet import PadShortcut, cifar_resnet
+from compresscnn.io.models import load_model, load_weights, model_names, parse_spec, read_checkpoint
+from compresscnn.io.models.cifar_resnet import PadShortcut, cifar_resnet
 
 CFG_KEYS = {"input_size", "mean", "std", "num_classes", "resize", "crop", "interpolation", "published"}
 
@@ -101,7 +101,7 @@ def test_cifar_resnet_exports_to_onnx(tmp_path: Path) -> None:
 
 @pytest.mark.shared
 def test_resnet20_shared_weights_accuracy(shared_data: Path) -> None:
-    from compresscnn.data import make_loaders
+    from compresscnn.io.data import make_loaders
 
     path = shared_data / "weights/cifar10-resnet-akamaster/resnet20-12fca82f.th"
     m = load_model("cifar:resnet20", str(path))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from compresscnn.nn_utils import (eval_mode, example_input, get_module, hooks, module_mode,
+from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, module_mode,
                                   num_threads, record_inputs, set_module)
-from compresscnn.timing import median_ms, summarize, time_interleaved
+from compresscnn.measure.timing import median_ms, summarize, time_interleaved
 
 
 def _net() -> nn.Sequential:

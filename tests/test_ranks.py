@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compresscnn.errors import RankError
-from compresscnn.ranks import (BudgetItem, Candidate, allocate, energy_rank, evbmf_rank,
+from compresscnn.core.ranks import (BudgetItem, Candidate, allocate, energy_rank, evbmf_rank,
                                round_rank, tail_error)
 
 
@@ -74,7 +74,7 @@ def test_log_energy_penalty_never_cuts_a_layer_to_nothing():
     """Two equal layers; the cheapest candidate of each loses (almost) all its energy.
     Squared errors (bounded by 1) find wiping one layer out as cheap as halving both;
     the product of kept energies (Zhang et al. 2015) spreads the cut over both."""
-    from compresscnn.ranks import BudgetItem, Candidate, allocate
+    from compresscnn.core.ranks import BudgetItem, Candidate, allocate
 
     def item(name):
         return BudgetItem(name, [Candidate(None, 100, 100, 0.0),
@@ -90,7 +90,7 @@ def test_log_energy_penalty_never_cuts_a_layer_to_nothing():
 def test_squared_errors_above_one_still_rank_candidates():
     """Tucker-2's error bound sums two modes and can exceed 1: it must not be clipped, or
     two very different cuts tie."""
-    from compresscnn.ranks import BudgetItem, Candidate, allocate
+    from compresscnn.core.ranks import BudgetItem, Candidate, allocate
 
     items = [BudgetItem("a", [Candidate(None, 100, 100, 0.0), Candidate((1, 1), 50, 50, 1.3)]),
              BudgetItem("b", [Candidate(None, 100, 100, 0.0), Candidate((1, 1), 50, 50, 1.1)])]
@@ -101,8 +101,8 @@ def test_squared_errors_above_one_still_rank_candidates():
 def test_measured_candidates_score_on_the_layers_inputs_when_given_them():
     from torch import nn
 
-    from compresscnn.decomposers import get_decomposer
-    from compresscnn.ranks import measured_candidates
+    from compresscnn.core.decomposers import get_decomposer
+    from compresscnn.core.ranks import measured_candidates
 
     torch.manual_seed(0)
     layer = nn.Linear(32, 24)

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from compresscnn import config as C
-from compresscnn import recipe as R
-from compresscnn.decomposers import base
-from compresscnn.decomposers.auto import Auto  # the real chooser: only its options matter here
+from compresscnn.recipe import schema as R
+from compresscnn.core import rules as rules_mod
+from compresscnn.core.decomposers import base
+from compresscnn.core.decomposers.auto import Auto  # the real chooser: only its options matter here
 from compresscnn.errors import CompressError, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def fake_registry(monkeypatch):
         d.name = name
         reg[name] = d
     monkeypatch.setattr(base, "_REGISTRY", reg)
-    monkeypatch.setattr(R, "_ensure_registry", lambda: None)
+    monkeypatch.setattr(rules_mod, "_ensure_registry", lambda: None)
     return reg
 
 
@@ -703,7 +704,7 @@ def test_committed_reference_is_up_to_date():
 
 
 def test_reference_cli():
-    out = subprocess.run([sys.executable, "-m", "compresscnn.recipe", "--reference"],
+    out = subprocess.run([sys.executable, "-m", "compresscnn.recipe.schema", "--reference"],
                          capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout == R.reference_markdown()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from compresscnn.report import collect_versions, render_markdown, to_json, write_report
+from compresscnn.runs.report import collect_versions, render_markdown, to_json, write_report
 
 
 def _report() -> dict:
@@ -115,7 +115,7 @@ def test_latency_as_list_of_rows(tmp_path):
 
 
 def test_utils_timer_and_atomic_write(tmp_path):
-    from compresscnn.utils import Timer, atomic_write_text
+    from compresscnn.util.common import Timer, atomic_write_text
 
     timings: dict = {}
     with Timer("a", timings):
@@ -125,7 +125,7 @@ def test_utils_timer_and_atomic_write(tmp_path):
     assert set(timings) == {"a"} and timings["a"] >= t.seconds >= 0
     atomic_write_text(tmp_path / "x.txt", "hello")
     with pytest.raises(ZeroDivisionError):
-        from compresscnn.utils import atomic_path
+        from compresscnn.util.common import atomic_path
 
         with atomic_path(tmp_path / "x.txt") as tmp:
             tmp.write_text("half")

@@ -1,4 +1,4 @@
-"""The closed-form response fit (compresscnn.response) against reference solutions."""
+"""The closed-form response fit (compresscnn.fit.response) against reference solutions."""
 
 import copy
 import math
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresscnn import response as R
-from compresscnn.ranks import decompose
+from compresscnn.fit import response as R
+from compresscnn.core.ranks import decompose
 from compresscnn.errors import CompressError, DataError
-from compresscnn.response import Tail, fit_layer
+from compresscnn.fit.response import Tail, fit_layer
 
 
 def _batches(layer: nn.Module, n: int = 3, size: int = 9, seed: int = 0):

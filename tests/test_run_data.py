@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from compresscnn.cli import main
-from compresscnn.data import CIFAR10_CLASSES, imagenet_wnids
+from compresscnn.io.data import CIFAR10_CLASSES, imagenet_wnids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def _recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
 def test_data_is_fed_at_model_input_size(tmp_path: Path, monkeypatch) -> None:
     """torchvision:resnet18 at model.input_size [3, 32, 32] on 32x32 images is evaluated at
     32x32, not resized to 256 and cropped to 224 by its default preprocessing."""
-    import compresscnn.evaluation as E
+    import compresscnn.measure.evaluation as E
 
     wn = imagenet_wnids()
     z = _zip(tmp_path / "inet.zip", [wn[1], wn[2]])
@@ -153,15 +153,15 @@ def test_imagenet_head_on_cifar_needs_num_classes(tmp_path: Path, capsys) -> Non
                  "--set", "finetune.distill.enabled=false"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert "head (fc) was replaced" in rep["warnings"][0]
-    from compresscnn.pipeline import load_compressed
+    from compresscnn.runs.pipeline import load_compressed
 
     assert load_compressed(out)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
 @pytest.mark.shared
 def test_shipped_squeezenet_recipe_calibrates_on_train_images(shared_data: Path, monkeypatch) -> None:
-    from compresscnn import data as D
-    from compresscnn.recipe import load_recipe
+    from compresscnn.io import data as D
+    from compresscnn.recipe.schema import load_recipe
 
     monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))
     r = load_recipe(REPO / "recipes" / "squeezenet1_1_val500.yaml")

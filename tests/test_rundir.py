@@ -1,4 +1,4 @@
-"""Output folders (compresscnn.rundir): an ``--overwrite`` killed at any point leaves a
+"""Output folders (compresscnn.runs.rundir): an ``--overwrite`` killed at any point leaves a
 complete run at the final path; a lock refuses a second run and is taken over from a dead
 one; a run resumes only with the recipe it started with; outputs follow the umask; a full
 disk is named. The refusals themselves are cases of tests/test_hostile.py."""
@@ -20,9 +20,9 @@ from unittest import mock
 import pytest
 import yaml
 
-from compresscnn import rundir
+from compresscnn.runs import rundir as rundir
 from compresscnn.cli import main
-from compresscnn.rundir import MARKER, RunDir
+from compresscnn.runs.rundir import MARKER, RunDir
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
@@ -126,8 +126,8 @@ def test_run_with_overwrite_killed_while_replacing(tmp_path):
     """``compresscnn run --overwrite``, SIGKILLed at each file operation after its report
     is written (while it puts the new run in place): the final path always holds a complete
     run, never a half-deleted old one."""
-    import compresscnn.pipeline as pipeline
-    import compresscnn.report as report
+    import compresscnn.runs.pipeline as pipeline
+    import compresscnn.runs.report as report
 
     recipe, template = _plain_recipe(tmp_path), tmp_path / "template"
     assert main(["run", str(recipe), "--out", str(template), "--quiet"]) == 0
@@ -155,7 +155,7 @@ def test_run_with_overwrite_killed_while_replacing(tmp_path):
         try:
             with mock.patch.object(report, "write_report", write_then_fork), \
                     mock.patch.object(pipeline, "_log", exit_child), \
-                    mock.patch("compresscnn.rundir.RunDir.abandon", lambda self: None):
+                    mock.patch("compresscnn.runs.rundir.RunDir.abandon", lambda self: None):
                 main(["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"])
         finally:
             if os.getpid() != parent:
@@ -175,7 +175,7 @@ def test_second_run_refused_and_dead_lock_taken_over(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from compresscnn.rundir import RunDir
+            from compresscnn.runs.rundir import RunDir
             RunDir({str(out)!r}).acquire()
             print("locked", flush=True)
             time.sleep(120)
@@ -224,7 +224,7 @@ def test_resume_only_with_the_same_recipe_and_modes_follow_the_umask(tmp_path, c
 def _resume_same_recipe(tmp_path: Path, capsys) -> None:
     recipe, out = _train_recipe(tmp_path), tmp_path / "out"
     args = ["run", str(recipe), "--out", str(out), "--quiet"]
-    with mock.patch("compresscnn.report.write_report", side_effect=KeyboardInterrupt):
+    with mock.patch("compresscnn.runs.report.write_report", side_effect=KeyboardInterrupt):
         assert main(args) == 130  # interrupted after fine-tuning: the checkpoint stays
     partial = tmp_path / "out.partial"
     assert (partial / "checkpoints" / "last.pt").is_file()

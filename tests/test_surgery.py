@@ -9,11 +9,11 @@ import torchvision
 from torch import nn
 
 from compresscnn import compress
-from compresscnn.counting import count
+from compresscnn.measure.counting import count
 from compresscnn.errors import CompressError
-from compresscnn.nn_utils import set_module
-from compresscnn.ranks import Skip
-from compresscnn.surgery import apply, measured, plan
+from compresscnn.util.modules import set_module
+from compresscnn.core.ranks import Skip
+from compresscnn.core.surgery import apply, measured, plan
 
 
 def small_net():

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import compresscnn.utils as utils_mod
+import compresscnn.util.common as utils_mod
 from compresscnn.cli import main
 from compresscnn.errors import CompressError, RecipeError
-from compresscnn.training import _cutout, _mixup, finetune, resolve_memory_format
-from compresscnn.utils import resolve_amp as _resolve_amp
-from compresscnn.recipe import validate
+from compresscnn.train.loop import _cutout, _mixup, finetune, resolve_memory_format
+from compresscnn.util.common import resolve_amp as _resolve_amp
+from compresscnn.recipe.schema import validate
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -188,7 +188,7 @@ def test_train_job_end_to_end(shared_data, tmp_path, capsys):
 def test_factorized_train_job_reloads(shared_data, tmp_path):
     """A train job with rules trains the factorized structure (semi-orthogonal steps on),
     and its run directory rebuilds through load_compressed."""
-    from compresscnn.pipeline import load_compressed
+    from compresscnn.runs.pipeline import load_compressed
 
     recipe = tmp_path / "t.yaml"
     recipe.write_text(
@@ -209,9 +209,9 @@ def test_factorized_train_job_reloads(shared_data, tmp_path):
 def test_reference_states_rank_order_and_null_weights():
     """The schema reference says what the code does: tucker2 list ranks are in its
     rank_names order, and weights: null is random initialisation."""
-    from compresscnn.decomposers import get_decomposer
-    from compresscnn.models import load_model
-    from compresscnn.recipe import reference_markdown
+    from compresscnn.core.decomposers import get_decomposer
+    from compresscnn.io.models import load_model
+    from compresscnn.recipe.schema import reference_markdown
 
     md = reference_markdown()
     names = get_decomposer("tucker2").rank_names

@@ -1,10 +1,10 @@
-"""compresscnn.utils helpers that the other modules' tests do not reach directly."""
+"""compresscnn.util.common helpers that the other modules' tests do not reach directly."""
 
 import math
 
 import numpy as np
 
-from compresscnn.utils import fmt_quantity
+from compresscnn.util.common import fmt_quantity
 
 
 def test_fmt_quantity_counts_and_sizes_share_one_format():

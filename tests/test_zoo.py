@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from compresscnn import compress
-from compresscnn.counting import count
+from compresscnn.measure.counting import count
 
 # Conv methods first (tucker2, then spatial for the depthwise convs Tucker-2 cannot take),
 # then SVD for Linear layers; the huge classifiers of alexnet/vgg16 stay dense so the test

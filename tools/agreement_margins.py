@@ -1,10 +1,10 @@
 """Where a run's compressed model disagrees with the original, and how firm the original's
-decisions are there (:func:`compresscnn.evaluation.agreement_margins`): the share of the
+decisions are there (:func:`compresscnn.measure.evaluation.agreement_margins`): the share of the
 disagreements on which the original's two largest softmax probabilities are a near tie, and
 the original's agreement with itself on the same images mirrored left-right and in bf16
 autocast (how stable its own decisions are under a perturbation). Both models
-and the images come from the run directory (``compresscnn.pipeline.load_compressed``, the
-recipe's model and weights, the recipe's ``data.eval`` source through ``compresscnn.data``,
+and the images come from the run directory (``compresscnn.runs.pipeline.load_compressed``, the
+recipe's model and weights, the recipe's ``data.eval`` source through ``compresscnn.io.data``,
 exactly as ``compresscnn run`` scored them). The original is rebuilt from the recipe's
 ``model.spec`` and ``model.weights``: a run without a weights file, or one that replaced the
 classifier head (``model.num_classes``), is refused (its original is not on file).
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from compresscnn import data as data_mod
+from compresscnn.io import data as data_mod
 from compresscnn.errors import CompressError
-from compresscnn.evaluation import agreement_margins
-from compresscnn.models import load_model
-from compresscnn.pipeline import load_compressed
-from compresscnn.recipe import load_recipe
+from compresscnn.measure.evaluation import agreement_margins
+from compresscnn.io.models import load_model
+from compresscnn.runs.pipeline import load_compressed
+from compresscnn.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

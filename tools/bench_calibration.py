@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from compresscnn import compress, load_model
-from compresscnn.evaluation import evaluate
-from compresscnn.data import calibration_batches, make_loaders
-from compresscnn.recipe import SOLVERS
+from compresscnn.measure.evaluation import evaluate
+from compresscnn.io.data import calibration_batches, make_loaders
+from compresscnn.recipe.schema import SOLVERS
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))

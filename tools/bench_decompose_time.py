@@ -29,8 +29,8 @@ import torch
 import torchvision
 from torch import nn
 
-from compresscnn.surgery import compress, plan_compression
-from compresscnn.decomposers import get_decomposer
+from compresscnn.core.surgery import compress, plan_compression
+from compresscnn.core.decomposers import get_decomposer
 
 
 def quarter_rank(dec, m: nn.Conv2d, fraction: float) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 For each model and method: compress (``compresscnn.compress``), export
 (``compresscnn.export_onnx``: BatchNorm and Fire reorders folded, the default) and export
 again without folding; each file is run in every runtime (CPU, float32) on the same random
-inputs as PyTorch (``compresscnn.export.verify_onnx``, batches 1 and 3). Random weights,
+inputs as PyTorch (``compresscnn.io.export.verify_onnx``, batches 1 and 3). Random weights,
 except SqueezeNet 1.1's shared ImageNet weights when ../shared/data has them; BatchNorm
 statistics re-estimated on random inputs so that they are not the identity.
 
@@ -25,10 +25,10 @@ import onnx
 import torch
 
 import compresscnn as cc
-from compresscnn.calibration import recalibrate_bn
+from compresscnn.fit.calibration import recalibrate_bn
 from compresscnn.errors import CompressError
-from compresscnn.export import RUNTIMES, verify_onnx
-from compresscnn.report import collect_versions
+from compresscnn.io.export import RUNTIMES, verify_onnx
+from compresscnn.runs.report import collect_versions
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))

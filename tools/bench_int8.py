@@ -1,8 +1,8 @@
 """Static int8 (onnxruntime QDQ) against fp32 ONNX for a recipe's model: the paper's
 "SqueezeNet + 8-bit" row measured. The model, its weights and its data come from the
-recipe (the user's path: ``compresscnn.recipe.load_recipe``, ``compresscnn.load_model``,
-``compresscnn.data``); the fp32 file is ``compresscnn.export_onnx``'s, the int8 one
-``compresscnn.export.quantize_onnx_static`` calibrated on the recipe's calibration batches
+recipe (the user's path: ``compresscnn.recipe.schema.load_recipe``, ``compresscnn.load_model``,
+``compresscnn.io.data``); the fp32 file is ``compresscnn.export_onnx``'s, the int8 one
+``compresscnn.io.export.quantize_onnx_static`` calibrated on the recipe's calibration batches
 (training images, never the evaluated ones); both are scored by ``compresscnn.evaluate`` on
 the recipe's eval source, with agreement against the PyTorch model.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 import compresscnn as cc
-from compresscnn import data as data_mod
-from compresscnn.evaluation import evaluate
-from compresscnn.export import OnnxModule, quantize_onnx_static
-from compresscnn.recipe import load_recipe
+from compresscnn.io import data as data_mod
+from compresscnn.measure.evaluation import evaluate
+from compresscnn.io.export import OnnxModule, quantize_onnx_static
+from compresscnn.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

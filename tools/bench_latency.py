@@ -15,7 +15,7 @@ Each model is compressed by ``compresscnn.compress`` (the orchestrator ``compres
 uses), data-free.
 
 Then the original and both compressed models are exported to ONNX and timed against each
-other, interleaved round by round (``compresscnn.latency.time_modules``), on the CPU
+other, interleaved round by round (``compresscnn.measure.latency.time_modules``), on the CPU
 provider at each batch and thread count (``--runtime torch`` / ``torch_bf16``: in PyTorch
 eager, float32 / bf16 autocast with channels_last, instead). Prints original/compressed latency ratios beside
 the MAC ratio; ``--json`` keeps everything.
@@ -45,13 +45,13 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compresscnn.counting import count  # noqa: E402
-from compresscnn.latency import LatencyConfig, time_modules  # noqa: E402
-from compresscnn.nn_utils import example_input  # noqa: E402
-from compresscnn.models import load_model  # noqa: E402
-from compresscnn.recipe import load_recipe  # noqa: E402
-from compresscnn.surgery import compress  # noqa: E402
-from compresscnn.timing import onnx_bytes, ort_optimized_ops  # noqa: E402
+from compresscnn.measure.counting import count  # noqa: E402
+from compresscnn.measure.latency import LatencyConfig, time_modules  # noqa: E402
+from compresscnn.util.modules import example_input  # noqa: E402
+from compresscnn.io.models import load_model  # noqa: E402
+from compresscnn.recipe.schema import load_recipe  # noqa: E402
+from compresscnn.core.surgery import compress  # noqa: E402
+from compresscnn.measure.timing import onnx_bytes, ort_optimized_ops  # noqa: E402
 
 RULES = {
     "resnet18": [{"match": "layer*.conv*", "method": "tucker2"}],
@@ -62,7 +62,7 @@ RULES = {
 
 def _unblocked_convs(ops: dict[str, int]) -> int:
     """Convs that onnxruntime's optimiser left outside its blocked NCHWc layout (plain
-    ``Conv``/``FusedConv``; see ``compresscnn.timing.ort_optimized_ops``)."""
+    ``Conv``/``FusedConv``; see ``compresscnn.measure.timing.ort_optimized_ops``)."""
     return ops.get("Conv", 0) + ops.get("com.microsoft.FusedConv", 0)
 
 

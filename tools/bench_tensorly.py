@@ -44,7 +44,7 @@ try:  # not a dependency of the package: the bench (and dev) extra installs it
 except ImportError:
     sys.exit("tools/bench_tensorly.py needs TensorLy: pip install -e '.[bench]'")
 
-from compresscnn.decomposers import get_decomposer
+from compresscnn.core.decomposers import get_decomposer
 
 
 def _load_quarter_rank():

@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the training loop in fp32 vs bf16 autocast, NCHW vs
 channels_last (and optionally torch.compile), for the CIFAR nets of the from-scratch
 experiments and ResNet-20 compressed to 2x fewer MACs. Every configuration runs through
-``compresscnn.training.finetune`` (the loop ``compresscnn run`` uses) on random 32x32
+``compresscnn.train.loop.finetune`` (the loop ``compresscnn run`` uses) on random 32x32
 batches, and the models and configurations are interleaved round by round so that machine
 noise hits all of them alike (ratios between models, too, come from one interleaved run);
 the result is the median over rounds of each step's images/s (first two steps of every
@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import compresscnn as cc
-from compresscnn.training import finetune
-from compresscnn.utils import cpu_bf16_native
+from compresscnn.train.loop import finetune
+from compresscnn.util.common import cpu_bf16_native
 
 MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "resnet20_spatial", "alexnet",
           "squeezenet1_0", "squeezenet1_1"]

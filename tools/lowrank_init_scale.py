@@ -1,4 +1,4 @@
-"""Size and init scale of a model factorized before training (``compresscnn.lowrank``).
+"""Size and init scale of a model factorized before training (``compresscnn.train.scratch``).
 
 For a randomly initialised model, per method: parameters and MACs of the factorized model
 at a global MAC target, and how far each init keeps the dense model's activation scale:
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresscnn.counting import count
-from compresscnn.lowrank import factorize, factorized_layers
-from compresscnn.models import load_model
-from compresscnn.nn_utils import hooks
+from compresscnn.measure.counting import count
+from compresscnn.train.scratch import factorize, factorized_layers
+from compresscnn.io.models import load_model
+from compresscnn.util.modules import hooks
 
 INITS = ("kaiming", "spectral", "relu_every")
 

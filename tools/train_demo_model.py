@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compresscnn.data import make_loaders
-from compresscnn.models import load_model
+from compresscnn.io.data import make_loaders
+from compresscnn.io.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "compresscnn" / "assets" / "fmnist_cnn.safetensors"

@@ -1,0 +1,726 @@
+"""Fitting one replaced layer to the original layer's response on calibration data.
+
+Given the replacement's inputs ``xs`` (the compressed model's own activations) and the
+original layer's outputs ``ys`` (on the original model's activations), the replacement is
+fitted so that ``tail(module(x))`` reproduces ``tail(y)``; ``tail`` is what alone follows
+the layer (:class:`Tail`: BatchNorm and/or ReLU, or nothing).
+
+``solver="closed_form"`` works on second moments (Zhang et al. 2015, "Accelerating very deep
+convolutional networks for classification and detection", TPAMI, sec. 3, solve their
+response reconstruction the same way). Every decomposition here is a chain of plain convs
+that computes one linear map of the original layer's input patches: its composite kernel
+``W_hat`` (``C_out x C_in k_h k_w`` per group; computed by running the chain, unpadded, on
+one-hot patches). So with ``X`` the patches of the inputs as the original layer reads
+them, the response error ``||Y - W_hat X||^2`` is the quadratic form
+``tr(W_hat G W_hat^T) - 2 tr(W_hat C) + ||Y||^2`` in the moments ``G = X X^T`` and
+``C = X Y^T``, accumulated in one pass (float32 products per chunk, summed in float64) and
+independent of the amount of data afterwards:
+
+* the last factor (a 1x1 conv after Tucker-2 or CP, the 1 x k_w conv of the spatial
+  scheme) and a dense Conv2d/Linear as a whole are linear in their weights: least squares
+  per output channel, solved once in float64 with a small ridge term;
+* an SVD pair (two Linear / 1x1 convs) is solved as a whole: the rank-r reduced-rank
+  regression in the input covariance's metric (Zhang et al.'s GSVD solution), split into
+  two balanced factors;
+* the other factors are then refined jointly with the last on the same quadratic form
+  (L-BFGS, float64), until its relative change falls below ``TOL``: each step costs a
+  product with ``G``, not a pass over the data.
+
+A per-channel affine tail (a BatchNorm alone) only weights the output channels. A clamp in
+the tail (ReLU, ReLU6) makes the target non-linear: then Zhang et al.'s alternation refines
+that solution on a random sample of the rows: with auxiliary pre-activations ``u``, it
+minimises ``||t - clamp(u)||^2 + lam ||u - (a p + c)||^2`` over ``u`` elementwise in closed
+form and over the weights by the quadratic solve above, ``lam`` growing each round, until
+the loss changes by less than ``TOL``, keeping the best weights seen.
+
+Modules that are no such chain (a Fire module) use the iterative fit, ``solver="adam"``:
+Adam on all the replacement's parameters with a cosine schedule for a fixed number of
+steps, one calibration batch per step (the method before the closed form).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresscnn.core.decomposers.base import F_PAD_MODES, padding_pairs
+from compresscnn.errors import DataError
+from compresscnn.config import SOLVERS
+
+#: ridge term, relative to the mean diagonal of the Gram matrix
+RIDGE = 1e-6
+#: the joint refinement and the non-linear rounds stop once the loss changes by less than
+#: this (relative)
+TOL = 1e-3
+#: non-linear rounds at most; L-BFGS iterations per check, and at most in all
+MAX_ROUNDS, LBFGS_BLOCK, LBFGS_MAX = 8, 10, 100
+#: L-BFGS iterations of the joint refinement within each non-linear round
+ROUND_LBFGS = 3
+#: first and largest weight of the coupling term, and its growth per round
+LAM_START, LAM_MAX, LAM_GROWTH = 0.01, 1.0, 2.0
+#: elements of one chunk of unfolded patches (bounds the memory of a pass)
+CHUNK = 1 << 22
+#: rows the moments are accumulated over at most (drawn at random where there are more):
+#: GRAM_ROWS, or GRAM_PER_INPUT per input of the regression if that is more
+GRAM_ROWS, GRAM_PER_INPUT = 1 << 15, 128
+#: rows of the random sample the non-linear rounds run on: SAMPLE_PER_INPUT per input of
+#: the regression, at least SAMPLE_MIN, within SAMPLE_ELEMENTS in all
+SAMPLE_PER_INPUT, SAMPLE_MIN, SAMPLE_ELEMENTS = 32, 1 << 14, 1 << 24
+#: largest regression (inputs per group) solved in closed form; larger ones iterate
+MAX_DIM = 8192
+
+
+class Tail:
+    """What alone follows a layer: eval-mode BatchNorms (per-channel affine maps) and
+    ReLU / ReLU6 (clamps ``(lo, hi)``), applied in order to a tensor with channels on
+    dim 1 (dim -1 for :meth:`rows`)."""
+
+    def __init__(self, ops: Sequence[nn.Module | tuple[float, float]]) -> None:
+        self.ops = list(ops)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        for op in self.ops:
+            if isinstance(op, tuple):
+                t = t.clamp(op[0], op[1]) if math.isfinite(op[1]) else t.clamp_min(op[0])
+            else:
+                t = F.batch_norm(t, op.running_mean, op.running_var, op.weight, op.bias,
+                                 False, 0.0, op.eps)
+        return t
+
+    @property
+    def linear(self) -> bool:
+        return not any(isinstance(op, tuple) for op in self.ops)
+
+    def affine_clamp(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float
+                                    ] | None:
+        """``(scale, shift, lo, hi)`` when the chain is affine maps then at most one clamp
+        (``scale``/``shift`` None: identity; no clamp: infinite bounds), else None."""
+        scale = shift = None
+        lo, hi = -math.inf, math.inf
+        for i, op in enumerate(self.ops):
+            if isinstance(op, tuple):
+                if i != len(self.ops) - 1:
+                    return None
+                lo, hi = op
+                continue
+            s = (op.weight if op.weight is not None else 1.0) / torch.sqrt(
+                op.running_var + op.eps)
+            c = (op.bias if op.bias is not None else 0.0) - op.running_mean * s
+            s, c = s.detach(), c.detach()
+            scale, shift = (s, c) if scale is None else (scale * s, shift * s + c)
+        return scale, shift, lo, hi
+
+
+def relative_error(mod: nn.Module, xs: Sequence[torch.Tensor], ts: Sequence[torch.Tensor],
+                   tail: Tail) -> float:
+    """``||tail(mod(x)) - t|| / ||t||`` over all batches (``ts`` already through the tail)."""
+    with torch.no_grad():
+        num = sum(float((tail(mod(x)) - t).double().square().sum()) for x, t in zip(xs, ts))
+        den = sum(float(t.double().square().sum()) for t in ts)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def fit_layer(mod: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
+              tail: Tail | None = None, *, reference: nn.Module | None = None,
+              solver: str = "closed_form", steps: int = 300, lr: float = 3e-3,
+              name: str = "layer") -> dict[str, Any]:
+    """Fit ``mod`` in place so that ``tail(mod(x))`` matches ``tail(y)``; never leaves it
+    worse than it was (the data-free decomposition). ``reference``: the layer ``mod``
+    replaces (its geometry reads the patches; default ``mod`` itself). Returns
+    ``before``/``after`` (relative errors after the tail, on all batches), ``seconds``,
+    ``solver`` (the one used: a module that is no chain of convs falls back to ``adam``)
+    and ``iters`` (Adam steps, or L-BFGS iterations plus non-linear rounds)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    t0 = time.perf_counter()
+    tail = tail or Tail([])
+    chain = None
+    if solver == "closed_form" and tail.affine_clamp() is not None:
+        chain = _Chain.of(mod, reference if reference is not None else mod)
+    if chain is not None:
+        before, after, iters = _closed_form(chain, xs, ys, tail, name)
+        return {"before": before, "after": after, "seconds": time.perf_counter() - t0,
+                "solver": "closed_form", "iters": iters}
+    with torch.no_grad():
+        ts = [tail(y) for y in ys]
+    before = relative_error(mod, xs, ts, tail)
+    saved = {k: v.clone() for k, v in mod.state_dict().items()}
+    _adam(mod, xs, ts, tail, steps, lr)
+    after = relative_error(mod, xs, ts, tail)
+    if not after < before:  # never make a layer worse than its data-free init
+        mod.load_state_dict(saved)
+        after = before
+    return {"before": before, "after": after, "seconds": time.perf_counter() - t0,
+            "solver": "adam", "iters": steps}
+
+
+def _adam(mod: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor], tail: Tail,
+          steps: int, lr: float) -> None:
+    """The iterative fit: Adam on every floating-point parameter of ``mod`` on the mean
+    squared error, normalised per batch, cosine schedule, one batch per step."""
+    params = [p for p in mod.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    scale = [float(t.square().mean()) + 1e-12 for t in ts]
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                i = step % len(xs)
+                loss = (tail(mod(xs[i])) - ts[i]).square().mean() / scale[i]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+
+
+# ---------------------------------------------------------------------------- the chain
+
+
+def _dims(m: nn.Module) -> tuple[int, int, int]:
+    """(groups, inputs per group of the regression, outputs per group) of a Conv2d/Linear."""
+    if isinstance(m, nn.Linear):
+        return 1, m.in_features, m.out_features
+    kh, kw = m.kernel_size
+    g = m.groups
+    return g, m.in_channels // g * kh * kw, m.out_channels // g
+
+
+def _pointwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (m.groups == 1 and tuple(m.kernel_size) == (1, 1))
+
+
+def _then(k: torch.Tensor, hw: tuple[tuple[int, int], ...], m: nn.Conv2d, w: torch.Tensor
+          ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+    """Compose the unpadded conv ``m`` (weight ``w``) after the composite kernel ``k``
+    (``O x C_in x E_h x E_w``, reading input offsets ``0..E-1`` at stride ``s``; ``hw`` is
+    ``((E_h, s_h), (E_w, s_w))``): tap ``j`` of ``m`` reads ``k``'s outputs at offset
+    ``s d j``, so the result is ``sum_j w[:, :, j] k`` shifted by that many input
+    positions: a transposed convolution of ``w`` by ``k`` with stride ``s d``, grouped as
+    ``m`` is (the outputs of a group are the batch, so a depthwise ``m`` costs no more
+    than its weights)."""
+    (eh, sh), (ew, sw) = hw
+    g, (dh, dw) = m.groups, m.dilation
+    o2, o1 = w.shape[0], k.shape[0]
+    x = w.reshape(g, o2 // g, o1 // g, *w.shape[2:]).transpose(0, 1).reshape(
+        o2 // g, o1, *w.shape[2:])
+    out = F.conv_transpose2d(x, k, stride=(sh * dh, sw * dw), groups=g)
+    out = out.reshape(o2 // g, g, k.shape[1], *out.shape[2:]).transpose(0, 1).reshape(
+        o2, k.shape[1], *out.shape[2:])
+    return out, ((out.shape[2], sh * m.stride[0]), (out.shape[3], sw * m.stride[1]))
+
+
+class _Chain:
+    """A replacement that computes one linear map of its reference layer's input patches:
+    a Conv2d/Linear, or a Sequential of them with a bias on the last one only. Its weights
+    are read as float64 copies (``params``; written back by :meth:`store`), and its
+    composite kernel (the layers composed unpadded, a product of matrices per tap) is a
+    differentiable function of them."""
+
+    def __init__(self, layers: list[nn.Module], ref: nn.Module) -> None:
+        self.layers, self.ref = layers, ref
+        self.g, self.d, self.co = _dims(ref)
+        self.bias = layers[-1].bias is not None
+        self.params = [m.weight.detach().double().clone() for m in layers]
+        if self.bias:
+            self.params.append(layers[-1].bias.detach().double().clone())
+        #: an SVD pair: two pointwise maps, solved as one reduced-rank regression
+        self.pair = (len(layers) == 2 and all(_pointwise(m) for m in layers)
+                     and _pointwise(ref))
+
+    @staticmethod
+    def of(mod: nn.Module, ref: nn.Module) -> _Chain | None:
+        """The chain ``mod`` is, or None (not a plain chain with ``ref``'s geometry, or too
+        wide to solve in closed form)."""
+        layers = [mod] if isinstance(mod, (nn.Conv2d, nn.Linear)) else (
+            list(mod) if isinstance(mod, nn.Sequential) else [])
+        kind = type(ref)
+        if (not layers or kind not in (nn.Conv2d, nn.Linear)
+                or not all(type(m) is kind for m in layers)
+                or any(m.bias is not None for m in layers[:-1])
+                or _dims(ref)[1] > MAX_DIM or _dims(layers[-1])[0] != _dims(ref)[0]):
+            return None
+        chain = _Chain(layers, ref)
+        try:
+            with torch.no_grad():
+                k, hw = chain.compose(chain.params, len(layers))
+        except RuntimeError:  # the layers do not chain up to the reference's shapes
+            return None
+        if kind is nn.Linear:
+            want = tuple(k.shape) == (ref.out_features, ref.in_features)
+        else:
+            want = (tuple(k.shape[:2]) == (ref.out_channels, ref.in_channels)
+                    and hw == chain._extent())
+        return chain if want else None
+
+    def _extent(self) -> tuple[tuple[int, int], ...]:
+        (kh, kw), (dh, dw), (sh, sw) = self.ref.kernel_size, self.ref.dilation, self.ref.stride
+        return ((dh * (kh - 1) + 1, sh), (dw * (kw - 1) + 1, sw))
+
+    def compose(self, params: list[torch.Tensor], n: int
+                ) -> tuple[torch.Tensor, tuple[tuple[int, int], ...] | None]:
+        """The first ``n`` layers composed: ``O x C_in`` (Linear) or ``O x C_in x E_h x
+        E_w`` with its ``((E_h, s_h), (E_w, s_w))``; ``n = 0``: the identity."""
+        first, dtype = self.layers[0], params[0].dtype
+        if isinstance(first, nn.Linear):
+            k = torch.eye(first.in_features, dtype=dtype)
+            for w in params[:n]:
+                k = w @ k
+            return k, None
+        k = torch.eye(first.in_channels, dtype=dtype)[:, :, None, None]
+        hw: tuple[tuple[int, int], ...] = ((1, 1), (1, 1))
+        for i, (m, w) in enumerate(zip(self.layers[:n], params[:n])):
+            plain = m.groups == 1 and tuple(m.dilation) == (1, 1)
+            if i == 0 and plain:  # the identity composed with m is m
+                k, hw = w, ((w.shape[2], m.stride[0]), (w.shape[3], m.stride[1]))
+            elif plain and tuple(m.kernel_size) == (1, 1):  # a matrix product
+                k = (w.flatten(1) @ k.flatten(1)).reshape(w.shape[0], *k.shape[1:])
+                hw = ((hw[0][0], hw[0][1] * m.stride[0]), (hw[1][0], hw[1][1] * m.stride[1]))
+            else:
+                k, hw = _then(k, hw, m, w)
+        return k, hw
+
+    def _blocks(self, full: torch.Tensor, rows: int) -> torch.Tensor:
+        """``(g rows) x (g d)`` -> the per-group diagonal blocks, ``g x rows x d``."""
+        g, d = self.g, self.d
+        full = full.reshape(g, rows, g, d)
+        return torch.stack([full[j, :, j, :] for j in range(g)])
+
+    def kernel(self, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The composite kernel with the bias appended when there is one: ``g x co x d'``."""
+        params = self.params if params is None else params
+        k, _ = self.compose(params, len(self.layers))
+        if isinstance(self.ref, nn.Conv2d):
+            k = k[:, :, ::self.ref.dilation[0], ::self.ref.dilation[1]]
+        w = self._blocks(k.reshape(k.shape[0], -1), self.co)
+        if self.bias:
+            w = torch.cat([w, params[-1].reshape(self.g, self.co, 1)], -1)
+        return w
+
+    def last_operator(self) -> torch.Tensor:
+        """``Q`` (``g x d x e``): the composite kernel is ``L Q^T`` for the last layer's
+        weights ``L`` (``co x e`` per group): the layers before it composed, placed at
+        the offset each tap of the last layer reads."""
+        pre, hw = self.compose(self.params, len(self.layers) - 1)
+        if hw is None:  # Linear
+            return pre.mT[None]
+        last = self.layers[-1]
+        (kh, kw), (dh, dw) = last.kernel_size, last.dilation
+        (eh, sh), (ew, sw) = hw
+        q = pre.new_zeros(pre.shape[0], kh, kw, pre.shape[1], sh * dh * (kh - 1) + eh,
+                          sw * dw * (kw - 1) + ew)
+        for i in range(kh):
+            for j in range(kw):
+                q[:, i, j, :, sh * dh * i:sh * dh * i + eh, sw * dw * j:sw * dw * j + ew] = pre
+        q = q.flatten(0, 2)[:, :, ::self.ref.dilation[0], ::self.ref.dilation[1]]
+        return self._blocks(q.reshape(q.shape[0], -1), _dims(last)[1]).mT
+
+    def store(self) -> None:
+        """Write ``params`` into the module's layers (cast to their dtype)."""
+        with torch.no_grad():
+            for m, w in zip(self.layers, self.params):
+                m.weight.copy_(w.reshape(m.weight.shape))
+            if self.bias:
+                self.layers[-1].bias.copy_(self.params[-1].reshape(-1))
+
+
+# ---------------------------------------------------------------------------- moments
+
+
+def _columns(ref: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x``'s patches as ``ref`` reads them, ``B x g x d x L`` (``L`` output positions
+    per sample; im2col's own layout, so no copy beyond the unfolding)."""
+    g, d, _ = _dims(ref)
+    if isinstance(ref, nn.Linear):
+        return x.reshape(-1, d).mT[None, None]
+    (pt, pb), (pl, pr) = padding_pairs(ref)
+    if pt or pb or pl or pr:
+        x = F.pad(x, (pl, pr, pt, pb), mode=F_PAD_MODES[ref.padding_mode])
+    if tuple(ref.kernel_size) == (1, 1):
+        cols = x[:, :, ::ref.stride[0], ::ref.stride[1]].reshape(x.shape[0], x.shape[1], -1)
+    else:
+        cols = F.unfold(x, ref.kernel_size, dilation=ref.dilation, stride=ref.stride)
+    return cols.reshape(cols.shape[0], g, d, -1)
+
+
+def _outputs(ref: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``y`` as ``B x g x co x L``, positions in the order of :func:`_columns`."""
+    g, _, co = _dims(ref)
+    if isinstance(ref, nn.Linear):
+        return y.reshape(-1, co).mT[None, None]
+    return y.reshape(y.shape[0], g, co, -1)
+
+
+def _pick(a: torch.Tensor, t: torch.Tensor, p: float, gen: torch.Generator
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (positions) of columns ``a`` and outputs ``t``, each kept with probability
+    ``p``: ``g x n x d`` and ``g x n x co``."""
+    b, _, _, l_ = a.shape
+    idx = (torch.rand(b * l_, generator=gen) < p).nonzero()[:, 0]
+    return (a[idx // l_, :, :, idx % l_].transpose(0, 1),
+            t[idx // l_, :, :, idx % l_].transpose(0, 1))
+
+
+def _gather(ref: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float,
+            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`_pick` gives on :func:`_columns`, for a small ``p``: only the kept
+    positions' patches are read (no unfolding of the rest)."""
+    g, d, co = _dims(ref)
+    if isinstance(ref, nn.Linear):
+        x, y = x.reshape(-1, d), y.reshape(-1, co)
+        idx = (torch.rand(len(x), generator=gen) < p).nonzero()[:, 0]
+        return x[idx][None], y[idx][None]
+    (pt, pb), (pl, pr) = padding_pairs(ref)
+    if pt or pb or pl or pr:
+        x = F.pad(x, (pl, pr, pt, pb), mode=F_PAD_MODES[ref.padding_mode])
+    b, _, oh, ow = y.shape
+    idx = (torch.rand(b * oh * ow, generator=gen) < p).nonzero()[:, 0]
+    bi, hi, wi = idx // (oh * ow), idx // ow % oh, idx % ow
+    (kh, kw), (sh, sw), (dh, dw) = ref.kernel_size, ref.stride, ref.dilation
+    rows_h = hi[:, None] * sh + torch.arange(kh) * dh                 # n x kh
+    rows_w = wi[:, None] * sw + torch.arange(kw) * dw                 # n x kw
+    patches = x[bi[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+                rows_h[:, None, :, None], rows_w[:, None, None, :]]   # n x C x kh x kw
+    rows = patches.reshape(len(idx), g, d).transpose(0, 1)
+    return rows, y[bi, :, hi, wi].reshape(len(idx), g, co).transpose(0, 1)
+
+
+def _with_ones(rows: tuple[torch.Tensor, torch.Tensor], bias: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    a, t = rows
+    return (torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if bias else a), t
+
+
+@dataclass
+class _Moments:
+    """Moments of a regression, float64: ``gram`` (``g x d' x d'``; ``d'`` counts a ones
+    column when the chain has a bias), ``cross`` (``g x d' x co``), and per output channel
+    (``g x co``) the sums of the targets' squares ``yy`` and of the targets ``ys``, over
+    ``n`` rows."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    yy: torch.Tensor
+    ys: torch.Tensor
+    n: int
+
+    @staticmethod
+    def of(a: torch.Tensor, y: torch.Tensor, gram: torch.Tensor | None = None) -> _Moments:
+        """Of rows ``a`` (``g x n x d'``) and targets ``y`` (``g x n x co``)."""
+        return _Moments((a.mT @ a).double() if gram is None else gram,
+                        (a.mT @ y).double(), y.double().square().sum(1),
+                        y.double().sum(1), y.shape[1])
+
+    def ridged(self) -> _Moments:
+        """The same with ``RIDGE`` times the mean diagonal added to ``gram``."""
+        return _Moments(_ridge(self.gram), self.cross, self.yy, self.ys, self.n)
+
+    def norm2(self, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """``||scale * y + shift||^2`` over all rows and channels."""
+        out = scale.square() * self.yy
+        if shift is not None:
+            out = out + 2.0 * scale * shift * self.ys + self.n * shift.square()
+        return out.sum()
+
+
+class _Sums:
+    """Running sums over chunks of columns ``a`` (``g x d x n``) and outputs ``t``
+    (``g x co x n``): float32 products per chunk, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] | None = None
+        self.n = 0
+
+    def add(self, a: torch.Tensor, t: torch.Tensor) -> None:
+        parts = [a @ a.mT, a @ t.mT, t.square().sum(2), t.sum(2), a.sum(2)]
+        parts = [p.double() for p in parts]
+        self.parts = parts if self.parts is None else [
+            s + p for s, p in zip(self.parts, parts)]
+        self.n += a.shape[2]
+
+    def moments(self, bias: bool) -> _Moments:
+        gram, cross, yy, ys, asum = self.parts
+        if bias:  # the ones column: its products are the sums and the count
+            g, d = asum.shape
+            top = torch.cat([gram, asum[:, :, None]], 2)
+            bottom = torch.cat([asum, asum.new_full((g, 1), float(self.n))], 1)
+            gram = torch.cat([top, bottom[:, None, :]], 1)
+            cross = torch.cat([cross, ys[:, None, :]], 1)
+        return _Moments(gram, cross, yy, ys, self.n)
+
+
+def _moments(chain: _Chain, xs: list[torch.Tensor], ys: list[torch.Tensor], sample: int,
+             name: str) -> tuple[_Moments, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One pass over the batches: the moments of all rows, or of about ``GRAM_ROWS`` (at
+    least ``GRAM_PER_INPUT`` per input) of them drawn at random where there are more; and
+    about ``sample`` rows drawn at random (``sample`` > 0), else None. Seeded draws."""
+    ref = chain.ref
+    total = sum(y.numel() // (chain.g * chain.co) for y in ys)
+    thin = max(GRAM_ROWS, GRAM_PER_INPUT * (chain.d + int(chain.bias))) / max(1, total)
+    keep = sample / max(1, total)
+    gen = torch.Generator().manual_seed(0)
+    sums = _Sums()
+    picked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for x, y in zip(xs, ys):
+        if thin < 1.0:  # only the drawn positions are read
+            rows, trows = _gather(ref, x, y, thin, gen)
+            sums.add(rows.mT, trows.mT)
+            if keep > 0.0:
+                picked.append(_pick(rows.mT[None], trows.mT[None], keep / thin, gen))
+            continue
+        per = max(1, x[:1].numel() * max(1, chain.d // max(1, x.shape[1] // chain.g)))
+        step = max(1, CHUNK // per)
+        for i in range(0, x.shape[0], step):
+            a, t = _columns(ref, x[i:i + step]), _outputs(ref, y[i:i + step])
+            # g x d x (B L): one large product per chunk
+            sums.add(a.permute(1, 2, 0, 3).flatten(2), t.permute(1, 2, 0, 3).flatten(2))
+            if keep > 0.0:
+                picked.append(_pick(a, t, min(keep, 1.0), gen))
+    mom = sums.moments(chain.bias)
+    if not (torch.isfinite(mom.gram).all() and torch.isfinite(mom.cross).all()):
+        raise DataError(f"{name}: the calibration activations reaching this layer are not "
+                        f"finite (NaN/Inf); check the calibration data and the model")
+    rows = None
+    if picked:
+        rows = _with_ones((torch.cat([p[0] for p in picked], 1),
+                           torch.cat([p[1] for p in picked], 1)), chain.bias)
+    return mom, rows
+
+
+# ---------------------------------------------------------------------------- solving
+
+
+def _ridge(gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """``gram`` plus ``ridge`` times its mean diagonal."""
+    level = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
+    return gram + ridge * level * torch.eye(gram.shape[-1], dtype=gram.dtype)
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(gram + ridge)^-1 rhs`` by Cholesky, the ridge raised until it factorises."""
+    ridge = RIDGE
+    while True:
+        chol, info = torch.linalg.cholesky_ex(_ridge(gram, ridge))
+        if not info.any():
+            return torch.cholesky_solve(rhs, chol)
+        ridge *= 100.0
+
+
+def _objective(chain: _Chain, mom: _Moments, w2: torch.Tensor,
+               params: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The chain's squared response error, channels weighted by ``w2``."""
+    k = chain.kernel(params)                                      # g x co x d'
+    quad = ((k @ mom.gram) * k).sum(-1)
+    lin = (k * mom.cross.mT).sum(-1)
+    return (w2 * (quad - 2.0 * lin + mom.yy)).sum()
+
+
+def _solve_last(chain: _Chain, mom: _Moments) -> None:
+    """The last layer (and the bias) by least squares given the layers before it."""
+    q = chain.last_operator()                                     # g x d x e
+    if chain.bias:
+        g, d, e = q.shape
+        qt = q.new_zeros(g, d + 1, e + 1)
+        qt[:, :d, :e], qt[:, d, e] = q, 1.0
+        q = qt
+    sol = _solve(q.mT @ mom.gram @ q, q.mT @ mom.cross)            # g x e' x co
+    last = chain.layers[-1]
+    e = q.shape[-1] - int(chain.bias)
+    chain.params[len(chain.layers) - 1] = sol[:, :e].mT.reshape(last.weight.shape)
+    if chain.bias:
+        chain.params[-1] = sol[:, e].reshape(-1)
+
+
+def _solve_pair(chain: _Chain, mom: _Moments, w: torch.Tensor) -> None:
+    """An SVD pair as the best rank-r map in the input covariance's metric, the outputs
+    weighted by ``w``: the top-r eigenvectors ``V`` of ``W^T G W`` for the least-squares
+    ``W`` (centred moments, so the bias stays free), ``W_r = W V V^T``, split as
+    ``U S^1/2`` and ``S^1/2 V^T`` like the data-free SVD."""
+    gram, cross = mom.gram[0], mom.cross[0]
+    sol = _solve(gram, cross)                                      # d' x co
+    d = chain.d
+    if chain.bias:  # centred covariance of the inputs: G_zz - n mu mu^T
+        n = gram[d, d]
+        mu = gram[:d, d] / n
+        gc, wz = gram[:d, :d] - n * torch.outer(mu, mu), sol[:d]
+    else:
+        gc, wz = gram, sol
+    r = chain.layers[0].weight.shape[0]
+    ws = wz * w
+    m = ws.mT @ gc @ ws
+    v = torch.linalg.eigh((m + m.mT) / 2)[1][:, -r:].flip(1)      # co x r
+    p, s, qh = torch.linalg.svd(v.mT @ ws.mT, full_matrices=False)
+    root = s.sqrt()
+    first, second = root[:, None] * qh, (v / w[:, None]) @ p * root[None, :]
+    chain.params[0] = first.reshape(chain.layers[0].weight.shape)
+    chain.params[1] = second.reshape(chain.layers[1].weight.shape)
+    if chain.bias:  # intercept of the rank-r map: the fitted values' mean
+        chain.params[2] = sol[d] + (wz - first.mT @ second.mT).mT @ mu
+
+
+def _lbfgs(chain: _Chain, mom: _Moments, w2: torch.Tensor, budget: int) -> int:
+    """Refine every layer of the chain jointly on the quadratic form, by L-BFGS in float32
+    on its residual form ``sum_o w2_o (w_o - w*_o)^T G (w_o - w*_o)`` about the unconstrained
+    least-squares kernel ``W*`` (no cancellation, so single precision is enough); stops once
+    a block of iterations lowers the whole loss by less than ``TOL`` (relative). Returns the
+    iterations run."""
+    gram = _ridge(mom.gram)
+    wstar = _solve(mom.gram, mom.cross).mT                          # g x co x d'
+    floor = float((w2 * (mom.yy - (wstar * mom.cross.mT).sum(-1))).sum())
+
+    def excess(params: list[torch.Tensor], g: torch.Tensor, ws: torch.Tensor,
+               wt: torch.Tensor) -> torch.Tensor:
+        e = chain.kernel(params) - ws
+        return (wt * ((e @ g) * e).sum(-1)).sum()
+
+    start = float(excess(chain.params, gram, wstar, w2))
+    if not (start > 0.0 and budget > 0):
+        return 0
+    g32, ws32, wt32 = gram.float(), wstar.float(), (w2 / start).float()
+    params = [p.float().requires_grad_(True) for p in chain.params]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=min(LBFGS_BLOCK, budget),
+                            history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-10,
+                            tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = excess(params, g32, ws32, wt32)
+        loss.backward()
+        return loss
+
+    prev, done = floor + start, 0
+    with torch.enable_grad():
+        while done < budget:
+            opt.step(closure)
+            done += min(LBFGS_BLOCK, budget)
+            with torch.no_grad():
+                loss = floor + start * float(excess(params, g32, ws32, wt32))
+            if not math.isfinite(loss) or prev - loss <= TOL * abs(prev):
+                break
+            prev = loss
+    new = [p.detach().double() for p in params]
+    if float(excess(new, gram, wstar, w2)) < start:
+        chain.params = new
+    return done
+
+
+def _solve_quadratic(chain: _Chain, mom: _Moments, w2: torch.Tensor, budget: int) -> int:
+    """The chain's weights for the quadratic form ``mom``: closed form, then (for a chain
+    of more than what the closed form covers) the joint refinement; its iterations."""
+    if chain.pair:
+        _solve_pair(chain, mom, w2.sqrt()[0])
+        return 0
+    _solve_last(chain, mom)
+    return _lbfgs(chain, mom, w2, budget) if len(chain.layers) > 1 else 0
+
+
+def _closed_form(chain: _Chain, xs: list[torch.Tensor], ys: list[torch.Tensor], tail: Tail,
+                 name: str) -> tuple[float, float, int]:
+    """Fit ``chain`` as the module docstring describes: (before, after, iterations)."""
+    scale, shift, lo, hi = tail.affine_clamp()
+    a = (scale.double() if scale is not None else torch.ones(chain.g * chain.co,
+                                                               dtype=torch.float64))
+    w2 = a.reshape(chain.g, chain.co).square()
+    w2 = w2.clamp_min(1e-16 * float(w2.max()))
+    sample = 0
+    if not tail.linear:
+        dp = chain.d + int(chain.bias)
+        sample = min(max(SAMPLE_PER_INPUT * dp, SAMPLE_MIN), SAMPLE_ELEMENTS // dp)
+    with torch.no_grad():
+        mom, rows = _moments(chain, xs, ys, sample, name)
+        start = [p.clone() for p in chain.params]
+        if tail.linear:  # exact errors from the moments: ||a (W_hat x - y)|| / ||a y + c||
+            den = float(mom.norm2(a.reshape(w2.shape), None if shift is None
+                                  else shift.double().reshape(w2.shape)))
+            before = (max(float(_objective(chain, mom, w2)), 0.0) / max(den, 1e-300)) ** 0.5
+            iters = _solve_quadratic(chain, mom, w2, LBFGS_MAX)
+            after = (max(float(_objective(chain, mom, w2)), 0.0) / max(den, 1e-300)) ** 0.5
+        else:  # errors on the sampled rows (all of them when there are few)
+            structure = (a, shift, lo, hi)
+            before = _sample_error(chain, rows, structure)
+            iters = _solve_quadratic(chain, mom, w2, LBFGS_MAX)
+            iters += _rounds(chain, rows, w2, structure)
+            after = _sample_error(chain, rows, structure)
+        if not after < before:  # never make a layer worse than its data-free init
+            chain.params, after = start, before
+        chain.store()
+    return before, after, iters
+
+
+def _affine(chain: _Chain, structure: tuple, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tail's per-channel scale and shift as ``g x 1 x co`` tensors of ``dtype``."""
+    scale, shift = structure[:2]
+    g, co = chain.g, chain.co
+    c = shift if shift is not None else torch.zeros(g * co)
+    return scale.to(dtype).reshape(g, 1, co), c.to(dtype).reshape(g, 1, co)
+
+
+def _sample_error(chain: _Chain, rows: tuple[torch.Tensor, torch.Tensor],
+                  structure: tuple) -> float:
+    """``||clamp(a p + c) - clamp(a y + c)|| / ||clamp(a y + c)||`` on the sampled rows."""
+    am, y = rows
+    (a, c), (lo, hi) = _affine(chain, structure, am.dtype), structure[2:]
+    t = (a * y + c).clamp(lo, hi)
+    p = am @ chain.kernel().to(am.dtype).mT
+    num = float(((a * p + c).clamp(lo, hi) - t).double().square().sum())
+    return (num / max(float(t.double().square().sum()), 1e-300)) ** 0.5
+
+
+def _rounds(chain: _Chain, rows: tuple[torch.Tensor, torch.Tensor], w2: torch.Tensor,
+            structure: tuple) -> int:
+    """Zhang et al.'s alternation for a clamp in the tail, on the sampled ``rows``; the
+    chain is left at the best weights seen. Returns rounds plus L-BFGS iterations."""
+    am, y = rows
+    (a, c), (lo, hi) = _affine(chain, structure, am.dtype), structure[2:]
+    safe = a.abs() > 1e-12
+    inv_a = torch.where(safe, 1.0 / torch.where(safe, a, torch.ones_like(a)),
+                        torch.zeros_like(a))
+    t = (a * y + c).clamp(lo, hi)
+    gram = (am.mT @ am).double()
+    lam, prev, work = LAM_START, None, 0
+    best = (math.inf, [p.clone() for p in chain.params])
+    for rounds in range(1, MAX_ROUNDS + 1):
+        p = am @ chain.kernel().to(am.dtype).mT                       # g x n x co
+        u0 = a * p + c
+        loss = float((u0.clamp(lo, hi) - t).double().square().sum())
+        if loss < best[0]:
+            best = (loss, [q.clone() for q in chain.params])
+        if prev is not None and prev - loss <= TOL * prev:
+            break
+        prev = loss
+        target = torch.where(safe, (_zstep(t, u0, lam, lo, hi) - c) * inv_a, p)
+        mom = _Moments.of(am, target, gram)
+        work += 1 + _solve_quadratic(chain, mom, w2, ROUND_LBFGS)
+        lam = min(lam * LAM_GROWTH, LAM_MAX)
+    chain.params = best[1]
+    return work
+
+
+def _zstep(t: torch.Tensor, u0: torch.Tensor, lam: float, lo: float, hi: float
+           ) -> torch.Tensor:
+    """Elementwise ``argmin_u (t - clamp(u, lo, hi))^2 + lam (u - u0)^2``: the best of the
+    three pieces (below ``lo``, between, above ``hi``)."""
+    mid = ((t + lam * u0) / (1.0 + lam)).clamp(lo, hi)
+    best_u, best_c = mid, (t - mid).square() + lam * (mid - u0).square()
+    for bound, pick in ((lo, torch.minimum), (hi, torch.maximum)):
+        if not math.isfinite(bound):
+            continue
+        u = pick(u0, torch.full_like(u0, bound))
+        cost = (t - bound) ** 2 + lam * (u - u0).square()
+        take = cost < best_c
+        best_u, best_c = torch.where(take, u, best_u), torch.where(take, cost, best_c)
+    return best_u

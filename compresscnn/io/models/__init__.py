@@ -1,0 +1,27 @@
+"""Model loading by spec (``torchvision:``, ``timm:``, ``cifar:``, ``fmnist:``) and own nets."""
+
+from __future__ import annotations
+
+from compresscnn.io.models.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Checkpoint,
+    load_model,
+    load_weights,
+    model_names,
+    parse_spec,
+    read_checkpoint,
+    replace_head,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Checkpoint",
+    "load_model",
+    "load_weights",
+    "model_names",
+    "parse_spec",
+    "read_checkpoint",
+    "replace_head",
+]

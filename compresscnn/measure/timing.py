@@ -1,0 +1,191 @@
+"""The one timing engine behind every latency figure of the package.
+
+A *runner* is a no-argument callable that runs one forward pass: :func:`torch_runner`
+(eager PyTorch, synchronised on CUDA), :func:`torch_bf16_runner` (eager PyTorch CPU
+inference in bfloat16 autocast, channels_last) or :func:`ort_runner` (onnxruntime's CPU
+provider with :func:`ort_session_options`); :func:`module_runner` builds one for a module.
+:func:`time_interleaved` times several runners round-robin, so that a slow spell of a
+shared machine hits all of them alike, and returns the raw samples; :func:`median_ms` and
+:func:`summarize` turn samples into the figures reports carry.
+
+Whole-model figures (``compresscnn.measure.evaluation.measure_latency``) time one runner;
+latency-aware planning (``compresscnn.measure.latency``) times a dense layer against its candidate
+decompositions. Thread counts are the caller's: ``nn_utils.num_threads`` for PyTorch,
+``threads`` here for onnxruntime.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from compresscnn.util.modules import module_device
+from compresscnn.io.onnx_writer import write_onnx
+
+__all__ = ["RUNTIMES", "ort_session_options", "ort_runner", "torch_runner", "torch_bf16_runner",
+           "onnx_bytes", "ort_optimized_ops",
+           "module_runner", "time_interleaved", "median_ms", "summarize"]
+
+RUNTIMES = ("onnxruntime", "torch", "torch_bf16")
+
+Runner = Callable[[], Any]
+
+
+# ----------------------------------------------------------------------------- runners
+def ort_session_options(threads: int) -> Any:
+    """CPU onnxruntime session options used for every latency figure: ``threads`` intra-op
+    threads, one inter-op thread, sequential execution, all graph optimisations."""
+    import onnxruntime as ort  # heavy: loaded only when an onnxruntime figure is asked for
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def ort_runner(model: bytes | str | os.PathLike, x: torch.Tensor, threads: int) -> Runner:
+    """One onnxruntime (CPU) run of ``model`` (serialized bytes or a file path) on ``x``."""
+    import onnxruntime as ort  # heavy: loaded only when an onnxruntime figure is asked for
+
+    src = model if isinstance(model, bytes) else str(model)
+    sess = ort.InferenceSession(src, ort_session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def torch_runner(module: nn.Module, x: torch.Tensor) -> Runner:
+    """One eager call ``module(x)`` (``x`` where the caller put it); on CUDA each call waits
+    for the device, so the time is the work's and not the launch's."""
+    if x.device.type == "cuda":
+        def run() -> Any:
+            module(x)
+            torch.cuda.synchronize()
+        return run
+    return lambda: module(x)
+
+
+def torch_bf16_runner(module: nn.Module, x: torch.Tensor) -> Runner:
+    """One eager CPU call of a channels_last copy of ``module`` (the caller's module is left
+    as it is) on a channels_last ``x`` under ``torch.autocast("cpu", torch.bfloat16)`` and
+    ``torch.inference_mode``: how a CPU that computes bf16 natively (AVX512-BF16, AMX; see
+    ``compresscnn.util.common.cpu_bf16_native``) serves a conv net fastest in PyTorch. Elsewhere
+    bf16 is emulated and slower than float32."""
+    fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    m = copy.deepcopy(module).cpu().eval().to(memory_format=fmt)
+    xc = x.detach().cpu().contiguous(memory_format=fmt)
+
+    def run() -> Any:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            return m(xc)
+    return run
+
+
+def ort_optimized_ops(model: bytes, threads: int = 1) -> dict[str, int]:
+    """How many nodes of each op type the graph ``model`` (serialized ONNX) has after
+    onnxruntime's CPU optimisations (:func:`ort_session_options`), keyed ``domain.op_type``
+    outside the default domain: ``com.microsoft.nchwc.Conv`` counts the convs that run in
+    the blocked NCHWc layout, a plain ``Conv`` or ``com.microsoft.FusedConv`` one that does
+    not (on onnxruntime 1.32: one whose input channels are not a multiple of 4, e.g. an
+    unrounded rank), ``com.microsoft.nchwc.ReorderInput``/``ReorderOutput`` the layout
+    conversions between them."""
+    import onnx  # heavy: loaded only when asked
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="compresscnn-opt-") as d:
+        so = ort_session_options(threads)
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
+    """A static-shape ONNX model of ``module`` on input ``x``, for timing only (the
+    TorchScript-based exporter first: ~0.1 s for one layer against ~1 s for dynamo)."""
+    with tempfile.TemporaryDirectory(prefix="compresscnn-lat-") as d, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(d) / "m.onnx"
+        write_onnx(module, x, path, opset=18, dynamic_batch=False,
+                   order=("torchscript", "dynamo"))
+        return path.read_bytes()
+
+
+def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Runner:
+    """A runner of ``module`` on ``x`` on ``runtime``: ``"torch"`` on the module's device,
+    ``"torch_bf16"`` on the CPU in bf16 autocast (:func:`torch_bf16_runner`),
+    ``"onnxruntime"`` on a timing export of it (:func:`onnx_bytes`)."""
+    if runtime == "torch":
+        return torch_runner(module, x.to(module_device(module) or torch.device("cpu")))
+    if runtime == "torch_bf16":
+        return torch_bf16_runner(module, x)
+    return ort_runner(onnx_bytes(module, x), x, threads)
+
+
+# ----------------------------------------------------------------------------- timing
+def time_interleaved(fns: Sequence[Runner], *, warmup: int, rounds: int,
+                     per_round: int = 1, settle: int = 3) -> list[list[float]]:
+    """Seconds per call of each runner, timed round-robin: ``warmup`` untimed calls each,
+    then ``rounds`` rounds in which every runner is called ``settle`` times untimed and then
+    ``per_round`` times timed, in turn.
+
+    The untimed ``settle`` calls (only when there are several runners) give each timed call
+    what a server running one model sees: its weights back in cache, its runtime's threads
+    awake and no other model's onnxruntime threads still spinning. Without them the first
+    calls of each turn pay those costs: on onnxruntime, 2 threads, batch 1, torchvision
+    ResNet-18's first three calls of a turn took 40, 37 and 25 ms and the rest 20 ms (a
+    2x-fewer-MAC Tucker-2 of it: 22, 21, 16, then 11-12 ms), a nearly fixed overhead that
+    pulls every measured speed-up towards 1 (BENCHMARKS.md, "Speed")."""
+    for f in fns:
+        for _ in range(max(int(warmup), 0)):
+            f()
+    samples: list[list[float]] = [[] for _ in fns]
+    settle = max(int(settle), 0) if len(fns) > 1 else 0
+    for _ in range(max(int(rounds), 1)):
+        for i, f in enumerate(fns):
+            for _ in range(settle):
+                f()
+            for _ in range(max(int(per_round), 1)):
+                t0 = time.perf_counter()
+                f()
+                samples[i].append(time.perf_counter() - t0)
+    return samples
+
+
+def median_ms(samples_s: Sequence[float]) -> float:
+    """The median of samples in seconds, in milliseconds."""
+    return statistics.median(samples_s) * 1e3
+
+
+def summarize(samples_s: Sequence[float]) -> dict[str, float]:
+    """``{"median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms"}`` of samples in seconds
+    (percentiles by linear interpolation, like numpy's default)."""
+    ms = sorted(t * 1e3 for t in samples_s)
+
+    def pct(p: float) -> float:
+        if len(ms) == 1:
+            return ms[0]
+        pos = p / 100 * (len(ms) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ms) - 1)
+        return ms[lo] + (ms[hi] - ms[lo]) * (pos - lo)
+
+    return {"median_ms": statistics.median(ms), "p10_ms": pct(10), "p90_ms": pct(90),
+            "mean_ms": statistics.fmean(ms), "min_ms": ms[0]}

@@ -1,0 +1,792 @@
+"""Recipes: a closed YAML schema, validated with one-line messages that name the key.
+
+A recipe says which model to load, which layers to factorize with which method and rank, and
+how to fine-tune, evaluate, export and report. This module turns a recipe file (or a dict
+from the Python API) into a *resolved* recipe: every key present, every default filled,
+environment variables expanded and paths made absolute, in plain Python types only, so that
+``yaml.safe_dump`` writes it back as the record of the run (timm's ``args.yaml``; DESIGN.md
+example 6) and :func:`load_recipe` reads that record back unchanged.
+
+Why a closed schema: NNCF sets ``additionalProperties: false`` on every object, so a
+misspelled key is an error with its path instead of a silently ignored setting (the flaw of
+timm's argparse-defaults YAML). The schema is the pydantic models of
+:mod:`compresscnn.config` (every section, :class:`~compresscnn.config.RuleBase`,
+:class:`~compresscnn.config.Target`) and :class:`Recipe` here; a rule is a discriminated
+union on ``method`` over the registered decomposers, each rule model carrying its method's
+``Options`` flat beside the rule keys, so a method option is checked by the model its
+decomposer declares and the message names the rule. Recipes, ``--set`` overrides, the
+Python API (``compress``, ``validate_rules``) and compare recipes all validate through them.
+
+Every problem is a :class:`~compresscnn.errors.RecipeError` whose message is one line:
+``<source>: <key path>: <what is wrong>`` (e.g. ``recipes/x.yaml: rules[2].rank: expected
+...``), followed by ``(line N)`` when the key is in the file, or by ``[from --set ...]`` when
+an override put it there. Malformed YAML is ``<file>:<line>:<column>: invalid YAML: ...``.
+The reference ``recipes/README.md`` is generated from the models
+(``python -m compresscnn.recipe --reference > recipes/README.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from pydantic import ValidationError, ValidationInfo, model_validator
+
+from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS,
+                     MODEL_SOURCES, POLICY_KEYS, MIXES, RULE_KEYS, SCHEDULES, SOLVERS,
+                     TARGET_KEYS, Calibration, Closed, Data,
+                     Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency, MethodOptions,
+                     ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
+                     Where, bad, doc, expand_env, first_error, fmt_path, one_line,
+                     resolve_path, section, section_of, show, spec_of, suggest, unknown_key,
+                     where_of)
+from compresscnn.core.rules import (_options, _parse_rules, _registry, rule_model, rule_options,
+                                     validate_compress, validate_rules, validate_target)
+from compresscnn.errors import RecipeError
+from compresscnn.util.common import atomic_write_text
+
+__all__ = [
+    "load_recipe", "validate", "validate_rules", "validate_target", "validate_compress",
+    "rule_options", "parse_recipe", "rule_model", "Recipe", "parse_override", "apply_overrides",
+    "dump_resolved", "reference_markdown", "expand_env", "RULE_KEYS", "POLICY_KEYS",
+    "TARGET_KEYS", "TOP_KEYS", "MODEL_SOURCES", "SCHEDULES", "FIT_THROUGH", "SOLVERS", "MIXES",
+    "LEGACY_DATA_KEYS", "load_yaml", "yaml_lines", "RESUME_FREE", "ALLOCATIONS",
+    "CALIBRATED_ALLOCATIONS",
+]
+
+_fmt_path = fmt_path   # the key-path spelling other modules print
+_show, _one_line = show, one_line
+
+
+# --------------------------------------------------------------------------- the recipe
+
+_NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
+            doc="str")
+
+
+class Recipe(Closed):
+    """The recipe."""
+
+    name: Nullable(_NAME) = doc(
+        "Run name (letters, digits, `.`, `_`, `-`); names the default output folder.", None,
+        default_doc="the recipe file's stem")
+    seed: Int(0, 2**32 - 1) = doc("Seed for Python, NumPy and torch (calibration batches, data "
+                                  "order, fine-tuning).", 0)
+    output: Nullable(PathStr(recipe_relative=False)) = doc(
+        "Run directory (report, checkpoints, ONNX, resolved recipe). A relative path is taken "
+        "relative to the current working directory.", None, default_doc="`runs/<name>`")
+    model: ModelSection = doc(ModelSection.__doc__)
+    data: Optional[Data] = doc(Data.__doc__, None)
+    calibration: Optional[Calibration] = doc(Calibration.__doc__, None)
+    rules: Any = doc("Which layers get which method and rank; see below.")
+    target: Optional[Target] = doc(
+        "Global budget: null, or a mapping with exactly one of `macs`, `params`, `latency` set "
+        "to the fraction (in (0, 1]) of the whole model's cost to keep (`latency`: measured on "
+        "the `latency` section's runtime). Rules without a rank policy get their ranks from "
+        "this budget.", None, default_doc="null")
+    allocation: Enum(*ALLOCATIONS) = doc(
+        "How a global `target` spreads over layers: `spectral` minimises the summed squared "
+        "relative weight errors; `energy` maximises the product of the energies the layers "
+        "keep (Zhang et al. 2015: no layer is cut to nothing); `sensitivity` (needs "
+        "`calibration`) weighs each layer's error by the measured change of the model's output "
+        "when that layer alone is decomposed (first 4 calibration batches); `output` (needs "
+        "`calibration`) decomposes every candidate rank of every budgeted layer (as `method: "
+        "auto` does) and minimises the summed squared relative errors of the layers' outputs "
+        "on the first calibration batch instead of their weights'.", "spectral")
+    latency: Latency = section()
+    finetune: Finetune = section()
+    train: Optional[Train] = doc(Train.__doc__, None)
+    evaluate: Evaluate = section()
+    export: Export = section()
+    report: Report = section()
+
+    @classmethod
+    def not_mapping(cls, v: Any) -> str:
+        what = "an empty file" if v is None else show(v)
+        return f"expected a mapping of recipe keys ({', '.join(cls.model_fields)}), got {what}"
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> "Recipe":
+        where = where_of(info)
+        if not (self.rules == [] and self._dense_job()):
+            # a Cuttlefish switch chooses the ranks itself, like a target
+            ranked = self.target is not None or (self.train is not None
+                                                 and self.train.switch is not None)
+            self.rules = _parse_rules(self.rules, ranked, where)
+        if self.train is not None:
+            self._check_train_job()
+        if self.name is None:
+            self.name = where.default_name
+        if self.output is None:
+            self.output = resolve_path(f"runs/{self.name}", where, recipe_relative=False)
+        if self.data is None:  # everything that reads images needs a data section
+            for key in (("finetune", "enabled"), ("evaluate", "baseline"),
+                        ("evaluate", "zero_shot"), ("calibration",)):
+                sec = getattr(self, key[0])
+                if sec is not None if len(key) == 1 else getattr(sec, key[1]):
+                    how = ("remove it" if key == ("calibration",)
+                           else f"set {fmt_path(key)}: false")
+                    raise bad(f"required because {fmt_path(key)} is on (add a data section, "
+                              f"or {how})", ("data",))
+        return self
+
+    def _dense_job(self) -> bool:
+        """``rules: []``: a train job training the dense model, or the dense model fine-tuned
+        the same way as a compressed one would be (the reference for "after fine-tuning")."""
+        if self.train is not None:
+            return True
+        return (self.finetune.enabled and self.target is None and self.calibration is None)
+
+    def _check_train_job(self) -> None:
+        """A ``train`` job starts from random weights and has no teacher or calibration."""
+        if self.model.weights is not None:
+            raise bad("must be null with a train section (training starts from random "
+                      "weights; to start from these weights, compress and fine-tune instead)",
+                      ("model", "weights"))
+        for key in ("finetune", "calibration"):
+            if key in self.model_fields_set and getattr(self, key) is not None:
+                raise bad("not used with a train section (a train job trains from random "
+                          f"weights): remove {key} or train", (key,))
+        if self.data is None:
+            raise bad("required because train is set", ("data",))
+
+
+TOP_KEYS: tuple[str, ...] = tuple(Recipe.model_fields)
+
+
+def _sanitize_name(stem: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")
+    return s or "recipe"
+
+
+def parse_recipe(data: Any, where: Where) -> Recipe:
+    """The typed recipe; a problem is one :class:`RecipeError` placed by ``where``."""
+    try:
+        return Recipe.model_validate(data, context={"where": where})
+    except ValidationError as e:
+        raise where.error(e) from None
+
+
+def _validate(data: Any, where: Where) -> dict:
+    return parse_recipe(data, where).model_dump()
+
+
+def validate(data: dict, source: str = "<recipe>", *, base_dir: str | os.PathLike | None = None,
+             name: str | None = None) -> dict:
+    """Validate a recipe given as a dict and return it resolved (see :func:`load_recipe`).
+
+    ``base_dir``: the folder relative ``weights``/``root`` paths are looked up in first (the
+    cwd otherwise). ``name``: the default run name (else the stem of ``source`` when it is
+    a file name, else ``"recipe"``).
+    """
+    if name is None:
+        name = "recipe" if source.startswith("<") else _sanitize_name(Path(source).stem)
+    where = Where(source=source, base_dir=Path(base_dir) if base_dir is not None else None,
+                  default_name=name)
+    return _validate(data, where)
+
+# --------------------------------------------------------------------------- overrides
+
+
+
+def _parse_key(key: str) -> KeyPath:
+    """``rules.0.rank`` or ``rules[0].rank`` -> ("rules", 0, "rank")."""
+    out: list[Any] = []
+    parts = key.split(".")
+    for part in parts:
+        m = re.fullmatch(r"([^.\[\]]*)((?:\[\d+\])*)", part)
+        if m is None or (not m.group(1) and not m.group(2)):
+            raise ValueError(key)
+        if m.group(1):
+            out.append(int(m.group(1)) if m.group(1).isdigit() else m.group(1))
+        elif not out:
+            raise ValueError(key)
+        out.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    return tuple(out)
+
+
+def parse_override(text: str, source: str = "<override>") -> tuple[KeyPath, Any]:
+    """``"finetune.epochs=3"`` -> ``(("finetune", "epochs"), 3)``.
+
+    The value is read with ``yaml.safe_load`` (``3``, ``0.5``, ``[8, 8]``, ``null``,
+    ``true``; an empty value is null); list indices may be written ``rules.0.rank`` or
+    ``rules[0].rank``.
+    """
+    if not isinstance(text, str) or "=" not in text:
+        raise RecipeError(one_line(f"{source}: --set {show(text)}: expected key.path=value "
+                                    "(e.g. finetune.epochs=3)"))
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    try:
+        path = _parse_key(key)
+    except ValueError:
+        raise RecipeError(one_line(f"{source}: --set {show(text)}: malformed key path "
+                                    f"{key!r} (write e.g. rules.0.rank or rules[0].rank)"))
+    try:
+        _, value = load_yaml(raw, f"{source}: --set {show(text)}")
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise RecipeError(one_line(f"{source}: {fmt_path(path)}: value {raw!r} is not valid "
+                                    f"YAML ({problem}) [from --set {text}]")) from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<recipe>",
+                    *, _ctx: Where | None = None) -> dict:
+    """Return a deep copy of ``data`` with each ``key.path=value`` applied.
+
+    Paths are checked against the schema (a misspelled key is an error naming it); missing
+    sections are created (``data.root=...`` adds a ``data`` section); a list index must
+    exist. The result still needs :func:`validate`.
+    """
+    ctx = _ctx or Where(source)
+    out = copy.deepcopy(data)
+    if not isinstance(out, dict):
+        raise ctx.fail((), "cannot apply --set to a recipe that is not a mapping")
+    for text in overrides:
+        path, value = parse_override(text, ctx.source)
+        ctx.overrides[path] = text
+        _apply_one(out, path, value, text, ctx)
+    return out
+
+
+def _apply_one(root: dict, path: KeyPath, value: Any, text: str, ctx: Where) -> None:
+    """Set ``path`` to ``value`` in ``root``, walking the models alongside the data.
+
+    Schema nodes: a :class:`Closed` model (a section, the target), ``"rules"`` (the list),
+    ``"rule"`` (one rule: any key may be set, since method options depend on the method;
+    validation names a bad one), or None (a value: nothing below it can be set).
+    """
+    node: Any = root
+    schema: Any = Recipe
+    for i, tok in enumerate(path):
+        here = path[: i + 1]
+        last = i == len(path) - 1
+
+        def fail(what: str) -> RecipeError:
+            err = RecipeError(one_line(f"{ctx.source}: {fmt_path(here)}: {what} "
+                                       f"[from --set {text}]"))
+            err.source, err.key = ctx.source, fmt_path(here)  # type: ignore[attr-defined]
+            return err
+
+        if schema == "rules":
+            if not isinstance(tok, int):
+                raise fail("expected a rule index (rules.0.rank or rules[0].rank)")
+            if tok >= len(node):
+                raise fail(f"index out of range (the recipe has {len(node)} rule(s))")
+            if last:
+                node[tok] = value
+                return
+            if not isinstance(node[tok], dict):
+                raise fail(f"expected a mapping, got {show(node[tok])}")
+            node, schema = node[tok], "rule"
+            continue
+        if schema is None:
+            raise fail(f"{fmt_path(path[:i])} is a value, not a section; "
+                       f"write {fmt_path(path[:i])}=...")
+        if not isinstance(tok, str):
+            raise fail("expected a key name, got a list index")
+        known = [] if schema == "rule" else list(schema.model_fields)
+        if known and tok not in known:
+            raise fail(unknown_key(tok, known))
+        if last:
+            node[tok] = value
+            return
+        if schema == "rule":
+            raise fail(f"cannot set a part of a rule value; write {fmt_path(here)}=...")
+        child_schema: Any = ("rules" if here == ("rules",)
+                             else section_of(schema.model_fields[tok].annotation))
+        if child_schema is None:
+            raise fail(f"{tok!r} is a value, not a section; write {fmt_path(here)}=...")
+        child = node.get(tok)
+        if child is None:
+            child = node[tok] = [] if child_schema == "rules" else {}
+        if child_schema == "rules" and not isinstance(child, list):
+            raise fail(f"expected a list of rules, got {show(child)}")
+        if child_schema != "rules" and not isinstance(child, dict):
+            raise fail(f"expected a mapping, got {show(child)}; cannot set "
+                       f"{fmt_path(path[i + 1:])} in it")
+        node, schema = child, child_schema
+
+
+# --------------------------------------------------------------------------- files
+
+#: Recipe keys that cannot change the fine-tuned weights: ``--resume`` may change them (every
+#: other key, and the plan's ranks, must be what the interrupted run was started with).
+RESUME_FREE: tuple[str, ...] = (
+    "name", "output", "evaluate", "export", "report", "finetune.log_every",
+    "finetune.checkpoint_every", "data.eval_batch_size", "data.test_subset", "data.test_split")
+
+#: Limits on a YAML document (a recipe file, a run's recipe.yaml, a compare recipe, a --set
+#: value), checked before anything walks it: recipes are a few kB, nest a handful of levels
+#: and hold hundreds of values; aliases may not expand a document past these.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 100
+MAX_YAML_VALUES = 100_000
+
+
+def load_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """``yaml.safe_load`` with limits: the text's size, the nesting depth (checked on the
+    parser's event stream, before the recursive composer runs) and the number of values
+    and depth once aliases are expanded (on the node graph, each shared node measured once),
+    so a small alias bomb or a deeply nested file is one :class:`RecipeError` instead of
+    minutes and gigabytes. Returns the node graph (for line numbers) and the data.
+    YAML syntax errors propagate as :class:`yaml.YAMLError`."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_YAML_BYTES:
+        raise RecipeError(one_line(f"{source}: {size:,} bytes, more than the "
+                                    f"{MAX_YAML_BYTES:,} a recipe may have"))
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RecipeError(one_line(
+                    f"{source}:{event.start_mark.line + 1}: nested more than "
+                    f"{MAX_YAML_DEPTH} levels deep"))
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, source)
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """Values in ``root`` with every alias expanded; each shared node is measured once."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (values, height)
+    active: set[int] = set()
+
+    def fail(node: yaml.Node, what: str) -> RecipeError:
+        return RecipeError(one_line(f"{source}:{node.start_mark.line + 1}: {what}"))
+
+    def walk(node: yaml.Node, level: int) -> tuple[int, int]:
+        key = id(node)
+        if key in done:
+            values, height = done[key]
+        else:
+            if key in active:
+                raise fail(node, "an alias refers to a node that contains it (a recursive "
+                                 "structure)")
+            if level > MAX_YAML_DEPTH:
+                raise fail(node, f"aliases nest the document more than {MAX_YAML_DEPTH} "
+                                 "levels deep")
+            active.add(key)
+            kids: list = []
+            if isinstance(node, yaml.SequenceNode):
+                kids = node.value
+            elif isinstance(node, yaml.MappingNode):
+                kids = [n for pair in node.value for n in pair]
+            values, height = 1, 0
+            for kid in kids:
+                v, h = walk(kid, level + 1)
+                values, height = values + v, max(height, h + 1)
+                if values > MAX_YAML_VALUES:
+                    raise fail(node, f"aliases expand the document to more than "
+                                     f"{MAX_YAML_VALUES:,} values")
+            active.discard(key)
+            done[key] = (values, height)
+        if level + height > MAX_YAML_DEPTH:
+            raise fail(node, f"aliases nest the document more than {MAX_YAML_DEPTH} levels "
+                             "deep")
+        return values, height
+
+    return walk(root, 0)[0]
+
+
+def _line_map(node: Any, path: KeyPath, out: dict[KeyPath, int],
+              dups: list[tuple[KeyPath, int, int]], walked: set[int] | None = None) -> None:
+    """Key path -> line, and duplicate keys. A node reached again through an alias is not
+    walked again (its keys were checked at the anchor)."""
+    walked = set() if walked is None else walked
+    if id(node) in walked:
+        return
+    walked.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.value == "<<":
+                continue
+            key: Any = k.value
+            line = k.start_mark.line + 1
+            if key in seen:
+                dups.append((path + (key,), seen[key], line))
+            seen[key] = line
+            out[path + (key,)] = line
+            _line_map(v, path + (key,), out, dups, walked)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[path + (i,)] = v.start_mark.line + 1
+            _line_map(v, path + (i,), out, dups, walked)
+
+
+def yaml_lines(node: yaml.Node | None) -> dict[KeyPath, int]:
+    """Key path -> line of a YAML node graph (for messages)."""
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _line_map(node, (), lines, [])
+    return lines
+
+
+def _yaml_error(source: str, e: yaml.YAMLError) -> RecipeError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    what = f"{context}, {problem}" if context else problem
+    if "\\t" in problem or "\t" in problem:
+        what += " (indent with spaces, not tabs)"
+    return RecipeError(one_line(f"{where}: invalid YAML: {what}"))
+
+
+def _read_text(path: Path, label: str) -> str:
+    if not path.exists():
+        raise RecipeError(one_line(f"recipe {label}: file not found"))
+    if path.is_dir():
+        raise RecipeError(one_line(f"recipe {label}: is a directory, not a recipe file"))
+    if not path.is_file():
+        raise RecipeError(one_line(f"recipe {label}: not a regular file"))
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise RecipeError(one_line(f"recipe {label}: {size:,} bytes, more than the "
+                                        f"{MAX_YAML_BYTES:,} a recipe may have"))
+        raw = path.read_bytes()
+    except PermissionError:
+        raise RecipeError(one_line(f"recipe {label}: cannot read (permission denied)")) from None
+    except OSError as e:
+        raise RecipeError(one_line(f"recipe {label}: cannot read ({e.strerror or e})")) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(one_line(f"recipe {label}: not UTF-8 text (byte {e.start})")) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
+                base_dir: str | os.PathLike | None = None) -> dict:
+    """Read, validate and resolve a recipe file.
+
+    The file is checked to exist and be a readable regular file before anything is parsed;
+    it is read with ``yaml.safe_load`` (duplicate keys are an error); ``overrides``
+    (``"key.path=value"``, as given to ``--set``) are applied; then the result is validated
+    against the schema, every default is filled, ``${VAR}``/``${VAR:-default}`` are expanded
+    and paths are made absolute (relative ``weights``/``root`` paths are looked up in
+    ``base_dir``, by default the recipe's folder, then in the cwd; ``output`` and
+    ``download_dir`` are relative to the cwd). Returns plain dicts/lists/scalars.
+    """
+    label = os.fspath(path)
+    p = Path(label)
+    text = _read_text(p, label)
+    try:
+        node, data = load_yaml(text, label)
+    except yaml.YAMLError as e:
+        raise _yaml_error(label, e) from None
+    ctx = Where(source=label,
+                base_dir=Path(base_dir) if base_dir is not None else Path(os.path.abspath(p)).parent,
+                default_name=_sanitize_name(p.stem))
+    dups: list[tuple[KeyPath, int, int]] = []
+    if node is not None:
+        _line_map(node, (), ctx.lines, dups)
+    if dups:
+        key, first, again = dups[0]
+        ctx.lines = {}
+        raise ctx.fail(key, f"duplicate key (first at line {first}, again at line {again})")
+    if overrides:
+        if not isinstance(data, dict):
+            _validate(data, ctx)  # reports the top-level problem
+        data = apply_overrides(data, overrides, _ctx=ctx)
+    return _validate(data, ctx)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    return v
+
+
+def dump_resolved(recipe: dict, path: str | os.PathLike) -> None:
+    """Write a resolved recipe as YAML, atomically (temp file in the same folder, fsync,
+    ``os.replace``): a reader sees the old file or the whole new one, never half of it."""
+    text = ("# resolved recipe: every default filled in; "
+            "load with compresscnn.recipe.schema.load_recipe\n"
+            + yaml.safe_dump(_plain(recipe), sort_keys=False, default_flow_style=False,
+                             allow_unicode=True))
+    atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------- reference
+
+def _text(s: str | None) -> str:
+    return " ".join((s or "").split())
+
+
+def _type_doc(f: Any) -> str:
+    s = spec_of(f.annotation, f.metadata)
+    return s.doc if s is not None else "any"
+
+
+def _inner_doc(f: Any) -> str:
+    """The type of a nullable field without its "or null"."""
+    for t in getattr(f.annotation, "__args__", ()):
+        s = spec_of(t)
+        if s is not None:
+            return s.doc
+    return _type_doc(f)
+
+
+def _md_default(f: Any) -> str:
+    extra = f.json_schema_extra or {}
+    if isinstance(extra, dict) and extra.get("default_doc") is not None:
+        return str(extra["default_doc"])
+    if f.is_required():
+        return "**required**"
+    d = f.get_default(call_default_factory=True)
+    if d is None:
+        s = "null"
+    elif isinstance(d, bool):
+        s = "true" if d else "false"
+    elif isinstance(d, list):
+        s = "[" + ", ".join(str(x) for x in d) + "]"
+    else:
+        s = str(d)
+    return f"`{s}`"
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _md_table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _section_rows(model: type[Closed], prefix: str) -> tuple[list, list[tuple[str, type]]]:
+    rows, subs = [], []
+    for key, f in model.model_fields.items():
+        full = f"{prefix}{key}"
+        sub = section_of(f.annotation)
+        if full == "rules":
+            rows.append((f"`{full}`", "list of rules", _md_default(f), f.description or ""))
+        elif full == "target":
+            rows.append((f"`{full}`", "mapping or null", _md_default(f), f.description or ""))
+        elif sub is not None:
+            presence = ("**required**" if f.is_required() else "null (off)"
+                        if type(None) in getattr(f.annotation, "__args__", ()) else
+                        "(all defaults)")
+            rows.append((f"`{full}`", "section", presence, _text(sub.__doc__)))
+            subs.append((full, sub))
+        else:
+            rows.append((f"`{full}`", _type_doc(f), _md_default(f), f.description or ""))
+    return rows, subs
+
+
+def reference_markdown() -> str:
+    """The recipe reference (recipes/README.md), generated from the models."""
+    L = (_reference_intro() + _reference_sections() + _reference_rules()
+         + _reference_target() + list(_REFERENCE_TAIL))
+    return "\n".join(L)
+
+
+def _reference_intro() -> list[str]:
+    """Title, how recipes are read, and the conventions every key follows."""
+    return [
+        "# Recipe reference",
+        "",
+        "<!-- Generated from compresscnn/config.py and compresscnn/recipe/schema.py; do not edit by",
+        "     hand. Regenerate with",
+        "     python -m compresscnn.recipe --reference > recipes/README.md -->",
+        "",
+        "A recipe is a YAML file run with `compresscnn run recipes/X.yaml`. The schema is",
+        "**closed**: every mapping rejects keys it does not know (with a suggestion for a",
+        "misspelling), so a typo is an error, never a silently ignored setting. Problems are",
+        "reported on one line as `<file>: <key path>: <what is wrong> (line N)`, e.g.",
+        "`recipes/x.yaml: rules[2].rank: expected int, ..., got 'half' (line 7)`.",
+        "",
+        "The run directory holds the recipe as run (the *resolved* recipe): every default",
+        "filled in, environment variables expanded and paths made absolute; loading that",
+        "file again gives the same recipe.",
+        "",
+        "## Conventions",
+        "",
+        "- **Numbers.** YAML 1.1 (PyYAML) reads `5e-4` as a *string*; every float field",
+        "  also accepts a string that reads as a number (`5e-4`, `1.0e-3`) and ints (`1`).",
+        "  Non-finite numbers (`.inf`, `.nan`) are rejected. Int fields never accept a",
+        "  boolean (`yes`, `true`) or a float (`3.0`).",
+        "- **Fractions** are in (0, 1] and mean the part *kept* (0.5 keeps half).",
+        "- **Paths** (`model.weights` when it looks like a path, `data.root`, each data",
+        "  source's `root`): `~` and environment variables are expanded,",
+        "  then a relative path is taken relative to the recipe file's folder if it exists",
+        "  there, else relative to the current working directory. `output` and",
+        "  `data.download_dir` are relative to the current working directory.",
+        "- **Environment variables**: only `${VAR}` and `${VAR:-default}` (the default is used",
+        "  when VAR is unset or empty) are expanded; `${VAR}` with VAR unset is an error.",
+        "  Nothing else is interpolated and nothing is executed, e.g.",
+        "  `root: ${COMPRESSCNN_SHARED_DATA:-../shared/data}/cifar10`.",
+        "- **Overrides**: `compresscnn run recipe.yaml --set finetune.epochs=3 --set",
+        "  rules.0.rank=16` (or `rules[0].rank=16`). The value is read as YAML (`3`, `0.5`,",
+        "  `[8, 8]`, `null`, `true`; an empty value is null). A key the schema does not know",
+        "  is an error; a missing section is created.",
+        "- A section that is absent gets all its defaults; `data` and `calibration` are off",
+        "  when absent or null.",
+        f"- **Limits**: a recipe (or a `--set` value) may have at most {MAX_YAML_BYTES:,}",
+        f"  bytes, nest {MAX_YAML_DEPTH} levels and hold {MAX_YAML_VALUES:,} values once YAML",
+        "  aliases are expanded; YAML tags that build Python objects are refused.",
+        "- **`--resume`** continues an interrupted run only with the recipe it was started",
+        "  with (and the same planned ranks); a changed key is named and refused. These may",
+        "  change: " + ", ".join(f"`{k}`" for k in RESUME_FREE) + ".",
+        "",
+    ]
+
+
+def _reference_sections() -> list[str]:
+    """The top level and every nested section, one table each, in schema order."""
+    L: list[str] = []
+    rows, subs = _section_rows(Recipe, "")
+    L += ["## Top level", ""] + _md_table(rows) + [""]
+    queue = list(subs)
+    while queue:
+        name, sec = queue.pop(0)
+        rows, more = _section_rows(sec, name + ".")
+        L += [f"## `{name}`", "", _text(sec.__doc__), ""] + _md_table(rows) + [""]
+        queue = more + queue
+    return L
+
+
+def _reference_rules() -> list[str]:
+    """The ``rules`` section: the keys every rule has, rank policies, method options."""
+    L = [
+        "## `rules`",
+        "",
+        "A non-empty list. Each rule is a mapping:",
+        "",
+    ]
+    L += _md_table([(f"`{k}`", _type_doc(f), _md_default(f), f.description or "")
+                    for k, f in RuleBase.model_fields.items()])
+    L += [
+        "",
+        "- **Rank policy**: at most one of `rank`, `energy`, `macs`, `params` per rule. A rule",
+        "  may give none only when a global `target` is set; the budget then chooses its ranks.",
+        "- **Method options** are written flat in the rule (e.g. `hooi: 6` for tucker2,",
+        "  `squeeze_ratio`, `pct3x3`, `relu` for fire) and checked against the options the",
+        "  method declares (`Decomposer.Options`): an option of another method is an error.",
+        "  `python -m compresscnn.recipe --methods` lists the registered methods, their",
+        "  rank components and options.",
+        "",
+    ]
+    return L
+
+
+def _reference_target() -> list[str]:
+    """The ``target`` section: one row per budget kind."""
+    L = [
+        "## `target`",
+        "",
+        "`null`, or a mapping with exactly one key, the fraction of the whole model kept:",
+        "",
+        "| key | type | meaning |",
+        "|---|---|---|",
+    ]
+    L += [f"| `{k}` | {_md_cell(_inner_doc(f))} | {_md_cell(f.description or '')} |"
+          for k, f in Target.model_fields.items()]
+    return L
+
+
+#: the end of the recipe reference: the cross-checks between sections, and an example
+_REFERENCE_TAIL = (
+        "",
+        "## Cross-checks",
+        "",
+        "- `data` is required when `finetune.enabled`, `evaluate.baseline` or",
+        "  `evaluate.zero_shot` is true, or `calibration` is set.",
+        "- Checked when a run starts (also by `--dry-run`): fine-tuning and calibration are",
+        "  refused when their source shares images with `data.eval` (one archive without",
+        "  split folders serving both), unless `data.allow_eval_overlap: true`; a model whose",
+        "  number of classes differs from the dataset's (10 for `cifar10` and",
+        "  `fashion_mnist`, 1000 for `imagenet`) is refused unless `model.num_classes` gives",
+        "  it a new head.",
+        "- Images reach the model at `model.input_size` (else the model's own): one that",
+        "  `resize`/`crop` would bring to another size is refused, never silently resampled.",
+        "- A list `rank` has one int per rank component of its method.",
+        "",
+        "## Example",
+        "",
+        "```yaml",
+        "model:",
+        "  spec: cifar:resnet20",
+        "  weights: ${COMPRESSCNN_SHARED_DATA:-../shared/data}/weights/resnet20.pt",
+        "data:",
+        "  dataset: cifar10",
+        "  root: ${COMPRESSCNN_SHARED_DATA:-../shared/data}/cifar10",
+        "rules:",
+        "  - match: \"layer*.*.conv2\"",
+        "    method: tucker2",
+        "    rank: 0.5",
+        "finetune:",
+        "  epochs: 1",
+        "  lr: 1e-2",
+        "```",
+        "",
+)
+
+
+def _methods_text() -> str:
+    reg = _registry()
+    lines = []
+    for name in sorted(reg):
+        d = reg[name]
+        o = ", ".join(f"{k}: {_type_doc(f)} (default {_md_default(f).strip('`')})"
+                      for k, f in _options(d).model_fields.items()) or "no options"
+        names = ", ".join(getattr(d, "rank_names", ()))
+        ranks = f"ranks ({names})" if names else "method and ranks chosen per layer"
+        lines.append(f"{name}: {ranks}; {o}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m compresscnn.recipe --reference | --methods | RECIPE [--set k=v ...]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m compresscnn.recipe",
+                                 description="Print the recipe reference, or validate a "
+                                             "recipe and print it resolved.")
+    ap.add_argument("recipe", nargs="?")
+    ap.add_argument("--reference", action="store_true", help="print recipes/README.md")
+    ap.add_argument("--methods", action="store_true", help="list methods and their options")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    if args.reference:
+        sys.stdout.write(reference_markdown())
+        return 0
+    if args.methods:
+        print(_methods_text())
+        return 0
+    if not args.recipe:
+        ap.error("give a recipe, --reference or --methods")
+    try:
+        r = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    sys.stdout.write(yaml.safe_dump(r, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

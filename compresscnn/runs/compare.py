@@ -1,0 +1,719 @@
+"""``compresscnn compare``: one table and one plot for any set of models or run directories.
+
+For each entry: parameters, MACs (:func:`compresscnn.measure.counting.count`), the size of its fp32
+ONNX file (:func:`compresscnn.io.export.export_onnx`, checked in onnxruntime) and of its int8
+version (onnxruntime dynamic quantization, QInt8 weights, per-tensor:
+:func:`compresscnn.io.export.quantize_onnx_dynamic`), latency at each batch size in PyTorch and
+onnxruntime (:func:`compresscnn.measure.evaluation.measure_latency`: the median of ``repeats`` runs with
+``threads`` CPU threads, stated in the output), and top-1 accuracy:
+
+* ``measured`` (here) when the entry has weights and data are given: the same loader
+  (:func:`compresscnn.io.data.make_loaders`, at the entry's input size) and the same
+  :func:`compresscnn.measure.evaluation.evaluate` as ``compresscnn run``, so a model scores the same
+  in both;
+* ``run report`` for a run directory whose ``report.json`` holds a measured top-1
+  (fine-tuned, else zero-shot), on the images that run evaluated;
+* ``published`` otherwise, for a model spec: taken from ``model.pretrained_cfg["published"]``
+  (the loaded weights' metadata, e.g. torchvision's ``Weights.meta``), or, for a randomly
+  initialised model, ``pretrained_cfg["reference"]`` (the architecture's published weights);
+  never hard-coded here; on the dataset's whole evaluation set (ImageNet-1k: 50,000 images);
+* none (``top1_source: null``) for a compressed structure that has not been trained.
+
+Each row says which (``top1_source``) and on how many images (``top1_images``); the table
+prints both next to the number.
+
+An entry is one of
+
+* a model spec string (``torchvision:alexnet``, ``cifar:squeezenet1_0?sr=0.25``);
+* a run directory of ``compresscnn run`` (``report.json``, ``recipe.yaml``,
+  ``model.safetensors``; rebuilt by :func:`compresscnn.runs.pipeline.load_compressed`);
+* a dict ``{model: SPEC, weights, label, data, input_size}``, ``{run: DIR, label}`` or
+  ``{recipe: FILE, weights, label}``: a compression recipe; if its output directory holds a
+  finished run that run is used, else the recipe's rules are applied here to the model
+  (``weights``, default random init) so its structure, size and speed can be compared
+  before (or without) running it.
+
+The recipe form (``compresscnn compare --recipe FILE``) is a small YAML whose schema lives
+here (:class:`CompareRecipe`, the same typed models as compression recipes)::
+
+    title: SqueezeNet vs AlexNet (ImageNet)
+    compare: [torchvision:alexnet, {model: torchvision:squeezenet1_1, weights: ...}, ...]
+    data: {imagenet: {root: ..., resize: null, crop: null}}   # or a data section, or null
+    latency_batches: [1, 32]
+    threads: 2
+    output: runs/compare_squeezenet_alexnet_imagenet
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pydantic import BeforeValidator, ValidationError
+
+from compresscnn.config import (Bool, Closed, Int, ListOf, Nullable, Str, Where, bad, doc, expand_env,
+                     show)
+from compresscnn.measure.counting import count
+from compresscnn.io.data import check_classes, make_loaders
+from compresscnn.errors import CompressError
+from compresscnn.measure.evaluation import evaluate, measure_latency
+from compresscnn.io.export import export_onnx, quantize_onnx_dynamic
+from compresscnn.io.models import load_model, replace_head
+from compresscnn.runs.pipeline import load_compressed
+from compresscnn.util.progress import timed
+from compresscnn.recipe.schema import load_recipe, load_yaml, yaml_lines
+from compresscnn.core.surgery import compress
+from compresscnn.util.common import atomic_path, atomic_write_text, fmt_quantity
+
+__all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
+           "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
+
+INT8_METHOD = ("onnxruntime quantize_dynamic (QInt8 weights, per-tensor; activations "
+               "quantized at run time)")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors")
+
+
+class CompareError(CompressError):
+    """A bad compare entry or compare recipe (one line naming the entry or key)."""
+
+
+# --------------------------------------------------------------------------- entries
+
+def _looks_like_path(s: str) -> bool:
+    return "/" in s or "\\" in s or s.startswith((".", "~")) or s.lower().endswith(_WEIGHT_SUFFIXES)
+
+
+def _is_run_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "recipe.yaml").is_file() and (p / "model.safetensors").is_file()
+
+
+def _normalize(entry: Any, i: int) -> dict[str, Any]:
+    """An entry as ``{"kind": "spec"|"run"|"recipe", ...}``."""
+    where = f"compare[{i}]"
+    if isinstance(entry, os.PathLike):
+        entry = os.fspath(entry)
+    if isinstance(entry, str):
+        text = entry.strip()
+        p = Path(text).expanduser()
+        if _is_run_dir(p):
+            return {"kind": "run", "run": str(p), "label": None}
+        if p.is_dir():
+            raise CompareError(f"{where}: {text} is a folder but not a compresscnn run "
+                               "directory (recipe.yaml and model.safetensors missing)")
+        if text.lower().endswith((".yaml", ".yml")):
+            return {"kind": "recipe", "recipe": str(p), "label": None, "weights": None}
+        if ":" not in text:
+            raise CompareError(f"{where}: {text!r} is neither a model spec ('source:name', e.g. "
+                               "'torchvision:alexnet') nor a run directory")
+        return {"kind": "spec", "model": text, "label": None, "weights": None}
+    if not isinstance(entry, Mapping):
+        raise CompareError(f"{where}: expected a model spec, a run directory or a mapping, "
+                           f"got {type(entry).__name__}")
+    known = ("model", "run", "recipe", "weights", "label", "data", "input_size")
+    bad = [k for k in entry if k not in known]
+    if bad:
+        raise CompareError(f"{where}.{bad[0]}: unknown key (known: {', '.join(known)})")
+    forms = [k for k in ("model", "run", "recipe") if entry.get(k) is not None]
+    if len(forms) != 1:
+        raise CompareError(f"{where}: give exactly one of 'model' (a spec), 'run' (a run "
+                           f"directory) or 'recipe' (a compression recipe), got {forms or 'none'}")
+    kind = {"model": "spec"}.get(forms[0], forms[0])
+    out = {"kind": kind, kind if kind != "spec" else "model": str(entry[forms[0]]),
+           "label": entry.get("label"), "weights": entry.get("weights"),
+           "data": entry.get("data"), "input_size": entry.get("input_size")}
+    if kind == "run" and not _is_run_dir(Path(out["run"]).expanduser()):
+        raise CompareError(f"{where}.run: {out['run']} is not a compresscnn run directory "
+                           "(recipe.yaml and model.safetensors missing)")
+    for key in ("label", "weights"):
+        if out[key] is not None and not isinstance(out[key], str):
+            raise CompareError(f"{where}.{key}: expected a string or null, got {out[key]!r}")
+    if out["input_size"] is not None:
+        s = out["input_size"]
+        if not (isinstance(s, (list, tuple)) and len(s) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)):
+            raise CompareError(f"{where}.input_size: expected [C, H, W] (three ints > 0), got {s!r}")
+    return out
+
+
+def parse_data_arg(text: str) -> dict[str, Any]:
+    """``"imagenet=PATH"`` (CLI ``--data``) -> ``{"imagenet": {"dataset": "imagenet", "root":
+    PATH}}``; ``cifar10=PATH`` likewise."""
+    name, eq, path = text.partition("=")
+    name = name.strip().lower().replace("-", "_")
+    if not eq or not path.strip() or name not in ("imagenet", "cifar10", "fashion_mnist"):
+        raise CompareError(f"--data {text!r}: expected DATASET=PATH with DATASET one of "
+                           "imagenet, cifar10, fashion_mnist")
+    return {name: {"dataset": name, "root": path.strip()}}
+
+
+def _data_map(data: Any, where: str = "data") -> dict[str, dict[str, Any]]:
+    """Global ``data`` as ``{dataset: data section}``: a data section (has ``dataset``), or a
+    mapping ``{dataset: section or PATH}``, or None."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise CompareError(f"{where}: expected a mapping (a data section, or dataset: section), "
+                           f"got {data!r}")
+    if "dataset" in data:
+        return {str(data["dataset"]).lower(): dict(data)}
+    out: dict[str, dict[str, Any]] = {}
+    for name, sec in data.items():
+        if sec is None:
+            continue
+        if isinstance(sec, (str, os.PathLike)):
+            sec = {"root": os.fspath(sec)}
+        if not isinstance(sec, Mapping):
+            raise CompareError(f"{where}.{name}: expected a data section or a path, got {sec!r}")
+        out[str(name).lower()] = {"dataset": str(name).lower(), **dict(sec)}
+    return out
+
+
+def _dataset_for(model: nn.Module) -> str:
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    size = tuple(pc.get("input_size") or (3, 224, 224))
+    if int(size[0]) == 1:
+        return "fashion_mnist"
+    return "imagenet" if int(pc.get("num_classes") or 1000) == 1000 else "cifar10"
+
+
+# --------------------------------------------------------------------------- building
+
+def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of an entry and what is known about it (label, weights, run report...)."""
+    info: dict[str, Any] = {"kind": e["kind"], "weights": e.get("weights"), "notes": []}
+    if e["kind"] == "spec":
+        model = load_model(e["model"], e.get("weights"))
+        info["spec"] = e["model"]
+        wname = e.get("weights")
+        label = e["model"].split(":", 1)[1]
+        if wname and _looks_like_path(wname):
+            label += f" ({Path(wname).name})"
+        info["label"] = e.get("label") or label
+        return model, info
+    if e["kind"] == "recipe":
+        recipe = load_recipe(e["recipe"])
+        out = Path(recipe["output"])
+        info["recipe"] = str(e["recipe"])
+        if _is_run_dir(out) and (out / "report.json").is_file():
+            return _build({"kind": "run", "run": str(out),
+                           "label": e.get("label") or recipe.get("name")})
+        spec = recipe["model"]["spec"]
+        model = load_model(spec, e.get("weights"))
+        if recipe["model"].get("num_classes"):
+            replace_head(model, recipe["model"]["num_classes"])
+        size = recipe["model"].get("input_size") or model.pretrained_cfg.get("input_size")
+        cfg = model.pretrained_cfg
+        model, p = compress(model, recipe["rules"], tuple(size), target=recipe.get("target"))
+        model.pretrained_cfg = cfg
+        info.update(spec=spec, label=e.get("label") or recipe.get("name"), compressed_from=spec)
+        info["notes"].append(f"not trained: rules of {Path(e['recipe']).name} applied here; run "
+                             f"`compresscnn run {e['recipe']}` for its accuracy")
+        return model.eval(), info
+    # a run directory
+    run = Path(e["run"]).expanduser()
+    model = load_compressed(run)
+    info.update(run=str(run), label=e.get("label") or run.name,
+                spec=(getattr(model, "pretrained_cfg", {}) or {}).get("spec"))
+    rep_path = run / "report.json"
+    if rep_path.is_file():
+        try:
+            info["report"] = json.loads(rep_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CompareError(f"{rep_path}: unreadable report ({exc})") from None
+    return model, info
+
+
+#: images in the evaluation set published figures are measured on, by dataset name
+_PUBLISHED_IMAGES = {"imagenet-1k": 50_000, "cifar-10": 10_000}
+
+
+def _run_accuracy(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The measured top-1 of a run: trained from scratch (a `train:` run), fine-tuned if it
+    was, else zero-shot."""
+    if not report:
+        return None
+    for stage in ("trained", "finetuned", "compressed"):
+        r = report.get(stage)
+        if isinstance(r, Mapping) and r.get("top1") is not None:
+            return {"top1": float(r["top1"]), "top5": r.get("top5"), "n": r.get("n"),
+                    "stage": stage, "agreement": r.get("agreement")}
+    return None
+
+
+def _published(model: nn.Module, kind: str) -> dict[str, Any]:
+    """Published metrics of a spec entry: of the loaded weights, else of the architecture's
+    reference weights (a randomly initialised torchvision model)."""
+    if kind != "spec":
+        return {}
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    for key in ("published", "reference"):
+        pub = pc.get(key) or {}
+        if pub.get("acc@1") is not None:
+            return dict(pub)
+    return {}
+
+
+def _measure_accuracy(model: nn.Module, data_cfg: dict[str, Any], size: Sequence[int],
+                      progress: bool) -> dict[str, Any]:
+    """Top-1/top-5 on the data's eval source, exactly as ``compresscnn run`` measures it."""
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    check_classes(data_cfg, pcfg.get("num_classes"), pcfg.get("spec") or type(model).__name__)
+    _, loader = make_loaders(data_cfg, pcfg, train=False, test=True, input_size=size)
+    r = evaluate(model, loader, topk=(1, 5), device="cpu", progress=progress)
+    return {"top1": r["top1"], "top5": r.get("top5"), "n": r["n"]}
+
+
+# --------------------------------------------------------------------------- compare
+
+def _accuracy(e: dict[str, Any], info: dict[str, Any], model: nn.Module,
+              dmap: dict[str, dict[str, Any]], size: Sequence[int], *,
+              progress: bool) -> dict[str, Any]:
+    """The row's ``top1``, ``top5``, ``top1_source``, ``top1_images`` and ``accuracy`` (where
+    the number comes from): a run's report, else measured here, else published."""
+    acc = _run_accuracy(info.get("report")) if info["kind"] == "run" else None
+    dcfg = e.get("data")
+    if isinstance(dcfg, str):
+        dcfg = next(iter(parse_data_arg(dcfg).values()))
+    if dcfg is None:
+        dcfg = dmap.get(_dataset_for(model))
+    if acc is not None:
+        return {"top1": acc["top1"], "top5": acc.get("top5"), "top1_source": "run report",
+                "top1_images": acc.get("n"),
+                "accuracy": {"source": "run report", "how": f"report.json ({acc['stage']})",
+                             "n": acc.get("n"), "agreement": acc.get("agreement")}}
+    if dcfg is not None and (info["kind"] == "run" or e.get("weights") is not None):
+        r = _measure_accuracy(model, dict(dcfg), size, progress)
+        return {"top1": r["top1"], "top5": r.get("top5"), "top1_source": "measured",
+                "top1_images": r["n"],
+                "accuracy": {"source": "measured", "how": "evaluated here",
+                             "dataset": dcfg.get("dataset"), "root": str(dcfg.get("root")),
+                             "n": r["n"]}}
+    pub = _published(model, info["kind"])
+    if not pub:
+        return {}
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    loaded = bool((pc.get("published") or {}).get("acc@1") is not None)
+    n = _PUBLISHED_IMAGES.get(str(pub.get("dataset") or "").lower())
+    if not loaded:
+        info["notes"].append("published figure of the architecture's reference weights (not "
+                             "loaded here: structure and speed only)")
+    return {"top1": pub.get("acc@1"), "top5": pub.get("acc@5"), "top1_source": "published",
+            "top1_images": n,
+            "accuracy": {"source": "published", "how": pub.get("source"),
+                         "dataset": pub.get("dataset"), "n": n, "weights_loaded": loaded}}
+
+
+def _entry_row(e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
+    """One entry's row: build it, count it, its accuracy, its ONNX sizes and latencies."""
+    model, info = _build(e)
+    model.eval()
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    size = tuple(int(s) for s in (e.get("input_size") or o["input_size"]
+                                  or pc.get("input_size") or (3, 224, 224)))
+    counts = count(model, size)
+    row: dict[str, Any] = {
+        "model": info["label"], "kind": info["kind"], "spec": info.get("spec"),
+        "weights": info.get("weights") if info["kind"] != "run" else None,
+        "run": info.get("run"), "recipe": info.get("recipe"), "input_size": list(size),
+        "params": counts["params"], "macs": counts["macs"],
+        "onnx_bytes": None, "onnx_int8_bytes": None, "int8_method": None,
+        "top1": None, "top5": None, "top1_source": None, "top1_images": None,
+        "accuracy": None,
+        "threads": o["threads"], "latency_ms": {}, "latency": [], "notes": info["notes"],
+    }
+    row.update(_accuracy(e, info, model, o["dmap"], size, progress=o["progress"]))
+    onnx_path = _onnx_sizes(row, model, size, info["label"], o) if o["onnx"] else None
+    if o["latency"]:
+        _latencies(row, model, size, onnx_path, o)
+    return row
+
+
+def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], label: str,
+                o: dict[str, Any]) -> Path | None:
+    """fp32 and int8 ONNX file sizes into ``row``; the fp32 file's path (None if it failed)."""
+    stem = _slug(label)
+    while stem in o["used"]:
+        stem += "_"
+    o["used"].add(stem)
+    o["workdir"].mkdir(parents=True, exist_ok=True)
+    onnx_path = o["workdir"] / f"{stem}.onnx"
+    try:
+        ex = export_onnx(model, onnx_path, size, check_batch=(1, 2))
+        row["onnx_bytes"] = ex["bytes"]
+        row["onnx_exporter"] = ex["exporter"]
+    except Exception as exc:  # one model's exporter failure must not sink the table
+        row["notes"].append(f"ONNX export failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        onnx_path = None
+    if onnx_path is not None and o["quantize"]:
+        q = o["workdir"] / f"{stem}.int8.onnx"
+        try:
+            row["onnx_int8_bytes"] = quantize_onnx_dynamic(onnx_path, q)
+            row["int8_method"] = INT8_METHOD
+        except Exception as exc:
+            row["notes"].append(f"int8 quantization failed: {type(exc).__name__}: {exc}"[:300])
+    return onnx_path
+
+
+def _latencies(row: dict[str, Any], model: nn.Module, size: tuple[int, ...],
+               onnx_path: Path | None, o: dict[str, Any]) -> None:
+    """Median latency at each batch in PyTorch, onnxruntime and onnxruntime int8."""
+    runs: list[tuple[str, Any]] = [("torch", model)]
+    if onnx_path is not None:
+        runs.append(("ort", onnx_path))
+        if row["onnx_int8_bytes"] is not None:
+            runs.append(("ort_int8", o["workdir"] / f"{onnx_path.stem}.int8.onnx"))
+    for b in o["batches"]:
+        for key, target in runs:
+            rt = "torch" if key == "torch" else "onnxruntime"
+            try:
+                r = measure_latency(target, size, runtime=rt, threads=o["threads"],
+                                    warmup=o["warmup"], repeats=o["repeats"], batch=b,
+                                    device="cpu")
+            except Exception as exc:
+                row["notes"].append(f"{key} latency at batch {b} failed: "
+                                    f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            row["latency_ms"][f"{key}_b{b}"] = round(float(r["median_ms"]), 4)
+            row["latency"].append({"runtime": key, **r})
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
+            data: Mapping[str, Any] | None = None, latency_batches: Sequence[int] = (1, 32),
+            threads: int = 2, repeats: int = 20, warmup: int = 3, quantize: bool = True,
+            onnx: bool = True, latency: bool = True, workdir: str | os.PathLike,
+            weights_for: Mapping[str, str] | None = None, default_weights: str | None = None,
+            log: Any = None) -> list[dict[str, Any]]:
+    """One row per entry (see the module docstring for entries and accuracy sources).
+
+    ``input_size``: (C, H, W) for every entry (default: each model's ``pretrained_cfg``, or
+    an entry's own ``input_size``). ``data``: a data section, or ``{dataset: section or
+    path}``, used for entries with weights (an entry's own ``data`` wins); the dataset is
+    chosen by the model (1000 classes: imagenet; 1 channel: fashion_mnist; else cifar10).
+    ``weights_for``: ``{spec: weights}`` overriding the weights of spec entries;
+    ``default_weights`` (e.g. ``"DEFAULT"``): the weights of spec entries that give none.
+    ONNX files go in ``workdir``. ``onnx=False`` / ``latency=False`` skip the slow parts
+    (``quantize=False`` only the int8 file).
+
+    Each row holds ``model`` (the label), ``kind``, ``spec``, ``weights``, ``input_size``,
+    ``params``, ``macs``, ``onnx_bytes``, ``onnx_int8_bytes``, ``int8_method``,
+    ``top1``, ``top5``, ``top1_source`` (``"measured"`` here, ``"run report"``,
+    ``"published"`` or None), ``top1_images`` (how many images that top-1 is measured on),
+    ``accuracy`` (where it comes from), ``threads``, ``latency_ms`` (``{"torch_b1": median
+    ms, "ort_b1", "ort_int8_b1", ...}``), ``latency`` (the full measurements) and ``notes``.
+    """
+    norm = [_normalize(e, i) for i, e in enumerate(entries)]
+    if not norm:
+        raise CompareError("compare: no models given")
+    for e in norm:
+        if e["kind"] == "spec":
+            if weights_for and e["model"] in weights_for:
+                e["weights"] = weights_for[e["model"]]
+            elif e.get("weights") is None and default_weights is not None:
+                e["weights"] = default_weights
+    unknown = set(weights_for or {}) - {e.get("model") for e in norm}
+    if unknown:
+        raise CompareError(f"--weights-for {sorted(unknown)[0]}: no such model among the entries")
+    opts = {"input_size": input_size, "dmap": _data_map(data), "workdir": Path(workdir),
+            "onnx": onnx, "quantize": quantize, "latency": latency, "threads": int(threads),
+            "batches": [int(b) for b in latency_batches], "repeats": repeats, "warmup": warmup,
+            "progress": log is not None, "used": set()}
+    rows: list[dict[str, Any]] = []
+    for e in norm:
+        name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
+        t0 = time.perf_counter()
+        with timed(None, "compare", str(name), quiet=log is None):
+            row = _entry_row(e, opts)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        if log:
+            log(f"[compare] {row['model']}: {row['params']:,} params, top1 {row['top1']} "
+                f"({row['top1_source']}, {row['top1_images']} images), {row['seconds']} s")
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+def _fmt_ms(v: Any) -> str:
+    return "-" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
+
+
+def _batches(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    bs = {int(k.rsplit("_b", 1)[1]) for r in rows for k in (r.get("latency_ms") or {})}
+    return sorted(bs)
+
+
+def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model comparison") -> str:
+    bs = _batches(rows)
+    runtimes = [k for k in ("torch", "ort", "ort_int8")
+                if any(f"{k}_b{b}" in (r.get("latency_ms") or {}) for r in rows for b in bs)]
+    names = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8"}
+    head = ["Model", "Params", "MACs", "ONNX fp32", "ONNX int8"]
+    head += [f"{names[k]} b{b} (ms)" for b in bs for k in runtimes]
+    head += ["Top-1 %", "Top-1 source", "Images", "Params vs first"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if h in ("Model", "Top-1 source") else "---:" for h in head)
+             + "|"]
+    base = rows[0]["params"] if rows else None
+    for r in rows:
+        lat = r.get("latency_ms") or {}
+        cells = [str(r["model"]).replace("|", "/"), fmt_quantity(r["params"]),
+                 fmt_quantity(r["macs"]), fmt_quantity(r.get("onnx_bytes"), "B"),
+                 fmt_quantity(r.get("onnx_int8_bytes"), "B")]
+        cells += [_fmt_ms(lat.get(f"{k}_b{b}")) for b in bs for k in runtimes]
+        top1, n = r.get("top1"), r.get("top1_images")
+        cells.append("-" if top1 is None else f"{top1:.2f}")
+        cells.append(_SOURCE_LABELS.get(r.get("top1_source"), r.get("top1_source") or "-"))
+        cells.append("-" if n is None else f"{int(n):,}")
+        if r is rows[0]:
+            cells.append("1x")
+        elif base and r["params"]:
+            ratio = base / r["params"]
+            cells.append(f"{ratio:.1f}x fewer" if ratio >= 1 else f"{1 / ratio:.1f}x more")
+        else:
+            cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Notes:", ""]
+    lines.append("- MACs: one forward pass of one input (multiply-adds, torchvision's "
+                 "`_ops` convention). Input sizes: " + ", ".join(
+                     sorted({"x".join(map(str, r["input_size"])) for r in rows})) + ".")
+    if any(r.get("onnx_int8_bytes") for r in rows):
+        lines.append(f"- int8: {INT8_METHOD}.")
+    if bs:
+        thr = sorted({r.get("threads") for r in rows})
+        reps = sorted({x.get("repeats") for r in rows for x in r.get("latency") or []})
+        lines.append(f"- Latency: median of {', '.join(map(str, reps))} runs, CPU, "
+                     f"{', '.join(map(str, thr))} thread(s) (torch.set_num_threads / onnxruntime "
+                     "intra_op_num_threads), random input; bN = batch N.")
+    lines.append("- Top-1 source: `measured here` = evaluated by this command on the data "
+                 "named below (the same loader and evaluation as `compresscnn run`); `run "
+                 "report` = the run directory's report.json, on the images that run "
+                 "evaluated; `published` = the published metadata of the weights "
+                 "(torchvision's `Weights.meta` for torchvision models, on the 50,000 "
+                 "ImageNet-1k validation images), not measured here; `-` = no accuracy "
+                 "(untrained). Images: how many images the top-1 is measured on. Numbers "
+                 "from different sources or image sets are not measurements of one thing.")
+    for r in rows:
+        acc = r.get("accuracy") or {}
+        if acc:
+            bits = [f"{k} {v}" for k, v in acc.items() if k != "source" and v is not None]
+            lines.append(f"- {r['model']}: top-1 {acc.get('source')} ({'; '.join(bits)}).")
+        for n in r.get("notes") or []:
+            lines.append(f"- {r['model']}: {n}")
+    return "\n".join(lines) + "\n"
+
+
+_SOURCE_LABELS = {"measured": "measured here", "run report": "run report",
+                  "published": "published"}
+
+
+def _size_mb(r: Mapping[str, Any]) -> tuple[float, bool]:
+    """(size in MB, from the ONNX file?) of a row: the fp32 ONNX file, else 4 bytes/param."""
+    if r.get("onnx_bytes"):
+        return float(r["onnx_bytes"]) / 1e6, True
+    return 4.0 * float(r["params"]) / 1e6, False
+
+
+def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                 title: str = "Accuracy vs model size") -> Path:
+    """Top-1 against model size and against MACs (two panels, log x), one labelled point per
+    model with an accuracy; filled circles measured here, squares from run reports, open
+    triangles published."""
+    import matplotlib  # heavy: imported only when a plot is drawn
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(12, 5), dpi=120, sharey=True)
+    pts = [r for r in rows if r.get("top1") is not None]
+    from_onnx = all(_size_mb(r)[1] for r in pts) if pts else False
+    axes = ((ax_size, lambda r: _size_mb(r)[0],
+             "model size, MB (" + ("fp32 ONNX file" if from_onnx
+                                   else "fp32 ONNX file, or 4 bytes/parameter") + "; log)"),
+            (ax_macs, lambda r: float(r["macs"]) / 1e6, "MACs per image, millions (log)"))
+    for ax, x_of, xlabel in axes:
+        for src, marker, face in (("measured", "o", None), ("run report", "s", None),
+                                  ("published", "^", "none")):
+            sel = [r for r in pts if r.get("top1_source") == src]
+            if sel:
+                xs = [x_of(r) for r in sel]
+                ys = [float(r["top1"]) for r in sel]
+                kw = {"facecolors": face} if face else {}
+                ax.scatter(xs, ys, marker=marker, s=55, label=_SOURCE_LABELS[src],
+                           edgecolors="C0" if face else None, **kw)
+                for r, x, y in zip(sel, xs, ys):
+                    ax.annotate(str(r["model"]), (x, y), textcoords="offset points",
+                                xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        # plain numbers ("3", "40"), not "3x10^0", which overlap on narrow ranges
+        ax.xaxis.set_major_formatter(LogFormatter())
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_size.set_ylabel("top-1 accuracy (%)")
+    fig.suptitle(title)
+    missing = [str(r["model"]) for r in rows if r.get("top1") is None]
+    if missing:
+        fig.text(0.01, 0.01, "no accuracy: " + ", ".join(missing)[:220], fontsize=7, alpha=0.7)
+    if pts:
+        ax_size.legend(loc="best")
+    fig.tight_layout(rect=(0, 0.04 if missing else 0, 1, 1))
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
+                  title: str = "Model comparison", json_path: str | os.PathLike | None = None,
+                  stem: str = "compare") -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.json`` (the list of rows) and ``<stem>.png`` (accuracy vs
+    size and vs MACs, log x) in ``out_dir``; also the JSON at ``json_path`` when given.
+    Returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(list(rows), indent=2, default=str)
+    paths = {"markdown": atomic_write_text(out / f"{stem}.md", render_markdown(rows, title=title)),
+             "json": atomic_write_text(out / f"{stem}.json", text + "\n"),
+             "plot": plot_compare(rows, out / f"{stem}.png", title=title)}
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        paths["json_extra"] = atomic_write_text(Path(json_path), text + "\n")
+    return {k: Path(v) for k, v in paths.items()}
+
+
+# --------------------------------------------------------------------------- recipe form
+
+#: the compare recipe's keys: name -> (check, default, meaning)
+def _entries(v: Any) -> list:
+    if not isinstance(v, list) or not v:
+        raise bad(f"expected a non-empty list of entries (model specs, run directories or "
+                  f"mappings), got {show(v)}")
+    return v
+
+
+class CompareRecipe(Closed):
+    """A compare recipe (``compresscnn compare --recipe FILE``)."""
+
+    title: Nullable(Str()) = doc("Title of the table and plot (default: the file's stem).", None)
+    compare: Annotated[list[Any], BeforeValidator(_entries)] = doc(
+        "Entries: model specs, run directories, {model, weights, label, data, input_size}, "
+        "{run, label} or {recipe, weights, label}.")
+    data: Any = doc("A data section, or {dataset: section or path}: data for the entries with "
+                    "weights.", None)
+    input_size: Nullable(ListOf(Int(1), length=3, what="[C, H, W], three ints > 0")) = doc(
+        "One input size for every entry (default: each model's).", None)
+    latency_batches: ListOf(Int(1), min_len=1) = doc("Batch sizes timed.", [1, 32])
+    threads: Int(1) = doc("CPU threads while timing.", 2)
+    repeats: Int(1) = doc("Timed runs per measurement (the median is reported).", 20)
+    quantize: Bool = doc("Also write and measure the int8 ONNX file.", True)
+    onnx: Bool = doc("Export fp32 ONNX (file size, onnxruntime latency).", True)
+    latency: Bool = doc("Measure latency.", True)
+    default_weights: Nullable(Str()) = doc(
+        "Weights of spec entries that give none (e.g. DEFAULT: download the published "
+        "weights).", None)
+    output: Nullable(Str()) = doc("Output folder (default runs/<file stem>), relative to the "
+                                  "cwd.", None)
+
+    @classmethod
+    def not_mapping(cls, v: Any) -> str:
+        return f"expected a mapping with keys {', '.join(cls.model_fields)}, got {show(v)}"
+
+
+RECIPE_KEYS: tuple[str, ...] = tuple(CompareRecipe.model_fields)
+
+
+def _expand(text: str, base: Path | None) -> str:
+    """``${VAR}``/``${VAR:-default}`` expanded (compresscnn.recipe.schema's rules), ``~`` expanded; a
+    relative path is taken in the recipe's folder if it exists there, else in the cwd."""
+    s = os.path.expanduser(expand_env(text))
+    if base is not None and not os.path.isabs(s) and (base / s).exists():
+        return str((base / s).resolve())
+    return os.path.abspath(s) if os.path.exists(s) else s
+
+
+def load_compare_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a compare recipe; returns every key with defaults filled and paths
+    resolved. A problem is a one-line :class:`CompareError` naming the file and key."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise CompareError(f"compare recipe not found: {p}")
+    try:
+        node, data = load_yaml(p.read_text(encoding="utf-8"), str(p))
+    except yaml.YAMLError as exc:
+        raise CompareError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CompareError(f"{p}: cannot read ({exc})") from None
+
+    where = Where(source=str(p), lines=yaml_lines(node), kind=CompareError)
+    try:
+        out = CompareRecipe.model_validate(data, context={"where": where}).model_dump()
+    except ValidationError as exc:
+        raise where.error(exc) from None
+    base = p.resolve().parent
+    entries: list[Any] = []
+    for i, e in enumerate(out["compare"]):
+        if isinstance(e, str):
+            e = e.strip()
+            entries.append(_expand(e, base) if (":" not in e or _looks_like_path(e)) else e)
+        elif isinstance(e, dict):
+            e = dict(e)
+            for key in ("run", "recipe", "weights"):
+                if isinstance(e.get(key), str) and (key != "weights" or _looks_like_path(e[key])):
+                    e[key] = _expand(e[key], base)
+            if isinstance(e.get("data"), dict) and isinstance(e["data"].get("root"), str):
+                e["data"] = {**e["data"], "root": _expand(e["data"]["root"], base)}
+            entries.append(e)
+        else:
+            raise where.fail(("compare", i), "expected a spec, a path or a mapping, got "
+                                             f"{show(e)}")
+        try:
+            _normalize(entries[-1], i)
+        except CompareError as exc:
+            raise CompareError(f"{p}: {exc}") from None
+    out["compare"] = entries
+    try:
+        dmap = _data_map(out["data"])
+    except CompareError as exc:
+        raise CompareError(f"{p}: {exc}") from None
+    for name, sec in dmap.items():
+        if isinstance(sec.get("root"), str):
+            sec["root"] = _expand(sec["root"], base)
+    out["data"] = dmap or None
+    out["title"] = out["title"] or p.stem
+    out["output"] = os.path.expanduser(out["output"] or f"runs/{p.stem}")
+    return out
+
+
+def run_compare_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                       extra_entries: Iterable[Any] = (), json_path: str | os.PathLike | None = None,
+                       log: Any = None, **overrides: Any) -> list[dict[str, Any]]:
+    """Load a compare recipe, run :func:`compare` and :func:`write_compare`. ``overrides``
+    (``data``, ``threads``, ``onnx``, ``latency``, ``quantize``, ``weights_for``,
+    ``default_weights``, ...) replace the recipe's values when not None."""
+    cfg = load_compare_recipe(path)
+    kw: dict[str, Any] = {k: cfg[k] for k in ("input_size", "data", "latency_batches", "threads",
+                                              "repeats", "quantize", "onnx", "latency",
+                                              "default_weights")}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    out_dir = Path(out if out is not None else cfg["output"])
+    rows = compare(list(cfg["compare"]) + list(extra_entries), workdir=out_dir / "onnx", log=log,
+                   **kw)
+    write_compare(rows, out_dir, title=cfg["title"], json_path=json_path)
+    return rows

@@ -1,0 +1,592 @@
+"""The run's report: ``report.json`` (the record), ``report.md`` (for people), plots.
+
+``report.md`` is a pure function of ``report.json``: :func:`render_markdown` first normalises
+its input exactly as ``report.json`` is written (paths and tuples to strings and lists,
+non-finite floats to ``null``), sorts every mapping it walks, and formats numbers with fixed
+rules, so rendering the in-memory dict and rendering the file read back give the same bytes.
+
+Expected top-level keys (all optional; a missing or ``None`` section renders as "—" or is
+left out): ``baseline``/``compressed``/``finetuned`` (each ``top1``, ``top5``, ``agreement``,
+``disagreements_near_tie``, ``params``, ``macs``, ``loss``), ``onnx`` (``path``, ``bytes``, ``max_abs_diff``, ...),
+``layers`` (rows with ``name, type, method, rank, params_before, params_after, macs_before,
+macs_after, rel_error, skipped``), ``timings`` (stage → seconds), ``versions``, ``latency``,
+``recipe``, ``finetune`` (stats from :func:`compresscnn.train.loop.finetune`),
+``calibration`` (the data-aware fit: ``solver``, ``seconds``, ``forward_passes``,
+``dense_refitted``; per layer in ``layers[].fit``), ``date``, ``machine``, ``warnings``
+(lines shown first: what makes a number not mean what it seems).
+
+Plots use matplotlib's object API (``matplotlib.figure.Figure`` renders through the Agg canvas
+by itself), so no backend is switched and no pyplot state is touched, at import or ever.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from compresscnn import __version__
+from compresscnn.util.common import atomic_write_bytes, atomic_write_text, fmt_quantity
+
+__all__ = [
+    "write_report",
+    "render_markdown",
+    "to_json",
+    "collect_versions",
+    "collect_machine",
+    "STAGES",
+    "VERSION_PACKAGES",
+]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("baseline", "compressed", "finetuned", "trained")
+VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino",
+                    "opencv-python-headless", "tensorly", "timm", "compresscnn")
+# Pipeline order for the timings table; unknown stages follow, alphabetically.
+_STAGE_ORDER = (
+    "load_model", "plan", "load_data", "evaluate_baseline", "compress", "apply", "calibrate",
+    "latency_check", "evaluate_compressed", "finetune", "evaluate_finetuned", "train",
+    "evaluate_trained", "export_onnx",
+    "latency", "report", "total",
+)
+LAYER_COLUMNS = (
+    "name", "type", "method", "rank", "params_before", "params_after", "macs_before",
+    "macs_after", "rel_error", "skipped",
+)
+
+
+# --------------------------------------------------------------------------- environment
+def collect_versions() -> dict[str, str | None]:
+    """Installed versions (from package metadata: nothing is imported, so no package's
+    import-time side effects run); ``None`` for a package that is not installed."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    if out.get("compresscnn") is None:
+        out["compresscnn"] = __version__
+    try:
+        out["numpy"] = metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        out["numpy"] = None
+    return out
+
+
+def collect_machine() -> dict[str, Any]:
+    """Platform, CPU count, torch's thread count and CUDA device (if any)."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = {
+            "device": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "version": torch.version.cuda,
+        }
+    return info
+
+
+# --------------------------------------------------------------------------- JSON
+def _jsonable(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
+        return [_jsonable(v) for v in items]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch scalars and arrays
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):
+        return _jsonable(obj.item())
+    raise TypeError(f"report: cannot store a {type(obj).__name__} in report.json")
+
+
+def to_json(report: Mapping[str, Any]) -> str:
+    """The exact text of ``report.json``: indent 2, sorted keys, trailing newline."""
+    return json.dumps(_jsonable(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- formatting
+_DASH = "—"
+
+
+def _cell(v: Any) -> str:
+    s = _DASH if v is None or v == "" else str(v)
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def _fmt_count(v: Any) -> str:
+    """1234 → ``1.23 k``; 25_557_032 → ``25.56 M``; 4.1e9 → ``4.10 G``."""
+    return fmt_quantity(v, missing=_DASH)
+
+
+def _fmt_bytes(v: Any) -> str:
+    return fmt_quantity(v, "B", missing=_DASH)
+
+
+def _fmt_pct(v: Any) -> str:
+    x = _num(v)
+    return _DASH if x is None else f"{x:.2f}"
+
+
+def _fmt_float(v: Any, digits: int = 4) -> str:
+    x = _num(v)
+    if x is None:
+        return _cell(v) if isinstance(v, str) else _DASH
+    if x == int(x) and abs(x) < 1e15 and isinstance(v, int):
+        return str(int(x))
+    return f"{x:.{digits}g}"
+
+
+def _runtime_lines(onnx: dict[str, Any]) -> list[str]:
+    """One line per export check: each runtime's agreement with PyTorch, what was folded."""
+    out = []
+    checked = onnx.get("verify") or {}
+    if checked:
+        out += ["", "Runtimes, max abs diff against PyTorch (relative L2 error): " + ", ".join(
+            f"{rt} {_fmt_float(v.get('max_abs_diff'), 2)} ({_fmt_float(v.get('rel_l2'), 2)})"
+            for rt, v in checked.items()) + "."]
+    folded = onnx.get("folded") or {}
+    if any(folded.values()):
+        out += ["", f"Folded before export: {folded.get('batchnorms', 0)} BatchNorm(s) into "
+                    f"the convs before them, {folded.get('gathers', 0)} Fire channel "
+                    f"reorder(s) into the convs after them."]
+    return out
+
+
+def _fmt_ratio(base: Any, value: Any) -> str:
+    b, x = _num(base), _num(value)
+    if b is None or x is None or x == 0:
+        return _DASH
+    return f"{b / x:.2f}×"
+
+
+def _fmt_rank(r: Any) -> str:
+    if r is None:
+        return _DASH
+    if isinstance(r, list):
+        return "(" + ", ".join(str(v) for v in r) + ")" if len(r) != 1 else str(r[0])
+    return str(r)
+
+
+def _fmt_any(v: Any) -> str:
+    if isinstance(v, float):
+        return _fmt_float(v)
+    if isinstance(v, (dict, list)):
+        return _cell(json.dumps(v, sort_keys=True))
+    return _cell(v)
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[str]], align: Iterable[str] | None = None) -> list[str]:
+    header = list(header)
+    align = list(align) if align is not None else ["l"] * len(header)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def _kv_table(d: Mapping[str, Any], key_name: str = "Key", value_name: str = "Value") -> list[str]:
+    return _table([key_name, value_name], ([_cell(k), _fmt_any(d[k])] for k in sorted(d)))
+
+
+def _latency_rows(lat: Any, prefix: str = "") -> list[tuple[str, Mapping[str, Any]]]:
+    """Every mapping holding a ``median_ms``, with its location as the row name. ``latency``
+    may be one such mapping, a nested mapping of them, or a list of rows (named by their
+    ``model``/``name`` key)."""
+    if isinstance(lat, list):
+        rows = []
+        for i, item in enumerate(lat):
+            if isinstance(item, Mapping):
+                name = item.get("model", item.get("name"))
+                name = str(name) if name is not None else f"#{i + 1}"
+                rows += _latency_rows(item, f"{prefix}/{name}" if prefix else name)
+        return rows
+    if not isinstance(lat, Mapping):
+        return []
+    if "median_ms" in lat:
+        return [(prefix or "model", lat)]
+    rows = []
+    for k in sorted(lat):
+        rows += _latency_rows(lat[k], f"{prefix}/{k}" if prefix else str(k))
+    return rows
+
+
+def _ordered_stages(timings: Mapping[str, Any]) -> list[str]:
+    known = [s for s in _STAGE_ORDER if s in timings]
+    return known + sorted(k for k in timings if k not in _STAGE_ORDER)
+
+
+# --------------------------------------------------------------------------- markdown
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md`` for ``report`` (the same for the dict and for ``report.json`` read back)."""
+    r: dict[str, Any] = json.loads(to_json(report))
+    lines: list[str] = []
+    for section in _SECTIONS:
+        lines += section(r)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _header_section(r: Mapping[str, Any]) -> list[str]:
+    """Title, the warnings (what makes a number below not mean what it seems), run facts."""
+    title = f"# compresscnn report: {r['name']}" if r.get("name") else "# compresscnn report"
+    lines: list[str] = [title, ""]
+    for w in r.get("warnings") or []:
+        lines += [f"> **Warning:** {w}", ""]
+    meta = []
+    if r.get("date"):
+        meta.append(f"- Date: {r['date']}")
+    if r.get("recipe"):
+        meta.append(f"- Recipe: `{r['recipe']}`")
+    if r.get("model"):
+        meta.append(f"- Model: `{r['model']}`")
+    if r.get("input_size"):
+        meta.append(f"- Input size: {_fmt_rank(r['input_size'])}")
+    if meta:
+        lines += meta + [""]
+    return lines
+
+
+def _summary_section(r: Mapping[str, Any]) -> list[str]:
+    """Accuracy, agreement, size and cost of every stage, with ratios to the baseline."""
+    base = r.get("baseline") or {}
+    rows = []
+    for stage in STAGES:
+        st = r.get(stage)
+        if (stage == "trained" and not st) or (stage == "finetuned" and r.get("trained")):
+            continue  # a run either fine-tunes a compressed model or trains one from scratch
+        if st is None:
+            rows.append([stage] + [_DASH] * 8)
+            continue
+        rows.append([
+            stage,
+            _fmt_pct(st.get("top1")),
+            _fmt_pct(st.get("top5")),
+            _fmt_pct(st.get("agreement")),
+            _fmt_count(st.get("params")),
+            _fmt_count(st.get("macs")),
+            _fmt_ratio(base.get("params"), st.get("params")),
+            _fmt_ratio(base.get("macs"), st.get("macs")),
+            _fmt_float(st.get("loss")),
+        ])
+    lines = ["## Summary", ""]
+    lines += _table(
+        ["Stage", "Top-1 %", "Top-5 %", "Agreement %", "Params", "MACs", "Params ratio", "MACs ratio", "Loss"],
+        rows,
+        ["l", "r", "r", "r", "r", "r", "r", "r", "r"],
+    )
+    ties = [f"{stage} {_fmt_pct(r[stage]['disagreements_near_tie'])}%" for stage in STAGES
+            if (r.get(stage) or {}).get("disagreements_near_tie") is not None]
+    return lines + [
+        "",
+        "Ratios are baseline ÷ stage (2.00× = half the parameters or MACs). Agreement is the "
+        "share of images whose top-1 class equals the baseline model's."
+        + (" Of the images where a stage disagrees with it, the share on which the baseline's "
+           "two largest probabilities are within 0.05 of each other (decisions it makes by a "
+           "hair, which small changes flip): " + ", ".join(ties) + "." if ties else ""),
+        "",
+    ]
+
+
+def _onnx_section(r: Mapping[str, Any]) -> list[str]:
+    onnx = r.get("onnx")
+    if not onnx:
+        return []
+    lines = ["## ONNX", ""]
+    lines += _table(
+        ["File", "Size", "Max abs diff", "Opset", "Exporter"],
+        [[
+            f"`{onnx['path']}`" if onnx.get("path") else _DASH,
+            _fmt_bytes(onnx.get("bytes")),
+            _fmt_float(onnx.get("max_abs_diff"), 3),
+            _cell(onnx.get("opset")),
+            _cell(onnx.get("exporter")),
+        ]],
+        ["l", "r", "r", "r", "l"],
+    )
+    lines += _runtime_lines(onnx)
+    if onnx.get("quantized"):
+        q = onnx["quantized"]
+        lines += ["", f"Dynamic int8 copy: `{q.get('path')}` ({_fmt_bytes(q.get('bytes'))})."]
+    return lines + [""]
+
+
+def _latency_section(r: Mapping[str, Any]) -> list[str]:
+    """Whole-model latency, then each replaced layer dense vs decomposed."""
+    lines: list[str] = []
+    lat_rows = _latency_rows(r.get("latency"))
+    if lat_rows:
+        lines += ["## Latency", ""]
+        lines += _table(
+            ["Model", "Runtime", "Threads", "Batch", "Median ms", "p10 ms", "p90 ms"],
+            ([
+                _cell(name), _cell(v.get("runtime")), _cell(v.get("threads")), _cell(v.get("batch")),
+                _fmt_seconds(v.get("median_ms")), _fmt_seconds(v.get("p10_ms")), _fmt_seconds(v.get("p90_ms")),
+            ] for name, v in lat_rows),
+            ["l", "l", "r", "r", "r", "r", "r"],
+        )
+        lines += [""]
+    layer_lat = r.get("layer_latency") or []
+    if layer_lat:
+        lines += ["### Per layer: dense vs decomposed", ""]
+        lines += _table(
+            ["Layer", "Runtime", "Threads", "Batch", "Dense ms", "Decomposed ms", "Speed-up"],
+            ([
+                f"`{row.get('layer')}`", _cell(row.get("runtime")), _cell(row.get("threads")),
+                _cell(row.get("batch")), _fmt_seconds(row.get("dense_ms")),
+                _fmt_seconds(row.get("decomposed_ms")),
+                f"{row['speedup']:.2f}x" if _num(row.get("speedup")) is not None else _DASH,
+            ] for row in layer_lat),
+            ["l", "l", "r", "r", "r", "r", "r"],
+        )
+        lines += [""]
+    return lines
+
+
+def _layers_section(r: Mapping[str, Any]) -> list[str]:
+    """One row per planned layer, and the totals."""
+    layers = r.get("layers") or []
+    if not layers:
+        return []
+    rows = []
+    tot = {"params_before": 0.0, "params_after": 0.0, "macs_before": 0.0, "macs_after": 0.0}
+    for row in layers:
+        for k in tot:
+            x = _num(row.get(k))
+            if x is not None:
+                tot[k] += x
+        rows.append([
+            f"`{row.get('name')}`",
+            _cell(row.get("type")),
+            _cell(row.get("method")),
+            _cell(_fmt_rank(row.get("rank"))),
+            _fmt_count(row.get("params_before")),
+            _fmt_count(row.get("params_after")),
+            _fmt_count(row.get("macs_before")),
+            _fmt_count(row.get("macs_after")),
+            _fmt_float(row.get("rel_error"), 3),
+            _cell(row.get("skipped")),
+        ])
+    rows.append([
+        "**total**", "", "", "",
+        _fmt_count(tot["params_before"]), _fmt_count(tot["params_after"]),
+        _fmt_count(tot["macs_before"]), _fmt_count(tot["macs_after"]), "", "",
+    ])
+    lines = ["## Layers", ""]
+    lines += _table(
+        ["Layer", "Type", "Method", "Rank", "Params before", "Params after", "MACs before",
+         "MACs after", "Rel. error", "Skipped"],
+        rows,
+        ["l", "l", "l", "l", "r", "r", "r", "r", "r", "l"],
+    )
+    return lines + [""]
+
+
+def _calibration_section(r: Mapping[str, Any]) -> list[str]:
+    return _fit_section(r.get("calibration"), r.get("layers") or [])
+
+
+def _training_section(r: Mapping[str, Any]) -> list[str]:
+    ft = r.get("finetune")
+    if not ft:
+        return []
+    title = "## Training" if r.get("trained") else "## Fine-tuning"
+    return [title, ""] + _kv_table(ft, "Statistic") + [""]
+
+
+def _timings_section(r: Mapping[str, Any]) -> list[str]:
+    timings = r.get("timings") or {}
+    if not timings:
+        return []
+    lines = ["## Stage timings", ""]
+    lines += _table(
+        ["Stage", "Seconds"],
+        ([_cell(k), _fmt_seconds(timings[k])] for k in _ordered_stages(timings)),
+        ["l", "r"],
+    )
+    return lines + [""]
+
+
+def _environment_section(r: Mapping[str, Any]) -> list[str]:
+    """Package versions and the machine."""
+    lines: list[str] = []
+    if r.get("versions"):
+        lines += ["## Versions", ""] + _kv_table(r["versions"], "Package", "Version") + [""]
+    if r.get("machine"):
+        lines += ["## Machine", ""] + _kv_table(r["machine"]) + [""]
+    return lines
+
+
+def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
+    """"Data-aware fit": solver, wall time and forward passes, then per fitted layer its
+    relative output error data-free and after the fit, and the fit's seconds."""
+    if not cal:
+        return []
+    lines = ["## Data-aware fit", ""]
+    if cal.get("solver"):
+        lines += [f"Solver `{cal.get('solver')}`: {_fmt_seconds(cal.get('seconds'))} s in all, "
+                  f"{_cell(cal.get('forward_passes'))} forward passes of a whole model over "
+                  f"the calibration batches ({_cell(cal.get('walk'))}).", ""]
+    kd = cal.get("distill")
+    if kd:
+        lines += [f"Then distilled end to end on the same batches: {_cell(kd.get('epochs'))} "
+                  f"passes ({_cell(kd.get('steps'))} Adam steps at lr {_cell(kd.get('lr'))}, "
+                  f"T={_cell(kd.get('temperature'))}, {_cell(kd.get('amp'))}"
+                  + (f", inputs mixed by {kd['mix']}" if kd.get("mix") not in (None, "none")
+                     else "") + ") in "
+                  f"{_fmt_seconds(kd.get('seconds'))} s; loss {_fmt_float(kd.get('loss_before'))}"
+                  f" -> {_fmt_float(kd.get('loss_after'))}, agreement with the original on "
+                  f"those batches {_fmt_float(kd.get('agreement_before'))}% -> "
+                  f"{_fmt_float(kd.get('agreement_after'))}%.", ""]
+    rows = [(row.get("name"), row.get("fit") or {}) for row in layers]
+    rows += sorted((cal.get("dense_refitted") or {}).items())
+    rows = [(n, f) for n, f in rows if f.get("output_error") is not None]
+    lines += _table(
+        ["Layer", "Error data-free", "Error fitted", "Seconds", "Solver", "Iterations"],
+        ([f"`{n}`", _fmt_float(f.get("output_error_data_free")),
+          _fmt_float(f.get("output_error")), _fmt_seconds(f.get("fit_seconds")),
+          _cell(f.get("fit_solver")), _cell(f.get("fit_iters"))] for n, f in rows),
+        ["l", "r", "r", "r", "l", "r"],
+    )
+    return lines + [""]
+
+
+
+#: the sections of ``report.md``, in order
+_SECTIONS = (_header_section, _summary_section, _onnx_section, _latency_section,
+             _layers_section, _calibration_section, _training_section, _timings_section,
+             _environment_section)
+
+def _fmt_seconds(v: Any) -> str:
+    x = _num(v)
+    return _DASH if x is None else f"{x:.2f}"
+
+
+# --------------------------------------------------------------------------- plots
+def _plot_layers(layers: list[Mapping[str, Any]]) -> bytes | None:
+    rows = [l for l in layers if _num(l.get("params_before")) is not None]
+    if not rows:
+        return None
+    from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
+
+    names = [str(l.get("name")) for l in rows]
+    n = len(rows)
+    fig = Figure(figsize=(11, max(3.0, 0.28 * n + 1.6)), dpi=100)
+    axes = fig.subplots(1, 2, sharey=True)
+    ys = list(range(n))
+    h = 0.4
+    for ax, key, title in ((axes[0], "params", "Parameters"), (axes[1], "macs", "MACs")):
+        before = [_num(l.get(f"{key}_before")) or 0.0 for l in rows]
+        after = [_num(l.get(f"{key}_after")) if _num(l.get(f"{key}_after")) is not None else b
+                 for l, b in zip(rows, before)]
+        ax.barh([y - h / 2 for y in ys], before, height=h, label="before", color="#9aa5b1")
+        ax.barh([y + h / 2 for y in ys], after, height=h, label="after", color="#2b6cb0")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        positive = [v for v in before + after if v and v > 0]
+        if positive:  # costs span orders of magnitude across a network: log axis
+            ax.set_xscale("log", nonpositive="clip")
+            ax.set_xlim(left=min(positive) / 2, right=max(positive) * 1.5)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels(names, fontsize=7)
+    axes[0].invert_yaxis()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncols=2)
+    fig.suptitle("Per-layer cost before and after compression")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _plot_latency(rows: list[tuple[str, Mapping[str, Any]]]) -> bytes | None:
+    rows = [(n, v) for n, v in rows if _num(v.get("median_ms")) is not None]
+    if not rows:
+        return None
+    from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
+
+    fig = Figure(figsize=(7, max(2.5, 0.4 * len(rows) + 1.2)), dpi=100)
+    ax = fig.subplots()
+    med = [float(v["median_ms"]) for _, v in rows]
+    lo = [max(0.0, m - (_num(v.get("p10_ms")) or m)) for m, (_, v) in zip(med, rows)]
+    hi = [max(0.0, (_num(v.get("p90_ms")) or m) - m) for m, (_, v) in zip(med, rows)]
+    ys = list(range(len(rows)))
+    ax.barh(ys, med, xerr=[lo, hi], color="#2b6cb0", capsize=3)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(
+        [f"{n} (batch {v['batch']})" if v.get("batch") is not None else n for n, v in rows], fontsize=8
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("median latency, ms (bars: p10–p90)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- entry point
+def write_report(run_dir: str | os.PathLike, report: Mapping[str, Any], *, plots: bool = True) -> None:
+    """Write ``report.json``, ``report.md`` and (with ``plots``) ``layers.png`` and, when the
+    report has latency numbers, ``latency.png`` into ``run_dir``, each atomically.
+
+    ``date``, ``versions`` and ``machine`` are filled in when absent. A plot that fails is
+    logged and skipped: it must not cost the run its report.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full = dict(report)
+    full.setdefault("date", _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
+    full.setdefault("versions", collect_versions())
+    full.setdefault("machine", collect_machine())
+    text = to_json(full)
+    normalised = json.loads(text)
+    atomic_write_text(run_dir / "report.json", text)
+    atomic_write_text(run_dir / "report.md", render_markdown(normalised))
+    if not plots:
+        return
+    for name, make in (
+        ("layers.png", lambda: _plot_layers(normalised.get("layers") or [])),
+        ("latency.png", lambda: _plot_latency(_latency_rows(normalised.get("latency")))),
+    ):
+        try:
+            png = make()
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.warning("report: could not draw %s (%s: %s)", name, type(exc).__name__, exc)
+            continue
+        if png is not None:
+            atomic_write_bytes(run_dir / name, png)

@@ -1,0 +1,150 @@
+"""Progress a person can follow, on a terminal or in a log file.
+
+Each stage of a run says when it starts (``[stage] what``, so the lines come in the order the
+stages run) and, while it runs, something is printed at least every :data:`INTERVAL`
+seconds: the stage's own progress (a bar on a terminal, a line per interval elsewhere:
+tqdm with ``disable=None`` is silent when stderr is not a terminal) or, for a stage without
+one, a heartbeat line with the time spent so far. Everything goes to stderr, only from the
+main process; ``quiet`` silences it, ``-v`` (the ``compresscnn`` logger at DEBUG) adds the
+time of every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from compresscnn.util.common import Timer, is_main_process
+
+__all__ = ["INTERVAL", "emit", "bar", "timed", "fmt_seconds", "LineBar"]
+
+#: the longest silence, in seconds, of a stage that is running
+INTERVAL = 10.0
+
+log = logging.getLogger("compresscnn")
+_LOCK = threading.Lock()
+_LAST = [0.0]  # time.monotonic() of the last progress output
+
+
+def _touch() -> None:
+    _LAST[0] = time.monotonic()
+
+
+def emit(line: str) -> None:
+    """Write one whole line to stderr (also from the heartbeat thread) and note the time."""
+    with _LOCK:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        _touch()
+
+
+def fmt_seconds(s: float) -> str:
+    """``7.3 s``, ``3 min 46 s``, ``1 h 02 min``."""
+    if s < 60:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+class LineBar:
+    """The part of tqdm's interface the toolkit uses (``update``, ``set_postfix``,
+    ``close``), printing ``[desc] n/total (p%), elapsed, about t left`` at most once per
+    :data:`INTERVAL`: progress for logs, CI and anything that is not a terminal."""
+
+    def __init__(self, total: int | None, desc: str, *, initial: int = 0, unit: str = "it") -> None:
+        self.total, self.desc, self.n, self.unit = total, desc, initial, unit
+        self.first = initial
+        self.start = self.shown = time.monotonic()
+        self.shown_n: int | None = None  # the count the last line showed
+        self.postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.shown >= INTERVAL:
+            self.shown, self.shown_n = now, self.n
+            emit(self._line(now))
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+
+    def close(self) -> None:
+        if self.shown_n is not None and self.shown_n != self.n:  # it spoke: say where it ended
+            emit(self._line(time.monotonic()))
+
+    def _line(self, now: float) -> str:
+        spent = now - self.start
+        text = f"[{self.desc}] {self.n}"
+        if self.total:
+            text += f"/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            text += f" {self.unit}"
+        text += f", {fmt_seconds(spent)}"
+        done = self.n - self.first
+        if self.total and done > 0 and self.n < self.total:
+            text += f", about {fmt_seconds(spent / done * (self.total - self.n))} left"
+        return text + (f", {self.postfix}" if self.postfix else "")
+
+
+def bar(total: int | None, desc: str, *, enabled: bool = True, initial: int = 0,
+        unit: str = "it") -> Any:
+    """A progress bar on a terminal, a :class:`LineBar` elsewhere, None when not
+    ``enabled`` or not the main process."""
+    if not enabled or not is_main_process():
+        return None
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
+                    dynamic_ncols=True)
+    return LineBar(total, desc, initial=initial, unit=unit)
+
+
+class _Heartbeat:
+    """A daemon thread printing ``[name] still running, t`` whenever nothing has been
+    printed for :data:`INTERVAL` seconds and no tqdm bar is on the terminal."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.start = name, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"compresscnn-progress-{name}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        due = 0.9 * INTERVAL  # early enough that a busy machine's scheduling cannot make it late
+        while not self._stop.wait(max(0.01, min(0.5, _LAST[0] + due - time.monotonic()))):
+            if getattr(tqdm, "_instances", None):  # a bar on the terminal shows progress
+                _touch()
+            now = time.monotonic()
+            if now - _LAST[0] >= due:
+                emit(f"[{self.name}] still running, {fmt_seconds(now - self.start)}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float] | None, name: str, what: str = "", *,
+          quiet: bool = False) -> Iterator[Timer]:
+    """Time a stage into ``timings[name]`` (see :class:`~compresscnn.util.common.Timer`). Unless
+    ``quiet``: ``[name] what`` when it starts, a heartbeat while it runs silently, and
+    ``[name] done in t`` when it took longer than :data:`INTERVAL` (with ``-v``: always)."""
+    show = not quiet and is_main_process()
+    if show:
+        emit(f"[{name}] {what}".rstrip())
+    beat = _Heartbeat(name) if show else None
+    try:
+        with Timer(timings, name) as t:
+            yield t
+    finally:
+        if beat is not None:
+            beat.stop()
+    if show and (t.seconds >= INTERVAL or log.isEnabledFor(logging.DEBUG)):
+        emit(f"[{name}] done in {fmt_seconds(t.seconds)}")
