@@ -409,7 +409,8 @@ def PathStr(recipe_relative: bool) -> Any:
     return _value(str, check, "a path string", "path")
 
 
-_WEIGHT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar", ".npz", ".onnx")
+_WEIGHT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar", ".npz", ".onnx",
+                ".tflite")
 _WEIGHTS_EXPECTED = "a weights name like 'DEFAULT' or a path to a weights file"
 
 
