@@ -409,7 +409,8 @@ def PathStr(recipe_relative: bool) -> Any:
     return _value(str, check, "a path string", "path")
 
 
-_WEIGHT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar", ".npz", ".onnx")
+_WEIGHT_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar", ".npz", ".onnx",
+                ".tflite")
 _WEIGHTS_EXPECTED = "a weights name like 'DEFAULT' or a path to a weights file"
 
 
@@ -662,9 +663,9 @@ MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")
 #: optimizers and memory formats of the training loop
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
-ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity", "output")
+ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity", "output", "data_spectral")
 #: the allocations that measure the model on calibration batches to plan
-CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("sensitivity", "output")
+CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("sensitivity", "output", "data_spectral")
 _NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
             doc="str")
 

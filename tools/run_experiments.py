@@ -28,6 +28,7 @@ R56 = "recipes/resnet56_cifar10_2x.yaml"
 R20_3X = "recipes/resnet20_cifar10_3x.yaml"
 R56_3X = "recipes/resnet56_cifar10_3x.yaml"
 SQ = "recipes/squeezenet1_1_val500.yaml"
+MNV2 = "recipes/mobilenet_v2_tflite_val500.yaml"
 #: the 3x recipes' overrides for 5x fewer MACs (more calibration images, longer distillation)
 FIVE_X = ["target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]
 #: the 2x recipes' overrides for the dense model given the same fine-tuning
@@ -222,6 +223,16 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "squeezenet1_1_cp_1.5x_mixup": (SQ, [
         "rules.0.method=cp", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
+    # MobileNetV2 1.0 from the shared TFLite file: SVD on the 1x1 convs, ranks from the
+    # spectra of their outputs (data_spectral) or of their weights (energy), 1.2x and 1.5x
+    "mobilenet_v2_svd_1.2x": (MNV2, []),
+    "mobilenet_v2_svd_1.5x": (MNV2, ["target.macs=0.667"]),
+    "mobilenet_v2_svd_1.2x_energy": (MNV2, ["allocation=energy"]),
+    "mobilenet_v2_svd_1.5x_energy": (MNV2, ["allocation=energy", "target.macs=0.667"]),
+    "mobilenet_v2_tucker2_1.2x": (MNV2, ["rules.0.method=tucker2", "allocation=energy"]),
+    "mobilenet_v2_tucker2_1.5x": (MNV2, ["rules.0.method=tucker2", "allocation=energy",
+                                         "target.macs=0.667"]),
+    "mobilenet_v2_auto_1.2x": (MNV2, ["rules.0.method=auto", "allocation=spectral"]),
     "demo": ("recipes/demo.yaml", []),
 }
 

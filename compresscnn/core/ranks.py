@@ -14,7 +14,9 @@ estimated from the spectra (tail energy; for Tucker-2 the HOSVD bound over both 
 so the allocation needs no data; with calibration data, ``compresscnn.core.surgery`` weights it
 by each layer's measured output sensitivity (``allocation: sensitivity``), or replaces it by
 each decomposed candidate's relative error on the layer's outputs for calibration inputs
-(``allocation: output``, :func:`measured_candidates` with a ``probe``).
+(``allocation: output``, :func:`measured_candidates` with a ``probe``), or estimates it
+from the spectrum of each SVD layer's outputs (``allocation: data_spectral``,
+:func:`data_spectra`).
 
 The error a layer contributes is ``weight * e**2`` (``penalty="squared"``, the default:
 summed squared relative errors), or ``-weight * log(1 - e**2)`` (``penalty="log_energy"``:
@@ -333,16 +335,18 @@ class BudgetItem:
 
 def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | None,
                    options: dict[str, Any], round_to: int = 1, steps: int = 48,
-                   tokens: int = 1) -> list[Candidate]:
+                   tokens: int = 1, spectra: list[torch.Tensor] | None = None
+                   ) -> list[Candidate]:
     """Dense first, then decomposed candidates in decreasing rank.
 
     ``tokens`` multiplies MACs: a Linear layer applied at every position of an (N, H, W, C)
-    tensor (ConvNeXt's MLPs) runs ``H * W`` times per sample.
+    tensor (ConvNeXt's MLPs) runs ``H * W`` times per sample. ``spectra`` replaces the
+    method's weight spectra (:func:`data_spectra`).
     """
     dense_p, dense_m = layer_cost(layer, in_hw)
     dense_m *= tokens
     full = dec.max_rank(layer, **options)
-    spectra = dec.spectra(layer, **options)
+    spectra = dec.spectra(layer, **options) if spectra is None else spectra
     seen: set[Rank] = set()
     cands = [Candidate(None, dense_p, dense_m, 0.0)]
     for i in range(steps, 0, -1):
@@ -353,6 +357,32 @@ def candidates_for(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | N
         p, m = dec.cost(layer, r, in_hw, **options)
         cands.append(Candidate(r, p, m * tokens, tail_error(spectra, r)))
     return cands
+
+
+#: input samples per input dimension below which a layer's second moment is too poorly
+#: known to rank it by (a 1280-input classifier seen on 128 images would look exactly
+#: rank 128): :func:`data_spectra` then keeps the weight spectrum
+DATA_SAMPLES_PER_DIM = 4
+
+
+def data_spectra(dec: Decomposer, layer: nn.Module, gram: torch.Tensor | None,
+                 samples: int = 0) -> list[torch.Tensor] | None:
+    """The spectrum of an ``svd`` layer's outputs: the singular values of ``W C^(1/2)``,
+    ``C`` the second moment of the layer's inputs (``gram``, in x in, from ``samples``
+    input vectors). Its tail energy is the relative error of the best rank-r map on those
+    inputs, ``min ||(W - W_r) x|| / ||W x||`` (Zhang et al. 2015's generalised SVD), which
+    the closed-form calibration fit of an SVD pair reaches; the weight spectrum ignores which
+    input directions the data excites. None for other methods and layers, and where there
+    are fewer than :data:`DATA_SAMPLES_PER_DIM` samples per input dimension (the caller
+    keeps the weight spectra)."""
+    if dec.name != "svd" or gram is None or dec.supports(layer) is not None:
+        return None
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    if gram.shape != (w.shape[1], w.shape[1]) or samples < DATA_SAMPLES_PER_DIM * w.shape[1]:
+        return None
+    evals, vecs = torch.linalg.eigh(gram.double())
+    s = torch.linalg.svdvals(w @ (vecs * evals.clamp_min(0).sqrt()))
+    return [s.to(layer.weight.dtype)]
 
 
 def output_error(new: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -25,12 +25,12 @@ from compresscnn.core.decomposers import get_decomposer
 from compresscnn.core.decomposers.base import Decomposer, check_weights, layer_cost, parse_options
 from compresscnn.errors import DataError, RankError, RecipeError
 from compresscnn.measure.latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
-from compresscnn.util.modules import example_input, get_module, input_tensors, record_inputs, set_module
-from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, measured_candidates,
-                    select_rank, tail_error)
-from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
-                                POLICY_KEYS as _RANK_KEYS, SOLVERS)
-from compresscnn.core.rules import rule_options, validate_compress, validate_rules, validate_target
+from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, input_tensors, record_inputs,
+                       set_module)
+from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, data_spectra,
+                    measured_candidates, select_rank, tail_error)
+from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS)
+from compresscnn.core.rules import (rule_options, validate_compress, validate_rules, validate_target)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,8 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
          target: dict[str, float] | None = None,
          sensitivity: dict[str, float] | None = None,
          objective: str = "macs", latency: Any = None,
-         allocation: str = "spectral", probe: torch.Tensor | None = None) -> Plan:
+         allocation: str = "spectral", probe: torch.Tensor | None = None,
+         calibration: Sequence[torch.Tensor] | None = None) -> Plan:
     """Decide, for every layer a rule matches, the method and the exact rank.
 
     ``target`` ({"macs": f}, {"params": f} or {"latency": f}) is a whole-model budget: the
@@ -243,7 +244,10 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     the layers' outputs: every budgeted layer's candidates (``measured_candidates``, as
     ``method: auto`` builds them) are decomposed and each is scored by its relative output
     error on the inputs that layer receives when the model runs on ``probe`` (a batch of
-    calibration inputs), instead of by its weight error.
+    calibration inputs), instead of by its weight error; ``"data_spectral"`` is
+    ``"spectral"`` with each ``svd`` layer's spectrum taken in the metric of its inputs'
+    second moments on the ``calibration`` batches (:func:`~compresscnn.core.ranks.data_spectra`:
+    the error of the best rank-r fit of its outputs, from one pass, nothing decomposed).
 
     ``objective="latency"`` (or a rule's own ``objective: latency``, or a latency target)
     times each layer's dense form and candidate decompositions on the runtime ``latency``
@@ -265,6 +269,12 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     owner = _match(rules, layers)
     probes = (record_inputs(model, list(owner), probe)
               if allocation == "output" and target else {})
+    if allocation == "data_spectral" and target and not calibration:
+        raise RecipeError("allocation: data_spectral needs calibration batches (the second "
+                          "moments of each layer's inputs are measured on them)")
+    grams = (_input_grams(model, [n for n, i in owner.items() if rules[i]["method"] == "svd"],
+                          calibration or [])
+             if allocation == "data_spectral" and target else {})
     tkey = next(iter(target)) if target else None
     timed = [n for n, i in owner.items()
              if tkey == "latency" or (rules[i].get("objective") or objective) == "latency"]
@@ -279,7 +289,7 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
         rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
                             weight=w, lat_cfg=lat_cfg,
                             x=inputs[name] if name in timed else None,
-                            probe=probes.get(name))
+                            probe=probes.get(name), gram=grams.get(name, (None, 0)))
         reps.append(rep)
         if item is not None:
             items[name] = item
@@ -289,6 +299,40 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     return Plan(reps, input_size, totals["params"], totals["macs"],
                 dict(target) if target else None, latency=_latency_info(reps, layer_ms, lat_cfg),
                 latency_config=lat_cfg)
+
+
+def _input_grams(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor]
+                 ) -> dict[str, tuple[torch.Tensor, int]]:
+    """The second moment ``E[x x^T]`` of the inputs each named Linear / 1x1 Conv2d applies
+    its weight to (a 1x1 conv's strided positions) over ``batches``, and the number of input
+    vectors it is the mean of (float64, one forward pass each, nothing stored but the
+    in x in sums)."""
+    mods = dict(model.named_modules())
+    sums: dict[str, list[Any]] = {}
+
+    def add(name: str, mod: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        x = args[0].detach()
+        if isinstance(mod, nn.Conv2d):
+            if tuple(mod.kernel_size) != (1, 1) or mod.groups != 1 or any(mod.padding):
+                return
+            x = x[:, :, ::mod.stride[0], ::mod.stride[1]].transpose(0, 1).reshape(x.shape[1], -1)
+        elif isinstance(mod, nn.Linear):
+            x = x.reshape(-1, x.shape[-1]).T
+        else:
+            return
+        x = x.double()
+        acc = sums.setdefault(name, [torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64),
+                                     0])
+        acc[0] += x @ x.T
+        acc[1] += x.shape[1]
+
+    with hooks([(n, mods[n]) for n in names], add, pre=True), eval_mode(model), \
+            torch.inference_mode():
+        for xb in batches:
+            model(xb)
+    return {n: (g / max(k, 1), k) for n, (g, k) in sums.items()}
 
 
 def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[str],
@@ -306,7 +350,8 @@ def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[
 
 def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
             target: dict[str, float] | None, weight: float, lat_cfg: LatencyConfig | None,
-            x: torch.Tensor | None, probe: torch.Tensor | None = None
+            x: torch.Tensor | None, probe: torch.Tensor | None = None,
+            gram: tuple[torch.Tensor | None, int] = (None, 0)
             ) -> tuple[Replacement, BudgetItem | None]:
     """One layer's row: refused by its method, ranked by its rule's policy (and, when timed
     on ``x``, kept dense unless faster), or left to the budget (its :class:`BudgetItem`;
@@ -330,7 +375,9 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
                               f"global target to choose ranks")
         round_to = int(rule.get("round_to") or 1)
         cands = (candidates_for(dec, info.module, info.in_hw, opts, round_to=round_to,
-                                tokens=info.tokens) if probe is None else
+                                tokens=info.tokens,
+                                spectra=data_spectra(dec, info.module, *gram))
+                 if probe is None else
                  [Candidate(None, p0, m0, 0.0), *measured_candidates(
                      dec, info.module, info.in_hw, opts, round_to=round_to,
                      tokens=info.tokens, probe=probe)])
@@ -538,7 +585,8 @@ def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
     """The planning half of :func:`compress`: with ``allocation="sensitivity"`` the layers'
     effect on the output is measured on the first ``calibration`` batches, with
     ``allocation="output"`` each candidate's output error on the first batch; then
-    :func:`plan`. What ``compresscnn run --dry-run`` prints."""
+    :func:`plan` (``allocation="data_spectral"``: the second moments of the SVD layers'
+    inputs on the first 4 batches). What ``compresscnn run --dry-run`` prints."""
     weights = None
     if allocation in CALIBRATED_ALLOCATIONS and not calibration:
         raise RecipeError(f"allocation: {allocation} needs calibration batches")
@@ -547,7 +595,9 @@ def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
         weights = layer_sensitivity(model, probe, calibration)
     return plan(model, rules, input_size, target=target, objective=objective, latency=latency,
                 sensitivity=weights, allocation=allocation,
-                probe=input_tensors(calibration[:1])[0] if allocation == "output" else None)
+                probe=input_tensors(calibration[:1])[0] if allocation == "output" else None,
+                calibration=(input_tensors(calibration[:4]) if allocation == "data_spectral"
+                             else None))
 
 
 def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],

@@ -97,7 +97,12 @@ class Recipe(Closed):
         "when that layer alone is decomposed (first 4 calibration batches); `output` (needs "
         "`calibration`) decomposes every candidate rank of every budgeted layer (as `method: "
         "auto` does) and minimises the summed squared relative errors of the layers' outputs "
-        "on the first calibration batch instead of their weights'.", "spectral")
+        "on the first calibration batch instead of their weights'; `data_spectral` (needs "
+        "`calibration`) is `spectral` on the layers' outputs without decomposing anything: "
+        "an `svd` layer's spectrum is that of its weight in the metric of its inputs' second "
+        "moments on the first 4 calibration batches (the error of the best rank-r fit of its "
+        "outputs, which the closed-form fit reaches), other layers keep their weight "
+        "spectra.", "spectral")
     latency: Latency = section()
     finetune: Finetune = section()
     train: Optional[Train] = doc(Train.__doc__, None)

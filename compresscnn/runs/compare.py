@@ -78,7 +78,7 @@ __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recip
 
 INT8_METHOD = ("onnxruntime quantize_dynamic (QInt8 weights, per-tensor; activations "
                "quantized at run time)")
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors", ".tflite")
 
 
 class CompareError(CompressError):

@@ -59,7 +59,7 @@ from compresscnn.io.export import export_onnx
 from compresscnn.measure.latency import layer_latency_table
 from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor, SwitchPoint, factorize,
                       factorized_layers, planned_layers)
-from compresscnn.io.models import load_model, replace_head
+from compresscnn.io.models import load_architecture, load_model, replace_head
 from compresscnn.io.models.loaders import load_weights
 from compresscnn.util.progress import emit, timed
 from compresscnn.recipe.schema import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
@@ -839,16 +839,17 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     """Rebuild a run's compressed model from its ``recipe.yaml`` and load its weights.
 
     The architecture is rebuilt by applying the recorded exact ranks to the model spec (with
-    randomly initialised weights, so nothing is downloaded), then the saved tensors are
-    checked (names, shapes, dtypes, finite values: a recipe.yaml whose ranks were edited is
-    a one-line error) and loaded strictly. No module is unpickled.
+    randomly initialised weights, so nothing is downloaded or read; the kind of weights may
+    shape it, as a ``.tflite`` file's padding does: ``models.load_architecture``), then the
+    saved tensors are checked (names, shapes, dtypes, finite values: a recipe.yaml whose
+    ranks were edited is a one-line error) and loaded strictly. No module is unpickled.
     """
     run_dir = Path(run_dir)
     for f in ("recipe.yaml", "model.safetensors"):
         if not (run_dir / f).is_file():
             raise CompressError(f"{run_dir}: not a compresscnn run directory ({f} missing)")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    model = load_model(recipe["model"]["spec"], None)
+    model = load_architecture(recipe["model"]["spec"], recipe["model"].get("weights"))
     if recipe["model"].get("num_classes"):
         replace_head(model, recipe["model"]["num_classes"])
     input_size = _input_size(recipe, model)

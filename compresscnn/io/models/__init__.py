@@ -1,4 +1,5 @@
-"""Model loading by spec (``torchvision:``, ``timm:``, ``cifar:``, ``fmnist:``) and own nets."""
+"""Model loading by spec (``torchvision:``, ``timm:``, ``cifar:``, ``fmnist:``), weights files
+(torch, safetensors, TensorFlow Lite) and own nets."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from compresscnn.io.models.loaders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Checkpoint,
+    load_architecture,
     load_model,
     load_weights,
     model_names,
@@ -18,6 +20,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Checkpoint",
+    "load_architecture",
     "load_model",
     "load_weights",
     "model_names",

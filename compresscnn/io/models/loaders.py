@@ -4,7 +4,10 @@ Specs: ``torchvision:<name>``, ``timm:<name>``, ``cifar:resnet{20,32,44,56}``, `
 Every local weights file, whatever the spec, goes through :func:`read_checkpoint` and
 :func:`load_weights`: ``torch.load(..., weights_only=True)`` always (a checkpoint is data, and
 unpickling arbitrary objects runs arbitrary code), and every failure is a
-:class:`~compresscnn.errors.CheckpointError` whose one-line message names the file.
+:class:`~compresscnn.errors.CheckpointError` whose one-line message names the file. A
+TensorFlow Lite file (``.tflite``) for a torchvision model is read by
+:mod:`compresscnn.io.models.tflite_weights` instead (a flatbuffer, no pickle), with the same
+kind of errors.
 
 ``model.pretrained_cfg`` follows timm's convention (a plain dict) so the data pipeline and
 reports read one thing for every source:
@@ -41,9 +44,16 @@ from compresscnn.errors import CheckpointError, ModelError
 from compresscnn.io.models.cifar_resnet import cifar_resnet
 from compresscnn.io.models.cifar_zoo import CIFAR_ZOO, parse_hparams
 from compresscnn.io.models.small import FMNIST_MEAN, FMNIST_STD, FashionCNN
+from compresscnn.io.models.tflite_weights import (
+    TFLITE_SUFFIX,
+    is_tflite_path,
+    load_tflite,
+    tf_same_padding,
+)
 
 __all__ = [
     "load_model",
+    "load_architecture",
     "replace_head",
     "model_names",
     "parse_spec",
@@ -59,7 +69,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt", ".safetensors", TFLITE_SUFFIX)
 SOURCES = MODEL_SOURCES
 
 # akamaster/pytorch_resnet_cifar10 (BSD-2-Clause): claimed top-1 on the original CIFAR-10
@@ -483,7 +493,11 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, dict[
     model = get_model(name, weights=None)
     info = {k: v for k, v in ref.items() if k != "published"}
     cfg = _cfg(**info, spec=spec, reference=ref.get("published") or None)
-    if weights is not None:
+    if weights is not None and is_tflite_path(weights):
+        # a TensorFlow Lite file: its layers, its padding, its input range
+        info = load_tflite(model, weights, spec=spec)
+        cfg.update(info, weights=str(Path(weights).expanduser()))
+    elif weights is not None:
         ckpt = load_weights(model, weights, spec=spec)
         cfg["weights"] = str(ckpt.path)
         cfg["published"] = _published_from_file(ckpt)
@@ -643,7 +657,10 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
 
     ``weights``: None (random init); a source's named weights (torchvision enum names such as
     ``"DEFAULT"`` / ``"IMAGENET1K_V1"``; ``"DEFAULT"`` for timm, cifar and fmnist; these
-    download except fmnist's packaged file); or a local .pth/.pt/.th/.safetensors file.
+    download except fmnist's packaged file); a local .pth/.pt/.th/.safetensors file; or, for
+    a torchvision model, a TensorFlow Lite ``.tflite`` file of the same network
+    (:mod:`compresscnn.io.models.tflite_weights`: TF's padding, its 1001-class head, its input
+    range in ``pretrained_cfg``).
     The model carries ``model.pretrained_cfg`` (see the module docstring).
     """
     source, name = parse_spec(spec)
@@ -651,8 +668,27 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
         raise ModelError(f"weights for {spec} must be a string or null, got {type(weights).__name__}")
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
+    if is_tflite_path(weights) and source != "torchvision":
+        raise ModelError(f"TFLite weights ({weights}) are read into torchvision models only "
+                         f"(e.g. 'torchvision:mobilenet_v2'), not {spec}")
     model, cfg = _BUILDERS[source](name, weights)
     model.pretrained_cfg = cfg
+    return model.eval()
+
+
+def load_architecture(spec: str, weights: str | None = None) -> nn.Module:
+    """The model :func:`load_model` builds for ``(spec, weights)``, with random weights:
+    nothing is read or downloaded. Weights may shape the architecture: a ``.tflite`` file's
+    TF 'SAME' padding puts a ``ZeroPad2d`` before its stride-2 convs
+    (:func:`~compresscnn.io.models.tflite_weights.tf_same_padding`, at the model's input size)."""
+    model = load_model(spec, None)
+    if is_tflite_path(weights):
+        if parse_spec(spec)[0] != "torchvision":
+            raise ModelError(f"TFLite weights ({weights}) are read into torchvision models "
+                             f"only (e.g. 'torchvision:mobilenet_v2'), not {spec}")
+        size = tuple(model.pretrained_cfg["input_size"])
+        tf_same_padding(model, size, spec=spec)  # type: ignore[arg-type]
+        model.pretrained_cfg = {**model.pretrained_cfg, "weights": str(weights)}
     return model.eval()
 
 
