@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import data as data_mod, evaluation, report as report_mod
 from .counting import count
 from .decomposers import get_decomposer
-from .errors import CompressError, DataError, MethodError, ModelError, RankError, RecipeError
+from .errors import (CompressError, DataError, MethodError, ModelError, RankError, RecipeError,
+                     StreamError)
 from .evaluation import measure_latency
 from .export import export_onnx
 from .latency import layer_latency_table
@@ -59,7 +60,7 @@ from .lowrank import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor, SwitchP
                       factorized_layers, planned_layers)
 from .models import load_model, replace_head
 from .models.loaders import load_weights
-from .progress import emit, timed
+from .progress import emit, result, timed
 from .recipe import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
 from .rundir import RunDir
 from .surgery import Plan, apply, compress, plan, plan_compression
@@ -573,11 +574,11 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                else _dense_summary(recipe, ctx.model, ctx.input_size))
     if dry_run:
         if _rank() == 0:
-            print(summary, flush=True)
+            result(summary)
         return {"plan": ctx.plan}
     _open_stage(ctx, overwrite=overwrite)
     if _rank() == 0:  # the run's first result, on stdout as in a dry run, once every input is checked
-        print(summary, flush=True)
+        result(summary)
     _start_report(ctx)
     _compress_and_score(ctx)
     _train_and_score(ctx)
@@ -640,7 +641,7 @@ def _open_stage(ctx: _RunContext, *, overwrite: bool) -> None:
     p = ctx.plan
     ctx.staging = ctx.rundir.prepare(ctx.recipe, exact_rules(p) if p is not None else [],
                                      resume=ctx.resume, overwrite=overwrite,
-                                     main=_rank() == 0)
+                                     main=_rank() == 0, recipe_path=ctx.recipe_path)
     ev = ctx.ev
     need_test = bool(ev["baseline"] or ev["zero_shot"] or ctx.need_train)
     if ctx.recipe.get("data") and (ctx.need_train or need_test):
@@ -830,7 +831,10 @@ def _report_stage(ctx: _RunContext) -> None:
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     report_mod.write_report(ctx.staging, report, plots=recipe["report"]["plots"])
     ctx.rundir.commit()
-    print(f"wrote {ctx.rundir.out}", flush=True)
+    try:
+        result(f"wrote {ctx.rundir.out}")
+    except StreamError as e:
+        raise StreamError(f"the run is complete in {ctx.rundir.out}, but {e}") from None
 
 
 def load_compressed(run_dir: str | Path) -> nn.Module:

@@ -19,6 +19,12 @@ is never deleted or replaced, whatever the flags (an *empty* folder may be repla
 - Paths a run cannot use are refused before anything is written: ``/``, the current folder
   or one holding it, symbolic links, names too long for the ``.partial`` suffix, read-only
   or non-folder parents.
+- Inputs are never outputs (:func:`check_inputs_outside`, the one rule every command uses):
+  no file or folder a command reads (recipe, weights, data roots, calibration sources, run
+  folders to compare) may lie inside a folder it will write, replace or delete (``<out>``,
+  ``<out>.partial``, ``<out>.replaced``) or be a file it writes, and no output may lie
+  inside a folder it reads; a clash is a one-line :class:`OutputError` before anything is
+  touched.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .errors import CheckpointError, NoSpaceError, OutputError
 from .recipe import RESUME_FREE, _fmt_path
 from .utils import atomic_write_text
 
-__all__ = ["RunDir", "MARKER", "result_keys"]
+__all__ = ["RunDir", "MARKER", "result_keys", "check_inputs_outside", "recipe_inputs"]
 
 MARKER = ".compresscnn-run"
 FORMAT = "compresscnn.run/1"
@@ -121,6 +127,67 @@ _ABSENT = object()
 def _short(v: Any) -> str:
     s = "absent" if v is _ABSENT else json.dumps(v, default=str)
     return s if len(s) <= 40 else s[:37] + "..."
+
+
+# --------------------------------------------------------------------------- inputs vs outputs
+
+def _real(path: str | os.PathLike) -> Path:
+    """``path`` absolute, ``~`` expanded and every symbolic link resolved (the file it
+    names, wherever the link lives)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_inputs_outside(reads: Sequence[tuple[str, Any]], *,
+                         folders: Sequence[str | os.PathLike] = (),
+                         files: Sequence[str | os.PathLike] = (), command: str = "run") -> None:
+    """The one rule of what a command may read and write: no input (``reads``: ``(what,
+    path)`` pairs; None and missing paths are skipped) lies in one of the ``folders`` the
+    command writes, replaces or deletes, or is one of the ``files`` it writes; and no output
+    lies inside an input folder (the command would write into what it reads). Paths are
+    compared resolved (``~``, relative parts and links), so a relative path given from
+    another working directory or a link into an output is seen for what it is. A clash is a
+    one-line :class:`OutputError` naming both; call it before anything is written."""
+    outs = [(_real(f), True) for f in folders] + [(_real(f), False) for f in files]
+    for what, path in reads:
+        if path is None or isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+            continue
+        try:
+            raw = os.path.expanduser(os.fspath(path))
+            if not (os.path.exists(raw) or os.path.islink(raw)):
+                continue
+            src = _real(raw)
+            is_dir = src.is_dir()
+        except (OSError, ValueError):
+            continue
+        for out, folder in outs:
+            if (_within(src, out) if folder else src == out):
+                verb = "would replace or delete" if folder else "would overwrite"
+                raise OutputError(f"{command}: {what} {path} is inside the output {out}, which "
+                                  f"this {command} {verb}; move it out or choose another "
+                                  f"output" if folder else
+                                  f"{command}: {what} {path} is the output file {out}, which "
+                                  f"this {command} {verb}; choose another output")
+            if is_dir and _within(out, src):
+                raise OutputError(f"{command}: the output {out} is inside the {what} {path}, "
+                                  f"which this {command} reads; it would write into its own "
+                                  f"input: choose an output outside it")
+
+
+def recipe_inputs(recipe: Mapping[str, Any], recipe_path: str | os.PathLike | None = None
+                  ) -> list[tuple[str, Any]]:
+    """Every path a run of ``recipe`` reads, as ``(key, path)``: the recipe file, the weights
+    file and the data roots (each source's and ``data.root``)."""
+    reads: list[tuple[str, Any]] = [("recipe", recipe_path),
+                                    ("model.weights", (recipe.get("model") or {}).get("weights"))]
+    data = recipe.get("data") or {}
+    reads.append(("data.root", data.get("root")))
+    for role in ("train", "calibration", "eval"):
+        reads.append((f"data.{role}.root", (data.get(role) or {}).get("root")))
+    return reads
 
 
 # --------------------------------------------------------------------------- the lock
@@ -217,7 +284,13 @@ class RunDir:
     def _fail(self, what: str) -> OutputError:
         return OutputError(f"output {self.out}: {what}")
 
-    def _check_path(self, weights: Any) -> None:
+    def check_inputs(self, reads: Sequence[tuple[str, Any]]) -> None:
+        """No input inside the folders this run writes, replaces or deletes
+        (:func:`check_inputs_outside`)."""
+        check_inputs_outside(reads, folders=(self.out, self.staging, self.trash),
+                             files=(self.lock,), command="run")
+
+    def _check_path(self) -> None:
         out = self.out
         if not out.name:
             raise self._fail("the file system root cannot be a run folder; give a new folder")
@@ -231,12 +304,6 @@ class RunDir:
         cwd = Path.cwd().resolve()
         if out.is_dir() and (cwd == out.resolve() or out.resolve() in cwd.parents):
             raise self._fail("is the current folder or holds it; give a new folder")
-        if isinstance(weights, str) and Path(weights).expanduser().is_file():
-            w = Path(weights).expanduser().resolve()
-            for folder in (out, self.staging):
-                if folder.exists() and folder.resolve() in w.parents:
-                    raise self._fail(f"would overwrite the input weights {w}; choose "
-                                     f"another --out")
         probe = _existing_ancestor(out)
         if not probe.is_dir():
             raise self._fail(f"{probe} is a file, not a directory")
@@ -267,10 +334,12 @@ class RunDir:
 
     # ---- preparing (the writing process, under the lock)
     def prepare(self, recipe: Mapping[str, Any], plan_rules: Sequence[Mapping[str, Any]] = (),
-                *, resume: bool = False, overwrite: bool = False, main: bool = True) -> Path:
+                *, resume: bool = False, overwrite: bool = False, main: bool = True,
+                recipe_path: str | os.PathLike | None = None) -> Path:
         """Check everything, lock, and return the staging folder (created, with its marker,
         unless resuming). ``plan_rules``: the exact rank of each replaced layer."""
-        self._check_path(recipe["model"].get("weights"))
+        self._check_path()
+        self.check_inputs(recipe_inputs(recipe, recipe_path))
         self.keys = result_keys(recipe, plan_rules)
         if not main:
             if resume and not (self.staging / CHECKPOINT).is_file():
