@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
+import json
+import logging
 import os
 import tempfile
 import time
@@ -51,8 +54,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import data as data_mod, evaluation, report as report_mod
 from .counting import count
 from .decomposers import get_decomposer
-from .errors import (CompressError, DataError, MethodError, ModelError, RankError, RecipeError,
-                     StreamError)
+from .errors import (CheckpointError, CompressError, DataError, MethodError, ModelError,
+                     RankError, RecipeError, StreamError)
 from .evaluation import measure_latency
 from .export import export_onnx
 from .latency import layer_latency_table
@@ -62,10 +65,13 @@ from .models import load_model, replace_head
 from .models.loaders import load_weights
 from .progress import emit, result, timed
 from .recipe import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
-from .rundir import RunDir
+from .rundir import MARKER, RunDir, check_file, read_manifest
 from .surgery import Plan, apply, compress, plan, plan_compression
 from .training import finetune
 from .utils import atomic_path, get_rank, get_world_size, seed_everything
+
+
+log = logging.getLogger(__name__)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -787,6 +793,7 @@ def _save_stage(ctx: _RunContext) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in ctx.compressed.state_dict().items()}
     with atomic_path(staging / "model.safetensors", suffix=".safetensors") as tmp:
         safetensors.torch.save_file(state, str(tmp))
+    ctx.rundir.record("model.safetensors")
     resolved = copy.deepcopy(ctx.recipe)
     resolved["rules"] = exact_rules(ctx.plan) if ctx.plan is not None else []
     resolved["target"] = None
@@ -795,6 +802,8 @@ def _save_stage(ctx: _RunContext) -> None:
         resolved.pop("finetune", None)
         resolved.pop("calibration", None)
     dump_resolved(resolved, staging / "recipe.yaml")
+    ctx.rundir.record("recipe.yaml", content_sha256=recipe_digest(
+        load_recipe(staging / "recipe.yaml")))
 
 
 def _export_stage(ctx: _RunContext) -> None:
@@ -807,6 +816,7 @@ def _export_stage(ctx: _RunContext) -> None:
                            opset=exp["opset"], dynamic_batch=exp["dynamic_batch"],
                            atol=exp["atol"], verify=exp["verify"])
     onnx["path"] = "model.onnx"
+    ctx.rundir.record("model.onnx")
     ctx.report["onnx"] = onnx
     _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
         f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), ctx.quiet)
@@ -837,19 +847,58 @@ def _report_stage(ctx: _RunContext) -> None:
         raise StreamError(f"the run is complete in {ctx.rundir.out}, but {e}") from None
 
 
+def recipe_digest(recipe: dict[str, Any]) -> str:
+    """The sha256 of a loaded recipe's content (not of its text: comments, layout and key
+    order do not change it)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _checked_run_files(run_dir: Path) -> dict[str, Any]:
+    """A run folder's recipe, once its manifest (``.compresscnn-run``), ``recipe.yaml`` and
+    ``model.safetensors`` are checked against the sha256 the run recorded: a file edited by
+    hand is a :class:`CheckpointError` naming it, except a recipe edited only in comments,
+    layout or key order (the recipe it holds is unchanged: loaded with a warning). A folder
+    without recorded hashes (written by an older version) is loaded with a warning."""
+    manifest = read_manifest(run_dir)
+    recipe_path, weights = run_dir / "recipe.yaml", run_dir / "model.safetensors"
+    recipe = load_recipe(recipe_path)
+    if check_file(run_dir, "recipe.yaml", manifest) is False:
+        rec = manifest["files"]["recipe.yaml"]  # type: ignore[index]
+        if rec.get("content_sha256") != recipe_digest(recipe):
+            raise CheckpointError(f"{recipe_path}: edited after the run wrote it (its sha256 "
+                                  f"and the recipe it holds differ from those recorded in "
+                                  f"{MARKER}); the weights fit the recipe the run wrote: "
+                                  f"restore it, or run the edited recipe")
+        log.warning("%s: edited after the run wrote it, but only in comments, layout or key "
+                    "order (the recipe it holds is the one recorded in %s); loaded",
+                    recipe_path, MARKER)
+    if check_file(run_dir, "model.safetensors", manifest) is False:
+        raise CheckpointError(f"{weights}: its content does not match the sha256 recorded in "
+                              f"{MARKER} when the run wrote it: the file is corrupt or was "
+                              f"replaced")
+    if not (manifest or {}).get("files"):
+        log.warning("%s: no file hashes recorded (no %s manifest: a run folder of an older "
+                    "version, or copied without it); recipe.yaml and model.safetensors are "
+                    "loaded unchecked", run_dir, MARKER)
+    return recipe
+
+
 def load_compressed(run_dir: str | Path) -> nn.Module:
     """Rebuild a run's compressed model from its ``recipe.yaml`` and load its weights.
 
     The architecture is rebuilt by applying the recorded exact ranks to the model spec (with
     randomly initialised weights, so nothing is downloaded), then the saved tensors are
     checked (names, shapes, dtypes, finite values: a recipe.yaml whose ranks were edited is
-    a one-line error) and loaded strictly. No module is unpickled.
+    a one-line error) and loaded strictly. No module is unpickled. First the folder's
+    files are checked against the sha256 the run recorded in its manifest
+    (:func:`_checked_run_files`): a recipe, weights file or manifest edited by hand is refused,
+    naming the file; a recipe edited only in comments or layout is loaded with a warning.
     """
     run_dir = Path(run_dir)
     for f in ("recipe.yaml", "model.safetensors"):
         if not (run_dir / f).is_file():
             raise CompressError(f"{run_dir}: not a compresscnn run directory ({f} missing)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = _checked_run_files(run_dir)
     model = load_model(recipe["model"]["spec"], None)
     if recipe["model"].get("num_classes"):
         replace_head(model, recipe["model"]["num_classes"])

@@ -19,6 +19,10 @@ is never deleted or replaced, whatever the flags (an *empty* folder may be repla
 - Paths a run cannot use are refused before anything is written: ``/``, the current folder
   or one holding it, symbolic links, names too long for the ``.partial`` suffix, read-only
   or non-folder parents.
+- The marker is also the run's manifest: the sha256 of the files the run wrote
+  (``files``: ``recipe.yaml``, ``model.safetensors``, ``model.onnx``) and its own
+  (``sha256``, over the rest of its content): :func:`read_manifest` and :func:`check_file`
+  tell a run folder edited by hand from the one the run wrote.
 - Inputs are never outputs (:func:`check_inputs_outside`, the one rule every command uses):
   no file or folder a command reads (recipe, weights, data roots, calibration sources, run
   folders to compare) may lie inside a folder it will write, replace or delete (``<out>``,
@@ -33,6 +37,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -45,9 +50,10 @@ from typing import Any, Mapping, Sequence
 
 from .errors import CheckpointError, NoSpaceError, OutputError
 from .recipe import RESUME_FREE, _fmt_path
-from .utils import atomic_write_text
+from .utils import atomic_write_text, sha256_file
 
-__all__ = ["RunDir", "MARKER", "result_keys", "check_inputs_outside", "recipe_inputs"]
+__all__ = ["RunDir", "MARKER", "result_keys", "check_inputs_outside", "recipe_inputs",
+           "read_manifest", "check_file"]
 
 MARKER = ".compresscnn-run"
 FORMAT = "compresscnn.run/1"
@@ -68,6 +74,42 @@ def _marker(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) and info.get("format") == FORMAT else None
+
+
+def _self_digest(info: Mapping[str, Any]) -> str:
+    """The sha256 of a marker's content without its own ``sha256`` key."""
+    body = {k: v for k, v in info.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The marker of a run folder as its manifest, or None when it has none (a folder written
+    by an older version, or assembled by hand). A marker whose content does not match its
+    own ``sha256`` (edited by hand) is a :class:`CheckpointError` naming it."""
+    path = Path(folder) / MARKER
+    info = _marker(Path(folder))
+    if info is None:
+        if path.is_file() or path.is_symlink():
+            raise CheckpointError(f"{path}: not a compresscnn run marker (not the JSON a run "
+                                  f"writes); it was edited or damaged")
+        return None
+    if "sha256" in info and info["sha256"] != _self_digest(info):
+        raise CheckpointError(f"{path}: edited after the run wrote it (its content does not "
+                              f"match its own sha256), so the run folder cannot be trusted; "
+                              f"restore it or rerun")
+    return info
+
+
+def check_file(folder: str | os.PathLike, name: str, manifest: Mapping[str, Any] | None
+               ) -> bool | None:
+    """Check ``folder/name`` against the sha256 the manifest records for it. True: it
+    matches; None: nothing recorded for it; False: it differs (the caller decides whether
+    that is an error: :func:`compresscnn.pipeline.load_compressed` tells a recipe edited
+    only in comments from one whose content changed)."""
+    rec = ((manifest or {}).get("files") or {}).get(name)
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("sha256"), str):
+        return None
+    return sha256_file(Path(folder) / name) == rec["sha256"]
 
 
 def _empty_dir(folder: Path) -> bool:
@@ -276,6 +318,7 @@ class RunDir:
         self.staging, self.trash, self.lock = (self.out.parent / (name + s) for s in _SUFFIXES)
         self.run_id = uuid.uuid4().hex
         self.keys: dict[str, Any] = {}
+        self.files: dict[str, dict[str, Any]] = {}
         self._fd: int | None = None
         self._created = False
         self._parents: list[Path] = []
@@ -445,6 +488,10 @@ class RunDir:
         if resume:
             if not ck.is_file():
                 raise CheckpointError(f"--resume: no checkpoint at {ck}")
+            try:
+                read_manifest(self.staging)
+            except CheckpointError as e:
+                raise CheckpointError(f"--resume: {e}") from None
             self._check_same_recipe(info)
             self.run_id = info.get("run_id", self.run_id)
             return True
@@ -472,10 +519,19 @@ class RunDir:
                               f"in {self.staging} was started with: {shown}{more}; resume with "
                               f"that recipe, or start again with --overwrite")
 
+    def record(self, name: str, **info: Any) -> None:
+        """Put ``name`` (a file in the staging folder) in the manifest with its sha256 and
+        ``info``; the marker written at :meth:`commit` holds it."""
+        self.files[name] = {"sha256": sha256_file(self.staging / name), **info}
+
     def _write_marker(self, state: str) -> None:
-        info = {"format": FORMAT, "run_id": self.run_id, "state": state, "host": _HOST,
-                "pid": os.getpid(), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "recipe": self.keys}
+        info: dict[str, Any] = {"format": FORMAT, "run_id": self.run_id, "state": state,
+                                "host": _HOST, "pid": os.getpid(),
+                                "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "recipe": self.keys}
+        if self.files:
+            info["files"] = self.files
+        info["sha256"] = _self_digest(info)
         atomic_write_text(self.staging / MARKER, json.dumps(info, indent=1) + "\n")
 
     # ---- the end of a run
