@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 2 a problem with the user's input (one line on stderr naming what and
 where); 1 an internal error (a one-line summary; the traceback only with ``--debug``); 130
-interrupted (Ctrl-C; the message says how to resume).
+interrupted (Ctrl-C), 143 terminated (SIGTERM, what ``kill``, ``timeout``, ``docker stop``
+and job schedulers send): both stop the run the same way (the lock released, a ``.partial``
+that holds a fine-tuning checkpoint kept) and print one line saying how to resume.
 
 Output: results on stdout (the plan, the paths written); stage lines, progress (a bar on a
 terminal, a line at least every 10 s elsewhere) and warnings on stderr. ``--quiet`` keeps
@@ -16,19 +18,59 @@ on CUDA, with each process on the GPU ``LOCAL_RANK``; gloo on CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from compresscnn import __version__
 from compresscnn.errors import CompressError
 
 # torch and the modules of each subcommand are imported inside the function that runs the
 # subcommand (they take seconds to load), so that --help and usage errors answer at once
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so that a
+    run stops through the same clean-up: lock released, resumable ``.partial`` kept."""
+
+    exit_code = 143
+    what = "terminated (SIGTERM)"
+
+
+def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped the command (for its message) and its exit code: 143 for SIGTERM, 130
+    for Ctrl-C."""
+    if isinstance(exc, Terminated):
+        return exc.what, exc.exit_code
+    return "interrupted", 130
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` in the main thread (once:
+    later ones are ignored while it cleans up); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _init_distributed(device: str) -> bool:
@@ -62,10 +104,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,
             overwrite=args.overwrite, quiet=args.quiet, recipe_path=str(args.recipe),
             distributed=is_dist())
-    except KeyboardInterrupt:
-        print(f"compresscnn: interrupted; {_resume_hint(args, recipe['output'])}",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what, code = _stopped(exc)
+        _say_error(f"compresscnn: {what}; {_resume_hint(args, recipe['output'])}")
+        return code
     if owned:  # only after success: on a failure the other ranks may be inside a
         import torch.distributed as dist  # collective, and torchrun ends them
 
@@ -90,14 +132,17 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from compresscnn.measure.inspection import inspect_model
+    from compresscnn.util.progress import result
 
-    print(inspect_model(args.model, args.weights, args.input_size,
+    result(inspect_model(args.model, args.weights, args.input_size,
                         energies=tuple(args.energy)))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from compresscnn.runs.compare import CompareError, compare, parse_data_arg, run_compare_recipe, write_compare
+    from compresscnn.runs.compare import (CompareError, compare, parse_data_arg, run_compare_recipe,
+                                          write_compare, compare_outputs)
+    from compresscnn.util.progress import emit, result
 
     def pairs(items: list[str] | None, flag: str) -> dict[str, str]:
         out = {}
@@ -115,7 +160,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
               default_weights=args.default_weights, onnx=False if args.no_onnx else None,
               latency=False if args.no_latency else None, quantize=False if args.no_quantize else None,
               input_size=args.input_size, latency_batches=args.latency_batches)
-    log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    log = None if args.quiet else emit
     if args.recipe is not None:
         from compresscnn.runs.compare import load_compare_recipe
         base = load_compare_recipe(args.recipe)["data"] or {}
@@ -127,9 +172,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise CompareError("compare: give MODEL ... (specs or run directories) or --recipe FILE")
         out = args.out or Path("runs/compare")
         kw = {k: v for k, v in kw.items() if v is not None}
-        rows = compare(args.models, data=data or None, workdir=Path(out) / "onnx", log=log, **kw)
+        rows = compare(args.models, data=data or None, workdir=Path(out) / "onnx", log=log,
+                       out_files=compare_outputs(out, args.json), **kw)
         write_compare(rows, out, title=args.title or "Model comparison", json_path=args.json)
-    print(f"wrote {Path(out) / 'compare.md'}, compare.json, compare.png ({len(rows)} models)")
+    result(f"wrote {Path(out) / 'compare.md'}, compare.json, compare.png ({len(rows)} models)")
     return 0
 
 
@@ -216,27 +262,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    try:  # what stays in stdout's buffer because it cannot be written (a full device, a
+        sys.stdout.flush()  # closed pipe) goes nowhere, not into a message at exit
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or 2
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.verbose and args.quiet:
         ap.error("give -v/--verbose or --quiet, not both")
     _setup_logging(args.verbose, args.quiet)
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except CompressError as e:
         msg = " ".join(str(e).split("\n"))
-        print(f"compresscnn: error: {msg}", file=sys.stderr)
+        _say_error(f"compresscnn: error: {msg}")
         return e.exit_code
-    except KeyboardInterrupt:
-        print("compresscnn: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what, code = _stopped(exc)
+        _say_error(f"compresscnn: {what}")
+        return code
     except Exception as e:  # internal error
         if args.debug:
-            traceback.print_exc()
+            with contextlib.suppress(OSError):
+                traceback.print_exc()
         else:
-            print(f"compresscnn: internal error: {type(e).__name__}: {e} "
-                  f"(rerun with --debug for the traceback)", file=sys.stderr)
+            _say_error(f"compresscnn: internal error: {type(e).__name__}: {e} "
+                       f"(rerun with --debug for the traceback)")
         return 1
+
+
+def _say_error(line: str) -> None:
+    """The command's last line, on stderr; when stderr itself cannot be written (a full
+    device, a closed pipe) the exit code alone says how it ended."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

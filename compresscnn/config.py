@@ -763,6 +763,11 @@ class _DataBase(Closed):
         "(`model.input_size`, else the model's own); null: no crop. Whatever resize and crop "
         "say, an image that would reach the model at another size than its input size is "
         "refused.", "auto")
+    max_image_pixels: Int(1) = doc(
+        "Largest image accepted, in pixels (width x height). The size is read from the "
+        "file's header before anything is decoded: a larger image is refused with its name "
+        "and size, never decoded; an archive member that would decompress to more than 8 "
+        "bytes a pixel of it is refused unread.", 50_000_000)
 
     @model_validator(mode="after")
     def _fold_legacy(self) -> "_DataBase":

@@ -45,3 +45,8 @@ class OutputError(CompressError):
 
 class NoSpaceError(OutputError):
     """The file system of an output ran out of space (or quota) while a run wrote to it."""
+
+
+class StreamError(CompressError):
+    """Standard output cannot be written (redirected to a full device, or a pipe whose
+    reader has gone): not a problem of any file the run writes."""

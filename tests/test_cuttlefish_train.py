@@ -98,8 +98,8 @@ def test_resume_in_the_factorized_phase(recipe, reference, tmp_path, monkeypatch
     # interrupt right after the first checkpoint of the factorized phase
     real = ft_mod.atomic_torch_save
 
-    def save_then_stop(obj, path):
-        real(obj, path)
+    def save_then_stop(obj, path, **kw):
+        real(obj, path, **kw)
         if Path(path).parent.name == "factorized":
             raise KeyboardInterrupt
 

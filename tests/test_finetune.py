@@ -161,7 +161,8 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path):
         assert key in ck
     assert set(ck["rng"]) >= {"torch", "numpy", "python"}
     assert (ck["step"], ck["epoch"], ck["batch_in_epoch"]) == (2, 1, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune_log.csv", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune_log.csv", "last.pt",
+                                                          "last.pt.sha256"]
 
 
 def test_corrupt_or_mismatched_checkpoint(tmp_path):

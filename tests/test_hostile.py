@@ -144,12 +144,22 @@ def interrupted_run(t: Path) -> Path:
     return t / "out.partial" / "checkpoints" / "last.pt"
 
 
+def rehash(path: Path) -> None:
+    """Record ``path``'s sha256 beside it again, as a writer with a bug would after writing
+    bad content: what is then checked is the content itself."""
+    from compresscnn.util.common import digest_path, sha256_file
+
+    digest_path(path).write_text(f"{sha256_file(path)}  {path.name}\n")
+
+
 def crafted_checkpoint(t: Path, **fields: Any) -> Path:
-    """An interrupted run whose checkpoint has ``fields`` replaced."""
+    """An interrupted run whose checkpoint has ``fields`` replaced (its hash recorded again,
+    so that the fields themselves are checked)."""
     ck = interrupted_run(t)
     state = torch.load(ck, weights_only=True)
     state.update(fields)
     torch.save(state, ck)
+    rehash(ck)
     return ck
 
 
@@ -695,6 +705,7 @@ def _(t):
     sd = _run_state(run)
     sd["fc2.weight"][0, 0] = math.nan
     save_file(sd, str(run / "model.safetensors"))
+    rehash_run(run)
     return ["compare", str(run), "--no-onnx", "--no-latency", "--no-quantize", "--out",
             str(t / "cmp")], None, ["model.safetensors", "fc2.weight", "NaN"]
 
@@ -911,7 +922,7 @@ def _(t):
     save_file(fmnist_state(), str(run / "w.safetensors"))
     r = base_recipe()
     r["model"]["weights"] = str(run / "w.safetensors")
-    return ["--overwrite"], r, ["would overwrite the input weights"]
+    return ["--overwrite"], r, ["model.weights", "w.safetensors", "is inside the output"]
 
 
 # ---- disk full: "no space left on <path>", whatever the writer reports
@@ -1006,7 +1017,7 @@ def _(t):
     interrupted_run(t)
     marker = t / "out.partial" / MARKER
     info = json.loads(marker.read_text())
-    del info["recipe"]
+    del info["recipe"], info["sha256"]  # as an older version wrote it
     marker.write_text(json.dumps(info))
     return ["--resume"], train_recipe(), ["does not record the recipe"]
 
@@ -1027,7 +1038,9 @@ def _(t):
 
 @case("resume_corrupt_checkpoint", needs_data=True)
 def _(t):
-    interrupted_run(t).write_bytes(b"PK\x03\x04garbage")
+    ck = interrupted_run(t)
+    ck.write_bytes(b"PK\x03\x04garbage")
+    rehash(ck)  # the content itself is checked
     return ["--resume"], train_recipe(), ["last.pt", "truncated or corrupt"]
 
 
@@ -1039,7 +1052,7 @@ def _(t):
 
 @case("resume_unsafe_checkpoint", needs_data=True)
 def _(t):
-    evil_pickle(interrupted_run(t))
+    rehash(evil_pickle(interrupted_run(t)))
     return ["--resume"], train_recipe(), ["last.pt", "refused as unsafe", "system"]
 
 
@@ -1047,6 +1060,7 @@ def _(t):
 def _(t):
     ck = interrupted_run(t)
     torch.save({"format": "compresscnn.finetune/1", "hook": Evil(t / "PWNED")}, ck)
+    rehash(ck)
     return ["--resume"], train_recipe(), ["last.pt", "refused as unsafe"]
 
 
@@ -1087,6 +1101,7 @@ def _crafted_model(t: Path, edit: Callable[[dict], None]):
     state = torch.load(ck, weights_only=True)
     edit(state["model"])
     torch.save(state, ck)
+    rehash(ck)
     return ["--resume"], train_recipe()
 
 
@@ -1307,9 +1322,25 @@ for _name, _args, _frag in [
     api_case(f"decompose_{_name}")(_make)
 
 
+def rehash_run(run: Path) -> Path:
+    """Record the sha256 of ``run``'s files in its manifest again (and the manifest's own), as
+    a writer with a bug would after writing bad content: what is then checked is the content
+    of the files themselves."""
+    from compresscnn.runs.rundir import _self_digest
+    from compresscnn.util.common import sha256_file
+
+    info = json.loads((run / MARKER).read_text())
+    for name, rec in info.get("files", {}).items():
+        rec["sha256"] = sha256_file(run / name)
+    info["sha256"] = _self_digest(info)
+    (run / MARKER).write_text(json.dumps(info))
+    return run
+
+
 def _edit_run(t: Path, edit: Callable[[Path], None]) -> Callable[[], Any]:
     run = completed_run(t)
     edit(run)
+    rehash_run(run)
     return lambda: cc.load_compressed(run)
 
 

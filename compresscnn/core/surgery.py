@@ -20,17 +20,19 @@ from torch import nn
 
 from compresscnn.fit.calibration import (DistillSettings, distill_outputs, execution_order, following_ops,
                           layer_sensitivity, recalibrate_bn, reconstruct_outputs)
-from compresscnn.measure.counting import LayerInfo, count, trace_layers
+from compresscnn.measure.counting import LayerInfo, count, trace_layers, check_supported
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.core.decomposers.base import Decomposer, check_weights, layer_cost, parse_options
 from compresscnn.errors import DataError, RankError, RecipeError
-from compresscnn.measure.latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
-from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, input_tensors, record_inputs,
-                       set_module)
-from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, data_spectra,
-                    measured_candidates, select_rank, tail_error)
-from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, POLICY_KEYS as _RANK_KEYS, SOLVERS)
-from compresscnn.core.rules import (rule_options, validate_compress, validate_rules, validate_target)
+from compresscnn.measure.latency import (LatencyConfig, ensure_not_slower, spread, time_candidates,
+                                         time_modules)
+from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, input_tensors,
+                                      record_inputs, set_module, preserved)
+from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for,
+                                    data_spectra, measured_candidates, select_rank, tail_error)
+from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
+                                POLICY_KEYS as _RANK_KEYS, SOLVERS)
+from compresscnn.core.rules import rule_options, validate_compress, validate_rules, validate_target
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Replacement:
     fit: dict[str, Any] = field(default_factory=dict)
     latency_before: float | None = None  # measured ms of the dense layer (objective latency)
     latency_after: float | None = None   # measured ms of the chosen decomposition
+    calls: int = 1                       # calls in one forward pass (MACs count each)
+    aliases: tuple[str, ...] = ()        # the other names of the same (shared) module
 
     @property
     def applied(self) -> bool:
@@ -114,16 +118,18 @@ class Plan:
         head += ["ms"] if timed else []
         rows = []
         for r in self.replacements:
+            name = r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else "") + (
+                f" x{r.calls}" if r.calls > 1 else "")
             if r.applied:
                 rank = "x".join(str(x) for x in r.rank)
                 p = f"{r.params_before:,} -> {r.params_after:,}"
                 m = f"{r.macs_before:,} -> {r.macs_after:,}"
                 e = f"{r.rel_error:.3f}" if r.rel_error is not None else "-"
-                row = [r.name, r.shape, r.method, rank, r.policy, p, m, e]
+                row = [name, r.shape, r.method, rank, r.policy, p, m, e]
                 ms = (f"{r.latency_before:.3g} -> {r.latency_after:.3g}"
                       if r.latency_before is not None and r.latency_after is not None else "-")
             else:
-                row = [r.name, r.shape, r.method, "-", f"skipped: {r.skipped}",
+                row = [name, r.shape, r.method, "-", f"skipped: {r.skipped}",
                        f"{r.params_before:,}", f"{r.macs_before:,}", "-"]
                 ms = f"{r.latency_before:.3g}" if r.latency_before is not None else "-"
             rows.append(row + ([ms] if timed else []))
@@ -198,11 +204,14 @@ def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[st
     """
     owner: dict[str, int] = {}
     fallback: dict[str, int] = {}
+    def names(n: str) -> tuple[str, ...]:  # a shared module answers to each of its names
+        return (n, *layers[n].aliases)
+
     for i, rule in enumerate(rules):
         pats, excl = _as_list(rule["match"]), _as_list(rule.get("exclude"))
         hits = [n for n in layers
-                if any(fnmatch.fnmatchcase(n, p) for p in pats)
-                and not any(fnmatch.fnmatchcase(n, p) for p in excl)]
+                if any(fnmatch.fnmatchcase(a, p) for a in names(n) for p in pats)
+                and not any(fnmatch.fnmatchcase(a, p) for a in names(n) for p in excl)]
         if not hits:
             some = ", ".join(list(layers)[:6])
             raise RecipeError(f"rules[{i}].match: {pats!r} matches no Conv2d/Linear layer "
@@ -361,8 +370,11 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
     p0, m0 = layer_cost(info.module, info.in_hw)
     m0 *= info.tokens
     rep = Replacement(name, info.type, _shape(info.module), rule["method"], None, opts, "",
-                      p0, m0, p0, m0, rule=i)
+                      p0, m0, p0, m0, rule=i, calls=info.calls, aliases=tuple(info.aliases))
     reason = dec.supports(info.module)
+    if reason is None and info.varying:
+        reason = (f"called {info.calls} times on inputs of different shapes in one forward "
+                  f"pass; its decomposition is priced at one shape, so it stays dense")
     if reason is not None:
         return replace(rep, skipped=reason, skip=Skip.REFUSED), None
     check_weights(info.module, f"rules[{i}] ({name})")
@@ -543,10 +555,16 @@ def _timed_candidates(dec, layer: nn.Module, cands: list, opts: dict[str, Any],
 @torch.no_grad()
 def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     """Swap every planned layer of ``model`` (in place) for its decomposition; return it.
+    A module registered under several names is decomposed once and the decomposition is
+    put under every one of them, so that it stays shared.
 
     The plan is not changed: :func:`measured` reads each decomposition's fit back (with the
     seconds it took, ``decompose_seconds``).
     """
+    check_supported(model)
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
     for rep in plan_.replacements:
         if not rep.applied:
             continue
@@ -559,7 +577,8 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
         if isinstance(info, dict):
             info["decompose_seconds"] = time.perf_counter() - t0
         new.train(layer.training)
-        set_module(model, rep.name, new)
+        for name in names.get(id(layer), [rep.name]):  # decomposed once, shared as before
+            set_module(model, name, new)
     return model
 
 
@@ -587,6 +606,15 @@ def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
     ``allocation="output"`` each candidate's output error on the first batch; then
     :func:`plan` (``allocation="data_spectral"``: the second moments of the SVD layers'
     inputs on the first 4 batches). What ``compresscnn run --dry-run`` prints."""
+    with preserved(model):
+        return _plan_compression(model, rules, input_size, target, calibration,
+                                 objective=objective, latency=latency, allocation=allocation)
+
+
+def _plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
+                      input_size: Sequence[int], target: dict[str, float] | None,
+                      calibration: Sequence[torch.Tensor] | None, *, objective: str,
+                      latency: Any, allocation: str) -> Plan:
     weights = None
     if allocation in CALIBRATED_ALLOCATIONS and not calibration:
         raise RecipeError(f"allocation: {allocation} needs calibration batches")
@@ -610,7 +638,8 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
              reconstruct: bool = True, planned: Plan | None = None,
              solver: str = "closed_form",
              distill: dict[str, Any] | None = None, seed: int = 0) -> tuple[nn.Module, Plan]:
-    """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched.
+    """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched
+    (its weights, each submodule's train/eval mode, its hooks and ``requires_grad``).
     The one orchestrator: ``compresscnn run``, ``compare`` and the benchmarks all compress
     through it (sensitivity -> plan -> apply -> data-aware fit -> not-slower check).
 
@@ -650,17 +679,20 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
         bn_recalibrate=bn_recalibrate, distill=distill)
     if calibration is not None:
         calibration = list(calibration)
-    p = planned if planned is not None else plan_compression(
-        model, rules, input_size, target, calibration, objective=objective, latency=latency,
-        allocation=allocation)
-    new = apply(copy.deepcopy(model), p)
-    p = measured(p, new)
-    if calibration is not None and (reconstruct or bn_recalibrate or distill is not None):
-        p = refine(model, new, p, calibration, reconstruct=reconstruct, steps=reconstruct_steps,
-                   lr=reconstruct_lr, bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-                   refit_dense=refit_dense, solver=solver, distill=distill, seed=seed)
-    if p.latency_config is not None:
-        p = ensure_not_slower(model, new, p, p.latency_config)
+    check_supported(model)
+    with preserved(model):  # the caller's model keeps its modes and requires_grad
+        p = planned if planned is not None else plan_compression(
+            model, rules, input_size, target, calibration, objective=objective,
+            latency=latency, allocation=allocation)
+        new = apply(copy.deepcopy(model), p)
+        p = measured(p, new)
+        if calibration is not None and (reconstruct or bn_recalibrate or distill is not None):
+            p = refine(model, new, p, calibration, reconstruct=reconstruct,
+                       steps=reconstruct_steps, lr=reconstruct_lr,
+                       bn_recalibrate=bn_recalibrate, fit_through=fit_through,
+                       refit_dense=refit_dense, solver=solver, distill=distill, seed=seed)
+        if p.latency_config is not None:
+            p = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
 
@@ -706,7 +738,9 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     all_batches, batches = batches, batches[:len(batches) - held]
     if reconstruct:
         tails = following_ops(original, fit_through)
-        names = list(plan_.ranks())
+        # a layer applied more than once per forward pass has no one output to fit: it
+        # keeps its data-free decomposition
+        names = [r.name for r in plan_.replacements if r.applied and r.calls == 1]
         if refit_dense and names and batches:
             order = execution_order(original, batches[0][:1], (nn.Conv2d, nn.Linear))
             first = min((order.index(n) for n in names if n in order), default=len(order))

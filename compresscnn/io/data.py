@@ -26,7 +26,11 @@ auto`` feeds an image already at that size as it is and scales a larger one by t
 resize/crop ratio before the crop; an image smaller than the input, or one that the explicit
 ``resize``/``crop`` would bring to another size, is refused with one line.
 
-Zips are read in place, never extracted; a member with ``..`` or an absolute path is refused.
+Zips are read in place, never extracted; a member with ``..`` or an absolute path is refused,
+and so is one that would decompress to more than 8 bytes a pixel of ``data.max_image_pixels``
+(a zip bomb), before it is read. An image's size is read from its header (PIL opens files
+lazily) and one of more than ``data.max_image_pixels`` pixels is refused before it is
+decoded. Fashion-MNIST labels outside 0-9 are refused.
 Every problem a user can fix is a :class:`~compresscnn.errors.DataError` naming the path.
 """
 
@@ -40,6 +44,7 @@ import os
 import re
 import struct
 import threading
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
@@ -104,8 +109,13 @@ DEFAULTS: dict[str, Any] = {
     "augment": False,
     "resize": "auto",
     "crop": "auto",
+    "max_image_pixels": 50_000_000,
     "seed": 0,
 }
+#: bytes an image file may take per pixel (16-bit RGBA, uncompressed): an archive member
+#: larger than this times ``max_image_pixels`` is refused before it is decompressed
+_BYTES_PER_PIXEL = 8
+_HEADER_BYTES = 1 << 20
 
 
 def _with_sources(raw: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +180,9 @@ def source_of(cfg: dict[str, Any], role: str) -> dict[str, Any]:
 class _Source:
     """Read-only access to files under a folder or inside a zip (opened lazily per process)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_pixels: int = DEFAULTS["max_image_pixels"]) -> None:
         self.path = path
+        self.max_pixels = int(max_pixels)
         self.is_zip = path.is_file()
         self._zf: zipfile.ZipFile | None = None
         self._pid = -1
@@ -214,6 +225,13 @@ class _Source:
         if self.is_zip:
             with self._lock:
                 try:
+                    size = self._zip().getinfo(name).file_size
+                    limit = self.max_pixels * _BYTES_PER_PIXEL + _HEADER_BYTES
+                    if size > limit:
+                        raise DataError(
+                            f"{self.path}: member {name!r} would decompress to {size:,} bytes, "
+                            f"more than an image of data.max_image_pixels "
+                            f"({self.max_pixels:,}) can take ({limit:,}); refused unread")
                     return self._zip().read(name)
                 except (zipfile.BadZipFile, OSError, EOFError) as exc:
                     raise DataError(f"{self.path}: cannot read member {name!r} ({exc})") from None
@@ -229,13 +247,14 @@ class _Source:
         self._lock = threading.Lock()
 
 
-def _open_source(root: str | os.PathLike[str], what: str) -> _Source:
+def _open_source(root: str | os.PathLike[str], what: str,
+                 max_pixels: int = DEFAULTS["max_image_pixels"]) -> _Source:
     p = Path(root).expanduser()
     if not p.exists():
         raise DataError(f"{what}: path not found: {p}")
     if p.is_file() and not zipfile.is_zipfile(p):
         raise DataError(f"{what}: {p} is a file but not a readable zip archive (corrupt?)")
-    return _Source(p)
+    return _Source(p, max_pixels)
 
 
 def _is_image(name: str) -> bool:
@@ -267,9 +286,26 @@ def _split_members(src: _Source, split: str) -> list[tuple[str, str]]:
 
 
 def _decode(data: bytes, name: str, src: _Source, mode: str) -> Any:
+    """Decode one image, once its header's size is checked against
+    ``data.max_image_pixels`` (``Image.open`` reads only the header)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        return img.convert(mode)
+        with warnings.catch_warnings():  # the size is checked here, against the recipe's limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{src.path}: image {name!r} is larger than PIL decodes ({exc}); "
+                        f"refused before decoding") from None
+    except Exception as exc:
+        raise DataError(f"{src.path}: cannot decode image {name!r} ({exc})") from None
+    w, h = img.size
+    if w * h > src.max_pixels:
+        raise DataError(f"{src.path}: image {name!r} is {w}x{h} ({w * h:,} pixels), more than "
+                        f"data.max_image_pixels ({src.max_pixels:,}); refused before decoding "
+                        f"(shrink it, or raise data.max_image_pixels)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return img.convert(mode)
     except Exception as exc:
         raise DataError(f"{src.path}: cannot decode image {name!r} ({exc})") from None
 
@@ -342,21 +378,28 @@ def _torchvision_arrays(dataset: str, root: Path, split: str, download: bool) ->
         raise DataError(f"could not {verb} {dataset} into {root} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
+_MAX_IDX_BYTES = 1 << 31
+
+
 def _read_idx(path: Path) -> torch.Tensor:
     """Parse an idx file (LeCun's MNIST format), gzipped or not, into a uint8 tensor."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        magic = struct.unpack(">I", raw[:4])[0]
-        if magic >> 8 != 0x08:  # 0x08 = unsigned byte
-            raise ValueError(f"bad magic number {magic:#x}")
-        ndim = magic & 0xFF
-        dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
-        n = 1
-        for d in dims:
-            n *= d
-        body = raw[4 + 4 * ndim:]
+    try:  # streamed: a file that decompresses to more than its header declares is not read
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            magic = struct.unpack(">I", f.read(4))[0]
+            if magic >> 8 != 0x08:  # 0x08 = unsigned byte
+                raise ValueError(f"bad magic number {magic:#x}")
+            ndim = magic & 0xFF
+            dims = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+            n = 1
+            for d in dims:
+                n *= d
+            if n > _MAX_IDX_BYTES:
+                raise ValueError(f"its header declares {n:,} bytes of data, more than "
+                                 f"{_MAX_IDX_BYTES:,}")
+            body = f.read(n + 1)
         if len(body) != n:
-            raise ValueError(f"expected {n} bytes of data, found {len(body)}")
+            raise ValueError(f"expected {n} bytes of data, found "
+                             f"{'more' if len(body) > n else len(body)}")
     except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: not a readable idx file ({exc})") from None
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
@@ -374,6 +417,11 @@ def _fashion_from_folder(root: Path, split: str) -> tuple[torch.Tensor, torch.Te
                     raise DataError(f"{img}: {tuple(x.shape)} images do not match {tuple(y.shape)} labels")
                 if len(x) == 0:
                     raise DataError(f"{img}: split '{split}' has no images")
+                bad = (y >= len(CIFAR10_CLASSES)).nonzero()
+                if len(bad):
+                    i = int(bad[0, 0])
+                    raise DataError(f"{lab}: label {int(y[i])} of image {i} is out of range "
+                                    f"(Fashion-MNIST labels are 0-9)")
                 return x.unsqueeze(-1).contiguous(), y.to(torch.int64)
     raise DataError(
         f"{root}: no Fashion-MNIST idx files for split '{split}' "
@@ -418,7 +466,7 @@ def _load_arrays(cfg: dict[str, Any], split: str, root: Any,
     if not path.exists():
         raise DataError(f"{where}: path not found: {path}")
     with _CACHE_LOCK:
-        key = _cache_key(path, split, ds)
+        key = (*_cache_key(path, split, ds), cfg.get("max_image_pixels"))
         if key in _CACHE:
             return _CACHE[key]
         if ds == "fashion_mnist" and path.is_dir():
@@ -426,7 +474,9 @@ def _load_arrays(cfg: dict[str, Any], split: str, root: Any,
         elif ds == "cifar10" and path.is_dir() and (path / "cifar-10-batches-py").is_dir():
             arrays = _torchvision_arrays(ds, path, split, download=False)
         else:
-            arrays = _cifar_from_source(_open_source(path, where), split)
+            arrays = _cifar_from_source(_open_source(path, where, cfg.get("max_image_pixels",
+                                                                DEFAULTS["max_image_pixels"])),
+                                        split)
         _CACHE[key] = arrays
         return arrays
 
@@ -745,7 +795,8 @@ def build_dataset(cfg: dict[str, Any], pretrained_cfg: dict[str, Any] | None, *,
                 f"{key} is not set for imagenet: set it to a folder or .zip of "
                 "<wnid>/<file>.JPEG or <wnid>_<name>.JPEG images (no download exists)"
             )
-        folder = _open_source(root, key)
+        folder = _open_source(root, key, cfg.get("max_image_pixels",
+                                                 DEFAULTS["max_image_pixels"]))
         items = _imagenet_items(folder, split)
         idx = stratified_subset([c for _, c in items], n_sub, cfg["seed"]) if n_sub else None
         ds: Dataset = ImageFolderDataset(folder, items, tf, idx)

@@ -220,6 +220,21 @@ def verify_onnx(
     return out
 
 
+def _onnx_target(path: str | os.PathLike) -> Path:
+    """``path`` as the file to write: a folder, or a path under a file, is a
+    :class:`CompressError` naming it (not an error about a hidden temporary file)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CompressError(f"export_onnx: {p} is a folder; give the path of the .onnx file "
+                            f"to write, e.g. {p / 'model.onnx'}")
+    probe = p.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CompressError(f"export_onnx: cannot write {p}: {probe} is a file, not a folder")
+    return p
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -255,7 +270,7 @@ def export_onnx(
     (:func:`parity_limit`); a runtime in ``verify``
     whose package is missing is a :class:`CompressError`. ``path`` is then left as it was.
     """
-    path = Path(path)
+    path = _onnx_target(path)
     input_shape = tuple(int(s) for s in input_shape)
     check_batch = tuple(int(b) for b in check_batch) or (1,)
     if any(b < 1 for b in check_batch):

@@ -325,7 +325,8 @@ def _apply_one(root: dict, path: KeyPath, value: Any, text: str, ctx: Where) -> 
 #: other key, and the plan's ranks, must be what the interrupted run was started with).
 RESUME_FREE: tuple[str, ...] = (
     "name", "output", "evaluate", "export", "report", "finetune.log_every",
-    "finetune.checkpoint_every", "data.eval_batch_size", "data.test_subset", "data.test_split")
+    "finetune.checkpoint_every", "data.eval_batch_size", "data.test_subset", "data.test_split",
+    "data.max_image_pixels")
 
 #: Limits on a YAML document (a recipe file, a run's recipe.yaml, a compare recipe, a --set
 #: value), checked before anything walks it: recipes are a few kB, nest a handful of levels

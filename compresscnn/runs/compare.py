@@ -72,6 +72,7 @@ from compresscnn.util.progress import timed
 from compresscnn.recipe.schema import load_recipe, load_yaml, yaml_lines
 from compresscnn.core.surgery import compress
 from compresscnn.util.common import atomic_path, atomic_write_text, fmt_quantity
+from compresscnn.runs.rundir import check_inputs_outside
 
 __all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
            "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
@@ -140,6 +141,21 @@ def _normalize(entry: Any, i: int) -> dict[str, Any]:
         if not (isinstance(s, (list, tuple)) and len(s) == 3 and all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)):
             raise CompareError(f"{where}.input_size: expected [C, H, W] (three ints > 0), got {s!r}")
+    return out
+
+
+def _reads(norm: Sequence[Mapping[str, Any]], dmap: Mapping[str, Mapping[str, Any]]
+           ) -> list[tuple[str, Any]]:
+    """Every path the entries and the data sections read, as ``(what, path)``."""
+    out: list[tuple[str, Any]] = []
+    for i, e in enumerate(norm):
+        for key in ("run", "recipe", "weights"):
+            if isinstance(e.get(key), str):
+                out.append((f"compare[{i}].{key}", e[key]))
+        for name, sec in _data_map(e.get("data")).items() if e.get("data") else ():
+            out.append((f"compare[{i}].data.{name}.root", sec.get("root")))
+    for name, sec in dmap.items():
+        out.append((f"data.{name}.root", sec.get("root")))
     return out
 
 
@@ -395,7 +411,8 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
             threads: int = 2, repeats: int = 20, warmup: int = 3, quantize: bool = True,
             onnx: bool = True, latency: bool = True, workdir: str | os.PathLike,
             weights_for: Mapping[str, str] | None = None, default_weights: str | None = None,
-            log: Any = None) -> list[dict[str, Any]]:
+            log: Any = None, out_files: Sequence[str | os.PathLike] = (),
+            reads: Sequence[tuple[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per entry (see the module docstring for entries and accuracy sources).
 
     ``input_size``: (C, H, W) for every entry (default: each model's ``pretrained_cfg``, or
@@ -404,7 +421,10 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     chosen by the model (1000 classes: imagenet; 1 channel: fashion_mnist; else cifar10).
     ``weights_for``: ``{spec: weights}`` overriding the weights of spec entries;
     ``default_weights`` (e.g. ``"DEFAULT"``): the weights of spec entries that give none.
-    ONNX files go in ``workdir``. ``onnx=False`` / ``latency=False`` skip the slow parts
+    ONNX files go in ``workdir``. Before anything is measured, no input (an entry's run
+    folder, recipe or weights, a data root, or one of ``reads``) may lie inside ``workdir``
+    or be one of ``out_files`` (the files the caller will write), and neither may lie inside
+    an input folder (:func:`compresscnn.runs.rundir.check_inputs_outside`). ``onnx=False`` / ``latency=False`` skip the slow parts
     (``quantize=False`` only the int8 file).
 
     Each row holds ``model`` (the label), ``kind``, ``spec``, ``weights``, ``input_size``,
@@ -426,7 +446,10 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     unknown = set(weights_for or {}) - {e.get("model") for e in norm}
     if unknown:
         raise CompareError(f"--weights-for {sorted(unknown)[0]}: no such model among the entries")
-    opts = {"input_size": input_size, "dmap": _data_map(data), "workdir": Path(workdir),
+    dmap = _data_map(data)
+    check_inputs_outside([*reads, *_reads(norm, dmap)], folders=[workdir], files=out_files,
+                         command="compare")
+    opts = {"input_size": input_size, "dmap": dmap, "workdir": Path(workdir),
             "onnx": onnx, "quantize": quantize, "latency": latency, "threads": int(threads),
             "batches": [int(b) for b in latency_batches], "repeats": repeats, "warmup": warmup,
             "progress": log is not None, "used": set()}
@@ -578,6 +601,14 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     return path
 
 
+def compare_outputs(out_dir: str | os.PathLike, json_path: str | os.PathLike | None = None,
+                    stem: str = "compare") -> list[Path]:
+    """The files :func:`write_compare` writes (what an input may not be)."""
+    out = Path(out_dir)
+    return [out / f"{stem}{ext}" for ext in (".md", ".json", ".png")] + (
+        [Path(json_path)] if json_path is not None else [])
+
+
 def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
                   title: str = "Model comparison", json_path: str | os.PathLike | None = None,
                   stem: str = "compare") -> dict[str, Path]:
@@ -714,6 +745,7 @@ def run_compare_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None
     kw.update({k: v for k, v in overrides.items() if v is not None})
     out_dir = Path(out if out is not None else cfg["output"])
     rows = compare(list(cfg["compare"]) + list(extra_entries), workdir=out_dir / "onnx", log=log,
+                   out_files=compare_outputs(out_dir, json_path), reads=[("recipe", path)],
                    **kw)
     write_compare(rows, out_dir, title=cfg["title"], json_path=json_path)
     return rows

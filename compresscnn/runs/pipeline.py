@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
+import json
+import logging
 import os
 import tempfile
 import time
@@ -53,20 +56,24 @@ from compresscnn.measure import evaluation
 from compresscnn.runs import report as report_mod
 from compresscnn.measure.counting import count
 from compresscnn.core.decomposers import get_decomposer
-from compresscnn.errors import CompressError, DataError, MethodError, ModelError, RankError, RecipeError
+from compresscnn.errors import (CompressError, DataError, MethodError, ModelError, RankError,
+                                RecipeError, CheckpointError, StreamError)
 from compresscnn.measure.evaluation import measure_latency
 from compresscnn.io.export import export_onnx
 from compresscnn.measure.latency import layer_latency_table
-from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor, SwitchPoint, factorize,
-                      factorized_layers, planned_layers)
+from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
+                                       SwitchPoint, factorize, factorized_layers, planned_layers)
 from compresscnn.io.models import load_architecture, load_model, replace_head
 from compresscnn.io.models.loaders import load_weights
-from compresscnn.util.progress import emit, timed
+from compresscnn.util.progress import emit, timed, result
 from compresscnn.recipe.schema import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
-from compresscnn.runs.rundir import RunDir
+from compresscnn.runs.rundir import RunDir, MARKER, check_file, read_manifest
 from compresscnn.core.surgery import Plan, apply, compress, plan, plan_compression
 from compresscnn.train.loop import finetune
 from compresscnn.util.common import atomic_path, get_rank, get_world_size, seed_everything
+
+
+log = logging.getLogger(__name__)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -575,11 +582,11 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
                else _dense_summary(recipe, ctx.model, ctx.input_size))
     if dry_run:
         if _rank() == 0:
-            print(summary, flush=True)
+            result(summary)
         return {"plan": ctx.plan}
     _open_stage(ctx, overwrite=overwrite)
     if _rank() == 0:  # the run's first result, on stdout as in a dry run, once every input is checked
-        print(summary, flush=True)
+        result(summary)
     _start_report(ctx)
     _compress_and_score(ctx)
     _train_and_score(ctx)
@@ -642,7 +649,7 @@ def _open_stage(ctx: _RunContext, *, overwrite: bool) -> None:
     p = ctx.plan
     ctx.staging = ctx.rundir.prepare(ctx.recipe, exact_rules(p) if p is not None else [],
                                      resume=ctx.resume, overwrite=overwrite,
-                                     main=_rank() == 0)
+                                     main=_rank() == 0, recipe_path=ctx.recipe_path)
     ev = ctx.ev
     need_test = bool(ev["baseline"] or ev["zero_shot"] or ctx.need_train)
     if ctx.recipe.get("data") and (ctx.need_train or need_test):
@@ -788,6 +795,7 @@ def _save_stage(ctx: _RunContext) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in ctx.compressed.state_dict().items()}
     with atomic_path(staging / "model.safetensors", suffix=".safetensors") as tmp:
         safetensors.torch.save_file(state, str(tmp))
+    ctx.rundir.record("model.safetensors")
     resolved = copy.deepcopy(ctx.recipe)
     resolved["rules"] = exact_rules(ctx.plan) if ctx.plan is not None else []
     resolved["target"] = None
@@ -796,6 +804,8 @@ def _save_stage(ctx: _RunContext) -> None:
         resolved.pop("finetune", None)
         resolved.pop("calibration", None)
     dump_resolved(resolved, staging / "recipe.yaml")
+    ctx.rundir.record("recipe.yaml", content_sha256=recipe_digest(
+        load_recipe(staging / "recipe.yaml")))
 
 
 def _export_stage(ctx: _RunContext) -> None:
@@ -808,6 +818,7 @@ def _export_stage(ctx: _RunContext) -> None:
                            opset=exp["opset"], dynamic_batch=exp["dynamic_batch"],
                            atol=exp["atol"], verify=exp["verify"])
     onnx["path"] = "model.onnx"
+    ctx.rundir.record("model.onnx")
     ctx.report["onnx"] = onnx
     _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
         f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), ctx.quiet)
@@ -832,7 +843,46 @@ def _report_stage(ctx: _RunContext) -> None:
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     report_mod.write_report(ctx.staging, report, plots=recipe["report"]["plots"])
     ctx.rundir.commit()
-    print(f"wrote {ctx.rundir.out}", flush=True)
+    try:
+        result(f"wrote {ctx.rundir.out}")
+    except StreamError as e:
+        raise StreamError(f"the run is complete in {ctx.rundir.out}, but {e}") from None
+
+
+def recipe_digest(recipe: dict[str, Any]) -> str:
+    """The sha256 of a loaded recipe's content (not of its text: comments, layout and key
+    order do not change it)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _checked_run_files(run_dir: Path) -> dict[str, Any]:
+    """A run folder's recipe, once its manifest (``.compresscnn-run``), ``recipe.yaml`` and
+    ``model.safetensors`` are checked against the sha256 the run recorded: a file edited by
+    hand is a :class:`CheckpointError` naming it, except a recipe edited only in comments,
+    layout or key order (the recipe it holds is unchanged: loaded with a warning). A folder
+    without recorded hashes (written by an older version) is loaded with a warning."""
+    manifest = read_manifest(run_dir)
+    recipe_path, weights = run_dir / "recipe.yaml", run_dir / "model.safetensors"
+    recipe = load_recipe(recipe_path)
+    if check_file(run_dir, "recipe.yaml", manifest) is False:
+        rec = manifest["files"]["recipe.yaml"]  # type: ignore[index]
+        if rec.get("content_sha256") != recipe_digest(recipe):
+            raise CheckpointError(f"{recipe_path}: edited after the run wrote it (its sha256 "
+                                  f"and the recipe it holds differ from those recorded in "
+                                  f"{MARKER}); the weights fit the recipe the run wrote: "
+                                  f"restore it, or run the edited recipe")
+        log.warning("%s: edited after the run wrote it, but only in comments, layout or key "
+                    "order (the recipe it holds is the one recorded in %s); loaded",
+                    recipe_path, MARKER)
+    if check_file(run_dir, "model.safetensors", manifest) is False:
+        raise CheckpointError(f"{weights}: its content does not match the sha256 recorded in "
+                              f"{MARKER} when the run wrote it: the file is corrupt or was "
+                              f"replaced")
+    if not (manifest or {}).get("files"):
+        log.warning("%s: no file hashes recorded (no %s manifest: a run folder of an older "
+                    "version, or copied without it); recipe.yaml and model.safetensors are "
+                    "loaded unchecked", run_dir, MARKER)
+    return recipe
 
 
 def load_compressed(run_dir: str | Path) -> nn.Module:
@@ -842,13 +892,16 @@ def load_compressed(run_dir: str | Path) -> nn.Module:
     randomly initialised weights, so nothing is downloaded or read; the kind of weights may
     shape it, as a ``.tflite`` file's padding does: ``models.load_architecture``), then the
     saved tensors are checked (names, shapes, dtypes, finite values: a recipe.yaml whose
-    ranks were edited is a one-line error) and loaded strictly. No module is unpickled.
+    ranks were edited is a one-line error) and loaded strictly. No module is unpickled. First
+    the folder's files are checked against the sha256 the run recorded in its manifest
+    (:func:`_checked_run_files`): a recipe, weights file or manifest edited by hand is refused,
+    naming the file; a recipe edited only in comments or layout is loaded with a warning.
     """
     run_dir = Path(run_dir)
     for f in ("recipe.yaml", "model.safetensors"):
         if not (run_dir / f).is_file():
             raise CompressError(f"{run_dir}: not a compresscnn run directory ({f} missing)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = _checked_run_files(run_dir)
     model = load_architecture(recipe["model"]["spec"], recipe["model"].get("weights"))
     if recipe["model"].get("num_classes"):
         replace_head(model, recipe["model"]["num_classes"])

@@ -19,6 +19,16 @@ is never deleted or replaced, whatever the flags (an *empty* folder may be repla
 - Paths a run cannot use are refused before anything is written: ``/``, the current folder
   or one holding it, symbolic links, names too long for the ``.partial`` suffix, read-only
   or non-folder parents.
+- The marker is also the run's manifest: the sha256 of the files the run wrote
+  (``files``: ``recipe.yaml``, ``model.safetensors``, ``model.onnx``) and its own
+  (``sha256``, over the rest of its content): :func:`read_manifest` and :func:`check_file`
+  tell a run folder edited by hand from the one the run wrote.
+- Inputs are never outputs (:func:`check_inputs_outside`, the one rule every command uses):
+  no file or folder a command reads (recipe, weights, data roots, calibration sources, run
+  folders to compare) may lie inside a folder it will write, replace or delete (``<out>``,
+  ``<out>.partial``, ``<out>.replaced``) or be a file it writes, and no output may lie
+  inside a folder it reads; a clash is a one-line :class:`OutputError` before anything is
+  touched.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -40,9 +51,10 @@ from typing import Any, Mapping, Sequence
 from compresscnn.errors import CheckpointError, NoSpaceError, OutputError
 from compresscnn.config import fmt_path as _fmt_path
 from compresscnn.recipe.schema import RESUME_FREE
-from compresscnn.util.common import atomic_write_text
+from compresscnn.util.common import atomic_write_text, sha256_file
 
-__all__ = ["RunDir", "MARKER", "result_keys"]
+__all__ = ["RunDir", "MARKER", "result_keys", "check_inputs_outside", "recipe_inputs",
+           "read_manifest", "check_file"]
 
 MARKER = ".compresscnn-run"
 FORMAT = "compresscnn.run/1"
@@ -63,6 +75,42 @@ def _marker(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) and info.get("format") == FORMAT else None
+
+
+def _self_digest(info: Mapping[str, Any]) -> str:
+    """The sha256 of a marker's content without its own ``sha256`` key."""
+    body = {k: v for k, v in info.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The marker of a run folder as its manifest, or None when it has none (a folder written
+    by an older version, or assembled by hand). A marker whose content does not match its
+    own ``sha256`` (edited by hand) is a :class:`CheckpointError` naming it."""
+    path = Path(folder) / MARKER
+    info = _marker(Path(folder))
+    if info is None:
+        if path.is_file() or path.is_symlink():
+            raise CheckpointError(f"{path}: not a compresscnn run marker (not the JSON a run "
+                                  f"writes); it was edited or damaged")
+        return None
+    if "sha256" in info and info["sha256"] != _self_digest(info):
+        raise CheckpointError(f"{path}: edited after the run wrote it (its content does not "
+                              f"match its own sha256), so the run folder cannot be trusted; "
+                              f"restore it or rerun")
+    return info
+
+
+def check_file(folder: str | os.PathLike, name: str, manifest: Mapping[str, Any] | None
+               ) -> bool | None:
+    """Check ``folder/name`` against the sha256 the manifest records for it. True: it
+    matches; None: nothing recorded for it; False: it differs (the caller decides whether
+    that is an error: :func:`compresscnn.runs.pipeline.load_compressed` tells a recipe edited
+    only in comments from one whose content changed)."""
+    rec = ((manifest or {}).get("files") or {}).get(name)
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("sha256"), str):
+        return None
+    return sha256_file(Path(folder) / name) == rec["sha256"]
 
 
 def _empty_dir(folder: Path) -> bool:
@@ -122,6 +170,67 @@ _ABSENT = object()
 def _short(v: Any) -> str:
     s = "absent" if v is _ABSENT else json.dumps(v, default=str)
     return s if len(s) <= 40 else s[:37] + "..."
+
+
+# --------------------------------------------------------------------------- inputs vs outputs
+
+def _real(path: str | os.PathLike) -> Path:
+    """``path`` absolute, ``~`` expanded and every symbolic link resolved (the file it
+    names, wherever the link lives)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_inputs_outside(reads: Sequence[tuple[str, Any]], *,
+                         folders: Sequence[str | os.PathLike] = (),
+                         files: Sequence[str | os.PathLike] = (), command: str = "run") -> None:
+    """The one rule of what a command may read and write: no input (``reads``: ``(what,
+    path)`` pairs; None and missing paths are skipped) lies in one of the ``folders`` the
+    command writes, replaces or deletes, or is one of the ``files`` it writes; and no output
+    lies inside an input folder (the command would write into what it reads). Paths are
+    compared resolved (``~``, relative parts and links), so a relative path given from
+    another working directory or a link into an output is seen for what it is. A clash is a
+    one-line :class:`OutputError` naming both; call it before anything is written."""
+    outs = [(_real(f), True) for f in folders] + [(_real(f), False) for f in files]
+    for what, path in reads:
+        if path is None or isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+            continue
+        try:
+            raw = os.path.expanduser(os.fspath(path))
+            if not (os.path.exists(raw) or os.path.islink(raw)):
+                continue
+            src = _real(raw)
+            is_dir = src.is_dir()
+        except (OSError, ValueError):
+            continue
+        for out, folder in outs:
+            if (_within(src, out) if folder else src == out):
+                verb = "would replace or delete" if folder else "would overwrite"
+                raise OutputError(f"{command}: {what} {path} is inside the output {out}, which "
+                                  f"this {command} {verb}; move it out or choose another "
+                                  f"output" if folder else
+                                  f"{command}: {what} {path} is the output file {out}, which "
+                                  f"this {command} {verb}; choose another output")
+            if is_dir and _within(out, src):
+                raise OutputError(f"{command}: the output {out} is inside the {what} {path}, "
+                                  f"which this {command} reads; it would write into its own "
+                                  f"input: choose an output outside it")
+
+
+def recipe_inputs(recipe: Mapping[str, Any], recipe_path: str | os.PathLike | None = None
+                  ) -> list[tuple[str, Any]]:
+    """Every path a run of ``recipe`` reads, as ``(key, path)``: the recipe file, the weights
+    file and the data roots (each source's and ``data.root``)."""
+    reads: list[tuple[str, Any]] = [("recipe", recipe_path),
+                                    ("model.weights", (recipe.get("model") or {}).get("weights"))]
+    data = recipe.get("data") or {}
+    reads.append(("data.root", data.get("root")))
+    for role in ("train", "calibration", "eval"):
+        reads.append((f"data.{role}.root", (data.get(role) or {}).get("root")))
+    return reads
 
 
 # --------------------------------------------------------------------------- the lock
@@ -210,6 +319,7 @@ class RunDir:
         self.staging, self.trash, self.lock = (self.out.parent / (name + s) for s in _SUFFIXES)
         self.run_id = uuid.uuid4().hex
         self.keys: dict[str, Any] = {}
+        self.files: dict[str, dict[str, Any]] = {}
         self._fd: int | None = None
         self._created = False
         self._parents: list[Path] = []
@@ -218,7 +328,13 @@ class RunDir:
     def _fail(self, what: str) -> OutputError:
         return OutputError(f"output {self.out}: {what}")
 
-    def _check_path(self, weights: Any) -> None:
+    def check_inputs(self, reads: Sequence[tuple[str, Any]]) -> None:
+        """No input inside the folders this run writes, replaces or deletes
+        (:func:`check_inputs_outside`)."""
+        check_inputs_outside(reads, folders=(self.out, self.staging, self.trash),
+                             files=(self.lock,), command="run")
+
+    def _check_path(self) -> None:
         out = self.out
         if not out.name:
             raise self._fail("the file system root cannot be a run folder; give a new folder")
@@ -232,12 +348,6 @@ class RunDir:
         cwd = Path.cwd().resolve()
         if out.is_dir() and (cwd == out.resolve() or out.resolve() in cwd.parents):
             raise self._fail("is the current folder or holds it; give a new folder")
-        if isinstance(weights, str) and Path(weights).expanduser().is_file():
-            w = Path(weights).expanduser().resolve()
-            for folder in (out, self.staging):
-                if folder.exists() and folder.resolve() in w.parents:
-                    raise self._fail(f"would overwrite the input weights {w}; choose "
-                                     f"another --out")
         probe = _existing_ancestor(out)
         if not probe.is_dir():
             raise self._fail(f"{probe} is a file, not a directory")
@@ -268,10 +378,12 @@ class RunDir:
 
     # ---- preparing (the writing process, under the lock)
     def prepare(self, recipe: Mapping[str, Any], plan_rules: Sequence[Mapping[str, Any]] = (),
-                *, resume: bool = False, overwrite: bool = False, main: bool = True) -> Path:
+                *, resume: bool = False, overwrite: bool = False, main: bool = True,
+                recipe_path: str | os.PathLike | None = None) -> Path:
         """Check everything, lock, and return the staging folder (created, with its marker,
         unless resuming). ``plan_rules``: the exact rank of each replaced layer."""
-        self._check_path(recipe["model"].get("weights"))
+        self._check_path()
+        self.check_inputs(recipe_inputs(recipe, recipe_path))
         self.keys = result_keys(recipe, plan_rules)
         if not main:
             if resume and not (self.staging / CHECKPOINT).is_file():
@@ -377,6 +489,10 @@ class RunDir:
         if resume:
             if not ck.is_file():
                 raise CheckpointError(f"--resume: no checkpoint at {ck}")
+            try:
+                read_manifest(self.staging)
+            except CheckpointError as e:
+                raise CheckpointError(f"--resume: {e}") from None
             self._check_same_recipe(info)
             self.run_id = info.get("run_id", self.run_id)
             return True
@@ -404,10 +520,19 @@ class RunDir:
                               f"in {self.staging} was started with: {shown}{more}; resume with "
                               f"that recipe, or start again with --overwrite")
 
+    def record(self, name: str, **info: Any) -> None:
+        """Put ``name`` (a file in the staging folder) in the manifest with its sha256 and
+        ``info``; the marker written at :meth:`commit` holds it."""
+        self.files[name] = {"sha256": sha256_file(self.staging / name), **info}
+
     def _write_marker(self, state: str) -> None:
-        info = {"format": FORMAT, "run_id": self.run_id, "state": state, "host": _HOST,
-                "pid": os.getpid(), "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "recipe": self.keys}
+        info: dict[str, Any] = {"format": FORMAT, "run_id": self.run_id, "state": state,
+                                "host": _HOST, "pid": os.getpid(),
+                                "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "recipe": self.keys}
+        if self.files:
+            info["files"] = self.files
+        info["sha256"] = _self_digest(info)
         atomic_write_text(self.staging / MARKER, json.dumps(info, indent=1) + "\n")
 
     # ---- the end of a run

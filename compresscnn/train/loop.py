@@ -12,7 +12,9 @@ Training state and exact resume
 ``checkpoint_dir/last.pt`` holds model, optimizer, LR scheduler and grad-scaler state, the
 global step, the epoch and the position within it, and the RNG states (torch, CUDA, NumPy,
 Python). It contains only tensors and plain containers, so it loads with
-``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read).
+``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read). Its
+sha256 is written beside it (``last.pt.sha256``, :func:`compresscnn.util.common.atomic_torch_save`)
+and checked before it is read: a checkpoint with one bit changed is refused, naming it.
 
 A resumed run ends with the same weights as an uninterrupted one, provided the loader yields
 the same batches in an epoch given the epoch number. This module makes that true for ordinary
@@ -63,6 +65,8 @@ from compresscnn.util.common import (
     SCHEDULES,
     atomic_torch_save,
     atomic_write_text,
+    check_digest,
+    digest_path,
     get_world_size,
     is_dist,
     is_main_process,
@@ -249,6 +253,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
+    _check_digest(path)
     ck = load_torch_file(path)  # corrupt, truncated or unsafe: one line naming the file
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         found = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
@@ -261,6 +266,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     _check_fields(path, ck)
     return ck
+
+
+def _check_digest(path: Path) -> None:
+    """A checkpoint is read only when its content hash matches the one written beside it
+    (``last.pt.sha256``): torch does not check its zip's CRCs, so a flipped bit would load.
+    One written without (an older version) is read with a warning."""
+    if not check_digest(path):
+        log.warning("%s has no %s beside it (written by an older version?): read without "
+                    "checking its content hash", path, digest_path(path).name)
 
 
 def _check_fields(path: Path, ck: dict[str, Any]) -> None:
@@ -424,7 +438,8 @@ class _Best:
             self.score, self.epoch = state.get("score"), state.get("epoch")
             self.history = [dict(h) for h in state.get("history", [])]
             if path is not None and path.is_file() and self.score is not None:
-                self.weights = torch.load(path, map_location="cpu", weights_only=True)
+                _check_digest(path)
+                self.weights = load_torch_file(path)
 
     def update(self, epoch: int, score: float, model: nn.Module, main: bool) -> None:
         self.history.append({"epoch": epoch, "score": float(score)})
@@ -433,7 +448,7 @@ class _Best:
         self.score, self.epoch = float(score), epoch
         self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if self.path is not None and main:
-            atomic_torch_save(self.weights, self.path)
+            atomic_torch_save(self.weights, self.path, digest=True)
 
     def state(self) -> dict[str, Any]:
         return {"score": self.score, "epoch": self.epoch, "history": self.history}
@@ -743,7 +758,7 @@ class _Loop:
     def save(self, next_epoch: int, next_pos: int) -> None:
         self.logger.flush()
         if self.ckpt_path is not None and self.main:
-            atomic_torch_save(self.checkpoint(next_epoch, next_pos), self.ckpt_path)
+            atomic_torch_save(self.checkpoint(next_epoch, next_pos), self.ckpt_path, digest=True)
         if self.ckpt_path is not None and self.distributed:
             dist.barrier()
         self.last_saved = self.step

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import math
 import numbers
 import os
@@ -25,13 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from compresscnn.errors import CompressError, NoSpaceError
+from compresscnn.errors import CompressError, NoSpaceError, CheckpointError
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_torch_save",
     "atomic_path",
+    "sha256_file",
+    "digest_path",
+    "check_digest",
     "file_mode",
     "out_of_space",
     "seed_everything",
@@ -136,11 +140,81 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` atomically."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *, digest: bool = False) -> Path:
+    """``torch.save(obj, path)`` atomically; with ``digest``, its sha256 beside it in
+    ``<path>.sha256`` (:func:`digest_path`), also written atomically: while the new file
+    replaces the old one the digest file lists both, so a crash at any point leaves a file
+    whose digest is listed (:func:`check_digest`)."""
+    new = None
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        if digest:
+            new = sha256_file(tmp)
+            _write_digests(path, [new, *_listed(path)])
+    if new is not None:
+        _write_digests(path, [new])
     return Path(path)
+
+
+# --------------------------------------------------------------------------- content hashes
+DIGEST_SUFFIX = ".sha256"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """``<path>.sha256``: the file's sha256 in ``sha256sum`` format (``sha256sum -c`` checks
+    it from its folder)."""
+    p = Path(path)
+    return p.with_name(p.name + DIGEST_SUFFIX)
+
+
+def _listed(path: str | os.PathLike) -> list[str]:
+    """The hashes ``<path>.sha256`` lists for ``path`` (none when it is missing or unreadable)."""
+    try:
+        text = digest_path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for line in text.splitlines():
+        h = line.split(maxsplit=1)[0].lower() if line.strip() else ""
+        if len(h) == 64 and all(c in "0123456789abcdef" for c in h):
+            out.append(h)
+    return out
+
+
+def _write_digests(path: str | os.PathLike, hashes: list[str]) -> None:
+    name = Path(path).name
+    lines = "".join(f"{h}  {name}\n" for h in dict.fromkeys(hashes[:3]))
+    atomic_write_text(digest_path(path), lines)
+
+
+def check_digest(path: str | os.PathLike) -> bool:
+    """Check ``path`` against the sha256 in ``<path>.sha256``: a
+    :class:`~compresscnn.errors.CheckpointError` naming the file when they differ (one bit
+    flipped, a truncated copy, a file from another run). False when there is no digest file
+    to check against (a file written by an older version), True when it matches."""
+    p = Path(path)
+    side = digest_path(p)
+    if not side.is_file():
+        return False
+    listed = _listed(p)
+    if not listed:
+        raise CheckpointError(f"{side}: not a sha256 digest file (expected '<64 hex digits>  "
+                              f"{p.name}'); it was edited or damaged")
+    actual = sha256_file(p)
+    if actual not in listed:
+        raise CheckpointError(f"{p}: its content does not match the sha256 recorded in "
+                              f"{side.name} when it was written ({actual[:12]}... vs "
+                              f"{listed[0][:12]}...): the file is corrupt or was replaced")
+    return True
 
 
 # --------------------------------------------------------------------------- formatting

@@ -39,15 +39,34 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 @contextlib.contextmanager
 def module_mode(*models: nn.Module | None, training: bool) -> Iterator[None]:
     """Put ``models`` (``None`` entries are skipped) in train (``training=True``) or eval
-    mode for the block; each gets the mode it had back afterwards, also on an error."""
-    modes = [(m, m.training) for m in models if m is not None]
+    mode for the block; afterwards every submodule gets the mode it had back (a model in
+    train mode with a frozen BatchNorm in eval mode stays so), also on an error."""
+    modes = [[(sub, sub.training) for sub in m.modules()] for m in models if m is not None]
     try:
-        for m, _ in modes:
-            m.train(training)
+        for subs in modes:
+            subs[0][0].train(training)
+        yield
+    finally:
+        for subs in modes:
+            for sub, was in subs:
+                sub.training = was
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Give every submodule of ``model`` its train/eval mode, and every parameter its
+    ``requires_grad``, back after the block (also on an error): what the API promises a
+    caller's model (it reads the model, never changes it)."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
         yield
     finally:
         for m, was in modes:
-            m.train(was)
+            m.training = was
+        for p, req in grads:
+            if p.requires_grad != req:
+                p.requires_grad_(req)
 
 
 def eval_mode(*models: nn.Module | None) -> contextlib.AbstractContextManager[None]:

@@ -21,8 +21,9 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from compresscnn.util.common import Timer, is_main_process
+from compresscnn.errors import StreamError
 
-__all__ = ["INTERVAL", "emit", "bar", "timed", "fmt_seconds", "LineBar"]
+__all__ = ["INTERVAL", "emit", "result", "bar", "timed", "fmt_seconds", "LineBar"]
 
 #: the longest silence, in seconds, of a stage that is running
 INTERVAL = 10.0
@@ -36,12 +37,36 @@ def _touch() -> None:
     _LAST[0] = time.monotonic()
 
 
+_STDERR_BROKEN = [False]
+
+
 def emit(line: str) -> None:
-    """Write one whole line to stderr (also from the heartbeat thread) and note the time."""
+    """Write one whole line to stderr (also from the heartbeat thread) and note the time.
+    A stderr that cannot be written (a full device, a closed pipe) is not the run's failure:
+    its progress lines are dropped from then on, and the exit code still says how it ended."""
     with _LOCK:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
         _touch()
+        if _STDERR_BROKEN[0]:
+            return
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            _STDERR_BROKEN[0] = True
+
+
+def result(text: str) -> None:
+    """Write a result (the plan, the paths written) to stdout. A stdout that cannot be
+    written is a :class:`StreamError` naming stdout and the system's reason, so that it is
+    never taken for a full disk under the run's folder."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise StreamError(f"cannot write the results to standard output ({why}): it is "
+                          f"redirected to a full device or to a pipe nobody reads; the "
+                          f"output folder was not the problem") from None
 
 
 def fmt_seconds(s: float) -> str:
