@@ -41,7 +41,7 @@ Refused: groups > 1 (no exact grouped CP-4 with plain convs here; use tucker2/sp
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -49,11 +49,14 @@ from torch import nn
 from . import _numerics as num
 from ..config import Bool, Enum, Float, Int, MethodOptions, doc
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options,
-                   register_decomposer, split_axes, work_weight)
+                   register_decomposer, split_axes, tail_errors, work_weight)
 
 
 #: ``precision: auto`` runs ALS in float32 from this many kernel entries x rank
 SINGLE_FROM = 1e8
+#: :meth:`CP.errors`: below this many kernel entries x (largest) rank the candidates are
+#: decomposed and measured; from it, estimated from ``ESTIMATE_SWEEPS`` ALS sweeps each
+EXACT_BELOW, ESTIMATE_SWEEPS = 1e7, 8
 
 
 def _single(precision: str, w: torch.Tensor, r: int) -> bool:
@@ -170,11 +173,14 @@ class CP(Decomposer):
         sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)  # no vectors needed
         return [torch.sort(sv, descending=True, stable=True).values.to(layer.weight.dtype)]
 
-    def _hosvd_init(self, w: torch.Tensor, r: int, seed: int) -> list[torch.Tensor]:
+    def _hosvd_init(self, w: torch.Tensor, r: int, seed: int,
+                    bases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The leading ``r`` left singular vectors of each unfolding (``bases``: all of
+        them, when already computed), a seeded Gaussian fill beyond a mode's size."""
         gen = torch.Generator(device=w.device).manual_seed(seed)
         out = []
         for n in range(4):
-            sig, u = num.gram_eig(w, n)
+            u = num.gram_eig(w, n)[1] if bases is None else bases[n]
             k = min(r, u.shape[1])
             f = u[:, :k]
             if k < r:
@@ -182,6 +188,35 @@ class CP(Decomposer):
                                     device=w.device) / math.sqrt(u.shape[0])
                 f = torch.cat([f, extra], dim=1)
             out.append(f)
+        return out
+
+    def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any
+               ) -> list[float] | None:
+        """None (decompose each) where the largest candidate is small (kernel size x rank
+        below ``EXACT_BELOW``: the errors measured). Else an estimate per rank from
+        ``ESTIMATE_SWEEPS`` sweeps of the same ALS from the same start (``decompose`` runs
+        ``iters``, which only lower it), or the per-tap construction's error where that is
+        lower (``decompose`` keeps the better of the two)."""
+        opt = parse_options(self, options)
+        w = work_weight(layer)
+        if w.numel() * max(r[0] for r in ranks) < EXACT_BELOW:
+            return None
+        sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)
+        taps = tail_errors(torch.sort(sv, descending=True).values, [r[0] for r in ranks])
+        bases = [num.gram_eig(w, n)[1] for n in range(4)]
+        full = self.max_rank(layer)[0]
+        out = []
+        for (r,), tap in zip(ranks, taps):
+            if r >= full or tap == 0.0:
+                out.append(tap)
+                continue
+            wa = w.float() if _single(opt.precision, w, r) else w
+            _, info = num.cp_als(wa, [f.to(wa.dtype) for f in self._hosvd_init(
+                w, r, opt.seed, bases)], iters=min(ESTIMATE_SWEEPS, opt.iters), tol=opt.tol,
+                ridge=opt.ridge, extrapolate=opt.extrapolate,
+                products=_products(opt.precision, w, r))
+            ok = info["finite"] and info["norm_ratio"] <= opt.max_norm_ratio
+            out.append(min(info["rel_error"], tap) if ok else tap)
         return out
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
