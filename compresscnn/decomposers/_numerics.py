@@ -323,7 +323,8 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
 
     Returns ``(factors, info)``: factors ``I_n x R`` of ``t`` itself (the scale ``||t||`` is
     spread evenly over the modes) and ``info = {"iters", "rel_error", "norm_ratio",
-    "finite", "revived"}`` (``iters``: the sweeps run, rejected extrapolations included) with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||`` and
+    "finite", "revived"}`` (``iters``: the sweeps run, rejected extrapolations included)
+    with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||`` and
     ``revived`` the number of terms re-seeded.
     """
     tn = float(torch.linalg.vector_norm(t))
