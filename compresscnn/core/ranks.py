@@ -403,24 +403,36 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
     *decomposed* with ``options`` and its measured relative error kept, tagged with the
     method. No dense candidate (the caller adds one for all methods). With ``probe`` (inputs
     of the layer, e.g. from calibration images) the error kept is :func:`output_error` on
-    them instead of the weight error."""
+    them instead of the weight error. Without, the weight errors come from
+    :meth:`~compresscnn.core.decomposers.base.Decomposer.errors` where the method tells them
+    without decomposing (exactly from the spectra for SVD, spatial and Tucker-2; from a few
+    ALS sweeps for CP on large layers), so only the candidate a plan keeps is decomposed in
+    full, by :func:`compresscnn.core.surgery.apply`."""
     dense_p, dense_m = layer_cost(layer, in_hw)
     full = dec.max_rank(layer, **options)
     if probe is not None:
         with torch.no_grad():
             dense_out = layer(probe).float()
-    seen: set[Rank] = set()
-    out = []
+    seen: dict[Rank, tuple[int, int]] = {}
     for k in range(steps - 1, 0, -1):
         r = round_rank(rank_for_fraction(dec, layer, k / steps, in_hw, key="macs", **options),
                        full, round_to)
         p, m = dec.cost(layer, r, in_hw, **options)
         if r in seen or (p >= dense_p and m >= dense_m):
             continue
-        seen.add(r)
-        new = dec.decompose(layer, r, **options)
-        err = (float(new.fit_info["rel_error"]) if probe is None
-               else output_error(new.eval(), probe, dense_out))
+        seen[r] = (p, m)
+    ranks = list(seen)
+    # weight errors without building the candidates where the method can tell them
+    errors = dec.errors(layer, ranks, **options) if probe is None and ranks else None
+    out = []
+    for j, r in enumerate(ranks):
+        p, m = seen[r]
+        if errors is not None:
+            err = float(errors[j])
+        else:
+            new = dec.decompose(layer, r, **options)
+            err = (float(new.fit_info["rel_error"]) if probe is None
+                   else output_error(new.eval(), probe, dense_out))
         out.append(Candidate(r, p, m * tokens, err, method=dec.name))
     return out
 

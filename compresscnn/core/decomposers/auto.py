@@ -3,12 +3,16 @@
 A rule with ``method: auto`` lets the planner choose, for every layer it matches, among the
 low-rank methods in ``methods`` that can take the layer (CP here, spatial there, Tucker-2
 elsewhere, SVD on Linear layers, or dense where nothing pays). For each method it builds
-``ranks`` candidates evenly spread in cost (1/ranks, 2/ranks, ... of the dense layer's MACs),
-*decomposes* the layer at each and records the measured relative error
-``||W - W_hat||_F / ||W||_F`` (the ``fit_info`` every decomposer leaves). Measured, not
-estimated: the spectral error estimates the single-method planner uses are not comparable
-across methods (Tucker-2's bounds the error by summing two modes' tails; CP's is that of its
-per-tap construction, which ALS beats by a margin that varies from layer to layer).
+``ranks`` candidates evenly spread in cost (1/ranks, 2/ranks, ... of the dense layer's MACs)
+and takes the relative error ``||W - W_hat||_F / ||W||_F`` each reaches
+(:meth:`~compresscnn.core.decomposers.base.Decomposer.errors`): exactly, from the spectra, for
+Tucker-2 (the kernel rotated into both modes' eigenbases holds every rank's error),
+spatial and SVD; for CP by decomposing on small layers and from a few ALS sweeps on large
+ones (an estimate the full fit only lowers). These are the errors the decompositions reach,
+not the single-method planner's spectral bounds, which are not comparable across methods
+(Tucker-2's sums two modes' tails; CP's is that of its per-tap construction, which ALS beats
+by a margin that varies from layer to layer). Only the candidate the plan keeps is then
+decomposed in full.
 
 With a global ``target`` the budget then picks per layer a method and a rank, or keeps the
 layer dense, minimising the summed squared errors (:func:`compresscnn.core.ranks.allocate`, with
@@ -17,8 +21,9 @@ each layer gets the candidate with the lowest error within that fraction. A ``ra
 ``energy`` means different things per method and is refused. Every method runs with its
 default options; the plan rows name the method chosen.
 
-Planning cost: one decomposition per method and candidate (CP-ALS the slowest): about a
-second per 3x3 conv of a CIFAR ResNet at the default 12 candidates.
+Planning cost: spectra and a few ALS sweeps per CP candidate on large layers; on small
+ones (kernel size x rank below ``cp.EXACT_BELOW``) each CP candidate is fitted in full,
+about a second per 3x3 conv of a CIFAR ResNet at the default 12 candidates.
 """
 
 from __future__ import annotations
