@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import CompressError
+from .errors import CompressError, ModelError
 
 # torch and the modules of each subcommand are imported inside the function that runs the
 # subcommand (they take seconds to load), so that --help and usage errors answer at once
@@ -52,11 +52,19 @@ def _init_distributed(device: str) -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
     from .recipe import load_recipe
+    from .zoos import check_spec
+
+    # the recipe and its model name are checked before torch is loaded (seconds)
+    recipe = load_recipe(args.recipe, args.set or [])
+    try:
+        check_spec(recipe["model"]["spec"])
+    except ModelError as e:
+        raise ModelError(f"{args.recipe}: model.spec: {e}") from None
+
+    from .pipeline import run
     from .utils import is_dist
 
-    recipe = load_recipe(args.recipe, args.set or [])
     owned = not args.dry_run and _init_distributed(recipe["finetune"]["device"])
     try:
         run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,

@@ -28,7 +28,6 @@ The reference ``recipes/README.md`` is generated from the models
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
 import sys
@@ -48,8 +47,8 @@ from .config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DA
                      Where, bad, doc, expand_env, first_error, fmt_path, one_line,
                      resolve_path, section, section_of, show, spec_of, suggest, unknown_key,
                      where_of)
-from .decomposers import base as _decomposers
 from .errors import RecipeError
+from .method_options import methods
 from .utils import atomic_write_text
 
 __all__ = [
@@ -67,14 +66,10 @@ _show, _one_line = show, one_line
 
 # --------------------------------------------------------------------------- rules
 
-def _ensure_registry() -> None:
-    """Import the decomposer package so the built-in methods register themselves."""
-    importlib.import_module("compresscnn.decomposers")
-
-
-def _registry() -> dict[str, Any]:
-    _ensure_registry()
-    return _decomposers._REGISTRY
+def _registry() -> Mapping[str, Any]:
+    """The methods a rule may name: declared without torch (:mod:`compresscnn.method_options`),
+    so that a recipe is checked before torch is loaded."""
+    return methods()
 
 
 def _options(dec: Any) -> type[MethodOptions]:

@@ -21,6 +21,7 @@ import compresscnn.ranks as RK
 from compresscnn.decomposers import _numerics as num
 from compresscnn.decomposers import base
 from compresscnn.decomposers.fire import FireModule
+from compresscnn import method_options
 from compresscnn.config import MethodOptions
 from compresscnn.errors import MethodError, RankError
 
@@ -477,6 +478,7 @@ def test_duplicate_registration_raises():
             D.register_decomposer("_test_tmp")(Tmp)
     finally:
         base._REGISTRY.pop("_test_tmp", None)
+        method_options.forget("_test_tmp")
 
 
 def test_options_validated():

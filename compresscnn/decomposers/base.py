@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import MethodOptions, first_error, fmt_path
 from ..errors import MethodError, ModelError, RankError
+from ..method_options import declare
 
 Rank = tuple[int, ...]
 
@@ -108,6 +109,7 @@ def register_decomposer(name: str) -> Callable[[type[Decomposer]], type[Decompos
         if name in _REGISTRY:
             raise ValueError(f"decomposer {name!r} is already registered")
         cls.name = name
+        declare(name, cls.rank_names, cls.Options, cls.chooses)  # what recipes validate with
         _REGISTRY[name] = cls()
         return cls
 

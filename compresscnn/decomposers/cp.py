@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from ..config import Enum, Float, Int, MethodOptions, doc
+from ..method_options import CPOptions
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options,
                    register_decomposer, split_axes, work_weight)
 
@@ -68,21 +68,7 @@ class CP(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r",)
 
-    class Options(MethodOptions):
-        """CP-ALS options."""
-
-        iters: Int(1) = doc("ALS sweeps (at most).", 100)
-        tol: Float(0.0) = doc("Relative change of the fit below which ALS stops.", 1e-6)
-        ridge: Float(0.0) = doc("Tikhonov weight on the unit-norm least-squares problems.",
-                                1e-4)
-        max_norm_ratio: Float(0.0, lo_open=True) = doc(
-            "Degeneracy bound: a fit whose terms' norm exceeds this multiple of the layer's is "
-            "refitted with a larger ridge.", 2.0)
-        seed: Int(0) = doc("Seed of the initialisation's random fill.", 0)
-        precision: Enum("auto", "float64", "float32") = doc(
-            "Arithmetic of the ALS sweeps. `auto`: float32 for large problems (kernel size x "
-            "rank >= 1e8, e.g. 256x256x3x3 at rank 432: 1.7x faster, relative error equal to "
-            "4 decimals on resnet18's layers), float64 below.", "auto")
+    Options = CPOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)

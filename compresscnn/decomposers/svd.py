@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from ..config import Bool, Int, MethodOptions, Nullable, doc
+from ..method_options import SVDOptions
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, work_weight)
 
@@ -38,16 +38,7 @@ class SVD(Decomposer):
     layer_types = (nn.Linear, nn.Conv2d)
     rank_names = ("r",)
 
-    class Options(MethodOptions):
-        """Truncated SVD options."""
-
-        randomized: Nullable(Bool) = doc(
-            "Use the randomized range finder; null: when the matrix is large and the rank "
-            "small.", None)
-        power_iters: Nullable(Int(0)) = doc("Power iterations of the randomized path; null: "
-                                            "10.", None)
-        oversample: Nullable(Int(0)) = doc("Oversampling of the randomized path; null: "
-                                           "max(20, rank / 2).", None)
+    Options = SVDOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)

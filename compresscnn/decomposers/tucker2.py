@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import _numerics as num
-from ..config import Int, MethodOptions, doc
+from ..method_options import Tucker2Options
 from .base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, work_weight)
 
@@ -43,10 +43,7 @@ class Tucker2(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r_in", "r_out")
 
-    class Options(MethodOptions):
-        """Tucker-2 options."""
-
-        hooi: Int(0) = doc("At most this many HOOI sweeps from the HOSVD; 0: HOSVD only.", 0)
+    Options = Tucker2Options
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
