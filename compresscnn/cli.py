@@ -97,6 +97,9 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .zoos import check_spec
+
+    check_spec(args.model)  # before torch is loaded
     from .inspection import inspect_model
 
     print(inspect_model(args.model, args.weights, args.input_size,
@@ -193,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(r, top=False)
     r.set_defaults(func=_cmd_run)
 
-    i = sub.add_parser("inspect", help="per-layer table to help write a recipe")
+    i = sub.add_parser("inspect", help="per-layer table, what fits the model and a "
+                                       "recommended rule set, to help write a recipe")
     i.add_argument("model", help="model spec, e.g. torchvision:resnet18 or cifar:resnet20")
     i.add_argument("--weights", default=None)
     i.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
