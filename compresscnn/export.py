@@ -38,6 +38,7 @@ from .errors import CompressError
 from .folding import fold_for_export
 from .nn_utils import eval_mode, example_input
 from .onnx_writer import INPUT_NAME, OUTPUT_NAME, first_line as _first_line, write_onnx
+from .progress import doing
 from .utils import atomic_path
 
 __all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
@@ -275,7 +276,10 @@ def export_onnx(
         ex_batch = 2 if dynamic_batch else check_batch[0]
         example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
+            doing("writing the file (the dynamo exporter; TorchScript if it fails)")
             exporter, fallback_reason = write_onnx(folded, example, tmp, opset, dynamic_batch)
+            doing(f"checking the {exporter} file in {', '.join(runtimes)} at batch "
+                  f"{', '.join(map(str, check_batch))}")
             checked = _check_file(cpu_model, tmp, input_shape, runtimes, check_batch,
                                   seed=seed + 1, atol=atol,
                                   what=f"{path}", how=f"exporter {exporter}, opset {opset}")

@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import RecipeError
 from .nn_utils import eval_mode, example_input, get_module, num_threads, record_inputs, set_module
+from .progress import track
 from .ranks import Skip
 from .timing import RUNTIMES, median_ms, module_runner, time_interleaved
 
@@ -178,7 +179,7 @@ def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Seque
     for rt in runtimes:
         cfg = LatencyConfig(runtime=rt, threads=threads, batch=batch, rounds=rounds,
                             per_round=per_round)
-        for n in names:
+        for n in track(names, f"time on {rt}", label=str):
             d, c = time_modules([get_module(original, n), get_module(compressed, n)], ins[n],
                                 cfg)
             rows.append({"layer": n, "runtime": rt, "threads": threads, "batch": batch,

@@ -26,6 +26,7 @@ from .decomposers.base import Decomposer, check_weights, layer_cost, parse_optio
 from .errors import DataError, RankError, RecipeError
 from .latency import LatencyConfig, ensure_not_slower, spread, time_candidates, time_modules
 from .nn_utils import example_input, get_module, input_tensors, record_inputs, set_module
+from .progress import track
 from .ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for, measured_candidates,
                     select_rank, tail_error)
 from .recipe import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, POLICY_KEYS as _RANK_KEYS,
@@ -271,9 +272,9 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
 
     reps: list[Replacement] = []
     items: dict[str, BudgetItem] = {}
-    for name, info in layers.items():
-        if name not in owner:
-            continue
+    for name, info in track([(n, i) for n, i in layers.items() if n in owner], "layer",
+                            label=lambda x: f"{x[0]}, {rules[owner[x[0]]]['method']}",
+                            weight=lambda x: _work(x[1].module)):
         w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
         rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
                             weight=w, lat_cfg=lat_cfg,
@@ -288,6 +289,13 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     return Plan(reps, input_size, totals["params"], totals["macs"],
                 dict(target) if target else None, latency=_latency_info(reps, layer_ms, lat_cfg),
                 latency_config=lat_cfg)
+
+
+def _work(layer: nn.Module) -> float:
+    """How the planning work on a layer grows (the products of its unfoldings: the weight's
+    size times its wider channel count), to spread the estimate of the time left."""
+    w = layer.weight
+    return float(w.numel() * max(w.shape[0], w.shape[1]))
 
 
 def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[str],
@@ -499,9 +507,9 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     The plan is not changed: :func:`measured` reads each decomposition's fit back (with the
     seconds it took, ``decompose_seconds``).
     """
-    for rep in plan_.replacements:
-        if not rep.applied:
-            continue
+    for rep in track([r for r in plan_.replacements if r.applied], "decompose",
+                     label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",
+                     weight=lambda r: r.params_before):
         layer = get_module(model, rep.name)
         dec = get_decomposer(rep.method)
         check_weights(layer, rep.name)
