@@ -18,9 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import compresscnn.core.decomposers as D
 import compresscnn.core.ranks as RK
-from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers import base
+from compresscnn.core.decomposers import _numerics as num, base
 from compresscnn.core.decomposers.fire import FireModule
+from compresscnn.core import method_options
 from compresscnn.config import MethodOptions
 from compresscnn.errors import MethodError, RankError
 
@@ -477,6 +477,7 @@ def test_duplicate_registration_raises():
             D.register_decomposer("_test_tmp")(Tmp)
     finally:
         base._REGISTRY.pop("_test_tmp", None)
+        method_options.forget("_test_tmp")
 
 
 def test_options_validated():

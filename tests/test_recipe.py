@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 from compresscnn import config as C
-from compresscnn.recipe import schema as R
 from compresscnn.core import rules as rules_mod
 from compresscnn.core.decomposers import base
-from compresscnn.core.decomposers.auto import Auto  # the real chooser: only its options matter here
+from compresscnn.core.decomposers.auto import Auto
+from compresscnn.core import method_options
+from compresscnn.recipe import schema as R
 from compresscnn.errors import CompressError, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def fake_registry(monkeypatch):
         d.name = name
         reg[name] = d
     monkeypatch.setattr(base, "_REGISTRY", reg)
-    monkeypatch.setattr(rules_mod, "_ensure_registry", lambda: None)
+    monkeypatch.setattr(method_options, "_METHODS", reg)  # what recipes validate with
     return reg
 
 

@@ -33,6 +33,7 @@ from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candi
 from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
                                 POLICY_KEYS as _RANK_KEYS, SOLVERS)
 from compresscnn.core.rules import rule_options, validate_compress, validate_rules, validate_target
+from compresscnn.util.progress import track
 
 
 @dataclass(frozen=True)
@@ -291,9 +292,9 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
 
     reps: list[Replacement] = []
     items: dict[str, BudgetItem] = {}
-    for name, info in layers.items():
-        if name not in owner:
-            continue
+    for name, info in track([(n, i) for n, i in layers.items() if n in owner], "layer",
+                            label=lambda x: f"{x[0]}, {rules[owner[x[0]]]['method']}",
+                            weight=lambda x: _work(x[1].module)):
         w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
         rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
                             weight=w, lat_cfg=lat_cfg,
@@ -342,6 +343,13 @@ def _input_grams(model: nn.Module, names: Sequence[str], batches: Sequence[torch
         for xb in batches:
             model(xb)
     return {n: (g / max(k, 1), k) for n, (g, k) in sums.items()}
+
+
+def _work(layer: nn.Module) -> float:
+    """How the planning work on a layer grows (the products of its unfoldings: the weight's
+    size times its wider channel count), to spread the estimate of the time left."""
+    w = layer.weight
+    return float(w.numel() * max(w.shape[0], w.shape[1]))
 
 
 def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[str],
@@ -565,9 +573,9 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     names: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
-    for rep in plan_.replacements:
-        if not rep.applied:
-            continue
+    for rep in track([r for r in plan_.replacements if r.applied], "decompose",
+                     label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",
+                     weight=lambda r: r.params_before):
         layer = get_module(model, rep.name)
         dec = get_decomposer(rep.method)
         check_weights(layer, rep.name)

@@ -37,8 +37,10 @@ from torch import nn
 from compresscnn.errors import CompressError
 from compresscnn.core.folding import fold_for_export
 from compresscnn.util.modules import eval_mode, example_input
-from compresscnn.io.onnx_writer import INPUT_NAME, OUTPUT_NAME, first_line as _first_line, write_onnx
+from compresscnn.io.onnx_writer import (INPUT_NAME, OUTPUT_NAME, first_line as _first_line,
+                                        write_onnx)
 from compresscnn.util.common import atomic_path
+from compresscnn.util.progress import doing
 
 __all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
            "quantize_onnx_dynamic", "quantize_onnx_static", "OnnxModule", "RUNTIMES"]
@@ -290,7 +292,10 @@ def export_onnx(
         ex_batch = 2 if dynamic_batch else check_batch[0]
         example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
+            doing("writing the file (the dynamo exporter; TorchScript if it fails)")
             exporter, fallback_reason = write_onnx(folded, example, tmp, opset, dynamic_batch)
+            doing(f"checking the {exporter} file in {', '.join(runtimes)} at batch "
+                  f"{', '.join(map(str, check_batch))}")
             checked = _check_file(cpu_model, tmp, input_shape, runtimes, check_batch,
                                   seed=seed + 1, atol=atol,
                                   what=f"{path}", how=f"exporter {exporter}, opset {opset}")

@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from compresscnn.errors import RecipeError
-from compresscnn.util.modules import eval_mode, example_input, get_module, num_threads, record_inputs, set_module
+from compresscnn.util.modules import (eval_mode, example_input, get_module, num_threads,
+                                      record_inputs, set_module)
 from compresscnn.core.ranks import Skip
 from compresscnn.measure.timing import RUNTIMES, median_ms, module_runner, time_interleaved
+from compresscnn.util.progress import track
 
 
 @dataclass
@@ -178,7 +180,7 @@ def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Seque
     for rt in runtimes:
         cfg = LatencyConfig(runtime=rt, threads=threads, batch=batch, rounds=rounds,
                             per_round=per_round)
-        for n in names:
+        for n in track(names, f"time on {rt}", label=str):
             d, c = time_modules([get_module(original, n), get_module(compressed, n)], ins[n],
                                 cfg)
             rows.append({"layer": n, "runtime": rt, "threads": threads, "batch": batch,

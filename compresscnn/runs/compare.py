@@ -68,7 +68,7 @@ from compresscnn.measure.evaluation import evaluate, measure_latency
 from compresscnn.io.export import export_onnx, quantize_onnx_dynamic
 from compresscnn.io.models import load_model, replace_head
 from compresscnn.runs.pipeline import load_compressed
-from compresscnn.util.progress import timed
+from compresscnn.util.progress import timed, doing
 from compresscnn.recipe.schema import load_recipe, load_yaml, yaml_lines
 from compresscnn.core.surgery import compress
 from compresscnn.util.common import atomic_path, atomic_write_text, fmt_quantity
@@ -345,9 +345,11 @@ def _entry_row(e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
         "accuracy": None,
         "threads": o["threads"], "latency_ms": {}, "latency": [], "notes": info["notes"],
     }
+    doing("measuring accuracy")
     row.update(_accuracy(e, info, model, o["dmap"], size, progress=o["progress"]))
     onnx_path = _onnx_sizes(row, model, size, info["label"], o) if o["onnx"] else None
     if o["latency"]:
+        doing("timing latency")
         _latencies(row, model, size, onnx_path, o)
     return row
 
@@ -370,6 +372,7 @@ def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], la
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
         onnx_path = None
     if onnx_path is not None and o["quantize"]:
+        doing("quantizing the ONNX file to int8")
         q = o["workdir"] / f"{stem}.int8.onnx"
         try:
             row["onnx_int8_bytes"] = quantize_onnx_dynamic(onnx_path, q)
@@ -454,10 +457,10 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
             "batches": [int(b) for b in latency_batches], "repeats": repeats, "warmup": warmup,
             "progress": log is not None, "used": set()}
     rows: list[dict[str, Any]] = []
-    for e in norm:
+    for i, e in enumerate(norm, 1):
         name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
         t0 = time.perf_counter()
-        with timed(None, "compare", str(name), quiet=log is None):
+        with timed(None, "compare", f"{name} (model {i} of {len(norm)})", quiet=log is None):
             row = _entry_row(e, opts)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         if log:

@@ -60,6 +60,7 @@ from compresscnn.errors import (CompressError, DataError, MethodError, ModelErro
                                 RecipeError, CheckpointError, StreamError)
 from compresscnn.measure.evaluation import measure_latency
 from compresscnn.io.export import export_onnx
+from compresscnn.measure.inspection import fit_report, fit_text
 from compresscnn.measure.latency import layer_latency_table
 from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
                                        SwitchPoint, factorize, factorized_layers, planned_layers)
@@ -577,6 +578,8 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
     ctx = _RunContext(recipe, rundir, resume, quiet, recipe_path, distributed)
     seed_everything(int(recipe.get("seed", 0)))
     _load_stage(ctx)
+    if dry_run and _rank() == 0:  # what fits the model, also when the plan then refuses
+        print(fit_text(fit_report(ctx.model, ctx.input_size)) + "\n", flush=True)
     _plan_stage(ctx)
     summary = (ctx.plan.summary() if ctx.plan is not None
                else _dense_summary(recipe, ctx.model, ctx.input_size))

@@ -7,23 +7,30 @@ tqdm with ``disable=None`` is silent when stderr is not a terminal) or, for a st
 one, a heartbeat line with the time spent so far. Everything goes to stderr, only from the
 main process; ``quiet`` silences it, ``-v`` (the ``compresscnn`` logger at DEBUG) adds the
 time of every stage.
+
+Inside a stage, a loop over layers says where it is with :func:`track` (``[plan] layer 7/14
+(layer3.0.conv2, cp), 25 s, about 40 s left``: the heartbeat prints that line in place of
+"still running"; a bar on a terminal), and a stage made of a few long calls says what it is
+doing with :func:`doing` (``[export_onnx] writing the file (dynamo exporter), 30 s``). Both
+cost nothing outside a stage shown by :func:`timed` (the Python API, ``quiet``, tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
 from compresscnn.util.common import Timer, is_main_process
 from compresscnn.errors import StreamError
 
-__all__ = ["INTERVAL", "emit", "result", "bar", "timed", "fmt_seconds", "LineBar"]
+__all__ = ["INTERVAL", "emit", "result", "bar", "timed", "track", "doing", "fmt_seconds", "LineBar"]
 
 #: the longest silence, in seconds, of a stage that is running
 INTERVAL = 10.0
@@ -31,6 +38,11 @@ INTERVAL = 10.0
 log = logging.getLogger("compresscnn")
 _LOCK = threading.Lock()
 _LAST = [0.0]  # time.monotonic() of the last progress output
+#: the name of the stage :func:`timed` is showing in this context (None: nothing is shown)
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("compresscnn_stage",
+                                                                   default=None)
+_STATUS: dict[str, Callable[[float], str]] = {}  # stage -> its current status line
+T = TypeVar("T")
 
 
 def _touch() -> None:
@@ -148,7 +160,9 @@ class _Heartbeat:
                 _touch()
             now = time.monotonic()
             if now - _LAST[0] >= due:
-                emit(f"[{self.name}] still running, {fmt_seconds(now - self.start)}")
+                status = _STATUS.get(self.name)
+                emit(status(now) if status is not None else
+                     f"[{self.name}] still running, {fmt_seconds(now - self.start)}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -165,11 +179,72 @@ def timed(timings: dict[str, float] | None, name: str, what: str = "", *,
     if show:
         emit(f"[{name}] {what}".rstrip())
     beat = _Heartbeat(name) if show else None
+    token = _STAGE.set(name if show else None)
     try:
         with Timer(timings, name) as t:
             yield t
     finally:
+        _STAGE.reset(token)
+        _STATUS.pop(name, None)
         if beat is not None:
             beat.stop()
     if show and (t.seconds >= INTERVAL or log.isEnabledFor(logging.DEBUG)):
         emit(f"[{name}] done in {fmt_seconds(t.seconds)}")
+
+
+def doing(what: str) -> None:
+    """Say what the running stage does now: its heartbeat prints ``[stage] what, t`` (time
+    since the stage started) instead of "still running". Nothing outside a shown stage."""
+    stage = _STAGE.get()
+    if stage is None:
+        return
+    start = time.monotonic()
+    _STATUS[stage] = lambda now: f"[{stage}] {what}, {fmt_seconds(now - start)}"
+
+
+def track(items: Iterable[T], what: str, *, label: Callable[[T], str] | None = None,
+          weight: Callable[[T], float] | None = None) -> Iterator[T]:
+    """Yield ``items``; inside a stage shown by :func:`timed`, say which one the loop is on
+    and the time left: ``[stage] what n/total (label), elapsed, about t left``, printed by the
+    heartbeat at most once per :data:`INTERVAL` (a bar on a terminal). ``weight`` (e.g. a
+    layer's parameters) spreads the estimate of the time left unevenly over the items."""
+    stage = _STAGE.get()
+    if stage is None:
+        yield from items
+        return
+    todo = list(items)
+    weights = [max(float(weight(x)), 1e-9) if weight is not None else 1.0 for x in todo]
+    total_w, n = sum(weights), len(todo)
+    start = time.monotonic()
+    state: dict[str, Any] = {"i": 0, "done": 0.0, "label": ""}
+
+    def line(now: float) -> str:
+        spent = now - start
+        text = f"[{stage}] {what} {state['i']}/{n}"
+        text += f" ({state['label']})" if state["label"] else ""
+        text += f", {fmt_seconds(spent)}"
+        if state["done"] > 0:
+            text += f", about {fmt_seconds(spent / state['done'] * (total_w - state['done']))}" \
+                    " left"
+        return text
+
+    tty = sys.stderr.isatty()
+    pbar = tqdm(total=n, desc=f"{stage}: {what}", unit=what, leave=False,
+                dynamic_ncols=True) if tty else None
+    before = _STATUS.get(stage)
+    _STATUS[stage] = line
+    try:
+        for i, x in enumerate(todo):
+            state.update(i=i + 1, done=state["done"] + (weights[i - 1] if i else 0.0),
+                         label=label(x) if label is not None else "")
+            if pbar is not None:
+                pbar.set_postfix_str(state["label"], refresh=False)
+                pbar.update(0 if i == 0 else 1)
+            yield x
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if before is not None:
+            _STATUS[stage] = before
+        else:
+            _STATUS.pop(stage, None)

@@ -30,15 +30,12 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from pydantic import model_validator
 from torch import nn
 
-from compresscnn.config import Enum, Int, ListOf, MethodOptions, bad, doc
 from compresscnn.errors import MethodError
-from compresscnn.core.decomposers.base import Decomposer, Rank, get_decomposer, parse_options, register_decomposer
-
-#: the methods ``auto`` may choose among (fire changes the block's structure, not a rank)
-CHOICES = ("cp", "spatial", "tucker2", "svd")
+from compresscnn.core.decomposers.base import (Decomposer, Rank, get_decomposer, parse_options,
+                                               register_decomposer)
+from compresscnn.core.method_options import AUTO_CHOICES as CHOICES, AutoOptions
 
 
 @register_decomposer("auto")
@@ -47,25 +44,7 @@ class Auto(Decomposer):
     rank_names = ()
     chooses = True
 
-    class Options(MethodOptions):
-        """Mixed methods: the candidates the planner measures per layer."""
-
-        methods: ListOf(Enum(*CHOICES), min_len=1) = doc(
-            "The methods to choose among per layer (each with its default options).",
-            list(CHOICES))
-        ranks: Int(2) = doc(
-            "Candidates per method and layer, evenly spread in MACs; each is decomposed to "
-            "measure its error.", 12)
-
-        @model_validator(mode="after")
-        def _policies(self) -> "Auto.Options":
-            # as a rule (the rule model inherits these options): a rank or energy is per method
-            for key in ("rank", "energy"):
-                if getattr(self, key, None) is not None:
-                    raise bad(f"method auto takes a global target or a macs/params policy, "
-                              f"not {key} (a {key} means something else for each method)",
-                              (key,))
-            return self
+    Options = AutoOptions
 
     def members(self, layer: nn.Module, **options: Any) -> list[Decomposer]:
         """The methods of ``options`` that can take ``layer``, in the order given."""

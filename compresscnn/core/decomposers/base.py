@@ -33,6 +33,7 @@ from torch import nn
 
 from compresscnn.config import MethodOptions, first_error, fmt_path
 from compresscnn.errors import MethodError, ModelError, RankError
+from compresscnn.core.method_options import declare
 
 Rank = tuple[int, ...]
 
@@ -116,6 +117,7 @@ def register_decomposer(name: str) -> Callable[[type[Decomposer]], type[Decompos
         if name in _REGISTRY:
             raise ValueError(f"decomposer {name!r} is already registered")
         cls.name = name
+        declare(name, cls.rank_names, cls.Options, cls.chooses)  # what recipes validate with
         _REGISTRY[name] = cls()
         return cls
 

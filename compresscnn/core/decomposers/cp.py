@@ -47,10 +47,10 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.config import Enum, Float, Int, MethodOptions, doc, Bool
 from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost,
                                                parse_options, register_decomposer, split_axes,
                                                work_weight, tail_errors)
+from compresscnn.core.method_options import CPOptions
 
 
 #: ``precision: auto`` runs ALS in float32 from this many kernel entries x rank
@@ -94,27 +94,7 @@ class CP(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r",)
 
-    class Options(MethodOptions):
-        """CP-ALS options."""
-
-        iters: Int(1) = doc("ALS sweeps (at most; a rejected extrapolation counts as one).",
-                            50)
-        tol: Float(0.0) = doc("Relative change of the fit below which ALS stops.", 1e-6)
-        ridge: Float(0.0) = doc("Tikhonov weight on the unit-norm least-squares problems.",
-                                1e-4)
-        max_norm_ratio: Float(0.0, lo_open=True) = doc(
-            "Degeneracy bound: a fit whose terms' norm exceeds this multiple of the layer's is "
-            "refitted with a larger ridge.", 2.0)
-        seed: Int(0) = doc("Seed of the initialisation's random fill.", 0)
-        extrapolate: Bool = doc(
-            "Line-search acceleration of the sweeps (Bro 1998): 50 sweeps reach a lower "
-            "error than 100 plain ones on resnet18's 3x3 convs.", True)
-        precision: Enum("auto", "float64", "float32", "bfloat16") = doc(
-            "Arithmetic of the ALS sweeps. `auto`: float32 for large problems (kernel size x "
-            "rank >= 1e8, e.g. 256x256x3x3 at rank 432: 1.7x faster, relative error equal to "
-            "4 decimals on resnet18's layers), with the two large products of each sweep in "
-            "bfloat16 where the CPU multiplies it natively (AMX, AVX512-BF16), float64 below. "
-            "`bfloat16`: float32 sweeps with bfloat16 products everywhere.", "auto")
+    Options = CPOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)

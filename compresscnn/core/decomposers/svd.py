@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.config import Bool, Int, MethodOptions, Nullable, doc
 from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost,
                                                parse_options, fit_info, register_decomposer,
                                                work_weight, tail_errors)
+from compresscnn.core.method_options import SVDOptions
 
 #: above this smaller dimension a truncated rank uses the randomized SVD
 RANDOMIZED_MIN_DIM = 1024
@@ -42,17 +42,7 @@ class SVD(Decomposer):
     layer_types = (nn.Linear, nn.Conv2d)
     rank_names = ("r",)
 
-    class Options(MethodOptions):
-        """Truncated SVD options."""
-
-        randomized: Nullable(Bool) = doc(
-            "Use the randomized range finder; null: the Gram matrix's eigendecomposition when "
-            "the matrix is large (smaller side > 1024) and the rank truncated, the exact SVD "
-            "otherwise; false: the exact SVD always.", None)
-        power_iters: Nullable(Int(0)) = doc("Power iterations of the randomized path; null: "
-                                            "10.", None)
-        oversample: Nullable(Int(0)) = doc("Oversampling of the randomized path; null: "
-                                           "max(20, rank / 2).", None)
+    Options = SVDOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)

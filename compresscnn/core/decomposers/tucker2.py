@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.config import Int, MethodOptions, doc
+from compresscnn.core.method_options import Tucker2Options
 from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, work_weight)
 
@@ -44,10 +44,7 @@ class Tucker2(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r_in", "r_out")
 
-    class Options(MethodOptions):
-        """Tucker-2 options."""
-
-        hooi: Int(0) = doc("At most this many HOOI sweeps from the HOSVD; 0: HOSVD only.", 0)
+    Options = Tucker2Options
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)

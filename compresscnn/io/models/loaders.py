@@ -44,12 +44,9 @@ from compresscnn.errors import CheckpointError, ModelError
 from compresscnn.io.models.cifar_resnet import cifar_resnet
 from compresscnn.io.models.cifar_zoo import CIFAR_ZOO, parse_hparams
 from compresscnn.io.models.small import FMNIST_MEAN, FMNIST_STD, FashionCNN
-from compresscnn.io.models.tflite_weights import (
-    TFLITE_SUFFIX,
-    is_tflite_path,
-    load_tflite,
-    tf_same_padding,
-)
+from compresscnn.io.models.tflite_weights import (TFLITE_SUFFIX, is_tflite_path, load_tflite,
+                                                  tf_same_padding)
+from compresscnn.io.zoos import unknown_name as _unknown_name
 
 __all__ = [
     "load_model",
@@ -156,17 +153,6 @@ def model_names(source: str | None = None) -> list[str]:
             raise ModelError(f"unknown model source {s!r}; known sources: {', '.join(SOURCES)}")
         out += [f"{s}:{n}" for n in listers[s]()]
     return out
-
-
-def _unknown_name(source: str, name: str, known: list[str]) -> ModelError:
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    if close:
-        hint = "did you mean " + ", ".join(f"'{source}:{c}'" for c in close) + "?"
-    elif len(known) <= 12:
-        hint = "known: " + ", ".join(f"'{source}:{c}'" for c in known)
-    else:
-        hint = f"see compresscnn.io.models.model_names('{source}') for the {len(known)} known names"
-    return ModelError(f"unknown {source} model {name!r}; {hint}")
 
 
 # --------------------------------------------------------------------------------------
