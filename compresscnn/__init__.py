@@ -40,6 +40,7 @@ _EXPORTS = {
     "evaluate": "compresscnn.evaluation",
     "finetune": "compresscnn.training",
     "export_onnx": "compresscnn.export",
+    "quantize_onnx": "compresscnn.export",
     "CompressError": "compresscnn.errors",
 }
 
