@@ -70,6 +70,9 @@ class LatencyConfig:
     max_candidates: int = 8   # decomposed ranks timed per layer
     #: rank multiple of the rules that give none; None: the runtime's (:data:`ROUND_TO`)
     round_to: int | None = None
+    #: ``"int8"``: time the ONNX runtimes' candidates as static int8 files (the model will
+    #: be deployed quantized: ``export.quantize``), else float32
+    precision: str = "fp32"
     #: test hook: ``timer(module, x) -> ms`` replaces the measurement
     timer: Callable[[nn.Module, torch.Tensor], float] | None = None
 
@@ -78,6 +81,8 @@ class LatencyConfig:
             raise RecipeError(f"latency.runtime: {self.runtime!r} is not one of "
                               f"{', '.join(RUNTIMES)}")
         check_runtime(self.runtime, "latency.runtime")
+        if self.precision not in ("fp32", "int8"):
+            raise RecipeError(f"latency.precision: {self.precision!r} is not one of fp32, int8")
         if self.round_to is None:
             self.round_to = preferred_round_to(self.runtime)
         for k in ("threads", "batch", "rounds", "per_round", "max_candidates", "round_to"):
@@ -114,7 +119,7 @@ def time_modules(modules: Sequence[nn.Module], x: torch.Tensor,
     if cfg.timer is not None:
         return [float(cfg.timer(m, x)) for m in modules]
     with num_threads(cfg.threads), eval_mode(*modules), torch.inference_mode():
-        fns = [module_runner(m, x, cfg.runtime, cfg.threads) for m in modules]
+        fns = [module_runner(m, x, cfg.runtime, cfg.threads, cfg.precision) for m in modules]
         samples = time_interleaved(fns, warmup=cfg.warmup, rounds=cfg.rounds,
                                    per_round=cfg.per_round)
     return [median_ms(s) for s in samples]

@@ -181,7 +181,7 @@ def _calibrates(recipe: dict[str, Any]) -> bool:
 def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's keys as :func:`compresscnn.surgery.compress` arguments."""
     cal = recipe.get("calibration") or {}
-    opts: dict[str, Any] = {"target": recipe.get("target"), "latency": recipe.get("latency"),
+    opts: dict[str, Any] = {"target": recipe.get("target"), "latency": _latency_cfg(recipe),
                             "allocation": recipe.get("allocation", "spectral"),
                             "seed": int(recipe.get("seed", 0))}
     if cal:
@@ -190,6 +190,17 @@ def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
                     fit_through=cal["fit_through"], refit_dense=cal["refit_dense"],
                     solver=cal["solver"], distill=cal.get("distill"))
     return opts
+
+
+def _latency_cfg(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``latency`` section as planning takes it: a model that will be deployed as a
+    static int8 file (``export.quantize``) has its candidates timed as int8 files on an ONNX
+    runtime."""
+    lat = recipe.get("latency")
+    q = (recipe.get("export") or {}).get("quantize")
+    if lat is None or not q or q["mode"] != "static" or lat.get("runtime") not in FILE_RUNTIMES:
+        return lat
+    return {**lat, "precision": "int8"}
 
 
 def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,

@@ -174,15 +174,50 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
         return path.read_bytes()
 
 
-def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Runner:
+def int8_bytes(model: bytes, x: torch.Tensor) -> bytes:
+    """A static int8 (QDQ, weights per channel, activations uint8) copy of the serialized
+    ONNX ``model``, its activation ranges calibrated on ``x`` alone: for timing only (the
+    kernels an int8 deployment runs; the ranges do not change the speed)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)  # heavy: loaded only when used
+    import logging
+
+    class _One(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = [x.detach().cpu().float().numpy()]
+
+        def get_next(self) -> dict[str, Any] | None:
+            return {"input": self.left.pop()} if self.left else None
+
+    qlog = logging.getLogger()
+    old = qlog.level
+    with tempfile.TemporaryDirectory(prefix="compresscnn-q-") as d:
+        src, dst = Path(d) / "m.onnx", Path(d) / "q.onnx"
+        src.write_bytes(model)
+        qlog.setLevel(max(old, logging.ERROR))
+        try:
+            quantize_static(str(src), str(dst), _One(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8)
+        finally:
+            qlog.setLevel(old)
+        return dst.read_bytes()
+
+
+def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int,
+                  precision: str = "fp32") -> Runner:
     """A runner of ``module`` on ``x`` on ``runtime``: ``"torch"`` on the module's device,
     ``"torch_bf16"`` on the CPU in bf16 autocast (:func:`torch_bf16_runner`),
-    ``"onnxruntime"`` / ``"openvino"`` on a timing export of it (:func:`onnx_bytes`)."""
+    ``"onnxruntime"`` / ``"openvino"`` on a timing export of it (:func:`onnx_bytes`), with
+    ``precision="int8"`` quantized first (:func:`int8_bytes`)."""
     if runtime == "torch":
         return torch_runner(module, x.to(module_device(module) or torch.device("cpu")))
     if runtime == "torch_bf16":
         return torch_bf16_runner(module, x)
-    return file_runner(onnx_bytes(module, x), x, runtime, threads)
+    model = onnx_bytes(module, x)
+    if precision == "int8":
+        model = int8_bytes(model, x)
+    return file_runner(model, x, runtime, threads)
 
 
 def file_runner(model: bytes | str | os.PathLike, x: torch.Tensor, runtime: str,

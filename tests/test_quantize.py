@@ -192,3 +192,26 @@ def test_latency_planning_rounds_ranks_to_the_runtime_multiple():
     p = cc.plan(net, [{"match": "2", "method": "tucker2", "macs": 0.3, "round_to": 1}],
                 (3, 16, 16), objective="latency", latency=LatencyConfig(timer=timer))
     assert any(r % 8 for r in p.replacements[0].rank)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime"] + (["openvino"] if HAS_OPENVINO else []))
+def test_int8_deployments_plan_on_int8_timings(runtime):
+    """A model that will ship as a static int8 file has its candidates timed as int8 files:
+    the timed graphs hold QuantizeLinear/DequantizeLinear pairs."""
+    from compresscnn.latency import LatencyConfig, time_modules
+    from compresscnn.pipeline import _latency_cfg
+    from compresscnn.timing import int8_bytes, onnx_bytes
+
+    x = torch.randn(1, 3, 16, 16)
+    q = onnx.load_from_string(int8_bytes(onnx_bytes(_net(), x), x))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in q.graph.node}
+    cfg = LatencyConfig(runtime=runtime, precision="int8", rounds=1, per_round=1, warmup=0)
+    (ms,) = time_modules([_net()], x, cfg)
+    assert ms > 0
+    with pytest.raises(CompressError, match="latency.precision: 'int4' is not one of"):
+        LatencyConfig(precision="int4")
+    recipe = {"latency": {"runtime": runtime}, "export": {"quantize": {"mode": "static"}}}
+    assert _latency_cfg(recipe)["precision"] == "int8"
+    assert "precision" not in _latency_cfg({**recipe, "export": {"quantize": None}})
+    assert "precision" not in _latency_cfg({"latency": {"runtime": "torch"},
+                                            "export": recipe["export"]})
