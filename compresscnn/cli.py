@@ -170,7 +170,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     kw = dict(threads=args.threads, repeats=args.repeats, weights_for=pairs(args.weights_for, "--weights-for") or None,
               default_weights=args.default_weights, onnx=False if args.no_onnx else None,
               latency=False if args.no_latency else None, quantize=False if args.no_quantize else None,
-              input_size=args.input_size, latency_batches=args.latency_batches)
+              input_size=args.input_size, latency_batches=args.latency_batches,
+              runtimes=args.runtimes)
     log = None if args.quiet else emit
     if args.recipe is not None:
         from compresscnn.runs.compare import load_compare_recipe
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-onnx", action="store_true", help="skip ONNX export (sizes, onnxruntime)")
     c.add_argument("--no-latency", action="store_true", help="skip latency measurements")
     c.add_argument("--no-quantize", action="store_true", help="skip the int8 ONNX file")
+    c.add_argument("--runtimes", nargs="+", default=None, choices=["torch", "onnxruntime", "openvino"],
+                   help="runtimes to time in (default: torch onnxruntime; openvino needs the runtimes extra)")
     _verbosity(c, top=False)
     c.set_defaults(func=_cmd_compare)
     return ap

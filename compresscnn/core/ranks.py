@@ -256,6 +256,20 @@ def _mode_shapes(layer: nn.Module, spectra: Sequence[torch.Tensor]) -> list[tupl
     return [(max(1, s.numel()), max(1, numel // max(1, s.numel()))) for s in spectra]
 
 
+#: the rank multiple of a rule that gives none and is not timed on a runtime
+DEFAULT_ROUND_TO = 8
+
+
+def rule_round_to(rule: dict[str, Any], runtime_round_to: int | None = None) -> int:
+    """The rank multiple of ``rule``: its ``round_to``, else (null or absent) the one the
+    latency runtime its layers are timed on rewards (``runtime_round_to``), else
+    :data:`DEFAULT_ROUND_TO`."""
+    given = rule.get("round_to")
+    if given is not None:
+        return int(given)
+    return int(runtime_round_to or DEFAULT_ROUND_TO)
+
+
 def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
                 in_hw: tuple[int, int] | None, options: dict[str, Any]) -> tuple[Rank, str]:
     """The rank a rule asks for on one layer, and a short description of how it was chosen.
@@ -264,7 +278,7 @@ def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
     the recipe schema); ``round_to`` rounds ranks chosen by a policy (never an explicit int).
     """
     full = dec.max_rank(layer, **options)
-    multiple = int(rule.get("round_to") or 1)
+    multiple = rule_round_to(rule)
     rank = rule.get("rank")
     if rule.get("energy") is not None:
         e = float(rule["energy"])

@@ -29,7 +29,8 @@ from compresscnn.measure.latency import (LatencyConfig, ensure_not_slower, sprea
 from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, input_tensors,
                                       record_inputs, set_module, preserved)
 from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for,
-                                    data_spectra, measured_candidates, select_rank, tail_error)
+                                    data_spectra, measured_candidates, select_rank, tail_error,
+                                    rule_round_to)
 from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
                                 POLICY_KEYS as _RANK_KEYS, SOLVERS)
 from compresscnn.core.rules import rule_options, validate_compress, validate_rules, validate_target
@@ -393,7 +394,7 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
         if not target:
             raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
                               f"global target to choose ranks")
-        round_to = int(rule.get("round_to") or 1)
+        round_to = rule_round_to(rule, lat_cfg.round_to if x is not None else None)
         cands = (candidates_for(dec, info.module, info.in_hw, opts, round_to=round_to,
                                 tokens=info.tokens,
                                 spectra=data_spectra(dec, info.module, *gram))
@@ -405,6 +406,8 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
             cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
             rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
         return rep, BudgetItem(name, cands, weight=weight)
+    if x is not None and rule.get("round_to") is None:
+        rule = {**rule, "round_to": lat_cfg.round_to}
     try:
         r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
     except RankError as e:  # name the rule and the layer, not only the layer's shape
@@ -432,7 +435,7 @@ def _select_mixed(name: str, info: LayerInfo, i: int, rule: dict[str, Any], rep:
     those faster than the dense layer). A global target chooses among them (the row's
     :class:`BudgetItem`); a ``macs``/``params`` policy takes the lowest error within it."""
     o = parse_options(dec, opts)
-    round_to = int(rule.get("round_to") or 1)
+    round_to = rule_round_to(rule, lat_cfg.round_to if x is not None else None)
     cands = [Candidate(None, rep.params_before, rep.macs_before, 0.0)]
     for m in dec.members(info.module, **opts):
         mine = measured_candidates(m, info.module, info.in_hw, {}, round_to=round_to,
