@@ -191,7 +191,9 @@ def table(data: dict[str, Any]) -> str:
                      f"{r['ratio']:.3f} | {s.get('compress', 0):.1f} | "
                      f"{s.get('export', 0):.1f} | {exporter} | {diffs} |")
         else:
-            why = r.get("why", "").replace("|", "\\|")
+            why = r.get("why", "")
+            why = (why[:157] + "...") if len(why) > 160 else why
+            why = why.replace("|", "\\|")
             taken = f"{r['taken']}/{r['matched']}" if "taken" in r else "—"
             ratio = f"{r['ratio']:.3f}" if "ratio" in r else "—"
             comp = f"{s['compress']:.1f}" if "compress" in s else "—"
