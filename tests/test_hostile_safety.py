@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import struct
 import sys
@@ -366,8 +365,8 @@ def test_real_sigterm_to_a_run_process(tmp_path):
     r["finetune"].update(max_steps=2000, checkpoint_every=1)
     recipe = write_recipe(tmp_path / "r.yaml", r)
     ck = tmp_path / "out.partial" / "checkpoints" / "last.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "compresscnn", *run_args(recipe, tmp_path / "out")],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+    cmd = [sys.executable, "-m", "compresscnn", *run_args(recipe, tmp_path / "out")]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
