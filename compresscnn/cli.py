@@ -318,7 +318,12 @@ def _say_error(line: str) -> None:
     """The command's last line, on stderr; when stderr itself cannot be written (a full
     device, a closed pipe) the exit code alone says how it ended."""
     with contextlib.suppress(OSError, ValueError):
-        print(line, file=sys.stderr, flush=True)
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except UnicodeEncodeError:  # a path with bytes that are not text (non-UTF-8 names)
+            enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+            print(line.encode(enc, "backslashreplace").decode(enc), file=sys.stderr,
+                  flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -463,7 +463,8 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     ONNX files go in ``workdir``. Before anything is measured, no input (an entry's run
     folder, recipe or weights, a data root, or one of ``reads``) may lie inside ``workdir``
     or be one of ``out_files`` (the files the caller will write), and neither may lie inside
-    an input folder (:func:`compresscnn.runs.rundir.check_inputs_outside`). ``onnx=False`` / ``latency=False`` skip the slow parts
+    an input folder (:func:`compresscnn.runs.rundir.check_inputs_outside`). ``onnx=False`` /
+    ``latency=False`` skip the slow parts
     (``quantize=False`` only the int8 file).
     A run directory that made an int8 file (``export.quantize``) brings it, with its measured
     top-1 (``int8_top1``, ``int8_agreement``). ``runtimes``: with ``"openvino"`` the fp32 file

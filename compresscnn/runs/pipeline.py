@@ -17,12 +17,16 @@ Run directory::
     model.onnx                           the ONNX export, checked in onnxruntime
     model.int8.onnx                      with ``export.quantize``: its int8 copy, checked
                                          against it on the calibration images
-    checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log
+    checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log; each
+                                         checkpoint's sha256 beside it (last.pt.sha256),
+                                         checked before --resume reads it
     checkpoints/switch.json              with ``train.switch``: the stable ranks and the switch;
     checkpoints/factorized/last.pt       checkpoints/last.pt and train_log_dense.csv are then
                                          the dense phase's, these the factorized phase's
     .compresscnn-run                     marker: the run's id and the recipe keys --resume
-                                         must match (compresscnn.runs.rundir)
+                                         must match (compresscnn.runs.rundir); the manifest: the
+                                         sha256 of recipe.yaml, model.safetensors, model.onnx
+                                         and its own, checked by load_compressed
     tb/                                  TensorBoard scalars (only with the ``tensorboard``
                                          package and ``COMPRESSCNN_TENSORBOARD=1``)
 

@@ -61,10 +61,21 @@ def emit(line: str) -> None:
         if _STDERR_BROKEN[0]:
             return
         try:
-            sys.stderr.write(line + "\n")
+            sys.stderr.write(_printable(line, sys.stderr) + "\n")
             sys.stderr.flush()
         except (OSError, ValueError):
             _STDERR_BROKEN[0] = True
+
+
+def _printable(text: str, stream: Any) -> str:
+    """``text`` as ``stream`` can encode it: bytes of a non-UTF-8 file name (held as lone
+    surrogates) are shown as ``\\udcff`` escapes instead of failing the write."""
+    enc = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(enc)
+        return text
+    except (UnicodeEncodeError, LookupError):
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def result(text: str) -> None:
@@ -72,7 +83,7 @@ def result(text: str) -> None:
     written is a :class:`StreamError` naming stdout and the system's reason, so that it is
     never taken for a full disk under the run's folder."""
     try:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(_printable(text, sys.stdout) + "\n")
         sys.stdout.flush()
     except (OSError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
