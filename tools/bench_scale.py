@@ -125,6 +125,13 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.threads)), flush=True)
         return
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": commit_of(ROOT), "baseline_commit": commit_of(args.baseline)
+            if args.baseline else None, "threads": args.threads,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "baseline_limit_seconds": args.baseline_limit, "note": args.note,
+            "command": " ".join(["python", "tools/bench_scale.py", *sys.argv[1:]])}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in args.cases:
         row = {"case": case, "goal_seconds": GOALS[case], "load_before": os.getloadavg()[0]}
@@ -137,15 +144,8 @@ def main() -> None:
         brief = {k: (v.get("seconds"), v.get("mean_rel_error")) if isinstance(v, dict) else v
                  for k, v in row.items()}
         print(brief, flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "commit": commit_of(ROOT), "baseline_commit": commit_of(args.baseline)
-            if args.baseline else None, "threads": args.threads,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "baseline_limit_seconds": args.baseline_limit, "note": args.note,
-            "command": " ".join(["python", "tools/bench_scale.py", *sys.argv[1:]])}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-
+        # after every case, so a long run stopped part-way keeps what it measured
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()
