@@ -84,7 +84,7 @@ def test_method_options_are_checked_by_the_decomposers_model(tmp_path):
     with pytest.raises(MethodError, match=r"^tucker2 option hoi: unknown key \(did you mean "
                                           r"'hooi'\?\)$"):
         decompose(layer, "tucker2", 2, hoi=2)
-    assert get_decomposer("cp").Options().iters == 100
+    assert get_decomposer("cp").Options().iters == 50
 
 
 # --------------------------------------------------------------------------- python API
