@@ -756,7 +756,7 @@ def test_compress_leaves_the_callers_model_as_it_was():
                 {n: (list(x._forward_hooks), list(x._forward_pre_hooks))
                  for n, x in m.named_modules()})
     before = state()
-    cal = [torch.randn(4, 1, 28, 28) for _ in range(2)]
+    cal = [torch.randn(2, 1, 28, 28)]
     cc.compress(m, [{"match": ["conv2", "conv3"], "method": "tucker2", "rank": 0.5}],
                 (1, 28, 28), calibration=cal, bn_recalibrate=True,
                 distill={"epochs": 1, "holdout": 0})

@@ -147,5 +147,6 @@ def main() -> None:
         # after every case, so a long run stopped part-way keeps what it measured
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
+
 if __name__ == "__main__":
     main()

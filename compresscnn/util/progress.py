@@ -49,22 +49,24 @@ def _touch() -> None:
     _LAST[0] = time.monotonic()
 
 
-_STDERR_BROKEN = [False]
+_STDERR_BROKEN: list[Any] = [None]  # the stderr stream that could not be written, if any
 
 
 def emit(line: str) -> None:
     """Write one whole line to stderr (also from the heartbeat thread) and note the time.
     A stderr that cannot be written (a full device, a closed pipe) is not the run's failure:
-    its progress lines are dropped from then on, and the exit code still says how it ended."""
+    its progress lines are dropped while it stays the process's stderr, and the exit code still
+    says how it ended."""
     with _LOCK:
         _touch()
-        if _STDERR_BROKEN[0]:
+        stream = sys.stderr
+        if stream is _STDERR_BROKEN[0]:
             return
         try:
-            sys.stderr.write(_printable(line, sys.stderr) + "\n")
-            sys.stderr.flush()
+            stream.write(_printable(line, stream) + "\n")
+            stream.flush()
         except (OSError, ValueError):
-            _STDERR_BROKEN[0] = True
+            _STDERR_BROKEN[0] = stream
 
 
 def _printable(text: str, stream: Any) -> str:
