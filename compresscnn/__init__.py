@@ -40,6 +40,7 @@ _EXPORTS = {
     "evaluate": "compresscnn.measure.evaluation",
     "finetune": "compresscnn.train.loop",
     "export_onnx": "compresscnn.io.export",
+    "quantize_onnx": "compresscnn.io.export",
     "CompressError": "compresscnn.errors",
 }
 

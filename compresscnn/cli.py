@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from compresscnn import __version__
-from compresscnn.errors import CompressError
+from compresscnn.errors import CompressError, ModelError
 
 # torch and the modules of each subcommand are imported inside the function that runs the
 # subcommand (they take seconds to load), so that --help and usage errors answer at once
@@ -94,11 +94,19 @@ def _init_distributed(device: str) -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from compresscnn.recipe import load_recipe
+    from compresscnn.io.zoos import check_spec
+
+    # the recipe and its model name are checked before torch is loaded (seconds)
+    recipe = load_recipe(args.recipe, args.set or [])
+    try:
+        check_spec(recipe["model"]["spec"])
+    except ModelError as e:
+        raise ModelError(f"{args.recipe}: model.spec: {e}") from None
+
     from compresscnn.runs.pipeline import run
-    from compresscnn.recipe.schema import load_recipe
     from compresscnn.util.common import is_dist
 
-    recipe = load_recipe(args.recipe, args.set or [])
     owned = not args.dry_run and _init_distributed(recipe["finetune"]["device"])
     try:
         run(recipe, out=args.out, dry_run=args.dry_run, resume=args.resume,
@@ -131,6 +139,9 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from compresscnn.io.zoos import check_spec
+
+    check_spec(args.model)  # before torch is loaded
     from compresscnn.measure.inspection import inspect_model
     from compresscnn.util.progress import result
 
@@ -159,7 +170,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     kw = dict(threads=args.threads, repeats=args.repeats, weights_for=pairs(args.weights_for, "--weights-for") or None,
               default_weights=args.default_weights, onnx=False if args.no_onnx else None,
               latency=False if args.no_latency else None, quantize=False if args.no_quantize else None,
-              input_size=args.input_size, latency_batches=args.latency_batches)
+              input_size=args.input_size, latency_batches=args.latency_batches,
+              runtimes=args.runtimes)
     log = None if args.quiet else emit
     if args.recipe is not None:
         from compresscnn.runs.compare import load_compare_recipe
@@ -231,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(r, top=False)
     r.set_defaults(func=_cmd_run)
 
-    i = sub.add_parser("inspect", help="per-layer table to help write a recipe")
+    i = sub.add_parser("inspect", help="per-layer table, what fits the model and a "
+                                       "recommended rule set, to help write a recipe")
     i.add_argument("model", help="model spec, e.g. torchvision:resnet18 or cifar:resnet20")
     i.add_argument("--weights", default=None)
     i.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
@@ -256,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-onnx", action="store_true", help="skip ONNX export (sizes, onnxruntime)")
     c.add_argument("--no-latency", action="store_true", help="skip latency measurements")
     c.add_argument("--no-quantize", action="store_true", help="skip the int8 ONNX file")
+    c.add_argument("--runtimes", nargs="+", default=None, choices=["torch", "onnxruntime", "openvino"],
+                   help="runtimes to time in (default: torch onnxruntime; openvino needs the runtimes extra)")
     _verbosity(c, top=False)
     c.set_defaults(func=_cmd_compare)
     return ap
@@ -303,7 +318,12 @@ def _say_error(line: str) -> None:
     """The command's last line, on stderr; when stderr itself cannot be written (a full
     device, a closed pipe) the exit code alone says how it ended."""
     with contextlib.suppress(OSError, ValueError):
-        print(line, file=sys.stderr, flush=True)
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except UnicodeEncodeError:  # a path with bytes that are not text (non-UTF-8 names)
+            enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+            print(line.encode(enc, "backslashreplace").decode(enc), file=sys.stderr,
+                  flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -586,8 +586,11 @@ class RuleBase(Closed):
     macs: Nullable(FRACTION) = doc("Fraction of this layer's MACs to keep.", None)
     params: Nullable(FRACTION) = doc(
         "Fraction of this layer's parameters to keep (same as a float `rank`).", None)
-    round_to: Int(1) = doc("Round ranks to multiples of this where it costs little "
-                           "(hardware-friendly channel counts); 1 turns rounding off.", 8)
+    round_to: Nullable(Int(1)) = doc(
+        "Round ranks to multiples of this where it costs little (hardware-friendly channel "
+        "counts); 1 turns rounding off. null: the multiple the `latency` section's runtime "
+        "rewards for layers timed there (`objective: latency`), else 8.", None,
+        default_doc="null (8)")
     objective: Nullable(Enum("macs", "latency")) = doc(
         "`latency`: time this rule's layers and candidate ranks on the `latency` section's "
         "runtime and keep only decompositions measurably faster than the dense layer (a layer "
@@ -892,9 +895,11 @@ class Latency(Closed):
     """How latency-aware planning (`objective: latency` rules, a `latency` target) times
     layers, and the runtime the result must not be slower on."""
 
-    runtime: Enum("onnxruntime", "torch", "torch_bf16") = doc(
-        "Runtime to plan for: onnxruntime CPU, PyTorch eager, or PyTorch CPU inference in "
-        "bf16 autocast with channels_last (for CPUs that compute bf16 natively).",
+    runtime: Enum("onnxruntime", "openvino", "torch", "torch_bf16") = doc(
+        "Runtime to plan for: onnxruntime CPU, OpenVINO CPU (float32; the `runtimes` extra: "
+        "`pip install 'compresscnn[runtimes]'`), PyTorch eager, or PyTorch CPU inference in "
+        "bf16 autocast with channels_last (for CPUs that compute bf16 natively). Rules that "
+        "give no `round_to` round ranks to the channel multiple this runtime rewards (8).",
         "onnxruntime")
     threads: Int(1) = doc("Intra-op threads while timing.", 1)
     batch: Int(1) = doc("Batch size the model will serve.", 1)
@@ -1023,6 +1028,29 @@ class Evaluate(Closed):
     max_batches: Nullable(Int(1)) = doc("Evaluate on at most this many batches.", None)
 
 
+class Quantize(Closed):
+    """An int8 copy of the exported file (`model.int8.onnx`, onnxruntime.quantization), scored
+    like the fp32 one: its top-1 and agreement with the original model, its size and its
+    latency in each of `report.runtimes` go into the report beside the fp32 file's. Before
+    that it is compared with its fp32 source on the calibration images, and the run fails
+    when they differ by more than `max_rel_error`. Calibration images come from the
+    `data.calibration` source (by default the `train` one), never from the images accuracy
+    is measured on (refused, whatever `data.allow_eval_overlap` says). null or absent: off."""
+
+    mode: Enum("static", "dynamic") = doc(
+        "`static`: QDQ format, weights int8 (per output channel with `per_channel`), "
+        "activations uint8 with ranges calibrated (min-max) on the calibration images: what "
+        "CPUs run as int8 convolutions (onnxruntime, OpenVINO). `dynamic`: weights int8, "
+        "activations quantized at run time (no ranges to calibrate; fits Linear-heavy models; "
+        "onnxruntime only).", "static")
+    per_channel: Bool = doc("One weight scale per output channel (else per tensor).", True)
+    batches: Int(1) = doc("Calibration batches (from `data.calibration`).", 8)
+    batch_size: Int(1) = doc("Calibration batch size.", 32)
+    max_rel_error: Float(0.0, lo_open=True) = doc(
+        "Largest allowed ||int8 - fp32|| / ||fp32|| of the outputs of the two files on the "
+        "calibration images; beyond it the run fails (nothing is written).", 0.35)
+
+
 class Export(Closed):
     """ONNX export of the compressed model."""
 
@@ -1038,12 +1066,19 @@ class Export(Closed):
         "PyTorch; each must agree within `atol`, and each one's max abs difference goes into "
         "the report. onnxruntime always runs; `openvino` and `opencv` (OpenCV DNN) need the "
         "`runtimes` extra (`pip install 'compresscnn[runtimes]'`).", ["onnxruntime"])
+    quantize: Optional[Quantize] = doc(Quantize.__doc__, None)
 
 
 class Report(Closed):
     """report.json / report.md / plots."""
 
-    latency: Bool = doc("Measure latency (PyTorch and onnxruntime).", True)
+    latency: Bool = doc("Measure latency in each of `runtimes`.", True)
+    runtimes: ListOf(Enum("torch", "onnxruntime", "openvino"), min_len=1) = doc(
+        "Runtimes to time the original and compressed models in (fp32 and, with "
+        "`export.quantize`, int8), all models of one runtime and batch timed against each "
+        "other, interleaved: PyTorch eager, and the ONNX files in onnxruntime and OpenVINO "
+        "(CPU; `openvino` needs the `runtimes` extra: `pip install 'compresscnn[runtimes]'`).",
+        ["torch", "onnxruntime"])
     latency_batch: ListOf(Int(1), min_len=1) = doc("Batch sizes to time.", [1, 8])
     threads: Int(1) = doc("CPU threads while timing.", 1)
     plots: Bool = doc("Write plots (matplotlib).", True)

@@ -156,3 +156,38 @@ def test_run_accuracy_of_a_training_run_is_its_trained_top1():
     rep = {"compressed": {"top1": 63.12}, "finetuned": {"top1": 63.03}}
     assert _run_accuracy(rep)["stage"] == "finetuned"
     assert _run_accuracy({"compressed": {"top1": None}}) is None
+
+
+def test_a_run_brings_its_int8_file_and_accuracy(tmp_path: Path, run_dir: Path) -> None:
+    """A run made with export.quantize: its own (static, calibrated) int8 file is compared,
+    with the top-1 its report measured, beside the fp32 file, in each runtime asked for."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    from compresscnn.io.export import export_onnx, quantize_onnx
+    from compresscnn.runs.pipeline import load_compressed
+
+    run = tmp_path / "tiny_alex_int8"
+    shutil.copytree(run_dir, run)
+    fp32 = tmp_path / "m.onnx"
+    export_onnx(load_compressed(run), fp32, (3, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    q = quantize_onnx(fp32, run / "model.int8.onnx",
+                      [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)])
+    rep = json.loads((run / "report.json").read_text())
+    rep["int8"] = {**q, "path": "model.int8.onnx", "top1": 41.0, "agreement": 97.0}
+    (run / "report.json").write_text(json.dumps(rep))
+    ov = importlib.util.find_spec("openvino") is not None
+    rows = compare([str(run)], input_size=(3, 32, 32), latency_batches=(1,), threads=1,
+                   repeats=2, warmup=1, workdir=tmp_path / "onnx",
+                   runtimes=("torch", "onnxruntime") + (("openvino",) if ov else ()))
+    (r,) = rows
+    assert r["onnx_int8_bytes"] == q["bytes"] and "static int8" in r["int8_method"]
+    assert (r["int8_top1"], r["int8_agreement"]) == (41.0, 97.0)
+    assert {"ort_b1", "ort_int8_b1"} <= set(r["latency_ms"])
+    if ov:
+        assert {"ov_b1", "ov_int8_b1"} <= set(r["latency_ms"])
+    md = write_compare(rows, tmp_path / "out")["markdown"].read_text()
+    assert "int8 top-1 %" in md and "| 41.00 |" in md and "export.quantize" in md

@@ -18,9 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import compresscnn.core.decomposers as D
 import compresscnn.core.ranks as RK
-from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers import base
+from compresscnn.core.decomposers import _numerics as num, base
 from compresscnn.core.decomposers.fire import FireModule
+from compresscnn.core import method_options
 from compresscnn.config import MethodOptions
 from compresscnn.errors import MethodError, RankError
 
@@ -477,6 +477,7 @@ def test_duplicate_registration_raises():
             D.register_decomposer("_test_tmp")(Tmp)
     finally:
         base._REGISTRY.pop("_test_tmp", None)
+        method_options.forget("_test_tmp")
 
 
 def test_options_validated():
@@ -726,10 +727,94 @@ def test_cp_layer_has_no_dead_terms_where_the_ridge_kills_them():
                               revive=0)
     norms0 = num.cp_term_norms(plain)
     assert int((norms0 < num.DEAD_TERM * norms0.max()).sum()) >= 5
-    seq = dec.decompose(conv, (24,), ridge=1e-2)
-    norms = num.cp_term_norms([seq[3].weight.detach().reshape(16, -1),
-                               seq[0].weight.detach().reshape(24, -1).mT,
-                               seq[1].weight.detach().reshape(24, 3).mT,
-                               seq[2].weight.detach().reshape(24, 3).mT])
-    assert bool((norms > num.DEAD_TERM * norms.max()).all())
-    assert seq.fit_info["revived"] > 0 and seq.fit_info["rel_error"] < info0["rel_error"] - 0.05
+    for extrapolate in (False, True):  # plain sweeps as above; then the default, accelerated
+        seq = dec.decompose(conv, (24,), ridge=1e-2, iters=100, extrapolate=extrapolate)
+        norms = num.cp_term_norms([seq[3].weight.detach().reshape(16, -1),
+                                   seq[0].weight.detach().reshape(24, -1).mT,
+                                   seq[1].weight.detach().reshape(24, 3).mT,
+                                   seq[2].weight.detach().reshape(24, 3).mT])
+        assert bool((norms > num.DEAD_TERM * norms.max()).all())
+        assert seq.fit_info["rel_error"] < info0["rel_error"] - 0.05
+        assert extrapolate or seq.fit_info["revived"] > 0
+
+
+def test_cp_als_extrapolation_reaches_a_lower_error_in_fewer_sweeps():
+    """Bro's line search: 50 accelerated sweeps end below 100 plain ones on a random 3x3
+    conv, and bfloat16 products (float32 sweeps) land on the same error to 1e-3."""
+    torch.manual_seed(0)
+    w = nn.Conv2d(32, 32, 3).weight.detach().double()
+    init = D.get_decomposer("cp")._hosvd_init(w, 48, 0)
+    _, plain = num.cp_als(w, init, iters=100, tol=0.0, ridge=1e-4)
+    _, fast = num.cp_als(w, init, iters=50, tol=0.0, ridge=1e-4, extrapolate=True)
+    assert fast["iters"] == 50 and fast["rel_error"] < plain["rel_error"]
+    _, low = num.cp_als(w.float(), [f.float() for f in init], iters=50, tol=0.0, ridge=1e-4,
+                        extrapolate=True, products=torch.bfloat16)
+    assert abs(low["rel_error"] - fast["rel_error"]) < 1e-3
+
+
+def test_gram_svd_is_the_truncated_svd_of_a_wide_and_a_tall_matrix():
+    """The smaller Gram matrix's eigenvectors give the same truncation error as the exact
+    SVD (to rounding), with the error returned beside the factors, for either orientation;
+    the large-layer path of the SVD method goes through it."""
+    torch.manual_seed(0)
+    for shape in ((60, 300), (300, 60)):
+        a = torch.randn(*shape, dtype=torch.float64) @ torch.diag(
+            torch.linspace(1, 3, shape[1], dtype=torch.float64))
+        u, s, vh, rel = num.gram_svd(a, 20)
+        eu, es, evh = num.truncated_svd(a, 20)
+        exact = float((a - (eu * es) @ evh).norm() / a.norm())
+        assert u.shape == eu.shape and s.shape == es.shape and vh.shape == evh.shape
+        assert float((a - (u * s) @ vh).norm() / a.norm()) == pytest.approx(exact, rel=1e-9)
+        assert rel == pytest.approx(exact, rel=1e-6)
+        assert torch.allclose(s, es, rtol=1e-9)
+    layer = nn.Linear(1100, 1040, dtype=torch.float64)
+    mod = RK.decompose(layer, "svd", 40)
+    s = torch.linalg.svdvals(layer.weight.detach())
+    exact = float(s[40:].square().sum().sqrt() / s.square().sum().sqrt())
+    assert mod.fit_info["rel_error"] == pytest.approx(exact, rel=1e-6)
+    with torch.no_grad():  # and the factors are the ones the error was measured on
+        got = mod[1].weight @ mod[0].weight
+    assert float((layer.weight.detach() - got).norm() / layer.weight.norm()) == pytest.approx(
+        exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("method,layer", [
+    ("tucker2", nn.Conv2d(12, 20, 3)), ("tucker2", nn.Conv2d(16, 8, 3, groups=4)),
+    ("tucker2", nn.Conv2d(40, 6, 1)), ("spatial", nn.Conv2d(8, 12, 3, groups=2)),
+    ("svd", nn.Linear(30, 20)), ("svd", nn.Conv2d(30, 20, 1))])
+def test_errors_without_decomposing_are_the_errors_decompose_measures(method, layer):
+    """``errors`` (what ``auto`` plans with) tells every rank's weight error from the
+    spectra alone, and it is the error the decomposition then measures."""
+    torch.manual_seed(0)
+    dec = D.get_decomposer(method)
+    full = dec.max_rank(layer)
+    ranks = sorted({dec.scale_rank(layer, t) for t in (0.1, 0.3, 0.5, 0.8, 1.0)})
+    ranks += [full[:1] + (1,) * (len(full) - 1)] if len(full) > 1 else []
+    got = dec.errors(layer, ranks)
+    for r, e in zip(ranks, got):
+        want = dec.decompose(layer, r).fit_info["rel_error"]
+        assert e == pytest.approx(want, rel=1e-6, abs=1e-9), r
+    assert dec.errors(layer, [full])[0] < 1e-6
+    if method == "tucker2":
+        assert dec.errors(layer, ranks, hooi=2) is None  # HOOI: only decomposing tells
+
+
+def test_cp_errors_are_measured_on_small_layers_and_estimated_from_a_few_sweeps_on_large(
+        monkeypatch):
+    """Small: None (``auto`` decomposes and measures). Large (the threshold lowered here):
+    an estimate from the first sweeps of the same ALS, which the full fit only improves
+    on, and never above the per-tap construction's error."""
+    from compresscnn.core.decomposers import cp as CPM
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 12, 3)
+    dec = D.get_decomposer("cp")
+    assert dec.errors(conv, [(20,), (40,)]) is None
+    monkeypatch.setattr(CPM, "EXACT_BELOW", 0)
+    ranks = [(10,), (30,), (60,), (dec.max_rank(conv)[0],)]
+    est = dec.errors(conv, ranks)
+    sv = torch.linalg.svdvals(conv.weight.detach().double().permute(2, 3, 0, 1)).reshape(-1)
+    taps = base.tail_errors(torch.sort(sv, descending=True).values, [r[0] for r in ranks])
+    for r, e, tap in zip(ranks, est, taps):
+        assert e <= tap + 1e-12
+        assert dec.decompose(conv, r).fit_info["rel_error"] <= e + 1e-9
+    assert est[-1] == 0.0 and est[0] > est[1] > est[2]

@@ -939,7 +939,7 @@ def _no_free_space():
 @case("disk_full_checkpoint", needs_data=True)
 def _(t):
     patches = contextlib.ExitStack()
-    patches.enter_context(mock.patch("compresscnn.util.common.torch.save", _full_torch_save))
+    patches.enter_context(mock.patch("torch.save", _full_torch_save))
     patches.enter_context(_no_free_space())
     return [], train_recipe(), ["no space left on", "out.partial/checkpoints",
                                 "last.pt"], patches

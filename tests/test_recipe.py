@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 from compresscnn import config as C
-from compresscnn.recipe import schema as R
 from compresscnn.core import rules as rules_mod
 from compresscnn.core.decomposers import base
-from compresscnn.core.decomposers.auto import Auto  # the real chooser: only its options matter here
+from compresscnn.core.decomposers.auto import Auto
+from compresscnn.core import method_options
+from compresscnn.recipe import schema as R
 from compresscnn.errors import CompressError, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def fake_registry(monkeypatch):
         d.name = name
         reg[name] = d
     monkeypatch.setattr(base, "_REGISTRY", reg)
-    monkeypatch.setattr(rules_mod, "_ensure_registry", lambda: None)
+    monkeypatch.setattr(method_options, "_METHODS", reg)  # what recipes validate with
     return reg
 
 
@@ -149,7 +150,7 @@ BAD = [
     ("unknown-rule-key", RULE_HEAD + "  - {match: '*', method: tucker2, rnak: 4}\n",
      "rules[0].rnak", "unknown key (did you mean 'rank'?)"),
     ("unknown-key-no-suggestion", GOOD + "export: {zzz: 1}\n", "export.zzz",
-     "unknown key (known keys: onnx, opset, dynamic_batch, atol, verify)"),
+     "unknown key (known keys: onnx, opset, dynamic_batch, atol, verify, quantize)"),
     ("non-string-key", GOOD + "report: {1: 2}\n", "report", "keys must be strings"),
     ("missing-model", "rules: [{match: '*', method: svd, rank: 1}]\n", "model",
      "required section missing (it needs 'spec')"),
@@ -384,7 +385,7 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert r["calibration"] is None and r["target"] is None
     assert r["rules"] == [{"match": ["layer*.*.conv2"], "exclude": [], "method": "tucker2",
                            "rank": 0.5, "energy": None, "macs": None, "params": None,
-                           "round_to": 8, "objective": None}]
+                           "round_to": None, "objective": None}]
     assert r["latency"] == {"runtime": "onnxruntime", "threads": 1, "batch": 1, "rounds": 5,
                             "margin": 0.03, "max_candidates": 8}
     ft = r["finetune"]
@@ -392,9 +393,9 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert ft["distill"] == {"enabled": True, "temperature": 4.0, "alpha": 0.9}
     assert r["evaluate"] == {"baseline": True, "zero_shot": True, "max_batches": None}
     assert r["export"] == {"onnx": True, "opset": 18, "dynamic_batch": True, "atol": 1e-3,
-                           "verify": ["onnxruntime"]}
-    assert r["report"] == {"latency": True, "latency_batch": [1, 8], "threads": 1,
-                           "plots": True}
+                           "verify": ["onnxruntime"], "quantize": None}
+    assert r["report"] == {"latency": True, "runtimes": ["torch", "onnxruntime"],
+                           "latency_batch": [1, 8], "threads": 1, "plots": True}
     assert list(r) == list(R.TOP_KEYS)
 
 

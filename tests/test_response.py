@@ -229,3 +229,24 @@ def test_drawn_rows_are_the_unfolded_ones(layer):
     # and the layer is a linear map of them
     w = layer.weight.reshape(g, co, d)
     torch.testing.assert_close(rows @ w.mT + layer.bias.reshape(g, 1, co), outs)
+
+
+def test_the_joint_refinement_is_budgeted_by_the_layers_size_not_the_images(monkeypatch):
+    """Each L-BFGS evaluation multiplies the kernel by the d' x d' Gram matrix: a layer
+    whose ``LBFGS_MAX`` evaluations would cost more than ``LBFGS_WORK`` gets fewer
+    iterations (whole blocks, at least one), and the fit still never ends worse."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    chain = R._Chain.of(decompose(conv, "tucker2", (4, 4)), conv)
+    per = chain.g * chain.co * (chain.d + 1) ** 2
+    assert R._budget(chain) == R.LBFGS_MAX
+    monkeypatch.setattr(R, "LBFGS_WORK", 25 * per)
+    assert R._budget(chain) == 20
+    monkeypatch.setattr(R, "LBFGS_WORK", 1.0)
+    assert R._budget(chain) == R.LBFGS_BLOCK
+    mod = decompose(conv, "tucker2", (4, 4))
+    xs = [torch.randn(4, 8, 8, 8) for _ in range(2)]
+    ys = [conv(x).detach() for x in xs]
+    out = fit_layer(mod, xs, ys, Tail([(0.0, math.inf)]), reference=conv)
+    assert out["solver"] == "closed_form" and out["after"] < out["before"]
+    assert out["iters"] <= R.LBFGS_BLOCK + R.MAX_ROUNDS

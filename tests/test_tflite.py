@@ -158,7 +158,8 @@ def test_tiny_file_matches_tf_semantics(tmp_path: Path, size: int) -> None:
     q = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     want = _tf_forward(q, f)[:, 1:]
     x = torch.from_numpy(q).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         got = model((x - mean) / std).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -197,7 +198,8 @@ def test_read_tflite_layers(tmp_path: Path) -> None:
     assert [t.kind for t in g.layers] == ["conv", "depthwise", "conv", "conv", "fully_connected"]
     assert [t.activation for t in g.layers] == ["relu6", "relu6", "none", "none", "none"]
     assert g.layers[0].stride == (2, 2) and g.layers[0].padding == "SAME"
-    assert g.ops["ADD"] == 1 and g.num_outputs == 5 and g.input_quant == pytest.approx((1 / 128, 128))
+    assert g.ops["ADD"] == 1 and g.num_outputs == 5
+    assert g.input_quant == pytest.approx((1 / 128, 128))
     # OHWI -> OIHW, 1HWC -> C1HW, per-channel scales along the last axis
     np.testing.assert_allclose(g.layers[0].weight.numpy(), f["w0"].transpose(0, 3, 1, 2), rtol=1e-6)
     np.testing.assert_allclose(g.layers[1].weight.numpy(), f["w1"].transpose(3, 0, 1, 2), rtol=1e-6)
@@ -257,7 +259,8 @@ def test_foreign_network_refused(tmp_path: Path) -> None:
         load_tflite(model, p, spec="Tiny3x3")
     msg = _one_line_error(exc, p)
     assert "does not match Tiny3x3" in msg and "res.0" in msg
-    with pytest.raises(CheckpointError, match="5 convolution/fully connected layers in the file, 6"):
+    with pytest.raises(CheckpointError,
+                       match="5 convolution/fully connected layers in the file, 6"):
         load_tflite(nn.Sequential(Tiny(), nn.Linear(4, 4)), p)
 
 
@@ -300,7 +303,8 @@ def mnv2(shared_data: Path) -> nn.Module:
 def test_mobilenet_v2_layout(mnv2: nn.Module, shared_data: Path) -> None:
     cfg = mnv2.pretrained_cfg
     assert cfg["num_classes"] == 1000 and cfg["input_size"] == (3, 224, 224)
-    assert cfg["mean"] == pytest.approx((128 / 255,) * 3) and cfg["std"] == pytest.approx((128 / 255,) * 3)
+    assert cfg["mean"] == pytest.approx((128 / 255,) * 3)
+    assert cfg["std"] == pytest.approx((128 / 255,) * 3)
     assert cfg["weights"] == str(shared_data / MNV2)
     # every stride-2 conv, and only those, padded TF's way
     assert cfg["tflite"]["padded"] == ["features.0.0", "features.2.conv.1.0", "features.4.conv.1.0",

@@ -224,11 +224,13 @@ JOBS: dict[str, tuple[str, list[str]]] = {
         "rules.0.method=cp", "calibration.batches=31",
         "calibration.distill={epochs: 12, lr: 1.0e-4, mix: mixup}"]),
     # MobileNetV2 1.0 from the shared TFLite file: SVD on the 1x1 convs, ranks from the
-    # spectra of their outputs (data_spectral) or of their weights (energy), 1.2x and 1.5x
-    "mobilenet_v2_svd_1.2x": (MNV2, []),
-    "mobilenet_v2_svd_1.5x": (MNV2, ["target.macs=0.667"]),
-    "mobilenet_v2_svd_1.2x_energy": (MNV2, ["allocation=energy"]),
-    "mobilenet_v2_svd_1.5x_energy": (MNV2, ["allocation=energy", "target.macs=0.667"]),
+    # spectra of their weights (energy, the recipe) or of their outputs (data_spectral)
+    "mobilenet_v2_svd_1.2x_energy": (MNV2, []),
+    "mobilenet_v2_svd_1.5x_energy": (MNV2, ["target.macs=0.667"]),
+    "mobilenet_v2_svd_1.2x": (MNV2, ["allocation=data_spectral"]),
+    "mobilenet_v2_svd_1.5x": (MNV2, ["allocation=data_spectral", "target.macs=0.667"]),
+    "mobilenet_v2_svd_late_1.2x": (MNV2, [
+        "allocation=data_spectral", 'rules=[{match: "features.1[2-8].*", method: svd}]']),
     "mobilenet_v2_tucker2_1.2x": (MNV2, ["rules.0.method=tucker2", "allocation=energy"]),
     "mobilenet_v2_tucker2_1.5x": (MNV2, ["rules.0.method=tucker2", "allocation=energy",
                                          "target.macs=0.667"]),

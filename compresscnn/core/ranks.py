@@ -256,6 +256,20 @@ def _mode_shapes(layer: nn.Module, spectra: Sequence[torch.Tensor]) -> list[tupl
     return [(max(1, s.numel()), max(1, numel // max(1, s.numel()))) for s in spectra]
 
 
+#: the rank multiple of a rule that gives none and is not timed on a runtime
+DEFAULT_ROUND_TO = 8
+
+
+def rule_round_to(rule: dict[str, Any], runtime_round_to: int | None = None) -> int:
+    """The rank multiple of ``rule``: its ``round_to``, else (null or absent) the one the
+    latency runtime its layers are timed on rewards (``runtime_round_to``), else
+    :data:`DEFAULT_ROUND_TO`."""
+    given = rule.get("round_to")
+    if given is not None:
+        return int(given)
+    return int(runtime_round_to or DEFAULT_ROUND_TO)
+
+
 def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
                 in_hw: tuple[int, int] | None, options: dict[str, Any]) -> tuple[Rank, str]:
     """The rank a rule asks for on one layer, and a short description of how it was chosen.
@@ -264,7 +278,7 @@ def select_rank(dec: Decomposer, layer: nn.Module, rule: dict[str, Any],
     the recipe schema); ``round_to`` rounds ranks chosen by a policy (never an explicit int).
     """
     full = dec.max_rank(layer, **options)
-    multiple = int(rule.get("round_to") or 1)
+    multiple = rule_round_to(rule)
     rank = rule.get("rank")
     if rule.get("energy") is not None:
         e = float(rule["energy"])
@@ -403,24 +417,36 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
     *decomposed* with ``options`` and its measured relative error kept, tagged with the
     method. No dense candidate (the caller adds one for all methods). With ``probe`` (inputs
     of the layer, e.g. from calibration images) the error kept is :func:`output_error` on
-    them instead of the weight error."""
+    them instead of the weight error. Without, the weight errors come from
+    :meth:`~compresscnn.core.decomposers.base.Decomposer.errors` where the method tells them
+    without decomposing (exactly from the spectra for SVD, spatial and Tucker-2; from a few
+    ALS sweeps for CP on large layers), so only the candidate a plan keeps is decomposed in
+    full, by :func:`compresscnn.core.surgery.apply`."""
     dense_p, dense_m = layer_cost(layer, in_hw)
     full = dec.max_rank(layer, **options)
     if probe is not None:
         with torch.no_grad():
             dense_out = layer(probe).float()
-    seen: set[Rank] = set()
-    out = []
+    seen: dict[Rank, tuple[int, int]] = {}
     for k in range(steps - 1, 0, -1):
         r = round_rank(rank_for_fraction(dec, layer, k / steps, in_hw, key="macs", **options),
                        full, round_to)
         p, m = dec.cost(layer, r, in_hw, **options)
         if r in seen or (p >= dense_p and m >= dense_m):
             continue
-        seen.add(r)
-        new = dec.decompose(layer, r, **options)
-        err = (float(new.fit_info["rel_error"]) if probe is None
-               else output_error(new.eval(), probe, dense_out))
+        seen[r] = (p, m)
+    ranks = list(seen)
+    # weight errors without building the candidates where the method can tell them
+    errors = dec.errors(layer, ranks, **options) if probe is None and ranks else None
+    out = []
+    for j, r in enumerate(ranks):
+        p, m = seen[r]
+        if errors is not None:
+            err = float(errors[j])
+        else:
+            new = dec.decompose(layer, r, **options)
+            err = (float(new.fit_info["rel_error"]) if probe is None
+                   else output_error(new.eval(), probe, dense_out))
         out.append(Candidate(r, p, m * tokens, err, method=dec.name))
     return out
 

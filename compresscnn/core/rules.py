@@ -10,7 +10,6 @@ them, this module knows nothing of recipes.
 
 from __future__ import annotations
 
-import importlib
 from typing import Annotated, Any, Literal, Mapping, Union
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, ValidationInfo
@@ -20,21 +19,17 @@ from pydantic_core import PydanticCustomError
 from compresscnn.config import (ALLOCATIONS, RULE_KEYS, Calibration, Closed, Enum, KeyPath,
                                 MethodOptions, RuleBase, Target, Where, bad, first_error, show,
                                 suggest, unknown_key)
-from compresscnn.core.decomposers import base as _decomposers
+from compresscnn.core.method_options import methods
 from compresscnn.errors import RecipeError
 
 __all__ = ["rule_model", "validate_rules", "validate_target", "validate_compress",
            "rule_options", "CompressArgs"]
 
 
-def _ensure_registry() -> None:
-    """Import the decomposer package so the built-in methods register themselves."""
-    importlib.import_module("compresscnn.core.decomposers")
-
-
-def _registry() -> dict[str, Any]:
-    _ensure_registry()
-    return _decomposers._REGISTRY
+def _registry() -> Mapping[str, Any]:
+    """The methods a rule may name: declared without torch (:mod:`compresscnn.core.method_options`),
+    so that a recipe is checked before torch is loaded."""
+    return methods()
 
 
 def _options(dec: Any) -> type[MethodOptions]:

@@ -29,10 +29,12 @@ from compresscnn.measure.latency import (LatencyConfig, ensure_not_slower, sprea
 from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, input_tensors,
                                       record_inputs, set_module, preserved)
 from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for,
-                                    data_spectra, measured_candidates, select_rank, tail_error)
+                                    data_spectra, measured_candidates, select_rank, tail_error,
+                                    rule_round_to)
 from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
                                 POLICY_KEYS as _RANK_KEYS, SOLVERS)
 from compresscnn.core.rules import rule_options, validate_compress, validate_rules, validate_target
+from compresscnn.util.progress import track
 
 
 @dataclass(frozen=True)
@@ -291,9 +293,9 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
 
     reps: list[Replacement] = []
     items: dict[str, BudgetItem] = {}
-    for name, info in layers.items():
-        if name not in owner:
-            continue
+    for name, info in track([(n, i) for n, i in layers.items() if n in owner], "layer",
+                            label=lambda x: f"{x[0]}, {rules[owner[x[0]]]['method']}",
+                            weight=lambda x: _work(x[1].module)):
         w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
         rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
                             weight=w, lat_cfg=lat_cfg,
@@ -344,6 +346,13 @@ def _input_grams(model: nn.Module, names: Sequence[str], batches: Sequence[torch
     return {n: (g / max(k, 1), k) for n, (g, k) in sums.items()}
 
 
+def _work(layer: nn.Module) -> float:
+    """How the planning work on a layer grows (the products of its unfoldings: the weight's
+    size times its wider channel count), to spread the estimate of the time left."""
+    w = layer.weight
+    return float(w.numel() * max(w.shape[0], w.shape[1]))
+
+
 def _latency_inputs(model: nn.Module, layers: dict[str, LayerInfo], timed: list[str],
                     tkey: str | None, input_size: tuple[int, ...], latency: Any
                     ) -> tuple[LatencyConfig | None, dict[str, torch.Tensor]]:
@@ -385,7 +394,7 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
         if not target:
             raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
                               f"global target to choose ranks")
-        round_to = int(rule.get("round_to") or 1)
+        round_to = rule_round_to(rule, lat_cfg.round_to if x is not None else None)
         cands = (candidates_for(dec, info.module, info.in_hw, opts, round_to=round_to,
                                 tokens=info.tokens,
                                 spectra=data_spectra(dec, info.module, *gram))
@@ -397,6 +406,8 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
             cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
             rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
         return rep, BudgetItem(name, cands, weight=weight)
+    if x is not None and rule.get("round_to") is None:
+        rule = {**rule, "round_to": lat_cfg.round_to}
     try:
         r, how = select_rank(dec, info.module, rule, info.in_hw, opts)
     except RankError as e:  # name the rule and the layer, not only the layer's shape
@@ -424,7 +435,7 @@ def _select_mixed(name: str, info: LayerInfo, i: int, rule: dict[str, Any], rep:
     those faster than the dense layer). A global target chooses among them (the row's
     :class:`BudgetItem`); a ``macs``/``params`` policy takes the lowest error within it."""
     o = parse_options(dec, opts)
-    round_to = int(rule.get("round_to") or 1)
+    round_to = rule_round_to(rule, lat_cfg.round_to if x is not None else None)
     cands = [Candidate(None, rep.params_before, rep.macs_before, 0.0)]
     for m in dec.members(info.module, **opts):
         mine = measured_candidates(m, info.module, info.in_hw, {}, round_to=round_to,
@@ -565,9 +576,9 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     names: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
-    for rep in plan_.replacements:
-        if not rep.applied:
-            continue
+    for rep in track([r for r in plan_.replacements if r.applied], "decompose",
+                     label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",
+                     weight=lambda r: r.params_before):
         layer = get_module(model, rep.name)
         dec = get_decomposer(rep.method)
         check_weights(layer, rep.name)

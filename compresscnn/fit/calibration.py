@@ -29,6 +29,7 @@ from compresscnn.core.ranks import Skip, tail_error
 from compresscnn.config import MIXES
 from compresscnn.fit.response import Tail, fit_layer
 from compresscnn.util.common import lr_factor, resolve_amp
+from compresscnn.util.progress import track
 
 
 @torch.no_grad()
@@ -313,7 +314,7 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
     except Exception:  # noqa: BLE001 - fx cannot trace it: run each layer's prefix
         walker = _PerLayer(original, compressed, batches)
     layers: dict[str, dict[str, Any]] = {}
-    for name in walker.order(names):
+    for name in track(walker.order(names), "fit", label=str):
         xs, ys = walker.collect(name)
         layers[name] = fit_layer(compressed.get_submodule(name), xs, ys,
                                  (tails or {}).get(name),
@@ -347,9 +348,10 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
         ys = [model(x) for x in xs]
         den = sum(float(y.float().square().sum()) for y in ys)
         weights: dict[str, float] = {}
-        for rep in probe.replacements:
-            if rep.skip is not Skip.BUDGET:
-                continue  # refused by its method, or ranked by its own rule
+        # the layers the budget ranks (the others: refused by their method, or ranked by
+        # their own rule)
+        for rep in track([r for r in probe.replacements if r.skip is Skip.BUDGET],
+                         "sensitivity", label=lambda r: r.name):
             layer = get_module(model, rep.name)
             dec, opts = get_decomposer(rep.method), rep.options
             if dec.chooses:  # auto: probe with the first method that takes the layer
@@ -540,7 +542,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     with eval_mode(compressed, original), \
             hooks([(n, get_module(original, n)) for n in names], into(target)), \
             hooks([(n, get_module(compressed, n)) for n in names], into(got)):
-        for _ in range(int(settings.epochs)):
+        for _ in track(range(int(settings.epochs)), "distill epoch"):
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 x, t = batches[i], teacher[i]
                 if live:  # the original's outputs (and layer outputs) on this very input

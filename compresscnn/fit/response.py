@@ -62,6 +62,13 @@ TOL = 1e-3
 MAX_ROUNDS, LBFGS_BLOCK, LBFGS_MAX = 8, 10, 100
 #: L-BFGS iterations of the joint refinement within each non-linear round
 ROUND_LBFGS = 3
+#: multiply-adds with the Gram matrix the joint refinement of one layer may spend
+#: (:func:`_budget`); unbounded by default. What a bound trades: at 2.5e11 (all of
+#: ``LBFGS_MAX`` up to ResNet-18's 256-channel 3x3 convs, 20 iterations on its 512-channel
+#: ones, whose every evaluation multiplies 512 x 4608 x 4608) ``layer4.1.conv1`` (Tucker-2
+#: at half its MACs, 64 random images through BatchNorm and ReLU) ends at 0.491 instead of
+#: 0.442 for a sixth of the refinement's products
+LBFGS_WORK = math.inf
 #: first and largest weight of the coupling term, and its growth per round
 LAM_START, LAM_MAX, LAM_GROWTH = 0.01, 1.0, 2.0
 #: elements of one chunk of unfolded patches (bounds the memory of a pass)
@@ -239,6 +246,8 @@ class _Chain:
         #: an SVD pair: two pointwise maps, solved as one reduced-rank regression
         self.pair = (len(layers) == 2 and all(_pointwise(m) for m in layers)
                      and _pointwise(ref))
+        #: the last layer's operator and normal matrix while they stay valid (_solve_last)
+        self._last: tuple | None = None
 
     @staticmethod
     def of(mod: nn.Module, ref: nn.Module) -> _Chain | None:
@@ -508,14 +517,35 @@ def _ridge(gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
     return gram + ridge * level * torch.eye(gram.shape[-1], dtype=gram.dtype)
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``(gram + ridge)^-1 rhs`` by Cholesky, the ridge raised until it factorises."""
+#: the last few Cholesky factors and ridged Gram matrices, by the Gram matrix they came from
+#: (the non-linear rounds solve with one Gram matrix and a new right-hand side each round)
+_FACTORS: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+
+
+def _cached(gram: torch.Tensor, kind: str, make) -> torch.Tensor:
+    for g, k, v in _FACTORS:
+        if g is gram and k == kind:
+            return v
+    v = make()
+    _FACTORS.append((gram, kind, v))
+    del _FACTORS[:-4]
+    return v
+
+
+def _cholesky(gram: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``gram`` plus the ridge, the ridge raised until it factorises."""
     ridge = RIDGE
     while True:
         chol, info = torch.linalg.cholesky_ex(_ridge(gram, ridge))
         if not info.any():
-            return torch.cholesky_solve(rhs, chol)
+            return chol
         ridge *= 100.0
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(gram + ridge)^-1 rhs`` by Cholesky, the ridge raised until it factorises (the
+    factor of a Gram matrix solved with before is reused)."""
+    return torch.cholesky_solve(rhs, _cached(gram, "chol", lambda: _cholesky(gram)))
 
 
 def _objective(chain: _Chain, mom: _Moments, w2: torch.Tensor,
@@ -528,14 +558,24 @@ def _objective(chain: _Chain, mom: _Moments, w2: torch.Tensor,
 
 
 def _solve_last(chain: _Chain, mom: _Moments) -> None:
-    """The last layer (and the bias) by least squares given the layers before it."""
-    q = chain.last_operator()                                     # g x d x e
-    if chain.bias:
-        g, d, e = q.shape
-        qt = q.new_zeros(g, d + 1, e + 1)
-        qt[:, :d, :e], qt[:, d, e] = q, 1.0
-        q = qt
-    sol = _solve(q.mT @ mom.gram @ q, q.mT @ mom.cross)            # g x e' x co
+    """The last layer (and the bias) by least squares given the layers before it (their
+    operator and its normal matrix reused while neither they nor the Gram matrix change)."""
+    n = len(chain.layers) - 1
+    key = (mom.gram, *chain.params[:n])
+    hit = getattr(chain, "_last", None)
+    if hit is not None and len(hit[0]) == len(key) and all(
+            a is b for a, b in zip(hit[0], key)):
+        q, normal = hit[1:]
+    else:
+        q = chain.last_operator()                                 # g x d x e
+        if chain.bias:
+            g, d, e = q.shape
+            qt = q.new_zeros(g, d + 1, e + 1)
+            qt[:, :d, :e], qt[:, d, e] = q, 1.0
+            q = qt
+        normal = q.mT @ mom.gram @ q
+        chain._last = (key, q, normal)
+    sol = _solve(normal, q.mT @ mom.cross)                         # g x e' x co
     last = chain.layers[-1]
     e = q.shape[-1] - int(chain.bias)
     chain.params[len(chain.layers) - 1] = sol[:, :e].mT.reshape(last.weight.shape)
@@ -576,7 +616,9 @@ def _lbfgs(chain: _Chain, mom: _Moments, w2: torch.Tensor, budget: int) -> int:
     least-squares kernel ``W*`` (no cancellation, so single precision is enough); stops once
     a block of iterations lowers the whole loss by less than ``TOL`` (relative). Returns the
     iterations run."""
-    gram = _ridge(mom.gram)
+    if budget <= 0:
+        return 0
+    gram = _cached(mom.gram, "ridged", lambda: _ridge(mom.gram))
     wstar = _solve(mom.gram, mom.cross).mT                          # g x co x d'
     floor = float((w2 * (mom.yy - (wstar * mom.cross.mT).sum(-1))).sum())
 
@@ -639,6 +681,7 @@ def _closed_form(chain: _Chain, xs: list[torch.Tensor], ys: list[torch.Tensor], 
     if not tail.linear:
         dp = chain.d + int(chain.bias)
         sample = min(max(SAMPLE_PER_INPUT * dp, SAMPLE_MIN), SAMPLE_ELEMENTS // dp)
+    budget = _budget(chain)
     with torch.no_grad():
         mom, rows = _moments(chain, xs, ys, sample, name)
         start = [p.clone() for p in chain.params]
@@ -646,18 +689,33 @@ def _closed_form(chain: _Chain, xs: list[torch.Tensor], ys: list[torch.Tensor], 
             den = float(mom.norm2(a.reshape(w2.shape), None if shift is None
                                   else shift.double().reshape(w2.shape)))
             before = (max(float(_objective(chain, mom, w2)), 0.0) / max(den, 1e-300)) ** 0.5
-            iters = _solve_quadratic(chain, mom, w2, LBFGS_MAX)
+            iters = _solve_quadratic(chain, mom, w2, budget)
             after = (max(float(_objective(chain, mom, w2)), 0.0) / max(den, 1e-300)) ** 0.5
         else:  # errors on the sampled rows (all of them when there are few)
             structure = (a, shift, lo, hi)
             before = _sample_error(chain, rows, structure)
-            iters = _solve_quadratic(chain, mom, w2, LBFGS_MAX)
-            iters += _rounds(chain, rows, w2, structure)
+            iters = _solve_quadratic(chain, mom, w2, budget)
+            iters += _rounds(chain, rows, w2, structure,
+                             ROUND_LBFGS if budget >= LBFGS_MAX else 0)
             after = _sample_error(chain, rows, structure)
         if not after < before:  # never make a layer worse than its data-free init
             chain.params, after = start, before
         chain.store()
+    _FACTORS.clear()
+    chain._last = None
     return before, after, iters
+
+
+def _budget(chain: _Chain) -> int:
+    """L-BFGS iterations of the joint refinement: ``LBFGS_MAX``, or fewer (whole blocks, at
+    least one) where ``LBFGS_MAX`` evaluations would multiply more than ``LBFGS_WORK``:
+    each costs a product of the ``co x d'`` kernel with the ``d' x d'`` Gram matrix per
+    group, so it grows with the square of the layer's inputs and not with the images."""
+    if not math.isfinite(LBFGS_WORK):
+        return LBFGS_MAX
+    per = chain.g * chain.co * (chain.d + int(chain.bias)) ** 2
+    fit = int(LBFGS_WORK // max(per, 1)) // LBFGS_BLOCK * LBFGS_BLOCK
+    return min(LBFGS_MAX, max(LBFGS_BLOCK, fit))
 
 
 def _affine(chain: _Chain, structure: tuple, dtype: torch.dtype
@@ -681,8 +739,9 @@ def _sample_error(chain: _Chain, rows: tuple[torch.Tensor, torch.Tensor],
 
 
 def _rounds(chain: _Chain, rows: tuple[torch.Tensor, torch.Tensor], w2: torch.Tensor,
-            structure: tuple) -> int:
-    """Zhang et al.'s alternation for a clamp in the tail, on the sampled ``rows``; the
+            structure: tuple, lbfgs: int = ROUND_LBFGS) -> int:
+    """Zhang et al.'s alternation for a clamp in the tail, on the sampled ``rows``, with
+    ``lbfgs`` joint iterations per round (0: the last layer alone, in closed form); the
     chain is left at the best weights seen. Returns rounds plus L-BFGS iterations."""
     am, y = rows
     (a, c), (lo, hi) = _affine(chain, structure, am.dtype), structure[2:]
@@ -704,7 +763,7 @@ def _rounds(chain: _Chain, rows: tuple[torch.Tensor, torch.Tensor], w2: torch.Te
         prev = loss
         target = torch.where(safe, (_zstep(t, u0, lam, lo, hi) - c) * inv_a, p)
         mom = _Moments.of(am, target, gram)
-        work += 1 + _solve_quadratic(chain, mom, w2, ROUND_LBFGS)
+        work += 1 + _solve_quadratic(chain, mom, w2, lbfgs)
         lam = min(lam * LAM_GROWTH, LAM_MAX)
     chain.params = best[1]
     return work

@@ -37,11 +37,14 @@ from torch import nn
 from compresscnn.errors import CompressError
 from compresscnn.core.folding import fold_for_export
 from compresscnn.util.modules import eval_mode, example_input
-from compresscnn.io.onnx_writer import INPUT_NAME, OUTPUT_NAME, first_line as _first_line, write_onnx
+from compresscnn.io.onnx_writer import (INPUT_NAME, OUTPUT_NAME, first_line as _first_line,
+                                        write_onnx)
 from compresscnn.util.common import atomic_path
+from compresscnn.util.progress import doing
 
 __all__ = ["export_onnx", "onnx_parity", "verify_onnx", "check_runtimes",
-           "quantize_onnx_dynamic", "quantize_onnx_static", "OnnxModule", "RUNTIMES"]
+           "quantize_onnx", "quantize_onnx_dynamic", "quantize_onnx_static", "int8_parity",
+           "OnnxModule", "QuantizeError", "RUNTIMES"]
 
 
 
@@ -290,7 +293,10 @@ def export_onnx(
         ex_batch = 2 if dynamic_batch else check_batch[0]
         example = example_input(input_shape, ex_batch, seed)
         with atomic_path(path, suffix=".onnx") as tmp:
+            doing("writing the file (the dynamo exporter; TorchScript if it fails)")
             exporter, fallback_reason = write_onnx(folded, example, tmp, opset, dynamic_batch)
+            doing(f"checking the {exporter} file in {', '.join(runtimes)} at batch "
+                  f"{', '.join(map(str, check_batch))}")
             checked = _check_file(cpu_model, tmp, input_shape, runtimes, check_batch,
                                   seed=seed + 1, atol=atol,
                                   what=f"{path}", how=f"exporter {exporter}, opset {opset}")
@@ -428,7 +434,7 @@ def quantize_onnx_static(
                                           quantize_static)
 
     if not batches:
-        raise CompressError("int8 calibration needs at least one batch of inputs")
+        raise QuantizeError("int8 calibration needs at least one batch of inputs")
     name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
     class _Reader(CalibrationDataReader):
@@ -442,6 +448,88 @@ def quantize_onnx_static(
     return _quantize_to(dst, lambda tmp: quantize_static(
         str(src), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8))
+
+
+class QuantizeError(CompressError):
+    """An int8 file that cannot be made as asked (no calibration images), or that differs
+    from its fp32 source by more than the stated bound."""
+
+
+def int8_parity(fp32: str | os.PathLike, int8: str | os.PathLike,
+                batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The int8 file against its fp32 source, both in onnxruntime, on ``batches``:
+    ``{"images", "rel_error" (||int8 - fp32|| / ||fp32|| over all outputs), "agreement" (%
+    of images whose top-1 class is the same in both), "max_abs_diff"}``."""
+    a, b = OnnxModule(fp32), OnnxModule(int8)
+    num = den = 0.0
+    same = n = 0
+    worst = 0.0
+    for x in batches:
+        ya, yb = a(x).double(), b(x).double()
+        d = yb - ya
+        num += float(d.square().sum())
+        den += float(ya.square().sum())
+        worst = max(worst, float(d.abs().max()) if d.numel() else 0.0)
+        if ya.dim() == 2:
+            same += int((ya.argmax(1) == yb.argmax(1)).sum())
+        n += int(ya.shape[0])
+    rel = (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+    return {"images": n, "rel_error": rel, "max_abs_diff": worst,
+            "agreement": 100.0 * same / n if n else None}
+
+
+def quantize_onnx(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    calibration: Sequence[torch.Tensor] | None,
+    *,
+    mode: str = "static",
+    per_channel: bool = True,
+    max_rel_error: float | None = 0.35,
+    where: str = "quantize",
+) -> dict[str, Any]:
+    """An int8 copy of the fp32 ONNX file ``src`` at ``dst`` (written atomically), checked
+    against ``src`` on the ``calibration`` batches (input tensors, e.g. training images;
+    never the images accuracy is measured on).
+
+    ``mode="static"``: :func:`quantize_onnx_static` (QDQ, weights int8 per channel with
+    ``per_channel``, activation ranges calibrated on ``calibration``); ``"dynamic"``:
+    :func:`quantize_onnx_dynamic` (the batches only check it). The check
+    (:func:`int8_parity`) fails with a one-line :class:`QuantizeError` when the outputs
+    differ by more than ``max_rel_error`` (||int8 - fp32|| / ||fp32||; ``None``: not
+    checked), and ``dst`` is then removed.
+
+    Returns ``{"path", "bytes", "fp32_bytes", "mode", "per_channel", "parity" (with
+    "max_rel_error")}``.
+    """
+    src, dst = Path(src), Path(dst)
+    if mode not in ("static", "dynamic"):
+        raise QuantizeError(f"{where}.mode: {mode!r} is not one of static, dynamic")
+    batches = list(calibration or [])
+    if not batches:
+        raise QuantizeError(f"{where}: int8 {mode} quantization needs calibration images (the "
+                            f"activation ranges are measured on them, and the int8 file is "
+                            f"checked against {src.name} on them): give training images, "
+                            f"never the images accuracy is measured on")
+    if not src.is_file():
+        raise QuantizeError(f"{where}: {src} does not exist")
+    if mode == "static":
+        nbytes = quantize_onnx_static(src, dst, batches, per_channel=per_channel)
+    else:
+        nbytes = quantize_onnx_dynamic(src, dst, per_channel=per_channel)
+    parity = {**int8_parity(src, dst, batches),
+              "max_rel_error": None if max_rel_error is None else float(max_rel_error)}
+    if max_rel_error is not None and not parity["rel_error"] <= float(max_rel_error):
+        dst.unlink()
+        raise QuantizeError(
+            f"{where}: the int8 file differs from {src.name} by {parity['rel_error']:.3g} "
+            f"(||int8 - fp32|| / ||fp32|| on {parity['images']} calibration images; top-1 "
+            f"agreement {parity['agreement']:.1f}%) > max_rel_error {float(max_rel_error):g}"
+            if parity["agreement"] is not None else
+            f"{where}: the int8 file differs from {src.name} by {parity['rel_error']:.3g} "
+            f"on {parity['images']} calibration images > max_rel_error {float(max_rel_error):g}")
+    return {"path": str(dst), "bytes": int(nbytes), "fp32_bytes": int(src.stat().st_size),
+            "mode": mode, "per_channel": bool(per_channel), "parity": parity}
 
 
 class OnnxModule(torch.nn.Module):

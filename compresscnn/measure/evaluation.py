@@ -30,7 +30,8 @@ from compresscnn.errors import DataError
 from compresscnn.io.export import export_onnx
 from compresscnn.util.modules import eval_mode, example_input, module_device, num_threads
 from compresscnn.util.progress import bar as progress_bar
-from compresscnn.measure.timing import ort_runner, summarize, time_interleaved, torch_runner
+from compresscnn.measure.timing import (ort_runner, summarize, time_interleaved, torch_runner,
+                                        file_runner)
 from compresscnn.util.common import get_world_size, is_dist, resolve_device
 
 __all__ = ["agreement_margins", "evaluate", "evaluate_predictions", "measure_latency",
@@ -337,3 +338,40 @@ def measure_latency(
                                  rounds=repeats)[0]
     info["device"] = "cpu"
     return {**summarize(times), **info}
+
+
+def measure_latencies(
+    targets: dict[str, nn.Module | str | os.PathLike],
+    input_shape: Sequence[int],
+    *,
+    runtime: str = "torch",
+    threads: int = 1,
+    batch: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Several models timed against each other on one runtime: ``targets`` maps a label to
+    an ``nn.Module`` (``runtime="torch"``) or an ONNX file (``"onnxruntime"``,
+    ``"openvino"``), all run on the same random ``(batch, *input_shape)`` input, interleaved
+    round by round (:func:`compresscnn.measure.timing.time_interleaved`), so that a busy spell of a
+    shared machine slows them all alike and their ratios hold. Returns ``{label:
+    {"median_ms", ..., "runtime", "threads", "batch", "repeats", "input_shape"}}``."""
+    x = example_input(tuple(int(s) for s in input_shape), int(batch), seed)
+    labels = list(targets)
+    with contextlib.ExitStack() as stack:
+        if runtime == "torch":
+            stack.enter_context(num_threads(threads))
+            stack.enter_context(torch.inference_mode())
+            mods = [copy.deepcopy(targets[k]).cpu().eval() for k in labels]
+            fns = [torch_runner(m, x) for m in mods]
+        else:
+            for k in labels:
+                if isinstance(targets[k], nn.Module):
+                    raise TypeError(f"{runtime} times ONNX files; {k} is a module")
+            fns = [file_runner(targets[k], x, runtime, threads) for k in labels]
+        samples = time_interleaved(fns, warmup=warmup, rounds=repeats)
+    info = {"runtime": runtime, "threads": int(threads), "batch": int(batch),
+            "repeats": int(repeats), "warmup": int(warmup), "input_shape": list(input_shape),
+            "device": "cpu"}
+    return {k: {**summarize(t), **info} for k, t in zip(labels, samples)}

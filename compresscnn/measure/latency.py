@@ -6,7 +6,8 @@ memory-bound. So with ``objective: latency`` the planner does not trust the MAC 
 
 1. every budgeted layer's input is recorded at the serving batch (one forward pass);
 2. the dense layer and a handful of candidate ranks (evenly spread in MACs, ranks rounded
-   to the rule's ``round_to``) are built as *skeletons* (the decomposition's exact module
+   to the rule's ``round_to``, by default to the channel multiple the runtime rewards:
+   :func:`preferred_round_to`) are built as *skeletons* (the decomposition's exact module
    structure, random weights: no fit is paid for a rank that will not be used) and timed
    on the target runtime, interleaved round by round so that a noisy neighbour slows all
    candidates alike;
@@ -20,7 +21,8 @@ memory-bound. So with ``objective: latency`` the planner does not trust the MAC 
 
 Runtimes: ``onnxruntime`` (CPU provider, ``intra_op_num_threads = threads``; each module is
 exported with the TorchScript-based exporter, which takes ~0.1 s for one layer against
-~1 s for dynamo), ``torch`` (eager, ``torch.set_num_threads(threads)``, CUDA when the
+~1 s for dynamo), ``openvino`` (CPU plugin, float32, the same exports; the ``runtimes``
+extra), ``torch`` (eager, ``torch.set_num_threads(threads)``, CUDA when the
 module lives there) and ``torch_bf16`` (eager CPU inference in bf16 autocast with
 channels_last, for CPUs that compute bf16 natively).
 """
@@ -35,9 +37,26 @@ import torch
 from torch import nn
 
 from compresscnn.errors import RecipeError
-from compresscnn.util.modules import eval_mode, example_input, get_module, num_threads, record_inputs, set_module
+from compresscnn.util.modules import (eval_mode, example_input, get_module, num_threads,
+                                      record_inputs, set_module)
 from compresscnn.core.ranks import Skip
-from compresscnn.measure.timing import RUNTIMES, median_ms, module_runner, time_interleaved
+from compresscnn.measure.timing import (RUNTIMES, check_runtime, median_ms, module_runner,
+                                         time_interleaved)
+from compresscnn.util.progress import track
+
+#: the rank multiple each runtime rewards when a rule gives no ``round_to``: onnxruntime's
+#: CPU provider keeps a conv in its blocked NCHWc layout only when its input channels are a
+#: multiple of 4 and pads them to its block (8 floats with AVX2, 16 with AVX-512); OpenVINO's
+#: and oneDNN's (PyTorch's) blocked layouts are 8 or 16 channels wide too. Rounding to 8
+#: keeps every conv blocked; 8 and 16 measured within the run-to-run spread of each other on
+#: ResNet-18 and VGG-16 in onnxruntime, while 8 costs less rank (BENCHMARKS.md, "Channel
+#: blocking"); unrounded ranks lost about a fifth of the speed-up.
+ROUND_TO = {"onnxruntime": 8, "openvino": 8, "torch": 8, "torch_bf16": 8}
+
+
+def preferred_round_to(runtime: str) -> int:
+    """The rank multiple ``runtime`` rewards (:data:`ROUND_TO`)."""
+    return ROUND_TO.get(runtime, 8)
 
 
 @dataclass
@@ -52,6 +71,11 @@ class LatencyConfig:
     per_round: int = 3        # timed calls per candidate per round
     margin: float = 0.03      # a candidate must be this fraction faster than dense
     max_candidates: int = 8   # decomposed ranks timed per layer
+    #: rank multiple of the rules that give none; None: the runtime's (:data:`ROUND_TO`)
+    round_to: int | None = None
+    #: ``"int8"``: time the ONNX runtimes' candidates as static int8 files (the model will
+    #: be deployed quantized: ``export.quantize``), else float32
+    precision: str = "fp32"
     #: test hook: ``timer(module, x) -> ms`` replaces the measurement
     timer: Callable[[nn.Module, torch.Tensor], float] | None = None
 
@@ -59,7 +83,12 @@ class LatencyConfig:
         if self.runtime not in RUNTIMES:
             raise RecipeError(f"latency.runtime: {self.runtime!r} is not one of "
                               f"{', '.join(RUNTIMES)}")
-        for k in ("threads", "batch", "rounds", "per_round", "max_candidates"):
+        check_runtime(self.runtime, "latency.runtime")
+        if self.precision not in ("fp32", "int8"):
+            raise RecipeError(f"latency.precision: {self.precision!r} is not one of fp32, int8")
+        if self.round_to is None:
+            self.round_to = preferred_round_to(self.runtime)
+        for k in ("threads", "batch", "rounds", "per_round", "max_candidates", "round_to"):
             if int(getattr(self, k)) < 1:
                 raise RecipeError(f"latency.{k}: must be >= 1, got {getattr(self, k)!r}")
         if not 0.0 <= float(self.margin) < 1.0:
@@ -93,7 +122,7 @@ def time_modules(modules: Sequence[nn.Module], x: torch.Tensor,
     if cfg.timer is not None:
         return [float(cfg.timer(m, x)) for m in modules]
     with num_threads(cfg.threads), eval_mode(*modules), torch.inference_mode():
-        fns = [module_runner(m, x, cfg.runtime, cfg.threads) for m in modules]
+        fns = [module_runner(m, x, cfg.runtime, cfg.threads, cfg.precision) for m in modules]
         samples = time_interleaved(fns, warmup=cfg.warmup, rounds=cfg.rounds,
                                    per_round=cfg.per_round)
     return [median_ms(s) for s in samples]
@@ -178,7 +207,7 @@ def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Seque
     for rt in runtimes:
         cfg = LatencyConfig(runtime=rt, threads=threads, batch=batch, rounds=rounds,
                             per_round=per_round)
-        for n in names:
+        for n in track(names, f"time on {rt}", label=str):
             d, c = time_modules([get_module(original, n), get_module(compressed, n)], ins[n],
                                 cfg)
             rows.append({"layer": n, "runtime": rt, "threads": threads, "batch": batch,

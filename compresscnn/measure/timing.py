@@ -3,7 +3,9 @@
 A *runner* is a no-argument callable that runs one forward pass: :func:`torch_runner`
 (eager PyTorch, synchronised on CUDA), :func:`torch_bf16_runner` (eager PyTorch CPU
 inference in bfloat16 autocast, channels_last) or :func:`ort_runner` (onnxruntime's CPU
-provider with :func:`ort_session_options`); :func:`module_runner` builds one for a module.
+provider with :func:`ort_session_options`) or :func:`openvino_runner` (OpenVINO's CPU plugin,
+float32, latency hint); :func:`module_runner` builds one for a module, :func:`file_runner` for
+an ONNX file.
 :func:`time_interleaved` times several runners round-robin, so that a slow spell of a
 shared machine hits all of them alike, and returns the raw samples; :func:`median_ms` and
 :func:`summarize` turn samples into the figures reports carry.
@@ -25,19 +27,43 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from compresscnn.util.modules import module_device
 from compresscnn.io.onnx_writer import write_onnx
+from compresscnn.errors import CompressError
 
-__all__ = ["RUNTIMES", "ort_session_options", "ort_runner", "torch_runner", "torch_bf16_runner",
-           "onnx_bytes", "ort_optimized_ops",
-           "module_runner", "time_interleaved", "median_ms", "summarize"]
+__all__ = ["RUNTIMES", "FILE_RUNTIMES", "check_runtime", "ort_session_options", "ort_runner",
+           "openvino_runner", "torch_runner", "torch_bf16_runner", "onnx_bytes",
+           "ort_optimized_ops", "module_runner", "file_runner", "time_interleaved", "median_ms",
+           "summarize"]
 
-RUNTIMES = ("onnxruntime", "torch", "torch_bf16")
+RUNTIMES = ("onnxruntime", "openvino", "torch", "torch_bf16")
+#: the runtimes that run an ONNX file (the others run a PyTorch module)
+FILE_RUNTIMES = ("onnxruntime", "openvino")
+#: runtime -> (module to import, the package and the extra that installs it)
+_PACKAGES = {"onnxruntime": ("onnxruntime", "onnxruntime", None),
+             "openvino": ("openvino", "openvino", "runtimes")}
 
 Runner = Callable[[], Any]
+
+
+def check_runtime(runtime: str, where: str = "runtime") -> None:
+    """A one-line :class:`CompressError` for a runtime that is not one of :data:`RUNTIMES` or
+    whose package is not installed, naming the extra that installs it."""
+    if runtime not in RUNTIMES:
+        raise CompressError(f"{where}: unknown runtime {runtime!r} (known: "
+                            f"{', '.join(RUNTIMES)})")
+    if runtime in _PACKAGES:
+        import importlib.util
+
+        module, package, extra = _PACKAGES[runtime]
+        if importlib.util.find_spec(module) is None:
+            how = f"pip install 'compresscnn[{extra}]'" if extra else f"pip install {package}"
+            raise CompressError(f"{where}: {runtime} needs the package {package!r}, which is "
+                                f"not installed ({how})")
 
 
 # ----------------------------------------------------------------------------- runners
@@ -64,6 +90,26 @@ def ort_runner(model: bytes | str | os.PathLike, x: torch.Tensor, threads: int) 
                                 providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
     return lambda: sess.run(None, feed)
+
+
+def openvino_runner(model: bytes | str | os.PathLike, x: torch.Tensor, threads: int) -> Runner:
+    """One OpenVINO (CPU plugin) run of ``model`` (serialized ONNX bytes or a file path) on
+    ``x``: ``threads`` inference threads, one stream, the latency performance hint, and float32
+    inference precision (on CPUs with bf16 units OpenVINO otherwise computes float32 models in
+    bf16, which is another model's speed). An int8 (QDQ) file runs on OpenVINO's int8
+    kernels: its quantize/dequantize pairs become FakeQuantize nodes that the CPU plugin
+    folds into int8 convolutions."""
+    import openvino as ov  # optional: loaded only when an OpenVINO figure is asked for
+
+    core = ov.Core()
+    net = (core.read_model(model, ov.Tensor(np.empty(0, np.uint8)))
+           if isinstance(model, bytes) else core.read_model(str(model)))
+    compiled = core.compile_model(net, "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": int(threads),
+        "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+    xn = x.detach().cpu().numpy()
+    return lambda: req.infer([xn])
 
 
 def torch_runner(module: nn.Module, x: torch.Tensor) -> Runner:
@@ -128,15 +174,62 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
         return path.read_bytes()
 
 
-def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> Runner:
+def int8_bytes(model: bytes, x: torch.Tensor) -> bytes:
+    """A static int8 (QDQ, weights per channel, activations uint8) copy of the serialized
+    ONNX ``model``, its activation ranges calibrated on ``x`` alone: for timing only (the
+    kernels an int8 deployment runs; the ranges do not change the speed)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)  # heavy: loaded only when used
+    import logging
+
+    class _One(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = [x.detach().cpu().float().numpy()]
+
+        def get_next(self) -> dict[str, Any] | None:
+            return {"input": self.left.pop()} if self.left else None
+
+    qlog = logging.getLogger()
+    old = qlog.level
+    with tempfile.TemporaryDirectory(prefix="compresscnn-q-") as d:
+        src, dst = Path(d) / "m.onnx", Path(d) / "q.onnx"
+        src.write_bytes(model)
+        qlog.setLevel(max(old, logging.ERROR))
+        try:
+            quantize_static(str(src), str(dst), _One(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8)
+        finally:
+            qlog.setLevel(old)
+        return dst.read_bytes()
+
+
+def module_runner(module: nn.Module, x: torch.Tensor, runtime: str, threads: int,
+                  precision: str = "fp32") -> Runner:
     """A runner of ``module`` on ``x`` on ``runtime``: ``"torch"`` on the module's device,
     ``"torch_bf16"`` on the CPU in bf16 autocast (:func:`torch_bf16_runner`),
-    ``"onnxruntime"`` on a timing export of it (:func:`onnx_bytes`)."""
+    ``"onnxruntime"`` / ``"openvino"`` on a timing export of it (:func:`onnx_bytes`), with
+    ``precision="int8"`` quantized first (:func:`int8_bytes`)."""
     if runtime == "torch":
         return torch_runner(module, x.to(module_device(module) or torch.device("cpu")))
     if runtime == "torch_bf16":
         return torch_bf16_runner(module, x)
-    return ort_runner(onnx_bytes(module, x), x, threads)
+    model = onnx_bytes(module, x)
+    if precision == "int8":
+        model = int8_bytes(model, x)
+    return file_runner(model, x, runtime, threads)
+
+
+def file_runner(model: bytes | str | os.PathLike, x: torch.Tensor, runtime: str,
+                threads: int) -> Runner:
+    """A runner of an ONNX model (bytes or a path) on ``x`` in one of :data:`FILE_RUNTIMES`."""
+    check_runtime(runtime)
+    if runtime == "openvino":
+        return openvino_runner(model, x, threads)
+    if runtime != "onnxruntime":
+        raise CompressError(f"runtime {runtime!r} runs PyTorch modules, not ONNX files "
+                            f"(files run in {', '.join(FILE_RUNTIMES)})")
+    return ort_runner(model, x, threads)
 
 
 # ----------------------------------------------------------------------------- timing

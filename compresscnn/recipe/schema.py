@@ -46,9 +46,10 @@ from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH
                      resolve_path, section, section_of, show, spec_of, suggest, unknown_key,
                      where_of)
 from compresscnn.core.rules import (_options, _parse_rules, _registry, rule_model, rule_options,
-                                     validate_compress, validate_rules, validate_target)
+                                    validate_compress, validate_rules, validate_target)
 from compresscnn.errors import RecipeError
 from compresscnn.util.common import atomic_write_text
+from compresscnn.core.method_options import methods
 
 __all__ = [
     "load_recipe", "validate", "validate_rules", "validate_target", "validate_compress",

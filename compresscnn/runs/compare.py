@@ -64,11 +64,11 @@ from compresscnn.config import (Bool, Closed, Int, ListOf, Nullable, Str, Where,
 from compresscnn.measure.counting import count
 from compresscnn.io.data import check_classes, make_loaders
 from compresscnn.errors import CompressError
-from compresscnn.measure.evaluation import evaluate, measure_latency
+from compresscnn.measure.evaluation import evaluate, measure_latency, measure_latencies
 from compresscnn.io.export import export_onnx, quantize_onnx_dynamic
 from compresscnn.io.models import load_model, replace_head
 from compresscnn.runs.pipeline import load_compressed
-from compresscnn.util.progress import timed
+from compresscnn.util.progress import timed, doing
 from compresscnn.recipe.schema import load_recipe, load_yaml, yaml_lines
 from compresscnn.core.surgery import compress
 from compresscnn.util.common import atomic_path, atomic_write_text, fmt_quantity
@@ -341,13 +341,16 @@ def _entry_row(e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
         "run": info.get("run"), "recipe": info.get("recipe"), "input_size": list(size),
         "params": counts["params"], "macs": counts["macs"],
         "onnx_bytes": None, "onnx_int8_bytes": None, "int8_method": None,
+        "int8_top1": None, "int8_agreement": None,
         "top1": None, "top5": None, "top1_source": None, "top1_images": None,
         "accuracy": None,
         "threads": o["threads"], "latency_ms": {}, "latency": [], "notes": info["notes"],
     }
+    doing("measuring accuracy")
     row.update(_accuracy(e, info, model, o["dmap"], size, progress=o["progress"]))
     onnx_path = _onnx_sizes(row, model, size, info["label"], o) if o["onnx"] else None
     if o["latency"]:
+        doing("timing latency")
         _latencies(row, model, size, onnx_path, o)
     return row
 
@@ -369,7 +372,19 @@ def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], la
         row["notes"].append(f"ONNX export failed: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
         onnx_path = None
-    if onnx_path is not None and o["quantize"]:
+    run_int8 = _run_int8(row)
+    if onnx_path is not None and run_int8 is not None:
+        # the run's own int8 file (export.quantize: calibrated on its training images), with
+        # the top-1 and agreement its report measured
+        (o["workdir"] / f"{stem}.int8.onnx").write_bytes(run_int8[0].read_bytes())
+        rep = run_int8[1]
+        row["onnx_int8_bytes"] = rep.get("bytes")
+        row["int8_method"] = (f"the run's export.quantize ({rep.get('mode')} int8"
+                              + (", weights per channel" if rep.get("per_channel") else "")
+                              + ")")
+        row["int8_top1"], row["int8_agreement"] = rep.get("top1"), rep.get("agreement")
+    elif onnx_path is not None and o["quantize"]:
+        doing("quantizing the ONNX file to int8")
         q = o["workdir"] / f"{stem}.int8.onnx"
         try:
             row["onnx_int8_bytes"] = quantize_onnx_dynamic(onnx_path, q)
@@ -379,21 +394,44 @@ def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], la
     return onnx_path
 
 
+def _run_int8(row: dict[str, Any]) -> tuple[Path, Mapping[str, Any]] | None:
+    """A run directory's int8 file and its report entry, when the run made one."""
+    if not row.get("run"):
+        return None
+    run = Path(row["run"])
+    try:
+        rep = json.loads((run / "report.json").read_text(encoding="utf-8")).get("int8")
+    except (OSError, ValueError):
+        return None
+    if not rep or not (run / str(rep.get("path"))).is_file():
+        return None
+    return run / str(rep["path"]), rep
+
+
 def _latencies(row: dict[str, Any], model: nn.Module, size: tuple[int, ...],
                onnx_path: Path | None, o: dict[str, Any]) -> None:
     """Median latency at each batch in PyTorch, onnxruntime and onnxruntime int8."""
     runs: list[tuple[str, Any]] = [("torch", model)]
     if onnx_path is not None:
+        int8 = o["workdir"] / f"{onnx_path.stem}.int8.onnx"
         runs.append(("ort", onnx_path))
         if row["onnx_int8_bytes"] is not None:
-            runs.append(("ort_int8", o["workdir"] / f"{onnx_path.stem}.int8.onnx"))
+            runs.append(("ort_int8", int8))
+        if "openvino" in o.get("runtimes", ()):
+            runs.append(("ov", onnx_path))
+            if row["onnx_int8_bytes"] is not None and "static" in str(row["int8_method"]):
+                runs.append(("ov_int8", int8))
     for b in o["batches"]:
         for key, target in runs:
-            rt = "torch" if key == "torch" else "onnxruntime"
+            rt = {"torch": "torch", "ov": "openvino", "ov_int8": "openvino"}.get(key,
+                                                                              "onnxruntime")
             try:
-                r = measure_latency(target, size, runtime=rt, threads=o["threads"],
-                                    warmup=o["warmup"], repeats=o["repeats"], batch=b,
-                                    device="cpu")
+                r = (measure_latencies({key: target}, size, runtime=rt, threads=o["threads"],
+                                       warmup=o["warmup"], repeats=o["repeats"], batch=b)[key]
+                     if rt == "openvino" else
+                     measure_latency(target, size, runtime=rt, threads=o["threads"],
+                                     warmup=o["warmup"], repeats=o["repeats"], batch=b,
+                                     device="cpu"))
             except Exception as exc:
                 row["notes"].append(f"{key} latency at batch {b} failed: "
                                     f"{type(exc).__name__}: {exc}"[:300])
@@ -411,6 +449,7 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
             threads: int = 2, repeats: int = 20, warmup: int = 3, quantize: bool = True,
             onnx: bool = True, latency: bool = True, workdir: str | os.PathLike,
             weights_for: Mapping[str, str] | None = None, default_weights: str | None = None,
+            runtimes: Sequence[str] = ("torch", "onnxruntime"),
             log: Any = None, out_files: Sequence[str | os.PathLike] = (),
             reads: Sequence[tuple[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per entry (see the module docstring for entries and accuracy sources).
@@ -424,8 +463,13 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     ONNX files go in ``workdir``. Before anything is measured, no input (an entry's run
     folder, recipe or weights, a data root, or one of ``reads``) may lie inside ``workdir``
     or be one of ``out_files`` (the files the caller will write), and neither may lie inside
-    an input folder (:func:`compresscnn.runs.rundir.check_inputs_outside`). ``onnx=False`` / ``latency=False`` skip the slow parts
+    an input folder (:func:`compresscnn.runs.rundir.check_inputs_outside`). ``onnx=False`` /
+    ``latency=False`` skip the slow parts
     (``quantize=False`` only the int8 file).
+    A run directory that made an int8 file (``export.quantize``) brings it, with its measured
+    top-1 (``int8_top1``, ``int8_agreement``). ``runtimes``: with ``"openvino"`` the fp32 file
+    and a static int8 one are timed in OpenVINO too (``ov_b1``, ``ov_int8_b1``; the
+    ``runtimes`` extra).
 
     Each row holds ``model`` (the label), ``kind``, ``spec``, ``weights``, ``input_size``,
     ``params``, ``macs``, ``onnx_bytes``, ``onnx_int8_bytes``, ``int8_method``,
@@ -446,18 +490,22 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     unknown = set(weights_for or {}) - {e.get("model") for e in norm}
     if unknown:
         raise CompareError(f"--weights-for {sorted(unknown)[0]}: no such model among the entries")
+    if "openvino" in runtimes:
+        from compresscnn.measure.timing import check_runtime
+        check_runtime("openvino", "compare --runtimes")
     dmap = _data_map(data)
     check_inputs_outside([*reads, *_reads(norm, dmap)], folders=[workdir], files=out_files,
                          command="compare")
     opts = {"input_size": input_size, "dmap": dmap, "workdir": Path(workdir),
+            "runtimes": tuple(runtimes),
             "onnx": onnx, "quantize": quantize, "latency": latency, "threads": int(threads),
             "batches": [int(b) for b in latency_batches], "repeats": repeats, "warmup": warmup,
             "progress": log is not None, "used": set()}
     rows: list[dict[str, Any]] = []
-    for e in norm:
+    for i, e in enumerate(norm, 1):
         name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
         t0 = time.perf_counter()
-        with timed(None, "compare", str(name), quiet=log is None):
+        with timed(None, "compare", f"{name} (model {i} of {len(norm)})", quiet=log is None):
             row = _entry_row(e, opts)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         if log:
@@ -480,12 +528,15 @@ def _batches(rows: Sequence[Mapping[str, Any]]) -> list[int]:
 
 def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model comparison") -> str:
     bs = _batches(rows)
-    runtimes = [k for k in ("torch", "ort", "ort_int8")
+    runtimes = [k for k in ("torch", "ort", "ort_int8", "ov", "ov_int8")
                 if any(f"{k}_b{b}" in (r.get("latency_ms") or {}) for r in rows for b in bs)]
-    names = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8"}
+    names = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8", "ov": "OpenVINO",
+             "ov_int8": "OpenVINO int8"}
+    int8_acc = any(r.get("int8_top1") is not None for r in rows)
     head = ["Model", "Params", "MACs", "ONNX fp32", "ONNX int8"]
     head += [f"{names[k]} b{b} (ms)" for b in bs for k in runtimes]
-    head += ["Top-1 %", "Top-1 source", "Images", "Params vs first"]
+    head += ["Top-1 %", "Top-1 source", "Images"] + (["int8 top-1 %"] if int8_acc else [])
+    head += ["Params vs first"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join("---" if h in ("Model", "Top-1 source") else "---:" for h in head)
              + "|"]
@@ -500,6 +551,8 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
         cells.append("-" if top1 is None else f"{top1:.2f}")
         cells.append(_SOURCE_LABELS.get(r.get("top1_source"), r.get("top1_source") or "-"))
         cells.append("-" if n is None else f"{int(n):,}")
+        if int8_acc:
+            cells.append("-" if r.get("int8_top1") is None else f"{r['int8_top1']:.2f}")
         if r is rows[0]:
             cells.append("1x")
         elif base and r["params"]:
@@ -512,8 +565,10 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model co
     lines.append("- MACs: one forward pass of one input (multiply-adds, torchvision's "
                  "`_ops` convention). Input sizes: " + ", ".join(
                      sorted({"x".join(map(str, r["input_size"])) for r in rows})) + ".")
-    if any(r.get("onnx_int8_bytes") for r in rows):
-        lines.append(f"- int8: {INT8_METHOD}.")
+    for how in sorted({str(r["int8_method"]) for r in rows if r.get("int8_method")}):
+        lines.append(f"- int8 ({', '.join(r['model'] for r in rows if r.get('int8_method') == how)}): "
+                     f"{how}." + (" int8 top-1: the run's report, on the images it evaluated."
+                                  if "export.quantize" in how else ""))
     if bs:
         thr = sorted({r.get("threads") for r in rows})
         reps = sorted({x.get("repeats") for r in rows for x in r.get("latency") or []})

@@ -15,12 +15,18 @@ Run directory::
                                          so ``load_compressed`` rebuilds the architecture
     model.safetensors                    the compressed weights (tensors only)
     model.onnx                           the ONNX export, checked in onnxruntime
-    checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log
+    model.int8.onnx                      with ``export.quantize``: its int8 copy, checked
+                                         against it on the calibration images
+    checkpoints/last.pt  train_log.csv   fine-tuning state (resume) and per-step log; each
+                                         checkpoint's sha256 beside it (last.pt.sha256),
+                                         checked before --resume reads it
     checkpoints/switch.json              with ``train.switch``: the stable ranks and the switch;
     checkpoints/factorized/last.pt       checkpoints/last.pt and train_log_dense.csv are then
                                          the dense phase's, these the factorized phase's
     .compresscnn-run                     marker: the run's id and the recipe keys --resume
-                                         must match (compresscnn.runs.rundir)
+                                         must match (compresscnn.runs.rundir); the manifest: the
+                                         sha256 of recipe.yaml, model.safetensors, model.onnx
+                                         and its own, checked by load_compressed
     tb/                                  TensorBoard scalars (only with the ``tensorboard``
                                          package and ``COMPRESSCNN_TENSORBOARD=1``)
 
@@ -58,8 +64,9 @@ from compresscnn.measure.counting import count
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.errors import (CompressError, DataError, MethodError, ModelError, RankError,
                                 RecipeError, CheckpointError, StreamError)
-from compresscnn.measure.evaluation import measure_latency
-from compresscnn.io.export import export_onnx
+from compresscnn.measure.evaluation import measure_latencies
+from compresscnn.io.export import OnnxModule, export_onnx, quantize_onnx
+from compresscnn.measure.inspection import fit_report, fit_text
 from compresscnn.measure.latency import layer_latency_table
 from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
                                        SwitchPoint, factorize, factorized_layers, planned_layers)
@@ -69,6 +76,7 @@ from compresscnn.util.progress import emit, timed, result
 from compresscnn.recipe.schema import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
 from compresscnn.runs.rundir import RunDir, MARKER, check_file, read_manifest
 from compresscnn.core.surgery import Plan, apply, compress, plan, plan_compression
+from compresscnn.measure.timing import FILE_RUNTIMES, check_runtime
 from compresscnn.train.loop import finetune
 from compresscnn.util.common import atomic_path, get_rank, get_world_size, seed_everything
 
@@ -187,7 +195,7 @@ def _calibrates(recipe: dict[str, Any]) -> bool:
 def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's keys as :func:`compresscnn.core.surgery.compress` arguments."""
     cal = recipe.get("calibration") or {}
-    opts: dict[str, Any] = {"target": recipe.get("target"), "latency": recipe.get("latency"),
+    opts: dict[str, Any] = {"target": recipe.get("target"), "latency": _latency_cfg(recipe),
                             "allocation": recipe.get("allocation", "spectral"),
                             "seed": int(recipe.get("seed", 0))}
     if cal:
@@ -198,35 +206,57 @@ def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def _latency_cfg(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``latency`` section as planning takes it: a model that will be deployed as a
+    static int8 file (``export.quantize``) has its candidates timed as int8 files on an ONNX
+    runtime."""
+    lat = recipe.get("latency")
+    q = (recipe.get("export") or {}).get("quantize")
+    if lat is None or not q or q["mode"] != "static" or lat.get("runtime") not in FILE_RUNTIMES:
+        return lat
+    return {**lat, "precision": "int8"}
+
+
 def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
                      input_size: tuple[int, ...], recipe: dict[str, Any], staging: Path,
-                     onnx: dict[str, Any] | None) -> tuple[list, list]:
-    """Whole-model latency of the original and compressed models in PyTorch and (when the
-    run exported ONNX) onnxruntime at every ``report.latency_batch``; and each replaced
-    layer, dense vs decomposed, timed against each other at the first batch."""
+                     onnx: dict[str, Any] | None, int8: dict[str, Any] | None,
+                     batches: list | None) -> tuple[list, list]:
+    """Whole-model latency in each of ``report.runtimes`` at every ``report.latency_batch``:
+    the original and compressed models (PyTorch modules, or their ONNX files when the run
+    exported one; with ``export.quantize`` their int8 files too, the original's quantized
+    here on the same calibration ``batches``), all models of one runtime and batch timed
+    against each other, interleaved; and each replaced layer, dense vs decomposed, timed
+    against each other at the first batch."""
     thr = recipe["report"]["threads"]
-    batches = recipe["report"]["latency_batch"]
-    runtimes = ["torch"] + (["onnxruntime"] if onnx else [])
+    lat_batches = recipe["report"]["latency_batch"]
+    runtimes = [rt for rt in recipe["report"]["runtimes"] if rt == "torch" or onnx]
+    q = recipe["export"].get("quantize")
     lat = []
     with tempfile.TemporaryDirectory(prefix="compresscnn-base-") as tmp:
-        files = {}
+        files: dict[str, Path] = {}
         if onnx:
             files["baseline"] = Path(tmp) / "baseline.onnx"
             export_onnx(model, files["baseline"], input_size,
                         dynamic_batch=recipe["export"]["dynamic_batch"], check_batch=(1,),
                         atol=recipe["export"]["atol"])
             files["compressed"] = staging / onnx["path"]
-        for b in batches:
+        if int8:
+            files["baseline int8"] = Path(tmp) / "baseline.int8.onnx"
+            quantize_onnx(files["baseline"], files["baseline int8"], batches, mode=q["mode"],
+                          per_channel=q["per_channel"], max_rel_error=None)
+            files["compressed int8"] = staging / int8["path"]
+        for b in lat_batches:
             for rt in runtimes:
-                if rt == "onnxruntime" and b != 1 and not recipe["export"]["dynamic_batch"]:
+                if rt != "torch" and b != 1 and not recipe["export"]["dynamic_batch"]:
                     continue  # a static ONNX file runs at its export batch only
-                for label, m in (("baseline", model), ("compressed", compressed)):
-                    target = m if rt == "torch" else files[label]
-                    r = measure_latency(target, (b, *input_size), runtime=rt, threads=thr,
-                                        batch=b)
-                    lat.append({"model": label, **r})
+                targets: dict[str, Any] = (
+                    {"baseline": model, "compressed": compressed} if rt == "torch" else
+                    {k: v for k, v in files.items()
+                     if not (rt == "openvino" and "int8" in k and q["mode"] != "static")})
+                res = measure_latencies(targets, input_size, runtime=rt, threads=thr, batch=b)
+                lat += [{"model": label, **r} for label, r in res.items()]
     names = [r.name for r in p.replacements if r.applied] if p is not None else []
-    layers = layer_latency_table(model, compressed, names, input_size, batch=batches[0],
+    layers = layer_latency_table(model, compressed, names, input_size, batch=lat_batches[0],
                                  threads=thr, runtimes=runtimes) if names else []
     return lat, layers
 
@@ -541,6 +571,7 @@ class _RunContext:
     report: dict[str, Any] = field(default_factory=dict)
     base_count: dict[str, int] = field(default_factory=dict)
     comp_count: dict[str, int] = field(default_factory=dict)
+    int8_batches: list | None = None       # export.quantize's calibration batches
 
     @property
     def where(self) -> str:
@@ -577,6 +608,8 @@ def _run(recipe: dict[str, Any], *, rundir: RunDir, dry_run: bool, resume: bool,
     ctx = _RunContext(recipe, rundir, resume, quiet, recipe_path, distributed)
     seed_everything(int(recipe.get("seed", 0)))
     _load_stage(ctx)
+    if dry_run and _rank() == 0:  # what fits the model, also when the plan then refuses
+        print(fit_text(fit_report(ctx.model, ctx.input_size)) + "\n", flush=True)
     _plan_stage(ctx)
     summary = (ctx.plan.summary() if ctx.plan is not None
                else _dense_summary(recipe, ctx.model, ctx.input_size))
@@ -616,6 +649,33 @@ def _load_stage(ctx: _RunContext) -> None:
     # the data is fed at the size the plan, MACs, latency and ONNX file describe
     ctx.pcfg = {**(getattr(model, "pretrained_cfg", {}) or {}), "input_size": ctx.input_size}
     ctx.warnings, ctx.overlap = _check_data(recipe, ctx.pcfg, train=ctx.need_train)
+    _check_deploy(recipe)
+
+
+def _check_deploy(recipe: dict[str, Any]) -> None:
+    """Before anything runs: every runtime the report times is installed, and
+    ``export.quantize`` has an ONNX file to quantize and calibration images that are not the
+    evaluation images (never, whatever ``data.allow_eval_overlap`` says)."""
+    if recipe["report"]["latency"]:
+        for rt in recipe["report"]["runtimes"]:
+            check_runtime(rt, "report.runtimes")
+    q = recipe["export"].get("quantize")
+    if not q:
+        return
+    if not recipe["export"]["onnx"]:
+        raise RecipeError("export.quantize: quantizes the exported ONNX file; set export.onnx: "
+                          "true")
+    if not recipe.get("data"):
+        raise RecipeError("export.quantize: needs calibration images: give a data section "
+                          "whose train (or calibration) source holds training images")
+    cfg = data_mod.resolve_data_cfg(_data_cfg(recipe))
+    n = data_mod.eval_overlap(cfg, "calibration")
+    if n:
+        src = data_mod.source_of(cfg, "calibration")
+        raise DataError(f"export.quantize: the calibration source ({src['root']}, split "
+                        f"{src['split']}) shares {n} images with data.eval: int8 is never "
+                        f"calibrated on the images accuracy is measured on; point "
+                        f"data.calibration.root (or data.train.root) at training images")
 
 
 def _plan_stage(ctx: _RunContext) -> None:
@@ -822,6 +882,31 @@ def _export_stage(ctx: _RunContext) -> None:
     ctx.report["onnx"] = onnx
     _log(f"[export_onnx] {onnx['bytes']:,} bytes, max |runtime - torch|: " + ", ".join(
         f"{rt} {v['max_abs_diff']:.2e}" for rt, v in onnx["verify"].items()), ctx.quiet)
+    if exp.get("quantize"):
+        _quantize_stage(ctx)
+
+
+def _quantize_stage(ctx: _RunContext) -> None:
+    """``export.quantize``: ``model.int8.onnx`` from ``model.onnx``, calibrated and checked
+    on the calibration source's images, then scored on the eval images like the models."""
+    q, staging = ctx.recipe["export"]["quantize"], ctx.staging
+    with timed(ctx.timings, "quantize", f"int8 {q['mode']}, {q['batches']} calibration "
+               f"batches of {q['batch_size']}", quiet=ctx.quiet):
+        ctx.int8_batches = data_mod.calibration_batches(
+            _data_cfg(ctx.recipe), ctx.pcfg, q["batches"], batch_size=q["batch_size"])
+        int8 = quantize_onnx(staging / "model.onnx", staging / "model.int8.onnx",
+                             ctx.int8_batches, mode=q["mode"], per_channel=q["per_channel"],
+                             max_rel_error=q["max_rel_error"], where="export.quantize")
+    int8["path"] = "model.int8.onnx"
+    _log(f"[quantize] {int8['bytes']:,} bytes ({int8['fp32_bytes'] / int8['bytes']:.2f}x "
+         f"smaller), ||int8 - fp32|| / ||fp32|| {int8['parity']['rel_error']:.3g} on "
+         f"{int8['parity']['images']} calibration images", ctx.quiet)
+    ctx.report["int8"] = int8
+    if ctx.test_loader is not None:
+        _evaluate_stage(ctx, "int8", OnnxModule(staging / "model.int8.onnx",
+                                                ctx.recipe["report"]["threads"]),
+                        ctx.comp_count, ctx.model)
+        ctx.report["int8"] = {**int8, **ctx.report["int8"]}
 
 
 def _report_stage(ctx: _RunContext) -> None:
@@ -833,7 +918,7 @@ def _report_stage(ctx: _RunContext) -> None:
                    quiet=ctx.quiet):
             report["latency"], report["layer_latency"] = _measure_latency(
                 ctx.model, ctx.compressed, ctx.plan, ctx.input_size, recipe, ctx.staging,
-                report.get("onnx"))
+                report.get("onnx"), report.get("int8"), ctx.int8_batches)
     base, comp = ctx.base_count, ctx.comp_count
     report["layers"] = ctx.plan.to_rows() if ctx.plan is not None else []
     report["plan"] = {"params_before": base["params"], "params_after": comp["params"],

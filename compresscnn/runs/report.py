@@ -56,7 +56,7 @@ VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino",
 _STAGE_ORDER = (
     "load_model", "plan", "load_data", "evaluate_baseline", "compress", "apply", "calibrate",
     "latency_check", "evaluate_compressed", "finetune", "evaluate_finetuned", "train",
-    "evaluate_trained", "export_onnx",
+    "evaluate_trained", "export_onnx", "quantize", "evaluate_int8",
     "latency", "report", "total",
 )
 LAYER_COLUMNS = (
@@ -345,6 +345,58 @@ def _onnx_section(r: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _deploy_section(r: Mapping[str, Any]) -> list[str]:
+    """The fp32 file beside its int8 copy (``export.quantize``): size, top-1, agreement with
+    the original model, median latency in each runtime timed, and the int8 file's check
+    against its fp32 source."""
+    q, onnx = r.get("int8"), r.get("onnx")
+    if not q or not onnx:
+        return []
+    fp32 = _final_stage(r)
+    lat = {(row.get("model"), row.get("runtime"), row.get("batch")): row
+           for row in (r.get("latency") or []) if isinstance(row, Mapping)}
+    cols = sorted({(rt, b) for (_, rt, b) in lat if rt in ("onnxruntime", "openvino")},
+                  key=lambda k: (k[1], k[0]))
+    rows = []
+    for label, model, f in (("baseline fp32", "baseline", None),
+                            ("baseline int8", "baseline int8", None),
+                            ("compressed fp32", "compressed", onnx),
+                            ("compressed int8", "compressed int8", q)):
+        st = (r.get("baseline") if model == "baseline" else fp32 if model == "compressed"
+              else q if model == "compressed int8" else None) or {}
+        if model == "baseline int8" and not any(k[0] == model for k in lat):
+            continue
+        rows.append([label, f"`{f['path']}`" if f and f.get("path") else _DASH,
+                     _fmt_bytes(f.get("bytes")) if f else _DASH,
+                     _fmt_pct(st.get("top1")), _fmt_pct(st.get("agreement"))]
+                    + [_fmt_seconds((lat.get((model, rt, b)) or {}).get("median_ms"))
+                       for rt, b in cols])
+    par = q.get("parity") or {}
+    lines = ["## int8", ""]
+    lines += _table(["Model", "File", "Size", "Top-1 %", "Agreement %"]
+                    + [f"{rt} ms (batch {b})" for rt, b in cols], rows,
+                    ["l", "l", "r", "r", "r"] + ["r"] * len(cols))
+    ratio = (_num(q.get("fp32_bytes")) or 0) / (_num(q.get("bytes")) or 1)
+    lines += ["", f"`{q.get('path')}`: {q.get('mode')} int8"
+              + (" (weights per channel)" if q.get("per_channel") else "")
+              + f", {ratio:.2f}x smaller than the fp32 file. Against its fp32 source on "
+              f"{par.get('images')} calibration images: ||int8 - fp32|| / ||fp32|| = "
+              f"{_fmt_float(par.get('rel_error'), 3)} (bound {_cell(par.get('max_rel_error'))}), "
+              f"top-1 agreement {_fmt_pct(par.get('agreement'))}%. Agreement in the table is "
+              "with the original model's predictions; the baseline files are the original "
+              "model exported and quantized the same way, for the latency columns (all models of "
+              "one runtime and batch timed against each other, interleaved).", ""]
+    return lines
+
+
+def _final_stage(r: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The stage the exported file holds: trained, fine-tuned, else zero-shot."""
+    for k in ("trained", "finetuned", "compressed"):
+        if r.get(k):
+            return r[k]
+    return {}
+
+
 def _latency_section(r: Mapping[str, Any]) -> list[str]:
     """Whole-model latency, then each replaced layer dense vs decomposed."""
     lines: list[str] = []
@@ -487,7 +539,8 @@ def _fit_section(cal: Any, layers: list[Mapping[str, Any]]) -> list[str]:
 
 
 #: the sections of ``report.md``, in order
-_SECTIONS = (_header_section, _summary_section, _onnx_section, _latency_section,
+_SECTIONS = (_header_section, _summary_section, _onnx_section, _deploy_section,
+             _latency_section,
              _layers_section, _calibration_section, _training_section, _timings_section,
              _environment_section)
 
@@ -533,26 +586,40 @@ def _plot_layers(layers: list[Mapping[str, Any]]) -> bytes | None:
     return buf.getvalue()
 
 
+_RUNTIME_COLORS = {"torch": "#2b6cb0", "onnxruntime": "#dd6b20", "openvino": "#38a169"}
+
+
 def _plot_latency(rows: list[tuple[str, Mapping[str, Any]]]) -> bytes | None:
+    """One bar per model, runtime and batch, named by all three; one colour per runtime
+    (the legend), the threads in the title."""
     rows = [(n, v) for n, v in rows if _num(v.get("median_ms")) is not None]
     if not rows:
         return None
     from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
+    from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(7, max(2.5, 0.4 * len(rows) + 1.2)), dpi=100)
+    fig = Figure(figsize=(7.5, max(2.5, 0.4 * len(rows) + 1.6)), dpi=100)
     ax = fig.subplots()
     med = [float(v["median_ms"]) for _, v in rows]
     lo = [max(0.0, m - (_num(v.get("p10_ms")) or m)) for m, (_, v) in zip(med, rows)]
     hi = [max(0.0, (_num(v.get("p90_ms")) or m) - m) for m, (_, v) in zip(med, rows)]
     ys = list(range(len(rows)))
-    ax.barh(ys, med, xerr=[lo, hi], color="#2b6cb0", capsize=3)
+    rts = [str(v.get("runtime") or "?") for _, v in rows]
+    ax.barh(ys, med, xerr=[lo, hi], color=[_RUNTIME_COLORS.get(rt, "#718096") for rt in rts],
+            capsize=3)
     ax.set_yticks(ys)
-    ax.set_yticklabels(
-        [f"{n} (batch {v['batch']})" if v.get("batch") is not None else n for n, v in rows], fontsize=8
-    )
+    ax.set_yticklabels([f"{n} · {rt}" + (f" · batch {v['batch']}" if v.get("batch") is not None
+                                          else "") for (n, v), rt in zip(rows, rts)],
+                       fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("median latency, ms (bars: p10–p90)")
     ax.grid(axis="x", alpha=0.3)
+    seen = list(dict.fromkeys(rts))
+    ax.legend(handles=[Patch(color=_RUNTIME_COLORS.get(rt, "#718096"), label=rt) for rt in seen],
+              title="runtime", fontsize=8, loc="lower right")
+    threads = sorted({str(v.get("threads")) for _, v in rows if v.get("threads") is not None})
+    ax.set_title("Latency by runtime: " + ", ".join(seen)
+                 + (f" ({'/'.join(threads)} thread(s))" if threads else ""), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

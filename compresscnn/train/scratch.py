@@ -182,7 +182,8 @@ def factorize(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Seq
             fit = dict(getattr(mod, "fit_info", {}) or {})
             rep = replace(rep, rel_error=fit.get("rel_error"), fit={"init": init, **fit})
         mod.train(layer.training)
-        set_module(new, rep.name, mod)
+        for name in (rep.name, *rep.aliases):  # a shared layer stays shared
+            set_module(new, name, mod)
         rows.append(rep)
     return new, replace(p, replacements=tuple(rows))
 

@@ -17,16 +17,16 @@ import numbers
 import os
 import shutil
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from compresscnn.errors import CompressError, NoSpaceError, CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where it is used (it takes seconds to load)
+    import torch
 
 __all__ = [
     "atomic_write_bytes",
@@ -145,6 +145,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *, digest: bool = False
     ``<path>.sha256`` (:func:`digest_path`), also written atomically: while the new file
     replaces the old one the digest file lists both, so a crash at any point leaves a file
     whose digest is listed (:func:`check_digest`)."""
+    import torch
+
     new = None
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -240,6 +242,9 @@ def seed_everything(seed: int) -> None:
     This does not switch on deterministic algorithms (that costs speed on GPU and is a
     process-wide choice for the caller to make).
     """
+    import numpy as np
+    import torch
+
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -275,7 +280,11 @@ class Timer:
         self._start: float | None = None
 
     def _sync(self) -> None:
-        if self.sync_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if not self.sync_cuda:
+            return
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
     def __enter__(self) -> "Timer":
@@ -298,6 +307,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
     Asking for CUDA on a machine without it is a user error (:class:`CompressError`).
     """
+    import torch
+
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         if torch.cuda.is_available():
             local = os.environ.get("LOCAL_RANK")
@@ -329,6 +340,8 @@ def cpu_bf16_native() -> bool:
     """True when this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), as torch reports
     it; then bf16 autocast trains CIFAR-sized conv nets 2-4x faster than float32
     (BENCHMARKS.md). Elsewhere bf16 is emulated and no faster, so ``amp: auto`` stays fp32."""
+    import torch
+
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     try:
@@ -343,6 +356,8 @@ def resolve_amp(amp: Any, dev: torch.device) -> torch.dtype | None:
     devices that support it, fp16 on older CUDA devices, float32 elsewhere; ``off``,
     ``bf16``, ``fp16`` (CUDA only) as named. The one reading of the setting for training and
     for the calibration distillation."""
+    import torch
+
     key = str(amp).lower() if amp is not None else "off"
     if key in ("off", "none", "no", "false", "fp32", "float32"):
         return None
@@ -363,21 +378,24 @@ def resolve_amp(amp: Any, dev: torch.device) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------- distributed
 def is_dist() -> bool:
-    """True when ``torch.distributed`` is available *and* a process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
+    """True when ``torch.distributed`` is available *and* a process group is initialised
+    (never before torch is imported: this module does not import it, so that recipes are
+    checked and ``--help`` answers without loading torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def get_rank() -> int:
     """This process's global rank; 0 when not distributed."""
     if is_dist():
-        return dist.get_rank()
+        return sys.modules["torch.distributed"].get_rank()
     return 0
 
 
 def get_world_size() -> int:
     """Number of processes in the default group; 1 when not distributed."""
     if is_dist():
-        return dist.get_world_size()
+        return sys.modules["torch.distributed"].get_world_size()
     return 1
 
 
@@ -388,6 +406,8 @@ def is_main_process() -> bool:
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` / compiled wrapper."""
+    import torch
+
     while True:
         if isinstance(
             model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)

@@ -7,23 +7,30 @@ tqdm with ``disable=None`` is silent when stderr is not a terminal) or, for a st
 one, a heartbeat line with the time spent so far. Everything goes to stderr, only from the
 main process; ``quiet`` silences it, ``-v`` (the ``compresscnn`` logger at DEBUG) adds the
 time of every stage.
+
+Inside a stage, a loop over layers says where it is with :func:`track` (``[plan] layer 7/14
+(layer3.0.conv2, cp), 25 s, about 40 s left``: the heartbeat prints that line in place of
+"still running"; a bar on a terminal), and a stage made of a few long calls says what it is
+doing with :func:`doing` (``[export_onnx] writing the file (dynamo exporter), 30 s``). Both
+cost nothing outside a stage shown by :func:`timed` (the Python API, ``quiet``, tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
 from compresscnn.util.common import Timer, is_main_process
 from compresscnn.errors import StreamError
 
-__all__ = ["INTERVAL", "emit", "result", "bar", "timed", "fmt_seconds", "LineBar"]
+__all__ = ["INTERVAL", "emit", "result", "bar", "timed", "track", "doing", "fmt_seconds", "LineBar"]
 
 #: the longest silence, in seconds, of a stage that is running
 INTERVAL = 10.0
@@ -31,28 +38,46 @@ INTERVAL = 10.0
 log = logging.getLogger("compresscnn")
 _LOCK = threading.Lock()
 _LAST = [0.0]  # time.monotonic() of the last progress output
+#: the name of the stage :func:`timed` is showing in this context (None: nothing is shown)
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("compresscnn_stage",
+                                                                   default=None)
+_STATUS: dict[str, Callable[[float], str]] = {}  # stage -> its current status line
+T = TypeVar("T")
 
 
 def _touch() -> None:
     _LAST[0] = time.monotonic()
 
 
-_STDERR_BROKEN = [False]
+_STDERR_BROKEN: list[Any] = [None]  # the stderr stream that could not be written, if any
 
 
 def emit(line: str) -> None:
     """Write one whole line to stderr (also from the heartbeat thread) and note the time.
     A stderr that cannot be written (a full device, a closed pipe) is not the run's failure:
-    its progress lines are dropped from then on, and the exit code still says how it ended."""
+    its progress lines are dropped while it stays the process's stderr, and the exit code still
+    says how it ended."""
     with _LOCK:
         _touch()
-        if _STDERR_BROKEN[0]:
+        stream = sys.stderr
+        if stream is _STDERR_BROKEN[0]:
             return
         try:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+            stream.write(_printable(line, stream) + "\n")
+            stream.flush()
         except (OSError, ValueError):
-            _STDERR_BROKEN[0] = True
+            _STDERR_BROKEN[0] = stream
+
+
+def _printable(text: str, stream: Any) -> str:
+    """``text`` as ``stream`` can encode it: bytes of a non-UTF-8 file name (held as lone
+    surrogates) are shown as ``\\udcff`` escapes instead of failing the write."""
+    enc = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(enc)
+        return text
+    except (UnicodeEncodeError, LookupError):
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def result(text: str) -> None:
@@ -60,7 +85,7 @@ def result(text: str) -> None:
     written is a :class:`StreamError` naming stdout and the system's reason, so that it is
     never taken for a full disk under the run's folder."""
     try:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(_printable(text, sys.stdout) + "\n")
         sys.stdout.flush()
     except (OSError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -148,7 +173,9 @@ class _Heartbeat:
                 _touch()
             now = time.monotonic()
             if now - _LAST[0] >= due:
-                emit(f"[{self.name}] still running, {fmt_seconds(now - self.start)}")
+                status = _STATUS.get(self.name)
+                emit(status(now) if status is not None else
+                     f"[{self.name}] still running, {fmt_seconds(now - self.start)}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -165,11 +192,72 @@ def timed(timings: dict[str, float] | None, name: str, what: str = "", *,
     if show:
         emit(f"[{name}] {what}".rstrip())
     beat = _Heartbeat(name) if show else None
+    token = _STAGE.set(name if show else None)
     try:
         with Timer(timings, name) as t:
             yield t
     finally:
+        _STAGE.reset(token)
+        _STATUS.pop(name, None)
         if beat is not None:
             beat.stop()
     if show and (t.seconds >= INTERVAL or log.isEnabledFor(logging.DEBUG)):
         emit(f"[{name}] done in {fmt_seconds(t.seconds)}")
+
+
+def doing(what: str) -> None:
+    """Say what the running stage does now: its heartbeat prints ``[stage] what, t`` (time
+    since the stage started) instead of "still running". Nothing outside a shown stage."""
+    stage = _STAGE.get()
+    if stage is None:
+        return
+    start = time.monotonic()
+    _STATUS[stage] = lambda now: f"[{stage}] {what}, {fmt_seconds(now - start)}"
+
+
+def track(items: Iterable[T], what: str, *, label: Callable[[T], str] | None = None,
+          weight: Callable[[T], float] | None = None) -> Iterator[T]:
+    """Yield ``items``; inside a stage shown by :func:`timed`, say which one the loop is on
+    and the time left: ``[stage] what n/total (label), elapsed, about t left``, printed by the
+    heartbeat at most once per :data:`INTERVAL` (a bar on a terminal). ``weight`` (e.g. a
+    layer's parameters) spreads the estimate of the time left unevenly over the items."""
+    stage = _STAGE.get()
+    if stage is None:
+        yield from items
+        return
+    todo = list(items)
+    weights = [max(float(weight(x)), 1e-9) if weight is not None else 1.0 for x in todo]
+    total_w, n = sum(weights), len(todo)
+    start = time.monotonic()
+    state: dict[str, Any] = {"i": 0, "done": 0.0, "label": ""}
+
+    def line(now: float) -> str:
+        spent = now - start
+        text = f"[{stage}] {what} {state['i']}/{n}"
+        text += f" ({state['label']})" if state["label"] else ""
+        text += f", {fmt_seconds(spent)}"
+        if state["done"] > 0:
+            text += f", about {fmt_seconds(spent / state['done'] * (total_w - state['done']))}" \
+                    " left"
+        return text
+
+    tty = sys.stderr.isatty()
+    pbar = tqdm(total=n, desc=f"{stage}: {what}", unit=what, leave=False,
+                dynamic_ncols=True) if tty else None
+    before = _STATUS.get(stage)
+    _STATUS[stage] = line
+    try:
+        for i, x in enumerate(todo):
+            state.update(i=i + 1, done=state["done"] + (weights[i - 1] if i else 0.0),
+                         label=label(x) if label is not None else "")
+            if pbar is not None:
+                pbar.set_postfix_str(state["label"], refresh=False)
+                pbar.update(0 if i == 0 else 1)
+            yield x
+    finally:
+        if pbar is not None:
+            pbar.close()
+        if before is not None:
+            _STATUS[stage] = before
+        else:
+            _STATUS.pop(stage, None)

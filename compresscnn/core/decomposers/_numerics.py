@@ -152,6 +152,38 @@ def truncated_svd(a: torch.Tensor, rank: int
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
+def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Truncated SVD of a wide or tall ``a`` (``m x n``) from the eigendecomposition of its
+    smaller Gram matrix (``min(m, n)`` square): the leading ``rank`` eigenvectors span the
+    best rank-``rank`` subspace of that side, and the projection of ``a`` on them gives the
+    other side and the singular values (its rows' norms). Two products with ``a`` and one
+    symmetric eigendecomposition of the small side, against a full SVD's bidiagonalisation
+    of all of ``a``: VGG-16's fc6 (4096 x 25088) in seconds. The result is the orthogonal
+    projection of ``a`` on that subspace, so its error is ``sqrt(||a||^2 - sum s^2)``,
+    returned as the fourth value (relative). ``products``: the dtype of the two products
+    with ``a`` and of the eigendecomposition (e.g. float32 for a float32 layer held in
+    float64: about twice as fast); the results are in ``a``'s dtype. Same contract as :func:`truncated_svd` otherwise;
+    exact to rounding (not a sketch), but a full-rank SVD should use that one."""
+    tall = a.shape[0] > a.shape[1]
+    b = a.mT if tall else a                                   # k x N, k = min(m, n)
+    low = b.to(products) if products is not None and products != b.dtype else b
+    g = low @ low.mT                      # eigh in the products' dtype: no more is known
+    u = torch.linalg.eigh(g)[1][:, -rank:].flip(-1)          # k x r, descending
+    proj = (u.mT @ low).to(a.dtype)                           # r x N
+    u = u.to(a.dtype)
+    s = torch.linalg.vector_norm(proj, dim=1)
+    order = torch.argsort(s, descending=True, stable=True)
+    u, proj, s = u[:, order], proj[order], s[order]
+    vh = proj / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+    total = float(torch.linalg.vector_norm(a)) ** 2
+    kept = float(s.double().square().sum())
+    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    if tall:  # a = b^T ~ proj^T u^T
+        return vh.mT, s, u.mT, rel
+    return u, s, vh, rel
+
+
 def randomized_svd(a: torch.Tensor, rank: int, oversample: int | None = None,
                    power_iters: int | None = None, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,7 +219,8 @@ def cp_reconstruct(factors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _mttkrp4(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int,
-             cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+             cache: dict[str, torch.Tensor] | None = None,
+             products: torch.dtype | None = None) -> torch.Tensor:
     """:func:`mttkrp` of an ``(O, I, h, w)`` tensor. Mode ``O``: one matrix product with the
     Khatri-Rao product of the input mode and the small spatial ones (``I * h * w`` rows).
     The other modes from ``Y = A_O^T T_(O)`` (``R x I x h x w``, one matrix product), then
@@ -195,17 +228,26 @@ def _mttkrp4(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int,
     after contracting ``I``. ``cache``: a dict that keeps ``Y`` between calls while ``A_O``
     does not change (an ALS sweep updates ``O`` first, so the sweep's other three modes share
     one ``Y``: two large matrix products per sweep instead of four); the caller empties it
-    when ``A_O`` changes."""
+    when ``A_O`` changes. ``products``: the dtype the two large products run in (their
+    results come back in ``t``'s dtype; ``cache`` may then also hold ``t`` in it)."""
     a_o, a_i, a_h, a_w = factors
     o, i, h, w = t.shape
     r = a_o.shape[1]
     hw = (a_h[:, None, :] * a_w[None, :, :]).reshape(h * w, r)  # KR of the spatial modes
+    flat = t.reshape(o, i * h * w)
+    if products is not None and products != t.dtype:
+        low = None if cache is None else cache.get("t")
+        if low is None:
+            low = flat.to(products)
+            if cache is not None:
+                cache["t"] = low
+        flat = low
     if mode == 0:
         kr = (a_i[:, None, :] * hw[None, :, :]).reshape(i * h * w, r)
-        return t.reshape(o, i * h * w) @ kr
+        return (flat @ kr.to(flat.dtype)).to(t.dtype)
     y = None if cache is None else cache.get("y")
     if y is None:
-        y = (a_o.mT @ t.reshape(o, i * h * w)).reshape(r, i, h * w)  # O contracted
+        y = (a_o.mT.to(flat.dtype) @ flat).to(t.dtype).reshape(r, i, h * w)  # O contracted
         if cache is not None:
             cache["y"] = y
     if mode == 1:
@@ -225,14 +267,15 @@ def cp_term_norms(factors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def mttkrp(t: torch.Tensor, factors: Sequence[torch.Tensor], mode: int,
-           cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+           cache: dict[str, torch.Tensor] | None = None,
+           products: torch.dtype | None = None) -> torch.Tensor:
     """Matricised tensor times Khatri-Rao product ``T_(n) (KR of the other factors)``
     (``I_n x R``); the Khatri-Rao matrix of the two large modes is never formed. A 4-way
     conv kernel ``(O, I, kh, kw)`` goes through one matrix product with the first large
-    mode contracted (:func:`_mttkrp4`, which may keep that product in ``cache``); other
-    orders through one einsum."""
+    mode contracted (:func:`_mttkrp4`, which may keep that product in ``cache`` and run the
+    large products in ``products``); other orders through one einsum."""
     if t.ndim == 4:
-        return _mttkrp4(t, factors, mode, cache)
+        return _mttkrp4(t, factors, mode, cache, products)
     letters = "abcdefgh"[: t.ndim]
     ops = [f"{letters[m]}r" for m in range(t.ndim) if m != mode]
     expr = letters + "," + ",".join(ops) + f"->{letters[mode]}r"
@@ -244,7 +287,8 @@ DEAD_TERM = 1e-6
 
 
 def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
-           tol: float = 1e-7, ridge: float = 1e-6, revive: int = 3
+           tol: float = 1e-7, ridge: float = 1e-6, revive: int = 3,
+           extrapolate: bool = False, products: torch.dtype | None = None
            ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Regularised CP-ALS (Kolda & Bader 2009, fig. 3.3, with Tikhonov/ridge terms as in
     Navasca, De Lathauwer & Kindermann 2008). Each mode update solves
@@ -266,12 +310,22 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     cannot grow). E.g. ResNet-20's ``layer3.2.conv1`` at rank 88, ridge
     1e-3: 7 dead terms and error 0.529 without, none and 0.505 with.
 
+    ``extrapolate``: Bro's line-search acceleration (Bro 1998, sec. 4.3; TensorLy's
+    ``linesearch``): before a sweep the factors are pushed along their last move,
+    ``A + (k^(1/3) - 1) (A - A_prev)`` at sweep ``k``, and the sweep from there is kept only
+    if its error is below the last one, else the sweep is run again from the plain factors.
+    A rejected try counts as a sweep; the error test costs nothing (it is the sweep's own).
+    It reaches in 40-50 sweeps the error plain ALS reaches in 100 (ResNet-18's 3x3 convs).
+    ``products``: the dtype of the two large products of a sweep (:func:`mttkrp`), e.g.
+    bfloat16 where the CPU multiplies it natively; the factors and solves stay in ``t``'s.
+
     ``ridge`` is the absolute Tikhonov weight on the unit-norm problem: the objective is
     ``||x - [[A]]||^2 + ridge * sum_n ||A_n||_F^2``.
 
     Returns ``(factors, info)``: factors ``I_n x R`` of ``t`` itself (the scale ``||t||`` is
     spread evenly over the modes) and ``info = {"iters", "rel_error", "norm_ratio",
-    "finite", "revived"}`` with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||`` and
+    "finite", "revived"}`` (``iters``: the sweeps run, rejected extrapolations included)
+    with ``norm_ratio = sqrt(sum_r ||term_r||^2) / ||t||`` and
     ``revived`` the number of terms re-seeded.
     """
     tn = float(torch.linalg.vector_norm(t))
@@ -284,45 +338,68 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     a = [f.clone() for f in init]
     rank = a[0].shape[1]
     eye = torch.eye(rank, dtype=t.dtype, device=t.device)
-    grams = [f.mT @ f for f in a]
+    cache: dict[str, torch.Tensor] = {}
+
+    def sweep(f: list[torch.Tensor], grams: list[torch.Tensor | None]
+              ) -> tuple[float, list[torch.Tensor | None]]:
+        """One ALS sweep on ``f`` (in place); its relative error and the Gram matrices.
+        ``grams[0]`` is not read: mode 0 is updated first."""
+        grams = list(grams)
+        for n in range(n_modes):
+            v = torch.ones(rank, rank, dtype=t.dtype, device=t.device)
+            for m in range(n_modes):
+                if m != n:
+                    v = v * grams[m]
+            if n == 0:
+                cache.pop("y", None)  # what it holds was computed from the first factor
+            mk = mttkrp(x, f, n, cache, products)
+            chol, info = torch.linalg.cholesky_ex(v + ridge * eye)
+            if int(info) != 0:
+                new = torch.linalg.lstsq(v + ridge * eye, mk.mT).solution.mT
+            else:
+                new = torch.cholesky_solve(mk.mT, chol).mT
+            f[n] = new
+            grams[n] = new.mT @ new
+        # ||x - x_hat||^2 = 1 - 2 <x, x_hat> + ||x_hat||^2, from the last update's pieces
+        inner = float((mk * f[n_modes - 1]).sum())
+        hat2 = float((v * grams[n_modes - 1]).sum())
+        return math.sqrt(max(1.0 - 2.0 * inner + hat2, 0.0)), grams
+
+    grams: list[torch.Tensor | None] = [None] + [f.mT @ f for f in a[1:]]
+    last: list[torch.Tensor] | None = None  # the factors before the last kept sweep
     prev = math.inf
     rel = math.inf
     done = 0
     finite = True
     reseeds = revived = 0
-    cache: dict[str, torch.Tensor] = {}
-    for it in range(iters):
-        for n in range(n_modes):
-            v = torch.ones_like(grams[0])
-            for m in range(n_modes):
-                if m != n:
-                    v = v * grams[m]
-            if n == 0:
-                cache.clear()  # what it holds was computed from the first factor
-            mk = mttkrp(x, a, n, cache)
-            lam = ridge
-            chol, info = torch.linalg.cholesky_ex(v + lam * eye)
-            if int(info) != 0:
-                new = torch.linalg.lstsq(v + lam * eye, mk.mT).solution.mT
+    while done < iters:
+        if extrapolate and last is not None:
+            jump = (done + 1) ** (1.0 / 3.0) - 1.0
+            b = [f + jump * (f - p) for f, p in zip(a, last)]
+            rel_b, grams_b = sweep(b, [None] + [f.mT @ f for f in b[1:]])
+            done += 1
+            if math.isfinite(rel_b) and rel_b < rel:
+                last, a, grams, rel = a, b, grams_b, rel_b
+            elif done >= iters:
+                break
             else:
-                new = torch.cholesky_solve(mk.mT, chol).mT
-            a[n] = new
-            grams[n] = new.mT @ new
-        # ||x - x_hat||^2 = 1 - 2 <x, x_hat> + ||x_hat||^2, from the last update's pieces
-        inner = float((mk * a[n_modes - 1]).sum())
-        hat2 = float((v * grams[n_modes - 1]).sum())
-        rel = math.sqrt(max(1.0 - 2.0 * inner + hat2, 0.0))
-        done = it + 1
+                last = None
+        if last is None or not extrapolate:
+            c = list(a)
+            rel, grams = sweep(c, grams)
+            done += 1
+            last, a = a, c
         if not math.isfinite(rel):  # a non-finite factor reaches rel through mk or grams
             finite = False
             break
-        grams = [g * d[:, None] * d[None, :] for g, d in zip(grams, _balance(a))]
+        grams = [None if g is None else g * d[:, None] * d[None, :]
+                 for g, d in zip(grams, _balance(a))]
         if reseeds < revive:
             dead = _dead_terms(a)
             if len(dead):
                 _reseed(x, a, dead)
-                grams = [f.mT @ f for f in a]
-                reseeds, revived, prev = reseeds + 1, revived + len(dead), math.inf
+                grams = [None] + [f.mT @ f for f in a[1:]]
+                reseeds, revived, prev, last = reseeds + 1, revived + len(dead), math.inf, None
                 continue
         if math.isfinite(prev) and abs(prev - rel) < tol * max(prev, 1e-12):
             break

@@ -3,12 +3,16 @@
 A rule with ``method: auto`` lets the planner choose, for every layer it matches, among the
 low-rank methods in ``methods`` that can take the layer (CP here, spatial there, Tucker-2
 elsewhere, SVD on Linear layers, or dense where nothing pays). For each method it builds
-``ranks`` candidates evenly spread in cost (1/ranks, 2/ranks, ... of the dense layer's MACs),
-*decomposes* the layer at each and records the measured relative error
-``||W - W_hat||_F / ||W||_F`` (the ``fit_info`` every decomposer leaves). Measured, not
-estimated: the spectral error estimates the single-method planner uses are not comparable
-across methods (Tucker-2's bounds the error by summing two modes' tails; CP's is that of its
-per-tap construction, which ALS beats by a margin that varies from layer to layer).
+``ranks`` candidates evenly spread in cost (1/ranks, 2/ranks, ... of the dense layer's MACs)
+and takes the relative error ``||W - W_hat||_F / ||W||_F`` each reaches
+(:meth:`~compresscnn.core.decomposers.base.Decomposer.errors`): exactly, from the spectra, for
+Tucker-2 (the kernel rotated into both modes' eigenbases holds every rank's error),
+spatial and SVD; for CP by decomposing on small layers and from a few ALS sweeps on large
+ones (an estimate the full fit only lowers). These are the errors the decompositions reach,
+not the single-method planner's spectral bounds, which are not comparable across methods
+(Tucker-2's sums two modes' tails; CP's is that of its per-tap construction, which ALS beats
+by a margin that varies from layer to layer). Only the candidate the plan keeps is then
+decomposed in full.
 
 With a global ``target`` the budget then picks per layer a method and a rank, or keeps the
 layer dense, minimising the summed squared errors (:func:`compresscnn.core.ranks.allocate`, with
@@ -17,23 +21,21 @@ each layer gets the candidate with the lowest error within that fraction. A ``ra
 ``energy`` means different things per method and is refused. Every method runs with its
 default options; the plan rows name the method chosen.
 
-Planning cost: one decomposition per method and candidate (CP-ALS the slowest): about a
-second per 3x3 conv of a CIFAR ResNet at the default 12 candidates.
+Planning cost: spectra and a few ALS sweeps per CP candidate on large layers; on small
+ones (kernel size x rank below ``cp.EXACT_BELOW``) each CP candidate is fitted in full,
+about a second per 3x3 conv of a CIFAR ResNet at the default 12 candidates.
 """
 
 from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from pydantic import model_validator
 from torch import nn
 
-from compresscnn.config import Enum, Int, ListOf, MethodOptions, bad, doc
 from compresscnn.errors import MethodError
-from compresscnn.core.decomposers.base import Decomposer, Rank, get_decomposer, parse_options, register_decomposer
-
-#: the methods ``auto`` may choose among (fire changes the block's structure, not a rank)
-CHOICES = ("cp", "spatial", "tucker2", "svd")
+from compresscnn.core.decomposers.base import (Decomposer, Rank, get_decomposer, parse_options,
+                                               register_decomposer)
+from compresscnn.core.method_options import AUTO_CHOICES as CHOICES, AutoOptions
 
 
 @register_decomposer("auto")
@@ -42,25 +44,7 @@ class Auto(Decomposer):
     rank_names = ()
     chooses = True
 
-    class Options(MethodOptions):
-        """Mixed methods: the candidates the planner measures per layer."""
-
-        methods: ListOf(Enum(*CHOICES), min_len=1) = doc(
-            "The methods to choose among per layer (each with its default options).",
-            list(CHOICES))
-        ranks: Int(2) = doc(
-            "Candidates per method and layer, evenly spread in MACs; each is decomposed to "
-            "measure its error.", 12)
-
-        @model_validator(mode="after")
-        def _policies(self) -> "Auto.Options":
-            # as a rule (the rule model inherits these options): a rank or energy is per method
-            for key in ("rank", "energy"):
-                if getattr(self, key, None) is not None:
-                    raise bad(f"method auto takes a global target or a macs/params policy, "
-                              f"not {key} (a {key} means something else for each method)",
-                              (key,))
-            return self
+    Options = AutoOptions
 
     def members(self, layer: nn.Module, **options: Any) -> list[Decomposer]:
         """The methods of ``options`` that can take ``layer``, in the order given."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from compresscnn.config import MethodOptions, first_error, fmt_path
 from compresscnn.errors import MethodError, ModelError, RankError
+from compresscnn.core.method_options import declare
 
 Rank = tuple[int, ...]
 
@@ -76,6 +77,14 @@ class Decomposer:
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
         raise NotImplementedError
 
+    def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any
+               ) -> list[float] | None:
+        """The relative weight error ``||W - W_hat|| / ||W||`` that ``decompose`` reaches at
+        each of ``ranks``, computed without building the modules (from the spectra where
+        that is exact, a few iterations where the method iterates), or None where only
+        decomposing tells (the caller then decomposes at each rank)."""
+        return None
+
     def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec] | None:
         """The plain convs ``decompose`` chains at ``rank``, or None where the result is not
         a plain chain of convs (then :meth:`skeleton` falls back to ``decompose``)."""
@@ -108,6 +117,7 @@ def register_decomposer(name: str) -> Callable[[type[Decomposer]], type[Decompos
         if name in _REGISTRY:
             raise ValueError(f"decomposer {name!r} is already registered")
         cls.name = name
+        declare(name, cls.rank_names, cls.Options, cls.chooses)  # what recipes validate with
         _REGISTRY[name] = cls()
         return cls
 
@@ -280,6 +290,19 @@ def fit_info(weight: torch.Tensor, approx: torch.Tensor, term_energy: float | No
         return {"rel_error": 0.0 if err == 0.0 else math.inf, "norm_ratio": 0.0,
                 "iters": int(iters)}
     return {"rel_error": err / wn, "norm_ratio": te / wn, "iters": int(iters)}
+
+
+def tail_errors(s: torch.Tensor, ranks: Sequence[int]) -> list[float]:
+    """``sqrt(sum_{i >= r} s_i^2 / sum_i s_i^2)`` for each ``r`` of ``ranks``: the relative
+    error of keeping the leading ``r`` of orthogonal terms of norms ``s`` (descending), each
+    tail summed on its own (no difference of large sums)."""
+    e = s.double().square()
+    total = float(e.sum())
+    if total <= 0.0:
+        return [0.0 for _ in ranks]
+    tails = e.flip(0).cumsum(0).flip(0)                 # tails[i] = sum of e[i:]
+    tails = torch.cat([tails, tails.new_zeros(1)])
+    return [math.sqrt(max(float(tails[min(int(r), len(e))]), 0.0) / total) for r in ranks]
 
 
 def work_weight(layer: nn.Module) -> torch.Tensor:

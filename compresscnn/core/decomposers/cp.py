@@ -41,26 +41,52 @@ Refused: groups > 1 (no exact grouped CP-4 with plain convs here; use tucker2/sp
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.config import Enum, Float, Int, MethodOptions, doc
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options,
-                   register_decomposer, split_axes, work_weight)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost,
+                                               parse_options, register_decomposer, split_axes,
+                                               work_weight, tail_errors)
+from compresscnn.core.method_options import CPOptions
 
 
 #: ``precision: auto`` runs ALS in float32 from this many kernel entries x rank
 SINGLE_FROM = 1e8
+#: :meth:`CP.errors`: below this many kernel entries x (largest) rank the candidates are
+#: decomposed and measured; from it, estimated from ``ESTIMATE_SWEEPS`` ALS sweeps each
+EXACT_BELOW, ESTIMATE_SWEEPS = 1e7, 8
 
 
 def _single(precision: str, w: torch.Tensor, r: int) -> bool:
     """Whether ALS runs in float32 (see ``CP.Options.precision``)."""
     if precision == "auto":
         return w.device.type != "mps" and w.numel() * r >= SINGLE_FROM
-    return precision == "float32"
+    return precision in ("float32", "bfloat16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16): there a bfloat16
+    matrix product is several times faster than a float32 one; elsewhere it is emulated
+    and slower."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    try:
+        return any(bool(getattr(torch.cpu, p)()) for p in probes if hasattr(torch.cpu, p))
+    except Exception:  # noqa: BLE001 - a private probe that changed: assume not
+        return False
+
+
+def _products(precision: str, w: torch.Tensor, r: int) -> torch.dtype | None:
+    """The dtype of ALS's large products: bfloat16 when asked, or with ``auto`` on a large
+    problem on a CPU that multiplies it natively; else that of the sweeps."""
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if (precision == "auto" and w.device.type == "cpu" and w.numel() * r >= SINGLE_FROM
+            and native_bf16()):
+        return torch.bfloat16
+    return None
 
 
 @register_decomposer("cp")
@@ -68,21 +94,7 @@ class CP(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r",)
 
-    class Options(MethodOptions):
-        """CP-ALS options."""
-
-        iters: Int(1) = doc("ALS sweeps (at most).", 100)
-        tol: Float(0.0) = doc("Relative change of the fit below which ALS stops.", 1e-6)
-        ridge: Float(0.0) = doc("Tikhonov weight on the unit-norm least-squares problems.",
-                                1e-4)
-        max_norm_ratio: Float(0.0, lo_open=True) = doc(
-            "Degeneracy bound: a fit whose terms' norm exceeds this multiple of the layer's is "
-            "refitted with a larger ridge.", 2.0)
-        seed: Int(0) = doc("Seed of the initialisation's random fill.", 0)
-        precision: Enum("auto", "float64", "float32") = doc(
-            "Arithmetic of the ALS sweeps. `auto`: float32 for large problems (kernel size x "
-            "rank >= 1e8, e.g. 256x256x3x3 at rank 432: 1.7x faster, relative error equal to "
-            "4 decimals on resnet18's layers), float64 below.", "auto")
+    Options = CPOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -142,11 +154,14 @@ class CP(Decomposer):
         sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)  # no vectors needed
         return [torch.sort(sv, descending=True, stable=True).values.to(layer.weight.dtype)]
 
-    def _hosvd_init(self, w: torch.Tensor, r: int, seed: int) -> list[torch.Tensor]:
+    def _hosvd_init(self, w: torch.Tensor, r: int, seed: int,
+                    bases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The leading ``r`` left singular vectors of each unfolding (``bases``: all of
+        them, when already computed), a seeded Gaussian fill beyond a mode's size."""
         gen = torch.Generator(device=w.device).manual_seed(seed)
         out = []
         for n in range(4):
-            sig, u = num.gram_eig(w, n)
+            u = num.gram_eig(w, n)[1] if bases is None else bases[n]
             k = min(r, u.shape[1])
             f = u[:, :k]
             if k < r:
@@ -154,6 +169,35 @@ class CP(Decomposer):
                                     device=w.device) / math.sqrt(u.shape[0])
                 f = torch.cat([f, extra], dim=1)
             out.append(f)
+        return out
+
+    def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any
+               ) -> list[float] | None:
+        """None (decompose each) where the largest candidate is small (kernel size x rank
+        below ``EXACT_BELOW``: the errors measured). Else an estimate per rank from
+        ``ESTIMATE_SWEEPS`` sweeps of the same ALS from the same start (``decompose`` runs
+        ``iters``, which only lower it), or the per-tap construction's error where that is
+        lower (``decompose`` keeps the better of the two)."""
+        opt = parse_options(self, options)
+        w = work_weight(layer)
+        if w.numel() * max(r[0] for r in ranks) < EXACT_BELOW:
+            return None
+        sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)
+        taps = tail_errors(torch.sort(sv, descending=True).values, [r[0] for r in ranks])
+        bases = [num.gram_eig(w, n)[1] for n in range(4)]
+        full = self.max_rank(layer)[0]
+        out = []
+        for (r,), tap in zip(ranks, taps):
+            if r >= full or tap == 0.0:
+                out.append(tap)
+                continue
+            wa = w.float() if _single(opt.precision, w, r) else w
+            _, info = num.cp_als(wa, [f.to(wa.dtype) for f in self._hosvd_init(
+                w, r, opt.seed, bases)], iters=min(ESTIMATE_SWEEPS, opt.iters), tol=opt.tol,
+                ridge=opt.ridge, extrapolate=opt.extrapolate,
+                products=_products(opt.precision, w, r))
+            ok = info["finite"] and info["norm_ratio"] <= opt.max_norm_ratio
+            out.append(min(info["rel_error"], tap) if ok else tap)
         return out
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
@@ -174,17 +218,35 @@ class CP(Decomposer):
         if r < self.max_rank(layer)[0] and wn > 0:
             ridge = opt.ridge
             wa = w.float() if _single(opt.precision, w, r) else w
+            init = [f.to(wa.dtype) for f in self._hosvd_init(w, r, opt.seed)]
+            products = _products(opt.precision, w, r)
             for _ in range(4):
-                factors, info = num.cp_als(
-                    wa, [f.to(wa.dtype) for f in self._hosvd_init(w, r, opt.seed)],
-                    iters=opt.iters, tol=opt.tol, ridge=ridge)
-                factors = [f.to(w.dtype) for f in factors]
-                total_iters += info["iters"]
-                if info["finite"] and info["norm_ratio"] <= opt.max_norm_ratio:
+                # the accelerated fit; plain ALS at twice the sweeps (the fit without
+                # extrapolation) only where the accelerated fit is inadmissible
+                # (extrapolation can grow cancelling terms) or had to re-seed dead terms
+                # (under a strong ridge plain ALS, re-seeding them, settles better). Running
+                # both on every small layer lowered their errors a little but doubled the
+                # planning of CIFAR ResNets, whose layers are all small.
+                tries = [(opt.extrapolate, opt.iters)] + (
+                    [(False, 2 * opt.iters)] if opt.extrapolate else [])
+                fits = []
+                for extrapolate, iters in tries:
+                    if fits and fits[-1][1] and not fits[-1][2]["revived"]:
+                        break
+                    factors, info = num.cp_als(wa, init, iters=iters, tol=opt.tol,
+                                               ridge=ridge, extrapolate=extrapolate,
+                                               products=products)
+                    total_iters += info["iters"]
+                    fits.append((factors, info["finite"]
+                                 and info["norm_ratio"] <= opt.max_norm_ratio, info))
+                fits = [f for f in fits if f[1]]
+                if fits:
+                    factors, _, info = min(fits, key=lambda f: f[2]["rel_error"])
                     if info["rel_error"] < best[1]["rel_error"]:
-                        best = (factors, {"rel_error": info["rel_error"],
-                                          "norm_ratio": info["norm_ratio"],
-                                          "revived": info["revived"]})
+                        best = ([f.to(w.dtype) for f in factors],
+                                {"rel_error": info["rel_error"],
+                                 "norm_ratio": info["norm_ratio"],
+                                 "revived": info["revived"]})
                     break
                 ridge = ridge * 10 if ridge > 0 else 1e-4
         factors = best[0]

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.config import Bool, Float, MethodOptions, Nullable, doc
+from compresscnn.core.method_options import FireOptions
 from compresscnn.core.decomposers.base import (F_PAD_MODES, ConvSpec, Decomposer, Rank, parse_options, fit_info,
                    padding_pairs, register_decomposer, work_weight)
 
@@ -103,13 +103,7 @@ class Fire(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("s",)
 
-    class Options(MethodOptions):
-        """Fire module options."""
-
-        squeeze_ratio: Nullable(Float(0.0, lo_open=True)) = doc(
-            "Caps the squeeze channels at ceil(squeeze_ratio * C_out); null: no cap.", None)
-        pct3x3: Float(0.0, 1.0) = doc("Share of the expand channels in the 3x3 branch.", 0.5)
-        relu: Bool = doc("A ReLU after the squeeze conv (as in SqueezeNet; not exact).", False)
+    Options = FireOptions
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)

@@ -28,14 +28,15 @@ are refused (nothing to separate).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
-                   register_decomposer, split_axes, work_weight)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost,
+                                               parse_options, fit_info, register_decomposer,
+                                               split_axes, work_weight, tail_errors)
 
 
 @register_decomposer("spatial")
@@ -89,6 +90,13 @@ class Spatial(Decomposer):
         """Singular values of the unfolding, combined over groups as sqrt(sum_g s_g^2)."""
         s = torch.linalg.svdvals(self._matrices(layer))
         return [s.square().sum(0).sqrt().to(layer.weight.dtype)]
+
+    def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any) -> list[float]:
+        """Exact, from the singular values: each group keeps its top ``r``, so the error is
+        the tail of the spectrum combined over groups."""
+        parse_options(self, options)
+        s = torch.linalg.svdvals(self._matrices(layer)).square().sum(0).sqrt()
+        return tail_errors(s, [r[0] for r in ranks])
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
         parse_options(self, options)

@@ -27,13 +27,14 @@ to compress.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.config import Int, MethodOptions, doc
+from compresscnn.core.method_options import Tucker2Options
 from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
                    register_decomposer, work_weight)
 
@@ -43,10 +44,7 @@ class Tucker2(Decomposer):
     layer_types = (nn.Conv2d,)
     rank_names = ("r_in", "r_out")
 
-    class Options(MethodOptions):
-        """Tucker-2 options."""
-
-        hooi: Int(0) = doc("At most this many HOOI sweeps from the HOSVD; 0: HOSVD only.", 0)
+    Options = Tucker2Options
 
     def supports(self, layer: nn.Module) -> str | None:
         reason = super().supports(layer)
@@ -93,6 +91,33 @@ class Tucker2(Decomposer):
             sq = sum(num.gram_svals(w, mode).square() for w in self._groups(layer))
             out.append(sq.sqrt()[:m].to(layer.weight.dtype))
         return out
+
+    def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any
+               ) -> list[float] | None:
+        """Exact for the HOSVD (``hooi: 0``): with the full eigenbases ``U_out``, ``U_in`` of
+        the two mode Gram matrices, the kernel rotated into them, ``C = W x_0 U_out^T x_1
+        U_in^T``, holds all its energy, and the HOSVD at ``(r_in, r_out)`` keeps exactly
+        the block ``C[:r_out, :r_in]``: its error is the energy outside that block, for
+        every rank at once (per group, summed). None with HOOI sweeps (decomposing tells)."""
+        if parse_options(self, options).hooi > 0:
+            return None
+        dropped = torch.zeros(len(ranks), dtype=torch.float64)
+        total = 0.0
+        for w in self._groups(layer):
+            u_out, u_in = num.gram_eig(w, 0)[1], num.gram_eig(w, 1)[1]
+            core = num.mode_dot(num.mode_dot(w, u_out.mT, 0), u_in.mT, 1)
+            e = core.square().flatten(2).sum(-1)                     # C_out/g x C_in/g
+            total += float(e.sum())
+            rows = e.flip(0).cumsum(0).flip(0)                        # rows[i] = e[i:].sum(0)
+            rows = torch.cat([rows, rows.new_zeros(1, e.shape[1])])
+            cols = e.cumsum(0)                                        # cols[i] = e[:i+1].sum(0)
+            for j, (r_in, r_out) in enumerate(ranks):
+                below = float(rows[min(r_out, e.shape[0])].sum())    # output rows dropped
+                right = float(cols[min(r_out, e.shape[0]) - 1, r_in:].sum()) if r_out else 0.0
+                dropped[j] += below + right
+        if total <= 0.0:
+            return [0.0 for _ in ranks]
+        return [math.sqrt(max(float(d), 0.0) / total) for d in dropped]
 
     def _groups(self, layer: nn.Conv2d) -> list[torch.Tensor]:
         w = work_weight(layer)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.resources
+import json
 import math
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load, load_file
 from torch import nn
 
 from compresscnn.config import MODEL_SOURCES
@@ -44,12 +46,9 @@ from compresscnn.errors import CheckpointError, ModelError
 from compresscnn.io.models.cifar_resnet import cifar_resnet
 from compresscnn.io.models.cifar_zoo import CIFAR_ZOO, parse_hparams
 from compresscnn.io.models.small import FMNIST_MEAN, FMNIST_STD, FashionCNN
-from compresscnn.io.models.tflite_weights import (
-    TFLITE_SUFFIX,
-    is_tflite_path,
-    load_tflite,
-    tf_same_padding,
-)
+from compresscnn.io.models.tflite_weights import (TFLITE_SUFFIX, is_tflite_path, load_tflite,
+                                                  tf_same_padding)
+from compresscnn.io.zoos import unknown_name as _unknown_name
 
 __all__ = [
     "load_model",
@@ -158,17 +157,6 @@ def model_names(source: str | None = None) -> list[str]:
     return out
 
 
-def _unknown_name(source: str, name: str, known: list[str]) -> ModelError:
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    if close:
-        hint = "did you mean " + ", ".join(f"'{source}:{c}'" for c in close) + "?"
-    elif len(known) <= 12:
-        hint = "known: " + ", ".join(f"'{source}:{c}'" for c in known)
-    else:
-        hint = f"see compresscnn.io.models.model_names('{source}') for the {len(known)} known names"
-    return ModelError(f"unknown {source} model {name!r}; {hint}")
-
-
 # --------------------------------------------------------------------------------------
 # checkpoints
 
@@ -214,6 +202,23 @@ def _sha256(path: Path) -> str:
 
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _load_safetensors(p: Path, metadata: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, its metadata into ``metadata``. safetensors opens
+    only paths that are valid UTF-8: a file under a non-UTF-8 name is read as bytes."""
+    try:
+        os.fsencode(p).decode("utf-8")
+    except UnicodeDecodeError:
+        data = p.read_bytes()
+        obj = safetensors_load(data)
+        n = struct.unpack("<Q", data[:8])[0]
+        metadata.update(json.loads(data[8:8 + n]).get("__metadata__") or {})
+        return obj
+    obj = load_file(str(p), device="cpu")
+    with safe_open(str(p), framework="pt") as f:
+        metadata.update(f.metadata() or {})
+    return obj
 
 
 def load_torch_file(p: Path) -> Any:
@@ -275,9 +280,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     metadata: dict[str, Any] = {}
     if p.suffix.lower() == ".safetensors":
         try:
-            obj: Any = load_file(str(p), device="cpu")
-            with safe_open(str(p), framework="pt") as f:
-                metadata.update(f.metadata() or {})
+            obj: Any = _load_safetensors(p, metadata)
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(
                 f"checkpoint {p} is not a readable safetensors file (truncated or corrupt?): "

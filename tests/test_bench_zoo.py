@@ -1,0 +1,45 @@
+"""tools/bench_zoo.py on two small torchvision models at a small input (64x64): each
+compressed at the MAC target (or refused in one line), exported and checked in onnxruntime
+at two batch sizes, and the table of BENCHMARKS.md printed from the results file."""
+
+from __future__ import annotations
+
+import json
+
+from _tools import load_tool
+
+
+def test_bench_zoo_two_models(tmp_path, capsys):
+    mod = load_tool("bench_zoo")
+    out = tmp_path / "zoo.json"
+    rows = mod.main(["--models", "torchvision:squeezenet1_1", "torchvision:mobilenet_v3_small",
+                     "--method", "tucker2", "--size", "3", "64", "64", "--time-limit", "600",
+                     "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["model"] for r in data["rows"]] == [r["model"] for r in rows]
+    assert data["meta"]["rules"] == [{"match": "*", "method": "tucker2"}]
+    assert data["meta"]["input"] == [3, 64, 64] and data["meta"]["batches"] == [1, 3]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert 0.45 <= r["ratio"] <= 0.5 and r["macs_after"] == r["planned_macs_after"]
+        assert 0 < r["taken"] <= r["matched"] <= r["layers"]
+        assert set(r["diffs"]) == {"1", "3"} and r["max_abs_diff"] < 1e-3
+        assert r["exporter"] in ("dynamo", "torchscript")
+    capsys.readouterr()
+    mod.main(["--table", str(out)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| model |") and len(table) == 2 + len(rows)
+    assert "| torchvision:squeezenet1_1 |" in table[2] and "| ok |" in table[2]
+
+
+def test_bench_zoo_refusal_is_one_line():
+    import torch
+
+    mod = load_tool("bench_zoo")
+    threads = torch.get_num_threads()
+    try:  # svd takes only the 1x1 convs of SqueezeNet (40% of the MACs): 0.5 is out of reach
+        row = mod.one("torchvision:squeezenet1_1", "svd", 0.5, (3, 32, 32), 1, (1, 3))
+    finally:
+        torch.set_num_threads(threads)
+    assert row["status"] == "refused" and "\n" not in row["why"]
+    assert "cannot be reached" in row["why"]
