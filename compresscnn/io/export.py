@@ -37,7 +37,7 @@ from torch import nn
 from compresscnn.errors import CompressError
 from compresscnn.core.folding import fold_for_export
 from compresscnn.util.modules import eval_mode, example_input
-from compresscnn.io.onnx_writer import (INPUT_NAME, OUTPUT_NAME, first_line as _first_line,
+from compresscnn.io.onnx_writer import (first_line as _first_line,
                                         write_onnx)
 from compresscnn.util.common import atomic_path
 from compresscnn.util.progress import doing

@@ -40,16 +40,15 @@ from pydantic import ValidationError, ValidationInfo, model_validator
 from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS,
                      MODEL_SOURCES, POLICY_KEYS, MIXES, RULE_KEYS, SCHEDULES, SOLVERS,
                      TARGET_KEYS, Calibration, Closed, Data,
-                     Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency, MethodOptions,
+                     Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency,
                      ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
-                     Where, bad, doc, expand_env, first_error, fmt_path, one_line,
-                     resolve_path, section, section_of, show, spec_of, suggest, unknown_key,
+                     Where, bad, doc, expand_env, fmt_path, one_line,
+                     resolve_path, section, section_of, show, spec_of, unknown_key,
                      where_of)
 from compresscnn.core.rules import (_options, _parse_rules, _registry, rule_model, rule_options,
                                     validate_compress, validate_rules, validate_target)
 from compresscnn.errors import RecipeError
 from compresscnn.util.common import atomic_write_text
-from compresscnn.core.method_options import methods
 
 __all__ = [
     "load_recipe", "validate", "validate_rules", "validate_target", "validate_compress",

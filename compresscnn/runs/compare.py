@@ -47,14 +47,12 @@ here (:class:`CompareRecipe`, the same typed models as compression recipes)::
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from pydantic import BeforeValidator, ValidationError

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from compresscnn.config import MethodOptions, first_error, fmt_path
-from compresscnn.errors import MethodError, ModelError, RankError
+from compresscnn.errors import MethodError, ModelError
 from compresscnn.core.method_options import declare
 
 Rank = tuple[int, ...]
