@@ -31,6 +31,8 @@ SQ = "recipes/squeezenet1_1_val500.yaml"
 MNV2 = "recipes/mobilenet_v2_tflite_val500.yaml"
 #: the 3x recipes' overrides for 5x fewer MACs (more calibration images, longer distillation)
 FIVE_X = ["target.macs=0.2", "calibration.batches=128", "calibration.distill.epochs=8"]
+#: 10x fewer MACs on the 3x recipes' 4,096 calibration images, zero-shot
+TEN_X = ["target.macs=0.1", "calibration.distill.epochs=8", "finetune.enabled=false"]
 #: the 2x recipes' overrides for the dense model given the same fine-tuning
 DENSE = ["rules=[]", "target=null", "calibration=null"]
 CP = ["rules.0.method=cp"]  # the 3x recipes' rule with CP ranks from spectral estimates
@@ -170,6 +172,15 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "resnet20_auto_5x_3ep": (R20_3X, [*FIVE_X, "finetune.epochs=3"]),
     "resnet56_auto_5x_3ep": (R56_3X, [*FIVE_X, "finetune.epochs=3"]),
     "resnet56_dense_3ep": (R56, [*DENSE, "finetune.enabled=true", "finetune.epochs=3"]),
+    # ten epochs, compressed and dense (the same schedule and seed): does the gap close?
+    "resnet20_dense_10ep": (R20, [*DENSE, "finetune.epochs=10"]),
+    "resnet20_auto_3x_10ep": (R20_3X, ["finetune.epochs=10"]),
+    "resnet20_auto_5x_10ep": (R20_3X, [*FIVE_X, "finetune.epochs=10"]),
+    "resnet56_auto_5x_10ep": (R56_3X, [*FIVE_X, "finetune.epochs=10"]),
+    "resnet56_dense_10ep": (R56, [*DENSE, "finetune.enabled=true", "finetune.epochs=10"]),
+    # 10x fewer MACs without labels: 4,096 calibration images, 8 distillation passes
+    "resnet20_auto_10x": (R20_3X, TEN_X),
+    "resnet56_auto_10x": (R56_3X, TEN_X),
     "squeezenet1_1_auto_1.5x": (SQ, ["rules.0.method=auto"]),
     "squeezenet1_1_auto_1.5x_b31": (SQ, [
         "rules.0.method=auto", "calibration.batches=31"]),
