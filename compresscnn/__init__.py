@@ -33,6 +33,8 @@ _EXPORTS = {
     "load_recipe": "compresscnn.recipe.schema",
     "rule_model": "compresscnn.core.rules",
     "Recipe": "compresscnn.recipe.schema",
+    "load_sweep": "compresscnn.recipe.sweep",
+    "run_sweep": "compresscnn.runs.sweep",
     "Target": "compresscnn.config",
     "MethodOptions": "compresscnn.config",
     "run": "compresscnn.runs.pipeline",

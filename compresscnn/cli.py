@@ -138,6 +138,26 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
     return f"to continue from {checkpoint}, run: {shlex.join(cmd + ['--resume'])}"
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from compresscnn.recipe.sweep import load_sweep
+    from compresscnn.util.progress import result
+
+    # every job's recipe is validated before the first one runs (seconds, no torch)
+    sweep = load_sweep(args.sweep)
+    if args.list:
+        for name, job in sweep.jobs.items():
+            result(f"{name}: {' '.join(job.command())}")
+        return 0
+    from compresscnn.runs.sweep import run_sweep
+
+    out = args.out or Path("runs") / args.sweep.stem
+    failed = run_sweep(sweep, args.jobs, out=out, results=args.results or out / "results",
+                       threads=args.threads, say=result)
+    if failed:
+        _say_error(f"compresscnn: {len(failed)} job(s) failed: {' '.join(failed)}")
+    return 1 if failed else 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from compresscnn.io.zoos import check_spec
 
@@ -242,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     _verbosity(r, top=False)
     r.set_defaults(func=_cmd_run)
+
+    w = sub.add_parser("sweep", help="run the jobs of a sweep file (recipes/sweeps/*.yaml), "
+                                     "each a recipe with overrides; a stopped sweep resumes")
+    w.add_argument("sweep", type=Path)
+    w.add_argument("--jobs", nargs="+", default=None, metavar="JOB",
+                   help="the jobs to run (default: all, in the file's order)")
+    w.add_argument("--list", action="store_true", help="print each job's command and stop")
+    w.add_argument("--out", type=Path, help="run folders (default: runs/<sweep name>)")
+    w.add_argument("--results", type=Path,
+                   help="one summary JSON per job (default: <out>/results); jobs that have one "
+                        "are skipped")
+    w.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each job")
+    _verbosity(w, top=False)
+    w.set_defaults(func=_cmd_sweep)
 
     i = sub.add_parser("inspect", help="per-layer table, what fits the model and a "
                                        "recommended rule set, to help write a recipe")
