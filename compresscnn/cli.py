@@ -171,8 +171,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from compresscnn.runs.compare import (CompareError, compare, parse_data_arg, run_compare_recipe,
-                                          write_compare, compare_outputs)
+    from compresscnn.runs.compare import CompareError, compare, parse_data_arg
+    from compresscnn.runs.compare_output import compare_outputs, write_compare
+    from compresscnn.runs.compare_recipe import load_compare_recipe, run_compare_recipe
     from compresscnn.util.progress import emit, result
 
     def pairs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -187,25 +188,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     data: dict = {}
     for d in args.data or []:
         data.update(parse_data_arg(d))
-    kw = dict(threads=args.threads, repeats=args.repeats, weights_for=pairs(args.weights_for, "--weights-for") or None,
-              default_weights=args.default_weights, onnx=False if args.no_onnx else None,
-              latency=False if args.no_latency else None, quantize=False if args.no_quantize else None,
-              input_size=args.input_size, latency_batches=args.latency_batches,
-              runtimes=args.runtimes)
+    settings = dict(threads=args.threads, repeats=args.repeats,
+                    weights_for=pairs(args.weights_for, "--weights-for") or None,
+                    default_weights=args.default_weights, onnx=False if args.no_onnx else None,
+                    latency=False if args.no_latency else None,
+                    quantize=False if args.no_quantize else None, input_size=args.input_size,
+                    latency_batches=args.latency_batches, runtimes=args.runtimes)
     log = None if args.quiet else emit
     if args.recipe is not None:
-        from compresscnn.runs.compare import load_compare_recipe
-        base = load_compare_recipe(args.recipe)["data"] or {}
+        recipe = load_compare_recipe(args.recipe)
+        settings["data"] = {**(recipe["data"] or {}), **data} or None
         rows = run_compare_recipe(args.recipe, out=args.out, extra_entries=args.models,
-                                  json_path=args.json, log=log, data={**base, **data} or None, **kw)
-        out = args.out or load_compare_recipe(args.recipe)["output"]
+                                  json_path=args.json, log=log, overrides=settings)
+        out = args.out or recipe["output"]
     else:
         if not args.models:
             raise CompareError("compare: give MODEL ... (specs or run directories) or --recipe FILE")
         out = args.out or Path("runs/compare")
-        kw = {k: v for k, v in kw.items() if v is not None}
-        rows = compare(args.models, data=data or None, workdir=Path(out) / "onnx", log=log,
-                       out_files=compare_outputs(out, args.json), **kw)
+        settings = {k: v for k, v in {**settings, "data": data or None}.items() if v is not None}
+        rows = compare(args.models, settings, workdir=Path(out) / "onnx", log=log,
+                       out_files=compare_outputs(out, args.json))
         write_compare(rows, out, title=args.title or "Model comparison", json_path=args.json)
     result(f"wrote {Path(out) / 'compare.md'}, compare.json, compare.png ({len(rows)} models)")
     return 0

@@ -9,8 +9,9 @@ import pytest
 from _tools import write_fake_cifar
 
 from compresscnn.cli import main as cli_main
-from compresscnn.runs.compare import (CompareError, compare, load_compare_recipe, parse_data_arg,
-                                 write_compare)
+from compresscnn.runs.compare import CompareError, compare, parse_data_arg
+from compresscnn.runs.compare_output import write_compare
+from compresscnn.runs.compare_recipe import load_compare_recipe
 from compresscnn.errors import CompressError
 
 REQUIRED = ("model", "params", "macs", "onnx_bytes", "top1", "top1_source")
@@ -59,8 +60,9 @@ def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_di
         ["torchvision:squeezenet1_1",
          {"model": "cifar:squeezenet1_1", "weights": str(w), "label": "sq-cifar"},
          str(run_dir)],
-        input_size=(3, 32, 32), data={"cifar10": {"root": str(fake_cifar)}},
-        latency_batches=(1, 2), threads=1, repeats=2, warmup=1, workdir=tmp_path / "onnx")
+        {"input_size": (3, 32, 32), "data": {"cifar10": {"root": str(fake_cifar)}},
+         "latency_batches": (1, 2), "threads": 1, "repeats": 2, "warmup": 1},
+        workdir=tmp_path / "onnx")
     assert len(rows) == 3
     for r in rows:
         for k in REQUIRED:
@@ -101,7 +103,7 @@ def test_compare_rows_files_and_sources(tmp_path: Path, fake_cifar: Path, run_di
 
 
 def test_untrained_has_no_accuracy_and_skips(tmp_path: Path) -> None:
-    rows = compare(["cifar:squeezenet1_0?sr=0.25"], onnx=False, latency=False,
+    rows = compare(["cifar:squeezenet1_0?sr=0.25"], {"onnx": False, "latency": False},
                    workdir=tmp_path)
     r = rows[0]
     assert r["top1"] is None and r["top1_source"] is None
@@ -115,6 +117,10 @@ def test_bad_entries_and_recipes(tmp_path: Path) -> None:
         compare(["alexnet"], workdir=tmp_path)
     with pytest.raises(CompareError, match="unknown key"):
         compare([{"model": "cifar:alexnet", "wieghts": "x"}], workdir=tmp_path)
+    with pytest.raises(CompareError, match=r"compare: threds: unknown key.*threads"):
+        compare(["cifar:alexnet"], {"threds": 2}, workdir=tmp_path)
+    with pytest.raises(CompareError, match=r"compare: runtimes\[0\]: .*tensorrt"):
+        compare(["cifar:alexnet"], {"runtimes": ["tensorrt"]}, workdir=tmp_path)
     with pytest.raises(CompareError, match="DATASET=PATH"):
         parse_data_arg("imagenet")
     rec = tmp_path / "r.yaml"
@@ -180,9 +186,10 @@ def test_a_run_brings_its_int8_file_and_accuracy(tmp_path: Path, run_dir: Path) 
     rep["int8"] = {**q, "path": "model.int8.onnx", "top1": 41.0, "agreement": 97.0}
     (run / "report.json").write_text(json.dumps(rep))
     ov = importlib.util.find_spec("openvino") is not None
-    rows = compare([str(run)], input_size=(3, 32, 32), latency_batches=(1,), threads=1,
-                   repeats=2, warmup=1, workdir=tmp_path / "onnx",
-                   runtimes=("torch", "onnxruntime") + (("openvino",) if ov else ()))
+    rows = compare([str(run)], {"input_size": (3, 32, 32), "latency_batches": (1,), "threads": 1,
+                                "repeats": 2, "warmup": 1,
+                                "runtimes": ("torch", "onnxruntime") + (("openvino",) if ov else ())},
+                   workdir=tmp_path / "onnx")
     (r,) = rows
     assert r["onnx_int8_bytes"] == q["bytes"] and "static int8" in r["int8_method"]
     assert (r["int8_top1"], r["int8_agreement"]) == (41.0, 97.0)

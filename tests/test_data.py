@@ -89,8 +89,8 @@ def test_cifar_folder_and_zip_agree(tmp_path: Path) -> None:
     per = {"bird": 2, "ship": 2}
     folder = make_cifar_folder(tmp_path / "f", per)
     z = make_cifar_zip(tmp_path / "z.zip", per)
-    a = build_dataset(cfg(root=str(folder)), CIFAR_CFG, train=True)
-    b = build_dataset(cfg(root=str(z)), CIFAR_CFG, train=True)
+    a = build_dataset(cfg(root=str(folder), augment=False), CIFAR_CFG, train=True)
+    b = build_dataset(cfg(root=str(z), augment=False), CIFAR_CFG, train=True)
     assert len(a) == len(b) == 4
     assert a.targets == b.targets == [2, 2, 8, 8]
     torch.testing.assert_close(a[0][0], b[0][0])
@@ -114,8 +114,12 @@ def test_augment_keeps_shape_and_varies(tmp_path: Path) -> None:
     outs = [ds[0][0] for _ in range(8)]
     assert all(o.shape == (3, 32, 32) for o in outs)
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
-    plain = build_dataset(cfg(root=str(tmp_path / "c.zip")), CIFAR_CFG, train=True)
+    plain = build_dataset(cfg(root=str(tmp_path / "c.zip"), augment=False), CIFAR_CFG,
+                          train=True)
     assert torch.equal(plain[0][0], plain[0][0])
+    # the default is the recipe's (declared once, in the data section's model): augmented
+    default = build_dataset(cfg(root=str(tmp_path / "c.zip")), CIFAR_CFG, train=True)
+    assert any(not torch.equal(default[0][0], default[0][0]) for _ in range(8))
 
 
 def test_resize_crop_auto_and_override(tmp_path: Path) -> None:
@@ -498,3 +502,27 @@ def test_head_classes_must_match_the_data() -> None:
         D.check_classes({"dataset": "cifar10"}, 1000, "torchvision:resnet18")
     D.check_classes({"dataset": "imagenet"}, 1000, "torchvision:resnet18")
     D.check_classes({"dataset": "cifar10"}, 10, "cifar:resnet20")
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"batch_size": 0}, ["data.batch_size"]),
+    ({"dataset": "mnist"}, ["data.dataset", "mnist"]),
+    ({"eval": {"subset": -1}}, ["data.eval.subset"]),
+    ({"trian": {}}, ["trian", "train"]),
+    ({"train_split": "a", "train": {"split": "b"}}, ["train_split", "not both"]),
+])
+def test_api_data_dicts_validate_through_the_section_model(bad, words) -> None:
+    with pytest.raises(DataError) as e:
+        D.resolve_data_cfg(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_api_data_defaults_are_the_recipes() -> None:
+    from compresscnn.io.data.config import Data
+
+    out = D.resolve_data_cfg({"dataset": "fmnist"})
+    assert out["dataset"] == "fashion_mnist" and out["seed"] == 0
+    for key, field in Data.model_fields.items():
+        if not field.exclude and not isinstance(out[key], dict):
+            assert out[key] == field.default or key in ("download_dir", "dataset"), key

@@ -21,7 +21,11 @@ from pathlib import Path
 
 from compresscnn.errors import ModelError
 
-__all__ = ["known_names", "check_spec", "unknown_name"]
+__all__ = ["known_names", "check_spec", "unknown_name", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+#: the ImageNet normalisation of torchvision's and most timm models (RGB, inputs in [0, 1])
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: ``@register_model()`` / ``@register_model(name="x")`` (torchvision), then the function
 _TV_REGISTER = re.compile(

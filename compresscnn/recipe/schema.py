@@ -37,9 +37,9 @@ from typing import Any, Optional, Sequence
 import yaml
 from pydantic import ValidationError, ValidationInfo, model_validator
 
-from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH, LEGACY_DATA_KEYS,
+from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
                      MODEL_SOURCES, POLICY_KEYS, MIXES, RULE_KEYS, SCHEDULES, SOLVERS,
-                     TARGET_KEYS, Calibration, Closed, Data,
+                     TARGET_KEYS, Calibration, Closed,
                      Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency,
                      ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
                      Where, bad, doc, expand_env, fmt_path, one_line,
@@ -48,6 +48,7 @@ from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH
 from compresscnn.core.rules import (_options, _parse_rules, _registry, rule_model, rule_options,
                                     validate_compress, validate_rules, validate_target)
 from compresscnn.errors import RecipeError
+from compresscnn.io.data.config import LEGACY_DATA_KEYS, Data
 from compresscnn.util.common import atomic_write_text
 
 __all__ = [

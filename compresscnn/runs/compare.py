@@ -33,15 +33,9 @@ An entry is one of
   (``weights``, default random init) so its structure, size and speed can be compared
   before (or without) running it.
 
-The recipe form (``compresscnn compare --recipe FILE``) is a small YAML whose schema lives
-here (:class:`CompareRecipe`, the same typed models as compression recipes)::
-
-    title: SqueezeNet vs AlexNet (ImageNet)
-    compare: [torchvision:alexnet, {model: torchvision:squeezenet1_1, weights: ...}, ...]
-    data: {imagenet: {root: ..., resize: null, crop: null}}   # or a data section, or null
-    latency_batches: [1, 32]
-    threads: 2
-    output: runs/compare_squeezenet_alexnet_imagenet
+What is measured and how is a :class:`CompareSettings` (or a dict of its keys). The recipe
+form (``compresscnn compare --recipe FILE``) is in :mod:`compresscnn.runs.compare_recipe`,
+the table and plot in :mod:`compresscnn.runs.compare_output`.
 """
 
 from __future__ import annotations
@@ -51,14 +45,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from pydantic import BeforeValidator, ValidationError
+from pydantic import ValidationError
 
-from compresscnn.config import (Bool, Closed, Int, ListOf, Nullable, Str, Where, bad, doc, expand_env,
-                     show)
+from compresscnn.config import Bool, Closed, Enum, Int, ListOf, Nullable, Str, Where, doc
 from compresscnn.measure.counting import count
 from compresscnn.io.data import check_classes, make_loaders
 from compresscnn.errors import CompressError
@@ -67,13 +60,11 @@ from compresscnn.io.export import export_onnx, quantize_onnx_dynamic
 from compresscnn.io.models import load_model, replace_head
 from compresscnn.runs.pipeline import load_compressed
 from compresscnn.util.progress import timed, doing
-from compresscnn.recipe.schema import load_recipe, load_yaml, yaml_lines
+from compresscnn.recipe.schema import load_recipe
 from compresscnn.core.surgery import compress
-from compresscnn.util.common import atomic_path, atomic_write_text, fmt_quantity
 from compresscnn.runs.rundir import check_inputs_outside
 
-__all__ = ["compare", "write_compare", "load_compare_recipe", "run_compare_recipe",
-           "parse_data_arg", "CompareError", "RECIPE_KEYS", "INT8_METHOD"]
+__all__ = ["compare", "CompareSettings", "parse_data_arg", "CompareError", "INT8_METHOD"]
 
 INT8_METHOD = ("onnxruntime quantize_dynamic (QInt8 weights, per-tensor; activations "
                "quantized at run time)")
@@ -442,30 +433,61 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
-            data: Mapping[str, Any] | None = None, latency_batches: Sequence[int] = (1, 32),
-            threads: int = 2, repeats: int = 20, warmup: int = 3, quantize: bool = True,
-            onnx: bool = True, latency: bool = True, workdir: str | os.PathLike,
-            weights_for: Mapping[str, str] | None = None, default_weights: str | None = None,
-            runtimes: Sequence[str] = ("torch", "onnxruntime"),
-            log: Any = None, out_files: Sequence[str | os.PathLike] = (),
+_RUNTIMES = ("torch", "onnxruntime", "openvino")
+
+
+class CompareSettings(Closed):
+    """How :func:`compare` measures every entry: the keys of a compare recipe besides
+    ``title``, ``compare`` and ``output``, and the options of ``compresscnn compare``."""
+
+    data: Any = doc(
+        "A data section, or {dataset: section or path}: data for the entries with weights (an "
+        "entry's own `data` wins); the dataset is chosen by the model (1000 classes: imagenet; "
+        "1 channel: fashion_mnist; else cifar10).", None)
+    input_size: Nullable(ListOf(Int(1), length=3, what="[C, H, W], three ints > 0")) = doc(
+        "One input size for every entry (default: each model's).", None)
+    latency_batches: ListOf(Int(1), min_len=1) = doc("Batch sizes timed.", [1, 32])
+    threads: Int(1) = doc("CPU threads while timing.", 2)
+    repeats: Int(1) = doc("Timed runs per measurement (the median is reported).", 20)
+    warmup: Int(0) = doc("Untimed runs before each measurement.", 3)
+    quantize: Bool = doc("Also write and measure the int8 ONNX file.", True)
+    onnx: Bool = doc("Export fp32 ONNX (file size, onnxruntime latency).", True)
+    latency: Bool = doc("Measure latency.", True)
+    runtimes: ListOf(Enum(*_RUNTIMES), min_len=1) = doc(
+        "Runtimes to time in (`openvino` needs the `runtimes` extra).", ["torch", "onnxruntime"])
+    weights_for: Optional[dict[str, str]] = doc(
+        "{spec: weights}: the weights of these spec entries.", None)
+    default_weights: Nullable(Str()) = doc(
+        "Weights of spec entries that give none (e.g. DEFAULT: download the published "
+        "weights).", None)
+
+    @classmethod
+    def of(cls, settings: "CompareSettings | Mapping[str, Any] | None") -> "CompareSettings":
+        """``settings`` as a validated object (a dict is validated; a problem is a one-line
+        :class:`CompareError` naming the key)."""
+        if isinstance(settings, cls):
+            return settings
+        try:
+            return cls.model_validate(dict(settings or {}))
+        except ValidationError as exc:
+            raise Where(source="compare", kind=CompareError).error(exc) from None
+
+
+def compare(entries: Sequence[Any], settings: CompareSettings | Mapping[str, Any] | None = None,
+            *, workdir: str | os.PathLike, log: Any = None,
+            out_files: Sequence[str | os.PathLike] = (),
             reads: Sequence[tuple[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per entry (see the module docstring for entries and accuracy sources).
 
-    ``input_size``: (C, H, W) for every entry (default: each model's ``pretrained_cfg``, or
-    an entry's own ``input_size``). ``data``: a data section, or ``{dataset: section or
-    path}``, used for entries with weights (an entry's own ``data`` wins); the dataset is
-    chosen by the model (1000 classes: imagenet; 1 channel: fashion_mnist; else cifar10).
-    ``weights_for``: ``{spec: weights}`` overriding the weights of spec entries;
-    ``default_weights`` (e.g. ``"DEFAULT"``): the weights of spec entries that give none.
-    ONNX files go in ``workdir``. Before anything is measured, no input (an entry's run
+    ``settings``: a :class:`CompareSettings` or a dict of its keys (what is measured and
+    how). ONNX files go in ``workdir``. Before anything is measured, no input (an entry's run
     folder, recipe or weights, a data root, or one of ``reads``) may lie inside ``workdir``
     or be one of ``out_files`` (the files the caller will write), and neither may lie inside
     an input folder (:func:`compresscnn.runs.rundir.check_inputs_outside`). ``onnx=False`` /
     ``latency=False`` skip the slow parts
     (``quantize=False`` only the int8 file).
     A run directory that made an int8 file (``export.quantize``) brings it, with its measured
-    top-1 (``int8_top1``, ``int8_agreement``). ``runtimes``: with ``"openvino"`` the fp32 file
+    top-1 (``int8_top1``, ``int8_agreement``). ``runtimes`` with ``"openvino"``: the fp32 file
     and a static int8 one are timed in OpenVINO too (``ov_b1``, ``ov_int8_b1``; the
     ``runtimes`` extra).
 
@@ -476,29 +498,31 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
     ``accuracy`` (where it comes from), ``threads``, ``latency_ms`` (``{"torch_b1": median
     ms, "ort_b1", "ort_int8_b1", ...}``), ``latency`` (the full measurements) and ``notes``.
     """
+    cfg = CompareSettings.of(settings)
+    weights_for = cfg.weights_for or {}
     norm = [_normalize(e, i) for i, e in enumerate(entries)]
     if not norm:
         raise CompareError("compare: no models given")
     for e in norm:
         if e["kind"] == "spec":
-            if weights_for and e["model"] in weights_for:
+            if e["model"] in weights_for:
                 e["weights"] = weights_for[e["model"]]
-            elif e.get("weights") is None and default_weights is not None:
-                e["weights"] = default_weights
-    unknown = set(weights_for or {}) - {e.get("model") for e in norm}
+            elif e.get("weights") is None and cfg.default_weights is not None:
+                e["weights"] = cfg.default_weights
+    unknown = set(weights_for) - {e.get("model") for e in norm}
     if unknown:
         raise CompareError(f"--weights-for {sorted(unknown)[0]}: no such model among the entries")
-    if "openvino" in runtimes:
+    if "openvino" in cfg.runtimes:
         from compresscnn.measure.timing import check_runtime
         check_runtime("openvino", "compare --runtimes")
-    dmap = _data_map(data)
+    dmap = _data_map(cfg.data)
     check_inputs_outside([*reads, *_reads(norm, dmap)], folders=[workdir], files=out_files,
                          command="compare")
-    opts = {"input_size": input_size, "dmap": dmap, "workdir": Path(workdir),
-            "runtimes": tuple(runtimes),
-            "onnx": onnx, "quantize": quantize, "latency": latency, "threads": int(threads),
-            "batches": [int(b) for b in latency_batches], "repeats": repeats, "warmup": warmup,
-            "progress": log is not None, "used": set()}
+    opts = {"input_size": cfg.input_size, "dmap": dmap, "workdir": Path(workdir),
+            "runtimes": tuple(cfg.runtimes), "onnx": cfg.onnx, "quantize": cfg.quantize,
+            "latency": cfg.latency, "threads": cfg.threads, "batches": list(cfg.latency_batches),
+            "repeats": cfg.repeats, "warmup": cfg.warmup, "progress": log is not None,
+            "used": set()}
     rows: list[dict[str, Any]] = []
     for i, e in enumerate(norm, 1):
         name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
@@ -510,295 +534,4 @@ def compare(entries: Sequence[Any], *, input_size: Sequence[int] | None = None,
             log(f"[compare] {row['model']}: {row['params']:,} params, top1 {row['top1']} "
                 f"({row['top1_source']}, {row['top1_images']} images), {row['seconds']} s")
         rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------- output
-
-def _fmt_ms(v: Any) -> str:
-    return "-" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
-
-
-def _batches(rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    bs = {int(k.rsplit("_b", 1)[1]) for r in rows for k in (r.get("latency_ms") or {})}
-    return sorted(bs)
-
-
-def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model comparison") -> str:
-    bs = _batches(rows)
-    runtimes = [k for k in ("torch", "ort", "ort_int8", "ov", "ov_int8")
-                if any(f"{k}_b{b}" in (r.get("latency_ms") or {}) for r in rows for b in bs)]
-    names = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8", "ov": "OpenVINO",
-             "ov_int8": "OpenVINO int8"}
-    int8_acc = any(r.get("int8_top1") is not None for r in rows)
-    head = ["Model", "Params", "MACs", "ONNX fp32", "ONNX int8"]
-    head += [f"{names[k]} b{b} (ms)" for b in bs for k in runtimes]
-    head += ["Top-1 %", "Top-1 source", "Images"] + (["int8 top-1 %"] if int8_acc else [])
-    head += ["Params vs first"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join("---" if h in ("Model", "Top-1 source") else "---:" for h in head)
-             + "|"]
-    base = rows[0]["params"] if rows else None
-    for r in rows:
-        lat = r.get("latency_ms") or {}
-        cells = [str(r["model"]).replace("|", "/"), fmt_quantity(r["params"]),
-                 fmt_quantity(r["macs"]), fmt_quantity(r.get("onnx_bytes"), "B"),
-                 fmt_quantity(r.get("onnx_int8_bytes"), "B")]
-        cells += [_fmt_ms(lat.get(f"{k}_b{b}")) for b in bs for k in runtimes]
-        top1, n = r.get("top1"), r.get("top1_images")
-        cells.append("-" if top1 is None else f"{top1:.2f}")
-        cells.append(_SOURCE_LABELS.get(r.get("top1_source"), r.get("top1_source") or "-"))
-        cells.append("-" if n is None else f"{int(n):,}")
-        if int8_acc:
-            cells.append("-" if r.get("int8_top1") is None else f"{r['int8_top1']:.2f}")
-        if r is rows[0]:
-            cells.append("1x")
-        elif base and r["params"]:
-            ratio = base / r["params"]
-            cells.append(f"{ratio:.1f}x fewer" if ratio >= 1 else f"{1 / ratio:.1f}x more")
-        else:
-            cells.append("-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Notes:", ""]
-    lines.append("- MACs: one forward pass of one input (multiply-adds, torchvision's "
-                 "`_ops` convention). Input sizes: " + ", ".join(
-                     sorted({"x".join(map(str, r["input_size"])) for r in rows})) + ".")
-    for how in sorted({str(r["int8_method"]) for r in rows if r.get("int8_method")}):
-        lines.append(f"- int8 ({', '.join(r['model'] for r in rows if r.get('int8_method') == how)}): "
-                     f"{how}." + (" int8 top-1: the run's report, on the images it evaluated."
-                                  if "export.quantize" in how else ""))
-    if bs:
-        thr = sorted({r.get("threads") for r in rows})
-        reps = sorted({x.get("repeats") for r in rows for x in r.get("latency") or []})
-        lines.append(f"- Latency: median of {', '.join(map(str, reps))} runs, CPU, "
-                     f"{', '.join(map(str, thr))} thread(s) (torch.set_num_threads / onnxruntime "
-                     "intra_op_num_threads), random input; bN = batch N.")
-    lines.append("- Top-1 source: `measured here` = evaluated by this command on the data "
-                 "named below (the same loader and evaluation as `compresscnn run`); `run "
-                 "report` = the run directory's report.json, on the images that run "
-                 "evaluated; `published` = the published metadata of the weights "
-                 "(torchvision's `Weights.meta` for torchvision models, on the 50,000 "
-                 "ImageNet-1k validation images), not measured here; `-` = no accuracy "
-                 "(untrained). Images: how many images the top-1 is measured on. Numbers "
-                 "from different sources or image sets are not measurements of one thing.")
-    for r in rows:
-        acc = r.get("accuracy") or {}
-        if acc:
-            bits = [f"{k} {v}" for k, v in acc.items() if k != "source" and v is not None]
-            lines.append(f"- {r['model']}: top-1 {acc.get('source')} ({'; '.join(bits)}).")
-        for n in r.get("notes") or []:
-            lines.append(f"- {r['model']}: {n}")
-    return "\n".join(lines) + "\n"
-
-
-_SOURCE_LABELS = {"measured": "measured here", "run report": "run report",
-                  "published": "published"}
-
-
-def _size_mb(r: Mapping[str, Any]) -> tuple[float, bool]:
-    """(size in MB, from the ONNX file?) of a row: the fp32 ONNX file, else 4 bytes/param."""
-    if r.get("onnx_bytes"):
-        return float(r["onnx_bytes"]) / 1e6, True
-    return 4.0 * float(r["params"]) / 1e6, False
-
-
-def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                 title: str = "Accuracy vs model size") -> Path:
-    """Top-1 against model size and against MACs (two panels, log x), one labelled point per
-    model with an accuracy; filled circles measured here, squares from run reports, open
-    triangles published."""
-    import matplotlib  # heavy: imported only when a plot is drawn
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogFormatter
-
-    fig, (ax_size, ax_macs) = plt.subplots(1, 2, figsize=(12, 5), dpi=120, sharey=True)
-    pts = [r for r in rows if r.get("top1") is not None]
-    from_onnx = all(_size_mb(r)[1] for r in pts) if pts else False
-    axes = ((ax_size, lambda r: _size_mb(r)[0],
-             "model size, MB (" + ("fp32 ONNX file" if from_onnx
-                                   else "fp32 ONNX file, or 4 bytes/parameter") + "; log)"),
-            (ax_macs, lambda r: float(r["macs"]) / 1e6, "MACs per image, millions (log)"))
-    for ax, x_of, xlabel in axes:
-        for src, marker, face in (("measured", "o", None), ("run report", "s", None),
-                                  ("published", "^", "none")):
-            sel = [r for r in pts if r.get("top1_source") == src]
-            if sel:
-                xs = [x_of(r) for r in sel]
-                ys = [float(r["top1"]) for r in sel]
-                kw = {"facecolors": face} if face else {}
-                ax.scatter(xs, ys, marker=marker, s=55, label=_SOURCE_LABELS[src],
-                           edgecolors="C0" if face else None, **kw)
-                for r, x, y in zip(sel, xs, ys):
-                    ax.annotate(str(r["model"]), (x, y), textcoords="offset points",
-                                xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
-        # plain numbers ("3", "40"), not "3x10^0", which overlap on narrow ranges
-        ax.xaxis.set_major_formatter(LogFormatter())
-        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-        ax.set_xlabel(xlabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_size.set_ylabel("top-1 accuracy (%)")
-    fig.suptitle(title)
-    missing = [str(r["model"]) for r in rows if r.get("top1") is None]
-    if missing:
-        fig.text(0.01, 0.01, "no accuracy: " + ", ".join(missing)[:220], fontsize=7, alpha=0.7)
-    if pts:
-        ax_size.legend(loc="best")
-    fig.tight_layout(rect=(0, 0.04 if missing else 0, 1, 1))
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
-
-
-def compare_outputs(out_dir: str | os.PathLike, json_path: str | os.PathLike | None = None,
-                    stem: str = "compare") -> list[Path]:
-    """The files :func:`write_compare` writes (what an input may not be)."""
-    out = Path(out_dir)
-    return [out / f"{stem}{ext}" for ext in (".md", ".json", ".png")] + (
-        [Path(json_path)] if json_path is not None else [])
-
-
-def write_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
-                  title: str = "Model comparison", json_path: str | os.PathLike | None = None,
-                  stem: str = "compare") -> dict[str, Path]:
-    """Write ``<stem>.md``, ``<stem>.json`` (the list of rows) and ``<stem>.png`` (accuracy vs
-    size and vs MACs, log x) in ``out_dir``; also the JSON at ``json_path`` when given.
-    Returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(list(rows), indent=2, default=str)
-    paths = {"markdown": atomic_write_text(out / f"{stem}.md", render_markdown(rows, title=title)),
-             "json": atomic_write_text(out / f"{stem}.json", text + "\n"),
-             "plot": plot_compare(rows, out / f"{stem}.png", title=title)}
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        paths["json_extra"] = atomic_write_text(Path(json_path), text + "\n")
-    return {k: Path(v) for k, v in paths.items()}
-
-
-# --------------------------------------------------------------------------- recipe form
-
-#: the compare recipe's keys: name -> (check, default, meaning)
-def _entries(v: Any) -> list:
-    if not isinstance(v, list) or not v:
-        raise bad(f"expected a non-empty list of entries (model specs, run directories or "
-                  f"mappings), got {show(v)}")
-    return v
-
-
-class CompareRecipe(Closed):
-    """A compare recipe (``compresscnn compare --recipe FILE``)."""
-
-    title: Nullable(Str()) = doc("Title of the table and plot (default: the file's stem).", None)
-    compare: Annotated[list[Any], BeforeValidator(_entries)] = doc(
-        "Entries: model specs, run directories, {model, weights, label, data, input_size}, "
-        "{run, label} or {recipe, weights, label}.")
-    data: Any = doc("A data section, or {dataset: section or path}: data for the entries with "
-                    "weights.", None)
-    input_size: Nullable(ListOf(Int(1), length=3, what="[C, H, W], three ints > 0")) = doc(
-        "One input size for every entry (default: each model's).", None)
-    latency_batches: ListOf(Int(1), min_len=1) = doc("Batch sizes timed.", [1, 32])
-    threads: Int(1) = doc("CPU threads while timing.", 2)
-    repeats: Int(1) = doc("Timed runs per measurement (the median is reported).", 20)
-    quantize: Bool = doc("Also write and measure the int8 ONNX file.", True)
-    onnx: Bool = doc("Export fp32 ONNX (file size, onnxruntime latency).", True)
-    latency: Bool = doc("Measure latency.", True)
-    default_weights: Nullable(Str()) = doc(
-        "Weights of spec entries that give none (e.g. DEFAULT: download the published "
-        "weights).", None)
-    output: Nullable(Str()) = doc("Output folder (default runs/<file stem>), relative to the "
-                                  "cwd.", None)
-
-    @classmethod
-    def not_mapping(cls, v: Any) -> str:
-        return f"expected a mapping with keys {', '.join(cls.model_fields)}, got {show(v)}"
-
-
-RECIPE_KEYS: tuple[str, ...] = tuple(CompareRecipe.model_fields)
-
-
-def _expand(text: str, base: Path | None) -> str:
-    """``${VAR}``/``${VAR:-default}`` expanded (compresscnn.recipe.schema's rules), ``~`` expanded; a
-    relative path is taken in the recipe's folder if it exists there, else in the cwd."""
-    s = os.path.expanduser(expand_env(text))
-    if base is not None and not os.path.isabs(s) and (base / s).exists():
-        return str((base / s).resolve())
-    return os.path.abspath(s) if os.path.exists(s) else s
-
-
-def load_compare_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a compare recipe; returns every key with defaults filled and paths
-    resolved. A problem is a one-line :class:`CompareError` naming the file and key."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise CompareError(f"compare recipe not found: {p}")
-    try:
-        node, data = load_yaml(p.read_text(encoding="utf-8"), str(p))
-    except yaml.YAMLError as exc:
-        raise CompareError(f"{p}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CompareError(f"{p}: cannot read ({exc})") from None
-
-    where = Where(source=str(p), lines=yaml_lines(node), kind=CompareError)
-    try:
-        out = CompareRecipe.model_validate(data, context={"where": where}).model_dump()
-    except ValidationError as exc:
-        raise where.error(exc) from None
-    base = p.resolve().parent
-    entries: list[Any] = []
-    for i, e in enumerate(out["compare"]):
-        if isinstance(e, str):
-            e = e.strip()
-            entries.append(_expand(e, base) if (":" not in e or _looks_like_path(e)) else e)
-        elif isinstance(e, dict):
-            e = dict(e)
-            for key in ("run", "recipe", "weights"):
-                if isinstance(e.get(key), str) and (key != "weights" or _looks_like_path(e[key])):
-                    e[key] = _expand(e[key], base)
-            if isinstance(e.get("data"), dict) and isinstance(e["data"].get("root"), str):
-                e["data"] = {**e["data"], "root": _expand(e["data"]["root"], base)}
-            entries.append(e)
-        else:
-            raise where.fail(("compare", i), "expected a spec, a path or a mapping, got "
-                                             f"{show(e)}")
-        try:
-            _normalize(entries[-1], i)
-        except CompareError as exc:
-            raise CompareError(f"{p}: {exc}") from None
-    out["compare"] = entries
-    try:
-        dmap = _data_map(out["data"])
-    except CompareError as exc:
-        raise CompareError(f"{p}: {exc}") from None
-    for name, sec in dmap.items():
-        if isinstance(sec.get("root"), str):
-            sec["root"] = _expand(sec["root"], base)
-    out["data"] = dmap or None
-    out["title"] = out["title"] or p.stem
-    out["output"] = os.path.expanduser(out["output"] or f"runs/{p.stem}")
-    return out
-
-
-def run_compare_recipe(path: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                       extra_entries: Iterable[Any] = (), json_path: str | os.PathLike | None = None,
-                       log: Any = None, **overrides: Any) -> list[dict[str, Any]]:
-    """Load a compare recipe, run :func:`compare` and :func:`write_compare`. ``overrides``
-    (``data``, ``threads``, ``onnx``, ``latency``, ``quantize``, ``weights_for``,
-    ``default_weights``, ...) replace the recipe's values when not None."""
-    cfg = load_compare_recipe(path)
-    kw: dict[str, Any] = {k: cfg[k] for k in ("input_size", "data", "latency_batches", "threads",
-                                              "repeats", "quantize", "onnx", "latency",
-                                              "default_weights")}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    out_dir = Path(out if out is not None else cfg["output"])
-    rows = compare(list(cfg["compare"]) + list(extra_entries), workdir=out_dir / "onnx", log=log,
-                   out_files=compare_outputs(out_dir, json_path), reads=[("recipe", path)],
-                   **kw)
-    write_compare(rows, out_dir, title=cfg["title"], json_path=json_path)
     return rows

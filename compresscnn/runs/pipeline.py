@@ -71,7 +71,7 @@ from compresscnn.measure.latency import layer_latency_table
 from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
                                        SwitchPoint, factorize, factorized_layers, planned_layers)
 from compresscnn.io.models import load_architecture, load_model, replace_head
-from compresscnn.io.models.loaders import load_weights
+from compresscnn.io.models.checkpoints import load_weights
 from compresscnn.util.progress import emit, timed, result
 from compresscnn.recipe.schema import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
 from compresscnn.runs.rundir import RunDir, MARKER, check_file, read_manifest

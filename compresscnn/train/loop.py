@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from compresscnn.config import MEMORY_FORMATS, OPTIMIZERS
 from compresscnn.errors import CheckpointError, CompressError, DataError
 from compresscnn.measure.evaluation import split_batch
-from compresscnn.io.models.loaders import check_state_dict, load_torch_file
+from compresscnn.io.models.checkpoints import check_state_dict, load_torch_file
 from compresscnn.util.modules import kd_divergence
 from compresscnn.util.common import (
     SCHEDULES,
