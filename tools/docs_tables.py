@@ -12,7 +12,7 @@ is rewritten. A results file that does not exist yet is skipped, so a table pick
 file (e.g. a ten-epoch run) the next time this command runs, and ``--check`` fails until
 it has.
 
-Rows come from three shapes of results file: a run summary (``tools/run_experiments.py``:
+Rows come from three shapes of results file: a run summary (``compresscnn sweep``:
 one object with ``job``, ``command``, ``date``, ``commit``...), a benchmark file
 (``{"meta": {...}, "rows": [...]}``: each row with the meta's fields under ``meta.``, and
 ``date``/``commit``/``command`` taken from the meta where the row has none), or a list of
