@@ -216,3 +216,15 @@ def test_int8_deployments_plan_on_int8_timings(runtime):
     assert "precision" not in _latency_cfg({**recipe, "export": {"quantize": None}})
     assert "precision" not in _latency_cfg({"latency": {"runtime": "torch"},
                                             "export": recipe["export"]})
+
+
+def test_dense_model_quantized_is_a_recipe(tmp_path):
+    """``rules: []`` with ``export.quantize`` (no target, no calibration): the dense model
+    exported and quantized, the reference row of low-rank + int8; without the stage an empty
+    rule list is still refused."""
+    z = _cifar_zip(tmp_path)
+    r = _recipe(tmp_path, f"{{dataset: cifar10, root: {z}}}")
+    rec = cc.load_recipe(r, ["rules=[]"])
+    assert rec["rules"] == [] and rec["export"]["quantize"]["batches"] == 2
+    with pytest.raises(CompressError, match="expected at least one rule"):
+        cc.load_recipe(r, ["rules=[]", "export.quantize=null"])

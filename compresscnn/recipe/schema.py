@@ -142,11 +142,13 @@ class Recipe(Closed):
         return self
 
     def _dense_job(self) -> bool:
-        """``rules: []``: a train job training the dense model, or the dense model fine-tuned
-        the same way as a compressed one would be (the reference for "after fine-tuning")."""
+        """``rules: []``: a train job training the dense model, the dense model fine-tuned
+        the same way as a compressed one would be (the reference for "after fine-tuning"), or
+        the dense model quantized (the reference for low-rank + int8)."""
         if self.train is not None:
             return True
-        return (self.finetune.enabled and self.target is None and self.calibration is None)
+        return ((self.finetune.enabled or self.export.quantize is not None)
+                and self.target is None and self.calibration is None)
 
     def _check_train_job(self) -> None:
         """A ``train`` job starts from random weights and has no teacher or calibration."""
