@@ -22,71 +22,93 @@ def _batches(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     return sorted(bs)
 
 
-def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model comparison") -> str:
-    bs = _batches(rows)
-    runtimes = [k for k in ("torch", "ort", "ort_int8", "ov", "ov_int8")
+_RUNTIME_NAMES = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8", "ov": "OpenVINO",
+                  "ov_int8": "OpenVINO int8"}
+
+
+def _ratio_cell(r: Mapping[str, Any], first: Mapping[str, Any]) -> str:
+    if r is first:
+        return "1x"
+    if not first["params"] or not r["params"]:
+        return "-"
+    ratio = first["params"] / r["params"]
+    return f"{ratio:.1f}x fewer" if ratio >= 1 else f"{1 / ratio:.1f}x more"
+
+
+def _row_cells(r: Mapping[str, Any], lat_keys: list[str], int8_acc: bool,
+               first: Mapping[str, Any]) -> list[str]:
+    lat = r.get("latency_ms") or {}
+    top1, n = r.get("top1"), r.get("top1_images")
+    cells = [str(r["model"]).replace("|", "/"), fmt_quantity(r["params"]),
+             fmt_quantity(r["macs"]), fmt_quantity(r.get("onnx_bytes"), "B"),
+             fmt_quantity(r.get("onnx_int8_bytes"), "B")]
+    cells += [_fmt_ms(lat.get(k)) for k in lat_keys]
+    cells += ["-" if top1 is None else f"{top1:.2f}",
+              _SOURCE_LABELS.get(r.get("top1_source"), r.get("top1_source") or "-"),
+              "-" if n is None else f"{int(n):,}"]
+    if int8_acc:
+        cells.append("-" if r.get("int8_top1") is None else f"{r['int8_top1']:.2f}")
+    return cells + [_ratio_cell(r, first)]
+
+
+def _table_lines(rows: Sequence[Mapping[str, Any]], bs: list[int]) -> list[str]:
+    runtimes = [k for k in _RUNTIME_NAMES
                 if any(f"{k}_b{b}" in (r.get("latency_ms") or {}) for r in rows for b in bs)]
-    names = {"torch": "PyTorch", "ort": "ORT", "ort_int8": "ORT int8", "ov": "OpenVINO",
-             "ov_int8": "OpenVINO int8"}
     int8_acc = any(r.get("int8_top1") is not None for r in rows)
     head = ["Model", "Params", "MACs", "ONNX fp32", "ONNX int8"]
-    head += [f"{names[k]} b{b} (ms)" for b in bs for k in runtimes]
+    head += [f"{_RUNTIME_NAMES[k]} b{b} (ms)" for b in bs for k in runtimes]
     head += ["Top-1 %", "Top-1 source", "Images"] + (["int8 top-1 %"] if int8_acc else [])
     head += ["Params vs first"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
+    lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if h in ("Model", "Top-1 source") else "---:" for h in head)
              + "|"]
-    base = rows[0]["params"] if rows else None
+    lat_keys = [f"{k}_b{b}" for b in bs for k in runtimes]
     for r in rows:
-        lat = r.get("latency_ms") or {}
-        cells = [str(r["model"]).replace("|", "/"), fmt_quantity(r["params"]),
-                 fmt_quantity(r["macs"]), fmt_quantity(r.get("onnx_bytes"), "B"),
-                 fmt_quantity(r.get("onnx_int8_bytes"), "B")]
-        cells += [_fmt_ms(lat.get(f"{k}_b{b}")) for b in bs for k in runtimes]
-        top1, n = r.get("top1"), r.get("top1_images")
-        cells.append("-" if top1 is None else f"{top1:.2f}")
-        cells.append(_SOURCE_LABELS.get(r.get("top1_source"), r.get("top1_source") or "-"))
-        cells.append("-" if n is None else f"{int(n):,}")
-        if int8_acc:
-            cells.append("-" if r.get("int8_top1") is None else f"{r['int8_top1']:.2f}")
-        if r is rows[0]:
-            cells.append("1x")
-        elif base and r["params"]:
-            ratio = base / r["params"]
-            cells.append(f"{ratio:.1f}x fewer" if ratio >= 1 else f"{1 / ratio:.1f}x more")
-        else:
-            cells.append("-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Notes:", ""]
-    lines.append("- MACs: one forward pass of one input (multiply-adds, torchvision's "
-                 "`_ops` convention). Input sizes: " + ", ".join(
-                     sorted({"x".join(map(str, r["input_size"])) for r in rows})) + ".")
+        lines.append("| " + " | ".join(_row_cells(r, lat_keys, int8_acc, rows[0])) + " |")
+    return lines
+
+
+_SOURCE_NOTE = (
+    "- Top-1 source: `measured here` = evaluated by this command on the data named below (the "
+    "same loader and evaluation as `compresscnn run`); `run report` = the run directory's "
+    "report.json, on the images that run evaluated; `published` = the published metadata of "
+    "the weights (torchvision's `Weights.meta` for torchvision models, on the 50,000 "
+    "ImageNet-1k validation images), not measured here; `-` = no accuracy (untrained). "
+    "Images: how many images the top-1 is measured on. Numbers from different sources or "
+    "image sets are not measurements of one thing.")
+
+
+def _note_lines(rows: Sequence[Mapping[str, Any]], bs: list[int]) -> list[str]:
+    lines = ["- MACs: one forward pass of one input (multiply-adds, torchvision's `_ops` "
+             "convention). Input sizes: " + ", ".join(
+                 sorted({"x".join(map(str, r["input_size"])) for r in rows})) + "."]
     for how in sorted({str(r["int8_method"]) for r in rows if r.get("int8_method")}):
-        lines.append(f"- int8 ({', '.join(r['model'] for r in rows if r.get('int8_method') == how)}): "
-                     f"{how}." + (" int8 top-1: the run's report, on the images it evaluated."
-                                  if "export.quantize" in how else ""))
+        who = ", ".join(r["model"] for r in rows if r.get("int8_method") == how)
+        lines.append(f"- int8 ({who}): {how}." + (
+            " int8 top-1: the run's report, on the images it evaluated."
+            if "export.quantize" in how else ""))
     if bs:
         thr = sorted({r.get("threads") for r in rows})
         reps = sorted({x.get("repeats") for r in rows for x in r.get("latency") or []})
         lines.append(f"- Latency: median of {', '.join(map(str, reps))} runs, CPU, "
                      f"{', '.join(map(str, thr))} thread(s) (torch.set_num_threads / onnxruntime "
                      "intra_op_num_threads), random input; bN = batch N.")
-    lines.append("- Top-1 source: `measured here` = evaluated by this command on the data "
-                 "named below (the same loader and evaluation as `compresscnn run`); `run "
-                 "report` = the run directory's report.json, on the images that run "
-                 "evaluated; `published` = the published metadata of the weights "
-                 "(torchvision's `Weights.meta` for torchvision models, on the 50,000 "
-                 "ImageNet-1k validation images), not measured here; `-` = no accuracy "
-                 "(untrained). Images: how many images the top-1 is measured on. Numbers "
-                 "from different sources or image sets are not measurements of one thing.")
+    lines.append(_SOURCE_NOTE)
     for r in rows:
         acc = r.get("accuracy") or {}
         if acc:
             bits = [f"{k} {v}" for k, v in acc.items() if k != "source" and v is not None]
             lines.append(f"- {r['model']}: top-1 {acc.get('source')} ({'; '.join(bits)}).")
-        for n in r.get("notes") or []:
-            lines.append(f"- {r['model']}: {n}")
-    return "\n".join(lines) + "\n"
+        lines += [f"- {r['model']}: {n}" for n in r.get("notes") or []]
+    return lines
+
+
+def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: str = "Model comparison") -> str:
+    """The comparison as Markdown: one table row per model, then notes on how each column
+    was measured and where each accuracy comes from."""
+    bs = _batches(rows)
+    body = _table_lines(rows, bs) if rows else []
+    return "\n".join([f"# {title}", "", *body, "", "Notes:", "", *_note_lines(rows, bs)]) + "\n"
 
 
 _SOURCE_LABELS = {"measured": "measured here", "run report": "run report",

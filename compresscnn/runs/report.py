@@ -22,7 +22,6 @@ by itself), so no backend is switched and no pyplot state is touched, at import 
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import logging
 import math
@@ -30,12 +29,17 @@ import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from compresscnn import __version__
-from compresscnn.util.common import atomic_write_bytes, atomic_write_text, fmt_quantity
+from compresscnn.runs.report_format import (_DASH, _cell, _fmt_bytes, _fmt_count, _fmt_float,
+                                            _fmt_pct, _fmt_rank, _fmt_ratio, _kv_table,
+                                            _latency_rows, _num, _ordered_stages, _runtime_lines,
+                                            _table)
+from compresscnn.runs.report_plots import _plot_latency, _plot_layers
+from compresscnn.util.common import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "write_report",
@@ -53,12 +57,6 @@ STAGES = ("baseline", "compressed", "finetuned", "trained")
 VERSION_PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "openvino",
                     "opencv-python-headless", "tensorly", "timm", "compresscnn")
 # Pipeline order for the timings table; unknown stages follow, alphabetically.
-_STAGE_ORDER = (
-    "load_model", "plan", "load_data", "evaluate_baseline", "compress", "apply", "calibrate",
-    "latency_check", "evaluate_compressed", "finetune", "evaluate_finetuned", "train",
-    "evaluate_trained", "export_onnx", "quantize", "evaluate_int8",
-    "latency", "report", "total",
-)
 LAYER_COLUMNS = (
     "name", "type", "method", "rank", "params_before", "params_after", "macs_before",
     "macs_after", "rel_error", "skipped",
@@ -130,125 +128,6 @@ def _jsonable(obj: Any) -> Any:
 def to_json(report: Mapping[str, Any]) -> str:
     """The exact text of ``report.json``: indent 2, sorted keys, trailing newline."""
     return json.dumps(_jsonable(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-# --------------------------------------------------------------------------- formatting
-_DASH = "—"
-
-
-def _cell(v: Any) -> str:
-    s = _DASH if v is None or v == "" else str(v)
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return float(v)
-    return None
-
-
-def _fmt_count(v: Any) -> str:
-    """1234 → ``1.23 k``; 25_557_032 → ``25.56 M``; 4.1e9 → ``4.10 G``."""
-    return fmt_quantity(v, missing=_DASH)
-
-
-def _fmt_bytes(v: Any) -> str:
-    return fmt_quantity(v, "B", missing=_DASH)
-
-
-def _fmt_pct(v: Any) -> str:
-    x = _num(v)
-    return _DASH if x is None else f"{x:.2f}"
-
-
-def _fmt_float(v: Any, digits: int = 4) -> str:
-    x = _num(v)
-    if x is None:
-        return _cell(v) if isinstance(v, str) else _DASH
-    if x == int(x) and abs(x) < 1e15 and isinstance(v, int):
-        return str(int(x))
-    return f"{x:.{digits}g}"
-
-
-def _runtime_lines(onnx: dict[str, Any]) -> list[str]:
-    """One line per export check: each runtime's agreement with PyTorch, what was folded."""
-    out = []
-    checked = onnx.get("verify") or {}
-    if checked:
-        out += ["", "Runtimes, max abs diff against PyTorch (relative L2 error): " + ", ".join(
-            f"{rt} {_fmt_float(v.get('max_abs_diff'), 2)} ({_fmt_float(v.get('rel_l2'), 2)})"
-            for rt, v in checked.items()) + "."]
-    folded = onnx.get("folded") or {}
-    if any(folded.values()):
-        out += ["", f"Folded before export: {folded.get('batchnorms', 0)} BatchNorm(s) into "
-                    f"the convs before them, {folded.get('gathers', 0)} Fire channel "
-                    f"reorder(s) into the convs after them."]
-    return out
-
-
-def _fmt_ratio(base: Any, value: Any) -> str:
-    b, x = _num(base), _num(value)
-    if b is None or x is None or x == 0:
-        return _DASH
-    return f"{b / x:.2f}×"
-
-
-def _fmt_rank(r: Any) -> str:
-    if r is None:
-        return _DASH
-    if isinstance(r, list):
-        return "(" + ", ".join(str(v) for v in r) + ")" if len(r) != 1 else str(r[0])
-    return str(r)
-
-
-def _fmt_any(v: Any) -> str:
-    if isinstance(v, float):
-        return _fmt_float(v)
-    if isinstance(v, (dict, list)):
-        return _cell(json.dumps(v, sort_keys=True))
-    return _cell(v)
-
-
-def _table(header: Iterable[str], rows: Iterable[Iterable[str]], align: Iterable[str] | None = None) -> list[str]:
-    header = list(header)
-    align = list(align) if align is not None else ["l"] * len(header)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
-    return out
-
-
-def _kv_table(d: Mapping[str, Any], key_name: str = "Key", value_name: str = "Value") -> list[str]:
-    return _table([key_name, value_name], ([_cell(k), _fmt_any(d[k])] for k in sorted(d)))
-
-
-def _latency_rows(lat: Any, prefix: str = "") -> list[tuple[str, Mapping[str, Any]]]:
-    """Every mapping holding a ``median_ms``, with its location as the row name. ``latency``
-    may be one such mapping, a nested mapping of them, or a list of rows (named by their
-    ``model``/``name`` key)."""
-    if isinstance(lat, list):
-        rows = []
-        for i, item in enumerate(lat):
-            if isinstance(item, Mapping):
-                name = item.get("model", item.get("name"))
-                name = str(name) if name is not None else f"#{i + 1}"
-                rows += _latency_rows(item, f"{prefix}/{name}" if prefix else name)
-        return rows
-    if not isinstance(lat, Mapping):
-        return []
-    if "median_ms" in lat:
-        return [(prefix or "model", lat)]
-    rows = []
-    for k in sorted(lat):
-        rows += _latency_rows(lat[k], f"{prefix}/{k}" if prefix else str(k))
-    return rows
-
-
-def _ordered_stages(timings: Mapping[str, Any]) -> list[str]:
-    known = [s for s in _STAGE_ORDER if s in timings]
-    return known + sorted(k for k in timings if k not in _STAGE_ORDER)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -547,83 +426,6 @@ _SECTIONS = (_header_section, _summary_section, _onnx_section, _deploy_section,
 def _fmt_seconds(v: Any) -> str:
     x = _num(v)
     return _DASH if x is None else f"{x:.2f}"
-
-
-# --------------------------------------------------------------------------- plots
-def _plot_layers(layers: list[Mapping[str, Any]]) -> bytes | None:
-    rows = [l for l in layers if _num(l.get("params_before")) is not None]
-    if not rows:
-        return None
-    from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
-
-    names = [str(l.get("name")) for l in rows]
-    n = len(rows)
-    fig = Figure(figsize=(11, max(3.0, 0.28 * n + 1.6)), dpi=100)
-    axes = fig.subplots(1, 2, sharey=True)
-    ys = list(range(n))
-    h = 0.4
-    for ax, key, title in ((axes[0], "params", "Parameters"), (axes[1], "macs", "MACs")):
-        before = [_num(l.get(f"{key}_before")) or 0.0 for l in rows]
-        after = [_num(l.get(f"{key}_after")) if _num(l.get(f"{key}_after")) is not None else b
-                 for l, b in zip(rows, before)]
-        ax.barh([y - h / 2 for y in ys], before, height=h, label="before", color="#9aa5b1")
-        ax.barh([y + h / 2 for y in ys], after, height=h, label="after", color="#2b6cb0")
-        ax.set_title(title)
-        ax.grid(axis="x", alpha=0.3)
-        positive = [v for v in before + after if v and v > 0]
-        if positive:  # costs span orders of magnitude across a network: log axis
-            ax.set_xscale("log", nonpositive="clip")
-            ax.set_xlim(left=min(positive) / 2, right=max(positive) * 1.5)
-    axes[0].set_yticks(ys)
-    axes[0].set_yticklabels(names, fontsize=7)
-    axes[0].invert_yaxis()
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=8, ncols=2)
-    fig.suptitle("Per-layer cost before and after compression")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-_RUNTIME_COLORS = {"torch": "#2b6cb0", "onnxruntime": "#dd6b20", "openvino": "#38a169"}
-
-
-def _plot_latency(rows: list[tuple[str, Mapping[str, Any]]]) -> bytes | None:
-    """One bar per model, runtime and batch, named by all three; one colour per runtime
-    (the legend), the threads in the title."""
-    rows = [(n, v) for n, v in rows if _num(v.get("median_ms")) is not None]
-    if not rows:
-        return None
-    from matplotlib.figure import Figure  # heavy: imported only when a plot is drawn
-    from matplotlib.patches import Patch
-
-    fig = Figure(figsize=(7.5, max(2.5, 0.4 * len(rows) + 1.6)), dpi=100)
-    ax = fig.subplots()
-    med = [float(v["median_ms"]) for _, v in rows]
-    lo = [max(0.0, m - (_num(v.get("p10_ms")) or m)) for m, (_, v) in zip(med, rows)]
-    hi = [max(0.0, (_num(v.get("p90_ms")) or m) - m) for m, (_, v) in zip(med, rows)]
-    ys = list(range(len(rows)))
-    rts = [str(v.get("runtime") or "?") for _, v in rows]
-    ax.barh(ys, med, xerr=[lo, hi], color=[_RUNTIME_COLORS.get(rt, "#718096") for rt in rts],
-            capsize=3)
-    ax.set_yticks(ys)
-    ax.set_yticklabels([f"{n} · {rt}" + (f" · batch {v['batch']}" if v.get("batch") is not None
-                                          else "") for (n, v), rt in zip(rows, rts)],
-                       fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("median latency, ms (bars: p10–p90)")
-    ax.grid(axis="x", alpha=0.3)
-    seen = list(dict.fromkeys(rts))
-    ax.legend(handles=[Patch(color=_RUNTIME_COLORS.get(rt, "#718096"), label=rt) for rt in seen],
-              title="runtime", fontsize=8, loc="lower right")
-    threads = sorted({str(v.get("threads")) for _, v in rows if v.get("threads") is not None})
-    ax.set_title("Latency by runtime: " + ", ".join(seen)
-                 + (f" ({'/'.join(threads)} thread(s))" if threads else ""), fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- entry point
