@@ -202,6 +202,48 @@ def read_tflite(path: str | os.PathLike[str]) -> TFLiteGraph:
         raise _fail(p, f"truncated or corrupt ({kind} while reading it)") from None
 
 
+#: per layer kind: (TFLite options class, expected weight rank, how to reach PyTorch's layout)
+_LAYOUTS = {
+    "conv": ("Conv2DOptions", 4, lambda w: w.permute(0, 3, 1, 2)),          # OHWI -> OIHW
+    "depthwise": ("DepthwiseConv2DOptions", 4, lambda w: w.permute(3, 0, 1, 2)),  # 1HW(C*m)
+    "fully_connected": ("FullyConnectedOptions", 2, lambda w: w),
+}
+
+
+def _layer(tflite: Any, model: Any, g: Any, i: int, name: str, op: Any,
+           producers: dict[int, Any], p: Path) -> TFLiteLayer:
+    """One CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op as a layer in PyTorch's layout."""
+    kind = _LAYER_OPS[name]
+    w_idx = int(op.Inputs(1))
+    w = _tensor_array(tflite, model, g, w_idx, producers, p)
+    # TF joins the names of the ops it fused with ';': the first is the layer's own
+    wname = (g.Tensors(w_idx).Name() or b"?").decode(errors="replace").split(";")[0]
+    b_idx = int(op.Inputs(2)) if op.InputsLength() > 2 else -1
+    b = torch.from_numpy(_tensor_array(tflite, model, g, b_idx, producers, p)) \
+        if b_idx >= 0 else None
+    options, ndim, layout = _LAYOUTS[kind]
+    if w.ndim != ndim or (kind == "depthwise" and w.shape[0] != 1):
+        raise _fail(p, f"{name} weights {wname!r} have shape {list(w.shape)}")
+    layer = TFLiteLayer(index=i, name=wname, kind=kind, bias=b,
+                        weight=layout(torch.from_numpy(w)).contiguous())
+    o = _options(tflite, op, getattr(tflite, options))
+    if o is not None:
+        layer.activation = _ACTIVATIONS.get(int(o.FusedActivationFunction()), "other")
+        if kind != "fully_connected":
+            layer.stride = (int(o.StrideH()), int(o.StrideW()))
+            layer.dilation = (int(o.DilationHFactor()) or 1, int(o.DilationWFactor()) or 1)
+            layer.padding = _PADDINGS.get(int(o.Padding()), "other")
+    return layer
+
+
+def _input_quant(g: Any) -> tuple[float, float] | None:
+    q = g.Tensors(int(g.Inputs(0))).Quantization()
+    if q is None or q.ScaleLength() != 1:
+        return None
+    return (float(q.ScaleAsNumpy()[0]),
+            float(q.ZeroPointAsNumpy()[0]) if q.ZeroPointLength() else 0.0)
+
+
 def _read(tflite: Any, p: Path, data: bytes) -> TFLiteGraph:
     model = tflite.Model.GetRootAsModel(data, 0)
     if model.SubgraphsLength() != 1:
@@ -218,54 +260,14 @@ def _read(tflite: Any, p: Path, data: bytes) -> TFLiteGraph:
     if other:
         raise _fail(p, f"operator(s) {', '.join(other)} not supported (a network of "
                     f"{', '.join(sorted(_LAYER_OPS))}, residual ADDs and pooling is)")
-    layers: list[TFLiteLayer] = []
-    for i, (name, op) in enumerate(ops):
-        if name not in _LAYER_OPS:
-            continue
-        kind = _LAYER_OPS[name]
-        w_idx = int(op.Inputs(1))
-        w = _tensor_array(tflite, model, g, w_idx, producers, p)
-        # TF joins the names of the ops it fused with ';': the first is the layer's own
-        wname = (g.Tensors(w_idx).Name() or b"?").decode(errors="replace").split(";")[0]
-        b_idx = int(op.Inputs(2)) if op.InputsLength() > 2 else -1
-        b = torch.from_numpy(_tensor_array(tflite, model, g, b_idx, producers, p)) \
-            if b_idx >= 0 else None
-        layer = TFLiteLayer(index=i, name=wname, kind=kind, weight=torch.empty(0), bias=b)
-        if kind == "conv":  # OHWI -> OIHW
-            if w.ndim != 4:
-                raise _fail(p, f"CONV_2D weights {wname!r} have shape {list(w.shape)}")
-            layer.weight = torch.from_numpy(w).permute(0, 3, 1, 2).contiguous()
-            o = _options(tflite, op, tflite.Conv2DOptions)
-        elif kind == "depthwise":  # 1HW(C*m) -> (C*m)1HW
-            if w.ndim != 4 or w.shape[0] != 1:
-                raise _fail(p, f"DEPTHWISE_CONV_2D weights {wname!r} have shape "
-                            f"{list(w.shape)}")
-            layer.weight = torch.from_numpy(w).permute(3, 0, 1, 2).contiguous()
-            o = _options(tflite, op, tflite.DepthwiseConv2DOptions)
-        else:
-            if w.ndim != 2:
-                raise _fail(p, f"FULLY_CONNECTED weights {wname!r} have shape {list(w.shape)}")
-            layer.weight = torch.from_numpy(w).contiguous()
-            o = _options(tflite, op, tflite.FullyConnectedOptions)
-        if o is not None:
-            layer.activation = _ACTIVATIONS.get(int(o.FusedActivationFunction()), "other")
-            if kind != "fully_connected":
-                layer.stride = (int(o.StrideH()), int(o.StrideW()))
-                layer.dilation = (int(o.DilationHFactor()) or 1, int(o.DilationWFactor()) or 1)
-                layer.padding = _PADDINGS.get(int(o.Padding()), "other")
-        layers.append(layer)
+    layers = [_layer(tflite, model, g, i, name, op, producers, p)
+              for i, (name, op) in enumerate(ops) if name in _LAYER_OPS]
     if not layers:
         raise _fail(p, "holds no convolution or fully connected layer")
-    inp = g.Tensors(int(g.Inputs(0)))
-    q = inp.Quantization()
-    quant = None
-    if q is not None and q.ScaleLength() == 1:
-        quant = (float(q.ScaleAsNumpy()[0]),
-                 float(q.ZeroPointAsNumpy()[0]) if q.ZeroPointLength() else 0.0)
-    out = g.Tensors(int(g.Outputs(0)))
+    inp, out = g.Tensors(int(g.Inputs(0))), g.Tensors(int(g.Outputs(0)))
     return TFLiteGraph(path=p, layers=layers, ops=Counter(n for n, _ in ops),
                        input_shape=tuple(int(s) for s in inp.ShapeAsNumpy()),
-                       input_quant=quant, num_outputs=int(out.ShapeAsNumpy()[-1]))
+                       input_quant=_input_quant(g), num_outputs=int(out.ShapeAsNumpy()[-1]))
 
 
 # --------------------------------------------------------------------------------------
@@ -420,18 +422,10 @@ def _check_pair(t: TFLiteLayer, s: _Site, graph: TFLiteGraph, spec: str,
                               f"{s.name} is followed by {s.activation!r}")
 
 
-def load_tflite(model: nn.Module, path: str | os.PathLike[str], *, spec: str = ""
-                ) -> dict[str, Any]:
-    """Load the ``.tflite`` file at ``path`` into ``model`` (in place; see the module
-    docstring), returning what the file says of its preprocessing: ``input_size``,
-    ``mean``, ``std`` and ``num_classes``, plus ``tflite`` (the classes dropped, the convs
-    padded). Every mismatch is a one-line :class:`CheckpointError` naming the file."""
-    spec = spec or type(model).__name__
-    graph = read_tflite(path)
-    if len(graph.input_shape) != 4:
-        raise _fail(graph.path, f"input of shape {list(graph.input_shape)} (NHWC expected)")
-    _, h, w, c = graph.input_shape
-    input_size = (int(c), int(h), int(w))
+def _match(model: nn.Module, graph: TFLiteGraph, spec: str,
+           input_size: tuple[int, int, int]) -> tuple[list[_Site], int]:
+    """The model's layer sites, paired one to one with the file's layers (or a one-line
+    error), and the model's number of classes."""
     try:
         sites, adds = _sites(model, input_size, spec)
     except RuntimeError as exc:  # the model cannot take the file's input
@@ -450,9 +444,54 @@ def load_tflite(model: nn.Module, path: str | os.PathLike[str], *, spec: str = "
     n_model = head.out_features if isinstance(head, nn.Linear) else head.out_channels
     for t, s in zip(graph.layers, sites):
         _check_pair(t, s, graph, spec, n_model)
-    dropped = 0
-    state: dict[str, torch.Tensor] = {}
-    padded: list[str] = []
+    return sites, n_model
+
+
+@torch.no_grad()
+def _copy(model: nn.Module, t: TFLiteLayer, s: _Site, weight: torch.Tensor,
+          bias: torch.Tensor | None, where: str) -> None:
+    """The file's kernel into the layer; its bias into the BatchNorm after it (made an
+    identity), else into the layer's bias; a bias with nowhere to go is an error."""
+    m = s.module
+    m.weight.copy_(weight)
+    if s.bn is not None:
+        bn = model.get_submodule(s.bn)
+        assert isinstance(bn, nn.BatchNorm2d)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(bias if bias is not None else torch.zeros_like(bn.bias))
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        if m.bias is not None:
+            m.bias.zero_()
+    elif m.bias is not None:
+        m.bias.copy_(bias if bias is not None else torch.zeros_like(m.bias))
+    elif bias is not None and bool(bias.abs().max() > 0):
+        raise CheckpointError(f"{where}: operator {t.index} has a bias where {s.name} has "
+                              "neither a bias nor a BatchNorm after it")
+
+
+def _normalisation(graph: TFLiteGraph, channels: int) -> tuple[tuple, tuple]:
+    """Mean and std (on [0, 1] inputs) that reproduce the file's input quantization."""
+    if graph.input_quant is None:  # float input: TF's MobileNet convention, [-1, 1]
+        return (0.5,) * channels, (0.5,) * channels
+    scale, zero = graph.input_quant
+    return (zero / 255.0,) * channels, (1.0 / (255.0 * scale),) * channels
+
+
+def load_tflite(model: nn.Module, path: str | os.PathLike[str], *, spec: str = ""
+                ) -> dict[str, Any]:
+    """Load the ``.tflite`` file at ``path`` into ``model`` (in place; see the module
+    docstring), returning what the file says of its preprocessing: ``input_size``,
+    ``mean``, ``std`` and ``num_classes``, plus ``tflite`` (the classes dropped, the convs
+    padded). Every mismatch is a one-line :class:`CheckpointError` naming the file."""
+    spec = spec or type(model).__name__
+    graph = read_tflite(path)
+    if len(graph.input_shape) != 4:
+        raise _fail(graph.path, f"input of shape {list(graph.input_shape)} (NHWC expected)")
+    _, h, w, c = graph.input_shape
+    input_size = (int(c), int(h), int(w))
+    sites, n_model = _match(model, graph, spec, input_size)
+    dropped, padded = 0, []
     for t, s in zip(graph.layers, sites):
         weight, bias = t.weight, t.bias
         m = s.module
@@ -466,29 +505,8 @@ def load_tflite(model: nn.Module, path: str | os.PathLike[str], *, spec: str = "
             _pad_conv(model, s)
             if m.padding != before:
                 padded.append(s.name)
-        with torch.no_grad():
-            m.weight.copy_(weight)
-            if s.bn is not None:
-                bn = model.get_submodule(s.bn)
-                assert isinstance(bn, nn.BatchNorm2d)
-                bn.weight.fill_(1.0)
-                bn.bias.copy_(bias if bias is not None else torch.zeros_like(bn.bias))
-                bn.running_mean.zero_()
-                bn.running_var.fill_(1.0 - bn.eps)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif m.bias is not None:
-                m.bias.copy_(bias if bias is not None else torch.zeros_like(m.bias))
-            elif bias is not None and bool(bias.abs().max() > 0):
-                raise CheckpointError(f"TFLite file {graph.path} does not match {spec}: "
-                                      f"operator {t.index} has a bias where {s.name} has "
-                                      "neither a bias nor a BatchNorm after it")
-    if graph.input_quant is not None:
-        scale, zero = graph.input_quant
-        mean = (zero / 255.0,) * input_size[0]
-        std = (1.0 / (255.0 * scale),) * input_size[0]
-    else:  # float input: TF's MobileNet convention, [-1, 1]
-        mean, std = (0.5,) * input_size[0], (0.5,) * input_size[0]
+        _copy(model, t, s, weight, bias, f"TFLite file {graph.path} does not match {spec}")
+    mean, std = _normalisation(graph, input_size[0])
     return {"input_size": input_size, "mean": mean, "std": std, "num_classes": n_model,
             "tflite": {"background_dropped": bool(dropped), "padded": padded,
                        "layers": len(sites)}}
