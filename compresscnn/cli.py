@@ -193,7 +193,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                     default_weights=args.default_weights, onnx=False if args.no_onnx else None,
                     latency=False if args.no_latency else None,
                     quantize=False if args.no_quantize else None, input_size=args.input_size,
-                    latency_batches=args.latency_batches, runtimes=args.runtimes)
+                    latency_batches=args.latency_batches, runtimes=args.runtimes,
+                    match_size=True if args.match_size else None)
     log = None if args.quiet else emit
     if args.recipe is not None:
         recipe = load_compare_recipe(args.recipe)
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default 2)")
     c.add_argument("--repeats", type=int, default=None, help="timed runs per latency (default 20)")
     c.add_argument("--latency-batches", type=int, nargs="+", default=None, help="default: 1 32")
+    c.add_argument("--match-size", action="store_true",
+                   help="also each larger model spec factorized to the smallest entry's size")
     c.add_argument("--no-onnx", action="store_true", help="skip ONNX export (sizes, onnxruntime)")
     c.add_argument("--no-latency", action="store_true", help="skip latency measurements")
     c.add_argument("--no-quantize", action="store_true", help="skip the int8 ONNX file")

@@ -53,6 +53,7 @@ from pydantic import ValidationError
 
 from compresscnn.config import Bool, Closed, Enum, Int, ListOf, Nullable, Str, Where, doc
 from compresscnn.measure.counting import count
+from compresscnn.measure.inspection import fit_report
 from compresscnn.io.data import check_classes, make_loaders
 from compresscnn.errors import CompressError
 from compresscnn.measure.evaluation import evaluate, measure_latency, measure_latencies
@@ -203,6 +204,8 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
             label += f" ({Path(wname).name})"
         info["label"] = e.get("label") or label
         return model, info
+    if e["kind"] == "lowrank":
+        return _build_lowrank(e)
     if e["kind"] == "recipe":
         recipe = load_recipe(e["recipe"])
         out = Path(recipe["output"])
@@ -234,6 +237,37 @@ def _build(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         except (OSError, ValueError) as exc:
             raise CompareError(f"{rep_path}: unreadable report ({exc})") from None
     return model, info
+
+
+def _build_lowrank(e: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A spec entry factorized to ``e["params"]`` of its parameters, data-free, with the
+    rule set :func:`compresscnn.measure.inspection.fit_report` recommends for it."""
+    model = load_model(e["model"], e.get("weights"))
+    cfg = model.pretrained_cfg
+    size = tuple(e.get("input_size") or cfg.get("input_size") or (3, 224, 224))
+    doing(f"factorizing {e['model']} to {e['params']:.4f} of its parameters")
+    rules = fit_report(model, size)["rules"]
+    model, _ = compress(model, rules, size, target={"params": e["params"]})
+    model.pretrained_cfg = cfg
+    methods = ", ".join(f"{r['method']} on {r['match']}" for r in rules)
+    note = (f"factorized here to the size of {e['size_of']} ({methods}; data-free, not "
+            "fine-tuned)")
+    return model.eval(), {"kind": "lowrank", "weights": e.get("weights"), "spec": e["model"],
+                          "label": e["label"], "compressed_from": e["model"], "notes": [note]}
+
+
+def _size_matched(norm: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
+                  ) -> list[tuple[int, dict[str, Any]]]:
+    """(position, entry) of the low-rank copy of every spec entry with more than 1.1 times
+    the parameters of the smallest entry, sized to it."""
+    small = min(rows, key=lambda r: r["params"])
+    out = []
+    for i, (e, r) in enumerate(zip(norm, rows)):
+        if e["kind"] == "spec" and r["params"] > 1.1 * small["params"]:
+            out.append((i, {**e, "kind": "lowrank", "params": small["params"] / r["params"],
+                            "size_of": small["model"],
+                            "label": f"{r['model']} low-rank to {small['model']}'s size"}))
+    return out
 
 
 #: images in the evaluation set published figures are measured on, by dataset name
@@ -460,6 +494,12 @@ class CompareSettings(Closed):
     default_weights: Nullable(Str()) = doc(
         "Weights of spec entries that give none (e.g. DEFAULT: download the published "
         "weights).", None)
+    match_size: Bool = doc(
+        "Also compare every model spec that has more parameters than the smallest entry "
+        "factorized to that entry's parameter count (the rules `compresscnn inspect` "
+        "recommends for it under one global `params` target, data-free, not fine-tuned): "
+        "\"SqueezeNet, or AlexNet made as small?\". Its top-1 is measured (zero-shot) when "
+        "the spec has weights and data are given, else it has none.", False)
 
     @classmethod
     def of(cls, settings: "CompareSettings | Mapping[str, Any] | None") -> "CompareSettings":
@@ -523,15 +563,22 @@ def compare(entries: Sequence[Any], settings: CompareSettings | Mapping[str, Any
             "latency": cfg.latency, "threads": cfg.threads, "batches": list(cfg.latency_batches),
             "repeats": cfg.repeats, "warmup": cfg.warmup, "progress": log is not None,
             "used": set()}
-    rows: list[dict[str, Any]] = []
-    for i, e in enumerate(norm, 1):
-        name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
-        t0 = time.perf_counter()
-        with timed(None, "compare", f"{name} (model {i} of {len(norm)})", quiet=log is None):
-            row = _entry_row(e, opts)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        if log:
-            log(f"[compare] {row['model']}: {row['params']:,} params, top1 {row['top1']} "
-                f"({row['top1_source']}, {row['top1_images']} images), {row['seconds']} s")
-        rows.append(row)
+    rows = [_timed_row(e, opts, log, f"model {i} of {len(norm)}")
+            for i, e in enumerate(norm, 1)]
+    if cfg.match_size:
+        extra = _size_matched(norm, rows)
+        for n, (i, e) in enumerate(reversed(extra), 1):
+            rows.insert(i + 1, _timed_row(e, opts, log, f"low-rank copy {n} of {len(extra)}"))
     return rows
+
+
+def _timed_row(e: dict[str, Any], opts: dict[str, Any], log: Any, what: str) -> dict[str, Any]:
+    name = e.get("label") or e.get("model") or e.get("run") or e.get("recipe")
+    t0 = time.perf_counter()
+    with timed(None, "compare", f"{name} ({what})", quiet=log is None):
+        row = _entry_row(e, opts)
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    if log:
+        log(f"[compare] {row['model']}: {row['params']:,} params, top1 {row['top1']} "
+            f"({row['top1_source']}, {row['top1_images']} images), {row['seconds']} s")
+    return row
