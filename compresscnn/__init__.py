@@ -33,7 +33,7 @@ _EXPORTS = {
     "load_recipe": "compresscnn.recipe.schema",
     "rule_model": "compresscnn.core.rules",
     "Recipe": "compresscnn.recipe.schema",
-    "Target": "compresscnn.config",
+    "Target": "compresscnn.core.rules",
     "MethodOptions": "compresscnn.config",
     "run": "compresscnn.runs.pipeline",
     "load_compressed": "compresscnn.runs.pipeline",
