@@ -35,7 +35,7 @@ _EXPORTS = {
     "Recipe": "compresscnn.recipe.schema",
     "load_sweep": "compresscnn.recipe.sweep",
     "run_sweep": "compresscnn.runs.sweep",
-    "Target": "compresscnn.config",
+    "Target": "compresscnn.core.rules",
     "MethodOptions": "compresscnn.config",
     "run": "compresscnn.runs.pipeline",
     "load_compressed": "compresscnn.runs.pipeline",

@@ -1,7 +1,12 @@
-"""Typed configuration: every recipe section, rule and target as a pydantic v2 model.
+"""The typed-config language: closed pydantic v2 models and the value types they are built of.
 
-One validator for recipes, ``--set`` overrides, the Python API (``compress``, ``decompose``)
-and compare recipes: the models below declare each key's type, default and documentation
+One validator for recipes, ``--set`` overrides, the Python API (``compress``, ``finetune``,
+``decompose``) and compare recipes. Each stage declares its own settings next to the code
+that reads them, in this language: the rules and target in :mod:`compresscnn.core.rules`
+(with ``PlanConfig``/``CompressConfig``), the data-aware fit in :mod:`compresscnn.fit.config`,
+the training loop in :mod:`compresscnn.train.config`. This module keeps the language, the
+shared constants, and the sections that have no stage module yet (model, data, latency,
+evaluation, export, report). Each model declares its keys' types, defaults and documentation
 (``recipes/README.md`` is generated from them), and every mapping is closed
 (``extra="forbid"``; an unknown key is an error with a ``difflib`` suggestion).
 
@@ -23,15 +28,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
-                      ValidationError, ValidationInfo, create_model, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, model_validator)
 from pydantic_core import PydanticCustomError
 
 from compresscnn.errors import CompressError, RecipeError
-from compresscnn.util.common import SCHEDULES
 
 #: the ``model.spec`` sources ``compresscnn.io.models`` loads (``<source>:<name>``)
 MODEL_SOURCES = ("torchvision", "timm", "cifar", "fmnist")
@@ -488,6 +490,23 @@ def doc(text: str, default: Any = ..., default_doc: str | None = None, **kw: Any
     return Field(default, description=" ".join(text.split()), json_schema_extra=extra, **kw)
 
 
+def field_type(model: type[BaseModel], key: str) -> Any:
+    """The type (with its checks) of ``model``'s field ``key``: to give another model the
+    same key without declaring its type again."""
+    f = model.model_fields[key]
+    return Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+
+
+def same_field(model: type[BaseModel], key: str, default: Any = ...) -> Any:
+    """``model``'s field ``key`` (its text, and its default unless another is given), for a
+    model that holds the same setting: a subclass that starts elsewhere (``train.lr`` is
+    fine-tuning's ``lr`` at 0.1), or the recipe's top level holding a stage's key."""
+    f = model.model_fields[key]
+    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+    return doc(f.description or "", f.default if default is ... else default,
+               default_doc=extra.get("default_doc"))
+
+
 def section() -> Any:
     """A section that is all defaults when absent (its docs are the model's docstring)."""
     return Field(default_factory=dict)
@@ -553,122 +572,11 @@ class MethodOptions(Closed):
     Each decomposer declares its own subclass as ``Decomposer.Options``."""
 
 
-#: at most one of these per rule (none only when a global ``target`` is set)
-POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
-
-
-class RuleBase(Closed):
-    """Which layers get which method and rank; the method's options sit flat beside these
-    keys (each method's rule model adds its ``Options``)."""
-
-    #: the method's rank components (set on each method's rule model)
-    rank_names: ClassVar[tuple[str, ...]] = ()
-
-    match: Patterns(allow_empty=False) = doc(
-        "Layers to factorize: `fnmatch` glob(s) over dotted module names "
-        "(`layer*.*.conv2`, `features.*`).")
-    exclude: Patterns(allow_empty=True) = doc("Glob(s) of module names this rule leaves alone.",
-                                              [])
-    method: Str() = doc("A registered decomposition method: `tucker2`, `cp`, `spatial`, `svd` "
-                        "(Linear), `fire`; or `auto`: per layer, the method (of its option "
-                        "`methods`, default cp, spatial, tucker2, svd) and rank with the lowest "
-                        "measured error at the budget (a global `target`, or a `macs`/`params` "
-                        "policy), each candidate decomposed to measure it (`ranks` per method, "
-                        "default 12).")
-    rank: Nullable(Rank) = doc(
-        "An int: the same rank for every component; a list: one int per component (as many "
-        "as the method has, in its order, e.g. `[r_in, r_out]` for tucker2); a float: the "
-        "fraction of the layer's parameters kept (`1` is rank 1, `1.0` keeps everything); "
-        "`full`: exact; `evbmf`: chosen by EVBMF.", None)
-    energy: Nullable(FRACTION) = doc(
-        "Keep the smallest rank whose singular values hold this fraction of the squared "
-        "spectrum.", None)
-    macs: Nullable(FRACTION) = doc("Fraction of this layer's MACs to keep.", None)
-    params: Nullable(FRACTION) = doc(
-        "Fraction of this layer's parameters to keep (same as a float `rank`).", None)
-    round_to: Nullable(Int(1)) = doc(
-        "Round ranks to multiples of this where it costs little (hardware-friendly channel "
-        "counts); 1 turns rounding off. null: the multiple the `latency` section's runtime "
-        "rewards for layers timed there (`objective: latency`), else 8.", None,
-        default_doc="null (8)")
-    objective: Nullable(Enum("macs", "latency")) = doc(
-        "`latency`: time this rule's layers and candidate ranks on the `latency` section's "
-        "runtime and keep only decompositions measurably faster than the dense layer (a layer "
-        "where none is stays dense); null/`macs`: plan on MAC counts. A `latency` target "
-        "implies it.", None)
-
-    @model_validator(mode="after")
-    def _policy(self, info: ValidationInfo) -> "RuleBase":
-        given = [k for k in POLICY_KEYS if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise bad(f"give at most one of {', '.join(POLICY_KEYS)} "
-                      f"(got {' and '.join(given)})")
-        # a rule built directly (no context) may leave its policy to a target given later
-        if not given and info.context is not None and not info.context.get("has_target"):
-            raise bad(f"give one of {', '.join(POLICY_KEYS)} "
-                      "(or a global 'target' to let the budget choose)")
-        names = self.rank_names
-        if isinstance(self.rank, list) and names and len(self.rank) != len(names):
-            raise bad(f"method {self.method} takes {len(names)} rank(s) ({', '.join(names)}), "
-                      f"got {len(self.rank)}: {self.rank}", ("rank",))
-        return self
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        """Every rule key, then the method options that were given (in that order)."""
-        d = handler(self)
-        out = {k: d[k] for k in RuleBase.model_fields}
-        out.update({k: d[k] for k in d if k not in out and k in self.model_fields_set})
-        return out
-
-    def options(self) -> dict[str, Any]:
-        """The method options that were given."""
-        return {k: v for k, v in self.model_dump().items() if k not in RuleBase.model_fields}
-
-
-RULE_KEYS: tuple[str, ...] = tuple(RuleBase.model_fields)
-TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
-
-
-class Target(Closed):
-    """Global budget: exactly one of `macs`, `params`, `latency`, the fraction (in (0, 1]) of
-    the whole model's cost to keep."""
-
-    macs: Nullable(FRACTION) = doc("multiply-accumulates of one forward pass", None)
-    params: Nullable(FRACTION) = doc("parameters", None)
-    latency: Nullable(FRACTION) = doc("measured latency on the `latency` section's runtime", None)
-
-    @classmethod
-    def not_mapping(cls, v: Any) -> str:
-        return ("expected null or a mapping with one of macs, params, latency "
-                f"(e.g. {{macs: 0.5}}), got {show(v)}")
-
-    @classmethod
-    def check_mapping(cls, v: dict, info: ValidationInfo) -> dict:
-        if len(v) != 1:
-            got = " and ".join(v) if v else "none"
-            raise bad(f"give exactly one of macs, params, latency (got {got})")
-        return v
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, float]:
-        return {k: v for k, v in handler(self).items() if v is not None}
-
 
 # --------------------------------------------------------------------------- sections
 
-#: what data-aware reconstruction matches (``calibration.following_ops``)
-FIT_THROUGH: tuple[str, ...] = ("layer", "bn", "activation")
 #: how data-aware reconstruction fits each layer (``compresscnn.fit.response``)
 SOLVERS: tuple[str, ...] = ("closed_form", "adam")
-#: how calibration distillation mixes its images (``calibration.mix_batch``)
-MIXES: tuple[str, ...] = ("none", "mixup", "cutmix")
-#: optimizers and memory formats of the training loop
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
-MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
-ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity", "output", "data_spectral")
-#: the allocations that measure the model on calibration batches to plan
-CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("sensitivity", "output", "data_spectral")
 _NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
             doc="str")
 
@@ -691,102 +599,6 @@ class ModelSection(Closed):
         "untrained). A model whose classes differ from the data's is refused without it.", None)
 
 
-class CalibrationDistill(Closed):
-    """After the layer-wise fit, train the whole compressed model to reproduce the original
-    model's outputs on the calibration batches: knowledge distillation without labels
-    (Adam, cosine decay, BatchNorm statistics kept). Each pass costs about three forward
-    passes of the compressed model and one of the original per batch. null or absent: off."""
-
-    epochs: Int(1) = doc("Passes over the calibration batches.", 4)
-    lr: Float(0.0, lo_open=True) = doc("Adam learning rate at the start (cosine to 0).", 1e-3)
-    temperature: Float(0.0, lo_open=True) = doc("Softmax temperature of the KL loss.", 1.0)
-    flip: Bool = doc("Mirror each batch left-right with probability 1/2 (the original's "
-                     "outputs on the mirrored images are computed too).", True)
-    mix: Enum(*MIXES) = doc(
-        "Mix each batch within itself at every step (`mixup`: blended pairs; `cutmix`: a box "
-        "of another image pasted in), the original's outputs on the mixed images as the "
-        "targets: new inputs at every step, for when the calibration images are few (e.g. "
-        "one per class). Costs one more forward pass of the original per step.", "none")
-    mix_alpha: Float(0.0, lo_open=True) = doc(
-        "Beta(alpha, alpha) distribution of the mixing weight.", 1.0)
-    features: Float(0.0) = doc(
-        "Weight of a layer-wise term added to the KL loss: each replaced layer's output "
-        "error relative to the original layer's output on the same images, averaged over the "
-        "layers (many more targets per image than the logits). 0: logits only. Costs one "
-        "forward pass of the original per step.", 0.0)
-    amp: Enum("auto", "off", "bf16", aliases={False: "off"}) = doc(
-        "Precision of the compressed model's forward pass while it is distilled (the "
-        "original's targets are float32): `auto`: bf16 autocast on CPUs that compute bf16 in "
-        "hardware, float32 elsewhere; `off`: float32, for a fit already so close that bf16's "
-        "rounding is of the size of what is left to learn.", "auto")
-    holdout: Int(0) = doc(
-        "Calibration batches (the last ones of the seeded random order) kept out of the "
-        "layer-wise fit and the distillation, to score the distillation: after every pass the "
-        "KL divergence on them is measured, and the weights of the pass where it was lowest "
-        "are kept (pass 0: the layer-wise fit alone, so a distillation that does not "
-        "generalise beyond its images is undone). 0: every batch fits and trains, the last "
-        "pass's weights are kept.", 0)
-    crop: FRACTION = doc(
-        "Crop every image to its own random box of area fraction between this and 1 (aspect "
-        "ratio 3/4 to 4/3, anywhere in the image) resized back to the batch's size, the "
-        "original's outputs on the crops as the targets: Inception-style crops on the "
-        "preprocessed calibration tensors, more of the original's function to match when "
-        "the images are few. Costs one more forward pass of the original per step. 1: no "
-        "cropping.", 1.0)
-    warmup: Float(0.0, 1.0, hi_open=True) = doc(
-        "Fraction of the steps over which the learning rate rises linearly from 0 to `lr` "
-        "before the cosine decay, so that Adam's first, poorly estimated steps do not undo "
-        "the layer-wise fit.", 0.0)
-
-
-class Calibration(Closed):
-    """Data-aware decomposition: calibration batches from the `data.calibration` source (no
-    augmentation) on which each replaced layer is fitted to the original layer's output
-    (and, optionally, BatchNorm statistics are re-estimated). null or absent: off
-    (data-free); `{}`: on with the defaults."""
-
-    batches: Int(1) = doc("Number of calibration batches.", 8)
-    batch_size: Int(1) = doc("Calibration batch size.", 64)
-    reconstruct: Bool = doc(
-        "Fit each replacement to the original layer's output on the compressed model's own "
-        "input (asymmetric response reconstruction, Zhang et al. 2015), layer by layer.", True)
-    solver: Enum(*SOLVERS) = doc(
-        "How `reconstruct` fits a layer. `closed_form`: from the second moments of the layer's "
-        "input patches, accumulated in one pass: the last factor of each decomposition (a "
-        "dense layer or an SVD pair as a whole) by least squares, then all its factors jointly "
-        "on the same quadratic form (L-BFGS, no further passes over the data), and where a "
-        "ReLU follows, Zhang et al. 2015's alternation on a sample of positions; each stops "
-        "once its loss changes by less than 0.1%. `adam`: `steps` Adam steps per layer on all "
-        "its factors, one batch per step (the earlier fit). Fire modules use `adam` either "
-        "way.", "closed_form")
-    steps: Int(1) = doc("Adam steps per layer for `reconstruct` with `solver: adam`.", 300)
-    lr: Float(0.0, lo_open=True) = doc(
-        "Adam learning rate for `reconstruct` with `solver: adam`.", 3e-3)
-    fit_through: Enum(*FIT_THROUGH) = doc(
-        "What `reconstruct` matches: `layer`: the layer's own output; `bn`: the output after "
-        "the BatchNorm that alone consumes it; `activation`: after that BatchNorm and/or ReLU "
-        "(Zhang et al. 2015's nonlinear reconstruction). Found on a torch.fx trace; a layer "
-        "followed by anything else is fitted on its own output.", "activation")
-    refit_dense: Bool = doc(
-        "Also fit the Conv/Linear layers left dense that run after a replaced one (same "
-        "objective, in execution order): they see the compressed model's inputs and absorb "
-        "part of the error.", False)
-    bn_recalibrate: Bool = doc(
-        "Re-estimate BatchNorm running statistics on the calibration batches after the layers "
-        "are replaced. Off by default: after `reconstruct` the layers already reproduce the "
-        "outputs the original statistics were estimated on, and re-estimating them from a few "
-        "batches cost ResNet-20 1.7 points (BENCHMARKS.md); useful with `reconstruct: false`.",
-        False)
-    distill: Optional[CalibrationDistill] = doc(CalibrationDistill.__doc__, None)
-
-    @model_validator(mode="after")
-    def _holdout(self) -> "Calibration":
-        if self.distill is not None and self.distill.holdout >= self.batches:
-            raise bad(f"holdout {self.distill.holdout} leaves none of the {self.batches} "
-                      "calibration batches to fit and distil on", ("distill", "holdout"))
-        return self
-
-
 class Latency(Closed):
     """How latency-aware planning (`objective: latency` rules, a `latency` target) times
     layers, and the runtime the result must not be slower on."""
@@ -804,114 +616,6 @@ class Latency(Closed):
         "A candidate must be at least this fraction faster than the dense layer to be used.",
         0.03)
     max_candidates: Int(1) = doc("Candidate ranks timed per layer.", 8)
-
-
-def _training_fields(*, lr: float, epochs: int, what: str) -> dict[str, Any]:
-    """The optimisation keys ``finetune`` and ``train`` share (the same training loop)."""
-    return {
-        "epochs": (Int(0), doc("Epochs over the training split.", epochs)),
-        "max_steps": (Nullable(Int(1)), doc("Stop after this many optimizer steps (short runs, "
-                                            "tests).", None)),
-        "optimizer": (Enum(*OPTIMIZERS), doc("Optimizer.", "sgd")),
-        "lr": (Float(0.0, lo_open=True), doc(
-            f"Peak learning rate of {what} at `lr_batch` images per step; scaled linearly to "
-            "the real (global) batch size.", lr)),
-        "lr_batch": (Int(1), doc("The batch size `lr` is given for.", 128)),
-        "factor_lr": (Float(0.0, lo_open=True), doc(
-            "Multiplier of `lr` for the factors of the factorized layers (every chain of "
-            "Conv2d or Linear factors the decomposers build); 1: one rate for the whole "
-            "model. A factor chain moves its layer's kernel faster along the low-rank "
-            "directions than SGD moves a dense kernel, so fitted factors may want a lower rate.",
-            1.0)),
-        "momentum": (Float(0.0), doc("SGD momentum (AdamW: beta1).", 0.9)),
-        "weight_decay": (Float(0.0), doc("Weight decay (not on biases and norms).", 5.0e-4)),
-        "schedule": (Enum(*SCHEDULES), doc(
-            "Learning-rate schedule after warm-up (`onecycle`: linear up to the peak at 30% of "
-            "the steps, then down to 0).", "cosine")),
-        "warmup_steps": (Int(0), doc("Linear warm-up steps.", 0)),
-        "label_smoothing": (Float(0.0, 1.0), doc("Label smoothing of the cross-entropy.", 0.0)),
-        "mixup": (Float(0.0), doc("mixup Beta(a, a) parameter; 0: off.", 0.0)),
-        "cutout": (Int(0), doc("Cutout square side in pixels; 0: off.", 0)),
-        "clip_grad_norm": (Nullable(Float(0.0, lo_open=True)), doc(
-            "Clip the gradients' global L2 norm to this; null: off.", None)),
-        "keep": (Enum("last", "best"), doc(
-            "Weights to keep: `last`, or `best` by top-1 on `holdout` training images scored "
-            "after every epoch (never on the test split).", "last")),
-        "holdout": (Int(0), doc("Training images held out of training to score epochs (`keep: "
-                                "best`); 0: none.", 0)),
-        "device": (Enum("auto", "cpu", "cuda"), doc("`auto`: CUDA when available, else CPU.",
-                                                    "auto")),
-        "amp": (Enum("auto", "off", "bf16", "fp16", aliases={False: "off"}), doc(
-            "Mixed precision; `auto`: bf16 on GPUs that support it and on CPUs that compute "
-            "bf16 in hardware (AVX512-BF16 or AMX, as torch reports), fp16 on older GPUs, off "
-            "elsewhere. YAML reads a bare `off` as false, which is accepted as `off`.", "auto")),
-        "memory_format": (Enum(*MEMORY_FORMATS), doc(
-            "`auto`: channels_last for conv nets.", "auto")),
-        "compile": (Bool, doc("Run the forward pass through `torch.compile`.", False)),
-        "checkpoint_every": (Nullable(Int(1)), doc(
-            "Also checkpoint every this many steps (a checkpoint is always written at the end "
-            "of each epoch).", None)),
-        "log_every": (Int(1), doc("Log the loss every this many steps.", 50)),
-    }
-
-
-class Distill(Closed):
-    """Knowledge distillation from the original model."""
-
-    enabled: Bool = doc("Distil from the uncompressed model.", True)
-    temperature: Float(0.0, lo_open=True) = doc("Softmax temperature.", 4.0)
-    alpha: Float(0.0, 1.0) = doc("Weight of the KD term; `1 - alpha` weighs cross-entropy.", 0.9)
-
-
-Finetune = create_model(
-    "Finetune", __base__=Closed,
-    __doc__="Fine-tuning of the compressed model, distilled from the original.",
-    enabled=(Bool, doc("Fine-tune after decomposition.", True)),
-    **_training_fields(lr=0.01, epochs=1, what="fine-tuning"),
-    distill=(Distill, section()))
-
-class Switch(Closed):
-    """Cuttlefish (Wang et al. 2023): train the model *dense*, measure the stable rank of
-    every layer the `rules` take after each epoch, and once they have all settled (or at the
-    end of `max_epochs`) factorize the trained weights at the scaled stable ranks and train
-    the factorized model for the rest of `epochs`. The rules choose layers, methods and
-    options; their rank policies and `target` are not used. The dense phase follows the
-    schedule of the whole `epochs` budget up to the switch; the factorized phase restarts the
-    schedule (warm-up included) over the remaining epochs, with the same optimizer settings.
-    Needs `epochs` >= 2; not with `max_steps` or `init: spectral`. null or absent: off."""
-
-    window: Int(2) = doc(
-        "A layer has settled when the slope of its smoothed stable-rank trace, averaged over "
-        "the last `window` epochs, is at most `tol` (never before `window` + 1 epochs).", 15)
-    tol: Float(0.0, lo_open=True) = doc(
-        "Largest mean slope (rank units per epoch) of a settled layer.", 0.1)
-    max_epochs: Nullable(Int(1)) = doc(
-        "Switch at the end of this epoch at the latest, settled or not (short budgets); "
-        "null: `epochs` - 1.", None)
-    min_fraction: Float(0.0, 1.0) = doc(
-        "Lower bound of each rank as a fraction of the layer's full rank (Cuttlefish's "
-        "ImageNet runs: 0.2).", 0.0)
-
-
-Train = create_model(
-    "Train", __base__=Closed,
-    __doc__="Training from random initialisation instead of compressing pretrained weights "
-            "(`model.weights` must be null). With `rules`, the matched layers are factorized "
-            "*before* training (ranks from the rules / `target`, module structures of the "
-            "decomposers); `rules: []` trains the dense model. null or absent: compress a "
-            "pretrained model.",
-    **_training_fields(lr=0.1, epochs=30, what="training"),
-    init=(Enum("kaiming", "spectral"), doc(
-        "Initialisation of factorized layers: `kaiming`: every factor Kaiming-normal, scaled "
-        "so the chain's output variance matches a dense Kaiming layer; `spectral`: the best "
-        "low-rank approximation of a dense Kaiming init (Khodak et al. 2021).", "kaiming")),
-    semi_orthogonal=(Nullable(Int(1)), doc(
-        "Every this many steps, pull one factor of each factorized layer towards a scaled "
-        "semi-orthogonal matrix (Povey et al. 2018); null: off.", None)),
-    frobenius_decay=(Float(0.0), doc(
-        "Weight of the Frobenius norm of each factorized layer's product (Khodak et al. 2021) "
-        "added to the loss; 0: off.", 0.0)),
-    switch=(Optional[Switch], doc(Switch.__doc__, None)))
 
 
 class Evaluate(Closed):

@@ -107,13 +107,13 @@ def test_auto_with_objective_latency_keeps_only_faster_candidates():
     timer = _macs_timer(overhead_ms=0.5)
     rules = [{"match": ["2", "8"], "method": "auto", "methods": ["spatial", "tucker2"],
               "ranks": 4, "objective": "latency"}]
-    p = plan(_net(), rules, (3, 16, 16), target={"macs": 0.8}, latency={"timer": timer})
+    p = plan(_net(), rules, (3, 16, 16), target={"macs": 0.8}, config={"latency": {"timer": timer}})
     rows = {r.name: r for r in p.replacements}
     assert rows["2"].applied and rows["2"].method in ("spatial", "tucker2")
     assert rows["2"].latency_after < rows["2"].latency_before
     assert not rows["8"].applied  # 4 -> 4 channels: every chain pays more launches than MACs
     assert "faster" in rows["8"].skipped
-    p = plan(_net(), [dict(rules[0], macs=0.9)], (3, 16, 16), latency={"timer": timer})
+    p = plan(_net(), [dict(rules[0], macs=0.9)], (3, 16, 16), config={"latency": {"timer": timer}})
     rows = {r.name: r for r in p.replacements}
     assert rows["2"].applied and rows["2"].latency_after < rows["2"].latency_before
     assert "no candidate within macs 0.9 is faster" in rows["8"].skipped
@@ -140,8 +140,7 @@ def test_auto_with_sensitivity_allocation_and_calibration(allocation):
     torch.manual_seed(0)
     batches = [torch.randn(4, *SIZE) for _ in range(2)]
     new, p = compress(small_net(), [{"match": ["4", "6"], "method": "auto",
-                                     "methods": ["spatial", "tucker2"], "ranks": 4}], SIZE,
-                      target={"macs": 0.7}, calibration=batches, allocation=allocation)
+                                     "methods": ["spatial", "tucker2"], "ranks": 4}], SIZE, target={"macs": 0.7}, calibration=batches, config={"allocation": allocation})
     applied = [r for r in p.replacements if r.applied]
     assert applied and all(r.method in ("spatial", "tucker2") for r in applied)
     assert all("output_error" in r.fit for r in applied)

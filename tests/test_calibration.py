@@ -40,7 +40,7 @@ def test_reconstruct_lowers_output_error_and_keeps_input_model():
     rules = [{"match": "3", "method": "tucker2", "rank": [3, 3]},
              {"match": "7", "method": "svd", "rank": 2}]
     free, _ = compress(m, rules, (3, 12, 12))
-    aware, p = compress(m, rules, (3, 12, 12), calibration=x, reconstruct_steps=100)
+    aware, p = compress(m, rules, (3, 12, 12), calibration=x, config={"fit": {"steps": 100}})
     for row in p.replacements:
         assert row.fit["output_error"] <= row.fit["output_error_data_free"]
     assert p.replacements[0].fit["output_error"] < 0.9 * p.replacements[0].fit[
@@ -88,14 +88,13 @@ def test_compress_with_sensitivity_allocation_meets_the_target():
     m = _net()
     x = [torch.randn(16, 3, 12, 12) for _ in range(2)]
     rules = [{"match": ["0", "3"], "method": "tucker2", "round_to": 1}]
-    new, p = compress(m, rules, (3, 12, 12), target={"macs": 0.6}, calibration=x,
-                      reconstruct_steps=10, allocation="sensitivity")
+    new, p = compress(m, rules, (3, 12, 12), target={"macs": 0.6}, calibration=x, config={"allocation": "sensitivity", "fit": {"steps": 10}})
     assert p.macs_after <= 0.6 * p.total_macs * 1.02
     import pytest
 
     from compresscnn.errors import RecipeError
     with pytest.raises(RecipeError, match="needs calibration"):
-        compress(m, rules, (3, 12, 12), target={"macs": 0.6}, allocation="sensitivity")
+        compress(m, rules, (3, 12, 12), target={"macs": 0.6}, config={"allocation": "sensitivity"})
 
 
 class _Residual(nn.Module):
@@ -183,7 +182,7 @@ def test_execution_order_and_refit_dense_layers_after_a_replaced_one():
     for refit in (False, True):
         c = apply(copy.deepcopy(m), p)
         dense_before = c[7].weight.detach().clone()
-        refine(m, c, p, x, steps=150, bn_recalibrate=False, refit_dense=refit)
+        refine(m, c, p, x, {"steps": 150, "bn_recalibrate": False, "refit_dense": refit})
         assert torch.equal(c[7].weight, dense_before) is (not refit)
         with torch.no_grad():
             outs[refit] = float((c(x[0]) - m(x[0])).norm())
@@ -252,7 +251,7 @@ def test_closed_form_is_never_worse_than_data_free_on_a_small_net():
              {"match": "7", "method": "svd", "rank": 2}]
     free, _ = compress(m, rules, (3, 12, 12))
     for through in ("layer", "bn", "activation"):
-        aware, p = compress(m, rules, (3, 12, 12), calibration=x, fit_through=through)
+        aware, p = compress(m, rules, (3, 12, 12), calibration=x, config={"fit": {"fit_through": through}})
         assert p.calibration["solver"] == "closed_form" and p.calibration["forward_passes"] == 2
         for row in p.replacements:
             assert row.fit["fit_solver"] == "closed_form"
@@ -280,15 +279,15 @@ def test_solver_adam_is_the_iterative_fit():
     x = [torch.randn(16, 3, 12, 12) for _ in range(2)]
     p = plan(m, [{"match": "3", "method": "tucker2", "rank": [2, 2]}], (3, 12, 12))
     c = apply(copy.deepcopy(m), p)
-    fitted = refine(m, c, p, x, steps=15, solver="adam")
+    fitted = refine(m, c, p, x, {"steps": 15, "solver": "adam"})
     assert p.calibration is None and p.replacements[0].fit == {}  # p is not edited
     fit = fitted.replacements[0].fit
     assert fit["fit_solver"] == "adam" and fit["fit_iters"] == 15
     assert fit["output_error"] <= fit["output_error_data_free"]
     assert fitted.calibration["solver"] == "adam"
     from compresscnn.errors import RecipeError
-    with pytest.raises(RecipeError, match="solver must be one of closed_form, adam"):
-        refine(m, c, p, x, solver="sgd")
+    with pytest.raises(RecipeError, match=r"refine\(\): solver: expected one of 'closed_form', 'adam', got 'sgd'"):
+        refine(m, c, p, x, {"solver": "sgd"})
 
 
 def _damaged(n: int, batch: int = 32) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
@@ -303,11 +302,12 @@ def _damaged(n: int, batch: int = 32) -> tuple[nn.Module, nn.Module, list[torch.
 
 
 def test_distill_outputs_moves_the_compressed_model_towards_the_original():
-    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.fit.config import CalibrationDistill
 
     m, student, x = _damaged(4)
     bn_mean = student[1].running_mean.clone()
-    out = distill_outputs(m, student, x, DistillSettings(epochs=20, lr=3e-3, amp=False))
+    out = distill_outputs(m, student, x, CalibrationDistill(epochs=20, lr=3e-3, amp=False))
     assert out["steps"] == 80 and out["amp"] == "off"
     assert out["loss_after"] < 0.5 * out["loss_before"]
     assert out["agreement_after"] >= out["agreement_before"]
@@ -316,10 +316,11 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
 
 
 def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches():
-    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.fit.config import CalibrationDistill
 
     m, student, x = _damaged(5)
-    good = distill_outputs(m, student, x, DistillSettings(epochs=6, lr=3e-3, amp=False,
+    good = distill_outputs(m, student, x, CalibrationDistill(epochs=6, lr=3e-3, amp=False,
                                                           holdout=1))
     assert good["steps"] == 24 and good["holdout"] == 1  # 4 batches train, 1 scores
     assert len(good["holdout_loss"]) == len(good["holdout_agreement"]) == 7
@@ -328,18 +329,19 @@ def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches
     assert good["holdout_loss"][good["kept_pass"]] < 0.5 * good["holdout_loss"][0]
     # a rate that wrecks the model: every pass scores worse than none, the fit is kept as is
     start = copy.deepcopy(student.state_dict())
-    bad = distill_outputs(m, student, x, DistillSettings(epochs=3, lr=5.0, amp=False,
+    bad = distill_outputs(m, student, x, CalibrationDistill(epochs=3, lr=5.0, amp=False,
                                                          holdout=2))
     assert bad["kept_pass"] == 0 and bad["steps"] == 9
     assert min(bad["holdout_loss"][1:]) > bad["holdout_loss"][0]
     for k, v in student.state_dict().items():
         torch.testing.assert_close(v, start[k])
     with pytest.raises(ValueError, match="holdout: 5 leaves none of the 5"):
-        distill_outputs(m, student, x, DistillSettings(holdout=5))
+        distill_outputs(m, student, x, CalibrationDistill(holdout=5))
 
 
 def test_distill_outputs_with_layer_outputs_matches_the_replaced_layers():
-    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.fit.config import CalibrationDistill
 
     m = _net()
     m[4] = nn.ReLU(inplace=True)  # the hooked output is overwritten right after the layer
@@ -360,16 +362,16 @@ def test_distill_outputs_with_layer_outputs_matches_the_replaced_layers():
     plain, feat = damaged(), damaged()
     start = layer_error(plain)
     kw = dict(epochs=10, lr=3e-3, amp=False)
-    p = distill_outputs(m, plain, x, DistillSettings(**kw), layers=["3"])
-    f = distill_outputs(m, feat, x, DistillSettings(**kw, features=1.0), layers=["3"])
+    p = distill_outputs(m, plain, x, CalibrationDistill(**kw), layers=["3"])
+    f = distill_outputs(m, feat, x, CalibrationDistill(**kw, features=1.0), layers=["3"])
     assert (p["features"], p["feature_layers"]) == (0.0, 0)
     assert (f["features"], f["feature_layers"]) == (1.0, 1)
     assert layer_error(feat) < 0.5 * start and layer_error(feat) < layer_error(plain)
     assert f["loss_after"] < f["loss_before"]
     with pytest.raises(ValueError, match="names of the replaced layers"):
-        distill_outputs(m, damaged(), x, DistillSettings(features=1.0))
-    with pytest.raises(ValueError, match="finite weight"):
-        distill_outputs(m, damaged(), x, DistillSettings(features=-1.0), layers=["3"])
+        distill_outputs(m, damaged(), x, CalibrationDistill(features=1.0))
+    with pytest.raises(ValueError, match="expected a number >= 0"):
+        distill_outputs(m, damaged(), x, CalibrationDistill(features=-1.0), layers=["3"])
 
 
 def test_distill_outputs_needs_batches():
@@ -386,14 +388,12 @@ def test_compress_with_distill_records_it_in_the_plan():
     x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
     rules = [{"match": "3", "method": "tucker2", "rank": [2, 2]}]
     plain, p0 = compress(m, rules, (3, 12, 12), calibration=x)
-    kd, p1 = compress(m, rules, (3, 12, 12), calibration=x,
-                      distill={"epochs": 10, "lr": 3e-3, "flip": False})
+    kd, p1 = compress(m, rules, (3, 12, 12), calibration=x, config={"fit": {"distill": {"epochs": 10, "lr": 3e-3, "flip": False}}})
     d = p1.calibration["distill"]
     assert d["steps"] == 30 and d["flip"] is False
     assert "distill" not in p0.calibration
     assert d["loss_after"] < d["loss_before"]
-    _, p2 = compress(m, rules, (3, 12, 12), calibration=x,
-                     distill={"epochs": 2, "features": 0.5})  # the plan's layers matched
+    _, p2 = compress(m, rules, (3, 12, 12), calibration=x, config={"fit": {"distill": {"epochs": 2, "features": 0.5}}})  # the plan's layers matched
     assert (p2.calibration["distill"]["features"], p2.calibration["distill"]["feature_layers"]) \
         == (0.5, 1)
     with torch.no_grad():
@@ -407,10 +407,10 @@ def test_compress_seed_draws_the_distillation():
     m = _net()
     x = [torch.randn(16, 3, 12, 12) for _ in range(3)]
     rules = [{"match": "3", "method": "tucker2", "rank": [2, 2]}]
-    kw = dict(calibration=x, distill={"epochs": 3, "lr": 3e-3})
-    a, _ = compress(m, rules, (3, 12, 12), seed=0, **kw)
-    b, _ = compress(m, rules, (3, 12, 12), seed=0, **kw)
-    c, _ = compress(m, rules, (3, 12, 12), seed=1, **kw)
+    fit = {"distill": {"epochs": 3, "lr": 3e-3}}
+    a, _ = compress(m, rules, (3, 12, 12), config={"seed": 0, "fit": fit}, calibration=x)
+    b, _ = compress(m, rules, (3, 12, 12), config={"seed": 0, "fit": fit}, calibration=x)
+    c, _ = compress(m, rules, (3, 12, 12), config={"seed": 1, "fit": fit}, calibration=x)
     with torch.no_grad():
         ya, yb, yc = (net(torch.cat(x)) for net in (a, b, c))
     torch.testing.assert_close(ya, yb)  # the same seed: the same model
@@ -422,25 +422,24 @@ def test_distill_settings_are_validated_like_the_recipe():
     from compresscnn.errors import RecipeError
 
     with pytest.raises(RecipeError, match="distill.epochs"):
-        compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12),
-                 calibration=[torch.randn(4, 3, 12, 12)], distill={"epochs": 0})
+        compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12), calibration=[torch.randn(4, 3, 12, 12)], config={"fit": {"distill": {"epochs": 0}}})
 
 
 def test_distill_precision_from_the_recipe_spelling():
     from compresscnn import compress
-    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.fit.config import CalibrationDistill
     from compresscnn.util.common import cpu_bf16_native
 
     m, student, x = _damaged(2, batch=8)
     kw = dict(epochs=1, lr=1e-4)
-    assert distill_outputs(m, student, x, DistillSettings(**kw, amp="off"))["amp"] == "off"
-    assert distill_outputs(m, student, x, DistillSettings(**kw, amp="bf16"))["amp"] == "bf16"
-    auto = distill_outputs(m, student, x, DistillSettings(**kw, amp="auto"))["amp"]
+    assert distill_outputs(m, student, x, CalibrationDistill(**kw, amp="off"))["amp"] == "off"
+    assert distill_outputs(m, student, x, CalibrationDistill(**kw, amp="bf16"))["amp"] == "bf16"
+    auto = distill_outputs(m, student, x, CalibrationDistill(**kw, amp="auto"))["amp"]
     assert auto == ("bf16" if cpu_bf16_native() else "off")
-    with pytest.raises(ValueError, match="distill amp: 'fp16' is not one of auto, off, bf16"):
-        distill_outputs(m, student, x, DistillSettings(**kw, amp="fp16"))
-    _, p = compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12),
-                    calibration=x, distill={"epochs": 1, "amp": "off"})
+    with pytest.raises(ValueError, match=r"amp\n  expected one of 'auto', 'off', 'bf16', got 'fp16'"):
+        distill_outputs(m, student, x, CalibrationDistill(**kw, amp="fp16"))
+    _, p = compress(_net(), [{"match": "3", "method": "svd", "rank": 2}], (3, 12, 12), calibration=x, config={"fit": {"distill": {"epochs": 1, "amp": "off"}}})
     assert p.calibration["distill"]["amp"] == "off"
 
 
@@ -453,14 +452,12 @@ def test_held_out_batches_are_kept_out_of_the_layer_wise_fit_too():
     rules = [{"match": "3", "method": "svd", "rank": 2}]
     fit_only, _ = compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x[:2])
     # a rate that wrecks every pass: the holdout keeps pass 0, the fit on the first 2 batches
-    held, p = compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x,
-                       distill={"epochs": 2, "lr": 5.0, "holdout": 1, "amp": "off"})
+    held, p = compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x, config={"fit": {"distill": {"epochs": 2, "lr": 5.0, "holdout": 1, "amp": "off"}}})
     assert p.calibration["distill"]["kept_pass"] == 0
     for k, v in fit_only.state_dict().items():
         torch.testing.assert_close(held.state_dict()[k], v)
     with pytest.raises(RecipeError, match="distill.holdout: 3 leaves none of the 3"):
-        compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x,
-                 distill={"epochs": 1, "holdout": 3})
+        compress(copy.deepcopy(m), rules, (3, 12, 12), calibration=x, config={"fit": {"distill": {"epochs": 1, "holdout": 3}}})
 
 
 #: the smallest valid recipe the calibration keys are checked against
@@ -500,15 +497,16 @@ def test_mix_batch_mixes_within_the_batch_reproducibly():
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_distill_outputs_with_mixed_inputs(mix):
-    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.fit.config import CalibrationDistill
 
     m, student, x = _damaged(3, batch=16)
-    out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
+    out = distill_outputs(m, student, x, CalibrationDistill(epochs=10, lr=3e-3, amp=False,
                                                          mix=mix))
     assert out["mix"] == mix and out["steps"] == 30
     assert out["loss_after"] < out["loss_before"]
     with pytest.raises(ValueError, match="mix"):
-        distill_outputs(m, student, x, DistillSettings(mix="blend"))
+        distill_outputs(m, student, x, CalibrationDistill(mix="blend"))
 
 
 def test_crop_batch_crops_each_image_to_its_own_box_reproducibly():
@@ -529,16 +527,17 @@ def test_crop_batch_crops_each_image_to_its_own_box_reproducibly():
 
 
 def test_distill_outputs_with_crops_and_warmup():
-    from compresscnn.fit.calibration import DistillSettings, distill_outputs
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.fit.config import CalibrationDistill
 
     m, student, x = _damaged(3, batch=16)
-    out = distill_outputs(m, student, x, DistillSettings(epochs=10, lr=3e-3, amp=False,
+    out = distill_outputs(m, student, x, CalibrationDistill(epochs=10, lr=3e-3, amp=False,
                                                          crop=0.3, warmup=0.2))
     assert out["crop"] == 0.3 and out["warmup"] == 0.2 and out["steps"] == 30
     assert out["loss_after"] < out["loss_before"]
     for bad in ({"crop": 0.0}, {"crop": 1.5}, {"warmup": 1.0}, {"warmup": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            distill_outputs(m, student, x, DistillSettings(**bad))
+            distill_outputs(m, student, x, CalibrationDistill(**bad))
 
 
 def test_recipe_refuses_a_crop_or_warmup_out_of_range():

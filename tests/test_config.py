@@ -12,6 +12,7 @@ from torch import nn
 
 import compresscnn as cc
 from compresscnn import config as C
+from compresscnn.train import config as TC
 from compresscnn.recipe import schema as R
 from compresscnn.train import loop as finetune
 from compresscnn.core.decomposers import get_decomposer
@@ -60,8 +61,8 @@ def test_latency_margin_is_refused_where_latency_config_would_refuse_it(tmp_path
 
 
 def test_one_list_of_schedules(tmp_path):
-    assert finetune.SCHEDULES is C.SCHEDULES
-    assert finetune.OPTIMIZERS is C.OPTIMIZERS
+    assert finetune.SCHEDULES is TC.SCHEDULES
+    assert finetune.OPTIMIZERS is TC.OPTIMIZERS
     for s in finetune.SCHEDULES:  # every schedule the training loop runs, the recipe takes
         r = R.load_recipe(write(tmp_path, GOOD + f"finetune: {{schedule: {s}}}\n"))
         assert r["finetune"]["schedule"] == s
@@ -101,15 +102,14 @@ def test_compress_validates_target_and_arguments_first():
         cc.compress(m, rules, (3, 8, 8), target={"macs": 0.5, "params": 0.5}, planned=planned)
     with mock.patch("compresscnn.fit.calibration.layer_sensitivity") as sens:
         with pytest.raises(RecipeError, match=r"^compress\(\): target\.flops: unknown key"):
-            cc.compress(m, rules, (3, 8, 8), target={"flops": 0.5}, allocation="sensitivity",
-                        calibration=[torch.randn(2, 3, 8, 8)])
+            cc.compress(m, rules, (3, 8, 8), target={"flops": 0.5}, calibration=[torch.randn(2, 3, 8, 8)], config={"allocation": "sensitivity"})
         sens.assert_not_called()
-    with pytest.raises(RecipeError, match=r"^compress\(\): reconstruct_steps: expected an int "
+    with pytest.raises(RecipeError, match=r"^compress\(\): fit\.steps: expected an int "
                                           r"> 0, got 0$"):
-        cc.compress(m, rules, (3, 8, 8), reconstruct_steps=0, planned=planned)
-    with pytest.raises(RecipeError, match=r"^compress\(\): solver: expected one of 'closed_form', "
+        cc.compress(m, rules, (3, 8, 8), planned=planned, config={"fit": {"steps": 0}})
+    with pytest.raises(RecipeError, match=r"^compress\(\): fit\.solver: expected one of 'closed_form', "
                                           r"'adam', got 'sgd'"):
-        cc.compress(m, rules, (3, 8, 8), solver="sgd", planned=planned)
+        cc.compress(m, rules, (3, 8, 8), planned=planned, config={"fit": {"solver": "sgd"}})
 
 
 def test_compress_takes_typed_rules_and_target():
@@ -132,4 +132,4 @@ def test_typed_recipe_round_trips(tmp_path):
     typed = R.Recipe.model_validate(r, context={"where": C.Where()})
     assert typed.model_dump() == r
     assert isinstance(typed.rules[0], R.rule_model("tucker2"))
-    assert isinstance(typed.finetune.distill, C.Distill)
+    assert isinstance(typed.finetune.distill, TC.Distill)

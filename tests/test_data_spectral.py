@@ -73,8 +73,7 @@ def test_data_spectral_cuts_what_the_data_does_not_use() -> None:
     model = TwoBranches().eval()
     rules = [{"match": "*", "method": "svd", "round_to": 1}]
     target = {"macs": 0.6}
-    by_data = {r.name: r for r in plan_compression(model, rules, (32, 8, 8), target, _batches(),
-                                                   allocation="data_spectral").replacements}
+    by_data = {r.name: r for r in plan_compression(model, rules, (32, 8, 8), target, _batches(), config={"allocation": "data_spectral"}).replacements}
     by_weight = {r.name: r for r in plan(model, rules, (32, 8, 8), target).replacements}
     # the weights alone look alike (both random): the spectral plan cuts them about equally
     assert abs(by_weight["a"].rank[0] - by_weight["b"].rank[0]) <= 2
@@ -86,8 +85,6 @@ def test_data_spectral_cuts_what_the_data_does_not_use() -> None:
 def test_data_spectral_needs_calibration() -> None:
     model = TwoBranches()
     with pytest.raises(RecipeError, match="data_spectral needs calibration"):
-        plan_compression(model, [{"match": "*", "method": "svd"}], (32, 8, 8), {"macs": 0.5},
-                         None, allocation="data_spectral")
+        plan_compression(model, [{"match": "*", "method": "svd"}], (32, 8, 8), {"macs": 0.5}, None, config={"allocation": "data_spectral"})
     with pytest.raises(RecipeError, match="data_spectral needs calibration"):
-        plan(model, [{"match": "*", "method": "svd"}], (32, 8, 8), {"macs": 0.5},
-             allocation="data_spectral")
+        plan(model, [{"match": "*", "method": "svd"}], (32, 8, 8), {"macs": 0.5}, config={"allocation": "data_spectral"})

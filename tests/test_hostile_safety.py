@@ -757,9 +757,7 @@ def test_compress_leaves_the_callers_model_as_it_was():
                  for n, x in m.named_modules()})
     before = state()
     cal = [torch.randn(2, 1, 28, 28)]
-    cc.compress(m, [{"match": ["conv2", "conv3"], "method": "tucker2", "rank": 0.5}],
-                (1, 28, 28), calibration=cal, bn_recalibrate=True,
-                distill={"epochs": 1, "holdout": 0})
+    cc.compress(m, [{"match": ["conv2", "conv3"], "method": "tucker2", "rank": 0.5}], (1, 28, 28), calibration=cal, config={"fit": {"bn_recalibrate": True, "distill": {"epochs": 1, "holdout": 0}}})
     after = state()
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
     assert before[1:] == after[1:]

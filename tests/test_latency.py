@@ -59,7 +59,7 @@ def _net() -> nn.Module:
 def test_layer_with_no_faster_candidate_stays_dense_with_the_reason():
     cfg = {"timer": _macs_timer(overhead_ms=0.5)}
     p = plan(_net(), [{"match": ["2", "8"], "method": "tucker2", "rank": 0.5,
-                       "objective": "latency"}], (3, 16, 16), latency=cfg)
+                       "objective": "latency"}], (3, 16, 16), config={"latency": cfg})
     rows = {r.name: r for r in p.replacements}
     assert rows["2"].applied and rows["2"].latency_after < rows["2"].latency_before
     # 4->4 channels: the three-conv chain pays 3 launches for almost no MACs saved
@@ -70,8 +70,7 @@ def test_layer_with_no_faster_candidate_stays_dense_with_the_reason():
 
 def test_objective_latency_drops_candidates_slower_than_dense_under_a_mac_budget():
     timer = _macs_timer(overhead_ms=0.02)
-    p = plan(_net(), [{"match": "*", "method": "tucker2", "exclude": "0"}], (3, 16, 16),
-             target={"macs": 0.6}, objective="latency", latency={"timer": timer})
+    p = plan(_net(), [{"match": "*", "method": "tucker2", "exclude": "0"}], (3, 16, 16), target={"macs": 0.6}, objective="latency", config={"latency": {"timer": timer}})
     for r in p.replacements:
         assert r.latency_before is not None
         if r.applied:
@@ -81,8 +80,7 @@ def test_objective_latency_drops_candidates_slower_than_dense_under_a_mac_budget
 
 def test_latency_target_is_met_on_the_summed_layer_latencies():
     timer = _macs_timer(overhead_ms=0.02)
-    p = plan(_net(), [{"match": "*", "method": "tucker2", "exclude": "0"}], (3, 16, 16),
-             target={"latency": 0.6}, latency={"timer": timer})
+    p = plan(_net(), [{"match": "*", "method": "tucker2", "exclude": "0"}], (3, 16, 16), target={"latency": 0.6}, config={"latency": {"timer": timer}})
     lat = p.latency
     assert lat["layers_timed"] == 5          # every conv, the untouched stem included
     assert lat["layers_planned_ms"] <= 0.6 * lat["layers_dense_ms"] + 1e-9
@@ -92,8 +90,7 @@ def test_latency_target_is_met_on_the_summed_layer_latencies():
 
 def test_unreachable_latency_target_is_a_one_line_rank_error():
     with pytest.raises(RankError, match="latency target cannot be reached|cannot be reached"):
-        plan(_net(), [{"match": "8", "method": "tucker2"}], (3, 16, 16),
-             target={"latency": 0.1}, latency={"timer": _macs_timer()})
+        plan(_net(), [{"match": "8", "method": "tucker2"}], (3, 16, 16), target={"latency": 0.1}, config={"latency": {"timer": _macs_timer()}})
 
 
 def test_compressed_model_slower_than_original_gets_its_layers_put_back():
@@ -112,7 +109,7 @@ def test_compressed_model_slower_than_original_gets_its_layers_put_back():
 
     net = _net()
     new, p = compress(net, [{"match": ["2", "4"], "method": "tucker2", "rank": 0.5,
-                             "objective": "latency"}], (3, 16, 16), latency={"timer": timer})
+                             "objective": "latency"}], (3, 16, 16), config={"latency": {"timer": timer}})
     assert p.latency["compressed_ms"] <= p.latency["original_ms"]
     assert sorted(p.latency["reverted"]) == ["2", "4"]
     assert all(isinstance(m, nn.Conv2d) for m in new if not isinstance(m, nn.ReLU))
@@ -136,9 +133,7 @@ def test_compress_with_real_onnxruntime_is_never_slower():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()).eval()
-    new, p = compress(net, [{"match": "2", "method": "tucker2"}], (3, 24, 24),
-                      target={"macs": 0.5}, objective="latency",
-                      latency={"rounds": 3, "per_round": 2, "max_candidates": 4})
+    new, p = compress(net, [{"match": "2", "method": "tucker2"}], (3, 24, 24), target={"macs": 0.5}, objective="latency", config={"latency": {"rounds": 3, "per_round": 2, "max_candidates": 4}})
     assert p.latency["compressed_ms"] <= p.latency["original_ms"]
     assert p.latency["runtime"] == "onnxruntime"
 

@@ -130,8 +130,7 @@ def test_quantize_refuses_a_runtime_that_is_not_installed(tmp_path, capsys, monk
         "(pip install 'compresscnn[runtimes]')"), err
     assert not out.exists()
     with pytest.raises(CompressError, match=r"^latency\.runtime: openvino needs the package"):
-        cc.compress(_net(), [{"match": "2", "method": "tucker2", "rank": 4}], (3, 16, 16),
-                    objective="latency", latency={"runtime": "openvino"})
+        cc.compress(_net(), [{"match": "2", "method": "tucker2", "rank": 4}], (3, 16, 16), objective="latency", config={"latency": {"runtime": "openvino"}})
 
 
 def test_quantize_onnx_api_checks_against_the_fp32_file(tmp_path):
@@ -166,9 +165,7 @@ def test_openvino_times_fp32_and_int8_files_and_plans(tmp_path):
     assert set(res) == {"fp32", "int8"}
     assert all(r["runtime"] == "openvino" and r["median_ms"] > 0 for r in res.values())
     # a fixed rank: which ranks a MAC target leaves depends on how fast each one times here
-    _, p = cc.compress(_net(), [{"match": "2", "method": "tucker2", "rank": [8, 8]}],
-                       (3, 16, 16), objective="latency",
-                       latency={"runtime": "openvino", "rounds": 1})
+    _, p = cc.compress(_net(), [{"match": "2", "method": "tucker2", "rank": [8, 8]}], (3, 16, 16), objective="latency", config={"latency": {"runtime": "openvino", "rounds": 1}})
     assert p.latency["runtime"] == "openvino"
     assert all(r.latency_before is not None for r in p.replacements)
 
@@ -185,13 +182,11 @@ def test_latency_planning_rounds_ranks_to_the_runtime_multiple():
     for rt in ("onnxruntime", "torch"):
         cfg = LatencyConfig(runtime=rt, timer=timer)
         assert cfg.round_to == ROUND_TO[rt]
-        p = cc.plan(net, [{"match": "2", "method": "tucker2", "macs": 0.3}], (3, 16, 16),
-                    objective="latency", latency=cfg)
+        p = cc.plan(net, [{"match": "2", "method": "tucker2", "macs": 0.3}], (3, 16, 16), objective="latency", config={"latency": cfg})
         times[rt] = p.replacements[0].rank
         assert all(r % cfg.round_to == 0 for r in p.replacements[0].rank)
     # a rule's own round_to wins
-    p = cc.plan(net, [{"match": "2", "method": "tucker2", "macs": 0.3, "round_to": 1}],
-                (3, 16, 16), objective="latency", latency=LatencyConfig(timer=timer))
+    p = cc.plan(net, [{"match": "2", "method": "tucker2", "macs": 0.3, "round_to": 1}], (3, 16, 16), objective="latency", config={"latency": LatencyConfig(timer=timer)})
     assert any(r % 8 for r in p.replacements[0].rank)
 
 

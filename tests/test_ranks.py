@@ -126,6 +126,7 @@ def test_output_allocation_spends_the_budget_where_the_data_excites_the_weights(
     from torch import nn
 
     from compresscnn import plan
+    from compresscnn.core.surgery import Measured
     from compresscnn.errors import RecipeError
 
     torch.manual_seed(0)
@@ -144,7 +145,7 @@ def test_output_allocation_spends_the_budget_where_the_data_excites_the_weights(
     rules = [{"match": ["a", "b"], "method": "svd", "round_to": 1}]
     probe = torch.randn(256, 48)
     spectral = plan(m, rules, (48,), target={"params": 0.5})
-    output = plan(m, rules, (48,), target={"params": 0.5}, allocation="output", probe=probe)
+    output = plan(m, rules, (48,), target={"params": 0.5}, config={"allocation": "output"}, measured=Measured(probe=probe))
     ranks = lambda p: {r.name: (r.rank or [48])[0] for r in p.replacements}  # noqa: E731
     assert ranks(output)["a"] < ranks(spectral)["a"]  # a rank that covers the 3 directions
     assert ranks(output)["b"] > ranks(spectral)["b"]  # and the rest spent on b
@@ -152,4 +153,4 @@ def test_output_allocation_spends_the_budget_where_the_data_excites_the_weights(
     a = next(r for r in output.replacements if r.name == "a")
     assert a.rel_error < 1e-4  # the error the plan records is the output error
     with pytest.raises(RecipeError, match="allocation: output needs calibration batches"):
-        plan(m, rules, (48,), target={"params": 0.5}, allocation="output")
+        plan(m, rules, (48,), target={"params": 0.5}, config={"allocation": "output"})

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import compresscnn.util.common as utils_mod
 from compresscnn.cli import main
 from compresscnn.errors import CompressError, RecipeError
-from compresscnn.train.loop import _cutout, _mixup, finetune, resolve_memory_format
+from compresscnn.train.loop import finetune, resolve_memory_format
+from compresscnn.util.training import cutout as _cutout, mixup_labels as _mixup
 from compresscnn.util.common import resolve_amp as _resolve_amp
 from compresscnn.recipe.schema import validate
 

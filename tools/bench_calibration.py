@@ -83,8 +83,9 @@ def main() -> None:
         t0 = time.perf_counter()
         cal = None if solver == "none" else s["batches"]
         new, p = compress(s["model"], s["rules"], s["size"], target={"macs": s["macs"]},
-                          calibration=cal, solver="closed_form" if cal is None else solver,
-                          **s["opts"])
+                          calibration=cal, config={"fit": {
+                              "solver": "closed_form" if cal is None else solver,
+                              **s["opts"]}})
         seconds = time.perf_counter() - t0
         fit = p.calibration or {"seconds": 0.0, "forward_passes": 0}
         r = evaluate(new, s["test"], reference=s["model"], progress=False)

@@ -102,7 +102,8 @@ def _recipe_row(path: Path, args: argparse.Namespace) -> dict:
     size = tuple(recipe["model"].get("input_size") or (3, args.size, args.size))
     lat = dict(recipe["latency"])
     t0 = time.time()
-    m, p = compress(original, recipe["rules"], size, target=recipe["target"], latency=lat)
+    m, p = compress(original, recipe["rules"], size, target=recipe["target"],
+                    config={"latency": lat})
     info = _plan_info(p, count(original, size), count(m.eval(), size), time.time() - t0)
     cfg = LatencyConfig(runtime=lat["runtime"], threads=lat["threads"], batch=lat["batch"],
                         rounds=args.rounds, per_round=args.per_round, warmup=2)
@@ -169,9 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         rules, kw = [{**r, "macs": frac} for r in rules], {}
                     elif how == "latency":
                         kw["objective"] = "latency"
-                        kw["latency"] = LatencyConfig(
+                        kw["config"] = {"latency": LatencyConfig(
                             runtime=args.runtime, threads=args.threads, batch=batch,
-                            rounds=args.plan_rounds, per_round=1, max_candidates=6)
+                            rounds=args.plan_rounds, per_round=1, max_candidates=6)}
                     m, p = compress(original, rules, input_size, **kw)
                     info[how, rt] = {"round_to": rt, **_plan_info(
                         p, base, count(m, input_size), time.time() - t0)}

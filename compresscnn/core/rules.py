@@ -10,20 +10,170 @@ them, this module knows nothing of recipes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, ValidationInfo
-from pydantic import create_model
+from pydantic import create_model, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from compresscnn.config import (ALLOCATIONS, RULE_KEYS, Calibration, Closed, Enum, KeyPath,
-                                MethodOptions, RuleBase, Target, Where, bad, first_error, show,
-                                suggest, unknown_key)
+from compresscnn.config import (FRACTION, Closed, Enum, Int, KeyPath, MethodOptions, Nullable,
+                                Patterns, Rank, Str, Where, bad, doc, first_error, section,
+                                show, suggest, unknown_key)
+from compresscnn.fit.config import FitConfig
 from compresscnn.core.method_options import methods
 from compresscnn.errors import RecipeError
 
 __all__ = ["rule_model", "validate_rules", "validate_target", "validate_compress",
-           "rule_options", "CompressArgs"]
+           "rule_options", "RuleBase", "Target", "PlanConfig", "CompressConfig", "POLICY_KEYS",
+           "RULE_KEYS", "TARGET_KEYS", "ALLOCATIONS", "CALIBRATED_ALLOCATIONS"]
+
+ALLOCATIONS: tuple[str, ...] = ("spectral", "energy", "sensitivity", "output", "data_spectral")
+#: the allocations that measure the model on calibration batches to plan
+CALIBRATED_ALLOCATIONS: tuple[str, ...] = ("sensitivity", "output", "data_spectral")
+
+#: at most one of these per rule (none only when a global ``target`` is set)
+POLICY_KEYS: tuple[str, ...] = ("rank", "energy", "macs", "params")
+
+
+class RuleBase(Closed):
+    """Which layers get which method and rank; the method's options sit flat beside these
+    keys (each method's rule model adds its ``Options``)."""
+
+    #: the method's rank components (set on each method's rule model)
+    rank_names: ClassVar[tuple[str, ...]] = ()
+
+    match: Patterns(allow_empty=False) = doc(
+        "Layers to factorize: `fnmatch` glob(s) over dotted module names "
+        "(`layer*.*.conv2`, `features.*`).")
+    exclude: Patterns(allow_empty=True) = doc("Glob(s) of module names this rule leaves alone.",
+                                              [])
+    method: Str() = doc("A registered decomposition method: `tucker2`, `cp`, `spatial`, `svd` "
+                        "(Linear), `fire`; or `auto`: per layer, the method (of its option "
+                        "`methods`, default cp, spatial, tucker2, svd) and rank with the lowest "
+                        "measured error at the budget (a global `target`, or a `macs`/`params` "
+                        "policy), each candidate decomposed to measure it (`ranks` per method, "
+                        "default 12).")
+    rank: Nullable(Rank) = doc(
+        "An int: the same rank for every component; a list: one int per component (as many "
+        "as the method has, in its order, e.g. `[r_in, r_out]` for tucker2); a float: the "
+        "fraction of the layer's parameters kept (`1` is rank 1, `1.0` keeps everything); "
+        "`full`: exact; `evbmf`: chosen by EVBMF.", None)
+    energy: Nullable(FRACTION) = doc(
+        "Keep the smallest rank whose singular values hold this fraction of the squared "
+        "spectrum.", None)
+    macs: Nullable(FRACTION) = doc("Fraction of this layer's MACs to keep.", None)
+    params: Nullable(FRACTION) = doc(
+        "Fraction of this layer's parameters to keep (same as a float `rank`).", None)
+    round_to: Nullable(Int(1)) = doc(
+        "Round ranks to multiples of this where it costs little (hardware-friendly channel "
+        "counts); 1 turns rounding off. null: the multiple the `latency` section's runtime "
+        "rewards for layers timed there (`objective: latency`), else 8.", None,
+        default_doc="null (8)")
+    objective: Nullable(Enum("macs", "latency")) = doc(
+        "`latency`: time this rule's layers and candidate ranks on the `latency` section's "
+        "runtime and keep only decompositions measurably faster than the dense layer (a layer "
+        "where none is stays dense); null/`macs`: plan on MAC counts. A `latency` target "
+        "implies it.", None)
+
+    @model_validator(mode="after")
+    def _policy(self, info: ValidationInfo) -> "RuleBase":
+        given = [k for k in POLICY_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise bad(f"give at most one of {', '.join(POLICY_KEYS)} "
+                      f"(got {' and '.join(given)})")
+        # a rule built directly (no context) may leave its policy to a target given later
+        if not given and info.context is not None and not info.context.get("has_target"):
+            raise bad(f"give one of {', '.join(POLICY_KEYS)} "
+                      "(or a global 'target' to let the budget choose)")
+        names = self.rank_names
+        if isinstance(self.rank, list) and names and len(self.rank) != len(names):
+            raise bad(f"method {self.method} takes {len(names)} rank(s) ({', '.join(names)}), "
+                      f"got {len(self.rank)}: {self.rank}", ("rank",))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """Every rule key, then the method options that were given (in that order)."""
+        d = handler(self)
+        out = {k: d[k] for k in RuleBase.model_fields}
+        out.update({k: d[k] for k in d if k not in out and k in self.model_fields_set})
+        return out
+
+    def options(self) -> dict[str, Any]:
+        """The method options that were given."""
+        return {k: v for k, v in self.model_dump().items() if k not in RuleBase.model_fields}
+
+
+RULE_KEYS: tuple[str, ...] = tuple(RuleBase.model_fields)
+TARGET_KEYS: tuple[str, ...] = ("macs", "params", "latency")
+
+
+class Target(Closed):
+    """Global budget: exactly one of `macs`, `params`, `latency`, the fraction (in (0, 1]) of
+    the whole model's cost to keep."""
+
+    macs: Nullable(FRACTION) = doc("multiply-accumulates of one forward pass", None)
+    params: Nullable(FRACTION) = doc("parameters", None)
+    latency: Nullable(FRACTION) = doc("measured latency on the `latency` section's runtime", None)
+
+    @classmethod
+    def not_mapping(cls, v: Any) -> str:
+        return ("expected null or a mapping with one of macs, params, latency "
+                f"(e.g. {{macs: 0.5}}), got {show(v)}")
+
+    @classmethod
+    def check_mapping(cls, v: dict, info: ValidationInfo) -> dict:
+        if len(v) != 1:
+            got = " and ".join(v) if v else "none"
+            raise bad(f"give exactly one of macs, params, latency (got {got})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, float]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class PlanConfig(Closed):
+    """How :func:`~compresscnn.core.surgery.plan` spreads a global target over the layers,
+    and the runtime latency-aware planning times them on."""
+
+    allocation: Enum(*ALLOCATIONS) = doc(
+        "How a global `target` spreads over layers: `spectral` minimises the summed squared "
+        "relative weight errors; `energy` maximises the product of the energies the layers "
+        "keep (Zhang et al. 2015: no layer is cut to nothing); `sensitivity` (needs "
+        "`calibration`) weighs each layer's error by the measured change of the model's output "
+        "when that layer alone is decomposed (first 4 calibration batches); `output` (needs "
+        "`calibration`) decomposes every candidate rank of every budgeted layer (as `method: "
+        "auto` does) and minimises the summed squared relative errors of the layers' outputs "
+        "on the first calibration batch instead of their weights'; `data_spectral` (needs "
+        "`calibration`) is `spectral` on the layers' outputs without decomposing anything: "
+        "an `svd` layer's spectrum is that of its weight in the metric of its inputs' second "
+        "moments on the first 4 calibration batches (the error of the best rank-r fit of its "
+        "outputs, which the closed-form fit reaches), other layers keep their weight "
+        "spectra.", "spectral")
+    latency: Any = doc(
+        "The runtime latency-aware planning (`objective: latency`, a `latency` target) times "
+        "layers on: a `compresscnn.measure.latency.LatencyConfig`, or a mapping of the "
+        "recipe's `latency` section; null: its defaults.", None)
+
+
+class CompressConfig(PlanConfig):
+    """The settings of :func:`~compresscnn.core.surgery.compress` besides its rules, target
+    and objective: the plan's (:class:`PlanConfig`), the data-aware fit's on calibration
+    batches (:class:`~compresscnn.fit.config.FitConfig`) and the seed of what that fit
+    draws at random. A mapping validates into it."""
+
+    fit: FitConfig = section()
+    seed: Int(0, 2**32 - 1) = doc(
+        "Seed of the calibration distillation (its batch order, flips, crops and mixes).", 0)
+
+    @model_validator(mode="after")
+    def _latency(self) -> "CompressConfig":
+        if self.latency is not None and not (isinstance(self.latency, dict)
+                                             or hasattr(self.latency, "runtime")):
+            raise bad(f"expected a LatencyConfig or a mapping, got {show(self.latency)}",
+                      ("latency",))
+        return self
 
 
 def _registry() -> Mapping[str, Any]:
@@ -170,40 +320,23 @@ def validate_target(target: Any, source: str = "target", *, _ctx: Where | None =
         raise where.error(e, _path) from None
 
 
-def _same(model: type[Closed], key: str) -> Any:
-    """The type of ``model``'s field ``key``, for a field of another name."""
-    f = model.model_fields[key]
-    return Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
-
-
-class CompressArgs(Closed):
-    """The keyword arguments of ``compress`` that a recipe also has, with the recipe's types."""
-
-    objective: _same(RuleBase, "objective")
-    allocation: Enum(*ALLOCATIONS)
-    reconstruct: _same(Calibration, "reconstruct")
-    reconstruct_steps: _same(Calibration, "steps")
-    reconstruct_lr: _same(Calibration, "lr")
-    fit_through: _same(Calibration, "fit_through")
-    solver: _same(Calibration, "solver")
-    refit_dense: _same(Calibration, "refit_dense")
-    bn_recalibrate: _same(Calibration, "bn_recalibrate")
-    distill: _same(Calibration, "distill")
-
-
-def validate_compress(rules: Any, target: Any, source: str = "compress()",
-                      **kwargs: Any) -> tuple[list[dict], dict | None]:
-    """The Python API's rules (dicts or typed rules), target (a dict or a
-    :class:`~compresscnn.config.Target`) and keyword arguments (:class:`CompressArgs`),
-    checked before any work with the recipe's messages: ``compress(): target.macs: ...``."""
+def validate_compress(rules: Any, target: Any, config: Any = None,
+                      source: str = "compress()") -> tuple[list[dict], dict | None,
+                                                            CompressConfig]:
+    """The Python API's rules (dicts or typed rules), target (a dict or a :class:`Target`)
+    and config (a :class:`CompressConfig`, a mapping of its keys, or None for the
+    defaults), checked before any work with the recipe's messages:
+    ``compress(): target.macs: ...``."""
     where = Where(source)
     target = validate_target(target, _ctx=where)
     rules = validate_rules(rules, target=target, _ctx=where)
+    if isinstance(config, CompressConfig):
+        return rules, target, config
     try:
-        CompressArgs.model_validate(kwargs, context={"where": where})
+        return rules, target, CompressConfig.model_validate(
+            {} if config is None else config, context={"where": where})
     except ValidationError as e:
         raise where.error(e) from None
-    return rules, target
 
 
 def rule_options(rule: Mapping[str, Any]) -> dict[str, Any]:

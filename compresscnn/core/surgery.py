@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from compresscnn.fit.calibration import (DistillSettings, distill_outputs, execution_order, following_ops,
-                          layer_sensitivity, recalibrate_bn, reconstruct_outputs)
+from compresscnn.fit.calibration import (distill_outputs, execution_order, following_ops,
+                                         layer_sensitivity, recalibrate_bn, reconstruct_outputs)
 from compresscnn.measure.counting import LayerInfo, count, trace_layers, check_supported
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.core.decomposers.base import Decomposer, check_weights, layer_cost, parse_options
@@ -31,8 +32,10 @@ from compresscnn.util.modules import (eval_mode, example_input, get_module, hook
 from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for,
                                     data_spectra, measured_candidates, select_rank, tail_error,
                                     rule_round_to)
-from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
-                                POLICY_KEYS as _RANK_KEYS, SOLVERS)
+from compresscnn.config import Where
+from compresscnn.core.rules import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, POLICY_KEYS as _RANK_KEYS,
+                                    CompressConfig, PlanConfig)
+from compresscnn.fit.config import FitConfig
 from compresscnn.core.rules import rule_options, validate_compress, validate_rules, validate_target
 from compresscnn.util.progress import track
 
@@ -237,27 +240,48 @@ def _match(rules: list[dict[str, Any]], layers: dict[str, LayerInfo]) -> dict[st
 # ---------------------------------------------------------------------------- plan
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What :func:`plan_compression` measured on calibration batches for :func:`plan`:
+    ``sensitivity`` (layer name -> weight of its error), ``probe`` (a batch of inputs whose
+    layer outputs score candidates) and ``batches`` (whose second moments weigh spectra)."""
+
+    sensitivity: dict[str, float] | None = None
+    probe: torch.Tensor | None = None
+    batches: Sequence[torch.Tensor] | None = None
+
+
+def _plan_config(config: Any) -> PlanConfig:
+    if isinstance(config, PlanConfig):
+        return config
+    try:
+        return PlanConfig.model_validate({} if config is None else config,
+                                         context={"where": Where("plan()")})
+    except ValidationError as e:
+        raise Where("plan()").error(e) from None
+
+
 def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
-         target: dict[str, float] | None = None,
-         sensitivity: dict[str, float] | None = None,
-         objective: str = "macs", latency: Any = None,
-         allocation: str = "spectral", probe: torch.Tensor | None = None,
-         calibration: Sequence[torch.Tensor] | None = None) -> Plan:
+         target: dict[str, float] | None = None, *, objective: str = "macs",
+         config: PlanConfig | dict[str, Any] | None = None,
+         measured: Measured = Measured()) -> Plan:
     """Decide, for every layer a rule matches, the method and the exact rank.
 
     ``target`` ({"macs": f}, {"params": f} or {"latency": f}) is a whole-model budget: the
     layers of rules without a rank policy share it (``compresscnn.core.ranks.allocate``).
-    ``sensitivity`` (layer name -> weight) scales each layer's error in that allocation.
+    ``config`` (:class:`~compresscnn.core.rules.PlanConfig` or its mapping) holds
+    ``allocation`` and ``latency``. ``measured.sensitivity`` (layer name -> weight) scales
+    each layer's error in that allocation.
     ``allocation``: ``"spectral"`` (default) minimises the summed squared relative errors,
     ``"energy"`` maximises the product of the energies kept (Zhang et al. 2015), and
     ``"sensitivity"`` is ``"spectral"`` with ``sensitivity`` weights (``compress`` measures
     them from calibration batches), and ``"output"`` is ``"spectral"`` on errors measured on
     the layers' outputs: every budgeted layer's candidates (``measured_candidates``, as
     ``method: auto`` builds them) are decomposed and each is scored by its relative output
-    error on the inputs that layer receives when the model runs on ``probe`` (a batch of
+    error on the inputs that layer receives when the model runs on ``measured.probe`` (a batch of
     calibration inputs), instead of by its weight error; ``"data_spectral"`` is
     ``"spectral"`` with each ``svd`` layer's spectrum taken in the metric of its inputs'
-    second moments on the ``calibration`` batches (:func:`~compresscnn.core.ranks.data_spectra`:
+    second moments on the ``measured.batches`` (:func:`~compresscnn.core.ranks.data_spectra`:
     the error of the best rank-r fit of its outputs, from one pass, nothing decomposed).
 
     ``objective="latency"`` (or a rule's own ``objective: latency``, or a latency target)
@@ -267,6 +291,9 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
     dense layer: a layer where none is stays dense (see ``compresscnn.measure.latency``).
     """
     rules, target = _validate(rules, target)
+    cfg = _plan_config(config)
+    allocation, latency = cfg.allocation, cfg.latency
+    probe, calibration, sensitivity = measured.probe, measured.batches, measured.sensitivity
     if allocation not in ALLOCATIONS:
         raise RecipeError(f"allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if objective not in ("macs", "latency"):
@@ -610,45 +637,45 @@ def measured(plan_: Plan, model: nn.Module) -> Plan:
 def plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
                      input_size: Sequence[int], target: dict[str, float] | None = None,
                      calibration: Sequence[torch.Tensor] | None = None, *,
-                     objective: str = "macs", latency: Any = None,
-                     allocation: str = "spectral") -> Plan:
+                     objective: str = "macs",
+                     config: PlanConfig | dict[str, Any] | None = None) -> Plan:
     """The planning half of :func:`compress`: with ``allocation="sensitivity"`` the layers'
     effect on the output is measured on the first ``calibration`` batches, with
     ``allocation="output"`` each candidate's output error on the first batch; then
     :func:`plan` (``allocation="data_spectral"``: the second moments of the SVD layers'
-    inputs on the first 4 batches). What ``compresscnn run --dry-run`` prints."""
+    inputs on the first 4 batches). ``config``: a :class:`~compresscnn.core.rules.PlanConfig`
+    (or a :class:`~compresscnn.core.rules.CompressConfig`, or a mapping). What
+    ``compresscnn run --dry-run`` prints."""
+    cfg = _plan_config(config)
     with preserved(model):
         return _plan_compression(model, rules, input_size, target, calibration,
-                                 objective=objective, latency=latency, allocation=allocation)
+                                 objective=objective, config=cfg)
 
 
 def _plan_compression(model: nn.Module, rules: Sequence[dict[str, Any]],
                       input_size: Sequence[int], target: dict[str, float] | None,
                       calibration: Sequence[torch.Tensor] | None, *, objective: str,
-                      latency: Any, allocation: str) -> Plan:
+                      config: PlanConfig) -> Plan:
+    allocation = config.allocation
     weights = None
     if allocation in CALIBRATED_ALLOCATIONS and not calibration:
         raise RecipeError(f"allocation: {allocation} needs calibration batches")
     if allocation == "sensitivity" and target:
         probe = plan(model, rules, input_size, target={"macs": 1.0})
         weights = layer_sensitivity(model, probe, calibration)
-    return plan(model, rules, input_size, target=target, objective=objective, latency=latency,
-                sensitivity=weights, allocation=allocation,
-                probe=input_tensors(calibration[:1])[0] if allocation == "output" else None,
-                calibration=(input_tensors(calibration[:4]) if allocation == "data_spectral"
-                             else None))
+    return plan(model, rules, input_size, target=target, objective=objective, config=config,
+                measured=Measured(
+                    sensitivity=weights,
+                    probe=input_tensors(calibration[:1])[0] if allocation == "output" else None,
+                    batches=(input_tensors(calibration[:4]) if allocation == "data_spectral"
+                             else None)))
 
 
 def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],
-             target: dict[str, float] | None = None,
+             target: dict[str, float] | None = None, *, objective: str = "macs",
+             config: CompressConfig | dict[str, Any] | None = None,
              calibration: Iterable[torch.Tensor] | None = None,
-             reconstruct_steps: int = 300, reconstruct_lr: float = 3e-3,
-             bn_recalibrate: bool = False, objective: str = "macs",
-             latency: Any = None, allocation: str = "spectral",
-             fit_through: str = "activation", refit_dense: bool = False,
-             reconstruct: bool = True, planned: Plan | None = None,
-             solver: str = "closed_form",
-             distill: dict[str, Any] | None = None, seed: int = 0) -> tuple[nn.Module, Plan]:
+             planned: Plan | None = None) -> tuple[nn.Module, Plan]:
     """Plan and apply ``rules`` on a copy of ``model``; the input model is left untouched
     (its weights, each submodule's train/eval mode, its hooks and ``requires_grad``).
     The one orchestrator: ``compresscnn run``, ``compare`` and the benchmarks all compress
@@ -656,17 +683,16 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
 
     Returns ``(compressed_model, plan)``. Each rule is a dict with the keys it has under
     ``rules:`` in a recipe (``match``, ``method``, ``rank`` / ``energy`` / ``macs`` /
-    ``params``, ``round_to``, method options). With ``calibration`` (an iterable of input
-    batches), each replaced layer is then fitted to the original layer's output
-    (``compresscnn.fit.calibration.reconstruct_outputs``; ``reconstruct=False`` skips that fit,
-    ``bn_recalibrate=True`` re-estimates BatchNorm statistics); the measured output errors go
-    into each plan row's ``fit`` (``fit_through``, ``refit_dense``, ``bn_recalibrate``,
-    ``solver``: see :func:`refine`; ``reconstruct_steps`` and ``reconstruct_lr`` are those of
-    ``solver="adam"``). ``distill`` (the recipe's ``calibration.distill`` keys, or ``{}``
-    for the defaults) then trains the whole compressed model on the same batches to
-    reproduce the original's outputs (:func:`compresscnn.fit.calibration.distill_outputs`; its
-    losses and agreement before and after go into ``plan.calibration["distill"]``; ``seed``
-    draws its batch order, flips and mixes).
+    ``params``, ``round_to``, method options). ``config`` is a
+    :class:`~compresscnn.core.rules.CompressConfig` or a mapping of its keys:
+    ``allocation`` and ``latency`` (:func:`plan`), ``fit`` (the recipe's ``calibration``
+    keys, :class:`~compresscnn.fit.config.FitConfig`) and ``seed``. With ``calibration``
+    (an iterable of input batches), each replaced layer is then fitted to the original
+    layer's output (:func:`refine`, with ``config.fit``: ``reconstruct=False`` skips that
+    fit, ``bn_recalibrate=True`` re-estimates BatchNorm statistics, ``distill`` then trains
+    the whole compressed model on the same batches to reproduce the original's outputs,
+    :func:`compresscnn.fit.calibration.distill_outputs`, its figures in
+    ``plan.calibration["distill"]``; ``seed`` draws its batch order, flips and mixes).
     ``allocation="sensitivity"`` (with ``calibration`` and a ``target``)
     weighs each layer's error in the budget by its measured effect on the model's output
     (``compresscnn.fit.calibration.layer_sensitivity``) instead of the weight error alone;
@@ -675,46 +701,44 @@ def compress(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequ
     made again).
 
     ``objective="latency"`` (and/or ``target={"latency": f}``) plans on measured latency
-    (see :func:`plan` and ``compresscnn.measure.latency``; ``latency`` configures the runtime), and
-    the result is checked against the original on that runtime: layers are put back until
-    the compressed model is not slower (``plan.latency`` holds the measurements).
+    (see :func:`plan` and ``compresscnn.measure.latency``; ``config.latency`` configures the
+    runtime), and the result is checked against the original on that runtime: layers are
+    put back until the compressed model is not slower (``plan.latency`` holds the
+    measurements).
 
-    ``rules`` and ``target`` may be dicts or the typed models (``compresscnn.recipe.schema.rule_model``,
-    ``compresscnn.config.Target``); they and the other arguments a recipe also has are
+    ``rules``, ``target`` and ``config`` may be dicts or the typed models
+    (``compresscnn.core.rules.rule_model``, ``Target``, ``CompressConfig``); they are
     validated first, with the recipe's messages.
     """
-    rules, target = validate_compress(
-        rules, target, objective=objective, allocation=allocation, reconstruct=reconstruct,
-        reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
-        fit_through=fit_through, solver=solver, refit_dense=refit_dense,
-        bn_recalibrate=bn_recalibrate, distill=distill)
+    rules, target, cfg = validate_compress(rules, target, config)
+    if objective not in ("macs", "latency"):
+        raise RecipeError(f"compress(): objective: expected one of 'macs', 'latency', "
+                          f"got {objective!r}")
     if calibration is not None:
         calibration = list(calibration)
     check_supported(model)
+    fit = cfg.fit
     with preserved(model):  # the caller's model keeps its modes and requires_grad
         p = planned if planned is not None else plan_compression(
-            model, rules, input_size, target, calibration, objective=objective,
-            latency=latency, allocation=allocation)
+            model, rules, input_size, target, calibration, objective=objective, config=cfg)
         new = apply(copy.deepcopy(model), p)
         p = measured(p, new)
-        if calibration is not None and (reconstruct or bn_recalibrate or distill is not None):
-            p = refine(model, new, p, calibration, reconstruct=reconstruct,
-                       steps=reconstruct_steps, lr=reconstruct_lr,
-                       bn_recalibrate=bn_recalibrate, fit_through=fit_through,
-                       refit_dense=refit_dense, solver=solver, distill=distill, seed=seed)
+        if calibration is not None and (fit.reconstruct or fit.bn_recalibrate
+                                        or fit.distill is not None):
+            p = refine(model, new, p, calibration, fit, seed=cfg.seed)
         if p.latency_config is not None:
             p = ensure_not_slower(model, new, p, p.latency_config)
     return new, p
 
 
 def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
-           calibration: Iterable[Any], *, reconstruct: bool = True, steps: int = 300,
-           lr: float = 3e-3, bn_recalibrate: bool = False, fit_through: str = "activation",
-           refit_dense: bool = False, solver: str = "closed_form",
-           distill: dict[str, Any] | None = None, seed: int = 0) -> Plan:
+           calibration: Iterable[Any], config: FitConfig | dict[str, Any] | None = None, *,
+           seed: int = 0) -> Plan:
     """Data-aware step after ``apply``: fit each replaced layer to the original's output
     and/or re-estimate BatchNorm statistics on ``calibration`` batches (tensors, or
-    ``(input, label)`` pairs). ``fit_through``: ``"layer"`` fits the layer's own output;
+    ``(input, label)`` pairs), as ``config`` says (a
+    :class:`~compresscnn.fit.config.FitConfig` or a mapping of its keys). ``reconstruct``
+    fits the layers. ``fit_through``: ``"layer"`` fits the layer's own output;
     ``"bn"`` / ``"activation"`` fit it after the BatchNorm / BatchNorm and ReLU that alone
     consume it (:func:`~compresscnn.fit.calibration.following_ops`). ``refit_dense``: the
     Conv2d/Linear layers left dense that run after a replaced one are fitted the same way,
@@ -725,56 +749,67 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
     without, 78.78 with; BENCHMARKS.md). ``solver``: ``"closed_form"`` (least squares,
     iterating only through a ReLU) or ``"adam"`` (``steps`` Adam steps at ``lr`` per layer,
     the earlier fit); see :mod:`compresscnn.fit.response`. ``distill``: afterwards, end-to-end
-    distillation on the same batches (:class:`~compresscnn.fit.calibration.DistillSettings`
-    keys; ``seed`` draws its batch order, flips and mixes; the batches its ``holdout`` keeps
+    distillation on the same batches (:class:`~compresscnn.fit.config.CalibrationDistill`; ``seed`` draws its batch order, flips and mixes; the batches its ``holdout`` keeps
     out are kept out of the fit and of the BatchNorm estimate too). Returns a new plan: the
     measured output errors and each layer's fit time added to its row's ``fit``, the solver, total time and forward passes in ``calibration`` (and the
     distillation's figures in ``calibration["distill"]``), and the number of BatchNorm
     layers re-estimated in ``bn_recalibrated``."""
-    if fit_through not in FIT_THROUGH:
-        raise RecipeError(f"fit_through must be one of {', '.join(FIT_THROUGH)}, "
-                          f"got {fit_through!r}")
-    if solver not in SOLVERS:
-        raise RecipeError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    cfg = _fit_config(config)
+    distill = cfg.distill
     batches = input_tensors(calibration)
     for i, b in enumerate(batches):
         if b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise DataError(f"calibration batch {i}: holds NaN or Inf values")
     # batches held out to score the distillation are held out of the fit too, so the score
     # of "no distillation" (pass 0) is measured on images nothing was fitted to
-    held = int(dict(distill).get("holdout", 0)) if distill is not None else 0
+    held = distill.holdout if distill is not None else 0
     if held and held >= len(batches):
         raise RecipeError(f"distill.holdout: {held} leaves none of the {len(batches)} "
                           "calibration batches to fit and distil on")
     all_batches, batches = batches, batches[:len(batches) - held]
-    if reconstruct:
-        tails = following_ops(original, fit_through)
-        # a layer applied more than once per forward pass has no one output to fit: it
-        # keeps its data-free decomposition
-        names = [r.name for r in plan_.replacements if r.applied and r.calls == 1]
-        if refit_dense and names and batches:
-            order = execution_order(original, batches[0][:1], (nn.Conv2d, nn.Linear))
-            first = min((order.index(n) for n in names if n in order), default=len(order))
-            names += [n for n in order[first:] if n not in names and any(
-                p.requires_grad for p in get_module(compressed, n).parameters())]
-            names.sort(key=lambda n: order.index(n) if n in order else -1)
-        done = reconstruct_outputs(original, compressed, names, batches, solver=solver,
-                                   steps=steps, lr=lr, tails=tails)
-        fits = {name: {"output_error_data_free": f["before"], "output_error": f["after"],
-                       "fit_seconds": f["seconds"], "fit_solver": f["solver"],
-                       "fit_iters": f["iters"]} for name, f in done.layers.items()}
-        rows = tuple(replace(rep, fit={**rep.fit, **fits[rep.name]}) if rep.name in fits
-                     else rep for rep in plan_.replacements)
-        names = {rep.name for rep in rows}
-        plan_ = replace(plan_, replacements=rows, calibration={
-            **done.summary(), "dense_refitted": {n: f for n, f in fits.items()
-                                                 if n not in names}})
-    n = recalibrate_bn(compressed, batches) if bn_recalibrate else 0
+    if cfg.reconstruct:
+        plan_ = _reconstruct(original, compressed, plan_, batches, cfg)
+    n = recalibrate_bn(compressed, batches) if cfg.bn_recalibrate else 0
     if distill is not None and batches:
-        keys = DistillSettings.__dataclass_fields__
-        stats = distill_outputs(original, compressed, all_batches, DistillSettings(
-            **{k: v for k, v in dict(distill).items() if k in keys}),
-            layers=list(plan_.ranks()), seed=int(seed))
+        stats = distill_outputs(original, compressed, all_batches, distill,
+                                layers=list(plan_.ranks()), seed=int(seed))
         plan_ = replace(plan_, calibration={**(plan_.calibration or {}), "distill": stats})
     compressed.eval()
     return replace(plan_, bn_recalibrated=n)
+
+
+def _fit_config(config: Any) -> FitConfig:
+    if isinstance(config, FitConfig):
+        return config
+    try:
+        return FitConfig.model_validate({} if config is None else config,
+                                        context={"where": Where("refine()")})
+    except ValidationError as e:
+        raise Where("refine()").error(e) from None
+
+
+def _reconstruct(original: nn.Module, compressed: nn.Module, plan_: Plan,
+                 batches: list[torch.Tensor], cfg: FitConfig) -> Plan:
+    """The layer-wise fit of :func:`refine`: each replaced layer (and with ``refit_dense``
+    each dense one after it) fitted to the original's output; the errors into the plan."""
+    tails = following_ops(original, cfg.fit_through)
+    # a layer applied more than once per forward pass has no one output to fit: it
+    # keeps its data-free decomposition
+    names = [r.name for r in plan_.replacements if r.applied and r.calls == 1]
+    if cfg.refit_dense and names and batches:
+        order = execution_order(original, batches[0][:1], (nn.Conv2d, nn.Linear))
+        first = min((order.index(n) for n in names if n in order), default=len(order))
+        names += [n for n in order[first:] if n not in names and any(
+            p.requires_grad for p in get_module(compressed, n).parameters())]
+        names.sort(key=lambda n: order.index(n) if n in order else -1)
+    done = reconstruct_outputs(original, compressed, names, batches, solver=cfg.solver,
+                               steps=cfg.steps, lr=cfg.lr, tails=tails)
+    fits = {name: {"output_error_data_free": f["before"], "output_error": f["after"],
+                   "fit_seconds": f["seconds"], "fit_solver": f["solver"],
+                   "fit_iters": f["iters"]} for name, f in done.layers.items()}
+    rows = tuple(replace(rep, fit={**rep.fit, **fits[rep.name]}) if rep.name in fits
+                 else rep for rep in plan_.replacements)
+    names = {rep.name for rep in rows}
+    return replace(plan_, replacements=rows, calibration={
+        **done.summary(), "dense_refitted": {n: f for n, f in fits.items()
+                                             if n not in names}})

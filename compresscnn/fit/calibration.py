@@ -26,10 +26,11 @@ from compresscnn.core.decomposers import get_decomposer
 from compresscnn.util.modules import (eval_mode, get_module, hooks, input_tensors, kd_divergence, module_mode,
                        set_module)
 from compresscnn.core.ranks import Skip, tail_error
-from compresscnn.config import MIXES
+from compresscnn.fit.config import CalibrationDistill
 from compresscnn.fit.response import Tail, fit_layer
 from compresscnn.util.common import lr_factor, resolve_amp
 from compresscnn.util.progress import track
+from compresscnn.util.training import BestWeights, crop_batch, mix_batch, random_flip
 
 
 @torch.no_grad()
@@ -368,72 +369,6 @@ def layer_sensitivity(model: nn.Module, probe, batches: Iterable[torch.Tensor], 
     return weights
 
 
-@dataclass(frozen=True)
-class DistillSettings:
-    """End-to-end distillation on the calibration batches (:func:`distill_outputs`)."""
-
-    epochs: int = 4
-    lr: float = 1e-3
-    temperature: float = 1.0
-    flip: bool = True
-    mix: str = "none"  # "mixup" / "cutmix": mixed pairs of images, teacher run on them
-    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
-    amp: bool | str | None = None  # None/"auto": bf16 where the CPU computes it natively;
-    # False/"off": float32; True/"bf16": bf16 autocast
-    features: float = 0.0  # weight of the replaced layers' output matching (0: logits only)
-    holdout: int = 0  # last batches kept out, scoring each pass; the best pass's weights kept
-    warmup: float = 0.0  # fraction of the steps over which the rate rises linearly from 0
-    crop: float = 1.0  # smallest area fraction of a random resized crop (1: no cropping)
-
-
-
-def mix_batch(x: torch.Tensor, how: str, alpha: float, gen: torch.Generator) -> torch.Tensor:
-    """``x`` mixed with a shuffled copy of itself: ``"mixup"`` (Zhang et al. 2018) blends
-    every image with another at a weight drawn from Beta(alpha, alpha); ``"cutmix"`` (Yun et
-    al. 2019) pastes a box of another image, of area fraction 1 - that weight. Only inputs
-    are mixed: the caller labels the result with the teacher's outputs on it, so the
-    student sees images no calibration batch holds (more of the teacher's function to
-    match than the batches alone), not mixed targets."""
-    if how == "none" or len(x) < 2:
-        return x
-    perm = torch.randperm(len(x), generator=gen)
-    seed = int(torch.randint(2**31 - 1, (), generator=gen))
-    with torch.random.fork_rng(devices=[]):  # Beta sampling takes no generator
-        torch.manual_seed(seed)
-        lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
-    if how == "mixup":
-        return lam * x + (1.0 - lam) * x[perm]
-    h, w = x.shape[-2:]
-    ch, cw = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
-    cy = int(torch.randint(h, (), generator=gen))
-    cx = int(torch.randint(w, (), generator=gen))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + (ch + 1) // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + (cw + 1) // 2, w)
-    out = x.clone()
-    out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-    return out
-
-
-def crop_batch(x: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """Every image of ``x`` (N x C x H x W) cropped to its own random box, of area fraction
-    drawn uniformly from [``scale``, 1] and aspect ratio (log-uniformly) from [3/4, 4/3],
-    anywhere inside the image, and resized back to H x W (bilinear): Inception-style crops
-    on tensors already preprocessed. ``scale`` >= 1 returns ``x`` itself."""
-    if scale >= 1.0:
-        return x
-    n = len(x)
-    area = scale + (1.0 - scale) * torch.rand(n, generator=gen)
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=gen))
-    sx = torch.sqrt(area * ratio).clamp(max=1.0)  # box width / image width
-    sy = torch.sqrt(area / ratio).clamp(max=1.0)
-    tx = (1.0 - sx) * (2.0 * torch.rand(n, generator=gen) - 1.0)  # box centre in [-1, 1]
-    ty = (1.0 - sy) * (2.0 * torch.rand(n, generator=gen) - 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tensor],
                 temperature: float) -> tuple[float, float]:
     """Mean distillation loss and agreement of ``student`` with the teacher's logits ``ts``."""
@@ -457,130 +392,145 @@ def _feature_gap(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
 
 
 def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[torch.Tensor],
-                    settings: DistillSettings = DistillSettings(), *, seed: int = 0,
+                    config: CalibrationDistill | dict[str, Any] | None = None, *, seed: int = 0,
                     layers: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Train every parameter of ``compressed`` to reproduce ``original``'s outputs on the
-    calibration ``batches`` (no labels): ``settings.epochs`` passes of Adam at
-    ``settings.lr`` with a cosine decay, loss ``T^2 KL(p_original || p_compressed)`` at
-    ``settings.temperature``, each batch mirrored left-right with probability 1/2 when
-    ``settings.flip``, and with ``settings.mix`` mixed within itself (:func:`mix_batch`,
-    the original's outputs on the mixed images computed at each step: one more forward pass
-    of the original per step). Both models stay in eval mode, so BatchNorm running statistics are
-    not re-estimated from the few batches (their affine parameters are trained). Where the
-    layer-wise fit makes each layer match on its own, this lets the layers correct one
-    another's errors (the end-to-end stage of layer-wise-then-global schemes such as
-    Zhang et al. 2015's). ``settings.features`` > 0 adds, at that weight, the replaced
-    ``layers``' output errors (each relative to the original layer's output, averaged over
-    the layers; the original's outputs computed at each step): many more targets per image
-    than the logits alone, a layer-wise distillation for when the images are few (the
-    cross-distillation of Bai et al. 2020 without its mixing of the two networks).
-    ``settings.crop`` < 1 crops every image to a random box of at least that area fraction
-    (:func:`crop_batch`, before the mixing; the original's outputs computed on the crops) and
-    ``settings.warmup`` ramps the rate up over that fraction of the steps before the cosine
-    decay, so Adam's first, poorly estimated steps do not undo the layer-wise fit.
-    ``settings.holdout`` > 0 keeps the last that many batches out of training: the KL on
-    them is measured before training and after every pass, and the weights of the pass where
-    it was lowest are restored at the end (pass 0: no distillation). Returns the loss and
-    agreement on the batches before and after (the training batches; with a holdout also on
-    the held-out ones, per pass), the pass kept, the steps and the seconds."""
-    if not batches:
-        raise ValueError("distill_outputs needs at least one calibration batch")
-    n_held = int(settings.holdout)
-    if n_held < 0 or n_held >= len(batches):
-        raise ValueError(f"distill holdout: {n_held} leaves none of the {len(batches)} "
-                         "calibration batches to distil on")
-    if n_held:
-        batches, held = list(batches[:-n_held]), list(batches[-n_held:])
+    calibration ``batches`` (no labels), as ``config`` says
+    (:class:`~compresscnn.fit.config.CalibrationDistill`, a mapping of its keys, or None for
+    its defaults): ``epochs`` passes of Adam at ``lr`` with a cosine decay, loss
+    ``T^2 KL(p_original || p_compressed)`` at ``temperature``, each batch mirrored
+    left-right with probability 1/2 when ``flip``, and with ``mix`` mixed within itself
+    (:func:`~compresscnn.util.training.mix_batch`, the original's outputs on the mixed images
+    computed at each step: one more forward pass of the original per step). Both models stay
+    in eval mode, so BatchNorm running statistics are not re-estimated from the few batches
+    (their affine parameters are trained). Where the layer-wise fit makes each layer match
+    on its own, this lets the layers correct one another's errors (the end-to-end stage of
+    layer-wise-then-global schemes such as Zhang et al. 2015's). ``features`` > 0 adds, at
+    that weight, the replaced ``layers``' output errors (each relative to the original
+    layer's output, averaged over the layers; the original's outputs computed at each step):
+    many more targets per image than the logits alone, a layer-wise distillation for when
+    the images are few (the cross-distillation of Bai et al. 2020 without its mixing of the
+    two networks). ``crop`` < 1 crops every image to a random box of at least that area
+    fraction (:func:`~compresscnn.util.training.crop_batch`, before the mixing; the
+    original's outputs computed on the crops) and ``warmup`` ramps the rate up over that
+    fraction of the steps before the cosine decay, so Adam's first, poorly estimated steps
+    do not undo the layer-wise fit. ``holdout`` > 0 keeps the last that many batches out of
+    training: the KL on them is measured before training and after every pass, and the
+    weights of the pass where it was lowest are restored at the end (pass 0: no
+    distillation). Returns the loss and agreement on the batches before and after (the
+    training batches; with a holdout also on the held-out ones, per pass), the pass kept,
+    the steps and the seconds."""
+    cfg = config if isinstance(config, CalibrationDistill) else \
+        CalibrationDistill.model_validate({} if config is None else config)
     t0 = time.perf_counter()
-    T = float(settings.temperature)
-    key = {None: "auto", True: "bf16", False: "off"}.get(settings.amp, settings.amp)
-    if key not in ("auto", "off", "bf16"):
-        raise ValueError(f"distill amp: {settings.amp!r} is not one of auto, off, bf16")
-    amp = resolve_amp(key, torch.device("cpu")) is not None
-    if settings.mix not in MIXES:
-        raise ValueError(f"distill mix: {settings.mix!r} is not one of {', '.join(MIXES)}")
-    mixing = settings.mix != "none"
-    cropping = float(settings.crop)
-    if not 0.0 < cropping <= 1.0:
-        raise ValueError(f"distill crop: must be an area fraction in (0, 1], got {cropping!r}")
-    warmup = float(settings.warmup)
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"distill warmup: must be a fraction of the steps in [0, 1), "
-                         f"got {warmup!r}")
-    beta = float(settings.features)
-    if beta < 0 or not math.isfinite(beta):
-        raise ValueError(f"distill features: must be a finite weight >= 0, got {beta!r}")
-    names = list(layers) if beta > 0 else []
-    if beta > 0 and not names:
-        raise ValueError("distill features: needs the names of the replaced layers to match")
-    target: dict[str, torch.Tensor] = {}  # this step's layer outputs, original and compressed
-    got: dict[str, torch.Tensor] = {}
-
-    def into(store: dict[str, torch.Tensor]):
-        def keep(name: str, _mod: nn.Module, _args: tuple, out: Any) -> None:
-            store[name] = out.float().clone()  # a copy: an in-place activation may follow
-        return keep
-
-    live = mixing or bool(names) or cropping < 1.0  # the original runs on each step's input
-    with torch.no_grad(), eval_mode(original):
-        teacher = [original(x).float() for x in batches]
-        mirrored = ([original(x.flip(-1)).float() for x in batches]
-                    if settings.flip and not live else None)
-    before = _logits_gap(compressed, batches, teacher, T)
-    if n_held:
-        with torch.no_grad(), eval_mode(original):
-            held_teacher = [original(x).float() for x in held]
-        trace = [_logits_gap(compressed, held, held_teacher, T)]
-        best = {k: v.detach().clone() for k, v in compressed.state_dict().items()}
-        kept = 0
-    params = [p for p in compressed.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=float(settings.lr))
-    steps = int(settings.epochs) * len(batches)
-    warm = int(round(warmup * steps))
-    gen = torch.Generator().manual_seed(int(seed))
-    step = 0
-    with eval_mode(compressed, original), \
-            hooks([(n, get_module(original, n)) for n in names], into(target)), \
-            hooks([(n, get_module(compressed, n)) for n in names], into(got)):
-        for _ in track(range(int(settings.epochs)), "distill epoch"):
-            for i in torch.randperm(len(batches), generator=gen).tolist():
-                x, t = batches[i], teacher[i]
-                if live:  # the original's outputs (and layer outputs) on this very input
-                    if settings.flip and bool(torch.rand((), generator=gen) < 0.5):
-                        x = x.flip(-1)
-                    x = crop_batch(x, cropping, gen)
-                    x = mix_batch(x, settings.mix, settings.mix_alpha, gen)
-                    with torch.no_grad():
-                        t = original(x).float()
-                elif mirrored is not None and bool(torch.rand((), generator=gen) < 0.5):
-                    x, t = x.flip(-1), mirrored[i]
-                for g in opt.param_groups:
-                    g["lr"] = float(settings.lr) * lr_factor(step, steps, warmup_steps=warm)
-                with torch.autocast("cpu", torch.bfloat16, enabled=amp and x.device.type == "cpu"):
-                    out = compressed(x)
-                loss = kd_divergence(out, t, T)
-                if names:
-                    loss = loss + beta * _feature_gap(got, target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-            if n_held:
-                trace.append(_logits_gap(compressed, held, held_teacher, T))
-                if trace[-1][0] < trace[kept][0]:
-                    kept = len(trace) - 1
-                    best = {k: v.detach().clone() for k, v in compressed.state_dict().items()}
-    held_stats: dict[str, Any] = {"holdout": n_held}
-    if n_held:
-        compressed.load_state_dict(best)
-        held_stats.update(kept_pass=kept, holdout_loss=[t[0] for t in trace],
-                          holdout_agreement=[t[1] for t in trace])
-    after = _logits_gap(compressed, batches, teacher, T)
-    return {**held_stats, "epochs": int(settings.epochs), "steps": step, "lr": float(settings.lr),
-            "temperature": T, "flip": bool(settings.flip), "mix": settings.mix,
-            "mix_alpha": float(settings.mix_alpha), "amp": "bf16" if amp else "off",
-            "features": beta, "feature_layers": len(names), "crop": cropping,
-            "warmup": warmup,
+    run = _Distillation(original, compressed, cfg, batches, layers)
+    before = _logits_gap(compressed, run.batches, run.teacher, cfg.temperature)
+    if run.held:
+        run.score_pass(0)
+    steps = run.train(torch.Generator().manual_seed(int(seed)))
+    held_stats: dict[str, Any] = {"holdout": len(run.held)}
+    if run.held:
+        run.best.restore(compressed)
+        held_stats.update(kept_pass=run.best.epoch,
+                          holdout_loss=[h["score"] for h in run.best.history],
+                          holdout_agreement=run.agreement)
+    after = _logits_gap(compressed, run.batches, run.teacher, cfg.temperature)
+    return {**held_stats, "epochs": cfg.epochs, "steps": steps, "lr": cfg.lr,
+            "temperature": cfg.temperature, "flip": cfg.flip, "mix": cfg.mix,
+            "mix_alpha": cfg.mix_alpha, "amp": "bf16" if run.amp else "off",
+            "features": cfg.features, "feature_layers": len(run.names), "crop": cfg.crop,
+            "warmup": cfg.warmup,
             "loss_before": before[0], "loss_after": after[0],
             "agreement_before": before[1], "agreement_after": after[1],
             "seconds": time.perf_counter() - t0}
+
+
+def _keep_output(store: dict[str, torch.Tensor]):
+    def keep(name: str, _mod: nn.Module, _args: tuple, out: Any) -> None:
+        store[name] = out.float().clone()  # a copy: an in-place activation may follow
+    return keep
+
+
+class _Distillation:
+    """One :func:`distill_outputs` run: its batches (training and held out), the original's
+    outputs on them, and the steps."""
+
+    def __init__(self, original: nn.Module, compressed: nn.Module, cfg: CalibrationDistill,
+                 batches: list[torch.Tensor], layers: list[str] | tuple[str, ...]) -> None:
+        if not batches:
+            raise ValueError("distill_outputs needs at least one calibration batch")
+        n_held = int(cfg.holdout)
+        if n_held >= len(batches):
+            raise ValueError(f"distill holdout: {n_held} leaves none of the {len(batches)} "
+                             "calibration batches to distil on")
+        self.batches = list(batches[:len(batches) - n_held])
+        self.held = list(batches[len(batches) - n_held:])
+        self.original, self.compressed, self.cfg = original, compressed, cfg
+        self.names = list(layers) if cfg.features > 0 else []
+        if cfg.features > 0 and not self.names:
+            raise ValueError("distill features: needs the names of the replaced layers to match")
+        self.amp = resolve_amp(cfg.amp, torch.device("cpu")) is not None
+        # the original runs on each step's own input when it is changed at every step
+        self.live = cfg.mix != "none" or bool(self.names) or cfg.crop < 1.0
+        with torch.no_grad(), eval_mode(original):
+            self.teacher = [original(x).float() for x in self.batches]
+            self.mirrored = ([original(x.flip(-1)).float() for x in self.batches]
+                             if cfg.flip and not self.live else None)
+            self.held_teacher = [original(x).float() for x in self.held]
+        self.best = BestWeights(better=lambda new, old: new < old)
+        self.agreement: list[float] = []
+        self.target: dict[str, torch.Tensor] = {}  # this step's layer outputs, original
+        self.got: dict[str, torch.Tensor] = {}     # and compressed
+
+    def score_pass(self, k: int) -> None:
+        """The KL on the held-out batches after pass ``k``; its weights kept if lowest."""
+        loss, agree = _logits_gap(self.compressed, self.held, self.held_teacher,
+                                  self.cfg.temperature)
+        self.agreement.append(agree)
+        self.best.update(k, loss, self.compressed)
+
+    def inputs(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i`` as this step sees it (flipped, cropped, mixed) and its targets."""
+        x, t, cfg = self.batches[i], self.teacher[i], self.cfg
+        if self.live:  # the original's outputs (and layer outputs) on this very input
+            if cfg.flip and random_flip(gen):
+                x = x.flip(-1)
+            x = crop_batch(x, cfg.crop, gen)
+            x = mix_batch(x, cfg.mix, cfg.mix_alpha, gen)
+            with torch.no_grad():
+                t = self.original(x).float()
+        elif self.mirrored is not None and random_flip(gen):
+            x, t = x.flip(-1), self.mirrored[i]
+        return x, t
+
+    def train(self, gen: torch.Generator) -> int:
+        """Every pass; the number of optimizer steps taken."""
+        cfg, compressed, original = self.cfg, self.compressed, self.original
+        opt = torch.optim.Adam([p for p in compressed.parameters() if p.requires_grad],
+                               lr=cfg.lr)
+        steps = cfg.epochs * len(self.batches)
+        warm = int(round(cfg.warmup * steps))
+        step = 0
+        with eval_mode(compressed, original), \
+                hooks([(n, get_module(original, n)) for n in self.names],
+                      _keep_output(self.target)), \
+                hooks([(n, get_module(compressed, n)) for n in self.names],
+                      _keep_output(self.got)):
+            for k in track(range(cfg.epochs), "distill epoch"):
+                for i in torch.randperm(len(self.batches), generator=gen).tolist():
+                    x, t = self.inputs(i, gen)
+                    for g in opt.param_groups:
+                        g["lr"] = cfg.lr * lr_factor(step, steps, warmup_steps=warm)
+                    with torch.autocast("cpu", torch.bfloat16,
+                                        enabled=self.amp and x.device.type == "cpu"):
+                        out = compressed(x)
+                    loss = kd_divergence(out, t, cfg.temperature)
+                    if self.names:
+                        loss = loss + cfg.features * _feature_gap(self.got, self.target)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                if self.held:
+                    self.score_pass(k + 1)
+        return step

@@ -10,8 +10,10 @@ example 6) and :func:`load_recipe` reads that record back unchanged.
 Why a closed schema: NNCF sets ``additionalProperties: false`` on every object, so a
 misspelled key is an error with its path instead of a silently ignored setting (the flaw of
 timm's argparse-defaults YAML). The schema is the pydantic models of
-:mod:`compresscnn.config` (every section, :class:`~compresscnn.config.RuleBase`,
-:class:`~compresscnn.config.Target`) and :class:`Recipe` here; a rule is a discriminated
+the stages (:mod:`compresscnn.core.rules`: rules, target, allocation;
+:mod:`compresscnn.fit.config`: calibration; :mod:`compresscnn.train.config`: finetune,
+train; :mod:`compresscnn.config`: the other sections) and :class:`Recipe` here, which
+composes them; a rule is a discriminated
 union on ``method`` over the registered decomposers, each rule model carrying its method's
 ``Options`` flat beside the rule keys, so a method option is checked by the model its
 decomposer declares and the message names the rule. Recipes, ``--set`` overrides, the
@@ -37,16 +39,17 @@ from typing import Any, Optional, Sequence
 import yaml
 from pydantic import ValidationError, ValidationInfo, model_validator
 
-from compresscnn.config import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, FIT_THROUGH,
-                     MODEL_SOURCES, POLICY_KEYS, MIXES, RULE_KEYS, SCHEDULES, SOLVERS,
-                     TARGET_KEYS, Calibration, Closed,
-                     Enum, Evaluate, Export, Finetune, Int, KeyPath, Latency,
-                     ModelSection, Nullable, PathStr, Report, RuleBase, Str, Target, Train,
-                     Where, bad, doc, expand_env, fmt_path, one_line,
-                     resolve_path, section, section_of, show, spec_of, unknown_key,
-                     where_of)
-from compresscnn.core.rules import (_options, _parse_rules, _registry, rule_model, rule_options,
+from compresscnn.config import (MODEL_SOURCES, SOLVERS, Closed, Evaluate,
+                                Export, Int, KeyPath, Latency, ModelSection, Nullable, PathStr,
+                                Report, Str, Where, bad, doc, expand_env, field_type, fmt_path,
+                                one_line, resolve_path, same_field, section, section_of, show,
+                                spec_of, unknown_key, where_of)
+from compresscnn.core.rules import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, POLICY_KEYS, RULE_KEYS,
+                                    TARGET_KEYS, PlanConfig, RuleBase, Target, _options,
+                                    _parse_rules, _registry, rule_model, rule_options,
                                     validate_compress, validate_rules, validate_target)
+from compresscnn.fit.config import FIT_THROUGH, MIXES, Calibration
+from compresscnn.train.config import SCHEDULES, Finetune, Train
 from compresscnn.errors import RecipeError
 from compresscnn.io.data.config import LEGACY_DATA_KEYS, Data
 from compresscnn.util.common import atomic_write_text
@@ -90,20 +93,7 @@ class Recipe(Closed):
         "to the fraction (in (0, 1]) of the whole model's cost to keep (`latency`: measured on "
         "the `latency` section's runtime). Rules without a rank policy get their ranks from "
         "this budget.", None, default_doc="null")
-    allocation: Enum(*ALLOCATIONS) = doc(
-        "How a global `target` spreads over layers: `spectral` minimises the summed squared "
-        "relative weight errors; `energy` maximises the product of the energies the layers "
-        "keep (Zhang et al. 2015: no layer is cut to nothing); `sensitivity` (needs "
-        "`calibration`) weighs each layer's error by the measured change of the model's output "
-        "when that layer alone is decomposed (first 4 calibration batches); `output` (needs "
-        "`calibration`) decomposes every candidate rank of every budgeted layer (as `method: "
-        "auto` does) and minimises the summed squared relative errors of the layers' outputs "
-        "on the first calibration batch instead of their weights'; `data_spectral` (needs "
-        "`calibration`) is `spectral` on the layers' outputs without decomposing anything: "
-        "an `svd` layer's spectrum is that of its weight in the metric of its inputs' second "
-        "moments on the first 4 calibration batches (the error of the best rank-r fit of its "
-        "outputs, which the closed-form fit reaches), other layers keep their weight "
-        "spectra.", "spectral")
+    allocation: field_type(PlanConfig, "allocation") = same_field(PlanConfig, "allocation")
     latency: Latency = section()
     finetune: Finetune = section()
     train: Optional[Train] = doc(Train.__doc__, None)
@@ -617,7 +607,8 @@ def _reference_intro() -> list[str]:
     return [
         "# Recipe reference",
         "",
-        "<!-- Generated from compresscnn/config.py and compresscnn/recipe/schema.py; do not edit by",
+        "<!-- Generated from the config models (compresscnn/config.py, core/rules.py,",
+        "     fit/config.py, train/config.py) and compresscnn/recipe/schema.py; do not edit by",
         "     hand. Regenerate with",
         "     python -m compresscnn.recipe --reference > recipes/README.md -->",
         "",

@@ -75,7 +75,9 @@ from compresscnn.io.models.checkpoints import load_weights
 from compresscnn.util.progress import emit, timed, result
 from compresscnn.recipe.schema import CALIBRATED_ALLOCATIONS, dump_resolved, load_recipe
 from compresscnn.runs.rundir import RunDir, MARKER, check_file, read_manifest
+from compresscnn.core.rules import CompressConfig
 from compresscnn.core.surgery import Plan, apply, compress, plan, plan_compression
+from compresscnn.fit.config import Calibration, FitConfig
 from compresscnn.measure.timing import FILE_RUNTIMES, check_runtime
 from compresscnn.train.loop import finetune
 from compresscnn.util.common import atomic_path, get_rank, get_world_size, seed_everything
@@ -192,18 +194,14 @@ def _calibrates(recipe: dict[str, Any]) -> bool:
                          or cal.get("distill") is not None or _measures_to_plan(recipe)))
 
 
-def _compress_options(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's keys as :func:`compresscnn.core.surgery.compress` arguments."""
-    cal = recipe.get("calibration") or {}
-    opts: dict[str, Any] = {"target": recipe.get("target"), "latency": _latency_cfg(recipe),
-                            "allocation": recipe.get("allocation", "spectral"),
-                            "seed": int(recipe.get("seed", 0))}
-    if cal:
-        opts.update(reconstruct=cal["reconstruct"], reconstruct_steps=cal["steps"],
-                    reconstruct_lr=cal["lr"], bn_recalibrate=cal["bn_recalibrate"],
-                    fit_through=cal["fit_through"], refit_dense=cal["refit_dense"],
-                    solver=cal["solver"], distill=cal.get("distill"))
-    return opts
+def _compress_config(recipe: dict[str, Any]) -> CompressConfig:
+    """The recipe's settings of :func:`compresscnn.core.surgery.compress`: its
+    ``allocation``, ``latency`` and ``seed``, and its ``calibration`` section as the fit
+    (a :class:`~compresscnn.fit.config.Calibration` is a ``FitConfig``)."""
+    cal = recipe.get("calibration")
+    return CompressConfig(allocation=recipe.get("allocation", "spectral"),
+                          latency=_latency_cfg(recipe), seed=int(recipe.get("seed", 0)),
+                          fit=Calibration.model_validate(cal) if cal else FitConfig())
 
 
 def _latency_cfg(recipe: dict[str, Any]) -> dict[str, Any] | None:
@@ -541,8 +539,8 @@ def _compress_stage(recipe: dict[str, Any], model: nn.Module, p: Plan, batches: 
     with timed(timings, "compress", f"{n_fit} layers"
                + (f", fitted on {len(batches)} calibration batches" if batches else ""),
                quiet=quiet):
-        return compress(model, recipe["rules"], input_size, calibration=batches, planned=p,
-                        **_compress_options(recipe))
+        return compress(model, recipe["rules"], input_size, recipe.get("target"),
+                        config=_compress_config(recipe), calibration=batches, planned=p)
 
 
 @dataclass(eq=False)
@@ -695,11 +693,9 @@ def _plan_stage(ctx: _RunContext) -> None:
                 # sensitivity and output allocations measure layers on calibration batches
                 ctx.batches = (_calibration(recipe, ctx.pcfg)
                                if _measures_to_plan(recipe) else None)
-                opts = _compress_options(recipe)
                 ctx.plan = plan_compression(ctx.model, recipe["rules"], ctx.input_size,
-                                            opts["target"], ctx.batches,
-                                            latency=opts["latency"],
-                                            allocation=opts["allocation"])
+                                            recipe.get("target"), ctx.batches,
+                                            config=_compress_config(recipe))
         except (RecipeError, RankError, MethodError) as e:  # these name rules[i]: add the file
             raise type(e)(f"{ctx.where}{e}") from None
 

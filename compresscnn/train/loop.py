@@ -56,11 +56,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from compresscnn.config import MEMORY_FORMATS, OPTIMIZERS
+from compresscnn.train.config import MEMORY_FORMATS, OPTIMIZERS, Distill
 from compresscnn.errors import CheckpointError, CompressError, DataError
 from compresscnn.measure.evaluation import split_batch
 from compresscnn.io.models.checkpoints import check_state_dict, load_torch_file
 from compresscnn.util.modules import kd_divergence
+from compresscnn.util.training import BestWeights, cutout, mixup_labels
 from compresscnn.util.common import (
     SCHEDULES,
     atomic_torch_save,
@@ -90,7 +91,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DISTILL: dict[str, Any] = {"enabled": True, "temperature": 4.0, "alpha": 0.9}
+#: the ``distill`` default of :func:`finetune`: the recipe's ``finetune.distill`` defaults
+DEFAULT_DISTILL: dict[str, Any] = Distill().model_dump()
 CHECKPOINT_NAME = "last.pt"
 BEST_NAME = "best.pt"
 LOG_NAME = "finetune_log.csv"
@@ -387,29 +389,6 @@ class _CsvLog:
                 f.write("\n".join(lines) + "\n")
 
 
-# --------------------------------------------------------------------------- batch tricks
-def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """mixup (Zhang et al. 2018): ``lam * x + (1 - lam) * x[perm]``; ``lam ~ Beta(a, a)``
-    drawn from torch's RNG (so a resumed run draws the same values)."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(x.shape[0], device=x.device)
-    return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
-
-
-def _cutout(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Cutout (DeVries & Taylor 2017): one ``size`` x ``size`` square per image, centred at a
-    uniform position (clipped at the borders), set to 0 (the mean after normalisation)."""
-    n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n, 1, 1), device=x.device)
-    cx = torch.randint(0, w, (n, 1, 1), device=x.device)
-    ys = torch.arange(h, device=x.device).view(1, h, 1)
-    xs = torch.arange(w, device=x.device).view(1, 1, w)
-    lo_y, lo_x = cy - size // 2, cx - size // 2
-    hole = (ys >= lo_y) & (ys < lo_y + size) & (xs >= lo_x) & (xs < lo_x + size)
-    return x.masked_fill(hole.unsqueeze(1), 0.0)
-
-
 def resolve_memory_format(memory_format: str, model: nn.Module) -> torch.memory_format:
     """``auto``: channels_last for a model with 2-D convolutions (oneDNN and cuDNN run NHWC
     convolutions without layout conversions; measured 1.1-2x faster per CPU training step,
@@ -424,16 +403,13 @@ def resolve_memory_format(memory_format: str, model: nn.Module) -> torch.memory_
     return torch.channels_last if key == "channels_last" else torch.contiguous_format
 
 
-class _Best:
+class _Best(BestWeights):
     """Keeps the weights that scored best on the held-out evaluation (``keep: best``), in
     memory and as ``best.pt`` beside ``last.pt`` (so that a resumed run still knows them)."""
 
     def __init__(self, path: Path | None, state: Mapping[str, Any] | None) -> None:
-        self.path = path
-        self.score: float | None = None
-        self.epoch: int | None = None
-        self.history: list[dict[str, float]] = []
-        self.weights: dict[str, torch.Tensor] | None = None
+        super().__init__(on_new_best=self._save)
+        self.path, self.main = path, is_main_process()
         if state:
             self.score, self.epoch = state.get("score"), state.get("epoch")
             self.history = [dict(h) for h in state.get("history", [])]
@@ -441,14 +417,9 @@ class _Best:
                 _check_digest(path)
                 self.weights = load_torch_file(path)
 
-    def update(self, epoch: int, score: float, model: nn.Module, main: bool) -> None:
-        self.history.append({"epoch": epoch, "score": float(score)})
-        if self.score is not None and score <= self.score:
-            return
-        self.score, self.epoch = float(score), epoch
-        self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if self.path is not None and main:
-            atomic_torch_save(self.weights, self.path, digest=True)
+    def _save(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.path is not None and self.main:
+            atomic_torch_save(weights, self.path, digest=True)
 
     def state(self) -> dict[str, Any]:
         return {"score": self.score, "epoch": self.epoch, "history": self.history}
@@ -766,7 +737,7 @@ class _Loop:
     def end_of_epoch(self, done_epoch: int) -> None:
         if self.evaluator is not None:
             score = float(self.evaluator(self.student))
-            self.best.update(done_epoch, score, self.student, self.main)
+            self.best.update(done_epoch, score, self.student)
             self.student.train()
             log.info("%s: epoch %d held-out score %.3f", self.section, done_epoch, score)
         for hook in _callbacks(self.callbacks, "on_epoch_end"):
@@ -813,10 +784,10 @@ class _Loop:
         x = x.to(self.s.dev, non_blocking=True)
         y = y.to(self.s.dev, non_blocking=True)
         if self.cutout:
-            x = _cutout(x, self.cutout)
+            x = cutout(x, self.cutout)
         y2, lam = y, 1.0
         if self.mixup:
-            x, y, y2, lam = _mixup(x, y, self.mixup)
+            x, y, y2, lam = mixup_labels(x, y, self.mixup)
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.s.mem)
         return x, y, y2, lam

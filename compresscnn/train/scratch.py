@@ -38,13 +38,13 @@ from torch import nn
 
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.errors import CheckpointError, MethodError, RecipeError
-from compresscnn.config import POLICY_KEYS
+from compresscnn.core.rules import POLICY_KEYS
+from compresscnn.train.config import INITS
 from compresscnn.util.modules import get_module, set_module
 from compresscnn.core.surgery import Plan, Skip, apply, measured, plan
 from compresscnn.util.common import atomic_write_text, unwrap_model
 
 #: what ``factorize(init=...)`` accepts
-INITS = ("kaiming", "spectral")
 
 Factor = nn.Conv2d | nn.Linear
 
