@@ -198,3 +198,18 @@ def test_a_run_brings_its_int8_file_and_accuracy(tmp_path: Path, run_dir: Path) 
         assert {"ov_b1", "ov_int8_b1"} <= set(r["latency_ms"])
     md = write_compare(rows, tmp_path / "out")["markdown"].read_text()
     assert "int8 top-1 %" in md and "| 41.00 |" in md and "export.quantize" in md
+
+
+def test_match_size_adds_each_larger_spec_factorized_to_the_smallest(tmp_path: Path) -> None:
+    """``match_size``: "SqueezeNet, or AlexNet made as small?" in one call. The larger spec
+    gets a low-rank copy at the smallest entry's parameter count, labelled as factorized
+    here and without an accuracy it did not measure."""
+    rows = compare(["cifar:resnet56", "cifar:resnet20"],
+                   {"match_size": True, "onnx": False, "latency": False}, workdir=tmp_path)
+    assert [r["kind"] for r in rows] == ["spec", "lowrank", "spec"]
+    big, low, small = rows
+    assert 0.9 * small["params"] < low["params"] <= small["params"] < 0.5 * big["params"]
+    assert low["top1"] is None and low["top1_source"] is None
+    assert any("factorized here to the size of resnet20" in n for n in low["notes"])
+    assert compare(["cifar:resnet20"], {"match_size": True, "onnx": False, "latency": False},
+                   workdir=tmp_path)[0]["kind"] == "spec"  # nothing smaller: no copy

@@ -109,3 +109,19 @@ def test_skip_kinds():
     assert all(r.skipped == "kept dense by the budget" for r in p.replacements
                if r.skip is Skip.BUDGET)
     assert all("skip" not in row for row in p.to_rows())
+
+
+def test_params_target_below_the_rank_grid_is_reached():
+    """A global target tighter than every layer at its grid's cheapest rank (1/48 of full)
+    still plans: ranks below the grid are added, halving down to rank 1, only then."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(768, 768), nn.ReLU(), nn.Linear(768, 10))
+    rules = [{"match": "1", "method": "svd"}]
+    total = count(net, (3, 16, 16))["params"]
+    small, p = compress(net, rules, (3, 16, 16), target={"params": 0.04})
+    (rep,) = [r for r in p.replacements if r.name == "1"]
+    assert rep.rank[0] < 768 // 48
+    assert count(small, (3, 16, 16))["params"] <= 0.04 * total
+    _, p = compress(net, rules, (3, 16, 16), target={"params": 0.5})
+    (rep,) = [r for r in p.replacements if r.name == "1"]
+    assert rep.rank[0] >= 768 // 48

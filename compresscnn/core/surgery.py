@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -30,8 +31,8 @@ from compresscnn.measure.latency import (LatencyConfig, ensure_not_slower, sprea
 from compresscnn.util.modules import (eval_mode, example_input, get_module, hooks, input_tensors,
                                       record_inputs, set_module, preserved)
 from compresscnn.core.ranks import (BudgetItem, Candidate, Skip, allocate, candidates_for,
-                                    data_spectra, measured_candidates, select_rank, tail_error,
-                                    rule_round_to)
+                                    data_spectra, measured_candidates, round_rank, select_rank,
+                                    tail_error, rule_round_to)
 from compresscnn.config import Where
 from compresscnn.core.rules import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, POLICY_KEYS as _RANK_KEYS,
                                     CompressConfig, PlanConfig)
@@ -422,9 +423,9 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
             raise RecipeError(f"rules[{i}]: no rank, energy, macs or params given and no "
                               f"global target to choose ranks")
         round_to = rule_round_to(rule, lat_cfg.round_to if x is not None else None)
+        spectra = data_spectra(dec, info.module, *gram)
         cands = (candidates_for(dec, info.module, info.in_hw, opts, round_to=round_to,
-                                tokens=info.tokens,
-                                spectra=data_spectra(dec, info.module, *gram))
+                                tokens=info.tokens, spectra=spectra)
                  if probe is None else
                  [Candidate(None, p0, m0, 0.0), *measured_candidates(
                      dec, info.module, info.in_hw, opts, round_to=round_to,
@@ -432,7 +433,12 @@ def _select(name: str, info: LayerInfo, i: int, rule: dict[str, Any], *,
         if x is not None:
             cands, dense_ms = _timed_candidates(dec, info.module, cands, opts, x, lat_cfg)
             rep = replace(rep, latency_before=dense_ms, latency_after=dense_ms)
-        return rep, BudgetItem(name, cands, weight=weight)
+            return rep, BudgetItem(name, cands, weight=weight)
+        # below the grid's cheapest rank, for a target the grid cannot reach
+        tail = partial(_tail_candidates, dec, info.module, info.in_hw, opts, round_to=round_to,
+                       tokens=info.tokens, spectra=spectra)
+        return rep, BudgetItem(name, cands, weight=weight,
+                               meta={} if probe is not None else {"tail": tail})
     if x is not None and rule.get("round_to") is None:
         rule = {**rule, "round_to": lat_cfg.round_to}
     try:
@@ -515,6 +521,29 @@ def _layer_times(reps: Sequence[Replacement], layers: dict[str, LayerInfo],
     return layer_ms
 
 
+#: how far below the candidate grid's cheapest rank (1/48 of full) a budget may go when
+#: the grid cannot reach it: halvings, down to rank 1
+TAIL_HALVINGS = 10
+
+
+def _tail_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int] | None,
+                     opts: dict[str, Any], *, round_to: int, tokens: int,
+                     spectra: list[torch.Tensor] | None, below: Any) -> list[Candidate]:
+    """Candidates cheaper than ``below`` (the grid's cheapest rank), the rank halved each
+    time: a params target of a few percent (AlexNet at SqueezeNet's size) needs them."""
+    full = dec.max_rank(layer, **opts)
+    spectra = dec.spectra(layer, **opts) if spectra is None else spectra
+    seen, out = {tuple(below)}, []
+    for k in range(1, TAIL_HALVINGS + 1):
+        r = round_rank(dec.scale_rank(layer, 1.0 / (48 * 2 ** k), **opts), full, round_to)
+        if tuple(r) in seen:
+            continue
+        seen.add(tuple(r))
+        p, m = dec.cost(layer, r, in_hw, **opts)
+        out.append(Candidate(r, p, m * tokens, tail_error(spectra, r)))
+    return out
+
+
 def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Replacement],
               items: dict[str, BudgetItem], layer_ms: dict[str, float], allocation: str,
               lat_cfg: LatencyConfig | None) -> list[Replacement]:
@@ -539,8 +568,16 @@ def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Repla
         raise RankError(f"target {key} {frac:g} cannot be reached: the layers the budget "
                         f"cannot touch (matched by no budgeted rule, or refused by its "
                         f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
-    allocate(list(items.values()), key, budget,
-             penalty="log_energy" if allocation == "energy" else "squared")
+    penalty = "log_energy" if allocation == "energy" else "squared"
+    try:
+        allocate(list(items.values()), key, budget, penalty=penalty)
+    except RankError:  # the grid's cheapest ranks cost too much: ranks below them, if any
+        tails = [it for it in items.values() if "tail" in it.meta]
+        for it in tails:
+            it.candidates += it.meta["tail"](below=it.candidates[-1].rank)
+        if not tails:
+            raise
+        allocate(list(items.values()), key, budget, penalty=penalty)
     out = []
     for rep in reps:
         item = items.get(rep.name)

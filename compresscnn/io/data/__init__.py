@@ -37,13 +37,25 @@ Every problem a user can fix is a :class:`~compresscnn.errors.DataError` naming 
 
 from __future__ import annotations
 
-from compresscnn.io.data.arrays import clear_cache
-from compresscnn.io.data.checks import check_classes, check_sources, eval_overlap
-from compresscnn.io.data.config import (CIFAR10_CLASSES, DATASET_CLASSES, DATASETS,
-                                        FASHION_MNIST_DIR, resolve_data_cfg, source_of)
-from compresscnn.io.data.imagenet import imagenet_wnids
-from compresscnn.io.data.loaders import (build_dataset, calibration_batches, make_loaders,
-                                         stratified_subset)
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it, imported when the name is first used (the
+#: recipe reads the ``data`` section's model without loading torch)
+_EXPORTS = {
+    "clear_cache": "arrays", "check_classes": "checks", "check_sources": "checks",
+    "eval_overlap": "checks", "CIFAR10_CLASSES": "config", "DATASET_CLASSES": "config",
+    "DATASETS": "config", "FASHION_MNIST_DIR": "config", "resolve_data_cfg": "config",
+    "source_of": "config", "imagenet_wnids": "imagenet", "build_dataset": "loaders",
+    "calibration_batches": "loaders", "make_loaders": "loaders", "stratified_subset": "loaders",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "make_loaders",
