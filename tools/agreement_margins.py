@@ -1,9 +1,9 @@
 """Where a run's compressed model disagrees with the original, and how firm the original's
-decisions are there (:func:`compresscnn.measure.evaluation.agreement_margins`): the share of the
+decisions are there (:func:`compresscnn.agreement_margins`): the share of the
 disagreements on which the original's two largest softmax probabilities are a near tie, and
 the original's agreement with itself on the same images mirrored left-right and in bf16
 autocast (how stable its own decisions are under a perturbation). Both models
-and the images come from the run directory (``compresscnn.runs.pipeline.load_compressed``, the
+and the images come from the run directory (``compresscnn.load_compressed``, the
 recipe's model and weights, the recipe's ``data.eval`` source through ``compresscnn.io.data``,
 exactly as ``compresscnn run`` scored them). The original is rebuilt from the recipe's
 ``model.spec`` and ``model.weights``: a run without a weights file, or one that replaced the
@@ -21,12 +21,8 @@ from pathlib import Path
 
 import torch
 
-from compresscnn.io import data as data_mod
-from compresscnn.errors import CompressError
-from compresscnn.measure.evaluation import agreement_margins
-from compresscnn.io.models import load_model
-from compresscnn.runs.pipeline import load_compressed
-from compresscnn.recipe.schema import load_recipe
+from compresscnn import (CompressError, agreement_margins, load_compressed, load_model,
+                         load_recipe, make_loaders)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +46,7 @@ def measure(run_dir: Path, *, mirror: bool = True, bf16: bool = True) -> dict:
     pcfg = dict(getattr(original, "pretrained_cfg", {}) or {})
     if recipe["model"].get("input_size"):
         pcfg["input_size"] = tuple(recipe["model"]["input_size"])
-    _, loader = data_mod.make_loaders(recipe["data"], pcfg, train=False, test=True)
+    _, loader = make_loaders(recipe["data"], pcfg, train=False, test=True)
     out = agreement_margins(compressed, original, loader, mirror=mirror, bf16=bf16)
     out["margin_below"] = {str(k): v for k, v in out["margin_below"].items()}
     out["margin_below_all"] = {str(k): v for k, v in out["margin_below_all"].items()}

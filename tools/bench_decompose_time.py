@@ -29,8 +29,7 @@ import torch
 import torchvision
 from torch import nn
 
-from compresscnn.core.surgery import compress, plan_compression
-from compresscnn.core.decomposers import get_decomposer
+from compresscnn import compress, get_decomposer, plan
 
 
 def quarter_rank(dec, m: nn.Conv2d, fraction: float) -> tuple[int, ...]:
@@ -95,7 +94,7 @@ def budgeted(args: argparse.Namespace) -> None:
             rules = [{"match": args.match, "method": method}]
             target = {"macs": args.target_macs}
             t0 = time.perf_counter()
-            planned = plan_compression(model, rules, (3, 224, 224), target)
+            planned = plan(model, rules, (3, 224, 224), target)
             t_plan = time.perf_counter() - t0
             _, p = compress(model, rules, (3, 224, 224), target, planned=planned)
             total = time.perf_counter() - t0

@@ -19,16 +19,28 @@ import platform
 import tempfile
 import time
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
 
 import onnx
 import torch
 
 import compresscnn as cc
-from compresscnn.fit.calibration import recalibrate_bn
-from compresscnn.errors import CompressError
-from compresscnn.io.export import RUNTIMES, verify_onnx
-from compresscnn.runs.report import collect_versions
+from compresscnn import CompressError, recalibrate_bn, verify_onnx
+
+#: the runtimes ``verify_onnx`` runs a file in (the ``export.verify`` recipe key's choices)
+RUNTIMES = ("onnxruntime", "openvino", "opencv")
+
+
+def collect_versions() -> dict[str, str | None]:
+    """Installed versions of the packages the parity depends on."""
+    out: dict[str, str | None] = {}
+    for pkg in ("torch", "onnx", "onnxruntime", "openvino", "opencv-python-headless"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA",
                              Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))

@@ -24,7 +24,6 @@ Reported per model and method: total seconds of each, the ratio tensorly/compres
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -44,20 +43,18 @@ try:  # not a dependency of the package: the bench (and dev) extra installs it
 except ImportError:
     sys.exit("tools/bench_tensorly.py needs TensorLy: pip install -e '.[bench]'")
 
-from compresscnn.core.decomposers import get_decomposer
+from compresscnn import get_decomposer
 
 
-def _load_quarter_rank():
-    """``quarter_rank`` from the sibling bench_decompose_time.py (tools/ is no package)."""
-    path = Path(__file__).with_name("bench_decompose_time.py")
-    spec = importlib.util.spec_from_file_location("_bench_decompose_time", path)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod.quarter_rank
-
-
-quarter_rank = _load_quarter_rank()
+def quarter_rank(dec, m: nn.Conv2d, fraction: float) -> tuple[int, ...]:
+    """Rank ~ fraction * channels, clipped to the method's maximum (as
+    tools/bench_decompose_time.py chooses it)."""
+    full = dec.max_rank(m)
+    if dec.name == "tucker2":
+        want = (m.in_channels // m.groups, m.out_channels // m.groups)
+    else:
+        want = (min(m.in_channels, m.out_channels),)
+    return tuple(max(1, min(f, int(w * fraction))) for w, f in zip(want, full))
 
 
 def rel_error(w: torch.Tensor, approx: torch.Tensor) -> float:

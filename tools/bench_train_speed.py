@@ -33,8 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import compresscnn as cc
-from compresscnn.train.loop import finetune
-from compresscnn.util.common import cpu_bf16_native
+from compresscnn import cpu_bf16_native, finetune
 
 MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "resnet20_spatial", "alexnet",
           "squeezenet1_0", "squeezenet1_1"]

@@ -61,7 +61,6 @@ def one(spec: str, method: str, macs: float, size: Sequence[int], threads: int,
     import torch
 
     import compresscnn as cc
-    from compresscnn.measure.counting import trace_layers
 
     torch.set_num_threads(threads)
     size = tuple(int(s) for s in size)
@@ -72,7 +71,7 @@ def one(spec: str, method: str, macs: float, size: Sequence[int], threads: int,
     torch.manual_seed(0)
     model = cc.load_model(spec, None).eval()
     base = cc.count(model, size)
-    layers = trace_layers(model, size)
+    layers = cc.trace_layers(model, size)
     row.update(params=base["params"], macs=base["macs"], layers=len(layers))
     row["seconds"]["load"] = round(time.perf_counter() - t, 2)
 

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compresscnn import load_model
-from compresscnn.io.data import make_loaders
-from compresscnn.measure.evaluation import evaluate_predictions
+from compresscnn import evaluate_predictions, load_model, make_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMPRESSCNN_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -26,10 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresscnn.measure.counting import count
-from compresscnn.train.scratch import factorize, factorized_layers
-from compresscnn.io.models import load_model
-from compresscnn.util.modules import hooks
+from compresscnn import count, factorize, factorized_layers, load_model
 
 INITS = ("kaiming", "spectral", "relu_every")
 
@@ -37,12 +34,14 @@ INITS = ("kaiming", "spectral", "relu_every")
 def layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each named layer of ``model`` sees on ``x``."""
     seen: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, _mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-        seen[name] = args[0].detach()
-
-    with hooks([(n, model.get_submodule(n)) for n in names], keep), torch.no_grad():
-        model(x)
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen.__setitem__(n, args[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
     return seen
 
 

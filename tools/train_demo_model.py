@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compresscnn.io.data import make_loaders
-from compresscnn.io.models import load_model
+from compresscnn import load_model, make_loaders
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "compresscnn" / "assets" / "fmnist_cnn.safetensors"
