@@ -152,7 +152,19 @@ def truncated_svd(a: torch.Tensor, rank: int
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
-def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None
+def gram_eigh(a: torch.Tensor, products: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of the smaller Gram matrix of ``a`` (``a a^T`` if ``a`` is wide,
+    ``a^T a`` if tall), in ``products``' dtype (default ``a``'s): ``(evals ascending,
+    evecs)``, what :func:`gram_svd` starts from; its eigenvalues are the squared singular
+    values of ``a``."""
+    b = a.mT if a.shape[0] > a.shape[1] else a
+    low = b.to(products) if products is not None and products != b.dtype else b
+    return torch.linalg.eigh(low @ low.mT)  # in the products' dtype: no more is known
+
+
+def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None,
+             eig: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of a wide or tall ``a`` (``m x n``) from the eigendecomposition of its
     smaller Gram matrix (``min(m, n)`` square): the leading ``rank`` eigenvectors span the
@@ -163,13 +175,15 @@ def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None
     projection of ``a`` on that subspace, so its error is ``sqrt(||a||^2 - sum s^2)``,
     returned as the fourth value (relative). ``products``: the dtype of the two products
     with ``a`` and of the eigendecomposition (e.g. float32 for a float32 layer held in
-    float64: about twice as fast); the results are in ``a``'s dtype. Same contract as :func:`truncated_svd` otherwise;
-    exact to rounding (not a sketch), but a full-rank SVD should use that one."""
+    float64: about twice as fast); the results are in ``a``'s dtype. ``eig``: the
+    :func:`gram_eigh` of ``a`` in ``products``, when already computed (then one product
+    with ``a``). Same contract as :func:`truncated_svd` otherwise; exact to rounding (not a
+    sketch), but a full-rank SVD should use that one."""
     tall = a.shape[0] > a.shape[1]
     b = a.mT if tall else a                                   # k x N, k = min(m, n)
     low = b.to(products) if products is not None and products != b.dtype else b
-    g = low @ low.mT                      # eigh in the products' dtype: no more is known
-    u = torch.linalg.eigh(g)[1][:, -rank:].flip(-1)          # k x r, descending
+    vecs = (eig if eig is not None else gram_eigh(a, products))[1]
+    u = vecs[:, -rank:].flip(-1).to(low.dtype)               # k x r, descending
     proj = (u.mT @ low).to(a.dtype)                           # r x N
     u = u.to(a.dtype)
     s = torch.linalg.vector_norm(proj, dim=1)

@@ -33,8 +33,22 @@ from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain
                                                work_weight, tail_errors)
 from compresscnn.core.method_options import SVDOptions
 
-#: above this smaller dimension a truncated rank uses the randomized SVD
+#: above this smaller dimension a truncated rank uses the Gram path (``gram_svd``)
 RANDOMIZED_MIN_DIM = 1024
+#: above this smaller dimension the spectrum comes from the Gram matrix's eigenvalues
+GRAM_SPECTRA_MIN_DIM = 512
+#: the Gram eigendecompositions :meth:`SVD.spectra` computed for the Gram path, kept for
+#: :meth:`SVD.decompose` (which takes its entry out): planning asks for a layer's spectrum,
+#: then applying decomposes it, and the Gram matrix and its eigenvectors are most of the
+#: cost of both (VGG-16's fc6). At most ``_EIG_KEEP`` layers, the oldest dropped first.
+_EIG: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_EIG_KEEP = 2
+
+
+def _eig_key(layer: nn.Module) -> tuple:
+    """Who the weight is and which version of it: a changed or replaced weight misses."""
+    w = layer.weight
+    return (id(w), w._version, w.data_ptr(), tuple(w.shape), w.dtype, str(w.device))
 
 
 @register_decomposer("svd")
@@ -102,10 +116,21 @@ class SVD(Decomposer):
         than ``svdvals``; the Gram product runs in the weight's precision (float32 relative
         error ~1e-7 of the largest s^2 is far below what energy and EVBMF ranks resolve)."""
         a = self._matrix(layer).detach()
-        if min(a.shape) <= 512:
+        if min(a.shape) <= GRAM_SPECTRA_MIN_DIM:
             return [torch.linalg.svdvals(a.double()).to(layer.weight.dtype)]
-        g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-        ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
+        opt = parse_options(self, options)
+        if min(a.shape) > RANDOMIZED_MIN_DIM and opt.randomized is None:
+            # the eigenvectors too, in the dtype decompose's Gram path takes them in: it
+            # reuses them instead of forming the Gram matrix again
+            key = _eig_key(layer)
+            eig = _EIG.pop(key, None) or num.gram_eigh(a, layer.weight.dtype)
+            _EIG[key] = eig
+            while len(_EIG) > _EIG_KEEP:
+                _EIG.pop(next(iter(_EIG)))
+            ev = eig[0].flip(0).clamp_min(0)
+        else:
+            g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+            ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
         return [ev.sqrt().to(layer.weight.dtype)]
 
     def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any) -> list[float]:
@@ -124,7 +149,8 @@ class SVD(Decomposer):
             u, s, vh = num.randomized_svd(a, r, oversample=opt.oversample,
                                           power_iters=opt.power_iters)
         elif opt.randomized is None and not full and min(a.shape) > RANDOMIZED_MIN_DIM:
-            u, s, vh, rel = num.gram_svd(a, r, products=layer.weight.dtype)
+            u, s, vh, rel = num.gram_svd(a, r, products=layer.weight.dtype,
+                                         eig=_EIG.pop(_eig_key(layer), None))
         else:
             u, s, vh = num.truncated_svd(a, r)
         root = s.sqrt()
