@@ -860,8 +860,8 @@ def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(mon
 
 
 def test_small_cp_problems_run_on_one_thread_and_the_setting_is_restored(monkeypatch):
-    """ALS on a small kernel runs with one intra-op thread (its operations are too small to
-    share); the caller's thread count is back afterwards, also when ALS fails."""
+    """ALS below ``ONE_THREAD_BELOW`` runs with one intra-op thread, above it with the
+    caller's; the caller's thread count is back afterwards, also when ALS fails."""
     from compresscnn.core.decomposers import cp as CPM
     seen = []
     real = CPM.num.cp_als
@@ -878,6 +878,11 @@ def test_small_cp_problems_run_on_one_thread_and_the_setting_is_restored(monkeyp
         D.get_decomposer("cp").decompose(conv, (6,))
         assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 2
+        monkeypatch.setattr(CPM, "ONE_THREAD_BELOW", 1)
+        seen.clear()
+        D.get_decomposer("cp").decompose(conv, (6,))
+        assert seen and set(seen) == {2}
+        monkeypatch.setattr(CPM, "ONE_THREAD_BELOW", 1e10)
         with pytest.raises(RuntimeError):
             with CPM._threads_for(conv.weight, 6):
                 raise RuntimeError("inside")

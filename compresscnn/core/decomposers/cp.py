@@ -63,15 +63,24 @@ SINGLE_FROM = 1e8
 EXACT_BELOW, ESTIMATE_SWEEPS, ESTIMATE_ANCHORS = 1e7, 8, 4
 
 
+#: ALS runs on one intra-op thread below this many kernel entries x rank (every 3x3 conv
+#: of ResNet-18/50 and VGG-16 at any rank they are planned at)
+ONE_THREAD_BELOW = 1e10
+
+
 @contextlib.contextmanager
 def _threads_for(w: torch.Tensor, r: int) -> Iterator[None]:
-    """One intra-op thread for the length of a block where the ALS problem is small (kernel
-    size x rank below ``SINGLE_FROM``): its operations are too small for a second thread to
-    pay for its start, and with another process busy on a core each multi-threaded one waits
-    for that core (on a loaded 2-core machine 10 sweeps of ResNet-18's ``layer2.1.conv1`` at
-    rank 300 took 9.5 s on 2 threads, 0.8 s on one). The caller's setting is restored."""
+    """One intra-op thread for the length of a block where the ALS problem is below
+    ``ONE_THREAD_BELOW``: a sweep is a few dozen operations on ``R x R`` and ``I_n x R``
+    matrices, too small for a second thread to pay for its start on small problems, and
+    on a machine where another process is busy on a core each multi-threaded operation
+    waits for that core. Measured with other processes running on a 2-core machine, 10
+    sweeps on 2 threads against one: ResNet-18's ``layer2.1.conv1`` at rank 300 9.5 s
+    against 0.8 s, ``layer3.1.conv1`` at 944 17.9 s against 4.9 s, ``layer4.1.conv1`` at
+    1200 46.9 s against 13.4 s. (On an idle machine the largest problems' products could
+    gain from a second thread; not measured.) The caller's setting is restored."""
     before = torch.get_num_threads()
-    small = w.device.type == "cpu" and w.numel() * r < SINGLE_FROM and before > 1
+    small = w.device.type == "cpu" and w.numel() * r < ONE_THREAD_BELOW and before > 1
     if small:
         torch.set_num_threads(1)
     try:
