@@ -8,6 +8,7 @@ either is refused by ``supports`` with a reason, or must pass every check below.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -923,3 +924,11 @@ def test_svd_spectra_then_decompose_forms_the_gram_eigendecomposition_once(monke
         lin.weight.mul_(2.0)   # a new version of the weight: the kept one is not used
     dec.decompose(lin, (12,))
     assert len(calls) == 4
+    dec.spectra(lin)           # a copy of the layer (compress applies to a copy) is served
+    twin = copy.deepcopy(lin)
+    dec.decompose(twin, (12,))
+    assert len(calls) == 5
+    dec.spectra(lin)           # a layer of the same shape but other weights is not
+    other = nn.Linear(96, 40)
+    dec.decompose(other, (12,))
+    assert len(calls) == 7 and len(SVDM._EIG) == 1

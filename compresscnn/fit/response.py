@@ -24,7 +24,8 @@ independent of the amount of data afterwards:
   two balanced factors;
 * the other factors are then refined jointly with the last on the same quadratic form
   (L-BFGS, float64), until its relative change falls below ``TOL``: each step costs a
-  product with ``G``, not a pass over the data.
+  product with ``G``, not a pass over the data, and ``LBFGS_WORK`` bounds those products
+  per layer (it bites on ImageNet models' widest layers only).
 
 A per-channel affine tail (a BatchNorm alone) only weights the output channels. A clamp in
 the tail (ReLU, ReLU6) makes the target non-linear: then Zhang et al.'s alternation refines

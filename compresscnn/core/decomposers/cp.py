@@ -273,8 +273,8 @@ class CP(Decomposer):
                 # both on every small layer lowered their errors a little but doubled the
                 # planning of CIFAR ResNets, whose layers are all small. On large problems
                 # (from SINGLE_FROM) an admissible accelerated fit is kept even where it
-                # re-seeded: there the plain fit costs 2-3x as much and ended higher on
-                # each of ResNet-18's 3x3 convs tried (layer4.1.conv1 at rank 1200:
+                # re-seeded: there the plain fit took about twice as long and ended higher
+                # on each of ResNet-18's 3x3 convs tried (layer4.1.conv1 at rank 1200:
                 # 0.4599 accelerated, 0.4652 plain).
                 tries = [(opt.extrapolate, opt.iters)] + (
                     [(False, 2 * opt.iters)] if opt.extrapolate else [])
