@@ -8,6 +8,7 @@ either is refused by ``supports`` with a reason, or must pass every check below.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -818,3 +819,116 @@ def test_cp_errors_are_measured_on_small_layers_and_estimated_from_a_few_sweeps_
         assert e <= tap + 1e-12
         assert dec.decompose(conv, r).fit_info["rel_error"] <= e + 1e-9
     assert est[-1] == 0.0 and est[0] > est[1] > est[2]
+
+
+def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(monkeypatch):
+    """On a large layer ALS runs at ``ESTIMATE_ANCHORS`` of the candidate ranks (the
+    smallest and the largest among them); the errors at the other ranks are interpolated
+    between the anchors' ratios to the per-tap error, stay at or below the per-tap error,
+    decrease with the rank, and are close to what the sweeps give at those ranks."""
+    from compresscnn.core.decomposers import cp as CPM
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 24, 3)
+    dec = D.get_decomposer("cp")
+    monkeypatch.setattr(CPM, "EXACT_BELOW", 0)
+    ranks = [(r,) for r in (120, 100, 80, 60, 40, 20)]
+    ran = []
+    real = CPM.num.cp_als
+
+    def counting(t, init, **kw):
+        ran.append(init[0].shape[1])
+        return real(t, init, **kw)
+
+    monkeypatch.setattr(CPM.num, "cp_als", counting)
+    est = dec.errors(conv, ranks)
+    assert len(ran) == CPM.ESTIMATE_ANCHORS and {20, 120} <= set(ran)
+    anchors = set(ran)
+    assert all(a > b for a, b in zip(est[1:], est))  # larger rank, lower error
+    monkeypatch.setattr(CPM, "ESTIMATE_ANCHORS", len(ranks))
+    each = dec.errors(conv, ranks)
+    sv = torch.linalg.svdvals(conv.weight.detach().double().permute(2, 3, 0, 1)).reshape(-1)
+    taps = base.tail_errors(torch.sort(sv, descending=True).values, [r[0] for r in ranks])
+    for (r,), e, exact, tap in zip(ranks, est, each, taps):
+        assert e <= tap + 1e-12
+        if r in anchors:
+            assert e == pytest.approx(exact, abs=1e-9)
+        else:
+            assert abs(e - exact) < 0.05, (r, e, exact)
+    assert CPM._anchors([1, 2, 3], 4) == [1, 2, 3]
+    assert CPM._anchors(list(range(11)), 4) == [0, 3, 7, 10]
+    assert CPM._interpolate({10: 0.5, 20: 1.0}, 15) == pytest.approx(0.75)
+    assert CPM._interpolate({10: 0.5, 20: math.inf}, 30) == 1.0
+
+
+def test_small_cp_problems_run_on_one_thread_and_the_setting_is_restored(monkeypatch):
+    """ALS below ``ONE_THREAD_BELOW`` runs with one intra-op thread, above it with the
+    caller's; the caller's thread count is back afterwards, also when ALS fails."""
+    from compresscnn.core.decomposers import cp as CPM
+    seen = []
+    real = CPM.num.cp_als
+
+    def spy(t, init, **kw):
+        seen.append(torch.get_num_threads())
+        return real(t, init, **kw)
+
+    monkeypatch.setattr(CPM.num, "cp_als", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        conv = nn.Conv2d(8, 8, 3)
+        D.get_decomposer("cp").decompose(conv, (6,))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(CPM, "ONE_THREAD_BELOW", 1)
+        seen.clear()
+        D.get_decomposer("cp").decompose(conv, (6,))
+        assert seen and set(seen) == {2}
+        monkeypatch.setattr(CPM, "ONE_THREAD_BELOW", 1e10)
+        with pytest.raises(RuntimeError):
+            with CPM._threads_for(conv.weight, 6):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_svd_spectra_then_decompose_forms_the_gram_eigendecomposition_once(monkeypatch):
+    """The Gram path (a large truncated Linear): ``spectra`` keeps the eigendecomposition it
+    computes, ``decompose`` takes it instead of computing it again, with the same result as
+    without it; a changed weight is not served the old one."""
+    from compresscnn.core.decomposers import svd as SVDM
+    monkeypatch.setattr(SVDM, "RANDOMIZED_MIN_DIM", 16)
+    monkeypatch.setattr(SVDM, "GRAM_SPECTRA_MIN_DIM", 16)
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    dec = D.get_decomposer("svd")
+    calls = []
+    real = SVDM.num.gram_eigh
+
+    def counting(a, products=None):
+        calls.append(a.shape)
+        return real(a, products)
+
+    monkeypatch.setattr(SVDM.num, "gram_eigh", counting)
+    s = dec.spectra(lin)[0]
+    torch.testing.assert_close(s.double(), torch.linalg.svdvals(lin.weight.detach().double()),
+                               rtol=1e-4, atol=1e-5)
+    shared = dec.decompose(lin, (12,))
+    assert len(calls) == 1 and not SVDM._EIG
+    alone = dec.decompose(lin, (12,))
+    assert len(calls) == 2
+    torch.testing.assert_close(shared(torch.ones(2, 96)), alone(torch.ones(2, 96)))
+    assert shared.fit_info["rel_error"] == pytest.approx(alone.fit_info["rel_error"])
+    dec.spectra(lin)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)   # a new version of the weight: the kept one is not used
+    dec.decompose(lin, (12,))
+    assert len(calls) == 4
+    dec.spectra(lin)           # a copy of the layer (compress applies to a copy) is served
+    twin = copy.deepcopy(lin)
+    dec.decompose(twin, (12,))
+    assert len(calls) == 5
+    dec.spectra(lin)           # a layer of the same shape but other weights is not
+    other = nn.Linear(96, 40)
+    dec.decompose(other, (12,))
+    assert len(calls) == 7 and len(SVDM._EIG) == 1

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresscnn.fit import chain as C
 from compresscnn.fit import response as R
 from compresscnn.core.ranks import decompose
 from compresscnn.errors import CompressError, DataError
@@ -127,7 +128,7 @@ def test_svd_pair_is_the_reduced_rank_regression():
 def test_composite_kernel_is_what_the_chain_computes(conv, method, rank):
     conv = conv.double()
     mod = decompose(conv, method, rank).double()
-    chain = R._Chain.of(mod, conv)
+    chain = C._Chain.of(mod, conv)
     assert chain is not None
     k = chain.kernel()
     dense = copy.deepcopy(conv)
@@ -195,7 +196,7 @@ def test_fire_module_falls_back_to_the_iterative_fit():
     conv = conv.float()
     mod = decompose(conv, "fire", (3,))
     fit = fit_layer(mod, [x.float() for x in xs], [y.float() for y in ys], reference=conv,
-                    steps=20)
+                    adam=(20, 3e-3))
     assert fit["solver"] == "adam" and fit["iters"] == 20 and fit["after"] <= fit["before"]
 
 
@@ -221,9 +222,9 @@ def test_drawn_rows_are_the_unfolded_ones(layer):
     x = torch.randn((3, 4, 9, 8) if isinstance(layer, nn.Conv2d) else (7, 5))
     with torch.no_grad():
         y = layer(x)
-    g, d, co = R._dims(layer)
-    rows, outs = R._gather(layer, x, y, 1.0, torch.Generator().manual_seed(0))
-    cols, ref = R._columns(layer, x), R._outputs(layer, y)
+    g, d, co = C._dims(layer)
+    rows, outs = C._gather(layer, x, y, 1.0, torch.Generator().manual_seed(0))
+    cols, ref = C._columns(layer, x), C._outputs(layer, y)
     torch.testing.assert_close(rows, cols.permute(1, 0, 3, 2).reshape(g, -1, d))
     torch.testing.assert_close(outs, ref.permute(1, 0, 3, 2).reshape(g, -1, co))
     # and the layer is a linear map of them
@@ -237,7 +238,7 @@ def test_the_joint_refinement_is_budgeted_by_the_layers_size_not_the_images(monk
     iterations (whole blocks, at least one), and the fit still never ends worse."""
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
-    chain = R._Chain.of(decompose(conv, "tucker2", (4, 4)), conv)
+    chain = C._Chain.of(decompose(conv, "tucker2", (4, 4)), conv)
     per = chain.g * chain.co * (chain.d + 1) ** 2
     assert R._budget(chain) == R.LBFGS_MAX
     monkeypatch.setattr(R, "LBFGS_WORK", 25 * per)
@@ -250,3 +251,16 @@ def test_the_joint_refinement_is_budgeted_by_the_layers_size_not_the_images(monk
     out = fit_layer(mod, xs, ys, Tail([(0.0, math.inf)]), reference=conv)
     assert out["solver"] == "closed_form" and out["after"] < out["before"]
     assert out["iters"] <= R.LBFGS_BLOCK + R.MAX_ROUNDS
+
+
+def test_the_default_work_budget_bounds_imagenet_sized_layers_only():
+    """By default the refinement is bounded: every layer of a CIFAR ResNet (64-channel 3x3
+    convs at most) keeps all of ``LBFGS_MAX`` iterations, a 512-channel 3x3 conv of an
+    ImageNet ResNet (Tucker-2 at half its MACs) gets a fraction of them."""
+    assert math.isfinite(R.LBFGS_WORK)
+    small = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    chain = C._Chain.of(decompose(small, "tucker2", (32, 32)), small)
+    assert R._budget(chain) == R.LBFGS_MAX
+    big = nn.Conv2d(512, 512, 3, padding=1, bias=False)
+    chain = C._Chain.of(decompose(big, "tucker2", (360, 360)), big)
+    assert R.LBFGS_BLOCK <= R._budget(chain) <= R.LBFGS_MAX // 2

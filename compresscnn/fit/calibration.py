@@ -320,7 +320,7 @@ def reconstruct_outputs(original: nn.Module, compressed: nn.Module, names: list[
         layers[name] = fit_layer(compressed.get_submodule(name), xs, ys,
                                  (tails or {}).get(name),
                                  reference=original.get_submodule(name), solver=solver,
-                                 steps=steps, lr=lr, name=name)
+                                 adam=(steps, lr), name=name)
         walker.advance(name)
     return Reconstruction(layers, walker.forward_passes, time.perf_counter() - t0, solver,
                           walker.walk)

@@ -152,7 +152,19 @@ def truncated_svd(a: torch.Tensor, rank: int
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
-def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None
+def gram_eigh(a: torch.Tensor, products: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of the smaller Gram matrix of ``a`` (``a a^T`` if ``a`` is wide,
+    ``a^T a`` if tall), in ``products``' dtype (default ``a``'s): ``(evals ascending,
+    evecs)``, what :func:`gram_svd` starts from; its eigenvalues are the squared singular
+    values of ``a``."""
+    b = a.mT if a.shape[0] > a.shape[1] else a
+    low = b.to(products) if products is not None and products != b.dtype else b
+    return torch.linalg.eigh(low @ low.mT)  # in the products' dtype: no more is known
+
+
+def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None,
+             eig: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of a wide or tall ``a`` (``m x n``) from the eigendecomposition of its
     smaller Gram matrix (``min(m, n)`` square): the leading ``rank`` eigenvectors span the
@@ -163,13 +175,15 @@ def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None
     projection of ``a`` on that subspace, so its error is ``sqrt(||a||^2 - sum s^2)``,
     returned as the fourth value (relative). ``products``: the dtype of the two products
     with ``a`` and of the eigendecomposition (e.g. float32 for a float32 layer held in
-    float64: about twice as fast); the results are in ``a``'s dtype. Same contract as :func:`truncated_svd` otherwise;
-    exact to rounding (not a sketch), but a full-rank SVD should use that one."""
+    float64: about twice as fast); the results are in ``a``'s dtype. ``eig``: the
+    :func:`gram_eigh` of ``a`` in ``products``, when already computed (then one product
+    with ``a``). Same contract as :func:`truncated_svd` otherwise; exact to rounding (not a
+    sketch), but a full-rank SVD should use that one."""
     tall = a.shape[0] > a.shape[1]
     b = a.mT if tall else a                                   # k x N, k = min(m, n)
     low = b.to(products) if products is not None and products != b.dtype else b
-    g = low @ low.mT                      # eigh in the products' dtype: no more is known
-    u = torch.linalg.eigh(g)[1][:, -rank:].flip(-1)          # k x r, descending
+    vecs = (eig if eig is not None else gram_eigh(a, products))[1]
+    u = vecs[:, -rank:].flip(-1).to(low.dtype)               # k x r, descending
     proj = (u.mT @ low).to(a.dtype)                           # r x N
     u = u.to(a.dtype)
     s = torch.linalg.vector_norm(proj, dim=1)
@@ -329,33 +343,57 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
     ``revived`` the number of terms re-seeded.
     """
     tn = float(torch.linalg.vector_norm(t))
-    n_modes = t.ndim
     if tn == 0.0:
         zs = [torch.zeros_like(f) for f in init]
         return zs, {"iters": 0, "rel_error": 0.0, "norm_ratio": 0.0, "finite": True,
                     "revived": 0}
-    x = t / tn
-    a = [f.clone() for f in init]
-    rank = a[0].shape[1]
-    eye = torch.eye(rank, dtype=t.dtype, device=t.device)
-    cache: dict[str, torch.Tensor] = {}
+    als = _Als(t / tn, [f.clone() for f in init], ridge, products)
+    done, finite, revived = als.run(iters, tol, revive, extrapolate)
+    if finite and revive > 0:  # what the ridge killed after the last re-seeding: a final
+        dead = _dead_terms(als.a)  # projection of the residual, which cannot raise the
+        if len(dead):              # error
+            _reseed(als.x, als.a, dead)
+            revived += len(dead)
+    scale = tn ** (1.0 / t.ndim)
+    a = [f * scale for f in als.a]
+    rel, ratio = math.inf, math.inf
+    if finite:
+        rel = float(torch.linalg.vector_norm(t - cp_reconstruct(a))) / tn
+        ratio = float(torch.linalg.vector_norm(cp_term_norms(a))) / tn
+        finite = math.isfinite(rel) and math.isfinite(ratio)
+    return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite,
+               "revived": revived}
 
-    def sweep(f: list[torch.Tensor], grams: list[torch.Tensor | None]
+
+class _Als:
+    """The state of :func:`cp_als` on the unit-norm tensor ``x``: the factors ``a``, their
+    Gram matrices ``grams`` (``grams[0]`` is not read: mode 0 is updated first), the
+    factors before the last kept sweep (``last``, for extrapolation) and the MTTKRP cache."""
+
+    def __init__(self, x: torch.Tensor, a: list[torch.Tensor], ridge: float,
+                 products: torch.dtype | None) -> None:
+        self.x, self.a, self.ridge, self.products = x, a, ridge, products
+        rank = a[0].shape[1]
+        self.ridged_eye = ridge * torch.eye(rank, dtype=x.dtype, device=x.device)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.grams: list[torch.Tensor | None] = _grams(a)
+        self.last: list[torch.Tensor] | None = None
+
+    def sweep(self, f: list[torch.Tensor], grams: list[torch.Tensor | None]
               ) -> tuple[float, list[torch.Tensor | None]]:
-        """One ALS sweep on ``f`` (in place); its relative error and the Gram matrices.
-        ``grams[0]`` is not read: mode 0 is updated first."""
-        grams = list(grams)
+        """One ALS sweep on ``f`` (in place); its relative error and the Gram matrices."""
+        grams, n_modes = list(grams), len(f)
         for n in range(n_modes):
-            v = torch.ones(rank, rank, dtype=t.dtype, device=t.device)
+            v = torch.ones_like(self.ridged_eye)
             for m in range(n_modes):
                 if m != n:
                     v = v * grams[m]
             if n == 0:
-                cache.pop("y", None)  # what it holds was computed from the first factor
-            mk = mttkrp(x, f, n, cache, products)
-            chol, info = torch.linalg.cholesky_ex(v + ridge * eye)
+                self.cache.pop("y", None)  # what it holds was computed from the first factor
+            mk = mttkrp(self.x, f, n, self.cache, self.products)
+            chol, info = torch.linalg.cholesky_ex(v + self.ridged_eye)
             if int(info) != 0:
-                new = torch.linalg.lstsq(v + ridge * eye, mk.mT).solution.mT
+                new = torch.linalg.lstsq(v + self.ridged_eye, mk.mT).solution.mT
             else:
                 new = torch.cholesky_solve(mk.mT, chol).mT
             f[n] = new
@@ -365,60 +403,60 @@ def cp_als(t: torch.Tensor, init: Sequence[torch.Tensor], iters: int = 100,
         hat2 = float((v * grams[n_modes - 1]).sum())
         return math.sqrt(max(1.0 - 2.0 * inner + hat2, 0.0)), grams
 
-    grams: list[torch.Tensor | None] = [None] + [f.mT @ f for f in a[1:]]
-    last: list[torch.Tensor] | None = None  # the factors before the last kept sweep
-    prev = math.inf
-    rel = math.inf
-    done = 0
-    finite = True
-    reseeds = revived = 0
-    while done < iters:
-        if extrapolate and last is not None:
+    def step(self, done: int, rel: float, extrapolate: bool, iters: int
+             ) -> tuple[int, float, bool]:
+        """One sweep (after an extrapolated try, when asked and possible): the sweeps done,
+        the error and whether the loop goes on."""
+        if extrapolate and self.last is not None:
             jump = (done + 1) ** (1.0 / 3.0) - 1.0
-            b = [f + jump * (f - p) for f, p in zip(a, last)]
-            rel_b, grams_b = sweep(b, [None] + [f.mT @ f for f in b[1:]])
+            b = [f + jump * (f - p) for f, p in zip(self.a, self.last)]
+            rel_b, grams_b = self.sweep(b, _grams(b))
             done += 1
             if math.isfinite(rel_b) and rel_b < rel:
-                last, a, grams, rel = a, b, grams_b, rel_b
+                self.last, self.a, self.grams, rel = self.a, b, grams_b, rel_b
             elif done >= iters:
-                break
+                return done, rel, False
             else:
-                last = None
-        if last is None or not extrapolate:
-            c = list(a)
-            rel, grams = sweep(c, grams)
+                self.last = None
+        if self.last is None or not extrapolate:
+            c = list(self.a)
+            rel, self.grams = self.sweep(c, self.grams)
             done += 1
-            last, a = a, c
-        if not math.isfinite(rel):  # a non-finite factor reaches rel through mk or grams
-            finite = False
-            break
-        grams = [None if g is None else g * d[:, None] * d[None, :]
-                 for g, d in zip(grams, _balance(a))]
-        if reseeds < revive:
-            dead = _dead_terms(a)
-            if len(dead):
-                _reseed(x, a, dead)
-                grams = [None] + [f.mT @ f for f in a[1:]]
-                reseeds, revived, prev, last = reseeds + 1, revived + len(dead), math.inf, None
-                continue
-        if math.isfinite(prev) and abs(prev - rel) < tol * max(prev, 1e-12):
-            break
-        prev = rel
-    if finite and revive > 0:  # what the ridge killed after the last re-seeding: a final
-        dead = _dead_terms(a)  # projection of the residual, which cannot raise the error
-        if len(dead):
-            _reseed(x, a, dead)
-            revived += len(dead)
-    scale = tn ** (1.0 / n_modes)
-    a = [f * scale for f in a]
-    if finite:
-        rel = float(torch.linalg.vector_norm(t - cp_reconstruct(a))) / tn
-        ratio = float(torch.linalg.vector_norm(cp_term_norms(a))) / tn
-        finite = math.isfinite(rel) and math.isfinite(ratio)
-    else:
-        rel, ratio = math.inf, math.inf
-    return a, {"iters": done, "rel_error": rel, "norm_ratio": ratio, "finite": finite,
-               "revived": revived}
+            self.last, self.a = self.a, c
+        return done, rel, True
+
+    def run(self, iters: int, tol: float, revive: int, extrapolate: bool
+            ) -> tuple[int, bool, int]:
+        """Sweeps until ``iters`` or convergence, re-seeding dead terms up to ``revive``
+        times: (sweeps done, whether finite, terms re-seeded)."""
+        prev = rel = math.inf
+        done = reseeds = revived = 0
+        while done < iters:
+            done, rel, go = self.step(done, rel, extrapolate, iters)
+            if not go:
+                break
+            if not math.isfinite(rel):  # a non-finite factor reaches rel via mk or grams
+                return done, False, revived
+            self.grams = [None if g is None else g * d[:, None] * d[None, :]
+                          for g, d in zip(self.grams, _balance(self.a))]
+            if reseeds < revive:
+                dead = _dead_terms(self.a)
+                if len(dead):
+                    _reseed(self.x, self.a, dead)
+                    self.grams = _grams(self.a)
+                    reseeds, revived, prev, self.last = reseeds + 1, revived + len(dead), \
+                        math.inf, None
+                    continue
+            if math.isfinite(prev) and abs(prev - rel) < tol * max(prev, 1e-12):
+                break
+            prev = rel
+        return done, True, revived
+
+
+def _grams(factors: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """``[None, A_1^T A_1, ...]``: the Gram matrices a sweep reads (mode 0 is updated
+    first)."""
+    return [None] + [f.mT @ f for f in factors[1:]]
 
 
 def _dead_terms(factors: Sequence[torch.Tensor]) -> torch.Tensor:

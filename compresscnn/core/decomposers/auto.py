@@ -8,7 +8,8 @@ and takes the relative error ``||W - W_hat||_F / ||W||_F`` each reaches
 (:meth:`~compresscnn.core.decomposers.base.Decomposer.errors`): exactly, from the spectra, for
 Tucker-2 (the kernel rotated into both modes' eigenbases holds every rank's error),
 spatial and SVD; for CP by decomposing on small layers and from a few ALS sweeps on large
-ones (an estimate the full fit only lowers). These are the errors the decompositions reach,
+ones (an estimate the full fit only lowers), run at four of the ranks and interpolated
+between them. These are the errors the decompositions reach,
 not the single-method planner's spectral bounds, which are not comparable across methods
 (Tucker-2's sums two modes' tails; CP's is that of its per-tap construction, which ALS beats
 by a margin that varies from layer to layer). Only the candidate the plan keeps is then
@@ -21,9 +22,10 @@ each layer gets the candidate with the lowest error within that fraction. A ``ra
 ``energy`` means different things per method and is refused. Every method runs with its
 default options; the plan rows name the method chosen.
 
-Planning cost: spectra and a few ALS sweeps per CP candidate on large layers; on small
-ones (kernel size x rank below ``cp.EXACT_BELOW``) each CP candidate is fitted in full,
-about a second per 3x3 conv of a CIFAR ResNet at the default 12 candidates.
+Planning cost: spectra and a few ALS sweeps at four CP candidates on large layers; on
+small ones (kernel size x rank below ``cp.EXACT_BELOW``) each CP candidate is fitted in
+full (on one thread: the problems are too small to share), about a second per 3x3 conv of
+a CIFAR ResNet at the default 12 candidates.
 """
 
 from __future__ import annotations

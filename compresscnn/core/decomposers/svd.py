@@ -22,6 +22,7 @@ Exact at ``max_rank = min(in, out)``.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -33,8 +34,39 @@ from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain
                                                work_weight, tail_errors)
 from compresscnn.core.method_options import SVDOptions
 
-#: above this smaller dimension a truncated rank uses the randomized SVD
+#: above this smaller dimension a truncated rank uses the Gram path (``gram_svd``)
 RANDOMIZED_MIN_DIM = 1024
+#: above this smaller dimension the spectrum comes from the Gram matrix's eigenvalues
+GRAM_SPECTRA_MIN_DIM = 512
+#: the Gram eigendecompositions :meth:`SVD.spectra` computed for the Gram path, kept for
+#: :meth:`SVD.decompose` (which takes its entry out): planning asks for a layer's spectrum,
+#: then applying decomposes it (``compress`` applies to a copy of the model), and the Gram
+#: matrix and its eigenvectors are most of the cost of both (VGG-16's fc6). At most
+#: ``_EIG_KEEP`` entries, the oldest dropped first; each holds its weight by a weak
+#: reference and serves that weight at that version, or an equal copy of it.
+_EIG: list[tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]]] = []
+_EIG_KEEP = 2
+
+
+def _kept_eig(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kept entry of ``layer``'s weight (taken out of ``_EIG``), or None."""
+    w = layer.weight.detach()
+    for i, (ref, version, eig) in enumerate(_EIG):
+        o = ref()
+        if (o is not None and o._version == version and o.shape == w.shape
+                and o.dtype == w.dtype and o.device == w.device
+                and (o is layer.weight or torch.equal(o.detach(), w))):
+            del _EIG[i]
+            return eig
+    return None
+
+
+def _keep_eig(layer: nn.Module, eig: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Keep ``eig`` for ``layer``'s weight, in place of what was kept for it (or for a
+    weight freed since)."""
+    _EIG[:] = [e for e in _EIG if e[0]() is not None and e[0]() is not layer.weight]
+    _EIG.append((weakref.ref(layer.weight), layer.weight._version, eig))
+    del _EIG[:-_EIG_KEEP]
 
 
 @register_decomposer("svd")
@@ -102,10 +134,18 @@ class SVD(Decomposer):
         than ``svdvals``; the Gram product runs in the weight's precision (float32 relative
         error ~1e-7 of the largest s^2 is far below what energy and EVBMF ranks resolve)."""
         a = self._matrix(layer).detach()
-        if min(a.shape) <= 512:
+        if min(a.shape) <= GRAM_SPECTRA_MIN_DIM:
             return [torch.linalg.svdvals(a.double()).to(layer.weight.dtype)]
-        g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-        ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
+        opt = parse_options(self, options)
+        if min(a.shape) > RANDOMIZED_MIN_DIM and opt.randomized is None:
+            # the eigenvectors too, in the dtype decompose's Gram path takes them in: it
+            # reuses them instead of forming the Gram matrix again
+            eig = _kept_eig(layer) or num.gram_eigh(a, layer.weight.dtype)
+            _keep_eig(layer, eig)
+            ev = eig[0].flip(0).clamp_min(0)
+        else:
+            g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+            ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
         return [ev.sqrt().to(layer.weight.dtype)]
 
     def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any) -> list[float]:
@@ -124,7 +164,8 @@ class SVD(Decomposer):
             u, s, vh = num.randomized_svd(a, r, oversample=opt.oversample,
                                           power_iters=opt.power_iters)
         elif opt.randomized is None and not full and min(a.shape) > RANDOMIZED_MIN_DIM:
-            u, s, vh, rel = num.gram_svd(a, r, products=layer.weight.dtype)
+            u, s, vh, rel = num.gram_svd(a, r, products=layer.weight.dtype,
+                                         eig=_kept_eig(layer))
         else:
             u, s, vh = num.truncated_svd(a, r)
         root = s.sqrt()
