@@ -12,7 +12,9 @@ misspelled key is an error with its path instead of a silently ignored setting (
 timm's argparse-defaults YAML). The schema is the pydantic models of
 the stages (:mod:`compresscnn.core.rules`: rules, target, allocation;
 :mod:`compresscnn.fit.config`: calibration; :mod:`compresscnn.train.config`: finetune,
-train; :mod:`compresscnn.config`: the other sections) and :class:`Recipe` here, which
+train; :mod:`compresscnn.io.data.config`: data; :mod:`compresscnn.measure.latency_config`:
+latency; :mod:`compresscnn.io.export_config`: export; :mod:`compresscnn.recipe.sections`:
+model, evaluate, report) and :class:`Recipe` here, which
 composes them; a rule is a discriminated
 union on ``method`` over the registered decomposers, each rule model carrying its method's
 ``Options`` flat beside the rule keys, so a method option is checked by the model its
@@ -39,9 +41,8 @@ from typing import Any, Optional, Sequence
 import yaml
 from pydantic import ValidationError, ValidationInfo, model_validator
 
-from compresscnn.config import (MODEL_SOURCES, SOLVERS, Closed, Evaluate,
-                                Export, Int, KeyPath, Latency, ModelSection, Nullable, PathStr,
-                                Report, Str, Where, bad, doc, expand_env, field_type, fmt_path,
+from compresscnn.config import (MODEL_SOURCES, SOLVERS, Closed, Int, KeyPath, Nullable, PathStr,
+                                Str, Where, bad, doc, expand_env, field_type, fmt_path,
                                 one_line, resolve_path, same_field, section, section_of, show,
                                 unknown_key, where_of)
 from compresscnn.core.rules import (ALLOCATIONS, CALIBRATED_ALLOCATIONS, POLICY_KEYS, RULE_KEYS,
@@ -52,6 +53,9 @@ from compresscnn.fit.config import FIT_THROUGH, MIXES, Calibration
 from compresscnn.train.config import SCHEDULES, Finetune, Train
 from compresscnn.errors import RecipeError
 from compresscnn.io.data.config import LEGACY_DATA_KEYS, Data
+from compresscnn.io.export_config import Export
+from compresscnn.measure.latency_config import Latency
+from compresscnn.recipe.sections import Evaluate, ModelSection, Report
 from compresscnn.util.common import atomic_write_text
 
 __all__ = [
