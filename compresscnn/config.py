@@ -4,9 +4,11 @@ One validator for recipes, ``--set`` overrides, the Python API (``compress``, ``
 ``decompose``) and compare recipes. Each stage declares its own settings next to the code
 that reads them, in this language: the rules and target in :mod:`compresscnn.core.rules`
 (with ``PlanConfig``/``CompressConfig``), the data-aware fit in :mod:`compresscnn.fit.config`,
-the training loop in :mod:`compresscnn.train.config`. This module keeps the language, the
-shared constants, and the sections that have no stage module yet (model, data, latency,
-evaluation, export, report). Each model declares its keys' types, defaults and documentation
+the training loop in :mod:`compresscnn.train.config`, latency-aware planning in
+:mod:`compresscnn.measure.latency_config`, the export in :mod:`compresscnn.io.export_config`,
+the data in :mod:`compresscnn.io.data.config`, and the sections the run itself reads (model,
+evaluation, report) in :mod:`compresscnn.recipe.sections`. This module keeps the language
+and the shared constants. Each model declares its keys' types, defaults and documentation
 (``recipes/README.md`` is generated from them), and every mapping is closed
 (``extra="forbid"``; an unknown key is an error with a ``difflib`` suggestion).
 
@@ -573,112 +575,7 @@ class MethodOptions(Closed):
 
 
 
-# --------------------------------------------------------------------------- sections
+# --------------------------------------------------------------------------- constants
 
 #: how data-aware reconstruction fits each layer (``compresscnn.fit.response``)
 SOLVERS: tuple[str, ...] = ("closed_form", "adam")
-_NAME = Str(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$", what="a name of letters, digits, '.', '_' and '-'",
-            doc="str")
-
-
-class ModelSection(Closed):
-    """The pretrained model to compress."""
-
-    spec: ModelSpec = doc("Which model: `<source>:<name>`.")
-    weights: Nullable(Weights) = doc(
-        "Pretrained weights: an enum name such as `DEFAULT` or `IMAGENET1K_V2` (the source's "
-        "published weights), or a path to a weights file (a *path*). null: random "
-        "initialisation (no weights; what a `train` job starts from).", None)
-    input_size: Nullable(ListOf(Int(1), length=3, what="[C, H, W], three ints > 0")) = doc(
-        "`[C, H, W]` of one input; null: from the model's `pretrained_cfg` / dataset. The data "
-        "is fed at this size.", None)
-    num_classes: Nullable(Int(1)) = doc(
-        "Replace the model's classifier head by a new, randomly initialised one with this many "
-        "classes when the model has another number (e.g. 10 to fine-tune an ImageNet model on "
-        "CIFAR-10; then `finetune.distill.enabled: false`, as the original's new head is "
-        "untrained). A model whose classes differ from the data's is refused without it.", None)
-
-
-class Latency(Closed):
-    """How latency-aware planning (`objective: latency` rules, a `latency` target) times
-    layers, and the runtime the result must not be slower on."""
-
-    runtime: Enum("onnxruntime", "openvino", "torch", "torch_bf16") = doc(
-        "Runtime to plan for: onnxruntime CPU, OpenVINO CPU (float32; the `runtimes` extra: "
-        "`pip install 'compresscnn[runtimes]'`), PyTorch eager, or PyTorch CPU inference in "
-        "bf16 autocast with channels_last (for CPUs that compute bf16 natively). Rules that "
-        "give no `round_to` round ranks to the channel multiple this runtime rewards (8).",
-        "onnxruntime")
-    threads: Int(1) = doc("Intra-op threads while timing.", 1)
-    batch: Int(1) = doc("Batch size the model will serve.", 1)
-    rounds: Int(1) = doc("Interleaved timing rounds per layer.", 5)
-    margin: Float(0.0, 1.0, hi_open=True) = doc(
-        "A candidate must be at least this fraction faster than the dense layer to be used.",
-        0.03)
-    max_candidates: Int(1) = doc("Candidate ranks timed per layer.", 8)
-
-
-class Evaluate(Closed):
-    """Accuracy (and agreement with the original model) on the test split. Evaluation is on
-    when `baseline` or `zero_shot` is true; the fine-tuned model is evaluated whenever it is
-    fine-tuned."""
-
-    baseline: Bool = doc("Evaluate the original model.", True)
-    zero_shot: Bool = doc("Evaluate right after decomposition, before fine-tuning.", True)
-    max_batches: Nullable(Int(1)) = doc("Evaluate on at most this many batches.", None)
-
-
-class Quantize(Closed):
-    """An int8 copy of the exported file (`model.int8.onnx`, onnxruntime.quantization), scored
-    like the fp32 one: its top-1 and agreement with the original model, its size and its
-    latency in each of `report.runtimes` go into the report beside the fp32 file's. Before
-    that it is compared with its fp32 source on the calibration images, and the run fails
-    when they differ by more than `max_rel_error`. Calibration images come from the
-    `data.calibration` source (by default the `train` one), never from the images accuracy
-    is measured on (refused, whatever `data.allow_eval_overlap` says). null or absent: off."""
-
-    mode: Enum("static", "dynamic") = doc(
-        "`static`: QDQ format, weights int8 (per output channel with `per_channel`), "
-        "activations uint8 with ranges calibrated (min-max) on the calibration images: what "
-        "CPUs run as int8 convolutions (onnxruntime, OpenVINO). `dynamic`: weights int8, "
-        "activations quantized at run time (no ranges to calibrate; fits Linear-heavy models; "
-        "onnxruntime only).", "static")
-    per_channel: Bool = doc("One weight scale per output channel (else per tensor).", True)
-    batches: Int(1) = doc("Calibration batches (from `data.calibration`).", 8)
-    batch_size: Int(1) = doc("Calibration batch size.", 32)
-    max_rel_error: Float(0.0, lo_open=True) = doc(
-        "Largest allowed ||int8 - fp32|| / ||fp32|| of the outputs of the two files on the "
-        "calibration images; beyond it the run fails (nothing is written).", 0.35)
-
-
-class Export(Closed):
-    """ONNX export of the compressed model."""
-
-    onnx: Bool = doc("Export to ONNX and check it in onnxruntime.", True)
-    opset: Int(18) = doc("ONNX opset (the dynamo exporter needs >= 18).", 18)
-    dynamic_batch: Bool = doc("Make the batch dimension dynamic.", True)
-    atol: Float(0.0, lo_open=True) = doc(
-        "Largest allowed max-abs difference between onnxruntime and PyTorch outputs, times "
-        "the largest |output| where that exceeds 1 (float32 rounding grows with the values).",
-        1.0e-3)
-    verify: ListOf(Enum("onnxruntime", "openvino", "opencv"), min_len=1) = doc(
-        "Runtimes that run the exported file (CPU, float32) on the same random inputs as "
-        "PyTorch; each must agree within `atol`, and each one's max abs difference goes into "
-        "the report. onnxruntime always runs; `openvino` and `opencv` (OpenCV DNN) need the "
-        "`runtimes` extra (`pip install 'compresscnn[runtimes]'`).", ["onnxruntime"])
-    quantize: Optional[Quantize] = doc(Quantize.__doc__, None)
-
-
-class Report(Closed):
-    """report.json / report.md / plots."""
-
-    latency: Bool = doc("Measure latency in each of `runtimes`.", True)
-    runtimes: ListOf(Enum("torch", "onnxruntime", "openvino"), min_len=1) = doc(
-        "Runtimes to time the original and compressed models in (fp32 and, with "
-        "`export.quantize`, int8), all models of one runtime and batch timed against each "
-        "other, interleaved: PyTorch eager, and the ONNX files in onnxruntime and OpenVINO "
-        "(CPU; `openvino` needs the `runtimes` extra: `pip install 'compresscnn[runtimes]'`).",
-        ["torch", "onnxruntime"])
-    latency_batch: ListOf(Int(1), min_len=1) = doc("Batch sizes to time.", [1, 8])
-    threads: Int(1) = doc("CPU threads while timing.", 1)
-    plots: Bool = doc("Write plots (matplotlib).", True)

@@ -9,7 +9,7 @@ from compresscnn import compress, decompose
 from compresscnn.measure.counting import count
 from compresscnn.errors import CompressError, MethodError
 from compresscnn.recipe.schema import validate_rules
-from compresscnn.core.surgery import plan
+from compresscnn.core.planning import plan
 
 from test_surgery import small_net
 

@@ -67,7 +67,7 @@ class _TwoBranch(nn.Module):
 
 def test_layer_sensitivity_weighs_what_the_output_feels():
     from compresscnn.fit.calibration import layer_sensitivity
-    from compresscnn.core.surgery import plan
+    from compresscnn.core.planning import plan
 
     torch.manual_seed(0)
     m = _TwoBranch().eval()
@@ -171,7 +171,8 @@ def test_fit_through_activation_fits_what_follows_the_relu():
 
 def test_execution_order_and_refit_dense_layers_after_a_replaced_one():
     from compresscnn.fit.calibration import execution_order
-    from compresscnn.core.surgery import apply, plan, refine
+    from compresscnn.core.applying import apply, refine
+    from compresscnn.core.planning import plan
 
     m = _net()
     x = [torch.randn(32, 3, 12, 12) for _ in range(3)]
@@ -200,7 +201,8 @@ def test_one_forward_pass_of_each_model():
     """The fit walks both models over the batches once: the first layer of each runs once
     per batch, whatever the number of layers fitted."""
     from compresscnn.fit.calibration import reconstruct_outputs
-    from compresscnn.core.surgery import apply, plan
+    from compresscnn.core.applying import apply
+    from compresscnn.core.planning import plan
 
     m = _net()
     x = [torch.randn(8, 3, 12, 12) for _ in range(3)]
@@ -229,7 +231,8 @@ class _TwoConvsUntraceable(nn.Module):
 
 def test_untraceable_model_is_run_up_to_each_layer():
     from compresscnn.fit.calibration import reconstruct_outputs
-    from compresscnn.core.surgery import apply, plan
+    from compresscnn.core.applying import apply
+    from compresscnn.core.planning import plan
 
     torch.manual_seed(0)
     m = _TwoConvsUntraceable().eval()
@@ -273,7 +276,8 @@ def test_non_finite_calibration_batch_is_a_one_line_error():
 
 
 def test_solver_adam_is_the_iterative_fit():
-    from compresscnn.core.surgery import apply, plan, refine
+    from compresscnn.core.applying import apply, refine
+    from compresscnn.core.planning import plan
 
     m = _net()
     x = [torch.randn(16, 3, 12, 12) for _ in range(2)]

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 from compresscnn.config import Closed, section_of, spec_of
 from compresscnn.core.rules import CompressConfig, PlanConfig, RuleBase, Target
 from compresscnn.fit.config import CalibrationDistill, FitConfig
+from compresscnn.io.export_config import OnnxSettings
+from compresscnn.measure.latency_config import LatencyConfig
 from compresscnn.recipe.schema import Recipe
 from compresscnn.train.config import Distill, Switch, Train, TrainConfig
 
@@ -28,7 +30,7 @@ def _models() -> list[type[Closed]]:
     """Every section model the recipe composes, and the stage configs the API takes."""
     seen: list[type[Closed]] = []
     queue: list[type[Closed]] = [Recipe, RuleBase, Target, PlanConfig, CompressConfig,
-                                 FitConfig, TrainConfig]
+                                 FitConfig, TrainConfig, LatencyConfig, OnnxSettings]
     while queue:
         m = queue.pop(0)
         if m in seen:
@@ -70,7 +72,7 @@ def test_the_walk_covers_every_stage_section():
     names = {m.__name__ for m in _models()}
     assert {"Recipe", "Finetune", "Train", "Distill", "Switch", "Calibration",
             "CalibrationDistill", "Latency", "Export", "PlanConfig", "CompressConfig",
-            "FitConfig", "TrainConfig"} <= names
+            "FitConfig", "TrainConfig", "LatencyConfig", "OnnxSettings"} <= names
 
 
 @pytest.mark.parametrize("decl", sorted(_declarations().items(), key=lambda kv: kv[0]),
@@ -135,10 +137,11 @@ def test_defaults_of_one_stage_equal_its_section():
 
 #: the modules that declare or read settings: the config language, the stage configs, and
 #: the stages that read them
-SETTINGS_MODULES = ("config", "core.rules", "core.surgery", "core.method_options",
+SETTINGS_MODULES = ("config", "core.rules", "core.surgery", "core.planning", "core.applying", "core.method_options",
                     "fit.config", "fit.calibration", "fit.response", "train.config",
                     "train.loop", "train.scratch", "recipe.schema", "runs.pipeline",
-                    "measure.latency", "util.common", "util.training")
+                    "measure.latency", "measure.latency_config", "io.export_config",
+                    "recipe.sections", "util.common", "util.training")
 
 
 def _modules() -> list[Any]:

@@ -10,7 +10,8 @@ from torch import nn
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.errors import RecipeError
 from compresscnn.core.ranks import DATA_SAMPLES_PER_DIM, data_spectra, tail_error
-from compresscnn.core.surgery import plan, plan_compression
+from compresscnn.core.planning import plan
+from compresscnn.core.surgery import plan_compression
 
 
 def _best_rank_r_error(y: torch.Tensor, r: int) -> float:

@@ -32,7 +32,7 @@ def _tiny_net() -> nn.Module:
 def test_export_dynamic_batch_parity_single_file(tmp_path):
     net = _tiny_net()
     out = tmp_path / "sub" / "model.onnx"
-    info = export_onnx(net, out, (3, 16, 16), check_batch=(1, 3), atol=1e-4)
+    info = export_onnx(net, out, (3, 16, 16), {"check_batch": [1, 3], "atol": 1e-4})
 
     assert net.training, "caller's train/eval mode must be restored"
     assert out.is_file()
@@ -111,7 +111,7 @@ def test_export_falls_back_to_legacy_exporter(tmp_path, monkeypatch):
         raise RuntimeError("cannot trace\nmore lines")
 
     monkeypatch.setattr(ow, "export_dynamo", boom)
-    info = export_onnx(_tiny_net(), tmp_path / "m.onnx", (3, 8, 8), atol=1e-4)
+    info = export_onnx(_tiny_net(), tmp_path / "m.onnx", (3, 8, 8), {"atol": 1e-4})
     assert info["exporter"] == "torchscript"
     assert info["fallback_reason"] == "RuntimeError: cannot trace"
     assert info["max_abs_diff"] < 1e-4

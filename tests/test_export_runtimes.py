@@ -125,10 +125,10 @@ def test_missing_or_unknown_runtime_is_one_line_and_writes_nothing(tmp_path, mon
                         lambda name, *a: None if name == "openvino" else real(name, *a))
     with pytest.raises(CompressError, match=r"^export\.verify: openvino needs the package "
                                             r"'openvino', which is not installed"):
-        export_onnx(net, tmp_path / "m.onnx", (3, 8, 8), verify=["openvino"])
-    with pytest.raises(CompressError, match=r"unknown runtime 'tensorrt' \(known: "
-                                            r"onnxruntime, openvino, opencv\)"):
-        export_onnx(net, tmp_path / "m.onnx", (3, 8, 8), verify=["tensorrt"])
+        export_onnx(net, tmp_path / "m.onnx", (3, 8, 8), {"verify": ["openvino"]})
+    with pytest.raises(CompressError, match=r"verify\[0\]: expected one of 'onnxruntime', "
+                                            r"'openvino', 'opencv', got 'tensorrt'"):
+        export_onnx(net, tmp_path / "m.onnx", (3, 8, 8), {"verify": ["tensorrt"]})
     assert list(tmp_path.iterdir()) == []
 
 

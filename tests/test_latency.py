@@ -16,7 +16,8 @@ from compresscnn.errors import RankError, RecipeError
 from compresscnn.measure.latency import LatencyConfig, spread, time_modules
 from compresscnn.util.modules import record_inputs
 from compresscnn.recipe.schema import validate
-from compresscnn.core.surgery import compress, plan
+from compresscnn.core.planning import plan
+from compresscnn.core.surgery import compress
 
 
 @pytest.mark.parametrize("method,layer,rank", [

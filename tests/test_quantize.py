@@ -204,7 +204,7 @@ def test_int8_deployments_plan_on_int8_timings(runtime):
     cfg = LatencyConfig(runtime=runtime, precision="int8", rounds=1, per_round=1, warmup=0)
     (ms,) = time_modules([_net()], x, cfg)
     assert ms > 0
-    with pytest.raises(CompressError, match="latency.precision: 'int4' is not one of"):
+    with pytest.raises(CompressError, match="latency.precision: expected one of 'fp32', 'int8', got 'int4'"):
         LatencyConfig(precision="int4")
     recipe = {"latency": {"runtime": runtime}, "export": {"quantize": {"mode": "static"}}}
     assert _latency_cfg(recipe)["precision"] == "int8"

@@ -126,7 +126,7 @@ def test_output_allocation_spends_the_budget_where_the_data_excites_the_weights(
     from torch import nn
 
     from compresscnn import plan
-    from compresscnn.core.surgery import Measured
+    from compresscnn.core.planning import Measured
     from compresscnn.errors import RecipeError
 
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from compresscnn.core import rules as rules_mod
 from compresscnn.core.decomposers import base
 from compresscnn.core.decomposers.auto import Auto
 from compresscnn.core import method_options
+from compresscnn.recipe import reference
 from compresscnn.recipe import schema as R
 from compresscnn.errors import CompressError, RecipeError
 
@@ -682,7 +683,7 @@ def test_options_follow_the_live_registry(fake_registry):
 # --------------------------------------------------------------------------- reference
 
 def test_reference_mentions_every_key():
-    md = R.reference_markdown()
+    md = reference.reference_markdown()
 
     def walk(model, prefix=""):
         for k, f in model.model_fields.items():
@@ -699,15 +700,15 @@ def test_reference_mentions_every_key():
 
 def test_committed_reference_is_up_to_date():
     committed = (REPO / "recipes" / "README.md").read_text()
-    assert committed == R.reference_markdown(), (
+    assert committed == reference.reference_markdown(), (
         "recipes/README.md is stale: run "
         "`python -m compresscnn.recipe --reference > recipes/README.md`")
 
 
 def test_reference_cli():
-    out = subprocess.run([sys.executable, "-m", "compresscnn.recipe.schema", "--reference"],
+    out = subprocess.run([sys.executable, "-m", "compresscnn.recipe", "--reference"],
                          capture_output=True, text=True, check=True, cwd=REPO)
-    assert out.stdout == R.reference_markdown()
+    assert out.stdout == reference.reference_markdown()
 
 
 def test_numpy_scalars_from_the_python_api_become_plain():

@@ -13,7 +13,8 @@ from compresscnn.measure.counting import count
 from compresscnn.errors import CompressError
 from compresscnn.util.modules import set_module
 from compresscnn.core.ranks import Skip
-from compresscnn.core.surgery import apply, measured, plan
+from compresscnn.core.applying import apply, measured
+from compresscnn.core.planning import plan
 
 
 def small_net():

@@ -212,7 +212,7 @@ def test_reference_states_rank_order_and_null_weights():
     rank_names order, and weights: null is random initialisation."""
     from compresscnn.core.decomposers import get_decomposer
     from compresscnn.io.models import load_model
-    from compresscnn.recipe.schema import reference_markdown
+    from compresscnn.recipe.reference import reference_markdown
 
     md = reference_markdown()
     names = get_decomposer("tucker2").rank_names

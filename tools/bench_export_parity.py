@@ -102,7 +102,7 @@ def run_case(name: str, method: str, size: tuple[int, ...], runtimes: list[str],
            "macs_ratio": round(plan.macs_after / plan.total_macs, 4)}
     for fold in (True, False) if unfolded else (True,):
         path = folder / f"{name}_{method}_{int(fold)}.onnx"
-        info = cc.export_onnx(small, path, size, fold=fold)
+        info = cc.export_onnx(small, path, size, {"fold": fold})
         row["folded" if fold else "unfolded"] = {
             "folded": info["folded"], "ops": _ops(path),
             "runtimes": _check(small.eval(), path, size, runtimes)}

@@ -95,7 +95,7 @@ def one(spec: str, method: str, macs: float, size: Sequence[int], threads: int,
     with tempfile.TemporaryDirectory(prefix="bench_zoo_") as tmp:
         try:
             res = cc.export_onnx(new, Path(tmp) / "model.onnx", size,
-                                 check_batch=tuple(batches))
+                                 {"check_batch": list(batches)})
         except RuntimeError as e:
             row["seconds"]["export"] = round(time.perf_counter() - t, 2)
             text = " ".join(str(e).split())

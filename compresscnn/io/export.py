@@ -36,6 +36,7 @@ from torch import nn
 
 from compresscnn.errors import CompressError
 from compresscnn.core.folding import fold_for_export
+from compresscnn.io.export_config import OnnxSettings, onnx_settings
 from compresscnn.util.modules import eval_mode, example_input
 from compresscnn.io.onnx_writer import (first_line as _first_line,
                                         write_onnx)
@@ -238,23 +239,15 @@ def _onnx_target(path: str | os.PathLike) -> Path:
     return p
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    input_shape: tuple[int, ...],
-    *,
-    opset: int = 18,
-    dynamic_batch: bool = True,
-    atol: float = 1e-3,
-    check_batch: Sequence[int] = (1, 3),
-    seed: int = 0,
-    verify: Sequence[str] = ("onnxruntime",),
-    fold: bool = True,
-) -> dict[str, Any]:
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...],
+                settings: OnnxSettings | dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``model`` to one self-contained ``.onnx`` file at ``path`` and verify it.
 
-    ``input_shape`` is the per-sample shape ``(C, H, W)``; the batch dimension is prepended
-    (dynamic when ``dynamic_batch``, else fixed to ``check_batch[0]``). The exported graph has
+    ``settings`` (:class:`~compresscnn.io.export_config.OnnxSettings`, or a mapping of its
+    keys: ``opset``, ``dynamic_batch``, ``atol``, ``check_batch``, ``seed``, ``verify``,
+    ``fold``; None: the defaults) says how. ``input_shape`` is the per-sample shape
+    ``(C, H, W)``; the batch dimension is prepended (dynamic when ``dynamic_batch``, else
+    fixed to ``check_batch[0]``). The exported graph has
     one input named ``"input"`` and one output ``"output"``.
 
     With ``fold`` the file is exported from a copy of the model whose BatchNorms are
@@ -273,20 +266,16 @@ def export_onnx(
     (:func:`parity_limit`); a runtime in ``verify``
     whose package is missing is a :class:`CompressError`. ``path`` is then left as it was.
     """
+    s = onnx_settings(settings)
     path = _onnx_target(path)
-    input_shape = tuple(int(s) for s in input_shape)
-    check_batch = tuple(int(b) for b in check_batch) or (1,)
-    if any(b < 1 for b in check_batch):
-        raise ValueError(f"check_batch must be positive batch sizes, got {check_batch}")
-    if not dynamic_batch:
-        check_batch = (check_batch[0],)
-
-    runtimes = list(dict.fromkeys(["onnxruntime", *([verify] if isinstance(verify, str)
-                                                    else verify)]))
+    input_shape = tuple(int(x) for x in input_shape)
+    opset, dynamic_batch, atol, seed = s.opset, s.dynamic_batch, s.atol, s.seed
+    check_batch = tuple(s.check_batch) if dynamic_batch else (s.check_batch[0],)
+    runtimes = list(dict.fromkeys(["onnxruntime", *s.verify]))
     check_runtimes(runtimes)
     cpu_model = _cpu_float_model(model)
     with eval_mode(cpu_model):
-        folded, done = (fold_for_export(cpu_model) if fold
+        folded, done = (fold_for_export(cpu_model) if s.fold
                         else (cpu_model, {"batchnorms": [], "gathers": []}))
         # A batch of 2 as the example: torch.export specialises sizes 0 and 1, so an example
         # of batch 1 could not carry a dynamic batch dimension.

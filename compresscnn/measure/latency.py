@@ -7,7 +7,7 @@ memory-bound. So with ``objective: latency`` the planner does not trust the MAC 
 1. every budgeted layer's input is recorded at the serving batch (one forward pass);
 2. the dense layer and a handful of candidate ranks (evenly spread in MACs, ranks rounded
    to the rule's ``round_to``, by default to the channel multiple the runtime rewards:
-   :func:`preferred_round_to`) are built as *skeletons* (the decomposition's exact module
+   :func:`~compresscnn.measure.latency_config.preferred_round_to`) are built as *skeletons* (the decomposition's exact module
    structure, random weights: no fit is paid for a rank that will not be used) and timed
    on the target runtime, interleaved round by round so that a noisy neighbour slows all
    candidates alike;
@@ -30,86 +30,30 @@ channels_last, for CPUs that compute bf16 natively).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from compresscnn.errors import RecipeError
 from compresscnn.util.modules import (eval_mode, example_input, get_module, num_threads,
                                       record_inputs, set_module)
 from compresscnn.core.ranks import Skip
+from compresscnn.measure.latency_config import ROUND_TO, LatencyConfig, preferred_round_to
 from compresscnn.measure.timing import (RUNTIMES, check_runtime, median_ms, module_runner,
                                          time_interleaved)
 from compresscnn.util.progress import track
 
-#: the rank multiple each runtime rewards when a rule gives no ``round_to``: onnxruntime's
-#: CPU provider keeps a conv in its blocked NCHWc layout only when its input channels are a
-#: multiple of 4 and pads them to its block (8 floats with AVX2, 16 with AVX-512); OpenVINO's
-#: and oneDNN's (PyTorch's) blocked layouts are 8 or 16 channels wide too. Rounding to 8
-#: keeps every conv blocked; 8 and 16 measured within the run-to-run spread of each other on
-#: ResNet-18 and VGG-16 in onnxruntime, while 8 costs less rank (BENCHMARKS.md, "Channel
-#: blocking"); unrounded ranks lost about a fifth of the speed-up.
-ROUND_TO = {"onnxruntime": 8, "openvino": 8, "torch": 8, "torch_bf16": 8}
+__all__ = ["LatencyConfig", "ROUND_TO", "preferred_round_to", "latency_config", "time_modules",
+           "spread", "time_candidates", "ensure_not_slower", "layer_latency_table"]
 
 
-def preferred_round_to(runtime: str) -> int:
-    """The rank multiple ``runtime`` rewards (:data:`ROUND_TO`)."""
-    return ROUND_TO.get(runtime, 8)
-
-
-@dataclass
-class LatencyConfig:
-    """How candidates are timed (the recipe's ``latency:`` section)."""
-
-    runtime: str = "onnxruntime"
-    threads: int = 1
-    batch: int = 1
-    warmup: int = 2
-    rounds: int = 5           # interleaved rounds over all candidates of a layer
-    per_round: int = 3        # timed calls per candidate per round
-    margin: float = 0.03      # a candidate must be this fraction faster than dense
-    max_candidates: int = 8   # decomposed ranks timed per layer
-    #: rank multiple of the rules that give none; None: the runtime's (:data:`ROUND_TO`)
-    round_to: int | None = None
-    #: ``"int8"``: time the ONNX runtimes' candidates as static int8 files (the model will
-    #: be deployed quantized: ``export.quantize``), else float32
-    precision: str = "fp32"
-    #: test hook: ``timer(module, x) -> ms`` replaces the measurement
-    timer: Callable[[nn.Module, torch.Tensor], float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise RecipeError(f"latency.runtime: {self.runtime!r} is not one of "
-                              f"{', '.join(RUNTIMES)}")
-        check_runtime(self.runtime, "latency.runtime")
-        if self.precision not in ("fp32", "int8"):
-            raise RecipeError(f"latency.precision: {self.precision!r} is not one of fp32, int8")
-        if self.round_to is None:
-            self.round_to = preferred_round_to(self.runtime)
-        for k in ("threads", "batch", "rounds", "per_round", "max_candidates", "round_to"):
-            if int(getattr(self, k)) < 1:
-                raise RecipeError(f"latency.{k}: must be >= 1, got {getattr(self, k)!r}")
-        if not 0.0 <= float(self.margin) < 1.0:
-            raise RecipeError(f"latency.margin: must be in [0, 1), got {self.margin!r}")
-
-    @classmethod
-    def from_any(cls, v: LatencyConfig | dict[str, Any] | None) -> LatencyConfig:
-        if isinstance(v, LatencyConfig):
-            return v
-        v = dict(v or {})
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(v) - known)
-        if bad:
-            raise RecipeError(f"latency: unknown key(s) {', '.join(bad)} "
-                              f"(known: {', '.join(sorted(known - {'timer'}))})")
-        return cls(**v)
-
-    def describe(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("timer")
-        return d
+def latency_config(v: LatencyConfig | dict[str, Any] | None) -> LatencyConfig:
+    """``v`` as a :class:`LatencyConfig` (:meth:`LatencyConfig.from_any`), its runtime
+    installed (a one-line error naming the extra that installs it, otherwise)."""
+    cfg = LatencyConfig.from_any(v)
+    check_runtime(cfg.runtime, "latency.runtime")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- timing
@@ -195,21 +139,23 @@ def ensure_not_slower(original: nn.Module, compressed: nn.Module, plan_, cfg: La
 
 
 def layer_latency_table(original: nn.Module, compressed: nn.Module, names: Sequence[str],
-                        input_size: Sequence[int], *, batch: int = 1, threads: int = 1,
-                        runtimes: Sequence[str] = RUNTIMES, rounds: int = 5,
-                        per_round: int = 3) -> list[dict[str, Any]]:
+                        input_size: Sequence[int], config: LatencyConfig | dict[str, Any] | None
+                        = None, *, runtimes: Sequence[str] = RUNTIMES) -> list[dict[str, Any]]:
     """Per replaced layer: the dense layer (from ``original``) and its decomposition (from
     ``compressed``) timed against each other on the input the original layer sees, on each
-    runtime. Rows: ``layer, runtime, threads, batch, dense_ms, decomposed_ms, speedup``."""
-    x = example_input(input_size, batch)
+    runtime, as ``config`` says (a :class:`LatencyConfig` or a mapping of its keys: the
+    batch, threads, rounds; its ``runtime`` is each of ``runtimes`` in turn). Rows:
+    ``layer, runtime, threads, batch, dense_ms, decomposed_ms, speedup``."""
+    base = LatencyConfig.from_any(config)
+    x = example_input(input_size, base.batch)
     ins = record_inputs(original, list(names), x)
     rows = []
     for rt in runtimes:
-        cfg = LatencyConfig(runtime=rt, threads=threads, batch=batch, rounds=rounds,
-                            per_round=per_round)
+        cfg = latency_config({**base.describe(), "runtime": rt, "round_to": None,
+                              "timer": base.timer})
         for n in track(names, f"time on {rt}", label=str):
             d, c = time_modules([get_module(original, n), get_module(compressed, n)], ins[n],
                                 cfg)
-            rows.append({"layer": n, "runtime": rt, "threads": threads, "batch": batch,
+            rows.append({"layer": n, "runtime": rt, "threads": cfg.threads, "batch": cfg.batch,
                          "dense_ms": d, "decomposed_ms": c, "speedup": d / c if c else None})
     return rows

@@ -2,7 +2,7 @@
 
 import sys
 
-from compresscnn.recipe.schema import main
+from compresscnn.recipe.reference import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -388,7 +388,7 @@ def _onnx_sizes(row: dict[str, Any], model: nn.Module, size: tuple[int, ...], la
     o["workdir"].mkdir(parents=True, exist_ok=True)
     onnx_path = o["workdir"] / f"{stem}.onnx"
     try:
-        ex = export_onnx(model, onnx_path, size, check_batch=(1, 2))
+        ex = export_onnx(model, onnx_path, size, {"check_batch": [1, 2]})
         row["onnx_bytes"] = ex["bytes"]
         row["onnx_exporter"] = ex["exporter"]
     except Exception as exc:  # one model's exporter failure must not sink the table

@@ -67,7 +67,7 @@ from compresscnn.errors import (CompressError, DataError, MethodError, ModelErro
 from compresscnn.measure.evaluation import measure_latencies
 from compresscnn.io.export import OnnxModule, export_onnx, quantize_onnx
 from compresscnn.measure.inspection import fit_report, fit_text
-from compresscnn.measure.latency import layer_latency_table
+from compresscnn.measure.latency import LatencyConfig, layer_latency_table
 from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
                                        SwitchPoint, factorize, factorized_layers, planned_layers)
 from compresscnn.io.models import load_architecture, load_model, replace_head
@@ -235,8 +235,8 @@ def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
         if onnx:
             files["baseline"] = Path(tmp) / "baseline.onnx"
             export_onnx(model, files["baseline"], input_size,
-                        dynamic_batch=recipe["export"]["dynamic_batch"], check_batch=(1,),
-                        atol=recipe["export"]["atol"])
+                        {"dynamic_batch": recipe["export"]["dynamic_batch"], "check_batch": [1],
+                         "atol": recipe["export"]["atol"]})
             files["compressed"] = staging / onnx["path"]
         if int8:
             files["baseline int8"] = Path(tmp) / "baseline.int8.onnx"
@@ -254,8 +254,9 @@ def _measure_latency(model: nn.Module, compressed: nn.Module, p: Plan,
                 res = measure_latencies(targets, input_size, runtime=rt, threads=thr, batch=b)
                 lat += [{"model": label, **r} for label, r in res.items()]
     names = [r.name for r in p.replacements if r.applied] if p is not None else []
-    layers = layer_latency_table(model, compressed, names, input_size, batch=lat_batches[0],
-                                 threads=thr, runtimes=runtimes) if names else []
+    layers = layer_latency_table(model, compressed, names, input_size,
+                                 LatencyConfig(batch=lat_batches[0], threads=thr),
+                                 runtimes=runtimes) if names else []
     return lat, layers
 
 
@@ -870,9 +871,7 @@ def _export_stage(ctx: _RunContext) -> None:
         ctx.report["onnx"] = None
         return
     with timed(ctx.timings, "export_onnx", quiet=ctx.quiet):
-        onnx = export_onnx(ctx.compressed, ctx.staging / "model.onnx", ctx.input_size,
-                           opset=exp["opset"], dynamic_batch=exp["dynamic_batch"],
-                           atol=exp["atol"], verify=exp["verify"])
+        onnx = export_onnx(ctx.compressed, ctx.staging / "model.onnx", ctx.input_size, exp)
     onnx["path"] = "model.onnx"
     ctx.rundir.record("model.onnx")
     ctx.report["onnx"] = onnx
