@@ -61,9 +61,11 @@ def test_latency_margin_is_refused_where_latency_config_would_refuse_it(tmp_path
 
 
 def test_one_list_of_schedules(tmp_path):
-    assert finetune.SCHEDULES is TC.SCHEDULES
-    assert finetune.OPTIMIZERS is TC.OPTIMIZERS
-    for s in finetune.SCHEDULES:  # every schedule the training loop runs, the recipe takes
+    from compresscnn.train import engine
+    from compresscnn.util import common
+    assert common.SCHEDULES is TC.SCHEDULES  # what lr_factor runs
+    assert engine.OPTIMIZERS is TC.OPTIMIZERS
+    for s in TC.SCHEDULES:  # every schedule the training loop runs, the recipe takes
         r = R.load_recipe(write(tmp_path, GOOD + f"finetune: {{schedule: {s}}}\n"))
         assert r["finetune"]["schedule"] == s
         assert 0.0 <= finetune.lr_factor(5, 10, schedule=s) <= 1.0

@@ -107,12 +107,42 @@ def _kw_defaults(fn: Any) -> dict[str, Any]:
 
 def _entry_points() -> list[tuple[str, Any, type[BaseModel]]]:
     from compresscnn.fit.calibration import reconstruct_outputs
-    from compresscnn.train.loop import distillation_loss, finetune
-    from compresscnn.train.scratch import StableRankMonitor
-    return [("finetune", finetune, TrainConfig),
-            ("distillation_loss", distillation_loss, Distill),
+    from compresscnn.train.cuttlefish import StableRankMonitor
+    from compresscnn.train.loop import distillation_loss
+    return [("distillation_loss", distillation_loss, Distill),
             ("reconstruct_outputs", reconstruct_outputs, FitConfig),
             ("StableRankMonitor", StableRankMonitor.__init__, Switch)]
+
+
+def _config_entry_points() -> list[tuple[str, Any, type[BaseModel]]]:
+    from compresscnn.fit.calibration import distill_outputs
+    from compresscnn.train.loop import finetune
+    return [("finetune", finetune, TrainConfig),
+            ("distill_outputs", distill_outputs, CalibrationDistill)]
+
+
+@pytest.mark.parametrize("name,fn,model", _config_entry_points(), ids=lambda x: x
+                         if isinstance(x, str) else "")
+def test_entry_points_take_their_config_whole(name, fn, model):
+    """An entry point that reads a stage's config takes it as one ``config`` argument (the
+    model, a mapping that validates into it, or None for its defaults): none of its other
+    keywords repeats a key of the config, so its defaults are the config's alone; and it
+    has at most 8 parameters."""
+    params = inspect.signature(fn).parameters
+    assert "config" in params and params["config"].default is None, name
+    assert model.__name__ in str(params["config"].annotation), name
+    repeated = sorted(set(params) & set(model.model_fields))
+    assert not repeated, f"{name} repeats {model.__name__}'s keys {repeated} as keywords"
+    assert len(params) <= 8, f"{name} has {len(params)} parameters"
+
+
+def test_finetune_defaults_are_the_config_defaults():
+    """``finetune(model, loader)`` with no config trains as a recipe's default ``finetune``
+    section: the config it validates an empty mapping into is ``Finetune()``."""
+    from compresscnn.train.config import Finetune
+    from compresscnn.train.loop import _train_config
+    assert _train_config(None) == Finetune() == _train_config({})
+    assert _train_config(Finetune(lr=0.5)).lr == 0.5
 
 
 @pytest.mark.parametrize("name,fn,model", _entry_points(), ids=lambda x: x
@@ -139,7 +169,8 @@ def test_defaults_of_one_stage_equal_its_section():
 #: the stages that read them
 SETTINGS_MODULES = ("config", "core.rules", "core.surgery", "core.planning", "core.applying", "core.method_options",
                     "fit.config", "fit.calibration", "fit.response", "train.config",
-                    "train.loop", "train.scratch", "recipe.schema", "runs.pipeline",
+                    "train.loop", "train.scratch", "train.cuttlefish", "train.engine",
+                    "train.checkpoints", "recipe.schema", "runs.pipeline",
                     "measure.latency", "measure.latency_config", "io.export_config",
                     "recipe.sections", "util.common", "util.training")
 

@@ -147,7 +147,7 @@ def test_bad_switch_options_are_one_line_errors(recipe, tmp_path, capsys, sets, 
 def test_switch_point_state_survives_a_restart(tmp_path):
     """The dense phase's state file: a restarted run reads it, and an epoch it redoes
     replaces that epoch's measurements instead of adding to them."""
-    from compresscnn.train.scratch import StableRankMonitor, SwitchPoint
+    from compresscnn.train.cuttlefish import StableRankMonitor, SwitchPoint
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))

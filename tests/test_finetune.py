@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from compresscnn.errors import CheckpointError
-from compresscnn.train.loop import distillation_loss, finetune, lr_factor
+from compresscnn.train.loop import TrainRun, distillation_loss, finetune, lr_factor
+
+QUIET = TrainRun(progress=False)
 
 
 def _tiny_cnn(classes: int = 3, seed: int = 0, dropout: float = 0.0) -> nn.Module:
@@ -46,10 +48,8 @@ def test_loss_decreases_and_csv_written(tmp_path):
     x, y = _separable_data()
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     net = _tiny_cnn()
-    stats = finetune(
-        net, loader, epochs=6, lr=0.1, distill=None, device="cpu", progress=False,
-        checkpoint_dir=tmp_path, log_every=4,
-    )
+    stats = finetune(net, loader, {"epochs": 6, "lr": 0.1, "lr_batch": 8, "device": "cpu",
+                                   "log_every": 4}, checkpoint_dir=tmp_path, run=QUIET)
     assert stats["steps"] == 36 and stats["epochs"] == pytest.approx(6.0)
     assert stats["images"] == 6 * 48 and stats["images_per_s"] > 0
     rows = _read_csv(stats["log_csv"])
@@ -84,9 +84,9 @@ def test_kd_alpha_one_follows_teacher():
 
     before = kl_to_teacher()
     stats = finetune(
-        student, loader, teacher=teacher, epochs=25, optimizer="adamw", lr=0.02, weight_decay=0.0,
-        distill={"alpha": 1.0, "temperature": 4.0}, device="cpu", progress=False,
-    )
+        student, loader, {"epochs": 25, "optimizer": "adamw", "lr": 0.02, "lr_batch": 16,
+                          "weight_decay": 0.0, "distill": {"alpha": 1.0, "temperature": 4.0},
+                          "device": "cpu"}, teacher=teacher, run=QUIET)
     assert stats["distill"] == {"enabled": True, "alpha": 1.0, "temperature": 4.0}
     after = kl_to_teacher()
     assert after < 0.3 * before
@@ -119,9 +119,9 @@ def _resume_run(ckdir, crash_after=None, resume=False):
     loader = DataLoader(_NoisyData(x, y, crash_after), batch_size=4, shuffle=True)  # 4 steps/epoch
     net = _tiny_cnn(dropout=0.3, seed=1)
     stats = finetune(
-        net, loader, max_steps=10, lr=0.05, warmup_steps=2, distill=None, device="cpu",
-        checkpoint_dir=ckdir, checkpoint_every=3, resume=resume, progress=False, seed=3, log_every=2,
-    )
+        net, loader, {"max_steps": 10, "lr": 0.05, "lr_batch": 4, "warmup_steps": 2,
+                      "device": "cpu", "checkpoint_every": 3, "log_every": 2},
+        checkpoint_dir=ckdir, run=TrainRun(resume=resume, progress=False, seed=3))
     return net, stats
 
 
@@ -154,8 +154,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_checkpoint_is_weights_only_and_complete(tmp_path):
     x, y = _separable_data(n=16)
     net = _tiny_cnn()
-    finetune(net, DataLoader(TensorDataset(x, y), batch_size=8), epochs=1, distill=None,
-             device="cpu", checkpoint_dir=tmp_path, progress=False)
+    finetune(net, DataLoader(TensorDataset(x, y), batch_size=8), {"device": "cpu"},
+             checkpoint_dir=tmp_path, run=QUIET)
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch", "rng"):
         assert key in ck
@@ -168,17 +168,17 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path):
 def test_corrupt_or_mismatched_checkpoint(tmp_path):
     x, y = _separable_data(n=16)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    kw = dict(epochs=1, distill=None, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    cfg, resume = {"epochs": 1, "device": "cpu"}, TrainRun(resume=True, progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        finetune(_tiny_cnn(), loader, resume=True, **kw)
+        finetune(_tiny_cnn(), loader, cfg, checkpoint_dir=tmp_path, run=resume)
     (tmp_path / "last.pt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match=str(tmp_path / "last.pt")):
-        finetune(_tiny_cnn(), loader, resume=True, **kw)
-    finetune(_tiny_cnn(), loader, **kw)  # a good checkpoint for a 3-class net
+        finetune(_tiny_cnn(), loader, cfg, checkpoint_dir=tmp_path, run=resume)
+    finetune(_tiny_cnn(), loader, cfg, checkpoint_dir=tmp_path, run=QUIET)  # a 3-class net's
     with pytest.raises(CheckpointError, match="does not match the model"):
-        finetune(_tiny_cnn(classes=5), loader, resume=True, **kw)
+        finetune(_tiny_cnn(classes=5), loader, cfg, checkpoint_dir=tmp_path, run=resume)
     with pytest.raises(CheckpointError, match="total_steps"):
-        finetune(_tiny_cnn(), loader, resume=True, **{**kw, "epochs": 2})
+        finetune(_tiny_cnn(), loader, {**cfg, "epochs": 2}, checkpoint_dir=tmp_path, run=resume)
 
 
 def test_lr_schedule_shape():
@@ -191,7 +191,8 @@ def test_lr_schedule_shape():
 
 def test_lr_scale_gives_named_modules_their_own_rate():
     """`lr_scale`: the parameters under the named modules start at lr times the multiplier
-    (decay and no-decay groups kept apart); the schedule moves every group alike."""
+    (decay and no-decay groups kept apart); the schedule moves every group alike; `factor_lr`
+    gives it to every factor chain."""
     from compresscnn.errors import CompressError
     from compresscnn.train.loop import build_optimizer, param_groups
 
@@ -219,9 +220,10 @@ def test_lr_scale_gives_named_modules_their_own_rate():
                           nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                           nn.Linear(16, 3))
     before = [p.detach().clone() for p in model.parameters()]
-    finetune(model, DataLoader(TensorDataset(x, y), batch_size=8), max_steps=2, lr=0.1,
-             distill=None, device="cpu", amp="off", memory_format="contiguous",
-             progress=False, lr_scale={"0": 1e-9})
+    stats = finetune(model, DataLoader(TensorDataset(x, y), batch_size=8),
+                     {"max_steps": 2, "lr": 0.1, "lr_batch": 8, "device": "cpu", "amp": "off",
+                      "memory_format": "contiguous", "factor_lr": 1e-9}, run=QUIET)
+    assert stats["factor_lr"] == 1e-9 and stats["lr"] == 0.1
     moved = [not torch.allclose(b, p, atol=1e-6) for b, p in zip(before, model.parameters())]
     assert moved[:4] == [False] * 4  # a tiny rate leaves the factors (nearly) still
     assert all(moved[4:])            # BatchNorm and the classifier train at lr

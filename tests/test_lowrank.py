@@ -13,10 +13,10 @@ from compresscnn import compress
 from compresscnn.measure.counting import count
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.errors import CompressError, MethodError
-from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
-                                 dense_kernel, factorize, factorized_layers, planned_layers,
-                                 semi_orthogonal_deviation, semi_orthogonal_update,
-                                 stable_rank)
+from compresscnn.train.cuttlefish import StableRankMonitor, planned_layers, stable_rank
+from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, dense_kernel, factorize,
+                                       factorized_layers, semi_orthogonal_deviation,
+                                       semi_orthogonal_update)
 from compresscnn.io.models.cifar_resnet import cifar_resnet
 from compresscnn.util.modules import set_module
 

@@ -131,14 +131,15 @@ def test_factor_lr_scales_the_factors_of_the_decomposed_layers(resnet20_recipe, 
     """`finetune.factor_lr`: every factor chain the decomposers built gets lr x factor_lr,
     the rest of the model lr; the report records the multiplier."""
     import compresscnn.runs.pipeline as pipeline
-    from compresscnn.train.scratch import factorized_layers
+    from compresscnn.train.engine import factor_lr_scale, factorized_layers
 
     seen = {}
     real = pipeline.finetune
 
-    def spy(student, loader, **kw):
-        seen["scale"], seen["layers"] = kw["lr_scale"], factorized_layers(student)
-        return real(student, loader, **kw)
+    def spy(student, loader, config, **kw):
+        seen["scale"], seen["layers"] = factor_lr_scale(student, config.factor_lr), \
+            factorized_layers(student)
+        return real(student, loader, config, **kw)
 
     monkeypatch.setattr(pipeline, "finetune", spy)
     monkeypatch.setenv("COMPRESSCNN_SHARED_DATA", str(shared_data))

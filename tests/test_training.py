@@ -14,10 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import compresscnn.util.common as utils_mod
 from compresscnn.cli import main
 from compresscnn.errors import CompressError, RecipeError
-from compresscnn.train.loop import finetune, resolve_memory_format
+from compresscnn.train.loop import TrainRun, finetune, resolve_memory_format
 from compresscnn.util.training import cutout as _cutout, mixup_labels as _mixup
 from compresscnn.util.common import resolve_amp as _resolve_amp
 from compresscnn.recipe.schema import validate
+
+
+QUIET = TrainRun(progress=False)
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -51,8 +54,8 @@ def test_memory_format_auto_and_model_left_contiguous():
     with pytest.raises(CompressError, match="memory_format"):
         resolve_memory_format("nhwc", _net())
     net = _net()
-    stats = finetune(net, _loader(), epochs=1, lr=0.05, distill=None, device="cpu",
-                     amp="off", progress=False)
+    stats = finetune(net, _loader(), {"lr": 0.05, "lr_batch": 8, "device": "cpu", "amp": "off"},
+                     run=QUIET)
     assert stats["memory_format"] == "channels_last" and stats["amp"] is None
     assert net[0].weight.is_contiguous()  # handed back in the default layout
 
@@ -61,8 +64,8 @@ def test_bf16_training_learns_like_fp32():
     accs = {}
     for amp in ("off", "bf16"):
         net = _net()
-        finetune(net, _loader(96), epochs=8, lr=0.1, distill=None, device="cpu", amp=amp,
-                 progress=False)
+        finetune(net, _loader(96), {"epochs": 8, "lr": 0.1, "lr_batch": 8, "device": "cpu",
+                                    "amp": amp}, run=QUIET)
         x, y = next(iter(DataLoader(_loader(96).dataset, batch_size=96)))
         accs[amp] = (net.eval()(x).argmax(1) == y).float().mean().item()
     assert accs["bf16"] > 0.9 and abs(accs["bf16"] - accs["off"]) < 0.1
@@ -103,8 +106,8 @@ class _Recorder:
 
 def test_callbacks_see_every_step_and_can_stop():
     rec = _Recorder(stop_after=2)
-    stats = finetune(_net(), _loader(), epochs=5, lr=0.05, distill=None, device="cpu",
-                     progress=False, callbacks=[rec])
+    stats = finetune(_net(), _loader(), {"epochs": 5, "lr": 0.05, "lr_batch": 8, "device": "cpu"},
+                     callbacks=[rec], run=QUIET)
     assert rec.steps == list(range(1, 13)) and rec.epochs == [1, 2]
     assert stats["stopped_early"] and stats["steps"] == 12
 
@@ -119,22 +122,22 @@ def test_keep_best_restores_the_best_epoch(tmp_path):
         return s
 
     net = _net()
-    stats = finetune(net, _loader(), epochs=3, lr=0.05, distill=None, device="cpu",
-                     progress=False, evaluator=evaluator, keep="best", checkpoint_dir=tmp_path)
+    stats = finetune(net, _loader(), {"epochs": 3, "lr": 0.05, "lr_batch": 8, "device": "cpu",
+                                      "keep": "best"},
+                     evaluator=evaluator, checkpoint_dir=tmp_path, run=QUIET)
     assert stats["best_epoch"] == 2 and stats["best_score"] == 30.0 and stats["kept"] == "best"
     assert [h["score"] for h in stats["history"]] == [10.0, 30.0, 20.0]
     for k, v in net.state_dict().items():
         assert torch.equal(v, snapshots[30.0][k])
     assert (tmp_path / "best.pt").is_file()
     with pytest.raises(CompressError, match="keep: best needs held-out"):
-        finetune(_net(), _loader(), epochs=1, distill=None, device="cpu", progress=False,
-                 keep="best")
+        finetune(_net(), _loader(), {"device": "cpu", "keep": "best"}, run=QUIET)
 
 
 def test_non_finite_loss_names_the_options():
     with pytest.raises(CompressError) as e:
-        finetune(_net(), _loader(), epochs=3, lr=1e12, distill=None, device="cpu",
-                 amp="off", progress=False, log_every=1, section="train")
+        finetune(_net(), _loader(), {"epochs": 3, "lr": 1e12, "device": "cpu", "amp": "off",
+                                     "log_every": 1}, run=TrainRun(progress=False, section="train"))
     msg = str(e.value)
     assert "train.lr" in msg and "train.clip_grad_norm" in msg and "\n" not in msg
     assert "amp" not in msg  # amp is off: not suggested
@@ -143,8 +146,9 @@ def test_non_finite_loss_names_the_options():
 def test_clipping_bounds_the_update():
     net = _net()
     before = [p.detach().clone() for p in net.parameters()]
-    finetune(net, _loader(8), max_steps=1, lr=1.0, momentum=0.0, weight_decay=0.0,
-             distill=None, device="cpu", amp="off", progress=False, clip_grad_norm=1e-3)
+    finetune(net, _loader(8), {"max_steps": 1, "lr": 1.0, "lr_batch": 8, "momentum": 0.0,
+                               "weight_decay": 0.0, "device": "cpu", "amp": "off",
+                               "clip_grad_norm": 1e-3}, run=QUIET)
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
     assert moved.norm() <= 1e-3 * 1.0001
 

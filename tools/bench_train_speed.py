@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import compresscnn as cc
-from compresscnn import cpu_bf16_native, finetune
+from compresscnn import TrainRun, cpu_bf16_native, finetune
 
 MODELS = ["resnet20", "resnet20_cp", "resnet20_tucker2", "resnet20_spatial", "alexnet",
           "squeezenet1_0", "squeezenet1_1"]
@@ -92,9 +92,10 @@ def step_rates(model: torch.nn.Module, cfg: tuple[str, str, bool], batch: int, s
                          torch.randint(0, 10, (batch * steps,), generator=g))
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log.csv"
-        finetune(model, DataLoader(data, batch_size=batch), max_steps=steps, distill=None,
-                    device="cpu", amp=amp, memory_format=fmt, compile=compiled,
-                    log_every=1, log_path=log, progress=False)
+        finetune(model, DataLoader(data, batch_size=batch),
+                 {"max_steps": steps, "device": "cpu", "amp": amp, "memory_format": fmt,
+                  "compile": compiled, "log_every": 1},
+                 run=TrainRun(log_path=log, progress=False))
         with log.open() as f:
             rows = list(csv.DictReader(f))
     return [float(r["images_per_s"]) for r in rows[2:]]

@@ -28,7 +28,8 @@ from compresscnn.util.modules import (eval_mode, get_module, hooks, input_tensor
 from compresscnn.core.ranks import Skip, tail_error
 from compresscnn.fit.config import CalibrationDistill
 from compresscnn.fit.response import Tail, fit_layer
-from compresscnn.util.common import lr_factor, resolve_amp
+from compresscnn.train.engine import Engine, KeepBest, build_optimizer, lr_schedule
+from compresscnn.util.common import resolve_amp
 from compresscnn.util.progress import track
 from compresscnn.util.training import BestWeights, crop_batch, mix_batch, random_flip
 
@@ -426,7 +427,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     run = _Distillation(original, compressed, cfg, batches, layers)
     before = _logits_gap(compressed, run.batches, run.teacher, cfg.temperature)
     if run.held:
-        run.score_pass(0)
+        run.keep.on_epoch_end(0, compressed)  # pass 0: the layer-wise fit alone
     steps = run.train(torch.Generator().manual_seed(int(seed)))
     held_stats: dict[str, Any] = {"holdout": len(run.held)}
     if run.held:
@@ -477,17 +478,18 @@ class _Distillation:
             self.mirrored = ([original(x.flip(-1)).float() for x in self.batches]
                              if cfg.flip and not self.live else None)
             self.held_teacher = [original(x).float() for x in self.held]
-        self.best = BestWeights(better=lambda new, old: new < old)
+        self.keep = KeepBest(self.held_loss, BestWeights(better=lambda new, old: new < old))
+        self.best = self.keep.best
         self.agreement: list[float] = []
         self.target: dict[str, torch.Tensor] = {}  # this step's layer outputs, original
         self.got: dict[str, torch.Tensor] = {}     # and compressed
 
-    def score_pass(self, k: int) -> None:
-        """The KL on the held-out batches after pass ``k``; its weights kept if lowest."""
-        loss, agree = _logits_gap(self.compressed, self.held, self.held_teacher,
-                                  self.cfg.temperature)
+    def held_loss(self, model: nn.Module) -> float:
+        """The KL on the held-out batches (:class:`~compresscnn.train.engine.KeepBest`'s
+        score, lower is better); the agreement is recorded beside it."""
+        loss, agree = _logits_gap(model, self.held, self.held_teacher, self.cfg.temperature)
         self.agreement.append(agree)
-        self.best.update(k, loss, self.compressed)
+        return loss
 
     def inputs(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``i`` as this step sees it (flipped, cropped, mixed) and its targets."""
@@ -503,34 +505,39 @@ class _Distillation:
             x, t = x.flip(-1), self.mirrored[i]
         return x, t
 
+    def loss(self, i: int, gen: torch.Generator) -> torch.Tensor:
+        """The loss of one step on batch ``i`` (its forward pass under the engine's
+        autocast)."""
+        x, t = self.inputs(i, gen)
+        with self.engine.autocast():
+            out = self.compressed(x)
+        loss = kd_divergence(out, t, self.cfg.temperature)
+        if self.names:
+            loss = loss + self.cfg.features * _feature_gap(self.got, self.target)
+        return loss
+
     def train(self, gen: torch.Generator) -> int:
-        """Every pass; the number of optimizer steps taken."""
+        """Every pass (held-out batches scored after each); the optimizer steps taken."""
         cfg, compressed, original = self.cfg, self.compressed, self.original
-        opt = torch.optim.Adam([p for p in compressed.parameters() if p.requires_grad],
-                               lr=cfg.lr)
         steps = cfg.epochs * len(self.batches)
-        warm = int(round(cfg.warmup * steps))
-        step = 0
+        opt = build_optimizer(compressed, "adam", lr=cfg.lr)
+        device = self.batches[0].device.type
+        self.engine = Engine(compressed, opt,
+                             lr_schedule(opt, steps, warmup_steps=int(round(cfg.warmup * steps))),
+                             amp=(device, torch.bfloat16 if self.amp and device == "cpu" else None),
+                             callbacks=[self.keep] if self.held else ())
+
+        def step(i: int) -> bool:
+            self.engine.update(self.loss(i, gen))
+            return False
+
         with eval_mode(compressed, original), \
                 hooks([(n, get_module(original, n)) for n in self.names],
                       _keep_output(self.target)), \
                 hooks([(n, get_module(compressed, n)) for n in self.names],
                       _keep_output(self.got)):
             for k in track(range(cfg.epochs), "distill epoch"):
-                for i in torch.randperm(len(self.batches), generator=gen).tolist():
-                    x, t = self.inputs(i, gen)
-                    for g in opt.param_groups:
-                        g["lr"] = cfg.lr * lr_factor(step, steps, warmup_steps=warm)
-                    with torch.autocast("cpu", torch.bfloat16,
-                                        enabled=self.amp and x.device.type == "cpu"):
-                        out = compressed(x)
-                    loss = kd_divergence(out, t, cfg.temperature)
-                    if self.names:
-                        loss = loss + cfg.features * _feature_gap(self.got, self.target)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                if self.held:
-                    self.score_pass(k + 1)
-        return step
+                self.engine.run_epoch(torch.randperm(len(self.batches), generator=gen).tolist(),
+                                      step)
+                self.engine.end_epoch(k + 1)
+        return self.engine.step

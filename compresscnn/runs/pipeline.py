@@ -68,8 +68,9 @@ from compresscnn.measure.evaluation import measure_latencies
 from compresscnn.io.export import OnnxModule, export_onnx, quantize_onnx
 from compresscnn.measure.inspection import fit_report, fit_text
 from compresscnn.measure.latency import LatencyConfig, layer_latency_table
-from compresscnn.train.scratch import (FrobeniusDecay, SemiOrthogonal, StableRankMonitor,
-                                       SwitchPoint, factorize, factorized_layers, planned_layers)
+from compresscnn.train.config import Finetune, Train, TrainConfig
+from compresscnn.train.cuttlefish import StableRankMonitor, SwitchPoint, planned_layers
+from compresscnn.train.scratch import FrobeniusDecay, SemiOrthogonal, factorize
 from compresscnn.io.models import load_architecture, load_model, replace_head
 from compresscnn.io.models.checkpoints import load_weights
 from compresscnn.util.progress import emit, timed, result
@@ -79,7 +80,7 @@ from compresscnn.core.rules import CompressConfig
 from compresscnn.core.surgery import Plan, apply, compress, plan, plan_compression
 from compresscnn.fit.config import Calibration, FitConfig
 from compresscnn.measure.timing import FILE_RUNTIMES, check_runtime
-from compresscnn.train.loop import finetune
+from compresscnn.train.loop import TrainRun, finetune
 from compresscnn.util.common import atomic_path, get_rank, get_world_size, seed_everything
 
 
@@ -371,25 +372,25 @@ def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
     ``train_log.csv``. A resumed run that had switched does not train the dense phase again.
     Returns ``(model, plan, the factorized phase's stats, the report's switch entry)``."""
 
-    tr, sw = recipe["train"], recipe["train"]["switch"]
+    tr = _train_config(recipe, "train")
+    sw = tr.switch
     ckpts = staging / "checkpoints"
     monitor = StableRankMonitor(student, planned_layers(student, recipe["rules"], input_size),
-                                tol=sw["tol"], window=sw["window"],
-                                min_fraction=sw["min_fraction"])
-    point = SwitchPoint(monitor, sw["max_epochs"] or tr["epochs"] - 1, ckpts / "switch.json",
+                                tol=sw.tol, window=sw.window, min_fraction=sw.min_fraction)
+    point = SwitchPoint(monitor, sw.max_epochs or tr.epochs - 1, ckpts / "switch.json",
                         write=_rank() == 0)
-    kw = dict(pcfg=pcfg, progress=progress, distributed=distributed, input_size=input_size)
-    dense = _train_stage({**recipe, "train": {**tr, "keep": "last"}}, "train", student, None,
-                         None, loader, staging=staging, resume=resume, extra=[point],
-                         log=staging / "train_log_dense.csv", **kw)
+    kw = dict(pcfg=pcfg, progress=progress, distributed=distributed)
+    dense = _train_stage(recipe, "train", student, None, None, loader, staging=staging,
+                         resume=resume, extra=[point], log=staging / "train_log_dense.csv",
+                         config=tr.model_copy(update={"keep": "last"}), **kw)
     if point.epoch is None:
         raise RuntimeError("the dense phase ended without reaching its switch epoch")
     model, p = monitor.switch(student.cpu().eval(), recipe["rules"], input_size)
     point.start_factorized()
     fdir = ckpts / "factorized"
-    stats = _train_stage({**recipe, "train": {**tr, "epochs": tr["epochs"] - point.epoch}},
-                         "train", model, None, p, loader, staging=staging, ckpt=fdir,
-                         resume=resume and (fdir / "last.pt").is_file(), extra=[point], **kw)
+    stats = _train_stage(recipe, "train", model, None, p, loader, staging=staging, ckpt=fdir,
+                         resume=resume and (fdir / "last.pt").is_file(), extra=[point],
+                         config=tr.model_copy(update={"epochs": tr.epochs - point.epoch}), **kw)
     rep = point.report()
     rep["dense"] = {k: dense[k] for k in ("steps", "seconds", "images_per_s",
                                           "resumed_from_step")}
@@ -415,16 +416,16 @@ def _dense_summary(recipe: dict[str, Any], model: nn.Module,
             f"factorized at their stable ranks: {', '.join(names)}")
 
 
-def _train_callbacks(tr: dict[str, Any], model: nn.Module, p: Plan | None) -> list[Any]:
+def _train_callbacks(tr: Train, model: nn.Module, p: Plan | None) -> list[Any]:
     """Semi-orthogonal steps and Frobenius decay of factorized layers (``train`` jobs)."""
-    if p is None or not (tr.get("semi_orthogonal") or tr.get("frobenius_decay")):
+    if p is None or not (tr.semi_orthogonal or tr.frobenius_decay):
         return []
     names = [r.name for r in p.replacements if r.applied]
     out: list[Any] = []
-    if tr.get("semi_orthogonal"):
-        out.append(SemiOrthogonal(model, names, every=int(tr["semi_orthogonal"])))
-    if tr.get("frobenius_decay"):
-        out.append(FrobeniusDecay(model, names, float(tr["frobenius_decay"])))
+    if tr.semi_orthogonal:
+        out.append(SemiOrthogonal(model, names, every=int(tr.semi_orthogonal)))
+    if tr.frobenius_decay:
+        out.append(FrobeniusDecay(model, names, float(tr.frobenius_decay)))
     return out
 
 
@@ -450,42 +451,34 @@ def _split_holdout(recipe: dict[str, Any], pcfg: dict[str, Any], loader: Any, n:
     return train, held
 
 
+def _train_config(recipe: dict[str, Any], section: str) -> TrainConfig:
+    """The recipe's ``finetune`` or ``train`` section as the typed config the loop reads."""
+    return (Finetune if section == "finetune" else Train).model_validate(recipe[section])
+
+
 def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
                  teacher: nn.Module | None, p: Plan | None, loader: Any, pcfg: dict[str, Any],
                  staging: Path, *, resume: bool, progress: bool, distributed: bool,
-                 input_size: tuple[int, ...], extra: Sequence[Any] = (),
-                 ckpt: Path | None = None, log: Path | None = None) -> dict[str, Any]:
+                 extra: Sequence[Any] = (), ckpt: Path | None = None, log: Path | None = None,
+                 config: TrainConfig | None = None) -> dict[str, Any]:
     """Fine-tune (``section="finetune"``, distilled from ``teacher``) or train from scratch
-    (``"train"``) with the recipe's section; the learning rate is scaled linearly from
-    ``lr_batch`` to the global batch. ``extra``: more training-loop callbacks; ``ckpt`` /
-    ``log``: the checkpoint folder and CSV log (default ``checkpoints/``, ``train_log.csv``
-    in ``staging``)."""
-    ft = recipe[section]
+    (``"train"``) with the recipe's section (or ``config``, one derived from it);
+    :func:`finetune` scales the rate from ``lr_batch`` to the global batch. ``extra``: more
+    training-loop callbacks; ``ckpt`` / ``log``: the checkpoint folder and CSV log (default
+    ``checkpoints/``, ``train_log.csv`` in ``staging``)."""
+    cfg = config if config is not None else _train_config(recipe, section)
     evaluator = None
-    if ft["holdout"]:
-        loader, held = _split_holdout(recipe, pcfg, loader, ft["holdout"], distributed)
+    if cfg.holdout:
+        loader, held = _split_holdout(recipe, pcfg, loader, cfg.holdout, distributed)
         evaluator = lambda m: evaluation.evaluate(m, held, progress=False)["top1"]  # noqa: E731
-    distill = ft.get("distill") if teacher is not None else None
-    global_batch = int(loader.batch_size) * get_world_size()
-    stats = finetune(
-        student, loader, teacher=teacher if distill and distill["enabled"] else None,
-        epochs=ft["epochs"], max_steps=ft.get("max_steps"), optimizer=ft["optimizer"],
-        lr=ft["lr"] * global_batch / ft["lr_batch"], momentum=ft["momentum"],
-        weight_decay=ft["weight_decay"], schedule=ft["schedule"],
-        warmup_steps=ft["warmup_steps"], distill=distill, device=ft["device"], amp=ft["amp"],
-        memory_format=ft["memory_format"], compile=ft["compile"],
-        label_smoothing=ft["label_smoothing"], clip_grad_norm=ft["clip_grad_norm"],
-        mixup=ft["mixup"], cutout=ft["cutout"],
-        callbacks=[*(_train_callbacks(ft, student, p) if section == "train" else ()), *extra],
-        evaluator=evaluator, keep=ft["keep"], checkpoint_dir=ckpt or staging / "checkpoints",
-        checkpoint_every=ft.get("checkpoint_every"), resume=resume, log_every=ft["log_every"],
-        log_path=log or staging / "train_log.csv", seed=int(recipe.get("seed", 0)),
-        progress=progress, section=section,
-        lr_scale={name: ft["factor_lr"] for name in factorized_layers(student)})
+    callbacks = [*(_train_callbacks(cfg, student, p) if section == "train" else ()), *extra]
+    stats = finetune(student, loader, cfg, teacher=teacher, evaluator=evaluator,
+                     callbacks=callbacks, checkpoint_dir=ckpt or staging / "checkpoints",
+                     run=TrainRun(resume=resume, seed=int(recipe.get("seed", 0)),
+                                  log_path=log or staging / "train_log.csv", progress=progress,
+                                  section=section))
     stats["world_size"] = get_world_size()
-    stats["factor_lr"] = ft["factor_lr"]
-    stats["lr"] = ft["lr"] * global_batch / ft["lr_batch"]
-    stats["holdout"] = ft["holdout"]
+    stats["holdout"] = cfg.holdout
     return stats
 
 
@@ -821,15 +814,15 @@ def _training(ctx: _RunContext) -> dict[str, Any]:
     """The training loop of the recipe's ``finetune`` or ``train`` section (with
     ``train.switch``: dense, then factorized); returns its statistics."""
     ft, section, report = ctx.ft, ctx.section, ctx.report
-    kw = dict(resume=ctx.resume, progress=not ctx.quiet, distributed=ctx.distributed,
-              input_size=ctx.input_size)
+    kw = dict(resume=ctx.resume, progress=not ctx.quiet, distributed=ctx.distributed)
     with timed(ctx.timings, section, f"{ft.get('max_steps') or ft['epochs']} "
                f"{'steps' if ft.get('max_steps') else 'epochs'}"
                + (f" on {get_world_size()} processes" if ctx.distributed else "")
                + (" (resuming)" if ctx.resume else ""), quiet=ctx.quiet):
         if ctx.train_cfg is not None and ctx.train_cfg.get("switch"):
             ctx.compressed, ctx.plan, ft_stats, report["switch"] = _switch_train(
-                ctx.recipe, ctx.compressed, ctx.train_loader, ctx.pcfg, ctx.staging, **kw)
+                ctx.recipe, ctx.compressed, ctx.train_loader, ctx.pcfg, ctx.staging,
+                input_size=ctx.input_size, **kw)
             ctx.comp_count = count(ctx.compressed, ctx.input_size)
             report["compressed"] = {**ctx.comp_count, "top1": None, "top5": None}
             report["warnings"] = report["warnings"] + report["switch"].pop("warnings")

@@ -2,12 +2,13 @@
 (random resized crop, flip, cutout, mixup and cutmix) and the weights of the best-scoring
 epoch.
 
-Two loops train: :func:`compresscnn.train.loop.finetune` (fine-tuning, training from
-scratch, the Cuttlefish switch; labelled batches, torch's global RNG so that a resumed run
-draws the same numbers) and :func:`compresscnn.fit.calibration.distill_outputs` (label-free
-distillation on the calibration batches; its own seeded ``torch.Generator``). Each draws its
-random numbers in its own order, so each keeps the results it had; the arithmetic of every
-augmentation is written here once. Imports torch only.
+Both callers of the training engine (:mod:`compresscnn.train.engine`) use them:
+:func:`compresscnn.train.loop.finetune` (fine-tuning, training from scratch, the Cuttlefish
+switch; labelled batches, torch's global RNG so that a resumed run draws the same numbers)
+and :func:`compresscnn.fit.calibration.distill_outputs` (label-free distillation on the
+calibration batches; its own seeded ``torch.Generator``). Each draws its random numbers in
+its own order, so each keeps the results it had; the arithmetic of every augmentation is
+written here once. Imports torch only.
 """
 
 from __future__ import annotations
