@@ -30,6 +30,8 @@ _EXPORTS = {
     "factorized_layers": "compresscnn.train.scratch",
     "verify_onnx": "compresscnn.io.export",
     "cpu_bf16_native": "compresscnn.util.common",
+    "LatencyConfig": "compresscnn.measure.latency_config",
+    "time_modules": "compresscnn.measure.latency",
     "compress": "compresscnn.core.surgery",
     "plan": "compresscnn.core.planning",
     "apply": "compresscnn.core.applying",

@@ -211,7 +211,10 @@ def test_torch_bf16_runtime_times_a_channels_last_copy_and_leaves_the_module():
 
 
 def test_ort_optimized_ops_counts_the_convs_outside_the_blocked_layout():
-    from compresscnn.measure.timing import onnx_bytes, ort_optimized_ops
+    from _tools import load_tool
+
+    tool = load_tool("bench_latency")
+    onnx_bytes, ort_optimized_ops = tool.onnx_bytes, tool.ort_optimized_ops
 
     class Bottleneck(nn.Module):  # a Tucker-2 chain with a residual, as in ResNet
         def __init__(self, mid):

@@ -33,25 +33,19 @@ rules, target and latency section; random weights) and times it at the recipe's 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
-import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compresscnn.measure.counting import count  # noqa: E402
-from compresscnn.measure.latency import LatencyConfig, time_modules  # noqa: E402
-from compresscnn.util.modules import example_input  # noqa: E402
-from compresscnn.io.models import load_model  # noqa: E402
-from compresscnn.recipe.schema import load_recipe  # noqa: E402
-from compresscnn.core.surgery import compress  # noqa: E402
-from compresscnn.measure.timing import onnx_bytes, ort_optimized_ops  # noqa: E402
+from compresscnn import LatencyConfig, compress, count, load_model, load_recipe, time_modules
 
 RULES = {
     "resnet18": [{"match": "layer*.conv*", "method": "tucker2"}],
@@ -62,7 +56,7 @@ RULES = {
 
 def _unblocked_convs(ops: dict[str, int]) -> int:
     """Convs that onnxruntime's optimiser left outside its blocked NCHWc layout (plain
-    ``Conv``/``FusedConv``; see ``compresscnn.measure.timing.ort_optimized_ops``)."""
+    ``Conv``/``FusedConv``; see :func:`ort_optimized_ops`)."""
     return ops.get("Conv", 0) + ops.get("com.microsoft.FusedConv", 0)
 
 
@@ -73,6 +67,47 @@ def _plan_info(p, base: dict, compressed: dict, plan_seconds: float) -> dict:
             "params_ratio": base["params"] / compressed["params"],
             "layers_decomposed": len(p.ranks()), "layers_matched": len(p.replacements),
             "ranks": p.ranks(), "latency_plan": p.latency}
+
+
+def example_input(input_size, batch: int, seed: int = 0) -> torch.Tensor:
+    """The standard-normal input every latency figure of the toolkit feeds (seed 0)."""
+    return torch.randn((int(batch), *[int(s) for s in input_size]),
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def onnx_bytes(module: torch.nn.Module, x: torch.Tensor) -> bytes:
+    """A static-shape ONNX graph of ``module`` on ``x`` (TorchScript exporter), in memory."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), buf, opset_version=18, dynamo=False)
+    return buf.getvalue()
+
+
+def ort_optimized_ops(model: bytes, threads: int = 1) -> dict[str, int]:
+    """How many nodes of each op type the graph ``model`` (serialized ONNX) has after
+    onnxruntime's CPU optimisations (all graph optimisations, as the toolkit times with),
+    keyed ``domain.op_type`` outside the default domain: ``com.microsoft.nchwc.Conv`` counts
+    the convs that run in the blocked NCHWc layout, a plain ``Conv`` or
+    ``com.microsoft.FusedConv`` one that does not (on onnxruntime 1.32: one whose input
+    channels are not a multiple of 4, e.g. an unrounded rank),
+    ``com.microsoft.nchwc.ReorderInput``/``ReorderOutput`` the layout conversions."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as d:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _ort_ops(models: list, x: torch.Tensor, runtime: str, threads: int) -> list:

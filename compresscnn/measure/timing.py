@@ -37,7 +37,7 @@ from compresscnn.errors import CompressError
 
 __all__ = ["RUNTIMES", "FILE_RUNTIMES", "check_runtime", "ort_session_options", "ort_runner",
            "openvino_runner", "torch_runner", "torch_bf16_runner", "onnx_bytes",
-           "ort_optimized_ops", "module_runner", "file_runner", "time_interleaved", "median_ms",
+           "module_runner", "file_runner", "time_interleaved", "median_ms",
            "summarize"]
 
 RUNTIMES = ("onnxruntime", "openvino", "torch", "torch_bf16")
@@ -137,29 +137,6 @@ def torch_bf16_runner(module: nn.Module, x: torch.Tensor) -> Runner:
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
             return m(xc)
     return run
-
-
-def ort_optimized_ops(model: bytes, threads: int = 1) -> dict[str, int]:
-    """How many nodes of each op type the graph ``model`` (serialized ONNX) has after
-    onnxruntime's CPU optimisations (:func:`ort_session_options`), keyed ``domain.op_type``
-    outside the default domain: ``com.microsoft.nchwc.Conv`` counts the convs that run in
-    the blocked NCHWc layout, a plain ``Conv`` or ``com.microsoft.FusedConv`` one that does
-    not (on onnxruntime 1.32: one whose input channels are not a multiple of 4, e.g. an
-    unrounded rank), ``com.microsoft.nchwc.ReorderInput``/``ReorderOutput`` the layout
-    conversions between them."""
-    import onnx  # heavy: loaded only when asked
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="compresscnn-opt-") as d:
-        so = ort_session_options(threads)
-        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
-        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        graph = onnx.load(so.optimized_model_filepath).graph
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
