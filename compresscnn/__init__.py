@@ -49,7 +49,7 @@ _EXPORTS = {
     "Target": "compresscnn.core.rules",
     "MethodOptions": "compresscnn.config",
     "run": "compresscnn.runs.pipeline",
-    "load_compressed": "compresscnn.runs.pipeline",
+    "load_compressed": "compresscnn.runs.loading",
     "evaluate": "compresscnn.measure.evaluation",
     "finetune": "compresscnn.train.loop",
     "TrainRun": "compresscnn.train.loop",

@@ -266,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(r, top=False)
     r.set_defaults(func=_cmd_run)
 
+    _sweep_parser(sub)
+    _inspect_parser(sub)
+    _compare_parser(sub)
+    return ap
+
+
+def _sweep_parser(sub: Any) -> None:
     w = sub.add_parser("sweep", help="run the jobs of a sweep file (recipes/sweeps/*.yaml), "
                                      "each a recipe with overrides; a stopped sweep resumes")
     w.add_argument("sweep", type=Path)
@@ -280,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(w, top=False)
     w.set_defaults(func=_cmd_sweep)
 
+
+
+def _inspect_parser(sub: Any) -> None:
     i = sub.add_parser("inspect", help="per-layer table, what fits the model and a "
                                        "recommended rule set, to help write a recipe")
     i.add_argument("model", help="model spec, e.g. torchvision:resnet18 or cifar:resnet20")
@@ -290,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(i, top=False)
     i.set_defaults(func=_cmd_inspect)
 
+
+
+def _compare_parser(sub: Any) -> None:
     c = sub.add_parser("compare", help="one table + plot: size, MACs, ONNX/int8 size, latency, accuracy")
     c.add_argument("models", nargs="*", metavar="MODEL", help="model specs or run directories")
     c.add_argument("--recipe", type=Path, help="a compare recipe (recipes/squeezenet_vs_alexnet_*.yaml)")
@@ -312,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtimes to time in (default: torch onnxruntime; openvino needs the runtimes extra)")
     _verbosity(c, top=False)
     c.set_defaults(func=_cmd_compare)
-    return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from compresscnn.io.models import load_model
-    from compresscnn.runs.pipeline import exact_rules
+    from compresscnn.runs.loading import exact_rules
     from compresscnn.recipe.schema import dump_resolved, validate
     from compresscnn.core.surgery import compress
 
@@ -173,7 +173,7 @@ def test_a_run_brings_its_int8_file_and_accuracy(tmp_path: Path, run_dir: Path) 
     import torch
 
     from compresscnn.io.export import export_onnx, quantize_onnx
-    from compresscnn.runs.pipeline import load_compressed
+    from compresscnn.runs.loading import load_compressed
 
     run = tmp_path / "tiny_alex_int8"
     shutil.copytree(run_dir, run)

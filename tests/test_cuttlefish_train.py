@@ -16,7 +16,7 @@ from compresscnn.train import loop as ft_mod
 from compresscnn.cli import main
 from compresscnn.io.data import CIFAR10_CLASSES
 from compresscnn.errors import CheckpointError
-from compresscnn.runs.pipeline import load_compressed
+from compresscnn.runs.loading import load_compressed
 
 from test_data import make_cifar_zip
 

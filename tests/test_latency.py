@@ -168,7 +168,7 @@ def test_recipe_run_with_a_latency_target(tmp_path, capsys):
     import json
 
     from compresscnn.cli import main
-    from compresscnn.runs.pipeline import load_compressed
+    from compresscnn.runs.loading import load_compressed
 
     recipe = tmp_path / "lat.yaml"
     recipe.write_text(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from compresscnn.cli import main
-from compresscnn.runs.pipeline import load_compressed
+from compresscnn.runs.loading import load_compressed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_factor_lr_scales_the_factors_of_the_decomposed_layers(resnet20_recipe, 
                                                               tmp_path, monkeypatch):
     """`finetune.factor_lr`: every factor chain the decomposers built gets lr x factor_lr,
     the rest of the model lr; the report records the multiplier."""
-    import compresscnn.runs.pipeline as pipeline
+    import compresscnn.runs.run_training as pipeline
     from compresscnn.train.engine import factor_lr_scale, factorized_layers
 
     seen = {}

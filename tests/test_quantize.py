@@ -195,7 +195,7 @@ def test_int8_deployments_plan_on_int8_timings(runtime):
     """A model that will ship as a static int8 file has its candidates timed as int8 files:
     the timed graphs hold QuantizeLinear/DequantizeLinear pairs."""
     from compresscnn.measure.latency import LatencyConfig, time_modules
-    from compresscnn.runs.pipeline import _latency_cfg
+    from compresscnn.runs.run_inputs import _latency_cfg
     from compresscnn.measure.timing import int8_bytes, onnx_bytes
 
     x = torch.randn(1, 3, 16, 16)

@@ -153,7 +153,7 @@ def test_imagenet_head_on_cifar_needs_num_classes(tmp_path: Path, capsys) -> Non
                  "--set", "finetune.distill.enabled=false"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert "head (fc) was replaced" in rep["warnings"][0]
-    from compresscnn.runs.pipeline import load_compressed
+    from compresscnn.runs.loading import load_compressed
 
     assert load_compressed(out)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 

@@ -193,7 +193,7 @@ def test_train_job_end_to_end(shared_data, tmp_path, capsys):
 def test_factorized_train_job_reloads(shared_data, tmp_path):
     """A train job with rules trains the factorized structure (semi-orthogonal steps on),
     and its run directory rebuilds through load_compressed."""
-    from compresscnn.runs.pipeline import load_compressed
+    from compresscnn.runs.loading import load_compressed
 
     recipe = tmp_path / "t.yaml"
     recipe.write_text(

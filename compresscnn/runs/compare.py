@@ -26,7 +26,7 @@ An entry is one of
 
 * a model spec string (``torchvision:alexnet``, ``cifar:squeezenet1_0?sr=0.25``);
 * a run directory of ``compresscnn run`` (``report.json``, ``recipe.yaml``,
-  ``model.safetensors``; rebuilt by :func:`compresscnn.runs.pipeline.load_compressed`);
+  ``model.safetensors``; rebuilt by :func:`compresscnn.runs.loading.load_compressed`);
 * a dict ``{model: SPEC, weights, label, data, input_size}``, ``{run: DIR, label}`` or
   ``{recipe: FILE, weights, label}``: a compression recipe; if its output directory holds a
   finished run that run is used, else the recipe's rules are applied here to the model
@@ -59,7 +59,7 @@ from compresscnn.errors import CompressError
 from compresscnn.measure.evaluation import evaluate, measure_latency, measure_latencies
 from compresscnn.io.export import export_onnx, quantize_onnx_dynamic
 from compresscnn.io.models import load_model, replace_head
-from compresscnn.runs.pipeline import load_compressed
+from compresscnn.runs.loading import load_compressed
 from compresscnn.util.progress import timed, doing
 from compresscnn.recipe.schema import load_recipe
 from compresscnn.core.surgery import compress

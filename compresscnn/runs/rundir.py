@@ -105,7 +105,7 @@ def check_file(folder: str | os.PathLike, name: str, manifest: Mapping[str, Any]
                ) -> bool | None:
     """Check ``folder/name`` against the sha256 the manifest records for it. True: it
     matches; None: nothing recorded for it; False: it differs (the caller decides whether
-    that is an error: :func:`compresscnn.runs.pipeline.load_compressed` tells a recipe edited
+    that is an error: :func:`compresscnn.runs.loading.load_compressed` tells a recipe edited
     only in comments from one whose content changed)."""
     rec = ((manifest or {}).get("files") or {}).get(name)
     if not isinstance(rec, Mapping) or not isinstance(rec.get("sha256"), str):
