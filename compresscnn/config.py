@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
+                      ValidationError, ValidationInfo, model_validator)
 from pydantic_core import PydanticCustomError
 
 from compresscnn.errors import CompressError, RecipeError
@@ -535,6 +536,20 @@ class Closed(BaseModel):
         hint = (" (to turn it off, set its 'enabled: false')"
                 if v is None and "enabled" in cls.model_fields else "")
         return f"expected a mapping with keys {keys}, got {show(v)}{hint}"
+
+    @classmethod
+    def coerce(cls, value: Any, who: str, kind: type[CompressError] = RecipeError) -> Any:
+        """``value`` as an instance: itself when it is one, else a mapping of the keys (None:
+        every default) validated, a problem a one-line ``kind`` error naming ``who`` and the
+        key. What the Python entry points call on the config they are given."""
+        if isinstance(value, cls):
+            return value
+        where = Where(who, kind=kind)
+        try:
+            return cls.model_validate({} if value is None else dict(value),
+                                      context={"where": where})
+        except ValidationError as e:
+            raise where.error(e) from None
 
     @classmethod
     def check_mapping(cls, v: dict, info: ValidationInfo) -> dict:

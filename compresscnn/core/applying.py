@@ -11,10 +11,8 @@ from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from compresscnn.config import Where
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.core.decomposers.base import check_weights
 from compresscnn.core.plans import Plan
@@ -121,13 +119,7 @@ def refine(original: nn.Module, compressed: nn.Module, plan_: Plan,
 
 
 def _fit_config(config: Any) -> FitConfig:
-    if isinstance(config, FitConfig):
-        return config
-    try:
-        return FitConfig.model_validate({} if config is None else config,
-                                        context={"where": Where("refine()")})
-    except ValidationError as e:
-        raise Where("refine()").error(e) from None
+    return FitConfig.coerce(config, "refine()")
 
 
 def _reconstruct(original: nn.Module, compressed: nn.Module, plan_: Plan,

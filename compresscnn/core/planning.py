@@ -18,10 +18,8 @@ from functools import partial
 from typing import Any, Sequence
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from compresscnn.config import Where
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.core.decomposers.base import Decomposer, check_weights, layer_cost, parse_options
 from compresscnn.core.plans import Plan, Replacement
@@ -127,13 +125,7 @@ class Measured:
 
 def plan_config(config: Any) -> PlanConfig:
     """``config`` (a :class:`PlanConfig`, a mapping of its keys or None) as a :class:`PlanConfig`."""
-    if isinstance(config, PlanConfig):
-        return config
-    try:
-        return PlanConfig.model_validate({} if config is None else config,
-                                         context={"where": Where("plan()")})
-    except ValidationError as e:
-        raise Where("plan()").error(e) from None
+    return PlanConfig.coerce(config, "plan()")
 
 
 def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence[int],

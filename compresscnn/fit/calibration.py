@@ -421,8 +421,7 @@ def distill_outputs(original: nn.Module, compressed: nn.Module, batches: list[to
     distillation). Returns the loss and agreement on the batches before and after (the
     training batches; with a holdout also on the held-out ones, per pass), the pass kept,
     the steps and the seconds."""
-    cfg = config if isinstance(config, CalibrationDistill) else \
-        CalibrationDistill.model_validate({} if config is None else config)
+    cfg = CalibrationDistill.coerce(config, "distill_outputs()")
     t0 = time.perf_counter()
     run = _Distillation(original, compressed, cfg, batches, layers)
     before = _logits_gap(compressed, run.batches, run.teacher, cfg.temperature)

@@ -49,9 +49,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from pydantic import ValidationError
 
-from compresscnn.config import Bool, Closed, Enum, Int, ListOf, Nullable, Str, Where, doc
+from compresscnn.config import Bool, Closed, Enum, Int, ListOf, Nullable, Str, doc
 from compresscnn.measure.counting import count
 from compresscnn.measure.inspection import fit_report
 from compresscnn.io.data import check_classes, make_loaders
@@ -505,12 +504,7 @@ class CompareSettings(Closed):
     def of(cls, settings: "CompareSettings | Mapping[str, Any] | None") -> "CompareSettings":
         """``settings`` as a validated object (a dict is validated; a problem is a one-line
         :class:`CompareError` naming the key)."""
-        if isinstance(settings, cls):
-            return settings
-        try:
-            return cls.model_validate(dict(settings or {}))
-        except ValidationError as exc:
-            raise Where(source="compare", kind=CompareError).error(exc) from None
+        return cls.coerce(settings, "compare", CompareError)
 
 
 def compare(entries: Sequence[Any], settings: CompareSettings | Mapping[str, Any] | None = None,

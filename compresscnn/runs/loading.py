@@ -21,8 +21,8 @@ from compresscnn.io.models.checkpoints import load_weights
 from compresscnn.recipe.schema import load_recipe
 from compresscnn.runs.rundir import MARKER, check_file, read_manifest
 from compresscnn.core.surgery import Plan, apply, plan
-from compresscnn.runs.run_training import (_check_switch)
-from compresscnn.runs.run_inputs import (_input_size)
+from compresscnn.runs.run_training import _check_switch
+from compresscnn.runs.run_inputs import _input_size
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ from compresscnn.io import data as data_mod
 from compresscnn.measure import evaluation
 from compresscnn.runs import report as report_mod
 from compresscnn.measure.counting import count
-from compresscnn.errors import (DataError, MethodError, ModelError, RankError, RecipeError, StreamError)
+from compresscnn.errors import (DataError, MethodError, ModelError, RankError, RecipeError,
+                                StreamError)
 from compresscnn.io.export import OnnxModule, export_onnx, quantize_onnx
 from compresscnn.measure.inspection import fit_report, fit_text
 from compresscnn.io.models import load_model
@@ -65,9 +66,13 @@ from compresscnn.runs.rundir import RunDir
 from compresscnn.core.surgery import Plan, compress, plan_compression
 from compresscnn.measure.timing import check_runtime
 from compresscnn.util.common import atomic_path, get_world_size, seed_everything
-from compresscnn.runs.run_inputs import (_barrier, _calibration, _check_data, _compress_config, _data_cfg, _data_report, _input_size, _latency_planned, _log, _measure_latency, _measures_to_plan, _rank, _replace_head, _shard_eval_loader)
+from compresscnn.runs.run_inputs import (_barrier, _calibration, _check_data, _compress_config,
+                                         _data_cfg, _data_report, _input_size, _latency_planned,
+                                         _log, _measure_latency, _measures_to_plan, _rank,
+                                         _replace_head, _shard_eval_loader)
 from compresscnn.runs.loading import (_build_untrained, exact_rules, recipe_digest)
-from compresscnn.runs.run_training import (_dense_summary, _switch_train, _train_stage, _training_warnings, _write_tensorboard)
+from compresscnn.runs.run_training import (_dense_summary, _switch_train, _train_stage,
+                                           _training_warnings, _write_tensorboard)
 
 
 log = logging.getLogger(__name__)

@@ -212,7 +212,7 @@ def finetune(
 def _train_config(config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
     if isinstance(config, TrainConfig):
         return config
-    return Finetune.model_validate({} if config is None else dict(config))
+    return Finetune.coerce(config, "finetune()")
 
 
 @dataclass(frozen=True)
