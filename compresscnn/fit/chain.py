@@ -270,10 +270,6 @@ class _Moments:
                         (a.mT @ y).double(), y.double().square().sum(1),
                         y.double().sum(1), y.shape[1])
 
-    def ridged(self) -> _Moments:
-        """The same with ``RIDGE`` times the mean diagonal added to ``gram``."""
-        return _Moments(_ridge(self.gram), self.cross, self.yy, self.ys, self.n)
-
     def norm2(self, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """``||scale * y + shift||^2`` over all rows and channels."""
         out = scale.square() * self.yy
