@@ -69,7 +69,13 @@ class Decomposer:
 
     def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
              **options: Any) -> tuple[int, int]:
-        raise NotImplementedError
+        """(params, MACs) of the decomposition at ``rank`` for an input of ``in_hw``.
+        Default: those of the convs :meth:`chain_specs` chains."""
+        specs = self.chain_specs(layer, rank, **options)
+        if specs is None:
+            raise NotImplementedError
+        assert in_hw is not None, "a Conv2d needs its input size"
+        return chain_cost(specs, in_hw)
 
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -48,9 +48,7 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost,
-                                               parse_options, register_decomposer, split_axes,
-                                               work_weight, tail_errors)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, register_decomposer, split_axes, work_weight, tail_errors)
 from compresscnn.core.method_options import CPOptions
 
 
@@ -152,11 +150,6 @@ class CP(Decomposer):
 
     def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec]:
         return self._specs(layer, rank[0])
-
-    def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
-             **options: Any) -> tuple[int, int]:
-        assert in_hw is not None, "a Conv2d needs its input size"
-        return chain_cost(self._specs(layer, rank[0]), in_hw)
 
     @staticmethod
     def _tap_terms(w: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

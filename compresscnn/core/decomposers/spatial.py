@@ -34,9 +34,7 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost,
-                                               parse_options, fit_info, register_decomposer,
-                                               split_axes, work_weight, tail_errors)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, fit_info, register_decomposer, split_axes, work_weight, tail_errors)
 
 
 @register_decomposer("spatial")
@@ -71,11 +69,6 @@ class Spatial(Decomposer):
 
     def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec]:
         return self._specs(layer, rank[0])
-
-    def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
-             **options: Any) -> tuple[int, int]:
-        assert in_hw is not None, "a Conv2d needs its input size"
-        return chain_cost(self._specs(layer, rank[0]), in_hw)
 
     @staticmethod
     def _matrices(layer: nn.Conv2d) -> torch.Tensor:

@@ -35,8 +35,7 @@ from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
 from compresscnn.core.method_options import Tucker2Options
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, chain_cost, parse_options, fit_info,
-                   register_decomposer, work_weight)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, fit_info, register_decomposer, work_weight)
 
 
 @register_decomposer("tucker2")
@@ -76,11 +75,6 @@ class Tucker2(Decomposer):
 
     def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec]:
         return self._specs(layer, tuple(rank))
-
-    def cost(self, layer: nn.Module, rank: Rank, in_hw: tuple[int, int] | None,
-             **options: Any) -> tuple[int, int]:
-        assert in_hw is not None, "a Conv2d needs its input size"
-        return chain_cost(self._specs(layer, rank), in_hw)
 
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
         """[sigma of W_(1) (input mode), sigma of W_(0) (output mode)], each combined over
