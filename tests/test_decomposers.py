@@ -831,6 +831,7 @@ def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(mon
     conv = nn.Conv2d(24, 24, 3)
     dec = D.get_decomposer("cp")
     monkeypatch.setattr(CPM, "EXACT_BELOW", 0)
+    monkeypatch.setattr(CPM, "ANCHORS_FROM", 0)
     ranks = [(r,) for r in (120, 100, 80, 60, 40, 20)]
     ran = []
     real = CPM.num.cp_als
@@ -858,6 +859,11 @@ def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(mon
     assert CPM._anchors(list(range(11)), 4) == [0, 3, 7, 10]
     assert CPM._interpolate({10: 0.5, 20: 1.0}, 15) == pytest.approx(0.75)
     assert CPM._interpolate({10: 0.5, 20: math.inf}, 30) == 1.0
+    # below ANCHORS_FROM (the medium layers of the shipped recipes) every rank is estimated
+    monkeypatch.setattr(CPM, "ANCHORS_FROM", 1e12)
+    monkeypatch.setattr(CPM, "ESTIMATE_ANCHORS", 4)
+    ran.clear()
+    assert dec.errors(conv, ranks) == pytest.approx(each, abs=1e-9) and len(ran) == len(ranks)
 
 
 def test_small_cp_problems_run_on_one_thread_and_the_setting_is_restored(monkeypatch):

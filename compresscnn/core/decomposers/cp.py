@@ -59,6 +59,10 @@ SINGLE_FROM = 1e8
 #: ``ESTIMATE_ANCHORS`` of the ranks (the largest, the smallest and evenly between), the
 #: others interpolated
 EXACT_BELOW, ESTIMATE_SWEEPS, ESTIMATE_ANCHORS = 1e7, 8, 4
+#: below this many kernel entries x (largest) rank every candidate is estimated, none
+#: interpolated: the medium layers of the shipped recipes (SqueezeNet's 3x3 expands) plan
+#: as they did before the anchors
+ANCHORS_FROM = 1e8
 
 
 #: ALS runs on one intra-op thread below this many kernel entries x rank (every 3x3 conv
@@ -220,8 +224,9 @@ class CP(Decomposer):
             return list(taps)
         bases = [num.gram_eig(w, n)[1] for n in range(4)]
         tap_of = dict(zip(rs, taps))
+        every = w.numel() * max(rs) < ANCHORS_FROM
         ratio = {r: self._estimate(w, r, opt, bases) / tap_of[r]
-                 for r in _anchors(todo, ESTIMATE_ANCHORS)}
+                 for r in (todo if every else _anchors(todo, ESTIMATE_ANCHORS))}
         return [tap if r not in todo else min(tap * _interpolate(ratio, r), tap)
                 for r, tap in zip(rs, taps)]
 
