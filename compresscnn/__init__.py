@@ -32,6 +32,8 @@ _EXPORTS = {
     "cpu_bf16_native": "compresscnn.util.common",
     "LatencyConfig": "compresscnn.measure.latency_config",
     "time_modules": "compresscnn.measure.latency",
+    "example_input": "compresscnn.util.modules",
+    "onnx_bytes": "compresscnn.measure.timing",
     "compress": "compresscnn.core.surgery",
     "plan": "compresscnn.core.planning",
     "apply": "compresscnn.core.applying",

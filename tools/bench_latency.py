@@ -33,19 +33,18 @@ rules, target and latency section; random weights) and times it at the recipe's 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torchvision
 
-from compresscnn import LatencyConfig, compress, count, load_model, load_recipe, time_modules
+from compresscnn import (LatencyConfig, compress, count, example_input, load_model, load_recipe,
+                         onnx_bytes, time_modules)
 
 RULES = {
     "resnet18": [{"match": "layer*.conv*", "method": "tucker2"}],
@@ -67,21 +66,6 @@ def _plan_info(p, base: dict, compressed: dict, plan_seconds: float) -> dict:
             "params_ratio": base["params"] / compressed["params"],
             "layers_decomposed": len(p.ranks()), "layers_matched": len(p.replacements),
             "ranks": p.ranks(), "latency_plan": p.latency}
-
-
-def example_input(input_size, batch: int, seed: int = 0) -> torch.Tensor:
-    """The standard-normal input every latency figure of the toolkit feeds (seed 0)."""
-    return torch.randn((int(batch), *[int(s) for s in input_size]),
-                       generator=torch.Generator().manual_seed(seed))
-
-
-def onnx_bytes(module: torch.nn.Module, x: torch.Tensor) -> bytes:
-    """A static-shape ONNX graph of ``module`` on ``x`` (TorchScript exporter), in memory."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (x,), buf, opset_version=18, dynamo=False)
-    return buf.getvalue()
 
 
 def ort_optimized_ops(model: bytes, threads: int = 1) -> dict[str, int]:
