@@ -38,6 +38,7 @@ from compresscnn.errors import CompressError
 from compresscnn.core.folding import fold_for_export
 from compresscnn.io.export_config import OnnxSettings, onnx_settings
 from compresscnn.util.modules import eval_mode, example_input
+from compresscnn.io.onnx_int8 import quantize_qdq
 from compresscnn.io.onnx_writer import (first_line as _first_line,
                                         write_onnx)
 from compresscnn.util.common import atomic_path
@@ -418,25 +419,10 @@ def quantize_onnx_static(
     QInt8 (per output channel by default), activations QUInt8 with ranges calibrated (min-max)
     on ``batches`` of inputs, e.g. a few hundred training images. Written atomically; loaded
     once in onnxruntime to prove it runs. Returns the size of ``dst`` in bytes."""
-    import onnxruntime as ort  # heavy: loaded only when used
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-
     if not batches:
         raise QuantizeError("int8 calibration needs at least one batch of inputs")
-    name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(batches)
-
-        def get_next(self) -> dict[str, Any] | None:
-            x = next(self.it, None)
-            return None if x is None else {name: x.detach().cpu().float().numpy()}
-
-    return _quantize_to(dst, lambda tmp: quantize_static(
-        str(src), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8))
+    arrays = (x.detach().cpu().float().numpy() for x in batches)
+    return _quantize_to(dst, lambda tmp: quantize_qdq(src, tmp, arrays, per_channel=per_channel))
 
 
 class QuantizeError(CompressError):

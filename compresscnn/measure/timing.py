@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from compresscnn.util.modules import module_device
+from compresscnn.io.onnx_int8 import quantize_qdq
 from compresscnn.io.onnx_writer import write_onnx
 from compresscnn.errors import CompressError
 
@@ -152,32 +153,14 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
 
 
 def int8_bytes(model: bytes, x: torch.Tensor) -> bytes:
-    """A static int8 (QDQ, weights per channel, activations uint8) copy of the serialized
-    ONNX ``model``, its activation ranges calibrated on ``x`` alone: for timing only (the
-    kernels an int8 deployment runs; the ranges do not change the speed)."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)  # heavy: loaded only when used
-    import logging
-
-    class _One(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.left = [x.detach().cpu().float().numpy()]
-
-        def get_next(self) -> dict[str, Any] | None:
-            return {"input": self.left.pop()} if self.left else None
-
-    qlog = logging.getLogger()
-    old = qlog.level
+    """A static int8 copy of the serialized ONNX ``model`` made as deployment files are
+    (:func:`compresscnn.io.onnx_int8.quantize_qdq`), its activation ranges calibrated on
+    ``x`` alone: for timing only (the kernels an int8 deployment runs; the ranges do not
+    change the speed)."""
     with tempfile.TemporaryDirectory(prefix="compresscnn-q-") as d:
         src, dst = Path(d) / "m.onnx", Path(d) / "q.onnx"
         src.write_bytes(model)
-        qlog.setLevel(max(old, logging.ERROR))
-        try:
-            quantize_static(str(src), str(dst), _One(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8)
-        finally:
-            qlog.setLevel(old)
+        quantize_qdq(src, dst, [x.detach().cpu().float().numpy()])
         return dst.read_bytes()
 
 
