@@ -94,6 +94,19 @@ def test_unreachable_latency_target_is_a_one_line_rank_error():
         plan(_net(), [{"match": "8", "method": "tucker2"}], (3, 16, 16), target={"latency": 0.1}, config={"latency": {"timer": _macs_timer()}})
 
 
+def test_mac_target_out_of_reach_after_latency_pruning_names_the_slow_layers():
+    """Every candidate slower than its dense layer (an int8 runtime where a chain of three
+    convs costs more than one): the MAC target cannot be reached, and the error says why."""
+    slow = _macs_timer(overhead_ms=50.0)
+    with pytest.raises(RankError) as e:
+        plan(_net(), [{"match": "*", "method": "tucker2", "exclude": "0"}], (3, 16, 16),
+             target={"macs": 0.5}, objective="latency", config={"latency": {"timer": slow}})
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "with objective latency" in msg and "of the 4 layers" in msg
+    assert "faster than the dense layer on onnxruntime (fp32, batch 1" in msg
+
+
 def test_compressed_model_slower_than_original_gets_its_layers_put_back():
     calls = {"n": 0}
 

@@ -436,14 +436,17 @@ def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Repla
                         f"method) already need {fmt(fixed)} of the {fmt(allowed)} allowed")
     penalty = "log_energy" if allocation == "energy" else "squared"
     try:
-        allocate(list(items.values()), key, budget, penalty=penalty)
-    except RankError:  # the grid's cheapest ranks cost too much: ranks below them, if any
-        tails = [it for it in items.values() if "tail" in it.meta]
-        for it in tails:
-            it.candidates += it.meta["tail"](below=it.candidates[-1].rank)
-        if not tails:
-            raise
-        allocate(list(items.values()), key, budget, penalty=penalty)
+        try:
+            allocate(list(items.values()), key, budget, penalty=penalty)
+        except RankError:  # the grid's cheapest ranks cost too much: ranks below them, if any
+            tails = [it for it in items.values() if "tail" in it.meta]
+            for it in tails:
+                it.candidates += it.meta["tail"](below=it.candidates[-1].rank)
+            if not tails:
+                raise
+            allocate(list(items.values()), key, budget, penalty=penalty)
+    except RankError as e:
+        raise _latency_reason(e, items, lat_cfg) from None
     out = []
     for rep in reps:
         item = items.get(rep.name)
@@ -460,6 +463,21 @@ def _allocate(target: dict[str, float], totals: dict[str, int], reps: list[Repla
         else:
             out.append(replace(rep, skip=Skip.BUDGET, skipped="kept dense by the budget"))
     return out
+
+
+def _latency_reason(err: RankError, items: dict[str, BudgetItem],
+                    lat_cfg: LatencyConfig | None) -> RankError:
+    """``err`` (a target out of reach) with what a latency objective adds to it: the layers
+    none of whose candidate ranks was timed faster than the dense layer, which stay dense."""
+    slow = [name for name, it in items.items() if len(it.candidates) == 1]
+    if lat_cfg is None or not slow:
+        return err
+    return RankError(
+        f"{err}: with objective latency, {len(slow)} of the {len(items)} layers (e.g. "
+        f"{slow[0]}) have no candidate rank at least {lat_cfg.margin:g} faster than the dense "
+        f"layer on {lat_cfg.runtime} ({lat_cfg.precision}, batch {lat_cfg.batch}, "
+        f"{lat_cfg.threads} threads) and stay dense; loosen the target, or plan for another "
+        f"runtime or precision")
 
 
 def _latency_info(reps: Sequence[Replacement], layer_ms: dict[str, float],
