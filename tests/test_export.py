@@ -59,6 +59,25 @@ def test_export_dynamic_batch_parity_single_file(tmp_path):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
+def test_export_strips_debug_metadata_by_default(tmp_path):
+    """The dynamo exporter writes each node's stack trace and module scope, and the
+    intermediate shapes: debugging only. `strip` (the default) drops them; the file is
+    smaller and computes the same."""
+    net = _tiny_net().eval()
+    kept = export_onnx(net, tmp_path / "kept.onnx", (3, 16, 16), {"strip": False})
+    if kept["exporter"] != "dynamo":
+        pytest.skip(f"dynamo export failed here: {kept['fallback_reason']}")
+    lean = export_onnx(net, tmp_path / "lean.onnx", (3, 16, 16))
+    a = onnx.load(str(tmp_path / "kept.onnx"))
+    b = onnx.load(str(tmp_path / "lean.onnx"))
+    assert any(n.metadata_props for n in a.graph.node)
+    assert not any(n.metadata_props or n.doc_string for n in b.graph.node)
+    assert not b.graph.value_info
+    assert lean["bytes"] < kept["bytes"]
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert lean["max_abs_diff"] == kept["max_abs_diff"]
+
+
 def test_export_parity_failure_leaves_nothing(tmp_path, monkeypatch):
     net = _tiny_net()
     out = tmp_path / "model.onnx"

@@ -151,7 +151,7 @@ BAD = [
     ("unknown-rule-key", RULE_HEAD + "  - {match: '*', method: tucker2, rnak: 4}\n",
      "rules[0].rnak", "unknown key (did you mean 'rank'?)"),
     ("unknown-key-no-suggestion", GOOD + "export: {zzz: 1}\n", "export.zzz",
-     "unknown key (known keys: onnx, opset, dynamic_batch, atol, verify, quantize)"),
+     "unknown key (known keys: onnx, opset, dynamic_batch, atol, verify, strip, quantize)"),
     ("non-string-key", GOOD + "report: {1: 2}\n", "report", "keys must be strings"),
     ("missing-model", "rules: [{match: '*', method: svd, rank: 1}]\n", "model",
      "required section missing (it needs 'spec')"),
@@ -394,7 +394,7 @@ def test_defaults_are_filled(tmp_path, _cwd):
     assert ft["distill"] == {"enabled": True, "temperature": 4.0, "alpha": 0.9}
     assert r["evaluate"] == {"baseline": True, "zero_shot": True, "max_batches": None}
     assert r["export"] == {"onnx": True, "opset": 18, "dynamic_batch": True, "atol": 1e-3,
-                           "verify": ["onnxruntime"], "quantize": None}
+                           "verify": ["onnxruntime"], "strip": True, "quantize": None}
     assert r["report"] == {"latency": True, "runtimes": ["torch", "onnxruntime"],
                            "latency_batch": [1, 8], "threads": 1, "plots": True}
     assert list(r) == list(R.TOP_KEYS)

@@ -39,7 +39,7 @@ from compresscnn.core.folding import fold_for_export
 from compresscnn.io.export_config import OnnxSettings, onnx_settings
 from compresscnn.util.modules import eval_mode, example_input
 from compresscnn.io.onnx_int8 import quantize_qdq
-from compresscnn.io.onnx_writer import (first_line as _first_line,
+from compresscnn.io.onnx_writer import (strip_debug_info, first_line as _first_line,
                                         write_onnx)
 from compresscnn.util.common import atomic_path
 from compresscnn.util.progress import doing
@@ -246,7 +246,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
 
     ``settings`` (:class:`~compresscnn.io.export_config.OnnxSettings`, or a mapping of its
     keys: ``opset``, ``dynamic_batch``, ``atol``, ``check_batch``, ``seed``, ``verify``,
-    ``fold``; None: the defaults) says how. ``input_shape`` is the per-sample shape
+    ``fold``, ``strip``; None: the defaults) says how. ``input_shape`` is the per-sample shape
     ``(C, H, W)``; the batch dimension is prepended (dynamic when ``dynamic_batch``, else
     fixed to ``check_batch[0]``). The exported graph has
     one input named ``"input"`` and one output ``"output"``.
@@ -285,6 +285,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
         with atomic_path(path, suffix=".onnx") as tmp:
             doing("writing the file (the dynamo exporter; TorchScript if it fails)")
             exporter, fallback_reason = write_onnx(folded, example, tmp, opset, dynamic_batch)
+            if s.strip:
+                strip_debug_info(tmp)
             doing(f"checking the {exporter} file in {', '.join(runtimes)} at batch "
                   f"{', '.join(map(str, check_batch))}")
             checked = _check_file(cpu_model, tmp, input_shape, runtimes, check_batch,

@@ -38,6 +38,11 @@ class OnnxSettings(Closed):
         "`runtimes` extra (`pip install 'compresscnn[runtimes]'`).", ["onnxruntime"])
     fold: Bool = doc("Fold BatchNorm (and Fire's channel reorder) into the convs before "
                      "export; the checks compare the file with the model as given.", True)
+    strip: Bool = doc(
+        "Drop what only debugging reads from the written file: each node's PyTorch stack "
+        "trace and module scope (the dynamo exporter's node metadata) and the intermediate "
+        "shapes (`value_info`, which runtimes infer again). Smaller files, the same graph "
+        "and weights; the int8 copy inherits it.", True)
 
 
 def onnx_settings(v: "OnnxSettings | Closed | dict[str, Any] | None") -> OnnxSettings:
@@ -94,4 +99,5 @@ class Export(Closed):
     dynamic_batch: _key("dynamic_batch") = same_field(OnnxSettings, "dynamic_batch")
     atol: _key("atol") = same_field(OnnxSettings, "atol")
     verify: _key("verify") = same_field(OnnxSettings, "verify")
+    strip: _key("strip") = same_field(OnnxSettings, "strip")
     quantize: Optional[Quantize] = doc(Quantize.__doc__, None)
