@@ -6,6 +6,7 @@ the original's outputs on calibration batches (``compresscnn.fit.calibration``).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import replace
 from typing import Any, Iterable
@@ -15,13 +16,13 @@ from torch import nn
 
 from compresscnn.core.decomposers import get_decomposer
 from compresscnn.core.decomposers.base import check_weights
-from compresscnn.core.plans import Plan
+from compresscnn.core.plans import Plan, Replacement
 from compresscnn.errors import DataError, RecipeError
 from compresscnn.fit.calibration import (distill_outputs, execution_order, following_ops,
                                          recalibrate_bn, reconstruct_outputs)
 from compresscnn.fit.config import FitConfig
 from compresscnn.measure.counting import check_supported
-from compresscnn.util.modules import get_module, input_tensors, set_module
+from compresscnn.util.modules import get_module, input_tensors, parallel_iter, set_module
 from compresscnn.util.progress import track
 
 __all__ = ["apply", "measured", "refine"]
@@ -40,17 +41,30 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     names: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(n)
-    for rep in track([r for r in plan_.replacements if r.applied], "decompose",
-                     label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",
-                     weight=lambda r: r.params_before):
-        layer = get_module(model, rep.name)
-        dec = get_decomposer(rep.method)
-        check_weights(layer, rep.name)
+    reps = [r for r in plan_.replacements if r.applied]
+    layers = {r.name: get_module(model, r.name) for r in reps}
+    for rep in reps:
+        check_weights(layers[rep.name], rep.name)
+
+    def decompose(rep: Replacement) -> nn.Module:
         t0 = time.perf_counter()
-        new = dec.decompose(layer, tuple(rep.rank), **rep.options)
+        new = get_decomposer(rep.method).decompose(layers[rep.name], tuple(rep.rank),
+                                                   **rep.options)
         info = getattr(new, "fit_info", None)
         if isinstance(info, dict):
             info["decompose_seconds"] = time.perf_counter() - t0
+        return new
+
+    # the decompositions that run on one thread anyway go side by side, after the others
+    alone = [r for r in reps if not get_decomposer(r.method).one_thread(
+        layers[r.name], tuple(r.rank), **r.options)]
+    paired = [r for r in reps if r not in alone]
+    done = itertools.chain((decompose(r) for r in alone), parallel_iter(decompose, paired))
+    for rep in track(alone + paired, "decompose",
+                     label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",
+                     weight=lambda r: r.params_before):
+        layer = layers[rep.name]
+        new = next(done)
         new.train(layer.training)
         for name in names.get(id(layer), [rep.name]):  # decomposed once, shared as before
             set_module(model, name, new)

@@ -38,6 +38,7 @@ from torch import nn
 
 from compresscnn.core.decomposers.base import Decomposer, Rank, check_weights, get_decomposer, layer_cost
 from compresscnn.errors import MethodError, RankError
+from compresscnn.util.modules import parallel_map
 
 # ---------------------------------------------------------------------------- rounding
 
@@ -438,17 +439,17 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
     ranks = list(seen)
     # weight errors without building the candidates where the method can tell them
     errors = dec.errors(layer, ranks, **options) if probe is None and ranks else None
-    out = []
-    for j, r in enumerate(ranks):
-        p, m = seen[r]
-        if errors is not None:
-            err = float(errors[j])
-        else:
+    if errors is None:
+        def measure(r: Rank) -> float:
             new = dec.decompose(layer, r, **options)
-            err = (float(new.fit_info["rel_error"]) if probe is None
-                   else output_error(new.eval(), probe, dense_out))
-        out.append(Candidate(r, p, m * tokens, err, method=dec.name))
-    return out
+            return (float(new.fit_info["rel_error"]) if probe is None
+                    else output_error(new.eval(), probe, dense_out))
+        # independent decompositions, each seeded: side by side where each is one-threaded
+        big = max(ranks, key=lambda r: dec.cost(layer, r, in_hw, **options)[1], default=None)
+        errors = parallel_map(measure, ranks, workers=None if big is not None and
+                              dec.one_thread(layer, big, **options) else 1)
+    return [Candidate(r, seen[r][0], seen[r][1] * tokens, float(e), method=dec.name)
+            for r, e in zip(ranks, errors)]
 
 
 PENALTIES = ("squared", "log_energy")

@@ -9,6 +9,7 @@ package may use it and it never takes part in an import cycle.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["get_module", "set_module", "module_mode", "eval_mode", "hooks", "record_inputs",
-           "input_tensors", "module_device", "example_input", "num_threads", "kd_divergence"]
+           "input_tensors", "module_device", "example_input", "num_threads", "parallel_iter", "parallel_map",
+           "kd_divergence"]
 
 
 # ----------------------------------------------------------------------- dotted paths
@@ -160,6 +162,37 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def parallel_iter(fn: Callable[[Any], Any], items: Sequence[Any],
+                  workers: int | None = None) -> Iterator[Any]:
+    """``fn(x)`` for each of ``items``, yielded in their order, up to ``workers`` calls at a
+    time (default: torch's intra-op thread count) in threads of this process, torch on one
+    intra-op thread until the last is yielded. For many independent small linear-algebra
+    problems (the CP-ALS fits of a ResNet's convs at several ranks, matrices of a few hundred
+    rows), which one thread runs about as fast as two: run side by side, every core works.
+    The results are those sequential calls give, as long as each call seeds its own
+    randomness; the first exception raised propagates (calls not started are cancelled).
+    torch's thread count is restored."""
+    n = min(torch.get_num_threads() if workers is None else int(workers), len(items))
+    if n <= 1:
+        for x in items:
+            yield fn(x)
+        return
+    with num_threads(1):
+        pool = ThreadPoolExecutor(n)
+        try:
+            futures = [pool.submit(fn, x) for x in items]
+            for f in futures:
+                yield f.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any],
+                 workers: int | None = None) -> list[Any]:
+    """``list(parallel_iter(fn, items, workers))``: see :func:`parallel_iter`."""
+    return list(parallel_iter(fn, items, workers))
 
 
 # ----------------------------------------------------------------------- distillation

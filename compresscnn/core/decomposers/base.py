@@ -91,6 +91,13 @@ class Decomposer:
         decomposing tells (the caller then decomposes at each rank)."""
         return None
 
+    def one_thread(self, layer: nn.Module, rank: Rank, **options: Any) -> bool:
+        """Whether ``decompose`` at ``rank`` runs on one intra-op thread whatever torch's
+        setting (problems too small for a second thread to pay): such decompositions of
+        several ranks or layers are run side by side (:func:`~compresscnn.util.modules.
+        parallel_map`) so that every core works. False: it uses every thread it is given."""
+        return False
+
     def chain_specs(self, layer: nn.Module, rank: Rank, **options: Any) -> list[ConvSpec] | None:
         """The plain convs ``decompose`` chains at ``rank``, or None where the result is not
         a plain chain of convs (then :meth:`skeleton` falls back to ``decompose``)."""

@@ -50,6 +50,7 @@ from torch import nn
 from compresscnn.core.decomposers import _numerics as num
 from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, register_decomposer, split_axes, work_weight, tail_errors)
 from compresscnn.core.method_options import CPOptions
+from compresscnn.util.modules import parallel_map
 
 
 #: ``precision: auto`` runs ALS in float32 from this many kernel entries x rank
@@ -225,10 +226,17 @@ class CP(Decomposer):
         bases = [num.gram_eig(w, n)[1] for n in range(4)]
         tap_of = dict(zip(rs, taps))
         every = w.numel() * max(rs) < ANCHORS_FROM
-        ratio = {r: self._estimate(w, r, opt, bases) / tap_of[r]
-                 for r in (todo if every else _anchors(todo, ESTIMATE_ANCHORS))}
+        at = todo if every else _anchors(todo, ESTIMATE_ANCHORS)
+        # independent fits, each on one intra-op thread (_threads_for): side by side
+        est = parallel_map(lambda r: self._estimate(w, r, opt, bases), at,
+                           workers=None if self.one_thread(layer, (max(at),)) else 1)
+        ratio = {r: e / tap_of[r] for r, e in zip(at, est)}
         return [tap if r not in todo else min(tap * _interpolate(ratio, r), tap)
                 for r, tap in zip(rs, taps)]
+
+    def one_thread(self, layer: nn.Module, rank: Rank, **options: Any) -> bool:
+        w = work_weight(layer)
+        return w.device.type == "cpu" and w.numel() * int(rank[0]) < ONE_THREAD_BELOW
 
     def _estimate(self, w: torch.Tensor, r: int, opt: Any, bases: list[torch.Tensor]
                   ) -> float:
