@@ -104,3 +104,16 @@ def test_run_sweep_writes_skips_and_resumes(tmp_path, monkeypatch):
     assert any("done already" in x for x in lines)
     with pytest.raises(RecipeError, match="no job 'three'"):
         cc.run_sweep(sweep, ["three"], out=out, results=res)
+
+
+def test_summary_carries_the_int8_figures():
+    from compresscnn.runs.sweep import summarise_report
+
+    report = {"compressed": {"top1": 50.0, "params": 10}, "onnx": {"bytes": 400},
+              "int8": {"bytes": 100, "fp32_bytes": 400, "mode": "static", "per_channel": True,
+                       "top1": 49.0, "top5": 70.0, "agreement": 90.0, "n": 500,
+                       "parity": {"rel_error": 0.1}, "path": "model.int8.onnx"}}
+    s = summarise_report(report)
+    assert s["int8"]["bytes"] == 100 and s["int8"]["top1"] == 49.0
+    assert s["int8"]["parity"] == {"rel_error": 0.1} and "path" not in s["int8"]
+    assert summarise_report({"compressed": {}})["int8"] is None

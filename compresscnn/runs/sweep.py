@@ -62,8 +62,17 @@ def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
         "memory_format": stats.get("memory_format"),
         "resumed_from_step": stats.get("resumed_from_step"),
         "latency": report.get("latency"), "onnx_bytes": (report.get("onnx") or {}).get("bytes"),
-        "switch": report.get("switch"),
+        "switch": report.get("switch"), "int8": _int8_summary(report.get("int8")),
     }
+
+
+def _int8_summary(int8: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The int8 file's figures (``export.quantize``): its size beside the fp32 file's, its
+    top-1 and agreement with the original, and its check against the fp32 file."""
+    if not int8:
+        return None
+    return {k: int8.get(k) for k in ("bytes", "fp32_bytes", "mode", "per_channel", "top1",
+                                     "top5", "agreement", "n", "parity")}
 
 
 def _run_job(name: str, job: SweepJob, out_root: Path, root: Path, threads: int) -> dict:
