@@ -938,3 +938,21 @@ def test_svd_spectra_then_decompose_forms_the_gram_eigendecomposition_once(monke
     other = nn.Linear(96, 40)
     dec.decompose(other, (12,))
     assert len(calls) == 7 and len(SVDM._EIG) == 1
+
+
+def test_lower_gram_blocks_give_the_same_eigensystem():
+    """Large Gram matrices are computed below the diagonal only, block by block: the lower
+    triangle equals the full product's, and eigh (which reads it) gives the same system."""
+    from compresscnn.core.decomposers import _numerics as num
+
+    torch.manual_seed(0)
+    b = torch.randn(2 * num.GRAM_BLOCK + 77, 3000, dtype=torch.float64)
+    full = b @ b.mT
+    low = num.lower_gram(b)
+    assert torch.allclose(torch.tril(low), torch.tril(full), rtol=1e-12, atol=1e-9)
+    assert torch.count_nonzero(low[:num.GRAM_BLOCK, num.GRAM_BLOCK:]) == 0  # not computed
+    e1, v1 = torch.linalg.eigh(full)
+    e2, v2 = num.gram_eigh(b)
+    assert torch.allclose(e1, e2, rtol=1e-10, atol=1e-7)
+    small = torch.randn(100, 300)
+    assert torch.equal(num.lower_gram(small), small @ small.mT)

@@ -160,7 +160,27 @@ def gram_eigh(a: torch.Tensor, products: torch.dtype | None = None
     values of ``a``."""
     b = a.mT if a.shape[0] > a.shape[1] else a
     low = b.to(products) if products is not None and products != b.dtype else b
-    return torch.linalg.eigh(low @ low.mT)  # in the products' dtype: no more is known
+    return torch.linalg.eigh(lower_gram(low))  # in the products' dtype: no more is known
+
+
+#: :func:`lower_gram` computes the Gram matrix in row blocks of this many from this size on
+GRAM_BLOCK = 512
+
+
+def lower_gram(b: torch.Tensor) -> torch.Tensor:
+    """``b @ b^T``, of which only the lower triangle is right when ``b`` has ``2 *
+    GRAM_BLOCK`` rows or more: there it is computed block by block below the diagonal only
+    (the blocks above are left zero), about 56% of the multiply-adds for 8 blocks, which is
+    all ``torch.linalg.eigh`` reads (its default ``UPLO="L"``). VGG-16's fc6: the 4096 x
+    4096 Gram of a 4096 x 25088 weight. Smaller ``b``: one product, the full matrix."""
+    k = b.shape[-2]
+    if k < 2 * GRAM_BLOCK or b.dim() != 2:
+        return b @ b.mT
+    g = b.new_zeros(k, k)
+    for i in range(0, k, GRAM_BLOCK):
+        rows = b[i:i + GRAM_BLOCK]
+        g[i:i + GRAM_BLOCK, :i + GRAM_BLOCK] = rows @ b[:i + GRAM_BLOCK].mT
+    return g
 
 
 def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None,
