@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscnn.core.decomposers.base import F_PAD_MODES, padding_pairs
-from compresscnn.core.decomposers import _numerics as num
 from compresscnn.errors import DataError
 
 #: ridge term, relative to the mean diagonal of the Gram matrix
@@ -288,13 +287,10 @@ class _Sums:
         self.n = 0
 
     def add(self, a: torch.Tensor, t: torch.Tensor) -> None:
-        # the Gram block by block on and below the diagonal where it is large (num.sym_gram)
-        parts = [num.sym_gram(a), a @ t.mT, t.square().sum(2), t.sum(2), a.sum(2)]
-        if self.parts is None:
-            self.parts = [p.double() for p in parts]
-        else:
-            for s, p in zip(self.parts, parts):
-                s.add_(p)  # in float64, as s + p.double()
+        parts = [a @ a.mT, a @ t.mT, t.square().sum(2), t.sum(2), a.sum(2)]
+        parts = [p.double() for p in parts]
+        self.parts = parts if self.parts is None else [
+            s + p for s, p in zip(self.parts, parts)]
         self.n += a.shape[2]
 
     def moments(self, bias: bool) -> _Moments:

@@ -168,29 +168,19 @@ GRAM_BLOCK = 512
 
 
 def lower_gram(b: torch.Tensor) -> torch.Tensor:
-    """``b @ b^T`` (batched over leading dims), of which only the lower triangle is right
-    when ``b`` has ``2 * GRAM_BLOCK`` rows or more: there it is computed block by block on
-    and below the diagonal only (the blocks above are left zero), about 56% of the
-    multiply-adds for 8 blocks, which is all ``torch.linalg.eigh`` reads (its default
-    ``UPLO="L"``). VGG-16's fc6: the 4096 x 4096 Gram of a 4096 x 25088 weight. Fewer rows:
-    one product, the full matrix."""
+    """``b @ b^T``, of which only the lower triangle is right when ``b`` has ``2 *
+    GRAM_BLOCK`` rows or more: there it is computed block by block below the diagonal only
+    (the blocks above are left zero), about 56% of the multiply-adds for 8 blocks, which is
+    all ``torch.linalg.eigh`` reads (its default ``UPLO="L"``). VGG-16's fc6: the 4096 x
+    4096 Gram of a 4096 x 25088 weight. Smaller ``b``: one product, the full matrix."""
     k = b.shape[-2]
-    if k < 2 * GRAM_BLOCK:
+    if k < 2 * GRAM_BLOCK or b.dim() != 2:
         return b @ b.mT
-    g = b.new_zeros(*b.shape[:-2], k, k)
+    g = b.new_zeros(k, k)
     for i in range(0, k, GRAM_BLOCK):
-        j = i + GRAM_BLOCK
-        g[..., i:j, :j] = b[..., i:j, :] @ b[..., :j, :].mT
+        rows = b[i:i + GRAM_BLOCK]
+        g[i:i + GRAM_BLOCK, :i + GRAM_BLOCK] = rows @ b[:i + GRAM_BLOCK].mT
     return g
-
-
-def sym_gram(b: torch.Tensor) -> torch.Tensor:
-    """``b @ b^T`` in full: :func:`lower_gram` with its upper triangle mirrored from the
-    lower one (exactly symmetric; below ``2 * GRAM_BLOCK`` rows, the plain product)."""
-    g = lower_gram(b)
-    if b.shape[-2] < 2 * GRAM_BLOCK:
-        return g
-    return torch.tril(g) + torch.tril(g, -1).mT
 
 
 def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None,
