@@ -56,9 +56,9 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
         return new
 
     # the decompositions that run on one thread anyway go side by side, after the others
-    alone = [r for r in reps if not get_decomposer(r.method).one_thread(
-        layers[r.name], tuple(r.rank), **r.options)]
-    paired = [r for r in reps if r not in alone]
+    one = {r.name: get_decomposer(r.method).one_thread(layers[r.name], tuple(r.rank),
+                                                       **r.options) for r in reps}
+    alone, paired = [r for r in reps if not one[r.name]], [r for r in reps if one[r.name]]
     done = itertools.chain((decompose(r) for r in alone), parallel_iter(decompose, paired))
     for rep in track(alone + paired, "decompose",
                      label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",

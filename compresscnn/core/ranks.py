@@ -445,7 +445,7 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
             return (float(new.fit_info["rel_error"]) if probe is None
                     else output_error(new.eval(), probe, dense_out))
         # independent decompositions, each seeded: side by side where each is one-threaded
-        big = max(ranks, key=lambda r: dec.cost(layer, r, in_hw, **options)[1], default=None)
+        big = max(ranks, key=lambda r: seen[r][1], default=None)   # the most MACs
         errors = parallel_map(measure, ranks, workers=None if big is not None and
                               dec.one_thread(layer, big, **options) else 1)
     return [Candidate(r, seen[r][0], seen[r][1] * tokens, float(e), method=dec.name)
