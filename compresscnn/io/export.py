@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +37,7 @@ from compresscnn.errors import CompressError
 from compresscnn.core.folding import fold_for_export
 from compresscnn.io.export_config import OnnxSettings, onnx_settings
 from compresscnn.util.modules import eval_mode, example_input
-from compresscnn.io.onnx_int8 import quantize_qdq
+from compresscnn.io.onnx_int8 import quantize_qdq, quiet_quantizer
 from compresscnn.io.onnx_writer import (strip_debug_info, first_line as _first_line,
                                         write_onnx)
 from compresscnn.util.common import atomic_path
@@ -390,20 +389,15 @@ def quantize_onnx_dynamic(
 
 
 def _quantize_to(dst: str | os.PathLike, quantize: Callable[[Path], Any]) -> int:
-    """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``) with the root
-    logger's warnings silenced (onnxruntime.quantization warns through it), check that the
+    """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``) with its
+    warnings silenced (:func:`~compresscnn.io.onnx_int8.quiet_quantizer`), check that the
     result loads in onnxruntime, and move it to ``dst`` atomically; its size in bytes."""
     import onnxruntime as ort  # heavy: loaded only when used
 
     dst = Path(dst)
-    qlog = logging.getLogger()
     with atomic_path(dst, suffix=".onnx") as tmp:
-        old_level = qlog.level
-        qlog.setLevel(max(old_level, logging.ERROR))
-        try:
+        with quiet_quantizer():
             quantize(tmp)
-        finally:
-            qlog.setLevel(old_level)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])

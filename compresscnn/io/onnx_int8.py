@@ -13,14 +13,15 @@ ResNet-18 timed that way ran 3.7x slower than the int8 file it stands for."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["inline_initializer_identities", "quantize_qdq"]
+__all__ = ["inline_initializer_identities", "quantize_qdq", "quiet_quantizer"]
 
 
 def inline_initializer_identities(model: Any) -> int:
@@ -50,6 +51,19 @@ def inline_initializer_identities(model: Any) -> int:
     return len(copies)
 
 
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization warns through the root logger: only its errors pass while
+    the block runs; the level is restored."""
+    qlog = logging.getLogger()
+    old = qlog.level
+    qlog.setLevel(max(old, logging.ERROR))
+    try:
+        yield
+    finally:
+        qlog.setLevel(old)
+
+
 def quantize_qdq(src: str | Path, dst: str | Path, inputs: Iterable[np.ndarray], *,
                  per_channel: bool = True) -> None:
     """Write the static int8 QDQ copy of the ONNX file ``src`` to ``dst`` (not atomically:
@@ -69,16 +83,11 @@ def quantize_qdq(src: str | Path, dst: str | Path, inputs: Iterable[np.ndarray],
             x = next(feed, None)
             return None if x is None else {name: x}
 
-    qlog = logging.getLogger()
-    old = qlog.level
     with tempfile.TemporaryDirectory(prefix="compresscnn-q-") as d:
         if inline_initializer_identities(model):
             src = Path(d) / "inlined.onnx"
             onnx.save(model, str(src))
-        qlog.setLevel(max(old, logging.ERROR))
-        try:
+        with quiet_quantizer():
             quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8)
-        finally:
-            qlog.setLevel(old)

@@ -48,7 +48,9 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, register_decomposer, split_axes, work_weight, tail_errors)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options,
+                                               register_decomposer, split_axes, work_weight,
+                                               tail_errors)
 from compresscnn.core.method_options import CPOptions
 from compresscnn.util.modules import parallel_map
 
@@ -71,6 +73,11 @@ ANCHORS_FROM = 1e8
 ONE_THREAD_BELOW = 1e10
 
 
+def _one_thread(w: torch.Tensor, r: int) -> bool:
+    """Whether ALS on ``w`` at rank ``r`` runs on one intra-op thread (``ONE_THREAD_BELOW``)."""
+    return w.device.type == "cpu" and w.numel() * int(r) < ONE_THREAD_BELOW
+
+
 @contextlib.contextmanager
 def _threads_for(w: torch.Tensor, r: int) -> Iterator[None]:
     """One intra-op thread for the length of a block where the ALS problem is below
@@ -83,7 +90,7 @@ def _threads_for(w: torch.Tensor, r: int) -> Iterator[None]:
     1200 46.9 s against 13.4 s. (On an idle machine the largest problems' products could
     gain from a second thread; not measured.) The caller's setting is restored."""
     before = torch.get_num_threads()
-    small = w.device.type == "cpu" and w.numel() * r < ONE_THREAD_BELOW and before > 1
+    small = _one_thread(w, r) and before > 1
     if small:
         torch.set_num_threads(1)
     try:
@@ -229,14 +236,13 @@ class CP(Decomposer):
         at = todo if every else _anchors(todo, ESTIMATE_ANCHORS)
         # independent fits, each on one intra-op thread (_threads_for): side by side
         est = parallel_map(lambda r: self._estimate(w, r, opt, bases), at,
-                           workers=None if self.one_thread(layer, (max(at),)) else 1)
+                           workers=None if _one_thread(w, max(at)) else 1)
         ratio = {r: e / tap_of[r] for r, e in zip(at, est)}
         return [tap if r not in todo else min(tap * _interpolate(ratio, r), tap)
                 for r, tap in zip(rs, taps)]
 
     def one_thread(self, layer: nn.Module, rank: Rank, **options: Any) -> bool:
-        w = work_weight(layer)
-        return w.device.type == "cpu" and w.numel() * int(rank[0]) < ONE_THREAD_BELOW
+        return _one_thread(work_weight(layer), rank[0])
 
     def _estimate(self, w: torch.Tensor, r: int, opt: Any, bases: list[torch.Tensor]
                   ) -> float:

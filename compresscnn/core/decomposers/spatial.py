@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, fit_info, register_decomposer, split_axes, work_weight, tail_errors)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options,
+                                               fit_info, register_decomposer, split_axes,
+                                               work_weight, tail_errors)
 
 
 @register_decomposer("spatial")

@@ -35,7 +35,8 @@ from torch import nn
 
 from compresscnn.core.decomposers import _numerics as num
 from compresscnn.core.method_options import Tucker2Options
-from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options, fit_info, register_decomposer, work_weight)
+from compresscnn.core.decomposers.base import (ConvSpec, Decomposer, Rank, parse_options,
+                                               fit_info, register_decomposer, work_weight)
 
 
 @register_decomposer("tucker2")
