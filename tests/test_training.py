@@ -112,6 +112,22 @@ def test_callbacks_see_every_step_and_can_stop():
     assert stats["stopped_early"] and stats["steps"] == 12
 
 
+def test_training_says_where_it_is_in_a_log(monkeypatch, capsys):
+    """Off a terminal (a log file, CI), training prints its step, the time left and the
+    loss at least every progress.INTERVAL seconds, not only "still running"."""
+    import re
+
+    from compresscnn.util import progress
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every step
+    finetune(_net(), _loader(), {"epochs": 2, "lr": 0.05, "lr_batch": 8, "device": "cpu",
+                                 "log_every": 1}, run=TrainRun(section="train"))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[train] ")]
+    assert lines and re.fullmatch(r"\[train\] 12/12 steps \(100%\), [\d.]+ s, loss [\d.]+, "
+                                  r"lr [\d.e-]+", lines[-1]), lines
+    assert any("left" in ln for ln in lines[:-1]), lines
+
+
 def test_keep_best_restores_the_best_epoch(tmp_path):
     scores = iter([10.0, 30.0, 20.0])
     snapshots = {}

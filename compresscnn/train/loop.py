@@ -50,7 +50,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
 from compresscnn.errors import CheckpointError, CompressError, DataError
 from compresscnn.measure.evaluation import split_batch
@@ -65,6 +64,7 @@ from compresscnn.util.common import (atomic_torch_save, get_world_size, is_dist,
                                      is_main_process, lr_factor, resolve_amp, resolve_device,
                                      seed_everything)
 from compresscnn.util.modules import kd_divergence
+from compresscnn.util.progress import bar as progress_bar
 from compresscnn.util.training import cutout, mixup_labels
 
 __all__ = [
@@ -363,8 +363,10 @@ class _Loop:
         amp = self.s.amp_dtype
         self.logger.amp = str(amp).replace("torch.", "") if amp is not None else None
         if self.run.progress and self.main:
-            self.bar = tqdm(total=self.s.total_steps, initial=self.step, desc=self.s.section,
-                            disable=None, dynamic_ncols=True)
+            # a bar on a terminal; in a log, a line with the step, the loss and the time
+            # left at least every progress.INTERVAL seconds
+            self.bar = progress_bar(self.s.total_steps, self.s.section, initial=self.step,
+                                    unit="steps")
 
     def checkpoint(self, next_epoch: int, next_pos: int) -> dict[str, Any]:
         """What ``last.pt`` holds (tensors and plain containers only)."""
