@@ -832,6 +832,7 @@ def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(mon
     dec = D.get_decomposer("cp")
     monkeypatch.setattr(CPM, "EXACT_BELOW", 0)
     monkeypatch.setattr(CPM, "ANCHORS_FROM", 0)
+    monkeypatch.setattr(CPM, "ANCHOR_CEILING", 10.0)  # every rank may be an anchor
     ranks = [(r,) for r in (120, 100, 80, 60, 40, 20)]
     ran = []
     real = CPM.num.cp_als
@@ -864,6 +865,18 @@ def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(mon
     monkeypatch.setattr(CPM, "ESTIMATE_ANCHORS", 4)
     ran.clear()
     assert dec.errors(conv, ranks) == pytest.approx(each, abs=1e-9) and len(ran) == len(ranks)
+    # the anchors lie among the ranks whose factors hold at most ANCHOR_CEILING of the
+    # kernel's parameters (24x24x3x3 = 5184; rank r holds 54 r: up to rank 67 at 0.7); above
+    # them the ratio of the highest anchor is kept
+    monkeypatch.setattr(CPM, "ANCHORS_FROM", 0)
+    monkeypatch.setattr(CPM, "ANCHOR_CEILING", 0.7)
+    ran.clear()
+    capped = dec.errors(conv, ranks)
+    assert sorted(ran) == [20, 40, 60]
+    ratio = each[3] / taps[3]  # rank 60
+    for (r,), e, tap in zip(ranks, capped, taps):
+        assert e == pytest.approx(min(tap * ratio, tap) if r > 60 else each[ranks.index((r,))],
+                                  abs=1e-9)
 
 
 def test_small_cp_problems_run_on_one_thread_and_the_setting_is_restored(monkeypatch):

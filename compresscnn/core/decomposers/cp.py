@@ -66,6 +66,10 @@ EXACT_BELOW, ESTIMATE_SWEEPS, ESTIMATE_ANCHORS = 1e7, 8, 4
 #: interpolated: the medium layers of the shipped recipes (SqueezeNet's 3x3 expands) plan
 #: as they did before the anchors
 ANCHORS_FROM = 1e8
+#: the anchors are taken among the ranks whose factors hold at most this fraction of the
+#: dense kernel's parameters; above it the ratio of the highest anchor is kept (see
+#: :meth:`CP.errors`)
+ANCHOR_CEILING = 0.7
 
 
 #: ALS runs on one intra-op thread below this many kernel entries x rank (every 3x3 conv
@@ -217,7 +221,13 @@ class CP(Decomposer):
         estimate to the per-tap error is interpolated linearly in the rank: on large layers
         it varies slowly (0.61, 0.81, 0.94 at ranks 944, 664, 376 of ResNet-18's
         ``layer3.1.conv1``; interpolated from 4 of its 11 candidates, the others moved by
-        at most 0.012, all towards the full fit's errors). On small layers the measured
+        at most 0.012, all towards the full fit's errors). The anchors lie among the ranks
+        whose factors hold at most ``ANCHOR_CEILING`` of the kernel's parameters: ALS's cost
+        grows faster than the rank (its R x R solves), so the candidates near the dense
+        layer's cost, which rarely beat keeping it dense, cost most to estimate (the rank
+        2096 anchor of a 512-channel 3x3 conv: 10 of the 18 s its four anchors took); above
+        the highest anchor its ratio is kept, which, as the ratio falls with the rank,
+        errs on the side of a larger error there. On small layers the measured
         errors jump where ALS stops being admissible, so each is measured there."""
         opt = parse_options(self, options)
         w = work_weight(layer)
@@ -233,7 +243,9 @@ class CP(Decomposer):
         bases = [num.gram_eig(w, n)[1] for n in range(4)]
         tap_of = dict(zip(rs, taps))
         every = w.numel() * max(rs) < ANCHORS_FROM
-        at = todo if every else _anchors(todo, ESTIMATE_ANCHORS)
+        co, ci, kh, kw = w.shape
+        low = [r for r in todo if r * (co + ci + kh + kw) <= ANCHOR_CEILING * w.numel()]
+        at = todo if every else _anchors(low or todo, ESTIMATE_ANCHORS)
         # independent fits, each on one intra-op thread (_threads_for): side by side
         est = parallel_map(lambda r: self._estimate(w, r, opt, bases), at,
                            workers=None if _one_thread(w, max(at)) else 1)
