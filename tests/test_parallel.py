@@ -25,6 +25,25 @@ def test_parallel_map_keeps_order_and_restores_threads():
     assert um.parallel_map(f, [], workers=2) == []
 
 
+def test_parallel_map_starts_the_costliest_calls_first_and_keeps_order():
+    """With ``cost``, the calls start longest first (one worker: the order they run in) and
+    the results come back in the items' order."""
+    import threading
+    started, lock, gate = [], threading.Lock(), threading.Event()
+
+    def f(x):
+        with lock:
+            started.append(x)
+            if len(started) == 2:
+                gate.set()
+        gate.wait(5)  # both workers busy before either returns
+        return -x
+
+    items = [3, 9, 1, 7, 5]
+    assert um.parallel_map(f, items, workers=2, cost=float) == [-x for x in items]
+    assert set(started[:2]) == {9, 7} and sorted(started[2:], reverse=True) == started[2:]
+
+
 def test_parallel_map_propagates_the_first_error_and_restores_threads():
     before = torch.get_num_threads()
 
@@ -49,6 +68,6 @@ def test_cp_errors_side_by_side_equal_one_after_the_other(monkeypatch):
     side = cp.errors(layer, ranks)
     import compresscnn.core.decomposers.cp as cp_module
     monkeypatch.setattr(cp_module, "parallel_map",
-                        lambda fn, items, workers=None: [fn(x) for x in items])
+                        lambda fn, items, workers=None, cost=None: [fn(x) for x in items])
     alone = cp.errors(layer, ranks)
     assert side is not None and side == alone

@@ -7,6 +7,7 @@ the original's outputs on calibration batches (``compresscnn.fit.calibration``).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import replace
 from typing import Any, Iterable
@@ -59,7 +60,9 @@ def apply(model: nn.Module, plan_: Plan) -> nn.Module:
     one = {r.name: get_decomposer(r.method).one_thread(layers[r.name], tuple(r.rank),
                                                        **r.options) for r in reps}
     alone, paired = [r for r in reps if not one[r.name]], [r for r in reps if one[r.name]]
-    done = itertools.chain((decompose(r) for r in alone), parallel_iter(decompose, paired))
+    # the largest problems first (kernel size x rank: what ALS's sweeps grow with)
+    done = itertools.chain((decompose(r) for r in alone), parallel_iter(
+        decompose, paired, cost=lambda r: layers[r.name].weight.numel() * math.prod(r.rank)))
     for rep in track(alone + paired, "decompose",
                      label=lambda r: f"{r.name}, {r.method} {'x'.join(map(str, r.rank))}",
                      weight=lambda r: r.params_before):

@@ -447,7 +447,8 @@ def measured_candidates(dec: Decomposer, layer: nn.Module, in_hw: tuple[int, int
         # independent decompositions, each seeded: side by side where each is one-threaded
         big = max(ranks, key=lambda r: seen[r][1], default=None)   # the most MACs
         errors = parallel_map(measure, ranks, workers=None if big is not None and
-                              dec.one_thread(layer, big, **options) else 1)
+                              dec.one_thread(layer, big, **options) else 1,
+                              cost=lambda r: seen[r][1])
     return [Candidate(r, seen[r][0], seen[r][1] * tokens, float(e), method=dec.name)
             for r, e in zip(ranks, errors)]
 

@@ -165,34 +165,40 @@ def num_threads(n: int | None) -> Iterator[None]:
 
 
 def parallel_iter(fn: Callable[[Any], Any], items: Sequence[Any],
-                  workers: int | None = None) -> Iterator[Any]:
+                  workers: int | None = None,
+                  cost: Callable[[Any], float] | None = None) -> Iterator[Any]:
     """``fn(x)`` for each of ``items``, yielded in their order, up to ``workers`` calls at a
     time (default: torch's intra-op thread count) in threads of this process, torch on one
     intra-op thread until the last is yielded. For many independent small linear-algebra
     problems (the CP-ALS fits of a ResNet's convs at several ranks, matrices of a few hundred
     rows), which one thread runs about as fast as two: run side by side, every core works.
-    The results are those sequential calls give, as long as each call seeds its own
-    randomness; the first exception raised propagates (calls not started are cancelled).
-    torch's thread count is restored."""
+    ``cost`` (an estimate of each call's time) starts the longest calls first, so that the
+    short ones fill the other workers' time instead of one long call ending alone (the
+    results are still yielded in the items' order). The results are those sequential calls
+    give, as long as each call seeds its own randomness; the first exception raised
+    propagates (calls not started are cancelled). torch's thread count is restored."""
     n = min(torch.get_num_threads() if workers is None else int(workers), len(items))
     if n <= 1:
         for x in items:
             yield fn(x)
         return
+    order = range(len(items)) if cost is None else sorted(
+        range(len(items)), key=lambda i: -float(cost(items[i])))
     with num_threads(1):
         pool = ThreadPoolExecutor(n)
         try:
-            futures = [pool.submit(fn, x) for x in items]
-            for f in futures:
-                yield f.result()
+            futures = {i: pool.submit(fn, items[i]) for i in order}
+            for i in range(len(items)):
+                yield futures[i].result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any],
-                 workers: int | None = None) -> list[Any]:
-    """``list(parallel_iter(fn, items, workers))``: see :func:`parallel_iter`."""
-    return list(parallel_iter(fn, items, workers))
+                 workers: int | None = None,
+                 cost: Callable[[Any], float] | None = None) -> list[Any]:
+    """``list(parallel_iter(fn, items, workers, cost))``: see :func:`parallel_iter`."""
+    return list(parallel_iter(fn, items, workers, cost))
 
 
 # ----------------------------------------------------------------------- distillation

@@ -248,7 +248,7 @@ class CP(Decomposer):
         at = todo if every else _anchors(low or todo, ESTIMATE_ANCHORS)
         # independent fits, each on one intra-op thread (_threads_for): side by side
         est = parallel_map(lambda r: self._estimate(w, r, opt, bases), at,
-                           workers=None if _one_thread(w, max(at)) else 1)
+                           workers=None if _one_thread(w, max(at)) else 1, cost=float)
         ratio = {r: e / tap_of[r] for r, e in zip(at, est)}
         return [tap if r not in todo else min(tap * _interpolate(ratio, r), tap)
                 for r, tap in zip(rs, taps)]
