@@ -383,21 +383,25 @@ def quantize_onnx_dynamic(
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: loaded only when used
 
-    return _quantize_to(dst, lambda tmp: quantize_dynamic(
-        str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-        op_types_to_quantize=list(op_types) if op_types is not None else None))
+    def quantize(tmp: Path) -> None:
+        with quiet_quantizer():  # quantize_qdq (the static path) silences itself
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+                             per_channel=per_channel,
+                             op_types_to_quantize=list(op_types) if op_types is not None
+                             else None)
+
+    return _quantize_to(dst, quantize)
 
 
 def _quantize_to(dst: str | os.PathLike, quantize: Callable[[Path], Any]) -> int:
-    """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``) with its
-    warnings silenced (:func:`~compresscnn.io.onnx_int8.quiet_quantizer`), check that the
-    result loads in onnxruntime, and move it to ``dst`` atomically; its size in bytes."""
+    """Run ``quantize(tmp)`` (an onnxruntime.quantization call writing ``tmp``, its warnings
+    silenced by :func:`~compresscnn.io.onnx_int8.quiet_quantizer`), check that the result
+    loads in onnxruntime, and move it to ``dst`` atomically; its size in bytes."""
     import onnxruntime as ort  # heavy: loaded only when used
 
     dst = Path(dst)
     with atomic_path(dst, suffix=".onnx") as tmp:
-        with quiet_quantizer():
-            quantize(tmp)
+        quantize(tmp)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
