@@ -43,3 +43,21 @@ def test_bench_zoo_refusal_is_one_line():
         torch.set_num_threads(threads)
     assert row["status"] == "refused" and "\n" not in row["why"]
     assert "cannot be reached" in row["why"]
+
+
+def test_bench_zoo_resume_keeps_rows_over_the_limit_unless_asked(tmp_path, monkeypatch):
+    mod = load_tool("bench_zoo")
+    out = tmp_path / "zoo.json"
+    held = [{"model": m, "status": s, "wall_s": 1.0}
+            for m, s in (("a", "ok"), ("b", "time limit"), ("c", "error"))]
+    out.write_text(json.dumps({"meta": {}, "rows": held}))
+    ran = []
+    monkeypatch.setattr(mod, "run_child", lambda spec, args: ran.append(spec) or
+                        {"model": spec, "status": "ok", "wall_s": 2.0})
+    rows = mod.main(["--models", "a", "b", "c", "d", "--json", str(out), "--resume"])
+    assert ran == ["c", "d"] and [r["model"] for r in rows] == ["a", "b", "c", "d"]
+    assert rows[1]["status"] == "time limit"
+    ran.clear()
+    mod.main(["--models", "a", "b", "c", "d", "--json", str(out), "--resume",
+              "--rerun-over-limit"])
+    assert ran == ["b"]

@@ -6,8 +6,8 @@ Random weights, one input size for all (3x224x224 by default), rules
 (``compresscnn.load_model``, ``compress``, ``count``, ``export_onnx``). Each model runs in a
 child process of its own with a time limit and an address-space limit, so one slow or huge
 architecture cannot stop the others; the JSON file is rewritten after every model, and
-``--resume`` keeps the rows it already holds (except those that ran out of time or failed
-with an error) and runs the rest.
+``--resume`` keeps the rows it already holds (except those that failed with an error, and
+with ``--rerun-over-limit`` those that ran out of time) and runs the rest.
 
     python tools/bench_zoo.py --method tucker2 --time-limit 300 --threads 1 \\
         --json tools/results/zoo_tucker2.json
@@ -218,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--json", type=Path, help="results file (rewritten after each model)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows --json holds and run the other models (and again "
-                         "those that ran out of time or failed with an error)")
+                         "those that failed with an error)")
+    ap.add_argument("--rerun-over-limit", action="store_true",
+                    help="with --resume, run again the models that ran out of time")
     ap.add_argument("--table", type=Path, metavar="JSON", help="print the table of a results "
                                                                  "file and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -234,8 +236,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     models = args.models or default_models()
     data = {"meta": _meta(args), "rows": []}
     if args.resume and args.json and args.json.is_file():
+        rerun = {"error", "time limit"} if args.rerun_over_limit else {"error"}
         data["rows"] = [r for r in json.loads(args.json.read_text())["rows"]
-                        if r["status"] not in ("time limit", "error")]
+                        if r["status"] not in rerun]
     done = {r["model"] for r in data["rows"]}
     for i, spec in enumerate(models, 1):
         if spec in done:
