@@ -969,3 +969,17 @@ def test_lower_gram_blocks_give_the_same_eigensystem():
     assert torch.allclose(e1, e2, rtol=1e-10, atol=1e-7)
     small = torch.randn(100, 300)
     assert torch.equal(num.lower_gram(small), small @ small.mT)
+
+
+def test_sym_gram_is_the_whole_product_and_symmetric():
+    """The data-aware fit's Gram matrices: blocks below the diagonal mirrored above give the
+    full product (batched, and of a transposed view), exactly symmetric."""
+    from compresscnn.core.decomposers import _numerics as num
+
+    torch.manual_seed(0)
+    b = torch.randn(2, 2 * num.GRAM_BLOCK + 77, 900)
+    for x in (b, b.mT.contiguous().mT):
+        g = num.sym_gram(x)
+        assert torch.allclose(g, x @ x.mT, rtol=1e-5, atol=1e-3) and torch.equal(g, g.mT)
+    small = torch.randn(3, 100, 300)
+    assert torch.equal(num.sym_gram(small), small @ small.mT)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresscnn.core.decomposers._numerics import sym_gram
 from compresscnn.core.decomposers.base import F_PAD_MODES, padding_pairs
 from compresscnn.errors import DataError
 
@@ -266,7 +267,7 @@ class _Moments:
     @staticmethod
     def of(a: torch.Tensor, y: torch.Tensor, gram: torch.Tensor | None = None) -> _Moments:
         """Of rows ``a`` (``g x n x d'``) and targets ``y`` (``g x n x co``)."""
-        return _Moments((a.mT @ a).double() if gram is None else gram,
+        return _Moments(sym_gram(a.mT).double() if gram is None else gram,
                         (a.mT @ y).double(), y.double().square().sum(1),
                         y.double().sum(1), y.shape[1])
 
@@ -287,7 +288,7 @@ class _Sums:
         self.n = 0
 
     def add(self, a: torch.Tensor, t: torch.Tensor) -> None:
-        parts = [a @ a.mT, a @ t.mT, t.square().sum(2), t.sum(2), a.sum(2)]
+        parts = [sym_gram(a), a @ t.mT, t.square().sum(2), t.sum(2), a.sum(2)]
         parts = [p.double() for p in parts]
         self.parts = parts if self.parts is None else [
             s + p for s, p in zip(self.parts, parts)]

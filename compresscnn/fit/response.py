@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscnn.config import SOLVERS
+from compresscnn.core.decomposers._numerics import sym_gram
 from compresscnn.fit.chain import RIDGE, _Chain, _Moments, _moments, _ridge
 
 #: the joint refinement and the non-linear rounds stop once the loss changes by less than
@@ -419,7 +420,7 @@ def _rounds(chain: _Chain, rows: tuple[torch.Tensor, torch.Tensor], w2: torch.Te
     inv_a = torch.where(safe, 1.0 / torch.where(safe, a, torch.ones_like(a)),
                         torch.zeros_like(a))
     t = (a * y + c).clamp(lo, hi)
-    gram = (am.mT @ am).double()
+    gram = sym_gram(am.mT).double()
     lam, prev, work = LAM_START, None, 0
     best = (math.inf, [p.clone() for p in chain.params])
     for rounds in range(1, MAX_ROUNDS + 1):

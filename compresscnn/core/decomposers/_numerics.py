@@ -173,13 +173,29 @@ def lower_gram(b: torch.Tensor) -> torch.Tensor:
     (the blocks above are left zero), about 56% of the multiply-adds for 8 blocks, which is
     all ``torch.linalg.eigh`` reads (its default ``UPLO="L"``). VGG-16's fc6: the 4096 x
     4096 Gram of a 4096 x 25088 weight. Smaller ``b``: one product, the full matrix."""
+    return _block_gram(b, mirror=False)
+
+
+def sym_gram(b: torch.Tensor) -> torch.Tensor:
+    """``b @ b^T`` over the last two dimensions (``b``: ``... x k x n``), the whole matrix:
+    from ``2 * GRAM_BLOCK`` rows on, the blocks below the diagonal are computed (as in
+    :func:`lower_gram`) and mirrored above, about 56% of one product's multiply-adds for 8
+    blocks and an exactly symmetric result. The data-aware fit's Gram matrices of unfolded
+    patches (4608 inputs for a 512-channel 3x3 conv, over about 12,500 rows per batch of
+    256 images at 224x224)."""
+    return _block_gram(b, mirror=True)
+
+
+def _block_gram(b: torch.Tensor, mirror: bool) -> torch.Tensor:
     k = b.shape[-2]
-    if k < 2 * GRAM_BLOCK or b.dim() != 2:
+    if k < 2 * GRAM_BLOCK or (b.dim() != 2 and not mirror):
         return b @ b.mT
-    g = b.new_zeros(k, k)
+    g = b.new_zeros(*b.shape[:-2], k, k)
     for i in range(0, k, GRAM_BLOCK):
-        rows = b[i:i + GRAM_BLOCK]
-        g[i:i + GRAM_BLOCK, :i + GRAM_BLOCK] = rows @ b[:i + GRAM_BLOCK].mT
+        block = b[..., i:i + GRAM_BLOCK, :] @ b[..., :i + GRAM_BLOCK, :].mT
+        g[..., i:i + GRAM_BLOCK, :i + GRAM_BLOCK] = block
+        if mirror:
+            g[..., :i, i:i + GRAM_BLOCK] = block[..., :i].mT
     return g
 
 
@@ -404,10 +420,10 @@ class _Als:
         """One ALS sweep on ``f`` (in place); its relative error and the Gram matrices."""
         grams, n_modes = list(grams), len(f)
         for n in range(n_modes):
-            v = torch.ones_like(self.ridged_eye)
-            for m in range(n_modes):
-                if m != n:
-                    v = v * grams[m]
+            others = [grams[m] for m in range(n_modes) if m != n]
+            v = others[0]  # the Hadamard product of the others' Grams (1 * g is g exactly)
+            for g in others[1:]:
+                v = v * g
             if n == 0:
                 self.cache.pop("y", None)  # what it holds was computed from the first factor
             mk = mttkrp(self.x, f, n, self.cache, self.products)
