@@ -957,24 +957,25 @@ def test_lower_gram_blocks_give_the_same_eigensystem():
     """Large Gram matrices are computed below the diagonal only, block by block: the lower
     triangle equals the full product's, and eigh (which reads it) gives the same system."""
     from compresscnn.core.decomposers import _numerics as num
+    from compresscnn.util.linalg import GRAM_BLOCK, lower_gram
 
     torch.manual_seed(0)
-    b = torch.randn(2 * num.GRAM_BLOCK + 77, 3000, dtype=torch.float64)
+    b = torch.randn(2 * GRAM_BLOCK + 77, 3000, dtype=torch.float64)
     full = b @ b.mT
-    low = num.lower_gram(b)
+    low = lower_gram(b)
     assert torch.allclose(torch.tril(low), torch.tril(full), rtol=1e-12, atol=1e-9)
-    assert torch.count_nonzero(low[:num.GRAM_BLOCK, num.GRAM_BLOCK:]) == 0  # not computed
+    assert torch.count_nonzero(low[:GRAM_BLOCK, GRAM_BLOCK:]) == 0  # not computed
     e1, v1 = torch.linalg.eigh(full)
     e2, v2 = num.gram_eigh(b)
     assert torch.allclose(e1, e2, rtol=1e-10, atol=1e-7)
     small = torch.randn(100, 300)
-    assert torch.equal(num.lower_gram(small), small @ small.mT)
+    assert torch.equal(lower_gram(small), small @ small.mT)
 
 
 def test_sym_gram_is_the_whole_product_and_symmetric():
     """The data-aware fit's Gram matrices: blocks below the diagonal mirrored above give the
     full product (batched, and of a transposed view), exactly symmetric."""
-    from compresscnn.core.decomposers import _numerics as num
+    from compresscnn.util import linalg as num
 
     torch.manual_seed(0)
     b = torch.randn(2, 2 * num.GRAM_BLOCK + 77, 900)

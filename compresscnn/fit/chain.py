@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresscnn.core.decomposers._numerics import sym_gram
+from compresscnn.util.linalg import sym_gram
 from compresscnn.core.decomposers.base import F_PAD_MODES, padding_pairs
 from compresscnn.errors import DataError
 

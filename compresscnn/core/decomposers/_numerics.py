@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from compresscnn.util.linalg import lower_gram
+
 
 def unfold(t: torch.Tensor, mode: int) -> torch.Tensor:
     """Mode-``mode`` unfolding: ``(I_mode, prod of the other dims)``."""
@@ -161,42 +163,6 @@ def gram_eigh(a: torch.Tensor, products: torch.dtype | None = None
     b = a.mT if a.shape[0] > a.shape[1] else a
     low = b.to(products) if products is not None and products != b.dtype else b
     return torch.linalg.eigh(lower_gram(low))  # in the products' dtype: no more is known
-
-
-#: :func:`lower_gram` computes the Gram matrix in row blocks of this many from this size on
-GRAM_BLOCK = 512
-
-
-def lower_gram(b: torch.Tensor) -> torch.Tensor:
-    """``b @ b^T``, of which only the lower triangle is right when ``b`` has ``2 *
-    GRAM_BLOCK`` rows or more: there it is computed block by block below the diagonal only
-    (the blocks above are left zero), about 56% of the multiply-adds for 8 blocks, which is
-    all ``torch.linalg.eigh`` reads (its default ``UPLO="L"``). VGG-16's fc6: the 4096 x
-    4096 Gram of a 4096 x 25088 weight. Smaller ``b``: one product, the full matrix."""
-    return _block_gram(b, mirror=False)
-
-
-def sym_gram(b: torch.Tensor) -> torch.Tensor:
-    """``b @ b^T`` over the last two dimensions (``b``: ``... x k x n``), the whole matrix:
-    from ``2 * GRAM_BLOCK`` rows on, the blocks below the diagonal are computed (as in
-    :func:`lower_gram`) and mirrored above, about 56% of one product's multiply-adds for 8
-    blocks and an exactly symmetric result. The data-aware fit's Gram matrices of unfolded
-    patches (4608 inputs for a 512-channel 3x3 conv, over about 12,500 rows per batch of
-    256 images at 224x224)."""
-    return _block_gram(b, mirror=True)
-
-
-def _block_gram(b: torch.Tensor, mirror: bool) -> torch.Tensor:
-    k = b.shape[-2]
-    if k < 2 * GRAM_BLOCK or (b.dim() != 2 and not mirror):
-        return b @ b.mT
-    g = b.new_zeros(*b.shape[:-2], k, k)
-    for i in range(0, k, GRAM_BLOCK):
-        block = b[..., i:i + GRAM_BLOCK, :] @ b[..., :i + GRAM_BLOCK, :].mT
-        g[..., i:i + GRAM_BLOCK, :i + GRAM_BLOCK] = block
-        if mirror:
-            g[..., :i, i:i + GRAM_BLOCK] = block[..., :i].mT
-    return g
 
 
 def gram_svd(a: torch.Tensor, rank: int, products: torch.dtype | None = None,
