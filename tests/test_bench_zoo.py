@@ -49,15 +49,36 @@ def test_bench_zoo_resume_keeps_rows_over_the_limit_unless_asked(tmp_path, monke
     mod = load_tool("bench_zoo")
     out = tmp_path / "zoo.json"
     held = [{"model": m, "status": s, "wall_s": 1.0}
-            for m, s in (("a", "ok"), ("b", "time limit"), ("c", "error"))]
+            for m, s in (("a", "ok"), ("b", "time limit"), ("c", "error"), ("e", "memory limit"))]
     out.write_text(json.dumps({"meta": {}, "rows": held}))
     ran = []
     monkeypatch.setattr(mod, "run_child", lambda spec, args: ran.append(spec) or
                         {"model": spec, "status": "ok", "wall_s": 2.0})
-    rows = mod.main(["--models", "a", "b", "c", "d", "--json", str(out), "--resume"])
-    assert ran == ["c", "d"] and [r["model"] for r in rows] == ["a", "b", "c", "d"]
-    assert rows[1]["status"] == "time limit"
+    models = ["--models", "a", "b", "c", "d", "e", "--json", str(out), "--resume"]
+    rows = mod.main(models)
+    assert ran == ["c", "d"] and [r["model"] for r in rows] == ["a", "b", "c", "d", "e"]
+    assert rows[1]["status"] == "time limit" and rows[4]["status"] == "memory limit"
     ran.clear()
-    mod.main(["--models", "a", "b", "c", "d", "--json", str(out), "--resume",
-              "--rerun-over-limit"])
-    assert ran == ["b"]
+    mod.main(models + ["--rerun-over-limit"])
+    assert ran == ["b", "e"]
+
+
+def test_bench_zoo_a_child_out_of_memory_is_a_memory_limit(monkeypatch):
+    import argparse
+    import subprocess
+
+    mod = load_tool("bench_zoo")
+    last = ("RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 26214400 bytes.")
+
+    def child(cmd, stdout, stderr, **kw):
+        stderr.write("stage: load\nTraceback (most recent call last):\n" + last + "\n")
+        stderr.flush()
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=None)
+
+    monkeypatch.setattr(mod.subprocess, "run", child)
+    args = argparse.Namespace(method="auto", macs=0.5, size=[3, 32, 32], threads=1,
+                              batches=[1, 3], time_limit=10.0, memory_gib=8.0)
+    row = mod.run_child("torchvision:vit_h_14", args)
+    assert row["status"] == "memory limit"
+    assert row["why"].startswith("out of memory (limit 8 GiB) in load: RuntimeError")

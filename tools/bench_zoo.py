@@ -7,7 +7,7 @@ Random weights, one input size for all (3x224x224 by default), rules
 child process of its own with a time limit and an address-space limit, so one slow or huge
 architecture cannot stop the others; the JSON file is rewritten after every model, and
 ``--resume`` keeps the rows it already holds (except those that failed with an error, and
-with ``--rerun-over-limit`` those that ran out of time) and runs the rest.
+with ``--rerun-over-limit`` those that ran out of time or memory) and runs the rest.
 
     python tools/bench_zoo.py --method tucker2 --time-limit 300 --threads 1 \\
         --json tools/results/zoo_tucker2.json
@@ -15,7 +15,7 @@ with ``--rerun-over-limit`` those that ran out of time) and runs the rest.
 
 Each row: ``status`` (``ok``; ``refused``: the toolkit's one-line refusal; ``export
 failed``; ``parity``: onnxruntime off by more than the export's tolerance; ``time limit``
-with the stage it was in; ``error``: anything else, one line), the layers the plan took of
+and ``memory limit`` with the stage it was in; ``error``: anything else, one line), the layers the plan took of
 the Conv2d/Linear layers it matched, the MAC ratio reached (compressed / original, counted),
 seconds per stage, the ONNX exporter that wrote the file (and why dynamo failed, when it
 fell back), and onnxruntime's max |difference| per batch size.
@@ -114,6 +114,10 @@ def _limit_memory(gib: float) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (n, n))
 
 
+#: what a child's last line says when it ran out of the address space it was given
+OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "can't allocate memory")
+
+
 def run_child(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     """:func:`one` in a child process, within ``args.time_limit`` seconds."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", spec, "--method", args.method,
@@ -142,9 +146,10 @@ def run_child(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     except (ValueError, IndexError):
         tail = [ln for ln in log if not ln.startswith("stage: ")]
         why = tail[-1] if tail else f"exit code {out.returncode}"
-        if out.returncode < 0 or "MemoryError" in why or "std::bad_alloc" in why:
+        if out.returncode < 0 or any(m in why for m in OUT_OF_MEMORY):
             why = f"out of memory (limit {args.memory_gib:g} GiB) in " \
                   f"{stages[-1] if stages else 'start-up'}: {why}"
+            return {**base, "status": "memory limit", "why": why[:500]}
         return {**base, "status": "error", "why": why[:500]}
     return {**row, "wall_s": wall}
 
@@ -220,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     help="keep the rows --json holds and run the other models (and again "
                          "those that failed with an error)")
     ap.add_argument("--rerun-over-limit", action="store_true",
-                    help="with --resume, run again the models that ran out of time")
+                    help="with --resume, run again the models that ran out of time or memory")
     ap.add_argument("--table", type=Path, metavar="JSON", help="print the table of a results "
                                                                  "file and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -236,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     models = args.models or default_models()
     data = {"meta": _meta(args), "rows": []}
     if args.resume and args.json and args.json.is_file():
-        rerun = {"error", "time limit"} if args.rerun_over_limit else {"error"}
+        rerun = {"error", "time limit", "memory limit"} if args.rerun_over_limit else {"error"}
         data["rows"] = [r for r in json.loads(args.json.read_text())["rows"]
                         if r["status"] not in rerun]
     done = {r["model"] for r in data["rows"]}
