@@ -55,6 +55,10 @@ def _stage(name: str) -> None:
     print(f"stage: {name}", file=sys.stderr, flush=True)
 
 
+#: what a child's last line says when it ran out of the address space it was given
+OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "can't allocate memory")
+
+
 def one(spec: str, method: str, macs: float, size: Sequence[int], threads: int,
         batches: Sequence[int]) -> dict[str, Any]:
     """One model, in this process: the row."""
@@ -99,7 +103,8 @@ def one(spec: str, method: str, macs: float, size: Sequence[int], threads: int,
         except RuntimeError as e:
             row["seconds"]["export"] = round(time.perf_counter() - t, 2)
             text = " ".join(str(e).split())
-            status = "parity" if "parity check failed" in text else "export failed"
+            status = ("parity" if "parity check failed" in text else "memory limit"
+                      if any(m in text for m in OUT_OF_MEMORY) else "export failed")
             return {**row, "status": status, "why": text[:500]}
     row["seconds"]["export"] = round(time.perf_counter() - t, 2)
     row.update(status="ok", exporter=res["exporter"], fallback_reason=res["fallback_reason"],
@@ -112,10 +117,6 @@ def _limit_memory(gib: float) -> None:
     if gib > 0:
         n = int(gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (n, n))
-
-
-#: what a child's last line says when it ran out of the address space it was given
-OUT_OF_MEMORY = ("MemoryError", "std::bad_alloc", "can't allocate memory")
 
 
 def run_child(spec: str, args: argparse.Namespace) -> dict[str, Any]:
