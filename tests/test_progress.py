@@ -42,6 +42,22 @@ def test_track_says_which_layer_and_the_time_left(monkeypatch, capsys):
         assert left > 0.5 * spent
 
 
+def test_track_time_left_is_not_thrown_by_a_few_heavy_items(monkeypatch, capsys):
+    """Weights that put nearly everything on the last item (a wide classifier) still give a
+    bounded estimate after the first items: half of it is spread evenly."""
+    monkeypatch.setattr(progress, "INTERVAL", 0.02)
+    items = list(range(8))
+    with progress.timed(None, "plan"):
+        for i in progress.track(items, "layer", weight=lambda i: 1e6 if i == 7 else 1.0):
+            time.sleep(0.05)
+    lines = [ln for ln in capsys.readouterr().err.splitlines()
+             if re.match(r"\[plan\] layer [3-7]/8, ", ln) and "about" in ln]
+    assert lines
+    for ln in lines:
+        spent, left = map(float, re.search(r", ([\d.]+) s, about ([\d.]+) s left", ln).groups())
+        assert left < 12 * spent, ln  # by the weights alone: about 500,000 x
+
+
 def test_doing_replaces_still_running(monkeypatch, capsys):
     monkeypatch.setattr(progress, "INTERVAL", 0.05)
     with progress.timed(None, "export_onnx"):

@@ -220,14 +220,20 @@ def track(items: Iterable[T], what: str, *, label: Callable[[T], str] | None = N
     """Yield ``items``; inside a stage shown by :func:`timed`, say which one the loop is on
     and the time left: ``[stage] what n/total (label), elapsed, about t left``, printed by the
     heartbeat at most once per :data:`INTERVAL` (a bar on a terminal). ``weight`` (e.g. a
-    layer's parameters) spreads the estimate of the time left unevenly over the items."""
+    layer's parameters) spreads half of the estimate of the time left unevenly over the
+    items, the other half evenly: weights that grow with the cube of a layer's width put
+    almost all of MobileNetV2's planning on its classifier, and an estimate from them alone
+    said "about 11 h left" after its first 7 of 53 layers (5.9 s), where the whole plan took
+    24 s; every item also costs its share of fixed work."""
     stage = _STAGE.get()
     if stage is None:
         yield from items
         return
     todo = list(items)
-    weights = [max(float(weight(x)), 1e-9) if weight is not None else 1.0 for x in todo]
-    total_w, n = sum(weights), len(todo)
+    n = len(todo)
+    raw = [max(float(weight(x)), 1e-9) if weight is not None else 1.0 for x in todo]
+    weights = [0.5 * w / sum(raw) + 0.5 / n for w in raw]
+    total_w = sum(weights)
     start = time.monotonic()
     state: dict[str, Any] = {"i": 0, "done": 0.0, "label": ""}
 
