@@ -319,6 +319,27 @@ def test_distill_outputs_moves_the_compressed_model_towards_the_original():
     torch.testing.assert_close(student[1].running_mean, bn_mean)  # statistics kept
 
 
+def test_distill_outputs_says_where_it_is(monkeypatch):
+    """The original's outputs on the batches (a minute on ImageNet-size batches) and the
+    passes are loops that report their progress."""
+    from compresscnn.fit import calibration
+    from compresscnn.fit.config import CalibrationDistill
+
+    loops = []
+
+    def spy(items, what, **kw):
+        items = list(items)
+        loops.append((what, len(items)))
+        return iter(items)
+
+    monkeypatch.setattr(calibration, "track", spy)
+    m, student, x = _damaged(3)
+    calibration.distill_outputs(m, student, x, CalibrationDistill(epochs=2, amp=False))
+    gap = ("agreement with the original, batch", 3)
+    assert loops == [("original's outputs, batch", 3),
+                     ("original's outputs, mirrored batch", 3), gap, ("distill epoch", 2), gap]
+
+
 def test_distill_holdout_keeps_the_pass_that_scores_best_on_the_held_out_batches():
     from compresscnn.fit.calibration import distill_outputs
     from compresscnn.fit.config import CalibrationDistill

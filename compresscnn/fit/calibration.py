@@ -375,7 +375,7 @@ def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tenso
     """Mean distillation loss and agreement of ``student`` with the teacher's logits ``ts``."""
     with torch.no_grad(), eval_mode(student):
         loss = agree = n = 0.0
-        for x, t in zip(xs, ts):
+        for x, t in track(list(zip(xs, ts)), "agreement with the original, batch"):
             s = student(x).float()
             loss += float(kd_divergence(s, t, temperature)) * len(x)
             agree += float((s.argmax(1) == t.argmax(1)).sum())
@@ -473,8 +473,10 @@ class _Distillation:
         # the original runs on each step's own input when it is changed at every step
         self.live = cfg.mix != "none" or bool(self.names) or cfg.crop < 1.0
         with torch.no_grad(), eval_mode(original):
-            self.teacher = [original(x).float() for x in self.batches]
-            self.mirrored = ([original(x.flip(-1)).float() for x in self.batches]
+            self.teacher = [original(x).float()
+                            for x in track(self.batches, "original's outputs, batch")]
+            self.mirrored = ([original(x.flip(-1)).float() for x in
+                              track(self.batches, "original's outputs, mirrored batch")]
                              if cfg.flip and not self.live else None)
             self.held_teacher = [original(x).float() for x in self.held]
         self.keep = KeepBest(self.held_loss, BestWeights(better=lambda new, old: new < old))
