@@ -71,3 +71,19 @@ def test_doing_replaces_still_running(monkeypatch, capsys):
         for _ in progress.track([1, 2], "layer"):
             time.sleep(0.1)
     assert capsys.readouterr().err == ""
+
+
+def test_a_line_bar_in_a_stage_is_its_status(monkeypatch, capsys):
+    """A bar in a log inside a shown stage: the heartbeat prints the bar's line, never
+    "still running" between the bar's own lines; after the bar, the stage's own status."""
+    monkeypatch.setattr(progress, "INTERVAL", 0.05)
+    with progress.timed(None, "finetune"):
+        b = progress.LineBar(30, "finetune", unit="steps")
+        for _ in range(30):
+            time.sleep(0.01)
+            b.update()
+        b.close()
+        assert "finetune" not in progress._STATUS
+    err = capsys.readouterr().err.splitlines()
+    assert not any("still running" in ln for ln in err), err
+    assert any(re.match(r"\[finetune\] \d+/30 steps", ln) for ln in err), err

@@ -106,7 +106,9 @@ def fmt_seconds(s: float) -> str:
 class LineBar:
     """The part of tqdm's interface the toolkit uses (``update``, ``set_postfix``,
     ``close``), printing ``[desc] n/total (p%), elapsed, about t left`` at most once per
-    :data:`INTERVAL`: progress for logs, CI and anything that is not a terminal."""
+    :data:`INTERVAL`: progress for logs, CI and anything that is not a terminal. Inside a
+    stage shown by :func:`timed` its line is the stage's status, which the heartbeat prints
+    when nothing else was (instead of "still running" between the bar's lines)."""
 
     def __init__(self, total: int | None, desc: str, *, initial: int = 0, unit: str = "it") -> None:
         self.total, self.desc, self.n, self.unit = total, desc, initial, unit
@@ -114,18 +116,30 @@ class LineBar:
         self.start = self.shown = time.monotonic()
         self.shown_n: int | None = None  # the count the last line showed
         self.postfix = ""
+        self.stage = _STAGE.get()
+        self.before = _STATUS.get(self.stage) if self.stage is not None else None
+        if self.stage is not None:
+            _STATUS[self.stage] = self._status
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.shown >= INTERVAL:
-            self.shown, self.shown_n = now, self.n
-            emit(self._line(now))
+        if now - self.shown >= INTERVAL and now - _LAST[0] >= 0.9 * INTERVAL:
+            emit(self._status(now))
+
+    def _status(self, now: float) -> str:
+        self.shown, self.shown_n = now, self.n
+        return self._line(now)
 
     def set_postfix(self, **kw: Any) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
 
     def close(self) -> None:
+        if self.stage is not None and _STATUS.get(self.stage) == self._status:
+            if self.before is None:
+                _STATUS.pop(self.stage, None)
+            else:
+                _STATUS[self.stage] = self.before
         if self.shown_n is not None and self.shown_n != self.n:  # it spoke: say where it ended
             emit(self._line(time.monotonic()))
 
