@@ -27,14 +27,14 @@ def sym_gram(b: torch.Tensor) -> torch.Tensor:
     from ``2 * GRAM_BLOCK`` rows on, the blocks below the diagonal are computed (as in
     :func:`lower_gram`) and mirrored above, about 56% of one product's multiply-adds for 8
     blocks and an exactly symmetric result. The data-aware fit's Gram matrices of unfolded
-    patches (4608 inputs for a 512-channel 3x3 conv, over about 12,500 rows per batch of
-    256 images at 224x224)."""
+    patches (4608 inputs for a 512-channel 3x3 conv of ResNet-18, over its 12,544 output
+    positions of 256 calibration images at 224x224)."""
     return _block_gram(b, mirror=True)
 
 
 def _block_gram(b: torch.Tensor, mirror: bool) -> torch.Tensor:
     k = b.shape[-2]
-    if k < 2 * GRAM_BLOCK or (b.dim() != 2 and not mirror):
+    if k < 2 * GRAM_BLOCK:
         return b @ b.mT
     g = b.new_zeros(*b.shape[:-2], k, k)
     for i in range(0, k, GRAM_BLOCK):
