@@ -975,12 +975,12 @@ def test_lower_gram_blocks_give_the_same_eigensystem():
 def test_sym_gram_is_the_whole_product_and_symmetric():
     """The data-aware fit's Gram matrices: blocks below the diagonal mirrored above give the
     full product (batched, and of a transposed view), exactly symmetric."""
-    from compresscnn.util import linalg as num
+    from compresscnn.util.linalg import GRAM_BLOCK, sym_gram
 
     torch.manual_seed(0)
-    b = torch.randn(2, 2 * num.GRAM_BLOCK + 77, 900)
+    b = torch.randn(2, 2 * GRAM_BLOCK + 77, 900)
     for x in (b, b.mT.contiguous().mT):
-        g = num.sym_gram(x)
+        g = sym_gram(x)
         assert torch.allclose(g, x @ x.mT, rtol=1e-5, atol=1e-3) and torch.equal(g, g.mT)
     small = torch.randn(3, 100, 300)
-    assert torch.equal(num.sym_gram(small), small @ small.mT)
+    assert torch.equal(sym_gram(small), small @ small.mT)

@@ -15,10 +15,11 @@ with ``--rerun-over-limit`` those that ran out of time or memory) and runs the r
 
 Each row: ``status`` (``ok``; ``refused``: the toolkit's one-line refusal; ``export
 failed``; ``parity``: onnxruntime off by more than the export's tolerance; ``time limit``
-and ``memory limit`` with the stage it was in; ``error``: anything else, one line), the layers the plan took of
-the Conv2d/Linear layers it matched, the MAC ratio reached (compressed / original, counted),
-seconds per stage, the ONNX exporter that wrote the file (and why dynamo failed, when it
-fell back), and onnxruntime's max |difference| per batch size.
+and ``memory limit`` with the stage it was in; ``error``: anything else, one line), the
+layers the plan took of the Conv2d/Linear layers it matched, the MAC ratio reached
+(compressed / original, counted), seconds per stage, the ONNX exporter that wrote the file
+(and why dynamo failed, when it fell back), and onnxruntime's max |difference| per batch
+size.
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ def _logits_gap(student: nn.Module, xs: list[torch.Tensor], ts: list[torch.Tenso
     """Mean distillation loss and agreement of ``student`` with the teacher's logits ``ts``."""
     with torch.no_grad(), eval_mode(student):
         loss = agree = n = 0.0
-        for x, t in track(list(zip(xs, ts)), "agreement with the original, batch"):
+        for x, t in track(zip(xs, ts), "agreement with the original, batch"):
             s = student(x).float()
             loss += float(kd_divergence(s, t, temperature)) * len(x)
             agree += float((s.argmax(1) == t.argmax(1)).sum())

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresscnn.util.linalg import sym_gram
 from compresscnn.core.decomposers.base import F_PAD_MODES, padding_pairs
 from compresscnn.errors import DataError
+from compresscnn.util.linalg import sym_gram
 
 #: ridge term, relative to the mean diagonal of the Gram matrix
 RIDGE = 1e-6

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscnn.config import SOLVERS
-from compresscnn.util.linalg import sym_gram
 from compresscnn.fit.chain import RIDGE, _Chain, _Moments, _moments, _ridge
+from compresscnn.util.linalg import sym_gram
 
 #: the joint refinement and the non-linear rounds stop once the loss changes by less than
 #: this (relative)
