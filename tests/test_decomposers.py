@@ -984,3 +984,21 @@ def test_sym_gram_is_the_whole_product_and_symmetric():
         assert torch.allclose(g, x @ x.mT, rtol=1e-5, atol=1e-3) and torch.equal(g, g.mT)
     small = torch.randn(3, 100, 300)
     assert torch.equal(sym_gram(small), small @ small.mT)
+
+
+def test_svals_from_the_gram_match_svdvals_and_their_tails():
+    """Rank selection's singular values from the smaller Gram matrix's eigenvalues: the
+    same as ``svdvals`` (batched, wide and tall), and the tail errors agree to rounding."""
+    from compresscnn.core.decomposers import _numerics as num
+    from compresscnn.core.decomposers.base import tail_errors
+
+    torch.manual_seed(0)
+    for shape in ((3, 40, 70), (70, 40), (9, 64, 64)):
+        m = torch.randn(*shape, dtype=torch.float64)
+        s, ref = num.svals(m), torch.linalg.svdvals(m)
+        assert s.shape == ref.shape and torch.allclose(s, ref, rtol=1e-9, atol=1e-9)
+    m = torch.randn(300, 300, dtype=torch.float64) @ torch.diag(torch.logspace(0, -6, 300,
+                                                                               dtype=torch.float64))
+    ranks = list(range(10, 300, 30))
+    got, want = tail_errors(num.svals(m), ranks), tail_errors(torch.linalg.svdvals(m), ranks)
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-10  # of errors from 1 to 1e-6

@@ -190,7 +190,7 @@ class CP(Decomposer):
         """Singular values of the per-tap construction (``max_rank`` of them, descending):
         the error of keeping R terms of it is the norm of the rest."""
         w = work_weight(layer)
-        sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)  # no vectors needed
+        sv = num.svals(w.permute(2, 3, 0, 1)).reshape(-1)  # no vectors needed
         return [torch.sort(sv, descending=True, stable=True).values.to(layer.weight.dtype)]
 
     def _hosvd_init(self, w: torch.Tensor, r: int, seed: int,
@@ -233,7 +233,7 @@ class CP(Decomposer):
         w = work_weight(layer)
         if w.numel() * max(r[0] for r in ranks) < EXACT_BELOW:
             return None
-        sv = torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1)
+        sv = num.svals(w.permute(2, 3, 0, 1)).reshape(-1)
         rs = [r[0] for r in ranks]
         taps = tail_errors(torch.sort(sv, descending=True).values, rs)
         full = self.max_rank(layer)[0]
@@ -276,7 +276,7 @@ class CP(Decomposer):
         wn = float(torch.linalg.vector_norm(w))
         # the tap terms are orthogonal: their errors and term energy follow from the
         # spectrum alone; their vectors are computed only if they are kept (below)
-        sv = torch.sort(torch.linalg.svdvals(w.permute(2, 3, 0, 1)).reshape(-1),
+        sv = torch.sort(num.svals(w.permute(2, 3, 0, 1)).reshape(-1),
                         descending=True, stable=True).values
         kept, dropped = sv[:r].square().sum(), sv[r:].square().sum()
         best: tuple[list[torch.Tensor] | None, dict[str, float]] = (

@@ -83,14 +83,14 @@ class Spatial(Decomposer):
 
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
         """Singular values of the unfolding, combined over groups as sqrt(sum_g s_g^2)."""
-        s = torch.linalg.svdvals(self._matrices(layer))
+        s = num.svals(self._matrices(layer))
         return [s.square().sum(0).sqrt().to(layer.weight.dtype)]
 
     def errors(self, layer: nn.Module, ranks: Sequence[Rank], **options: Any) -> list[float]:
         """Exact, from the singular values: each group keeps its top ``r``, so the error is
         the tail of the spectrum combined over groups."""
         parse_options(self, options)
-        s = torch.linalg.svdvals(self._matrices(layer)).square().sum(0).sqrt()
+        s = num.svals(self._matrices(layer)).square().sum(0).sqrt()
         return tail_errors(s, [r[0] for r in ranks])
 
     def decompose(self, layer: nn.Module, rank: Rank, **options: Any) -> nn.Module:
