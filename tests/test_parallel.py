@@ -71,3 +71,48 @@ def test_cp_errors_side_by_side_equal_one_after_the_other(monkeypatch):
                         lambda fn, items, workers=None, cost=None: [fn(x) for x in items])
     alone = cp.errors(layer, ranks)
     assert side is not None and side == alone
+
+
+def test_plan_layers_side_by_side_equal_one_after_the_other(monkeypatch):
+    """The plan's layers are selected side by side, each on one intra-op thread: the same
+    rows (methods, ranks, errors) as on one thread, torch's threads restored after it and
+    after a refusal raised by one of its layers."""
+    import threading
+    import time
+
+    from compresscnn.core import planning
+    from compresscnn.core.planning import plan
+    from compresscnn.errors import RankError
+
+    seen, select = set(), planning._select
+
+    def spy(*args, **kwargs):
+        seen.add((threading.get_ident(), torch.get_num_threads()))
+        time.sleep(0.05)  # long enough for the other worker to take the next layer
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "_select", spy)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(24, 32, 3, padding=1), nn.Flatten(),
+                          nn.Linear(32 * 8 * 8, 10)).eval()
+    rules = [{"match": "*", "method": "auto"}]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        side = plan(model, rules, (3, 8, 8), target={"macs": 0.5})
+        assert torch.get_num_threads() == 2
+        assert {n for _, n in seen} == {1} and len({t for t, _ in seen}) == 2
+        torch.set_num_threads(1)
+        alone = plan(model, rules, (3, 8, 8), target={"macs": 0.5})
+        torch.set_num_threads(2)
+        with pytest.raises(RankError, match="rules\\[0\\] \\(2\\)"):
+            plan(model, [{"match": ["2", "4"], "method": "tucker2", "rank": [20, 20]}],
+                 (3, 8, 8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    rows = lambda p: [(r.name, r.method, r.rank, r.rel_error) for r in p.replacements]  # noqa: E731
+    assert rows(side) == rows(alone)

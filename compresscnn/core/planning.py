@@ -11,6 +11,7 @@ to the whole-model budget of ``target``, shared among them by :func:`_allocate`;
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 from dataclasses import dataclass, replace
@@ -32,7 +33,8 @@ from compresscnn.errors import RankError, RecipeError
 from compresscnn.measure.counting import LayerInfo, count, trace_layers
 from compresscnn.measure.latency import (LatencyConfig, latency_config, spread, time_candidates,
                                          time_modules)
-from compresscnn.util.modules import eval_mode, example_input, hooks, record_inputs
+from compresscnn.util.modules import (eval_mode, example_input, hooks, parallel_iter,
+                                      record_inputs)
 from compresscnn.util.progress import track
 
 __all__ = ["Measured", "plan", "plan_config", "TAIL_HALVINGS"]
@@ -185,19 +187,25 @@ def plan(model: nn.Module, rules: Sequence[dict[str, Any]], input_size: Sequence
              if tkey == "latency" or (rules[i].get("objective") or objective) == "latency"]
     lat_cfg, inputs = _latency_inputs(model, layers, timed, tkey, input_size, latency)
 
+    def select(x: tuple[str, LayerInfo]) -> tuple[Replacement, BudgetItem | None]:
+        name, info = x
+        w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
+        return _select(name, info, owner[name], rules[owner[name]], target=target,
+                       weight=w, lat_cfg=lat_cfg, x=inputs[name] if name in timed else None,
+                       probe=probes.get(name), gram=grams.get(name, (None, 0)))
+
+    todo = [(n, i) for n, i in layers.items() if n in owner]
     reps: list[Replacement] = []
     items: dict[str, BudgetItem] = {}
-    for name, info in track([(n, i) for n, i in layers.items() if n in owner], "layer",
-                            label=lambda x: f"{x[0]}, {rules[owner[x[0]]]['method']}",
-                            weight=lambda x: _work(x[1].module)):
-        w = 1.0 if sensitivity is None else float(sensitivity.get(name, 1.0))
-        rep, item = _select(name, info, owner[name], rules[owner[name]], target=target,
-                            weight=w, lat_cfg=lat_cfg,
-                            x=inputs[name] if name in timed else None,
-                            probe=probes.get(name), gram=grams.get(name, (None, 0)))
-        reps.append(rep)
-        if item is not None:
-            items[name] = item
+    # the layers' candidates are independent: side by side, each on one intra-op thread,
+    # except where layers are timed (a latency measured beside other work is not its own)
+    with contextlib.closing(parallel_iter(select, todo, workers=1 if timed else None)) as got:
+        for (name, _), (rep, item) in zip(track(todo, "layer", label=lambda x: (
+                f"{x[0]}, {rules[owner[x[0]]]['method']}"), weight=lambda x: _work(
+                x[1].module)), got):
+            reps.append(rep)
+            if item is not None:
+                items[name] = item
     layer_ms = _layer_times(reps, layers, inputs, lat_cfg, tkey)
     if target:
         reps = _allocate(target, totals, reps, items, layer_ms, allocation, lat_cfg)
