@@ -802,14 +802,16 @@ def test_errors_without_decomposing_are_the_errors_decompose_measures(method, la
 
 def test_cp_errors_are_measured_on_small_layers_and_estimated_from_a_few_sweeps_on_large(
         monkeypatch):
-    """Small: None (``auto`` decomposes and measures). Large (the threshold lowered here):
-    an estimate from the first sweeps of the same ALS, which the full fit only improves
-    on, and never above the per-tap construction's error."""
+    """Small: None where every rank lies on one side of ``ANCHOR_CEILING`` (``auto``
+    decomposes and measures). Large (the threshold lowered here): an estimate from the
+    first sweeps of the same ALS, which the full fit only improves on, and never above the
+    per-tap construction's error."""
     from compresscnn.core.decomposers import cp as CPM
     torch.manual_seed(0)
-    conv = nn.Conv2d(12, 12, 3)
+    conv = nn.Conv2d(12, 12, 3)   # 30 parameters a rank, 1296 dense: the ceiling at 30
     dec = D.get_decomposer("cp")
-    assert dec.errors(conv, [(20,), (40,)]) is None
+    assert dec.errors(conv, [(10,), (20,)]) is None
+    assert dec.errors(conv, [(35,), (40,)]) is None
     monkeypatch.setattr(CPM, "EXACT_BELOW", 0)
     ranks = [(10,), (30,), (60,), (dec.max_rank(conv)[0],)]
     est = dec.errors(conv, ranks)
@@ -819,6 +821,37 @@ def test_cp_errors_are_measured_on_small_layers_and_estimated_from_a_few_sweeps_
         assert e <= tap + 1e-12
         assert dec.decompose(conv, r).fit_info["rel_error"] <= e + 1e-9
     assert est[-1] == 0.0 and est[0] > est[1] > est[2]
+
+
+def test_cp_errors_of_small_layers_are_fitted_up_to_the_ceiling_and_scaled_above():
+    """A small layer's candidates up to ``ANCHOR_CEILING`` of its parameters are decomposed
+    and their errors are the ones ``decompose`` measures; above, the per-tap error times
+    the ratio of the fitted error to it at the highest fitted rank, never above the
+    per-tap error, without running ALS there."""
+    from compresscnn.core.decomposers import cp as CPM
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 12, 3)   # 30 parameters a rank, 1296 dense: the ceiling at 30
+    dec = D.get_decomposer("cp")
+    ranks = [(40,), (30,), (20,), (10,)]
+    fitted = []
+    real = dec.decompose
+
+    def counting(layer, rank, **kw):
+        fitted.append(rank[0])
+        return real(layer, rank, **kw)
+
+    dec.decompose = counting
+    try:
+        got = dec.errors(conv, ranks)
+    finally:
+        del dec.decompose
+    assert sorted(fitted) == [10, 20, 30]
+    for (r,), e in zip(ranks[1:], got[1:]):
+        assert e == dec.decompose(conv, (r,)).fit_info["rel_error"]
+    sv = torch.linalg.svdvals(conv.weight.detach().double().permute(2, 3, 0, 1)).reshape(-1)
+    taps = base.tail_errors(torch.sort(sv, descending=True).values, [40, 30])
+    assert got[0] == pytest.approx(min(taps[0] * got[1] / taps[1], taps[0]), rel=1e-9)
+    assert got[0] < got[1]
 
 
 def test_cp_estimates_run_als_at_a_few_anchor_ranks_and_interpolate_the_rest(monkeypatch):
