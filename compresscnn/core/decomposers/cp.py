@@ -189,9 +189,7 @@ class CP(Decomposer):
     def spectra(self, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
         """Singular values of the per-tap construction (``max_rank`` of them, descending):
         the error of keeping R terms of it is the norm of the rest."""
-        w = work_weight(layer)
-        sv = num.svals(w.permute(2, 3, 0, 1)).reshape(-1)  # no vectors needed
-        return [torch.sort(sv, descending=True, stable=True).values.to(layer.weight.dtype)]
+        return [_tap_spectrum(work_weight(layer)).to(layer.weight.dtype)]
 
     def _hosvd_init(self, w: torch.Tensor, r: int, seed: int,
                     bases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -234,9 +232,8 @@ class CP(Decomposer):
         w = work_weight(layer)
         if w.numel() * max(r[0] for r in ranks) < EXACT_BELOW:
             return self._fitted_errors(layer, w, [r[0] for r in ranks], options)
-        sv = num.svals(w.permute(2, 3, 0, 1)).reshape(-1)
         rs = [r[0] for r in ranks]
-        taps = tail_errors(torch.sort(sv, descending=True).values, rs)
+        taps = tail_errors(_tap_spectrum(w), rs)
         full = self.max_rank(layer)[0]
         todo = sorted({r for r, tap in zip(rs, taps) if r < full and tap > 0.0})
         if not todo:
@@ -271,8 +268,7 @@ class CP(Decomposer):
         got = dict(zip(fit, parallel_map(
             lambda r: float(self.decompose(layer, (r,), **options).fit_info["rel_error"]),
             fit, workers=None if _one_thread(w, max(fit)) else 1, cost=float)))
-        sv = num.svals(w.permute(2, 3, 0, 1)).reshape(-1)
-        taps = dict(zip(rs, tail_errors(torch.sort(sv, descending=True).values, rs)))
+        taps = dict(zip(rs, tail_errors(_tap_spectrum(w), rs)))
         top = max(fit)
         ratio = got[top] / taps[top] if taps[top] > 0.0 else 1.0
         return [got[r] if r in got else min(taps[r] * ratio, taps[r]) for r in rs]
@@ -300,8 +296,7 @@ class CP(Decomposer):
         wn = float(torch.linalg.vector_norm(w))
         # the tap terms are orthogonal: their errors and term energy follow from the
         # spectrum alone; their vectors are computed only if they are kept (below)
-        sv = torch.sort(num.svals(w.permute(2, 3, 0, 1)).reshape(-1),
-                        descending=True, stable=True).values
+        sv = _tap_spectrum(w)
         kept, dropped = sv[:r].square().sum(), sv[r:].square().sum()
         best: tuple[list[torch.Tensor] | None, dict[str, float]] = (
             None, {"rel_error": float(dropped.sqrt()) / wn if wn else 0.0,
@@ -364,6 +359,14 @@ class CP(Decomposer):
                         "norm_ratio": float(best[1]["norm_ratio"]), "iters": total_iters,
                         "revived": int(best[1].get("revived", 0))}
         return seq
+
+
+def _tap_spectrum(w: torch.Tensor) -> torch.Tensor:
+    """The singular values of every spatial tap's ``C_out x C_in`` matrix, all of them in
+    one descending sequence: the per-tap construction's terms, strongest first (no vectors
+    needed)."""
+    return torch.sort(num.svals(w.permute(2, 3, 0, 1)).reshape(-1), descending=True,
+                      stable=True).values
 
 
 def _anchors(ranks: Sequence[int], k: int) -> list[int]:
