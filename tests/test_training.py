@@ -194,7 +194,8 @@ def test_train_job_end_to_end(shared_data, tmp_path, capsys):
         f"data: {{dataset: cifar10, root: {shared_data}/cifar10-jpg.zip, train_subset: 256,"
         " test_subset: 100, batch_size: 32, eval_batch_size: 100}\n"
         "rules: []\n"
-        "train: {epochs: 1, holdout: 64, keep: best, cutout: 8, label_smoothing: 0.1}\n"
+        "train: {epochs: 1, holdout: 64, keep: best, cutout: 8, label_smoothing: 0.1,"
+        " curve: true}\n"
         "export: {onnx: false}\nreport: {latency: false, plots: false}\n")
     out = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
@@ -203,6 +204,13 @@ def test_train_job_end_to_end(shared_data, tmp_path, capsys):
     assert rep["finetune"]["steps"] == 6 and rep["finetune"]["best_epoch"] == 1
     assert rep["finetune"]["memory_format"] == "channels_last"
     assert "## Training" in (out / "report.md").read_text()
+    # the learning curve: top-1 on the evaluation images after the epoch, the trained
+    # model's own (the kept best epoch is the only one)
+    from compresscnn.runs.sweep import summarise_report
+    (point,) = rep["finetune"]["curve"]
+    assert point["epoch"] == 1 and point["top1"] == pytest.approx(rep["trained"]["top1"])
+    assert summarise_report(rep)["curve"] == rep["finetune"]["curve"]
+    assert f"| 1 | {point['top1']:.2f} |" in (out / "report.md").read_text()
 
 
 @pytest.mark.shared
@@ -240,3 +248,35 @@ def test_reference_states_rank_order_and_null_weights():
     assert "null: random initialisation" in md
     a, b = load_model("cifar:resnet20", None), load_model("cifar:resnet20", None)
     assert not torch.equal(a.conv1.weight, b.conv1.weight)  # nothing loaded: fresh draws
+
+
+def test_learning_curve_scores_every_epoch_and_leaves_the_training_as_it_was(tmp_path):
+    """``TrainRun(curve=...)`` scores the model after every epoch (its points in the stats
+    and the checkpoint, so a resumed run's curve is whole); the training is bit for bit the
+    one without it, even where the score draws from torch's RNG."""
+    def score(model):
+        torch.rand(3)  # an evaluation that draws random numbers (e.g. a shuffling loader)
+        return float(model[-1].weight.detach().abs().sum())
+
+    # cutout draws its squares from torch's global RNG
+    cfg = {"epochs": 3, "lr": 0.05, "lr_batch": 8, "device": "cpu", "cutout": 2}
+    plain, curved = _net(), _net()
+    assert finetune(plain, _loader(), cfg, run=QUIET)["curve"] is None
+    stats = finetune(curved, _loader(), cfg, run=TrainRun(progress=False, curve=score))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, curved.state_dict()[k]), k
+    assert [p["epoch"] for p in stats["curve"]] == [1, 2, 3]
+    assert stats["curve"][-1]["top1"] == pytest.approx(score(curved))
+
+    class Interrupt:
+        def on_epoch_end(self, epoch, model):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    first = _net()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(first, _loader(), cfg, callbacks=[Interrupt()], checkpoint_dir=tmp_path,
+                 run=TrainRun(progress=False, curve=score))
+    resumed = finetune(first, _loader(), cfg, checkpoint_dir=tmp_path,
+                       run=TrainRun(progress=False, curve=score, resume=True))
+    assert resumed["curve"] == stats["curve"]

@@ -395,7 +395,8 @@ def _training(ctx: _RunContext) -> dict[str, Any]:
     """The training loop of the recipe's ``finetune`` or ``train`` section (with
     ``train.switch``: dense, then factorized); returns its statistics."""
     ft, section, report = ctx.ft, ctx.section, ctx.report
-    kw = dict(resume=ctx.resume, progress=not ctx.quiet, distributed=ctx.distributed)
+    kw = dict(resume=ctx.resume, progress=not ctx.quiet, distributed=ctx.distributed,
+              curve=_curve(ctx))
     with timed(ctx.timings, section, f"{ft.get('max_steps') or ft['epochs']} "
                f"{'steps' if ft.get('max_steps') else 'epochs'}"
                + (f" on {get_world_size()} processes" if ctx.distributed else "")
@@ -418,6 +419,16 @@ def _training(ctx: _RunContext) -> dict[str, Any]:
          f"{ft_stats['images_per_s']:.1f} images/s ({ft_stats['amp'] or 'fp32'}, "
          f"{ft_stats['memory_format']})", ctx.quiet)
     return ft_stats
+
+
+def _curve(ctx: _RunContext) -> Any:
+    """The learning curve's score (``curve: true`` in the training section): top-1 on the
+    evaluation source (a run that trains always has one), as the evaluate stage measures
+    it."""
+    if not ctx.ft.get("curve") or ctx.test_loader is None:
+        return None
+    loader, most = ctx.test_loader, ctx.max_batches
+    return lambda m: evaluation.evaluate(m, loader, max_batches=most, progress=False)["top1"]
 
 
 def _save_stage(ctx: _RunContext) -> None:

@@ -356,7 +356,13 @@ def _training_section(r: Mapping[str, Any]) -> list[str]:
     if not ft:
         return []
     title = "## Training" if r.get("trained") else "## Fine-tuning"
-    return [title, ""] + _kv_table(ft, "Statistic") + [""]
+    lines = [title, ""] + _kv_table({k: v for k, v in ft.items() if k != "curve"},
+                                    "Statistic") + [""]
+    if ft.get("curve"):  # train/finetune.curve: top-1 on the evaluation source per epoch
+        lines += ["Learning curve: top-1 on the evaluation images after each epoch.", ""]
+        lines += _table(["Epoch", "Top-1"], ([_cell(p["epoch"]), f"{p['top1']:.2f}"]
+                                             for p in ft["curve"]), ["r", "r"]) + [""]
+    return lines
 
 
 def _timings_section(r: Mapping[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -85,7 +85,8 @@ def _check_switch(recipe: dict[str, Any]) -> None:
 
 def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
                   pcfg: dict[str, Any], staging: Path, *, resume: bool, progress: bool,
-                  distributed: bool, input_size: tuple[int, ...]
+                  distributed: bool, input_size: tuple[int, ...],
+                  curve: Callable[[nn.Module], float] | None = None
                   ) -> tuple[nn.Module, Plan, dict[str, Any], dict[str, Any]]:
     """Cuttlefish (``train.switch``): train the dense ``student`` on the schedule of the whole
     ``train.epochs`` budget until the stable ranks of the layers the rules take settle (or
@@ -103,7 +104,7 @@ def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
                                 tol=sw.tol, window=sw.window, min_fraction=sw.min_fraction)
     point = SwitchPoint(monitor, sw.max_epochs or tr.epochs - 1, ckpts / "switch.json",
                         write=_rank() == 0)
-    kw = dict(pcfg=pcfg, progress=progress, distributed=distributed)
+    kw = dict(pcfg=pcfg, progress=progress, distributed=distributed, curve=curve)
     dense = _train_stage(recipe, "train", student, None, None, loader, staging=staging,
                          resume=resume, extra=[point], log=staging / "train_log_dense.csv",
                          config=tr.model_copy(update={"keep": "last"}), **kw)
@@ -117,7 +118,7 @@ def _switch_train(recipe: dict[str, Any], student: nn.Module, loader: Any,
                          config=tr.model_copy(update={"epochs": tr.epochs - point.epoch}), **kw)
     rep = point.report()
     rep["dense"] = {k: dense[k] for k in ("steps", "seconds", "images_per_s",
-                                          "resumed_from_step")}
+                                          "resumed_from_step", "curve")}
     rep["dense"]["log_csv"] = "train_log_dense.csv"
     kept = sum(not r.applied for r in p.replacements)
     rep["warnings"] = []
@@ -184,12 +185,14 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
                  teacher: nn.Module | None, p: Plan | None, loader: Any, pcfg: dict[str, Any],
                  staging: Path, *, resume: bool, progress: bool, distributed: bool,
                  extra: Sequence[Any] = (), ckpt: Path | None = None, log: Path | None = None,
-                 config: TrainConfig | None = None) -> dict[str, Any]:
+                 config: TrainConfig | None = None,
+                 curve: Callable[[nn.Module], float] | None = None) -> dict[str, Any]:
     """Fine-tune (``section="finetune"``, distilled from ``teacher``) or train from scratch
     (``"train"``) with the recipe's section (or ``config``, one derived from it);
     :func:`finetune` scales the rate from ``lr_batch`` to the global batch. ``extra``: more
     training-loop callbacks; ``ckpt`` / ``log``: the checkpoint folder and CSV log (default
-    ``checkpoints/``, ``train_log.csv`` in ``staging``)."""
+    ``checkpoints/``, ``train_log.csv`` in ``staging``); ``curve``: the score of the
+    learning curve (``curve: true`` in the section), top-1 on the evaluation source."""
     cfg = config if config is not None else _train_config(recipe, section)
     evaluator = None
     if cfg.holdout:
@@ -200,7 +203,7 @@ def _train_stage(recipe: dict[str, Any], section: str, student: nn.Module,
                      callbacks=callbacks, checkpoint_dir=ckpt or staging / "checkpoints",
                      run=TrainRun(resume=resume, seed=int(recipe.get("seed", 0)),
                                   log_path=log or staging / "train_log.csv", progress=progress,
-                                  section=section))
+                                  section=section, curve=curve if cfg.curve else None))
     stats["world_size"] = get_world_size()
     stats["holdout"] = cfg.holdout
     return stats

@@ -60,7 +60,7 @@ def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
         "epochs": stats.get("epochs"), "train_seconds": stats.get("seconds"),
         "images_per_s": stats.get("images_per_s"), "amp": stats.get("amp"),
         "memory_format": stats.get("memory_format"),
-        "resumed_from_step": stats.get("resumed_from_step"),
+        "resumed_from_step": stats.get("resumed_from_step"), "curve": stats.get("curve"),
         "latency": report.get("latency"), "onnx_bytes": (report.get("onnx") or {}).get("bytes"),
         "switch": report.get("switch"), "int8": _int8_summary(report.get("int8")),
     }

@@ -57,6 +57,11 @@ class TrainConfig(Closed):
         "after every epoch (never on the test split).", "last")
     holdout: Int(0) = doc("Training images held out of training to score epochs (`keep: "
         "best`); 0: none.", 0)
+    curve: Bool = doc(
+        "Score top-1 on the evaluation source after every epoch: the learning curve, in the "
+        "report's training statistics and a sweep's results file (it shows where training "
+        "has flattened); never used to choose weights. Each point costs one evaluation "
+        "pass; the training itself is the same with it or without.", False)
     device: Enum("auto", "cpu", "cuda") = doc("`auto`: CUDA when available, else CPU.",
         "auto")
     amp: Enum("auto", "off", "bf16", "fp16", aliases={False: "off"}) = doc(

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -123,13 +123,17 @@ class TrainRun:
     """What one :func:`finetune` run is besides its settings: ``resume`` (continue from
     ``checkpoint_dir/last.pt``), ``seed`` (of the global RNGs and the loader's order), the
     per-step CSV log (``log_path``; default ``checkpoint_dir/finetune_log.csv`` or none),
-    the progress bar, and ``section``, the recipe section the messages name."""
+    the progress bar, ``section``, the recipe section the messages name, and ``curve``, a
+    score (e.g. top-1 on the test split) taken after every epoch for the learning curve
+    only, with torch's RNG state put back after it (the training is the same with it or
+    without); its points are kept in the checkpoint, so a resumed run's curve is whole."""
 
     resume: bool = False
     seed: int = 0
     log_path: str | Path | None = None
     progress: bool = True
     section: str = "finetune"
+    curve: Callable[[nn.Module], float] | None = None
 
 
 def finetune(
@@ -171,7 +175,7 @@ def finetune(
 
     Returns ``{"steps", "epochs", "images", "seconds", "images_per_s", "final_loss",
     "log_csv", "checkpoint", "resumed_from_step", "total_steps", "amp", "memory_format",
-    "compile", "device", "distill", "history", "best_epoch", "best_score", "kept",
+    "compile", "device", "distill", "history", "curve", "best_epoch", "best_score", "kept",
     "stopped_early", "lr", "factor_lr"}``; ``steps`` is the global step reached (including
     steps done before a resume), ``images``/``seconds`` count this call only (all ranks),
     ``lr`` is the peak rate after the batch scaling.
@@ -331,6 +335,7 @@ class _Loop:
     last_saved: int = -1
     resumed_from: int | None = None
     rng_to_restore: Mapping[str, Any] | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.main, self.world, self.distributed = is_main_process(), get_world_size(), is_dist()
@@ -354,6 +359,7 @@ class _Loop:
                  self.epoch, self.pos)
         self.resumed_from = self.last_saved = self.step
         self.stopped = bool(ck.get("stopped"))
+        self.curve = [dict(p) for p in ck.get("curve", [])]
 
     def open_log(self, csv_path: Path | None) -> None:
         """The CSV log (rank 0; rows after a resumed step dropped) and the progress bar."""
@@ -381,6 +387,7 @@ class _Loop:
             "rng": rng_state(),
             "best": self.best.state(),
             "stopped": self.stopped,
+            "curve": self.curve,
         }
 
     def save(self, next_epoch: int, next_pos: int) -> None:
@@ -392,7 +399,15 @@ class _Loop:
         self.last_saved = self.step
 
     def end_of_epoch(self, done_epoch: int) -> None:
-        """Keep-best scoring and the epoch-end callbacks (one may stop the run)."""
+        """The learning curve's point, keep-best scoring and the epoch-end callbacks (one may
+        stop the run)."""
+        if self.run.curve is not None:
+            state, training = rng_state(), self.student.training
+            score = float(self.run.curve(self.student))
+            self.student.train(training)
+            set_rng_state(state)
+            self.curve.append({"epoch": done_epoch, "top1": score})
+            log.info("%s: epoch %d curve %.3f", self.s.section, done_epoch, score)
         self.stopped = self.engine.end_epoch(done_epoch) or self.stopped
 
     def train(self) -> None:
@@ -513,6 +528,7 @@ def _result(loop: _Loop, seconds: float, csv_path: Path | None) -> dict[str, Any
         "device": str(s.dev),
         "distill": s.kd.model_dump() if s.use_kd else None,
         "history": best.history,
+        "curve": loop.curve if loop.run.curve is not None else None,
         "best_epoch": best.epoch,
         "best_score": best.score,
         "kept": s.cfg.keep if best.weights is not None else "last",
