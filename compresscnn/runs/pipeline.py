@@ -422,10 +422,10 @@ def _training(ctx: _RunContext) -> dict[str, Any]:
 
 
 def _curve(ctx: _RunContext) -> Any:
-    """The learning curve's score (``curve: true`` in the training section): top-1 on the
-    evaluation source (a run that trains always has one), as the evaluate stage measures
-    it."""
-    if not ctx.ft.get("curve") or ctx.test_loader is None:
+    """The learning curve's score (taken where the training section says ``curve: true``):
+    top-1 on the evaluation source (a run that trains always has one), as the evaluate stage
+    measures it."""
+    if ctx.test_loader is None:
         return None
     loader, most = ctx.test_loader, ctx.max_batches
     return lambda m: evaluation.evaluate(m, loader, max_batches=most, progress=False)["top1"]
